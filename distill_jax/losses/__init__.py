@@ -1,0 +1,22 @@
+"""Loss terms: a registry of pure functions, one decorator to add one.
+
+A loss term is `fn(student: Outputs, teachers: dict[str, Outputs], batch, **hparams) -> scalar`.
+Its keyword-only hyper-parameters, with their defaults, are the config knobs of the term:
+`config.losses.<term>.<hparam>`; the objective checks them against the signature before
+anything is built, so a typo fails at once.
+
+Add a loss in any importable file:
+
+    from distill_jax.losses import register_loss
+
+    @register_loss('my_loss')
+    def my_loss(student, teachers, batch, *, temperature: float = 1.0):
+      ...
+
+and name that file in the config: `config.imports = ['my_pkg.my_losses']`.
+"""
+
+from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
+from distill_jax.losses import logits  # noqa: F401  (registers ce, kd)
+
+__all__ = ["LOSSES", "register_loss", "loss_hparams"]

@@ -1,0 +1,67 @@
+"""Frozen teachers: built from the config and loaded from exported model directories.
+
+    config.teachers = {'resnet56': {'model': 'resnet56', 'kwargs': {}, 'checkpoint': 'runs/t56'}}
+
+`checkpoint` is a finished run's workdir (its `model/` export is used) or an export directory
+itself. Loading checks that the file was saved from the same model and that every parameter's
+path and shape match, and says which file and which parameter when they do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+
+from distill_jax import models
+from distill_jax.features import ApplyFn, make_apply
+from distill_jax.train.checkpoint import CheckpointError, load_model_variables, read_model_meta
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  name: str
+  model: str
+  apply: ApplyFn
+  variables: Any
+
+
+def resolve_export_dir(checkpoint: str) -> str:
+  """A run's workdir -> its `model/` export; an export directory stays as it is."""
+  nested = os.path.join(checkpoint, "model")
+  return nested if os.path.exists(os.path.join(nested, "model.json")) else checkpoint
+
+
+def init_shapes(module: Any, input_shape: tuple[int, ...]) -> Any:
+  """The variables pytree of `module` as ShapeDtypeStructs (no compute, no compile)."""
+  dummy = jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32)
+  return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), dummy)
+
+
+def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
+                 input_shape: tuple[int, ...]) -> Teacher:
+  """Builds teacher `name` from its config entry and loads its exported variables."""
+  model_name = settings["model"]
+  kwargs = dict(settings.get("kwargs") or {})
+  module = models.build_model(model_name, num_classes, **kwargs)
+  checkpoint = settings.get("checkpoint")
+  if not checkpoint:
+    raise CheckpointError(f"Teacher {name!r} has no checkpoint: set "
+                          f"--config.teachers.{name}.checkpoint=<a teacher run's workdir>.")
+  directory = resolve_export_dir(checkpoint)
+  meta = read_model_meta(directory)
+  if meta.get("model") != model_name or meta.get("num_classes") != num_classes:
+    raise CheckpointError(
+        f"Teacher {name!r} is configured as {model_name} with {num_classes} classes, but "
+        f"{os.path.join(directory, 'model.json')} was saved from {meta.get('model')} with "
+        f"{meta.get('num_classes')} classes.")
+  variables = load_model_variables(directory, init_shapes(module, input_shape))
+  return Teacher(name, model_name, make_apply(module), variables)
+
+
+def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,
+                  input_shape: tuple[int, ...]) -> dict[str, Teacher]:
+  return {name: load_teacher(name, settings, num_classes, input_shape)
+          for name, settings in teachers_config.items()}

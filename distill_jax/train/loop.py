@@ -1,0 +1,217 @@
+"""The run: config -> builders -> compiled step -> loop -> checkpoints, metrics, result.json.
+
+`train_and_evaluate(config, workdir)` is everything the CLI does. It resumes from the latest
+checkpoint in `workdir/checkpoints` (state and data position), so a killed run restarted with
+the same command ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from tqdm import tqdm
+
+from distill_jax import config as config_lib
+from distill_jax import data as data_lib
+from distill_jax import models
+from distill_jax.features import make_apply
+from distill_jax.objective import build_objective
+from distill_jax.teachers import load_teachers
+from distill_jax.train import optim
+from distill_jax.train.checkpoint import Checkpointer, export_model
+from distill_jax.train.metrics import MetricWriter
+from distill_jax.train.parallel import Parallel
+from distill_jax.train.state import TrainState, create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  """Every duration of the run in steps, resolved once from the config's epochs and steps."""
+
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int  # 0: only at the end.
+  log_every: int
+  checkpoint_every: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_train: int) -> "Durations":
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch < 1:
+      raise config_lib.ConfigError(f"batch_size {config.batch_size} is larger than the "
+                                   f"{num_train} training examples.")
+    total = (int(config.num_steps) if config.num_steps > 0
+             else int(round(config.num_epochs * steps_per_epoch)))
+    return cls(steps_per_epoch=steps_per_epoch, total_steps=total,
+               eval_every=int(round(config.eval_every_epochs * steps_per_epoch)),
+               log_every=max(1, int(config.log_every_steps)),
+               checkpoint_every=int(config.checkpoint_every_steps))
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and the terms."""
+
+
+def _host_scalars(metrics: Any) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(step: int, scalars: dict[str, float]) -> None:
+  bad = sorted(k for k, v in scalars.items() if k.startswith("loss") and not math.isfinite(v))
+  if bad:
+    raise NonFiniteLossError(
+        f"Non-finite loss at step {step}: " + ", ".join(f"{k}={scalars[k]}" for k in bad) +
+        ". No checkpoint was written with it; lower the learning rate or check the loss term.")
+
+
+def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: Any,
+             data_config: Any, batch_size: int) -> dict[str, float]:
+  """Top-1/top-5/CE of the student and fidelity to each teacher on the eval split."""
+  totals: dict[str, float] = {}
+  for batch in data_lib.eval_batches(data_config, global_batch_size=batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    sums = parallel.get(eval_step(state, teacher_vars, parallel.put_batch(batch)))
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.pop("count"), 1.0)
+  return {f"eval/{k}": v / count for k, v in totals.items()}
+
+
+def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Builds everything the loop needs from the config; nothing below reads the config."""
+  config_lib.validate(config)
+  info = data_lib.get_info(config.data)
+  parallel = Parallel(config.parallel.mode, config.parallel.num_devices)
+  parallel.check_batch_size(config.batch_size)
+  parallel.check_batch_size(config.eval_batch_size)
+  student = models.build_model(config.student.name, info.num_classes,
+                               bn_axis_name=parallel.bn_axis_name, **config.student.kwargs)
+  teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
+  objective = build_objective(config.losses, list(teachers))
+  num_train = info.num_examples[config.data.train_split]
+  if config.data.get("train_subset", 0):
+    num_train = min(num_train, int(config.data.train_subset))
+  durations = Durations.from_config(config, num_train)
+  schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, durations.total_steps)
+  tx = optim.make_optimizer(config.optim, schedule)
+  static = dict(student_apply=make_apply(student),
+                teacher_applies={n: t.apply for n, t in teachers.items()})
+  return dict(info=info, parallel=parallel, student=student, teachers=teachers,
+              objective=objective, durations=durations, schedule=schedule, tx=tx,
+              train_step=parallel.compile_train_step(objective=objective, tx=tx, **static),
+              eval_step=parallel.compile_eval_step(**static))
+
+
+def init_state(config: ml_collections.ConfigDict, run: dict[str, Any]) -> TrainState:
+  """The initial state, derived from `config.seed` alone."""
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.zeros((1, *run["info"].image_shape), jnp.float32)
+  variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
+  return create_train_state(variables, {}, run["tx"], state_rng)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_callback: Callable[[int, dict], None] | None = None
+                       ) -> dict[str, Any]:
+  """Trains (resuming if `workdir` has checkpoints), evaluates, and writes `result.json`.
+
+  Args:
+    config: a run config (see `distill_jax.config.base_config`).
+    workdir: the run's directory; created if missing.
+    step_callback: called as `fn(step, metrics)` after every step (metrics are device
+      arrays); for instrumentation and tests.
+  Returns:
+    The result dict also written to `workdir/result.json`.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  run = build_run(config)
+  parallel, durations = run["parallel"], run["durations"]
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+
+  state = init_state(config, run)
+  train_iter = data_lib.train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.keep_checkpoints,
+                              every_steps=durations.checkpoint_every)
+  meta = {"student": config.student.name, "config": config_lib.to_json(config)}
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state, _ = checkpointer.restore(latest, state)
+    train_iter.set_state(data_state)
+    logging.info("Resumed from %s/%d.", checkpointer.directory, latest)
+
+  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  state = parallel.put_replicated(jax.device_get(state))
+  writer = MetricWriter(workdir)
+  start_step = int(parallel.get(state).step)
+  logging.info("Training %s for %d steps (%d per epoch) on %d %s device(s), mode %s.",
+               config.student.name, durations.total_steps, durations.steps_per_epoch,
+               parallel.num_devices, parallel.devices[0].platform, parallel.mode)
+
+  def eval_now(step):
+    scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
+                       config.eval_batch_size)
+    writer.write(step, scalars)
+    return scalars
+
+  history, best_top1 = [], -1.0
+  bar = tqdm(total=durations.total_steps, initial=start_step, disable=not (
+      is_chief and config.progress_bar), desc="train", unit="step", dynamic_ncols=True)
+  t0, step = time.time(), start_step
+  while step < durations.total_steps:
+    batch = next(train_iter)
+    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(batch))
+    step += 1
+    bar.update(1)
+    if step_callback is not None:
+      step_callback(step, metrics)
+    last = step == durations.total_steps
+    if step % durations.log_every == 0 or last or checkpointer.should_save(step):
+      scalars = _host_scalars(parallel.get(metrics))
+      _check_finite(step, scalars)
+      scalars["lr"] = float(run["schedule"](step - 1))
+      writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+    if (durations.eval_every and step % durations.eval_every == 0) or last:
+      scalars = eval_now(step)
+      history.append({"step": step, **scalars})
+      best_top1 = max(best_top1, scalars["eval/top1"])
+    if checkpointer.should_save(step) or last:
+      checkpointer.save(step, parallel.get(state), train_iter.get_state(), meta)
+  bar.close()
+
+  final = history[-1] if history else eval_now(step)
+  host_state = jax.device_get(parallel.get(state))
+  if is_chief:
+    export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
+        "model": config.student.name, "kwargs": dict(config.student.kwargs),
+        "num_classes": run["info"].num_classes, "step": step})
+  result = {
+      "student": config.student.name, "teachers": {n: t.model for n, t in run["teachers"].items()},
+      "losses": sorted(config.losses), "steps": step, "seed": config.seed,
+      "final": final, "best_top1": max(best_top1, final["eval/top1"]),
+      "train_seconds": time.time() - t0,
+  }
+  if is_chief:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+  writer.close()
+  checkpointer.close()
+  return result
+

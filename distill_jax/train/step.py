@@ -1,0 +1,110 @@
+"""The pure train and eval steps. Everything static is bound with functools.partial.
+
+    state, metrics = train_step(state, teacher_vars, batch)
+
+Teachers run in eval mode under stop_gradient; their variables are an argument (never closed
+over), so they can be replicated or sharded like any input. The gradient is taken with
+respect to `state.params` only (the student's and the objective's own). With `axis_name`
+set (pmap), gradients and metrics are averaged across devices; under jit on a mesh XLA does
+the same from the shardings, so the two give the single-device result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from distill_jax.features import ApplyFn
+from distill_jax.losses.logits import kd_divergence
+from distill_jax.objective import Objective
+from distill_jax.outputs import Outputs
+from distill_jax.train.state import TrainState
+
+
+def teacher_forward(teacher_applies: Mapping[str, ApplyFn], teacher_vars: Mapping[str, Any],
+                    batch: Mapping[str, jax.Array]) -> dict[str, Outputs]:
+  """Every teacher's eval-mode forward on the batch, with gradients stopped."""
+  return {name: jax.lax.stop_gradient(apply(teacher_vars[name], batch, False))
+          for name, apply in teacher_applies.items()}
+
+
+def _top1(logits: jax.Array) -> jax.Array:
+  return jnp.argmax(logits, axis=-1)
+
+
+def _ensemble_logprobs(teachers: Mapping[str, Outputs]) -> jax.Array:
+  logps = jnp.stack([jax.nn.log_softmax(t.logits) for t in teachers.values()])
+  return jax.nn.logsumexp(logps, axis=0) - jnp.log(len(teachers))
+
+
+def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
+               *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
+               objective: Objective, tx: optax.GradientTransformation,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update of the student (and the objective's parameters)."""
+  rng, step_rng = jax.random.split(state.rng)
+  teachers = teacher_forward(teacher_applies, teacher_vars, batch)
+
+  def loss_fn(params):
+    variables = {"params": params["student"], **state.model_state}
+    student = student_apply(variables, batch, True, step_rng)
+    total, terms = objective(params["objective"], student, teachers, batch, state.step)
+    return total, (student, terms)
+
+  (loss, (student, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  model_state = student.new_state
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    model_state = jax.lax.pmean(model_state, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
+             "top1": jnp.mean(_top1(student.logits) == batch["label"]),
+             "grad_norm": optax.global_norm(grads)}
+  if teachers:
+    metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(_ensemble_logprobs(teachers)))
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, rng=rng)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
+              *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
+              axis_name: str | None = None) -> dict[str, jax.Array]:
+  """Sums over the (masked) batch: correct top-1/top-5, CE, and fidelity to the teachers.
+
+  Returns sums, not means, so the host can add batches (and devices) and divide once.
+  """
+  student = student_apply(state.student_variables(), batch, False)
+  teachers = teacher_forward(teacher_applies, teacher_vars, batch)
+  mask = batch["mask"].astype(jnp.float32)
+  labels = batch["label"]
+  logits = student.logits
+  logp = jax.nn.log_softmax(logits)
+  k = min(5, logits.shape[-1])
+  in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+  sums = {
+      "count": jnp.sum(mask),
+      "top1": jnp.sum(mask * (_top1(logits) == labels)),
+      "top5": jnp.sum(mask * in_top5),
+      "ce": -jnp.sum(mask * jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]),
+  }
+  targets = dict(teachers)
+  if len(teachers) > 1:
+    targets["ensemble"] = None
+  for name in targets:
+    t_logp = _ensemble_logprobs(teachers) if name == "ensemble" else (
+        jax.nn.log_softmax(teachers[name].logits))
+    t_pred = jnp.argmax(t_logp, axis=-1)
+    sums[f"teacher_top1/{name}"] = jnp.sum(mask * (t_pred == labels))
+    sums[f"agreement/{name}"] = jnp.sum(mask * (t_pred == _top1(logits)))
+    sums[f"kl/{name}"] = jnp.sum(mask * kd_divergence(logits, t_logp, temperature=1.0))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums

@@ -1,0 +1,137 @@
+"""Loss terms against independent NumPy/SciPy references, and the objective's validation."""
+
+import numpy as np
+import pytest
+import scipy.special
+from jax.test_util import check_grads
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax import losses
+from distill_jax.objective import ObjectiveError, build_objective
+from distill_jax.outputs import Outputs
+
+
+def _outputs(logits):
+  return Outputs(jnp.asarray(logits, jnp.float32), {}, {})
+
+
+def kd_reference(s, t, temperature, mask=None):
+  """T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean, in float64 NumPy/SciPy."""
+  s, t = np.float64(s) / temperature, np.float64(t) / temperature
+  log_p_t = scipy.special.log_softmax(t, axis=-1)
+  log_p_s = scipy.special.log_softmax(s, axis=-1)
+  p_t = np.exp(log_p_t)
+  kl = np.sum(scipy.special.xlogy(p_t, p_t) - p_t * log_p_s, axis=-1)
+  w = np.ones(len(s)) if mask is None else np.float64(mask)
+  return temperature**2 * np.sum(kl * w) / np.sum(w)
+
+
+def ce_reference(s, labels):
+  s = np.float64(s)
+  logp = s - scipy.special.logsumexp(s, axis=-1, keepdims=True)
+  return -np.mean(logp[np.arange(len(s)), labels])
+
+
+KD = losses.LOSSES.get("kd")
+CE = losses.LOSSES.get("ce")
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (8, 10), (32, 100)])
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 0.5])
+def test_kd_matches_numpy(shape, temperature):
+  rng = np.random.default_rng(hash((shape, temperature)) % 2**32)
+  s, t = rng.normal(size=shape) * 3, rng.normal(size=shape) * 3
+  got = KD(_outputs(s), {"t": _outputs(t)}, {"label": np.zeros(shape[0], int)},
+           temperature=temperature)
+  np.testing.assert_allclose(got, kd_reference(s, t, temperature), rtol=2e-5, atol=1e-6)
+
+
+def test_kd_extreme_logits_stay_finite_and_exact():
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(16, 10)) * 1e4
+  t = rng.normal(size=(16, 10)) * 1e4
+  t[0] = -1e30  # A teacher row of equal, huge negative logits: uniform target.
+  for temperature in (1.0, 4.0):
+    got = float(KD(_outputs(s), {"t": _outputs(t)}, {}, temperature=temperature))
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, kd_reference(s, t, temperature), rtol=1e-4)
+  grad = jax.grad(lambda x: KD(_outputs(x), {"t": _outputs(t)}, {}, temperature=4.0))(
+      jnp.asarray(s, jnp.float32))
+  assert np.all(np.isfinite(grad))
+
+
+def test_kd_is_zero_when_student_equals_teacher_and_positive_otherwise():
+  x = np.random.default_rng(1).normal(size=(4, 7))
+  assert abs(float(KD(_outputs(x), {"t": _outputs(x)}, {}, temperature=4.0))) < 1e-6
+  assert float(KD(_outputs(x), {"t": _outputs(-x)}, {}, temperature=4.0)) > 0.1
+
+
+def test_kd_respects_mask_and_averages_teachers():
+  rng = np.random.default_rng(2)
+  s, t1, t2 = (rng.normal(size=(6, 5)) for _ in range(3))
+  mask = np.array([1, 1, 0, 1, 0, 1], np.float32)
+  got = KD(_outputs(s), {"a": _outputs(t1)}, {"mask": mask}, temperature=2.0)
+  np.testing.assert_allclose(got, kd_reference(s, t1, 2.0, mask), rtol=2e-5)
+  # Two teachers: the target is the mean of their probabilities at the temperature.
+  p = (scipy.special.softmax(t1 / 2.0, -1) + scipy.special.softmax(t2 / 2.0, -1)) / 2
+  got = KD(_outputs(s), {"a": _outputs(t1), "b": _outputs(t2)}, {}, temperature=2.0)
+  np.testing.assert_allclose(got, kd_reference(s, 2.0 * np.log(p), 2.0), rtol=2e-5)
+  got = KD(_outputs(s), {"a": _outputs(t1), "b": _outputs(t2)}, {}, temperature=2.0,
+           teacher="b")
+  np.testing.assert_allclose(got, kd_reference(s, t2, 2.0), rtol=2e-5)
+
+
+def test_kd_gradient_matches_finite_differences_and_ignores_teacher():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+  f = lambda x: KD(_outputs(x), {"t": _outputs(t)}, {}, temperature=3.0)
+  check_grads(f, (jnp.asarray(s, jnp.float32),), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+  teacher_grad = jax.grad(
+      lambda y: KD(_outputs(s), {"t": _outputs(y)}, {}, temperature=3.0))(
+          jnp.asarray(t, jnp.float32))
+  assert np.all(teacher_grad == 0)
+
+
+def test_ce_matches_numpy_with_label_smoothing():
+  rng = np.random.default_rng(4)
+  s, labels = rng.normal(size=(8, 10)) * 5, rng.integers(0, 10, 8)
+  np.testing.assert_allclose(CE(_outputs(s), {}, {"label": labels}), ce_reference(s, labels),
+                             rtol=1e-5)
+  smooth = CE(_outputs(s), {}, {"label": labels}, label_smoothing=0.1)
+  logp = s - scipy.special.logsumexp(s, -1, keepdims=True)
+  target = np.eye(10)[labels] * 0.9 + 0.01
+  np.testing.assert_allclose(smooth, -np.mean(np.sum(target * logp, -1)), rtol=1e-5)
+
+
+def test_objective_weighs_terms_and_warms_up():
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(8, 10)), rng.normal(size=(8, 10))
+  labels = rng.integers(0, 10, 8)
+  objective = build_objective(
+      {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0, "warmup_steps": 10}},
+      ["t"])
+  batch = {"label": labels}
+  for step, ramp in [(0, 0.0), (5, 0.5), (10, 1.0), (20, 1.0)]:
+    total, terms = objective({}, _outputs(s), {"t": _outputs(t)}, batch, jnp.asarray(step))
+    expected = 0.1 * ce_reference(s, labels) + 0.9 * ramp * kd_reference(s, t, 4.0)
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    np.testing.assert_allclose(terms["kd"], kd_reference(s, t, 4.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("losses_config, teachers, message", [
+    ({"kdd": {}}, ["t"], "Did you mean 'kd'"),
+    ({"kd": {"temprature": 2.0}}, ["t"], "temprature"),
+    ({"kd": {}}, [], "config.teachers is empty"),
+    ({"kd": {"teacher": "nope"}}, ["t"], "names teacher 'nope'"),
+    ({}, [], "config.losses is empty"),
+])
+def test_objective_rejects_bad_configs_clearly(losses_config, teachers, message):
+  with pytest.raises((ObjectiveError, KeyError), match=message):
+    build_objective(losses_config, teachers)
+
+
+def test_registering_a_name_twice_fails():
+  with pytest.raises(ValueError, match="already registered"):
+    losses.register_loss("kd")(lambda *a, **k: 0.0)
