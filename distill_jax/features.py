@@ -8,7 +8,8 @@ wrapper returns the ones asked for, so an unused feature costs nothing after com
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

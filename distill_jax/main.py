@@ -23,7 +23,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from distill_jax.config import ConfigError
+  from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import train_and_evaluate
+
+  quiet_library_logs()
 
   try:
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -9,7 +9,8 @@ a config fails at once with the fix in the message.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
 

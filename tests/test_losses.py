@@ -1,12 +1,11 @@
 """Loss terms against independent NumPy/SciPy references, and the objective's validation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 from jax.test_util import check_grads
-
-import jax
-import jax.numpy as jnp
 
 from distill_jax import losses
 from distill_jax.objective import ObjectiveError, build_objective

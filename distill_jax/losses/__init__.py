@@ -16,7 +16,7 @@ Add a loss in any importable file:
 and name that file in the config: `config.imports = ['my_pkg.my_losses']`.
 """
 
-from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
 from distill_jax.losses import logits  # noqa: F401  (registers ce, kd)
+from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
 
 __all__ = ["LOSSES", "register_loss", "loss_hparams"]

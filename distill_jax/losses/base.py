@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from distill_jax.registry import Registry
 from distill_jax.outputs import Outputs
+from distill_jax.registry import Registry
 
 LOSSES = Registry("loss")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax.losses.base import (example_weights, register_loss, teacher_log_probs,
-                                     weighted_mean)
+from distill_jax.losses.base import example_weights, register_loss, teacher_log_probs, weighted_mean
 from distill_jax.outputs import Outputs
 
 

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ class Durations:
   checkpoint_every: int
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_train: int) -> "Durations":
+  def from_config(cls, config: ml_collections.ConfigDict, num_train: int) -> Durations:
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch < 1:
       raise config_lib.ConfigError(f"batch_size {config.batch_size} is larger than the "

@@ -15,8 +15,10 @@ batches on the devices, and gets states back for checkpoints.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import flax.jax_utils
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -65,8 +67,7 @@ class Parallel:
   def put_replicated(self, tree: Any) -> Any:
     """Places a host pytree (state, teacher variables) on every device."""
     if self.mode == "pmap":
-      return jax.device_put(jax.tree.map(lambda x: np.stack([x] * self.num_devices), tree),
-                            self._pmap_sharding())
+      return flax.jax_utils.replicate(tree, self.devices)
     return jax.device_put(tree, self.replicated)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
@@ -82,9 +83,6 @@ class Parallel:
     if self.mode == "pmap":
       return jax.tree.map(lambda x: x[0], tree)
     return tree
-
-  def _pmap_sharding(self):
-    return jax.sharding.PmapSharding.default((self.num_devices,), 0, self.devices)
 
   # -- compiling -----------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ the same from the shardings, so the two give the single-device result.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
 
   metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
              "top1": jnp.mean(_top1(student.logits) == batch["label"]),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads)}
   if teachers:
     metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(_ensemble_logprobs(teachers)))
   if axis_name is not None:

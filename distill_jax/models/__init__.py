@@ -1,0 +1,94 @@
+"""Model registry and the shared building blocks of the built-in Flax Linen models.
+
+Every registered model is a factory `(num_classes, **kwargs) -> nn.Module`. The module it returns
+follows one contract that the rest of the framework relies on:
+
+- `module.apply(variables, x, train=...)` takes NHWC float32 images `[B, H, W, C]` and returns
+  logits `[B, num_classes]`;
+- it has the fields `num_classes: int` and `bn_axis_name: str | None = None`; under `jax.pmap`
+  the framework sets `bn_axis_name` to the pmap axis so that BatchNorm statistics are computed over
+  the global batch;
+- it sows a few stable feature names into the `intermediates` collection: `stem`, `stage1`,
+  `stage2`, ... and `pool` (the pre-logit vector `[B, D]`), so a loss can name what it compares
+  without knowing the architecture. Everything else can be tapped by module path. (Flax forbids
+  a sown name that equals a submodule's name in the same scope, so submodules are named
+  `stem_conv`, `stage1_block0`, `head`, ... never plain `stem` or `stage1`.)
+
+BatchNorm follows PyTorch's defaults (momentum 0.1 in PyTorch's convention is 0.9 here, epsilon
+1e-5) and convolutions use PyTorch's Kaiming-normal fan-out init, so models trained here behave
+like the PyTorch code whose numbers we compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from distill_jax.registry import Registry
+
+MODELS = Registry("model")
+register_model = MODELS.register
+
+# Kaiming normal, fan-out, gain sqrt(2): PyTorch's `kaiming_normal_(mode='fan_out',
+# nonlinearity='relu')`, which the CRD code applies to every convolution.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default `nn.Linear` weight init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
+  """A BatchNorm with the framework's settings (PyTorch defaults, optional cross-device stats).
+
+  Args:
+    train: use batch statistics (and update the running ones) when True, running ones otherwise.
+    axis_name: the pmap axis to average statistics over, or None for per-device statistics.
+    name: the submodule name (explicit, so parameter paths stay stable).
+  """
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
+         use_bias: bool = False) -> nn.Conv:
+  """A square convolution with PyTorch's padding ((k - 1) / 2 on each side) and Kaiming init.
+
+  Explicit symmetric padding (not 'SAME') keeps stride-2 convolutions sampling the same pixels as
+  PyTorch's, so features line up with the reference code. No bias by default: BN follows.
+  """
+  pad = (kernel_size - 1) // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=conv_kernel_init,
+      name=name)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes: `[B, H, W, C] -> [B, C]`."""
+  return x.mean(axis=(1, 2))
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """Builds the registered model `name` with a `num_classes`-way head.
+
+  Extra keyword arguments go to the model's factory (e.g. `bn_axis_name`, `widths`). An unknown
+  name raises `distill_jax.registry.UnknownNameError`, whose message lists the known models.
+  """
+  return MODELS.get(name)(num_classes, **kwargs)
+
+
+def num_params(params: Any) -> int:
+  """Number of scalars in a params pytree (pass `variables['params']`, not the batch stats).
+
+  Works on concrete arrays and on `jax.ShapeDtypeStruct` leaves (from `jax.eval_shape`), so a
+  model can be sized without running its init.
+  """
+  return sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+# The submodules register their models with `register_model`, so they are imported last, after
+# the names they use exist.
+from distill_jax.models import resnet_cifar, small, vgg, wrn  # noqa: E402, F401, I001

@@ -1,0 +1,209 @@
+"""End-to-end training: modes agree, crashes resume exactly, the CLI works, bad input is clear."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from distill_jax import data as data_lib
+from distill_jax.config import ConfigError, load_config_file
+from distill_jax.train import loop
+from distill_jax.train.checkpoint import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+
+
+def tiny(role, data_dir, **overrides):
+  return load_config_file(f"{DIGITS}:{role},tiny", {"data.data_dir": data_dir, **overrides})
+
+
+def exported(workdir):
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.tree.map(np.asarray, ckptr.restore(os.path.join(workdir, "model", "variables")))
+
+
+def assert_trees_close(a, b, atol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(data_dir, tmp_path_factory):
+  """A small CNN teacher trained briefly through the same entry point as any run."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  loop.train_and_evaluate(tiny("teacher", data_dir, num_steps=40), workdir)
+  return workdir
+
+
+def kd_config(data_dir, teacher_dir, **overrides):
+  return tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir, **overrides})
+
+
+def run_steps(config, num_steps):
+  """`num_steps` train steps through the compiled step of `config`'s parallel mode."""
+  run = loop.build_run(config)
+  parallel = run["parallel"]
+  state = parallel.put_replicated(loop.init_state(config, run))
+  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
+                                    seed=config.seed)
+  for _ in range(num_steps):
+    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+  return jax.device_get(parallel.get(state)), jax.device_get(parallel.get(metrics))
+
+
+def test_teacher_run_writes_outputs_and_learns(teacher_dir):
+  for name in ("config.json", "metrics.jsonl", "result.json", "model/model.json"):
+    assert os.path.exists(os.path.join(teacher_dir, name)), name
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(teacher_dir, "tb")))
+  with open(os.path.join(teacher_dir, "result.json")) as f:
+    result = json.load(f)
+  # 40 steps of a small CNN on 10 classes: well above the 10% of chance.
+  assert result["final"]["eval/top1"] > 0.5
+  losses = [json.loads(line)["train/loss"] for line in open(
+      os.path.join(teacher_dir, "metrics.jsonl")) if "train/loss" in line]
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_jit_mesh_and_pmap_match_one_device(data_dir, teacher_dir):
+  assert jax.device_count() == 8
+  results = {}
+  for mode, devices in [("jit", 1), ("jit", 8), ("pmap", 8)]:
+    config = kd_config(data_dir, teacher_dir, **{
+        "parallel.mode": mode, "parallel.num_devices": devices,
+        # A CNN student, so BatchNorm statistics must be global across devices too.
+        "student.name": "cnn", "student.kwargs": {"widths": (8, 16)}})
+    results[(mode, devices)] = run_steps(config, 3)
+  (ref_state, ref_metrics) = results[("jit", 1)]
+  for key, (state, metrics) in results.items():
+    assert int(state.step) == 3
+    assert_trees_close(state.params, ref_state.params, atol=1e-5)
+    assert_trees_close(state.model_state, ref_state.model_state, atol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, err_msg=key)
+  init = loop.init_state(config, loop.build_run(config))
+  assert not np.allclose(jax.tree.leaves(ref_state.params)[0], jax.tree.leaves(init.params)[0])
+
+
+def test_crashed_run_resumes_to_the_uninterrupted_result(data_dir, teacher_dir, tmp_path):
+  config = kd_config(data_dir, teacher_dir)  # 6 steps, a checkpoint every 3.
+  loop.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  def crash(step, metrics):
+    if step == 5:
+      raise KeyboardInterrupt("killed")
+
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config, str(tmp_path / "crashed"), step_callback=crash)
+  assert sorted(os.listdir(tmp_path / "crashed" / "checkpoints")) == ["3"]
+  resumed_steps = []
+  loop.train_and_evaluate(config, str(tmp_path / "crashed"),
+                          step_callback=lambda step, m: resumed_steps.append(step))
+  assert resumed_steps == [4, 5, 6]
+  assert_trees_close(exported(tmp_path / "crashed"), exported(tmp_path / "straight"), atol=1e-6)
+
+
+def test_cli_distills_without_touching_the_teacher(data_dir, teacher_dir, tmp_path):
+  teacher_before = exported(teacher_dir)
+  workdir = tmp_path / "kd"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  proc = subprocess.run(
+      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:kd,tiny",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       f"--config.teachers.teacher.checkpoint={teacher_dir}", "--config.num_steps=12"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "result.json") as f:
+    result = json.load(f)
+  assert result["steps"] == 12 and result["teachers"] == {"teacher": "cnn"}
+  assert 0.0 <= result["final"]["eval/agreement/teacher"] <= 1.0
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  train = [r for r in rows if "train/loss" in r]
+  assert all(np.isfinite(r["train/loss"]) for r in train)
+  assert np.mean([r["train/loss"] for r in train[-3:]]) < np.mean(
+      [r["train/loss"] for r in train[:3]])
+  assert {"train/loss/ce", "train/loss/kd", "train/agreement"} <= set(train[0])
+  assert_trees_close(exported(teacher_dir), teacher_before, atol=0)
+  student = exported(workdir)
+  assert "batch_stats" not in student  # The MLP student has no BatchNorm.
+
+
+def test_train_step_does_no_host_transfers(data_dir, teacher_dir):
+  config = kd_config(data_dir, teacher_dir)
+  run = loop.build_run(config)
+  parallel = run["parallel"]
+  state = parallel.put_replicated(loop.init_state(config, run))
+  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  batch = parallel.put_batch(next(data_lib.train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=0)))
+  state, _ = run["train_step"](state, teacher_vars, batch)  # Compile outside the guard.
+  with jax.transfer_guard("disallow"):
+    state, metrics = run["train_step"](state, teacher_vars, batch)
+  assert int(jax.device_get(state.step)) == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"student.name": "resnet_20"}, "Did you mean 'resnet20'"),
+    ({"losses.kd.temprature": 1.0}, None),  # Locked config: unknown key.
+    ({"parallel.mode": "pmapp"}, "choose one of"),
+    ({"optim.name": "sgdd"}, "choose one of"),
+    ({"teachers.teacher.model": "resnet99"}, "Known models"),
+])
+def test_bad_configs_fail_before_training_with_clear_errors(data_dir, teacher_dir, tmp_path,
+                                                             overrides, message):
+  with pytest.raises((ConfigError, AttributeError, KeyError)) as info:
+    config = kd_config(data_dir, teacher_dir, **overrides)
+    loop.train_and_evaluate(config, str(tmp_path))
+  if message:
+    assert message in str(info.value)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_loss_hparam_lists_the_known_ones(data_dir, teacher_dir, tmp_path):
+  config = kd_config(data_dir, teacher_dir)
+  with config.unlocked():
+    config.losses.kd.temprature = 2.0
+  with pytest.raises(ConfigError, match=r"temprature.*temperature"):
+    loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_teacher_checkpoint_problems_name_the_file(data_dir, teacher_dir, tmp_path):
+  missing = kd_config(data_dir, str(tmp_path / "nowhere"))
+  with pytest.raises(CheckpointError, match="nowhere.*model.json"):
+    loop.build_run(missing)
+  # A teacher saved from a different architecture: the checkpoint says what it holds.
+  wrong_model = kd_config(data_dir, teacher_dir, **{"teachers.teacher.model": "mlp",
+                                                     "teachers.teacher.kwargs": {}})
+  with pytest.raises(CheckpointError, match="saved from cnn"):
+    loop.build_run(wrong_model)
+  # Same model name, different widths: the first mismatching parameter is named.
+  wrong_shape = kd_config(data_dir, teacher_dir,
+                          **{"teachers.teacher.kwargs": {"widths": (32, 48)}})
+  mismatch = r"parameter \S*stage2\S* has shape \(.*64,?\) in the file but the model expects"
+  with pytest.raises(CheckpointError, match=mismatch + r" \(.*48,?\)"):
+    loop.build_run(wrong_shape)
+
+
+def test_corrupt_resume_checkpoint_names_the_file(data_dir, teacher_dir, tmp_path):
+  config = kd_config(data_dir, teacher_dir)
+  loop.train_and_evaluate(config, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "6" / "state"
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoints" / "6")):
+    loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(data_dir, teacher_dir, tmp_path):
+  config = kd_config(data_dir, teacher_dir, **{"optim.lr": 1e30, "optim.schedule": "constant"})
+  with pytest.raises(loop.NonFiniteLossError, match=r"step \d"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints" / "3")
