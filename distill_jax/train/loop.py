@@ -25,8 +25,8 @@ from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import models
 from distill_jax.features import make_apply
-from distill_jax.objective import build_objective
-from distill_jax.teachers import load_teachers
+from distill_jax.objective import Objective, build_objective
+from distill_jax.teachers import Teacher, load_teachers
 from distill_jax.train import optim
 from distill_jax.train.checkpoint import Checkpointer, export_model
 from distill_jax.train.metrics import MetricWriter
@@ -105,12 +105,19 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   durations = Durations.from_config(config, num_train)
   schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, durations.total_steps)
   tx = optim.make_optimizer(config.optim, schedule)
-  static = dict(student_apply=make_apply(student),
-                teacher_applies={n: t.apply for n, t in teachers.items()})
+  train_step, eval_step = compile_steps(parallel, student, teachers, objective, tx)
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
               objective=objective, durations=durations, schedule=schedule, tx=tx,
-              train_step=parallel.compile_train_step(objective=objective, tx=tx, **static),
-              eval_step=parallel.compile_eval_step(**static))
+              train_step=train_step, eval_step=eval_step)
+
+
+def compile_steps(parallel: Parallel, student: Any, teachers: dict[str, Teacher],
+                  objective: Objective, tx: Any) -> tuple[Callable, Callable]:
+  """The compiled (train_step, eval_step) of a student module, its teachers and objective."""
+  static = dict(student_apply=make_apply(student),
+                teacher_applies={n: t.apply for n, t in teachers.items()})
+  return (parallel.compile_train_step(objective=objective, tx=tx, **static),
+          parallel.compile_eval_step(**static))
 
 
 def init_state(config: ml_collections.ConfigDict, run: dict[str, Any]) -> TrainState:

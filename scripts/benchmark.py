@@ -1,0 +1,118 @@
+r"""Examples/s of the distillation step and of the student-only step, for a teacher/student pair.
+
+    python scripts/benchmark.py --teacher=resnet56 --student=resnet20 --batch_size=64
+
+Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
+CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
+checkpoint is needed. Each figure is the median over --repeats timed windows of --steps steps,
+after --warmup steps (compilation excluded). `--xla_fast_cpu_convs` sets the XLA:CPU flags that
+../shared/NOTES.md measured as faster for convolutions (Eigen instead of YNNPACK).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("teacher", "resnet56", "Teacher model name.")
+flags.DEFINE_string("student", "resnet20", "Student model name.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_integer("num_classes", 100, "Classes (CIFAR-100: 100).")
+flags.DEFINE_integer("image_size", 32, "Square image side.")
+flags.DEFINE_integer("steps", 20, "Steps per timed window.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
+flags.DEFINE_enum("mode", "jit", ["jit", "pmap"], "Parallel mode.")
+flags.DEFINE_integer("num_devices", 0, "Devices to use (0: all).")
+flags.DEFINE_integer("host_devices", 0, "Split the CPU into this many XLA devices (0: as is).")
+flags.DEFINE_bool("xla_fast_cpu_convs", False, "Eigen convolutions on XLA:CPU (see NOTES.md).")
+
+FAST_CPU_CONV_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
+                       "--xla_cpu_use_xnnpack=false")
+
+
+def _set_xla_flags() -> None:
+  extra = []
+  if FLAGS.host_devices:
+    extra.append(f"--xla_force_host_platform_device_count={FLAGS.host_devices}")
+  if FLAGS.xla_fast_cpu_convs:
+    extra.append(FAST_CPU_CONV_FLAGS)
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
+
+
+def benchmark(with_teacher: bool) -> float:
+  """Examples/s of the compiled train step (median over repeats)."""
+  import jax
+  import numpy as np
+  import optax
+
+  from distill_jax import models
+  from distill_jax.features import make_apply
+  from distill_jax.objective import build_objective
+  from distill_jax.teachers import Teacher
+  from distill_jax.train.loop import compile_steps
+  from distill_jax.train.parallel import Parallel
+  from distill_jax.train.state import create_train_state
+
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices)
+  parallel.check_batch_size(FLAGS.batch_size)
+  shape = (FLAGS.image_size, FLAGS.image_size, 3)
+  dummy = np.zeros((1, *shape), np.float32)
+  init = lambda module, seed: jax.jit(lambda r: module.init(r, dummy, train=False))(
+      jax.random.PRNGKey(seed))
+  student = models.build_model(FLAGS.student, FLAGS.num_classes,
+                               bn_axis_name=parallel.bn_axis_name)
+  teachers = {}
+  if with_teacher:
+    module = models.build_model(FLAGS.teacher, FLAGS.num_classes)
+    teachers["teacher"] = Teacher("teacher", FLAGS.teacher, make_apply(module), init(module, 1))
+  losses = ({"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
+            if with_teacher else {"ce": {"weight": 1.0}})
+  objective = build_objective(losses, list(teachers))
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+  train_step, _ = compile_steps(parallel, student, teachers, objective, tx)
+  state = parallel.put_replicated(create_train_state(init(student, 0), {}, tx,
+                                                     jax.random.PRNGKey(2)))
+  teacher_vars = parallel.put_replicated({n: t.variables for n, t in teachers.items()})
+  rng = np.random.default_rng(0)
+  batch = parallel.put_batch({
+      "image": rng.normal(size=(FLAGS.batch_size, *shape)).astype(np.float32),
+      "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype(np.int32)})
+  for _ in range(1 + FLAGS.warmup):
+    state, metrics = train_step(state, teacher_vars, batch)
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      state, metrics = train_step(state, teacher_vars, batch)
+    jax.block_until_ready((state, metrics))
+    rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
+  return float(np.median(rates))
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  import jax
+
+  student_only = benchmark(with_teacher=False)
+  distill = benchmark(with_teacher=True)
+  devices = jax.devices()[:FLAGS.num_devices or None]
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+        f"mode {FLAGS.mode}, batch {FLAGS.batch_size}, XLA_FLAGS={xla_flags!r}")
+  print("| step | examples/s |\n|---|---|")
+  print(f"| student only ({FLAGS.student}) | {student_only:.1f} |")
+  print(f"| KD ({FLAGS.teacher} -> {FLAGS.student}) | {distill:.1f} |")
+  print(f"KD step costs {student_only / distill:.2f}x the student-only step.")
+
+
+if __name__ == "__main__":
+  flags.FLAGS(sys.argv, known_only=True)
+  _set_xla_flags()
+  app.run(main)
