@@ -1,9 +1,13 @@
-"""Wraps a Flax model into the one forward signature the objective consumes.
+"""Wraps a Flax model into the one forward the objective consumes, tapping features by name.
 
 `apply(variables, batch, train, rng) -> Outputs(logits, features, new_state)`. Any pure
-function with that signature can be a student or a teacher. Built-in models `sow` stable
-feature names ('stem', 'stage1', ..., 'pool') into the 'intermediates' collection; the
-wrapper returns the ones asked for, so an unused feature costs nothing after compilation.
+function with that signature can be a student or a teacher.
+
+A feature is named either by a stable name that built-in models `sow` ('stem', 'stage1', ...,
+'pool'), or by a module path ('stage2_block1', 'stage2_block1/conv2'): the output of that
+submodule's `__call__`, captured with Linen's `capture_intermediates` and a filter that keeps
+only the requested paths, so the model itself is never edited (torchdistill's forward hooks,
+done functionally). Only requested features are kept; unused ones cost nothing once compiled.
 """
 
 from __future__ import annotations
@@ -13,16 +17,44 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from distill_jax.outputs import Outputs
 
 ApplyFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], bool, jax.Array | None], Outputs]
 
 
+class FeatureError(ValueError):
+  """A requested feature does not exist; the message lists the model's tappable features."""
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(module.path)
+
+
+def _lookup(sown: Mapping[str, Any], name: str) -> jax.Array | None:
+  """The sown value `name`, or the captured output of module path `name`, or None."""
+  value = sown.get(name)
+  if isinstance(value, tuple):
+    return value[-1]
+  node: Any = sown
+  for part in name.split("/"):
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  if isinstance(node, Mapping) and isinstance(node.get("__call__"), tuple):
+    return node["__call__"][-1]
+  return None
+
+
 def make_apply(module: nn.Module, *, input_key: str = "image",
                features: Sequence[str] = ()) -> ApplyFn:
   """Returns the pure forward of `module` on `batch[input_key]`, tapping `features`."""
-  features = tuple(features)
+  features = tuple(dict.fromkeys(features))
+  paths = frozenset(features)
+
+  def keep(mdl: nn.Module, method_name: str) -> bool:
+    return method_name == "__call__" and _module_path(mdl) in paths
 
   def apply(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], train: bool,
             rng: jax.Array | None = None) -> Outputs:
@@ -31,16 +63,59 @@ def make_apply(module: nn.Module, *, input_key: str = "image",
       mutable.append("intermediates")
     rngs = {"dropout": rng} if rng is not None else {}
     out = module.apply(variables, batch[input_key], train=train, rngs=rngs,
-                       mutable=mutable or False)
+                       mutable=mutable or False, capture_intermediates=keep if features else False)
     logits, new_state = out if mutable else (out, {})
     new_state = dict(new_state)
     sown = new_state.pop("intermediates", {})
     tapped = {}
     for name in features:
-      if name not in sown:
-        raise KeyError(f"Feature {name!r} is not sown by {type(module).__name__}; it sows "
-                       f"{sorted(sown)}.")
-      tapped[name] = sown[name][-1]
+      value = _lookup(sown, name)
+      if value is None:
+        raise FeatureError(f"{type(module).__name__} has no feature {name!r}.")
+      tapped[name] = value
     return Outputs(logits, tapped, new_state)
 
   return apply
+
+
+def list_features(module: nn.Module, variables: Any, input_shape: Sequence[int]
+                  ) -> dict[str, tuple[int, ...]]:
+  """Every tappable feature of `module` -> its shape for one example (batch axis dropped).
+
+  Sown names come first, then every submodule path, in call order. Costs one abstract
+  (shape-only) forward: nothing is computed or compiled.
+  """
+  def forward(variables, x):
+    _, state = module.apply(variables, x, train=False, mutable=["intermediates"],
+                            capture_intermediates=True)
+    return state["intermediates"]
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  tree = jax.eval_shape(forward, variables, x)
+  sown, paths = {}, {}
+
+  def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+    for key, value in node.items():
+      if key == "__call__":
+        if prefix:
+          paths["/".join(prefix)] = tuple(value[-1].shape[1:])
+      elif isinstance(value, tuple):
+        if not prefix:
+          sown[key] = tuple(value[-1].shape[1:])
+      elif isinstance(value, Mapping):
+        walk(value, (*prefix, key))
+
+  walk(tree, ())
+  return {**sown, **paths}
+
+
+def check_features(model_desc: str, requested: Sequence[str],
+                   available: Mapping[str, tuple[int, ...]]) -> None:
+  """Raises FeatureError naming every unknown feature and listing the tappable ones."""
+  unknown = [name for name in requested if name not in available]
+  if not unknown:
+    return
+  listing = ", ".join(f"{n} {s}" for n, s in available.items())
+  raise FeatureError(
+      f"{model_desc} has no feature(s) {unknown}. Tappable features (name or module path, "
+      f"shape per example): {listing}.")

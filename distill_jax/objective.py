@@ -8,18 +8,34 @@ Each term's `loss` names the registered loss (default: the term's own name, so t
 one loss just need distinct names and `loss='kd'`), `weight` scales it, `warmup_steps` ramps
 the weight linearly from 0 (DKD's warm-up), and every other key is a hyper-parameter of the
 loss, checked against its signature here, before anything is compiled.
+
+Terms that are Flax modules (connectors, projection heads, memory banks) keep their parameters
+in `params['objective'][term]` (trained with the student) and their other collections
+(batch stats, memory) in `state.objective_state[term]`. Terms name the features they compare
+(`student_layer(s)`, `teacher_layer(s)`); the objective collects them so the forwards tap
+exactly those.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from distill_jax.losses import LOSSES, loss_hparams
+from distill_jax.losses.base import (
+    CONTEXT_HPARAMS,
+    REQUIRED,
+    STUDENT_LAYER_HPARAMS,
+    TEACHER_LAYER_HPARAMS,
+    is_module_loss,
+    layer_names,
+)
 from distill_jax.outputs import Outputs
 
 # Keys of a term's config that belong to the objective, not to the loss function.
@@ -36,10 +52,20 @@ class Term:
 
   name: str
   loss: str
-  fn: Callable[..., jax.Array]
+  fn: Callable[..., Any]  # The registered function, or the bound module for module losses.
   weight: float
   warmup_steps: int
-  hparams: Mapping[str, Any]
+  hparams: Mapping[str, Any]  # For functions: passed as keywords. For modules: in `fn`.
+  student_features: tuple[str, ...]
+  teacher_features: Mapping[str, tuple[str, ...]]  # teacher name -> features.
+
+  @property
+  def is_module(self) -> bool:
+    return isinstance(self.fn, nn.Module)
+
+  @property
+  def uses_teachers(self) -> bool:
+    return getattr(self.fn, "uses_teachers", True)
 
   def weight_at(self, step: jax.Array) -> jax.Array:
     if self.warmup_steps <= 0:
@@ -47,63 +73,139 @@ class Term:
     ramp = jnp.minimum(1.0, step.astype(jnp.float32) / self.warmup_steps)
     return self.weight * ramp
 
+  def value(self, variables: Mapping[str, Any], student: Outputs,
+            teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array], rng: jax.Array,
+            train: bool) -> tuple[jax.Array, dict[str, Any]]:
+    """The term's unweighted value and its updated state (empty for functions)."""
+    try:
+      if not self.is_module:
+        return self.fn(student, teachers, batch, **self.hparams), {}
+      mutable = [c for c in variables if c != "params"] if train else []
+      out = self.fn.apply(variables, student, teachers, batch, rngs={"loss": rng},
+                          mutable=mutable or False)
+      return out if mutable else (out, {})
+    except (ValueError, KeyError, TypeError) as e:
+      raise ObjectiveError(f"Loss term {self.name!r} (loss {self.loss!r}): {e}") from e
+
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Weighted sum of loss terms; returns the total and each term's unweighted value."""
+  """Weighted sum of loss terms; returns the total, each term's value and the new state."""
 
   terms: tuple[Term, ...]
 
   @property
   def needs_teachers(self) -> bool:
-    return any(getattr(t.fn, "uses_teachers", True) for t in self.terms)
+    return any(t.uses_teachers for t in self.terms)
 
-  def __call__(self, params: Mapping[str, Any], student: Outputs,
+  @property
+  def student_features(self) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f for t in self.terms for f in t.student_features))
+
+  def teacher_features(self, teacher: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f for t in self.terms for f in t.teacher_features.get(teacher, ())))
+
+  def init(self, rng: jax.Array, student: Outputs, teachers: Mapping[str, Outputs],
+           batch: Mapping[str, jax.Array]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, state) of the module terms, keyed by term name, from example outputs."""
+    params, state = {}, {}
+    for i, term in enumerate(self.terms):
+      if not term.is_module:
+        continue
+      init_rng, loss_rng = jax.random.split(jax.random.fold_in(rng, i))
+      try:
+        variables = dict(term.fn.init({"params": init_rng, "loss": loss_rng}, student, teachers,
+                                      batch))
+      except (ValueError, KeyError, TypeError) as e:
+        raise ObjectiveError(f"Loss term {term.name!r} (loss {term.loss!r}): {e}") from e
+      params[term.name] = variables.pop("params", {})
+      state[term.name] = variables
+    return params, state
+
+  def __call__(self, params: Mapping[str, Any], state: Mapping[str, Any], student: Outputs,
                teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
-               step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    del params  # Trainable parts of loss terms (connectors, heads) will live here.
+               step: jax.Array, rng: jax.Array, train: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     total = jnp.zeros((), jnp.float32)
-    values = {}
-    for term in self.terms:
-      value = term.fn(student, teachers, batch, **term.hparams)
+    values, new_state = {}, dict(state)
+    for i, term in enumerate(self.terms):
+      variables = {"params": params.get(term.name, {}), **state.get(term.name, {})}
+      value, updated = term.value(variables, student, teachers, batch,
+                                  jax.random.fold_in(rng, i), train)
       if jnp.shape(value) != ():
         raise ObjectiveError(f"Loss term {term.name!r} (loss {term.loss!r}) returned shape "
                              f"{jnp.shape(value)}; a loss term must return a scalar.")
+      if updated:
+        new_state[term.name] = updated
       values[term.name] = value
       total = total + term.weight_at(step) * value
-    return total, values
+    return total, values, new_state
 
 
-def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str]) -> Objective:
-  """Turns `config.losses` into an Objective, validating every name and hyper-parameter."""
+def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str],
+                    context: Mapping[str, Any] | None = None) -> Objective:
+  """Turns `config.losses` into an Objective, validating every name and hyper-parameter.
+
+  Args:
+    losses_config: term name -> settings (see the module docstring).
+    teacher_names: the run's teachers, in config order.
+    context: run settings for terms that declare them (`axis_name`, `num_examples`).
+  """
   if not losses_config:
     raise ObjectiveError("config.losses is empty: name at least one loss term, e.g. "
                          "config.losses = {'ce': {'weight': 1.0}}.")
-  terms = []
-  for name, settings in losses_config.items():
-    settings = dict(settings or {})
-    loss_name = settings.pop("loss", name)
-    fn = LOSSES.get(loss_name)
-    weight = float(settings.pop("weight", 1.0))
-    warmup_steps = int(settings.pop("warmup_steps", 0))
-    known = loss_hparams(fn)
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-      raise ObjectiveError(
-          f"Loss term {name!r} (loss {loss_name!r}) has unknown setting(s) {unknown}. "
-          f"Its hyper-parameters are {known or '{}'}; every term also takes {list(TERM_KEYS)}.")
-    missing = sorted(k for k, v in known.items() if v is None and k not in settings
-                     and k != "teacher")
-    if missing:
-      raise ObjectiveError(f"Loss term {name!r} (loss {loss_name!r}) needs {missing}.")
-    teacher = settings.get("teacher")
-    if teacher is not None and teacher not in teacher_names:
-      raise ObjectiveError(f"Loss term {name!r} names teacher {teacher!r}, but the config's "
-                           f"teachers are {sorted(teacher_names)}.")
-    terms.append(Term(name, loss_name, fn, weight, warmup_steps, settings))
+  context = {k: v for k, v in (context or {}).items() if k in CONTEXT_HPARAMS}
+  terms = [_build_term(name, dict(settings or {}), teacher_names, context)
+           for name, settings in losses_config.items()]
   objective = Objective(tuple(terms))
   if objective.needs_teachers and not teacher_names:
-    needy = [t.name for t in terms if getattr(t.fn, "uses_teachers", True)]
+    needy = [t.name for t in terms if t.uses_teachers]
     raise ObjectiveError(f"Loss term(s) {needy} distill from a teacher, but config.teachers "
                          "is empty. Add a teacher, or keep only 'ce' to train without one.")
   return objective
+
+
+def _build_term(name: str, settings: dict[str, Any], teacher_names: list[str],
+                context: Mapping[str, Any]) -> Term:
+  loss_name = settings.pop("loss", name)
+  fn = LOSSES.get(loss_name)
+  weight = float(settings.pop("weight", 1.0))
+  warmup_steps = int(settings.pop("warmup_steps", 0))
+  known = loss_hparams(fn)
+  unknown = sorted(set(settings) - set(known))
+  if unknown:
+    shown = {k: ("<required>" if v is REQUIRED else v) for k, v in known.items()}
+    raise ObjectiveError(
+        f"Loss term {name!r} (loss {loss_name!r}) has unknown setting(s) {unknown}. "
+        f"Its hyper-parameters are {shown or '{}'}; every term also takes {list(TERM_KEYS)}.")
+  missing = sorted(k for k, v in known.items() if v is REQUIRED and k not in settings)
+  if missing:
+    raise ObjectiveError(f"Loss term {name!r} (loss {loss_name!r}) needs {missing}.")
+  hparams = {k: v for k, v in known.items() if v is not REQUIRED} | settings
+  hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
+  teacher = hparams.get("teacher")
+  if teacher is not None and teacher not in teacher_names:
+    raise ObjectiveError(f"Loss term {name!r} names teacher {teacher!r}, but the config's "
+                         f"teachers are {sorted(teacher_names)}.")
+  teacher_features = {}
+  wanted = layer_names(hparams, TEACHER_LAYER_HPARAMS)
+  if wanted and teacher_names:
+    if teacher is None and len(teacher_names) != 1:
+      raise ObjectiveError(f"Loss term {name!r} compares teacher features, and there are "
+                           f"{len(teacher_names)} teachers {sorted(teacher_names)}: set "
+                           f"losses.{name}.teacher to the one it compares with.")
+    teacher_features[teacher or teacher_names[0]] = wanted
+  if is_module_loss(fn):
+    fields = {f.name for f in dataclasses.fields(fn)}
+    bound = fn(**hparams, **{k: v for k, v in context.items() if k in fields})
+    fn_or_module, call_hparams = bound, {}
+  else:
+    fn_or_module, call_hparams = fn, hparams
+    call_hparams |= {k: v for k, v in context.items() if k in _kwonly(fn)}
+  return Term(name, loss_name, fn_or_module, weight, warmup_steps, call_hparams,
+              layer_names(hparams, STUDENT_LAYER_HPARAMS), teacher_features)
+
+
+def _kwonly(fn: Callable[..., Any]) -> set[str]:
+  return {n for n, p in inspect.signature(fn).parameters.items()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY}

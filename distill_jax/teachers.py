@@ -17,15 +17,17 @@ from typing import Any
 import jax
 
 from distill_jax import models
-from distill_jax.features import ApplyFn, make_apply
 from distill_jax.train.checkpoint import CheckpointError, load_model_variables, read_model_meta
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
+  """A frozen teacher: its Flax module and loaded variables (the forward is built per run, so
+  it taps exactly the features the objective compares)."""
+
   name: str
   model: str
-  apply: ApplyFn
+  module: Any
   variables: Any
 
 
@@ -59,7 +61,7 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
         f"{os.path.join(directory, 'model.json')} was saved from {meta.get('model')} with "
         f"{meta.get('num_classes')} classes.")
   variables = load_model_variables(directory, init_shapes(module, input_shape))
-  return Teacher(name, model_name, make_apply(module), variables)
+  return Teacher(name, model_name, module, variables)
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,

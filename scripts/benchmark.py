@@ -52,10 +52,9 @@ def benchmark(with_teacher: bool) -> float:
   import optax
 
   from distill_jax import models
-  from distill_jax.features import make_apply
   from distill_jax.objective import build_objective
   from distill_jax.teachers import Teacher
-  from distill_jax.train.loop import compile_steps
+  from distill_jax.train.loop import build_applies, compile_steps
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
@@ -70,13 +69,15 @@ def benchmark(with_teacher: bool) -> float:
   teachers = {}
   if with_teacher:
     module = models.build_model(FLAGS.teacher, FLAGS.num_classes)
-    teachers["teacher"] = Teacher("teacher", FLAGS.teacher, make_apply(module), init(module, 1))
+    teachers["teacher"] = Teacher("teacher", FLAGS.teacher, module, init(module, 1))
   losses = ({"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
             if with_teacher else {"ce": {"weight": 1.0}})
   objective = build_objective(losses, list(teachers))
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
-  train_step, _ = compile_steps(parallel, student, teachers, objective, tx)
-  state = parallel.put_replicated(create_train_state(init(student, 0), {}, tx,
+  student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
+                                                 shape)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
+  state = parallel.put_replicated(create_train_state(init(student, 0), {}, {}, tx,
                                                      jax.random.PRNGKey(2)))
   teacher_vars = parallel.put_replicated({n: t.variables for n, t in teachers.items()})
   rng = np.random.default_rng(0)

@@ -113,7 +113,8 @@ def test_objective_weighs_terms_and_warms_up():
       ["t"])
   batch = {"label": labels}
   for step, ramp in [(0, 0.0), (5, 0.5), (10, 1.0), (20, 1.0)]:
-    total, terms = objective({}, _outputs(s), {"t": _outputs(t)}, batch, jnp.asarray(step))
+    total, terms, _ = objective({}, {}, _outputs(s), {"t": _outputs(t)}, batch,
+                                jnp.asarray(step), jax.random.PRNGKey(0))
     expected = 0.1 * ce_reference(s, labels) + 0.9 * ramp * kd_reference(s, t, 4.0)
     np.testing.assert_allclose(total, expected, rtol=1e-5)
     np.testing.assert_allclose(terms["kd"], kd_reference(s, t, 4.0), rtol=1e-5)

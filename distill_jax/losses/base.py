@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,13 +31,80 @@ def register_loss(name: str, *, uses_teachers: bool = True) -> Callable[[Callabl
   return decorator
 
 
-def loss_hparams(fn: Callable[..., Any]) -> dict[str, Any]:
-  """The keyword-only hyper-parameters of a loss term and their defaults (None: required)."""
-  return {
-      name: (None if p.default is inspect.Parameter.empty else p.default)
-      for name, p in inspect.signature(fn).parameters.items()
-      if p.kind is inspect.Parameter.KEYWORD_ONLY
-  }
+# Settings the objective fills in from the run, never from the config: the pmap axis name
+# (for terms that gather across devices) and the number of training examples (memory banks).
+CONTEXT_HPARAMS = ("axis_name", "num_examples")
+# Hyper-parameters that name features: the objective taps exactly these layers.
+STUDENT_LAYER_HPARAMS = ("student_layer", "student_layers")
+TEACHER_LAYER_HPARAMS = ("teacher_layer", "teacher_layers")
+REQUIRED = inspect.Parameter.empty
+
+
+def is_module_loss(fn: Any) -> bool:
+  """True for a loss term that is a Flax module (it has trainable parameters or state)."""
+  return isinstance(fn, type) and issubclass(fn, nn.Module)
+
+
+def loss_hparams(fn: Any) -> dict[str, Any]:
+  """A loss term's hyper-parameters and their defaults (`REQUIRED` when there is none).
+
+  For a function: its keyword-only arguments. For a Flax module: its dataclass fields. The
+  run-context settings (`CONTEXT_HPARAMS`) are not hyper-parameters and are left out.
+  """
+  if is_module_loss(fn):
+    params = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else REQUIRED)
+        for f in dataclasses.fields(fn) if f.init and f.name not in ("parent", "name")}
+  else:
+    params = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  return {k: v for k, v in params.items() if k not in CONTEXT_HPARAMS}
+
+
+def layer_names(hparams: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
+  """The feature names that `hparams` ask for under `keys` (a name or a sequence of names)."""
+  names: list[str] = []
+  for key in keys:
+    value = hparams.get(key)
+    if value is None:
+      continue
+    names.extend([value] if isinstance(value, str) else list(value))
+  return tuple(names)
+
+
+def teacher_outputs(teachers: Mapping[str, Outputs], teacher: str | None = None) -> Outputs:
+  """The named teacher's outputs; with `teacher=None`, the only teacher's."""
+  if teacher is not None:
+    if teacher not in teachers:
+      raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
+                       f"{sorted(teachers)}.")
+    return teachers[teacher]
+  if len(teachers) != 1:
+    raise ValueError(f"This loss compares with one teacher, but there are {len(teachers)} "
+                     f"({sorted(teachers)}): set the term's `teacher`.")
+  return next(iter(teachers.values()))
+
+
+def feature_pairs(student: Outputs, teachers: Mapping[str, Outputs],
+                  student_layers: str | Sequence[str], teacher_layers: str | Sequence[str],
+                  teacher: str | None = None) -> list[tuple[jax.Array, jax.Array]]:
+  """[(student feature, teacher feature)] for the paired layer names, in order."""
+  s_names = (student_layers,) if isinstance(student_layers, str) else tuple(student_layers)
+  t_names = (teacher_layers,) if isinstance(teacher_layers, str) else tuple(teacher_layers)
+  if len(s_names) != len(t_names):
+    raise ValueError(f"student layers {s_names} and teacher layers {t_names} must pair up "
+                     "one to one.")
+  target = teacher_outputs(teachers, teacher)
+  return [(student.features[s], jax.lax.stop_gradient(target.features[t]))
+          for s, t in zip(s_names, t_names, strict=True)]
+
+
+def shape_mismatch(term: str, s_layer: str, s_shape: Sequence[int], t_layer: str,
+                   t_shape: Sequence[int], fix: str) -> ValueError:
+  """The error for features that cannot be compared: names both layers, shapes and a fix."""
+  return ValueError(
+      f"Loss term {term!r} compares student layer {s_layer!r} of shape {tuple(s_shape)} with "
+      f"teacher layer {t_layer!r} of shape {tuple(t_shape)}, which do not match. {fix}")
 
 
 def example_weights(batch: Mapping[str, jax.Array], logits: jax.Array) -> jax.Array:

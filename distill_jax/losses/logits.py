@@ -1,7 +1,13 @@
-"""Losses on logits: cross-entropy with the labels and Hinton's knowledge distillation."""
+"""Losses on logits: cross-entropy with the labels and the logit-matching distillation terms.
+
+Registered here: `ce` (labels), `kd` (Hinton et al. 2015), `dkd` (decoupled KD, Zhao et al.
+2022), `logit_mse` (regression on the logits), `reverse_kl` and `gjsd` (generalized
+Jensen-Shannon divergence, Agarwal et al. 2024).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -10,6 +16,44 @@ import optax
 
 from distill_jax.losses.base import example_weights, register_loss, teacher_log_probs, weighted_mean
 from distill_jax.outputs import Outputs
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """`KL(p || q) = sum_k p_k (log p_k - log q_k)` over the last axis, from log-probabilities.
+
+  Shapes [..., K] -> [...]. Terms with `p_k == 0` contribute 0 (the limit of `p log p`), and
+  the guard sits on the difference, so neither the value nor the gradient is NaN there even
+  when `log p_k` or `log q_k` is -inf.
+  """
+  p = jnp.exp(log_p)
+  keep = p > 0
+  diff = jnp.where(keep, log_p - jnp.where(keep, log_q, 0.0), 0.0)
+  return jnp.sum(p * diff, axis=-1)
+
+
+def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Mean of per-position `values` [B, ...] under the batch's `mask` ([B] or [B, ...]).
+
+  The mask is broadcast over the trailing (e.g. token) axes, so for [B, L] values the result is
+  the sum over kept positions divided by their number; for [B] this is `weighted_mean`.
+  """
+  weights = example_weights(batch, values)
+  weights = weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
+  weights = jnp.broadcast_to(weights, values.shape)
+  return weighted_mean(values.reshape(-1), weights.reshape(-1))
+
+
+def _teacher_logits(teachers: Mapping[str, Outputs], teacher: str | None = None) -> jax.Array:
+  """Logits [..., K] of the named teacher, or the mean of all teachers' logits."""
+  if not teachers:
+    raise ValueError("This loss term needs a teacher, but the config names none "
+                     "(config.teachers is empty).")
+  if teacher is not None:
+    if teacher not in teachers:
+      raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
+                       f"{sorted(teachers)}.")
+    return teachers[teacher].logits
+  return jnp.mean(jnp.stack([t.logits for t in teachers.values()]), axis=0)
 
 
 @register_loss("ce", uses_teachers=False)
@@ -37,10 +81,7 @@ def kd_divergence(student_logits: jax.Array, teacher_log_probs: jax.Array,
   terms where the teacher's probability is exactly 0 contribute 0, as in the limit.
   """
   student_logp = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  teacher_p = jnp.exp(teacher_log_probs)
-  kl = jnp.sum(jnp.where(teacher_p > 0, teacher_p * (teacher_log_probs - student_logp), 0.0),
-               axis=-1)
-  return temperature**2 * kl
+  return temperature**2 * _kl(teacher_log_probs, student_logp)
 
 
 @register_loss("kd")
@@ -56,3 +97,129 @@ def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
   target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
   per_example = kd_divergence(student.logits, target, temperature)
   return weighted_mean(per_example, example_weights(batch, student.logits))
+
+
+def _target_split(log_probs: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits log-probabilities [..., K] at the target class `labels` [...] (DKD).
+
+  Returns `binary` [..., 2] = `[log p_y, log(1 - p_y)]` and `non_target` [..., K] =
+  `log(p_k / (1 - p_y))` for k != y (the non-target classes renormalised) and -inf at k = y.
+  `log(1 - p_y)` is the log-sum-exp of the non-target log-probabilities, so it stays exact when
+  `p_y` rounds to 1 (no `1 - p` cancellation).
+  """
+  is_target = labels[..., None] == jnp.arange(log_probs.shape[-1])
+  log_target = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  others = jnp.where(is_target, -jnp.inf, log_probs)
+  log_rest = jax.nn.logsumexp(others, axis=-1)
+  binary = jnp.stack([log_target, log_rest], axis=-1)
+  non_target = jnp.where(is_target, -jnp.inf, log_probs - log_rest[..., None])
+  return binary, non_target
+
+
+def dkd_divergences(student_logits: jax.Array, teacher_log_probs: jax.Array, labels: jax.Array,
+                    temperature: float) -> tuple[jax.Array, jax.Array]:
+  """Per-example DKD parts `(TCKD, NCKD)`, each [B] (or [...]), both times `T^2`.
+
+  With `p = softmax(logits / T)` [B, K] and the target class y:
+    TCKD = T^2 * KL([p_T(y), 1 - p_T(y)] || [p_S(y), 1 - p_S(y)])   (binary KL),
+    NCKD = T^2 * KL(p_T(k | k != y) || p_S(k | k != y)),  p(k | k != y) = p_k / (1 - p_y).
+  They decompose KD exactly: `KL(p_T || p_S) = TCKD + (1 - p_T(y)) * NCKD` (Zhao et al. 2022,
+  eq. 3). The non-target distributions exclude the target class exactly (the reference
+  implementation subtracts 1000 from its logit instead).
+  """
+  student_logp = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  student_binary, student_nt = _target_split(student_logp, labels)
+  teacher_binary, teacher_nt = _target_split(teacher_log_probs, labels)
+  tckd = _kl(teacher_binary, student_binary)
+  nckd = _kl(teacher_nt, student_nt)
+  return temperature**2 * tckd, temperature**2 * nckd
+
+
+@register_loss("dkd")
+def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
+                 batch: Mapping[str, jax.Array], *, alpha: float = 1.0, beta: float = 8.0,
+                 temperature: float = 4.0, teacher: str | None = None) -> jax.Array:
+  """Decoupled KD (Zhao et al., CVPR 2022): `alpha * TCKD + beta * NCKD`, batch mean.
+
+  TCKD is the binary KL between the teacher's and the student's `[p(y), 1 - p(y)]` at
+  temperature T, NCKD the KL between their distributions over the non-target classes
+  renormalised; both carry `T^2` (see `dkd_divergences`). Logits [B, K] (or [..., K]) and
+  integer labels `batch['label']` [B] (or [...]). With `alpha = beta = 1` the loss is not KD:
+  KD weighs NCKD by `1 - p_T(y)`, which DKD decouples.
+
+  Defaults are the paper's CIFAR-100 setting (alpha 1, beta 8, T 4; beta 2 for res56/res110
+  teachers, 6 for vgg13 and WRN pairs; ImageNet: beta 0.5, T 1), used beside a `ce` term of
+  weight 1. The paper's warm-up (the DKD weight ramped linearly over the first 20 epochs) is
+  the objective's generic setting of the term, not done here:
+  `config.losses.dkd.warmup_steps = 20 * steps_per_epoch`. `teacher` as in `kd`; with several
+  teachers the target is the average of their probabilities at T.
+  """
+  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  tckd, nckd = dkd_divergences(student.logits, target, batch["label"], temperature)
+  return _masked_mean(alpha * tckd + beta * nckd, batch)
+
+
+@register_loss("logit_mse")
+def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
+              *, teacher: str | None = None) -> jax.Array:
+  """Regression on the logits: `mean_k (s_k - t_k)^2` per example, then the batch mean.
+
+  Logits [B, K] (or [..., K]). With several teachers and `teacher=None` the target is the mean
+  of the teachers' logits. (Ba & Caruana 2014 regress on logits; Kim et al. 2021 compare this
+  "logit MSE" with KD.)
+  """
+  target = jax.lax.stop_gradient(_teacher_logits(teachers, teacher))
+  diff = student.logits - target.astype(student.logits.dtype)
+  return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), batch)
+
+
+@register_loss("reverse_kl")
+def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
+               batch: Mapping[str, jax.Array], *, temperature: float = 1.0,
+               teacher: str | None = None) -> jax.Array:
+  """Reverse KL: `T^2 * KL(softmax(s / T) || p_T)`, batch mean (mode-seeking, unlike `kd`).
+
+  Logits [B, K] (or [..., K]); `p_T` is the teacher's softmax at T (with several teachers
+  and `teacher=None`, the average of their probabilities). `T^2` as in `kd`.
+  """
+  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
+  return _masked_mean(temperature**2 * _kl(student_logp, target), batch)
+
+
+def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
+                    beta: float) -> jax.Array:
+  """Per-position generalized JSD [...] of log-probabilities [..., K] (Agarwal et al. 2024).
+
+  With `M = beta * p_T + (1 - beta) * p_S`:
+    JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M)   for 0 < beta < 1,
+  `log M` being the log-sum-exp of `(log beta + log p_T, log(1 - beta) + log p_S)`. The raw
+  formula is 0 at both endpoints, so, as TRL's `generalized_jsd_loss`, beta = 0 is defined as
+  the forward `KL(p_T || p_S)` and beta = 1 as the reverse `KL(p_S || p_T)`.
+  """
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f"gjsd needs 0 <= beta <= 1, got {beta}.")
+  if beta == 0.0:
+    return _kl(teacher_log_probs, student_log_probs)
+  if beta == 1.0:
+    return _kl(student_log_probs, teacher_log_probs)
+  log_m = jnp.logaddexp(math.log(beta) + teacher_log_probs,
+                        math.log1p(-beta) + student_log_probs)
+  return beta * _kl(teacher_log_probs, log_m) + (1.0 - beta) * _kl(student_log_probs, log_m)
+
+
+@register_loss("gjsd")
+def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array], *,
+         beta: float = 0.5, temperature: float = 1.0, teacher: str | None = None) -> jax.Array:
+  """Generalized Jensen-Shannon divergence (GKD, Agarwal et al., ICLR 2024); batch mean.
+
+  `p_T`, `p_S` are the softmaxes at `temperature` of the teacher's and student's logits
+  [B, K] or, per token, [B, L, K]; the batch `mask` ([B] or [B, L]) is broadcast over the
+  trailing positions and the sum is divided by the number of kept positions. beta = 0 is
+  forward KL, beta = 1 reverse KL, in between `JSD_beta` with the mixture
+  `M = beta * p_T + (1 - beta) * p_S` (see `generalized_jsd`). Unlike `kd` and `reverse_kl`
+  there is no `T^2` factor, as in TRL's `generalized_jsd_loss`. `teacher` as in `kd`.
+  """
+  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
+  return _masked_mean(generalized_jsd(student_logp, target, beta), batch)

@@ -8,6 +8,7 @@ the same command ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,9 +25,9 @@ from tqdm import tqdm
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import models
-from distill_jax.features import make_apply
+from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.objective import Objective, build_objective
-from distill_jax.teachers import Teacher, load_teachers
+from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train import optim
 from distill_jax.train.checkpoint import Checkpointer, export_model
 from distill_jax.train.metrics import MetricWriter
@@ -98,34 +99,87 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   student = models.build_model(config.student.name, info.num_classes,
                                bn_axis_name=parallel.bn_axis_name, **config.student.kwargs)
   teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
-  objective = build_objective(config.losses, list(teachers))
   num_train = info.num_examples[config.data.train_split]
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
+  objective = build_objective(config.losses, list(teachers), context={
+      "axis_name": parallel.bn_axis_name, "num_examples": num_train})
+  student_apply, teacher_applies = build_applies(
+      student, config.student.name, teachers, objective, info.image_shape)
+  example = example_batch(info.image_shape, config.batch_size // parallel.num_devices)
+  # Trace the objective's init once, abstractly: a term whose features do not fit (shapes,
+  # connectors) fails here, naming the layers, before anything is compiled or trained.
+  jax.eval_shape(functools.partial(init_objective, objective, student_apply, teacher_applies),
+                 init_shapes(student, info.image_shape),
+                 {n: t.variables for n, t in teachers.items()}, example, jax.random.PRNGKey(0))
   durations = Durations.from_config(config, num_train)
   schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, durations.total_steps)
   tx = optim.make_optimizer(config.optim, schedule)
-  train_step, eval_step = compile_steps(parallel, student, teachers, objective, tx)
+  train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
               objective=objective, durations=durations, schedule=schedule, tx=tx,
+              student_apply=student_apply, teacher_applies=teacher_applies,
               train_step=train_step, eval_step=eval_step)
 
 
-def compile_steps(parallel: Parallel, student: Any, teachers: dict[str, Teacher],
-                  objective: Objective, tx: Any) -> tuple[Callable, Callable]:
-  """The compiled (train_step, eval_step) of a student module, its teachers and objective."""
-  static = dict(student_apply=make_apply(student),
-                teacher_applies={n: t.apply for n, t in teachers.items()})
+def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
+                  objective: Objective, input_shape: tuple[int, ...]
+                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+  """The student's and teachers' forwards, tapping what the objective compares.
+
+  Every requested feature is checked against the model's tappable features first; an unknown
+  name fails with the list of what can be tapped.
+  """
+  student_vars = init_shapes(student, input_shape)
+  check_features(f"Student {student_name}", objective.student_features,
+                 list_features(student, student_vars, input_shape))
+  for name, teacher in teachers.items():
+    check_features(f"Teacher {name!r} ({teacher.model})", objective.teacher_features(name),
+                   list_features(teacher.module, teacher.variables, input_shape))
+  return (make_apply(student, features=objective.student_features),
+          {name: make_apply(t.module, features=objective.teacher_features(name))
+           for name, t in teachers.items()})
+
+
+def compile_steps(parallel: Parallel, student_apply: ApplyFn,
+                  teacher_applies: dict[str, ApplyFn], objective: Objective,
+                  tx: Any) -> tuple[Callable, Callable]:
+  """The compiled (train_step, eval_step) of the forwards and the objective."""
+  static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
   return (parallel.compile_train_step(objective=objective, tx=tx, **static),
           parallel.compile_eval_step(**static))
 
 
+def example_batch(image_shape: tuple[int, ...], batch_size: int) -> dict[str, jax.Array]:
+  """An all-zeros batch of the shapes the step sees (one device's share of the batch)."""
+  return {"image": jnp.zeros((batch_size, *image_shape), jnp.float32),
+          "label": jnp.zeros((batch_size,), jnp.int32),
+          "id": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def init_objective(objective: Objective, student_apply: ApplyFn,
+                   teacher_applies: dict[str, ApplyFn], student_vars: Any, teacher_vars: Any,
+                   batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, Any]:
+  """The objective's initial (params, state), from the forwards on an example batch."""
+  student = student_apply(student_vars, batch, False)
+  teachers = {n: apply(teacher_vars[n], batch, False) for n, apply in teacher_applies.items()}
+  return objective.init(rng, student, teachers, batch)
+
+
 def init_state(config: ml_collections.ConfigDict, run: dict[str, Any]) -> TrainState:
   """The initial state, derived from `config.seed` alone."""
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   dummy = jnp.zeros((1, *run["info"].image_shape), jnp.float32)
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
-  return create_train_state(variables, {}, run["tx"], state_rng)
+  objective_params, objective_state = {}, {}
+  if any(term.is_module for term in run["objective"].terms):
+    example = example_batch(run["info"].image_shape,
+                            config.batch_size // run["parallel"].num_devices)
+    objective_params, objective_state = jax.jit(functools.partial(
+        init_objective, run["objective"], run["student_apply"], run["teacher_applies"]))(
+            variables, {n: t.variables for n, t in run["teachers"].items()}, example,
+            objective_rng)
+  return create_train_state(variables, objective_params, objective_state, run["tx"], state_rng)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -19,6 +19,8 @@ class TrainState:
     params: {'student': student params, 'objective': trainable parts of the loss terms}.
       The optimizer updates both; only the student's are exported as a model.
     model_state: the student's other variable collections (e.g. {'batch_stats': ...}).
+    objective_state: the loss terms' non-trainable collections, by term (e.g. a connector's
+      batch stats, CRD's memory bank).
     opt_state: optax state for `params`.
     rng: PRNG key for the step's randomness (dropout, stochastic losses).
   """
@@ -26,6 +28,7 @@ class TrainState:
   step: jax.Array
   params: Any
   model_state: Any
+  objective_state: Any
   opt_state: Any
   rng: jax.Array
 
@@ -33,10 +36,11 @@ class TrainState:
     return {"params": self.params["student"], **self.model_state}
 
 
-def create_train_state(variables: dict[str, Any], objective_params: Any,
+def create_train_state(variables: dict[str, Any], objective_params: Any, objective_state: Any,
                        tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  """A fresh state from the student's initial `variables` (as returned by `model.init`)."""
+  """A fresh state from the student's initial `variables` (as returned by `model.init`) and
+  the objective's initial parameters and state (from `Objective.init`)."""
   variables = dict(variables)
   params = {"student": variables.pop("params"), "objective": objective_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=tx.init(params), rng=rng)
+                    objective_state=objective_state, opt_state=tx.init(params), rng=rng)

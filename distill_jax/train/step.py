@@ -46,20 +46,25 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
                objective: Objective, tx: optax.GradientTransformation,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters)."""
-  rng, step_rng = jax.random.split(state.rng)
+  rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   teachers = teacher_forward(teacher_applies, teacher_vars, batch)
 
   def loss_fn(params):
     variables = {"params": params["student"], **state.model_state}
-    student = student_apply(variables, batch, True, step_rng)
-    total, terms = objective(params["objective"], student, teachers, batch, state.step)
-    return total, (student, terms)
+    student = student_apply(variables, batch, True, model_rng)
+    total, terms, objective_state = objective(
+        params["objective"], state.objective_state, student, teachers, batch, state.step,
+        loss_rng)
+    return total, (student, terms, objective_state)
 
-  (loss, (student, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (student, terms, objective_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   model_state = student.new_state
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     model_state = jax.lax.pmean(model_state, axis_name)
+    # Loss terms with state keep it consistent across devices themselves (they get the
+    # axis name), so a large memory bank is not averaged every step.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -71,7 +76,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                            opt_state=opt_state, rng=rng)
+                            objective_state=objective_state, opt_state=opt_state, rng=rng)
   return new_state, metrics
 
 
