@@ -38,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.teachers = ml_collections.ConfigDict()
   # term name -> {'loss': registered name (default: the term name), 'weight', hparams...}.
   c.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
+  # Stages run before the main training, in order: name -> {'num_epochs' (or 'num_steps'),
+  # 'losses' (as above), 'train': 'all' | 'objective' (connectors only), 'lr' (0: optim.lr)}.
+  # E.g. FitNet's hint pre-training: {'hint': {'num_epochs': 30, 'train': 'objective',
+  # 'losses': {'fitnet': {}}}}; a term of the same name in `losses` keeps the trained connector.
+  c.stages = ml_collections.ConfigDict()
   c.optim = ml_collections.ConfigDict({
       "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
       "schedule": "step", "decay_epochs": (150, 180, 210), "decay_factor": 0.1,
@@ -81,6 +86,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     build_objective(config.losses, list(config.teachers))
   except (KeyError, ValueError) as e:
     raise ConfigError(f"config.losses: {e}") from e
+  for name, stage in config.stages.items():
+    unknown = sorted(set(stage) - {"num_epochs", "num_steps", "losses", "train", "lr"})
+    if unknown or "losses" not in stage:
+      raise ConfigError(f"config.stages.{name} needs 'losses' and takes 'num_epochs' or "
+                        f"'num_steps', 'train', 'lr'; got {sorted(stage)}.")
+    _check_choice(f"stages.{name}.train", stage.get("train", "all"), ("all", "objective"))
+    if stage.get("num_epochs", 0) <= 0 and stage.get("num_steps", 0) <= 0:
+      raise ConfigError(f"config.stages.{name}: set num_epochs or num_steps > 0.")
+    try:
+      build_objective(stage.losses, list(config.teachers))
+    except (KeyError, ValueError) as e:
+      raise ConfigError(f"config.stages.{name}.losses: {e}") from e
   _check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
   _check_choice("parallel.mode", config.parallel.mode, MODES)

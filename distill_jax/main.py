@@ -1,11 +1,18 @@
-"""The command line: `distill-jax --config=configs/FILE.py[:ARG] --workdir=DIR [--config.k=v]`.
+"""The command line.
 
-Trains the config's student (with the config's teachers and loss terms) in `workdir`,
-resuming from its latest checkpoint. Everything happens in `train.loop.train_and_evaluate`.
+    distill-jax --config=configs/FILE.py[:ARG] --workdir=DIR [--config.key=value ...]
+    distill-jax losses [--imports=my_pkg.my_losses,...]
+    distill-jax models
+
+The first trains the config's student (with the config's teachers and loss terms) in
+`workdir`, resuming from its latest checkpoint; everything happens in
+`train.loop.train_and_evaluate`. `losses` lists every registered loss term with its
+hyper-parameters and defaults; `models` lists the registered models.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from absl import app, flags, logging
@@ -16,18 +23,47 @@ config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with ':ARG' (see configs/).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and result.json.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_list("imports", [], "For `losses`/`models`: modules to import first (e.g. yours).")
+
+
+def describe_losses() -> str:
+  """Every registered loss term: name, kind, hyper-parameters with defaults, first doc line."""
+  from distill_jax.losses import LOSSES, loss_hparams
+  from distill_jax.losses.base import REQUIRED, is_module_loss
+
+  lines = []
+  for name in LOSSES.names():
+    fn = LOSSES.get(name)
+    hparams = ", ".join(f"{k}={'<required>' if v is REQUIRED else repr(v)}"
+                        for k, v in loss_hparams(fn).items())
+    kind = "module" if is_module_loss(fn) else "function"
+    doc = (fn.__doc__ or "").strip().splitlines()
+    lines.append(f"{name} ({kind}): {doc[0] if doc else ''}\n    {hparams or '(none)'}")
+  return "\n".join(lines)
+
+
+def describe_models() -> str:
+  from distill_jax.models import MODELS
+
+  return "\n".join(MODELS.names())
 
 
 def main(argv: list[str]) -> None:
+  for module in FLAGS.imports:
+    importlib.import_module(module)
+  commands = {"losses": describe_losses, "models": describe_models}
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if argv[1] not in commands or len(argv) > 2:
+      raise app.UsageError(f"Unexpected arguments {argv[1:]}; sub-commands: {sorted(commands)}.")
+    print(commands[argv[1]]())
+    return
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError("--config and --workdir are required to train.")
   from distill_jax.config import ConfigError
   from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import train_and_evaluate
 
   quiet_library_logs()
-
   try:
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

@@ -17,3 +17,25 @@ import pytest  # noqa: E402
 def data_dir(tmp_path_factory):
   """A TFDS data_dir shared by the whole session (the embedded sets build there once)."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+
+
+def tiny(role, data_dir, **overrides):
+  """configs/digits.py:ROLE,tiny on the session's data_dir, with dotted-key overrides."""
+  from distill_jax.config import load_config_file
+
+  return load_config_file(f"{DIGITS}:{role},tiny", {"data.data_dir": data_dir, **overrides})
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(data_dir, tmp_path_factory):
+  """A small CNN teacher (configs/digits.py:teacher) trained briefly through the same entry
+  point as any run; shared by every test that distills."""
+  from distill_jax.train import loop
+
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  loop.train_and_evaluate(tiny("teacher", data_dir, num_steps=40), workdir)
+  return workdir

@@ -9,18 +9,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import DIGITS, ROOT, tiny
 
 from distill_jax import data as data_lib
-from distill_jax.config import ConfigError, load_config_file
+from distill_jax.config import ConfigError
 from distill_jax.train import loop
 from distill_jax.train.checkpoint import CheckpointError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(ROOT, "configs", "digits.py")
-
-
-def tiny(role, data_dir, **overrides):
-  return load_config_file(f"{DIGITS}:{role},tiny", {"data.data_dir": data_dir, **overrides})
 
 
 def exported(workdir):
@@ -32,14 +26,6 @@ def assert_trees_close(a, b, atol):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(data_dir, tmp_path_factory):
-  """A small CNN teacher trained briefly through the same entry point as any run."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  loop.train_and_evaluate(tiny("teacher", data_dir, num_steps=40), workdir)
-  return workdir
 
 
 def kd_config(data_dir, teacher_dir, **overrides):

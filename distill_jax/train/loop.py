@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from tqdm import tqdm
 
@@ -89,6 +90,24 @@ def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: 
   return {f"eval/{k}": v / count for k, v in totals.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage: its objective, optimizer and global step range [start, end).
+
+  Pre-training stages (`config.stages`, e.g. a connector's hint pre-training) run first, in
+  order, then the main stage ('train'). Each stage starts from a fresh optimizer state, as the
+  reference recipes do; parameters outside the stage's trainable set are frozen.
+  """
+
+  name: str
+  objective: Objective
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  start: int
+  end: int
+  train_step: Callable
+
+
 def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
@@ -102,8 +121,12 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   num_train = info.num_examples[config.data.train_split]
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
-  objective = build_objective(config.losses, list(teachers), context={
-      "axis_name": parallel.bn_axis_name, "num_examples": num_train})
+  durations = Durations.from_config(config, num_train)
+  context = {"axis_name": parallel.bn_axis_name, "num_examples": num_train}
+  specs = [(name, stage.losses, stage.get("train", "all")) for name, stage in
+           config.stages.items()] + [("train", config.losses, "all")]
+  objectives = [build_objective(losses, list(teachers), context) for _, losses, _ in specs]
+  objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, info.image_shape)
   example = example_batch(info.image_shape, config.batch_size // parallel.num_devices)
@@ -112,14 +135,42 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   jax.eval_shape(functools.partial(init_objective, objective, student_apply, teacher_applies),
                  init_shapes(student, info.image_shape),
                  {n: t.variables for n, t in teachers.items()}, example, jax.random.PRNGKey(0))
-  durations = Durations.from_config(config, num_train)
-  schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, durations.total_steps)
-  tx = optim.make_optimizer(config.optim, schedule)
-  train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
+
+  stages, start = [], 0
+  for (name, _, trainable), stage_objective in zip(specs, objectives, strict=True):
+    if name == "train":
+      steps = durations.total_steps
+      schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, steps)
+    else:
+      stage_config = config.stages[name]
+      steps = (int(stage_config.num_steps) if stage_config.get("num_steps", 0) > 0 else
+               int(round(stage_config.num_epochs * durations.steps_per_epoch)))
+      schedule = optax.constant_schedule(float(stage_config.get("lr", 0.0) or config.optim.lr))
+    tx = optim.freeze_all_but(optim.make_optimizer(config.optim, schedule),
+                              train_student=trainable == "all",
+                              train_terms=[t.name for t in stage_objective.terms])
+    train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies,
+                                          stage_objective, tx, step_offset=start)
+    stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
+    start += steps
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
-              objective=objective, durations=durations, schedule=schedule, tx=tx,
+              objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
               student_apply=student_apply, teacher_applies=teacher_applies,
-              train_step=train_step, eval_step=eval_step)
+              train_step=stages[-1].train_step,
+              eval_step=eval_step)
+
+
+def union_objective(objectives: list[Objective]) -> Objective:
+  """The terms of all stages, once each by name: what the state must hold parameters for."""
+  terms: dict[str, Any] = {}
+  for objective in objectives:
+    for term in objective.terms:
+      if term.name in terms and terms[term.name].loss != term.loss:
+        raise config_lib.ConfigError(
+            f"Loss term {term.name!r} is loss {terms[term.name].loss!r} in one stage and "
+            f"{term.loss!r} in another; a term name must mean one loss in every stage.")
+      terms.setdefault(term.name, term)
+  return Objective(tuple(terms.values()))
 
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
@@ -143,10 +194,11 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
-                  tx: Any) -> tuple[Callable, Callable]:
+                  tx: Any, step_offset: int = 0) -> tuple[Callable, Callable]:
   """The compiled (train_step, eval_step) of the forwards and the objective."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
-  return (parallel.compile_train_step(objective=objective, tx=tx, **static),
+  return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
+                                      **static),
           parallel.compile_eval_step(**static))
 
 
@@ -166,8 +218,10 @@ def init_objective(objective: Objective, student_apply: ApplyFn,
   return objective.init(rng, student, teachers, batch)
 
 
-def init_state(config: ml_collections.ConfigDict, run: dict[str, Any]) -> TrainState:
-  """The initial state, derived from `config.seed` alone."""
+def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
+               stage: Stage | None = None) -> TrainState:
+  """The initial state, derived from `config.seed` alone, with `stage`'s optimizer state
+  (default: the first stage's)."""
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   dummy = jnp.zeros((1, *run["info"].image_shape), jnp.float32)
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
@@ -179,7 +233,17 @@ def init_state(config: ml_collections.ConfigDict, run: dict[str, Any]) -> TrainS
         init_objective, run["objective"], run["student_apply"], run["teacher_applies"]))(
             variables, {n: t.variables for n, t in run["teachers"].items()}, example,
             objective_rng)
-  return create_train_state(variables, objective_params, objective_state, run["tx"], state_rng)
+  tx = (stage or run["stages"][0]).tx
+  return create_train_state(variables, objective_params, objective_state, tx, state_rng)
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+  """The stage whose step ran last before global step `step` (the one a checkpoint at `step`
+  was saved in); the first stage for step 0."""
+  for stage in stages:
+    if step <= stage.end and (step > stage.start or stage.start == 0):
+      return stage
+  return stages[-1]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -198,13 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config)
-  parallel, durations = run["parallel"], run["durations"]
+  parallel, durations, stages = run["parallel"], run["durations"], run["stages"]
+  total_steps = stages[-1].end
   is_chief = jax.process_index() == 0
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
 
-  state = init_state(config, run)
   train_iter = data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -213,18 +277,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               every_steps=durations.checkpoint_every)
   meta = {"student": config.student.name, "config": config_lib.to_json(config)}
   latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state, _ = checkpointer.restore(latest, state)
+  if latest is None:
+    state = init_state(config, run)
+  else:
+    target = init_state(config, run, stage_at(stages, latest))
+    state, data_state, _ = checkpointer.restore(latest, target)
     train_iter.set_state(data_state)
     logging.info("Resumed from %s/%d.", checkpointer.directory, latest)
 
   teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
   state = parallel.put_replicated(jax.device_get(state))
   writer = MetricWriter(workdir)
-  start_step = int(parallel.get(state).step)
-  logging.info("Training %s for %d steps (%d per epoch) on %d %s device(s), mode %s.",
-               config.student.name, durations.total_steps, durations.steps_per_epoch,
-               parallel.num_devices, parallel.devices[0].platform, parallel.mode)
+  step = int(parallel.get(state).step)
+  logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
+               config.student.name, total_steps,
+               ", ".join(f"{s.name}: {s.end - s.start}" for s in stages),
+               durations.steps_per_epoch, parallel.num_devices, parallel.devices[0].platform,
+               parallel.mode)
 
   def eval_now(step):
     scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
@@ -233,29 +302,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return scalars
 
   history, best_top1 = [], -1.0
-  bar = tqdm(total=durations.total_steps, initial=start_step, disable=not (
-      is_chief and config.progress_bar), desc="train", unit="step", dynamic_ncols=True)
-  t0, step = time.time(), start_step
-  while step < durations.total_steps:
-    batch = next(train_iter)
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(batch))
-    step += 1
-    bar.update(1)
-    if step_callback is not None:
-      step_callback(step, metrics)
-    last = step == durations.total_steps
-    if step % durations.log_every == 0 or last or checkpointer.should_save(step):
-      scalars = _host_scalars(parallel.get(metrics))
-      _check_finite(step, scalars)
-      scalars["lr"] = float(run["schedule"](step - 1))
-      writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
-    if (durations.eval_every and step % durations.eval_every == 0) or last:
-      scalars = eval_now(step)
-      history.append({"step": step, **scalars})
-      best_top1 = max(best_top1, scalars["eval/top1"])
-    if checkpointer.should_save(step) or last:
-      checkpointer.save(step, parallel.get(state), train_iter.get_state(), meta)
+  bar = tqdm(total=total_steps, initial=step, disable=not (is_chief and config.progress_bar),
+             desc="train", unit="step", dynamic_ncols=True)
+  t0 = time.time()
+  for stage in stages:
+    if step >= stage.end:
+      continue
+    if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
+      host = jax.device_get(parallel.get(state))
+      state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
+    prefix = "train" if stage is stages[-1] else stage.name
+    bar.set_description(prefix)
+    while step < stage.end:
+      batch = next(train_iter)
+      state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
+      step += 1
+      bar.update(1)
+      if step_callback is not None:
+        step_callback(step, metrics)
+      last = step == total_steps
+      if (step % durations.log_every == 0 or step == stage.end
+          or checkpointer.should_save(step)):
+        scalars = _host_scalars(parallel.get(metrics))
+        _check_finite(step, scalars)
+        scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
+        writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+      if stage is stages[-1] and ((durations.eval_every and
+                                   (step - stage.start) % durations.eval_every == 0) or last):
+        scalars = eval_now(step)
+        history.append({"step": step, **scalars})
+        best_top1 = max(best_top1, scalars["eval/top1"])
+      if checkpointer.should_save(step) or step == stage.end:
+        checkpointer.save(step, parallel.get(state), train_iter.get_state(), meta)
   bar.close()
 
   final = history[-1] if history else eval_now(step)

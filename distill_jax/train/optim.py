@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,3 +50,18 @@ def make_optimizer(optim: Any, schedule: optax.Schedule) -> optax.GradientTransf
   if optim.name == "adamw":
     return optax.adamw(schedule, weight_decay=float(optim.weight_decay))
   raise ValueError(f"Unknown optim.name {optim.name!r}; choose one of {OPTIMIZERS}.")
+
+
+def freeze_all_but(tx: optax.GradientTransformation, *, train_student: bool,
+                   train_terms: list[str]) -> optax.GradientTransformation:
+  """`tx` on the student's params (if `train_student`) and on the named loss terms' params;
+  every other parameter gets a zero update (no weight decay, no momentum)."""
+
+  def labels(params):
+    student = "train" if train_student else "freeze"
+    return {"student": jax.tree.map(lambda _: student, params["student"]),
+            "objective": {name: jax.tree.map(lambda _, n=name: "train" if n in train_terms
+                                             else "freeze", p)
+                          for name, p in params["objective"].items()}}
+
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

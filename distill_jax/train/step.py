@@ -44,8 +44,13 @@ def _ensemble_logprobs(teachers: Mapping[str, Outputs]) -> jax.Array:
 def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update of the student (and the objective's parameters)."""
+               axis_name: str | None = None, step_offset: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update of the student (and the objective's parameters).
+
+  `state.step` counts steps over all stages; the objective sees the step within its stage
+  (`state.step - step_offset`), so warm-ups start with the stage.
+  """
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   teachers = teacher_forward(teacher_applies, teacher_vars, batch)
 
@@ -53,8 +58,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
     variables = {"params": params["student"], **state.model_state}
     student = student_apply(variables, batch, True, model_rng)
     total, terms, objective_state = objective(
-        params["objective"], state.objective_state, student, teachers, batch, state.step,
-        loss_rng)
+        params["objective"], state.objective_state, student, teachers, batch,
+        state.step - step_offset, loss_rng)
     return total, (student, terms, objective_state)
 
   (loss, (student, terms, objective_state)), grads = jax.value_and_grad(
