@@ -1,19 +1,25 @@
-r"""CIFAR-100 (or -10) with the CRD paper code's recipe: teachers, students alone, and KD.
+r"""CIFAR-100 (or -10) with the CRD paper code's recipes: teachers, students alone, every method.
 
 The recipe (RepDistiller, see ../shared/REFERENCES.md): 240 epochs, batch 64, SGD momentum
 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students), x0.1 at epochs 150, 180 and 210,
-weight decay 5e-4, random crop 32 with padding 4 and horizontal flip. KD: gamma 0.1 on CE,
-alpha 0.9 on KD, T = 4. The paper reports the last epoch's top-1.
+weight decay 5e-4, random crop 32 with padding 4 and horizontal flip, T = 4. Loss weights:
+KD gamma 0.1 on CE and alpha 0.9 on KD; every other method gamma 1 on CE, alpha 0, and beta on
+its term (FitNet 100, AT 1000, SP 3000, CC 0.02, VID 1, RKD 1, PKT 30000, AB 1, FT 200,
+FSP 50, NST 50, CRD 0.8). AB, FT and FSP first pre-train for 30 epochs (a stage): AB and FSP
+then train with CE alone, FT with its factor loss. DKD (mdistiller): CE 1, alpha 1, T 4,
+beta 8 (2 for resnet56/resnet110 teachers, 6 for vgg13 and WRN teachers), weight warmed up over
+20 epochs. The papers report the last epoch's top-1.
 
 Arg: `METHOD,MODEL[,STUDENT][,cifar10][,tiny]`:
 - `ce,resnet56` trains resnet56 alone (a teacher, or a student baseline);
-- `kd,resnet56,resnet20` distills resnet20 from the resnet56 teacher trained above.
+- `METHOD,TEACHER,STUDENT` distills STUDENT from TEACHER, METHOD in `METHODS` below;
+  `fitnet_hint` is FitNet with the original paper's hint pre-training stage (30 epochs).
 
     python scripts/prepare_data.py cifar100 --data_dir=$DATA      # once, with internet
     distill-jax --config=configs/cifar_kd.py:ce,resnet56 --workdir=runs/cifar100/resnet56 \
         --config.data.data_dir=$DATA
-    distill-jax --config=configs/cifar_kd.py:kd,resnet56,resnet20 \
-        --workdir=runs/cifar100/kd_resnet56_resnet20 --config.data.data_dir=$DATA \
+    distill-jax --config=configs/cifar_kd.py:crd,resnet56,resnet20 \
+        --workdir=runs/cifar100/crd_resnet56_resnet20 --config.data.data_dir=$DATA \
         --config.teachers.teacher.checkpoint=runs/cifar100/resnet56
 
 `tiny` shrinks the run to a few steps (for smoke tests).
@@ -24,17 +30,46 @@ import ml_collections
 from distill_jax.config import base_config
 from distill_jax.data import default_data_config
 
-METHODS = ("ce", "kd")
+# method -> (main-stage loss terms besides CE, CE weight, pre-training stage losses or None).
+METHODS = {
+    "kd": ({"kd": {"weight": 0.9, "temperature": 4.0}}, 0.1, None),
+    "fitnet": ({"fitnet": {"weight": 100.0}}, 1.0, None),
+    "fitnet_hint": ({"fitnet": {"weight": 100.0}}, 1.0, {"fitnet": {}}),
+    "at": ({"at": {"weight": 1000.0}}, 1.0, None),
+    "sp": ({"sp": {"weight": 3000.0}}, 1.0, None),
+    # CC and FT at the CRD code's weights use that code's forms of the losses (see hints.py).
+    "cc": ({"cc": {"weight": 0.02, "form": "repdistiller"}}, 1.0, None),
+    "vid": ({"vid": {"weight": 1.0}}, 1.0, None),
+    "rkd": ({"rkd": {"weight": 1.0}}, 1.0, None),
+    "pkt": ({"pkt": {"weight": 30000.0}}, 1.0, None),
+    "ab": ({}, 1.0, {"ab": {"weight": 1.0}}),  # scale 3/1000 and layer weights: the CRD code's.
+    "ft": ({"ft": {"weight": 200.0, "form": "repdistiller"}}, 1.0,
+           {"ft": {"mode": "reconstruct", "form": "repdistiller"}}),
+    "fsp": ({}, 1.0, {"fsp": {"weight": 50.0}}),
+    "nst": ({"nst": {"weight": 50.0}}, 1.0, None),
+    "crd": ({"crd": {"weight": 0.8}}, 1.0, None),
+    "crd_kd": ({"crd": {"weight": 0.8}, "kd": {"weight": 1.0, "temperature": 4.0}}, 1.0, None),
+    "dkd": ({"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0,
+                     "warmup_epochs": 20.0}}, 1.0, None),
+    "logit_mse": ({"logit_mse": {"weight": 1.0}}, 1.0, None),
+    "reverse_kl": ({"reverse_kl": {"weight": 1.0, "temperature": 4.0}}, 1.0, None),
+    "gjsd": ({"gjsd": {"weight": 1.0, "beta": 0.5, "temperature": 4.0}}, 1.0, None),
+}
+# Pre-training stages: what they train (RepDistiller's init(): AB and FSP the student's feature
+# layers (and AB's connector), FT the paraphraser alone, FitNet's hint stage the regressor).
+STAGE_TRAINS = {"ab": "all", "fsp": "all", "ft": "objective", "fitnet_hint": "all"}
+DKD_BETA = {"resnet56": 2.0, "resnet110": 2.0, "vgg13": 6.0, "wrn_40_2": 6.0, "wrn_16_2": 6.0}
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
+PRETRAIN_EPOCHS = 30.0
 
 
 def get_config(arg: str = "kd,resnet56,resnet20") -> ml_collections.ConfigDict:
   parts = arg.split(",")
   options = {p for p in parts if p in ("cifar10", "tiny")}
   method, *names = [p for p in parts if p not in options]
-  if method not in METHODS or len(names) != (1 if method == "ce" else 2):
+  if method != "ce" and method not in METHODS or len(names) != (1 if method == "ce" else 2):
     raise ValueError(f"configs/cifar_kd.py arg {arg!r}: expected ce,MODEL or "
-                     f"METHOD,TEACHER,STUDENT with METHOD in {METHODS}.")
+                     f"METHOD,TEACHER,STUDENT with METHOD in {['ce', *METHODS]}.")
   dataset = "cifar10" if "cifar10" in options else "cifar100"
   c = base_config()
   c.data = default_data_config(dataset)
@@ -53,13 +88,22 @@ def get_config(arg: str = "kd,resnet56,resnet20") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.student.name = names[-1]
-  if method == "kd":
+  if method != "ce":
+    terms, ce_weight, stage = METHODS[method]
     c.teachers = ml_collections.ConfigDict({"teacher": {
         "model": names[0], "kwargs": {}, "checkpoint": f"runs/{dataset}/{names[0]}"}})
-    c.losses = ml_collections.ConfigDict(
-        {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}})
+    losses = {"ce": {"weight": ce_weight}, **{k: dict(v) for k, v in terms.items()}}
+    if method == "dkd":
+      losses["dkd"]["beta"] = DKD_BETA.get(names[0], 8.0)
+    c.losses = ml_collections.ConfigDict(losses)
+    if stage is not None:
+      c.stages = ml_collections.ConfigDict({"pretrain": {
+          "num_epochs": PRETRAIN_EPOCHS, "train": STAGE_TRAINS[method], "losses": stage}})
   if "tiny" in options:
     c.num_steps = 4
     c.eval_every_epochs = 0.0
     c.progress_bar = False
+    for stage in c.stages.values():
+      stage.num_epochs = 0.0
+      stage.num_steps = 2
   return c

@@ -5,9 +5,9 @@
     config.losses = {'ce': {'weight': 0.1}, 'kd': {'weight': 0.9, 'temperature': 4.0}}
 
 Each term's `loss` names the registered loss (default: the term's own name, so two terms of
-one loss just need distinct names and `loss='kd'`), `weight` scales it, `warmup_steps` ramps
-the weight linearly from 0 (DKD's warm-up), and every other key is a hyper-parameter of the
-loss, checked against its signature here, before anything is compiled.
+one loss just need distinct names and `loss='kd'`), `weight` scales it, `warmup_steps` (or
+`warmup_epochs`) ramps the weight linearly from 0 (DKD's warm-up), and every other key is a
+hyper-parameter of the loss, checked against its signature here, before anything is compiled.
 
 Terms that are Flax modules (connectors, projection heads, memory banks) keep their parameters
 in `params['objective'][term]` (trained with the student) and their other collections
@@ -39,7 +39,7 @@ from distill_jax.losses.base import (
 from distill_jax.outputs import Outputs
 
 # Keys of a term's config that belong to the objective, not to the loss function.
-TERM_KEYS = ("loss", "weight", "warmup_steps")
+TERM_KEYS = ("loss", "weight", "warmup_steps", "warmup_epochs")
 
 
 class ObjectiveError(ValueError):
@@ -143,19 +143,21 @@ class Objective:
 
 
 def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str],
-                    context: Mapping[str, Any] | None = None) -> Objective:
+                    context: Mapping[str, Any] | None = None,
+                    steps_per_epoch: int = 0) -> Objective:
   """Turns `config.losses` into an Objective, validating every name and hyper-parameter.
 
   Args:
     losses_config: term name -> settings (see the module docstring).
     teacher_names: the run's teachers, in config order.
     context: run settings for terms that declare them (`axis_name`, `num_examples`).
+    steps_per_epoch: turns a term's `warmup_epochs` into steps.
   """
   if not losses_config:
     raise ObjectiveError("config.losses is empty: name at least one loss term, e.g. "
                          "config.losses = {'ce': {'weight': 1.0}}.")
   context = {k: v for k, v in (context or {}).items() if k in CONTEXT_HPARAMS}
-  terms = [_build_term(name, dict(settings or {}), teacher_names, context)
+  terms = [_build_term(name, dict(settings or {}), teacher_names, context, steps_per_epoch)
            for name, settings in losses_config.items()]
   objective = Objective(tuple(terms))
   if objective.needs_teachers and not teacher_names:
@@ -166,11 +168,12 @@ def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str],
 
 
 def _build_term(name: str, settings: dict[str, Any], teacher_names: list[str],
-                context: Mapping[str, Any]) -> Term:
+                context: Mapping[str, Any], steps_per_epoch: int) -> Term:
   loss_name = settings.pop("loss", name)
   fn = LOSSES.get(loss_name)
   weight = float(settings.pop("weight", 1.0))
   warmup_steps = int(settings.pop("warmup_steps", 0))
+  warmup_steps += int(round(float(settings.pop("warmup_epochs", 0)) * steps_per_epoch))
   known = loss_hparams(fn)
   unknown = sorted(set(settings) - set(known))
   if unknown:

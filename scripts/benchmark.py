@@ -1,6 +1,7 @@
 r"""Examples/s of the distillation step and of the student-only step, for a teacher/student pair.
 
     python scripts/benchmark.py --teacher=resnet56 --student=resnet20 --batch_size=64
+    python scripts/benchmark.py --methods=all      # every method's step time relative to KD
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -30,6 +31,9 @@ flags.DEFINE_enum("mode", "jit", ["jit", "pmap"], "Parallel mode.")
 flags.DEFINE_integer("num_devices", 0, "Devices to use (0: all).")
 flags.DEFINE_integer("host_devices", 0, "Split the CPU into this many XLA devices (0: as is).")
 flags.DEFINE_bool("xla_fast_cpu_convs", False, "Eigen convolutions on XLA:CPU (see NOTES.md).")
+flags.DEFINE_list("methods", [], "Also time these methods of configs/cifar_kd.py ('all': every "
+                  "one), each relative to KD.")
+flags.DEFINE_integer("num_examples", 50000, "Training-set size (CRD's memory bank rows).")
 
 FAST_CPU_CONV_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
                        "--xla_cpu_use_xnnpack=false")
@@ -45,8 +49,25 @@ def _set_xla_flags() -> None:
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
-def benchmark(with_teacher: bool) -> float:
-  """Examples/s of the compiled train step (median over repeats)."""
+def load_methods() -> dict:
+  """configs/cifar_kd.py's METHODS: method -> (main-stage terms, CE weight, pre-stage)."""
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "cifar_kd.py")
+  spec = importlib.util.spec_from_file_location("cifar_kd", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.METHODS
+
+
+def benchmark(losses: dict) -> float:
+  """Examples/s of the compiled train step with these loss terms (median over repeats).
+
+  A teacher is used when any term needs one; terms with parameters are initialised as in a run.
+  """
+  import functools
+
   import jax
   import numpy as np
   import optax
@@ -54,7 +75,7 @@ def benchmark(with_teacher: bool) -> float:
   from distill_jax import models
   from distill_jax.objective import build_objective
   from distill_jax.teachers import Teacher
-  from distill_jax.train.loop import build_applies, compile_steps
+  from distill_jax.train.loop import build_applies, compile_steps, example_batch, init_objective
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
@@ -66,24 +87,29 @@ def benchmark(with_teacher: bool) -> float:
       jax.random.PRNGKey(seed))
   student = models.build_model(FLAGS.student, FLAGS.num_classes,
                                bn_axis_name=parallel.bn_axis_name)
-  teachers = {}
-  if with_teacher:
-    module = models.build_model(FLAGS.teacher, FLAGS.num_classes)
-    teachers["teacher"] = Teacher("teacher", FLAGS.teacher, module, init(module, 1))
-  losses = ({"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
-            if with_teacher else {"ce": {"weight": 1.0}})
-  objective = build_objective(losses, list(teachers))
+  teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)
+  teachers = {"teacher": Teacher("teacher", FLAGS.teacher, teacher, init(teacher, 1))}
+  objective = build_objective(losses, list(teachers), {"num_examples": FLAGS.num_examples})
+  if not objective.needs_teachers:
+    teachers = {}
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
                                                  shape)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
-  state = parallel.put_replicated(create_train_state(init(student, 0), {}, {}, tx,
-                                                     jax.random.PRNGKey(2)))
-  teacher_vars = parallel.put_replicated({n: t.variables for n, t in teachers.items()})
+  teacher_vars = {n: t.variables for n, t in teachers.items()}
+  variables = init(student, 0)
+  objective_params, objective_state = jax.jit(functools.partial(
+      init_objective, objective, student_apply, teacher_applies))(
+          variables, teacher_vars, example_batch(shape, FLAGS.batch_size),
+          jax.random.PRNGKey(3))
+  state = parallel.put_replicated(create_train_state(
+      variables, objective_params, objective_state, tx, jax.random.PRNGKey(2)))
+  teacher_vars = parallel.put_replicated(teacher_vars)
   rng = np.random.default_rng(0)
   batch = parallel.put_batch({
       "image": rng.normal(size=(FLAGS.batch_size, *shape)).astype(np.float32),
-      "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype(np.int32)})
+      "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype(np.int32),
+      "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32)})
   for _ in range(1 + FLAGS.warmup):
     state, metrics = train_step(state, teacher_vars, batch)
   jax.block_until_ready(state)
@@ -101,16 +127,26 @@ def main(argv: list[str]) -> None:
   del argv
   import jax
 
-  student_only = benchmark(with_teacher=False)
-  distill = benchmark(with_teacher=True)
   devices = jax.devices()[:FLAGS.num_devices or None]
   xla_flags = os.environ.get("XLA_FLAGS", "")
   print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
-        f"mode {FLAGS.mode}, batch {FLAGS.batch_size}, XLA_FLAGS={xla_flags!r}")
+        f"mode {FLAGS.mode}, batch {FLAGS.batch_size}, XLA_FLAGS={xla_flags!r}", flush=True)
+  student_only = benchmark({"ce": {"weight": 1.0}})
+  kd_terms, kd_ce, _ = load_methods()["kd"]
+  distill = benchmark({"ce": {"weight": kd_ce}, **kd_terms})
   print("| step | examples/s |\n|---|---|")
   print(f"| student only ({FLAGS.student}) | {student_only:.1f} |")
   print(f"| KD ({FLAGS.teacher} -> {FLAGS.student}) | {distill:.1f} |")
-  print(f"KD step costs {student_only / distill:.2f}x the student-only step.")
+  print(f"KD step costs {student_only / distill:.2f}x the student-only step.", flush=True)
+  if not FLAGS.methods:
+    return
+  methods = load_methods()
+  names = list(methods) if FLAGS.methods == ["all"] else FLAGS.methods
+  print("\n| method (main stage) | examples/s | step time / KD's |\n|---|---|---|")
+  for name in names:
+    terms, ce_weight, _ = methods[name]
+    rate = benchmark({"ce": {"weight": ce_weight}, **terms})
+    print(f"| {name} | {rate:.1f} | {distill / rate:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every shipped config file loads and validates; bad config args fail clearly."""
 
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -10,10 +11,21 @@ from distill_jax.config import ConfigError, load_config_file, validate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(CONFIGS, name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 ARGS = {
-    "digits.py": ["teacher", "student", "kd", "kd,tiny"],
-    "cifar_kd.py": ["ce,resnet56", "kd,resnet56,resnet20", "kd,resnet32x4,resnet8x4",
-                    "kd,wrn_40_2,wrn_16_2", "kd,vgg13,vgg8,cifar10", "ce,resnet110,tiny"],
+    "digits.py": ["teacher", "student", "kd", "kd,tiny", "all", "all,tiny",
+                  *_config_module("digits.py").METHODS],
+    "cifar_kd.py": ["ce,resnet56", "kd,resnet32x4,resnet8x4", "kd,wrn_40_2,wrn_16_2",
+                    "kd,vgg13,vgg8,cifar10", "ce,resnet110,tiny",
+                    "fitnet_hint,resnet56,resnet20,tiny",
+                    *[f"{m},resnet56,resnet20" for m in _config_module("cifar_kd.py").METHODS]],
 }
 
 
@@ -48,3 +60,24 @@ def test_overrides_and_bad_args():
     load_config_file(os.path.join(CONFIGS, "cifar_kd.py:kd,resnet56"))
   with pytest.raises(ConfigError, match="No config file"):
     load_config_file(os.path.join(CONFIGS, "nope.py"))
+
+
+def test_method_recipes_match_the_crd_and_dkd_papers():
+  load = lambda arg: load_config_file(os.path.join(CONFIGS, f"cifar_kd.py:{arg}"))
+  beta = {"fitnet": 100, "at": 1000, "sp": 3000, "cc": 0.02, "vid": 1, "rkd": 1, "pkt": 30000,
+          "ft": 200, "nst": 50, "crd": 0.8}
+  for method, weight in beta.items():
+    c = load(f"{method},resnet56,resnet20")
+    assert c.losses.ce.weight == 1.0 and c.losses[method].weight == weight, method
+    assert "kd" not in c.losses, method
+  for method in ("ab", "fsp"):  # Pre-train 30 epochs, then cross-entropy alone.
+    c = load(f"{method},resnet56,resnet20")
+    assert sorted(c.losses) == ["ce"] and c.stages.pretrain.num_epochs == 30
+    assert method in c.stages.pretrain.losses
+  c = load("ft,resnet56,resnet20")
+  assert c.stages.pretrain.train == "objective"
+  assert c.stages.pretrain.losses.ft.mode == "reconstruct"
+  assert load("dkd,resnet56,resnet20").losses.dkd.beta == 2.0
+  assert load("dkd,wrn_40_2,wrn_16_2").losses.dkd.beta == 6.0
+  dkd = load("dkd,resnet32x4,resnet8x4").losses.dkd
+  assert (dkd.beta, dkd.alpha, dkd.temperature, dkd.warmup_epochs) == (8.0, 1.0, 4.0, 20.0)

@@ -16,7 +16,12 @@ Add a loss in any importable file:
 and name that file in the config: `config.imports = ['my_pkg.my_losses']`.
 """
 
-from distill_jax.losses import logits  # noqa: F401  (registers ce, kd)
+from distill_jax.losses import (
+    contrastive,  # noqa: F401  (registers crd)
+    features,  # noqa: F401  (registers at, sp, rkd, pkt, nst, fsp)
+    hints,  # noqa: F401  (registers fitnet, vid, ab, ft, ft_paraphraser, cc)
+    logits,  # noqa: F401  (registers ce, kd, dkd, logit_mse, reverse_kl, gjsd)
+)
 from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
 
 __all__ = ["LOSSES", "register_loss", "loss_hparams"]

@@ -35,11 +35,14 @@ def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array
   """Mean of per-position `values` [B, ...] under the batch's `mask` ([B] or [B, ...]).
 
   The mask is broadcast over the trailing (e.g. token) axes, so for [B, L] values the result is
-  the sum over kept positions divided by their number; for [B] this is `weighted_mean`.
+  the sum over kept positions divided by their number; for [B] this is `weighted_mean`. Masked
+  positions are replaced by 0 (not multiplied by it), so a padding value that is NaN or inf
+  cannot poison the mean.
   """
   weights = example_weights(batch, values)
   weights = weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
   weights = jnp.broadcast_to(weights, values.shape)
+  values = jnp.where(weights > 0, values, 0.0)
   return weighted_mean(values.reshape(-1), weights.reshape(-1))
 
 
@@ -105,10 +108,11 @@ def _target_split(log_probs: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
   Returns `binary` [..., 2] = `[log p_y, log(1 - p_y)]` and `non_target` [..., K] =
   `log(p_k / (1 - p_y))` for k != y (the non-target classes renormalised) and -inf at k = y.
   `log(1 - p_y)` is the log-sum-exp of the non-target log-probabilities, so it stays exact when
-  `p_y` rounds to 1 (no `1 - p` cancellation).
+  `p_y` rounds to 1 (no `1 - p` cancellation). A label outside [0, K) (padding, an ignore index)
+  gives finite values of no meaning, for the mask to drop.
   """
   is_target = labels[..., None] == jnp.arange(log_probs.shape[-1])
-  log_target = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  log_target = jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
   others = jnp.where(is_target, -jnp.inf, log_probs)
   log_rest = jax.nn.logsumexp(others, axis=-1)
   binary = jnp.stack([log_target, log_rest], axis=-1)

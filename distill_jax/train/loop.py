@@ -122,14 +122,17 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
   durations = Durations.from_config(config, num_train)
-  context = {"axis_name": parallel.bn_axis_name, "num_examples": num_train}
+  # The objective always sees the global batch (under pmap the step gathers it), so its
+  # terms need no axis name: their statistics and memory updates are global by construction.
+  context = {"axis_name": None, "num_examples": num_train}
   specs = [(name, stage.losses, stage.get("train", "all")) for name, stage in
            config.stages.items()] + [("train", config.losses, "all")]
-  objectives = [build_objective(losses, list(teachers), context) for _, losses, _ in specs]
+  objectives = [build_objective(losses, list(teachers), context, durations.steps_per_epoch)
+                for _, losses, _ in specs]
   objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, info.image_shape)
-  example = example_batch(info.image_shape, config.batch_size // parallel.num_devices)
+  example = example_batch(info.image_shape, config.batch_size)
   # Trace the objective's init once, abstractly: a term whose features do not fit (shapes,
   # connectors) fails here, naming the layers, before anything is compiled or trained.
   jax.eval_shape(functools.partial(init_objective, objective, student_apply, teacher_applies),
@@ -148,7 +151,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       schedule = optax.constant_schedule(float(stage_config.get("lr", 0.0) or config.optim.lr))
     tx = optim.freeze_all_but(optim.make_optimizer(config.optim, schedule),
                               train_student=trainable == "all",
-                              train_terms=[t.name for t in stage_objective.terms])
+                              train_terms={t.name: tuple(getattr(t.fn, "frozen_params", ()))
+                                           for t in stage_objective.terms})
     train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies,
                                           stage_objective, tx, step_offset=start)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
@@ -227,8 +231,7 @@ def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
   objective_params, objective_state = {}, {}
   if any(term.is_module for term in run["objective"].terms):
-    example = example_batch(run["info"].image_shape,
-                            config.batch_size // run["parallel"].num_devices)
+    example = example_batch(run["info"].image_shape, config.batch_size)
     objective_params, objective_state = jax.jit(functools.partial(
         init_objective, run["objective"], run["student_apply"], run["teacher_applies"]))(
             variables, {n: t.variables for n, t in run["teachers"].items()}, example,

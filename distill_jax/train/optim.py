@@ -53,15 +53,24 @@ def make_optimizer(optim: Any, schedule: optax.Schedule) -> optax.GradientTransf
 
 
 def freeze_all_but(tx: optax.GradientTransformation, *, train_student: bool,
-                   train_terms: list[str]) -> optax.GradientTransformation:
+                   train_terms: dict[str, tuple[str, ...]]) -> optax.GradientTransformation:
   """`tx` on the student's params (if `train_student`) and on the named loss terms' params;
-  every other parameter gets a zero update (no weight decay, no momentum)."""
+  every other parameter gets a zero update (no weight decay, no momentum).
+
+  `train_terms` maps a term name to the sub-trees of its params that stay frozen (a term's
+  `frozen_params`, e.g. FT's paraphraser while its translator trains).
+  """
 
   def labels(params):
+    def term_labels(name, tree):
+      if name not in train_terms:
+        return jax.tree.map(lambda _: "freeze", tree)
+      return {sub: jax.tree.map(lambda _, f=sub in train_terms[name]: "freeze" if f else "train",
+                                value) for sub, value in tree.items()}
+
     student = "train" if train_student else "freeze"
     return {"student": jax.tree.map(lambda _: student, params["student"]),
-            "objective": {name: jax.tree.map(lambda _, n=name: "train" if n in train_terms
-                                             else "freeze", p)
-                          for name, p in params["objective"].items()}}
+            "objective": {name: term_labels(name, tree)
+                          for name, tree in params["objective"].items()}}
 
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

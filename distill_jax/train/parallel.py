@@ -18,7 +18,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax.jax_utils
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -67,7 +66,11 @@ class Parallel:
   def put_replicated(self, tree: Any) -> Any:
     """Places a host pytree (state, teacher variables) on every device."""
     if self.mode == "pmap":
-      return flax.jax_utils.replicate(tree, self.devices)
+      # One copy per device along a leading axis, sharded over a mesh axis named like the
+      # pmap axis: the layout pmap's own outputs have, so the step compiles once, not twice.
+      stacked = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+      return jax.tree.map(lambda x: jax.device_put(
+          np.broadcast_to(np.asarray(x), (self.num_devices, *np.shape(x))), stacked), tree)
     return jax.device_put(tree, self.replicated)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:

@@ -32,6 +32,17 @@ def teacher_forward(teacher_applies: Mapping[str, ApplyFn], teacher_vars: Mappin
           for name, apply in teacher_applies.items()}
 
 
+def _global(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
+            axis_name: str | None) -> tuple[Outputs, dict[str, Outputs], dict[str, jax.Array]]:
+  """The outputs and batch of all devices along `axis_name` (unchanged when None)."""
+  if axis_name is None:
+    return student, dict(teachers), dict(batch)
+  gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+  outputs = lambda o: Outputs(gather(o.logits), jax.tree.map(gather, o.features), {})
+  return (outputs(student), {n: outputs(t) for n, t in teachers.items()},
+          jax.tree.map(gather, dict(batch)))
+
+
 def _top1(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1)
 
@@ -57,8 +68,13 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   def loss_fn(params):
     variables = {"params": params["student"], **state.model_state}
     student = student_apply(variables, batch, True, model_rng)
+    # The objective sees the global batch in every mode: under pmap each device gathers the
+    # others' outputs, so relational terms (SP, RKD, CRD, ...) relate the same examples as
+    # on one device. all_gather's transpose sums the cotangents back onto each device's own
+    # rows, so the pmean of gradients below is the single-device gradient.
     total, terms, objective_state = objective(
-        params["objective"], state.objective_state, student, teachers, batch,
+        params["objective"], state.objective_state, *_global(student, teachers, batch,
+                                                             axis_name),
         state.step - step_offset, loss_rng)
     return total, (student, terms, objective_state)
 
@@ -68,8 +84,6 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     model_state = jax.lax.pmean(model_state, axis_name)
-    # Loss terms with state keep it consistent across devices themselves (they get the
-    # axis name), so a large memory bank is not averaged every step.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 

@@ -1,0 +1,257 @@
+"""Contrastive Representation Distillation (CRD; Tian, Krishnan and Isola, ICLR 2020).
+
+Registered here: `crd`, a module term with two trainable embedding heads and two momentum
+memory banks (one row per training example) in its non-trainable 'memory' collection.
+
+The core math is in small pure array functions, checked against NumPy in the tests:
+`l2_normalize`, `sample_contrast_indices`, `contrast_logits`, `log_normalizer`, `nce_loss`
+and `momentum_update`. `CRD` only wires them together and keeps the state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from distill_jax.losses.base import (
+    example_weights,
+    feature_pairs,
+    register_loss,
+    shape_mismatch,
+)
+from distill_jax.models import dense_kernel_init
+from distill_jax.outputs import Outputs
+
+# Above this ratio of bank rows to sampled rows per example, `contrast_logits` gathers the
+# sampled rows ([B, K+1, D], as the reference does) instead of scoring the whole bank
+# ([B, N] with one matmul); both give the same values, this only picks the cheaper one.
+_DENSE_SCORING_MAX_RATIO = 64
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """`x / ||x||` over the last axis; rows with norm below `eps` are divided by `eps`."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def sample_contrast_indices(rng: jax.Array, ids: jax.Array, num_examples: int,
+                            num_negatives: int) -> jax.Array:
+  """Memory-bank rows to score each example against: [B] ids -> [B, 1 + K] int32.
+
+  Column 0 is the example's own id (the positive); columns 1..K are K negatives drawn
+  uniformly, with replacement, from `[0, num_examples)` (the reference's alias sampler over
+  uniform weights), so a negative may by chance be the positive itself, as in the reference.
+  Each example's negatives come from `fold_in(rng, id)`: they depend on the example, not on
+  its position in the batch or on the device it sits on, so `jit` on a mesh and `pmap` draw
+  the very same negatives without any communication (ids are distinct within a batch).
+  """
+  ids = ids.astype(jnp.int32)
+
+  def draw(example_id: jax.Array) -> jax.Array:
+    key = jax.random.fold_in(rng, example_id)
+    return jax.random.randint(key, (num_negatives,), 0, num_examples, dtype=jnp.int32)
+
+  negatives = jax.vmap(draw)(ids)
+  return jnp.concatenate([ids[:, None], negatives], axis=1)
+
+
+def contrast_logits(memory: jax.Array, idx: jax.Array, embedding: jax.Array,
+                    temperature: float) -> jax.Array:
+  """`<memory[idx[b, k]], embedding[b]> / T`: [N, D] bank, [B, K+1] rows, [B, D] -> [B, K+1].
+
+  The log of the reference's unnormalised `exp(<m, e> / T)`. The bank is a constant here
+  (stop_gradient): gradients reach only `embedding`.
+  """
+  memory = jax.lax.stop_gradient(memory)
+  num_rows, cols = memory.shape[0], idx.shape[1]
+  # Full float32 products (no TF32/bf16 passes on accelerators): 1 / T amplifies their error.
+  precision = jax.lax.Precision.HIGHEST
+  if num_rows <= _DENSE_SCORING_MAX_RATIO * cols:
+    # Score every row once, then pick: no [B, K+1, D] intermediate.
+    scores = jnp.matmul(embedding, memory.T, precision=precision)  # [B, N]
+    logits = jnp.take_along_axis(scores, idx, axis=1)
+  else:
+    logits = jnp.einsum("bkd,bd->bk", memory[idx], embedding, precision=precision)
+  return logits / temperature
+
+
+def log_normalizer(logits: jax.Array, weights: jax.Array, num_examples: int,
+                   axis_name: str | None = None) -> jax.Array:
+  """`log Z` with `Z = mean(exp(logits)) * num_examples`, the reference's NCE normaliser.
+
+  The mean runs over every entry of the rows with weight > 0 ([B, K+1] logits, [B] weights;
+  the weights' values only select rows), over all devices when `axis_name` is given (pmap),
+  so every device gets the global-batch value. Computed as a log-sum-exp (no overflow for
+  small temperatures) and under stop_gradient: Z is a constant, as in the reference.
+  """
+  logits = jax.lax.stop_gradient(logits)
+  keep = (weights > 0)[:, None]
+  top = jnp.max(jnp.where(keep, logits, -jnp.inf))
+  if axis_name is not None:
+    top = jax.lax.pmax(top, axis_name)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  total = jnp.sum(jnp.where(keep, jnp.exp(logits - top), 0.0))
+  count = jnp.sum(keep) * logits.shape[1]
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return top + jnp.log(jnp.maximum(total, 1e-30)) - jnp.log(
+      jnp.maximum(count, 1).astype(logits.dtype)) + math.log(num_examples)
+
+
+def nce_loss(log_probs: jax.Array, num_examples: int, weights: jax.Array | None = None,
+             eps: float = 1e-7) -> jax.Array:
+  """The CRD code's NCE loss (`ContrastLoss`) from `log x`, x = exp(<m, e> / T) / Z [B, 1+K].
+
+  With `K` negatives, `Pn = 1 / num_examples` (uniform noise) and `c = K * Pn`:
+    loss = -mean_b [ log(x_b0 / (x_b0 + c + eps)) + sum_{k>=1} log(c / (x_bk + c + eps)) ],
+  the batch mean weighted by `weights` [B] (the batch mask). Evaluated from `log x` with
+  `log(x + c + eps) = logaddexp(log x, log(c + eps))`, so it equals the reference's formula
+  exactly and is finite for any logits (eps 1e-7 as in the reference).
+  """
+  num_negatives = log_probs.shape[1] - 1
+  c = num_negatives / num_examples
+  log_noise = math.log(c + eps)
+  log_d1 = log_probs[:, 0] - jnp.logaddexp(log_probs[:, 0], log_noise)
+  log_d0 = math.log(c) - jnp.logaddexp(log_probs[:, 1:], log_noise)
+  per_example = -(log_d1 + jnp.sum(log_d0, axis=1))
+  if weights is None:
+    return jnp.mean(per_example)
+  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def momentum_update(memory: jax.Array, ids: jax.Array, embeddings: jax.Array, momentum: float,
+                    weights: jax.Array | None = None) -> jax.Array:
+  """`memory[id] = normalize(momentum * memory[id] + (1 - momentum) * e)` for each row of e.
+
+  [N, D] bank, [B] distinct ids, [B, D] embeddings (taken under stop_gradient). Rows whose
+  weight is 0 (padding, whose id may be anything) leave the bank untouched; other rows are
+  not changed.
+  """
+  embeddings = jax.lax.stop_gradient(embeddings).astype(memory.dtype)
+  num_rows = memory.shape[0]
+  ids = ids.astype(jnp.int32)
+  keep = jnp.ones(ids.shape, bool) if weights is None else weights > 0
+  rows = memory[jnp.where(keep, ids, 0)]
+  updated = l2_normalize(momentum * rows + (1.0 - momentum) * embeddings)
+  return memory.at[jnp.where(keep, ids, num_rows)].set(updated, mode="drop")
+
+
+def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """The global batch of `x` (all devices' rows in device order) under pmap; `x` otherwise."""
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+@register_loss("crd")
+class CRD(nn.Module):
+  """CRD (Tian et al., ICLR 2020): NCE contrast of student and teacher embeddings.
+
+  `e_s = normalize(W_s f_s + b_s)`, `e_t = normalize(W_t f_t + b_t)`: trainable linear heads
+  to `feat_dim` on the (flattened) features `f_s` [B, ...] of `student_layer` and `f_t` of
+  `teacher_layer` (the teacher's head is trained, the teacher is not). Two memory banks
+  [num_examples, feat_dim], `M_s` of student and `M_t` of teacher embeddings, one row per
+  training example (`batch['id']`, int [B] in [0, num_examples)). Per example, rows
+  `idx = [id, n_1..n_K]`, `n_k` uniform (`sample_contrast_indices`, or the batch's own
+  `batch['contrast_idx']` [B, 1+K] if given, as the reference's data loader can), and
+    out_s = exp(<M_t[idx], e_s> / T) / Z_s,   out_t = exp(<M_s[idx], e_t> / T) / Z_t,
+    loss = NCE(out_s) + NCE(out_t)   (`nce_loss`, weighted batch mean under `batch['mask']`).
+  `Z = mean(exp(<M[idx], e> / T)) * num_examples` is fixed at the first training step, as in
+  the reference: it is kept as `log Z` in the 'memory' collection with a flag saying it is set
+  (before that, e.g. in eval mode, the current batch's value is used without storing it).
+  After the loss, during training only (the 'memory' collection is mutable, not at init), both
+  banks take this batch's embeddings with momentum: `M[id] = normalize(m * M[id] + (1-m) * e)`.
+
+  Under pmap (`axis_name` set) the ids and embeddings are all-gathered before the update and
+  Z's mean is taken over all devices, so every device applies the same global-batch update
+  and the banks stay identical; the negatives depend only on the example's id and the step's
+  rng (the same on every device). Each device's loss is the mean over its shard, and the
+  step's pmean of the gradients makes it the global-batch mean: `jit` on a mesh and `pmap`
+  give the single-device result. (A train step that all-gathers the outputs and batch before
+  the objective, and so passes `axis_name=None`, gets the same result: then every device
+  computes the global-batch loss and update itself.)
+
+  Defaults are the CRD paper code's (RepDistiller): feat_dim 128, 16384 negatives, NCE
+  temperature 0.07, momentum 0.5, features of the pre-logit layer ('pool'); term weight 0.8
+  beside CE with weight 1 (CRD+KD: KD weight 1). RepDistiller's data loader by default
+  draws the negatives from other classes ('exact' mode); here they are uniform over all
+  examples (its alias-sampler path); pass `batch['contrast_idx']` for the other scheme.
+  Memory per bank: num_examples * feat_dim floats (50000 x 128 x 4 B = 25.6 MB on CIFAR).
+  """
+
+  student_layer: str = "pool"
+  teacher_layer: str = "pool"
+  feat_dim: int = 128
+  num_negatives: int = 16384
+  nce_temperature: float = 0.07
+  momentum: float = 0.5
+  eps: float = 1e-7
+  teacher: str | None = None
+  num_examples: int = 0
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
+               batch: Mapping[str, jax.Array]) -> jax.Array:
+    if self.num_examples < 1:
+      raise ValueError(f"crd keeps one memory row per training example and needs "
+                       f"num_examples >= 1 (filled in by the run), got {self.num_examples}.")
+    if "id" not in batch:
+      raise ValueError("crd needs batch['id'] (each example's index in the training set, "
+                       f"int [B]) to address its memory bank; the batch has {sorted(batch)}.")
+    [(f_s, f_t)] = feature_pairs(student, teachers, self.student_layer, self.teacher_layer,
+                                 self.teacher)
+    if f_s.ndim < 2 or f_t.ndim < 2 or f_s.shape[0] != f_t.shape[0]:
+      raise shape_mismatch("crd", self.student_layer, f_s.shape, self.teacher_layer, f_t.shape,
+                           fix="Both features need the same batch axis first ([B, ...]).")
+    ids = batch["id"]
+    # No collectives at init: it may run outside pmap (as Flax's BatchNorm does).
+    axis_name = None if self.is_initializing() else self.axis_name
+    e_s = l2_normalize(nn.Dense(self.feat_dim, kernel_init=dense_kernel_init,
+                                name="embed_s")(f_s.reshape(f_s.shape[0], -1)))
+    e_t = l2_normalize(nn.Dense(self.feat_dim, kernel_init=dense_kernel_init,
+                                name="embed_t")(f_t.reshape(f_t.shape[0], -1)))
+    weights = example_weights(batch, e_s)
+
+    stdv = 1.0 / math.sqrt(self.feat_dim / 3)
+    shape = (self.num_examples, self.feat_dim)
+
+    def bank() -> jax.Array:
+      return jax.random.uniform(self.make_rng("params"), shape, jnp.float32, -stdv, stdv)
+
+    memory_s = self.variable("memory", "memory_s", bank)
+    memory_t = self.variable("memory", "memory_t", bank)
+    log_z_s = self.variable("memory", "log_z_s", lambda: jnp.zeros((), jnp.float32))
+    log_z_t = self.variable("memory", "log_z_t", lambda: jnp.zeros((), jnp.float32))
+    z_is_set = self.variable("memory", "z_is_set", lambda: jnp.zeros((), jnp.bool_))
+
+    idx = batch.get("contrast_idx")
+    if idx is None:
+      idx = sample_contrast_indices(self.make_rng("loss"), ids, self.num_examples,
+                                    self.num_negatives)
+    idx = idx.astype(jnp.int32)
+    # Kept only when 'intermediates' is mutable (tests, debugging); free otherwise.
+    self.sow("intermediates", "contrast_idx", idx)
+    # The student's embedding against the teacher bank, the teacher's against the student's.
+    logits_s = contrast_logits(memory_t.value, idx, e_s, self.nce_temperature)
+    logits_t = contrast_logits(memory_s.value, idx, e_t, self.nce_temperature)
+    batch_log_z_s = log_normalizer(logits_s, weights, self.num_examples, axis_name)
+    batch_log_z_t = log_normalizer(logits_t, weights, self.num_examples, axis_name)
+    use_log_z_s = jnp.where(z_is_set.value, log_z_s.value, batch_log_z_s)
+    use_log_z_t = jnp.where(z_is_set.value, log_z_t.value, batch_log_z_t)
+    loss = (nce_loss(logits_s - use_log_z_s, self.num_examples, weights, self.eps) +
+            nce_loss(logits_t - use_log_z_t, self.num_examples, weights, self.eps))
+
+    if self.is_mutable_collection("memory") and not self.is_initializing():
+      log_z_s.value, log_z_t.value = use_log_z_s, use_log_z_t
+      z_is_set.value = jnp.ones((), jnp.bool_)
+      all_ids, all_weights = _gather(ids, axis_name), _gather(weights, axis_name)
+      memory_s.value = momentum_update(memory_s.value, all_ids,
+                                       _gather(jax.lax.stop_gradient(e_s), axis_name),
+                                       self.momentum, all_weights)
+      memory_t.value = momentum_update(memory_t.value, all_ids,
+                                       _gather(jax.lax.stop_gradient(e_t), axis_name),
+                                       self.momentum, all_weights)
+    return loss
