@@ -28,7 +28,9 @@ def final_state(workdir):
 
 def test_every_registered_method_is_in_the_smoke_config():
   # ft_paraphraser is FT's reconstruction objective, exercised as 'ft' with mode='reconstruct'.
-  assert sorted(set(LOSSES.names()) - {"ft_paraphraser"}) == sorted(EVERY_METHOD)
+  # (Other tests register their own losses; only the library's count here.)
+  library = {n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("distill_jax.")}
+  assert sorted(library - {"ft_paraphraser"}) == sorted(EVERY_METHOD)
 
 
 def test_every_method_through_the_cli(reference_run):
