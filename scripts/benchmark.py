@@ -34,6 +34,8 @@ flags.DEFINE_bool("xla_fast_cpu_convs", False, "Eigen convolutions on XLA:CPU (s
 flags.DEFINE_list("methods", [], "Also time these methods of configs/cifar_kd.py ('all': every "
                   "one), each relative to KD.")
 flags.DEFINE_integer("num_examples", 50000, "Training-set size (CRD's memory bank rows).")
+flags.DEFINE_list("teacher_counts", [], "Also time KD from this many live teachers each "
+                  "(e.g. 1,2,4), averaging their probabilities.")
 
 FAST_CPU_CONV_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
                        "--xla_cpu_use_xnnpack=false")
@@ -61,10 +63,11 @@ def load_methods() -> dict:
   return module.METHODS
 
 
-def benchmark(losses: dict) -> float:
+def benchmark(losses: dict, num_teachers: int = 1) -> float:
   """Examples/s of the compiled train step with these loss terms (median over repeats).
 
-  A teacher is used when any term needs one; terms with parameters are initialised as in a run.
+  Teachers (`num_teachers` copies of --teacher, each its own weights) are used when any term
+  needs one; terms with parameters are initialised as in a run.
   """
   import functools
 
@@ -88,7 +91,8 @@ def benchmark(losses: dict) -> float:
   student = models.build_model(FLAGS.student, FLAGS.num_classes,
                                bn_axis_name=parallel.bn_axis_name)
   teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)
-  teachers = {"teacher": Teacher("teacher", FLAGS.teacher, teacher, init(teacher, 1))}
+  teachers = {f"teacher{i}": Teacher(f"teacher{i}", FLAGS.teacher, teacher, init(teacher, 1 + i))
+              for i in range(num_teachers)}
   objective = build_objective(losses, list(teachers), {"num_examples": FLAGS.num_examples})
   if not objective.needs_teachers:
     teachers = {}
@@ -138,6 +142,11 @@ def main(argv: list[str]) -> None:
   print(f"| student only ({FLAGS.student}) | {student_only:.1f} |")
   print(f"| KD ({FLAGS.teacher} -> {FLAGS.student}) | {distill:.1f} |")
   print(f"KD step costs {student_only / distill:.2f}x the student-only step.", flush=True)
+  if FLAGS.teacher_counts:
+    print("\n| live teachers | KD examples/s | step time / one teacher's |\n|---|---|---|")
+    for count in map(int, FLAGS.teacher_counts):
+      rate = benchmark({"ce": {"weight": kd_ce}, **kd_terms}, num_teachers=count)
+      print(f"| {count} | {rate:.1f} | {distill / rate:.2f} |", flush=True)
   if not FLAGS.methods:
     return
   methods = load_methods()

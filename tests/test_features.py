@@ -73,3 +73,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_term(data_dir, tmp_path):
     config.losses.bad = {"loss": "test_nan_loss", "weight": 1.0}
   with pytest.raises(loop.NonFiniteLossError, match=r"step 1: .*loss/bad=nan"):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_function_terms_are_checked_before_training(data_dir, teacher_dir):
+  # AT compares attention maps position by position: stage1 (4x4) against stage2 (2x2) fails.
+  config = tiny("at", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
+                                   "losses.at.student_layers": ("stage1", "stage2"),
+                                   "losses.at.teacher_layers": ("stage2", "stage2")})
+  with pytest.raises(ObjectiveError, match=r"'at'.*'stage1'.*'stage2'"):
+    loop.build_run(config)
+  config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir})
+  with config.unlocked():
+    config.losses.kd.aggregation = "median"
+  with pytest.raises(ObjectiveError, match="Unknown aggregation 'median'"):
+    loop.build_run(config)

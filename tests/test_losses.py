@@ -135,3 +135,38 @@ def test_objective_rejects_bad_configs_clearly(losses_config, teachers, message)
 def test_registering_a_name_twice_fails():
   with pytest.raises(ValueError, match="already registered"):
     losses.register_loss("kd")(lambda *a, **k: 0.0)
+
+
+def _mixture_reference(teacher_logits, temperature, weights):
+  """log sum_i w_i[b] softmax(t_i[b] / T) in float64."""
+  probs = np.stack([scipy.special.softmax(np.float64(t) / temperature, -1)
+                    for t in teacher_logits])
+  return np.log(np.einsum("nb,nbk->bk", weights, probs))
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "weighted", "entropy", "true_label"])
+def test_multi_teacher_kd_aggregations_match_numpy(aggregation):
+  rng = np.random.default_rng(7)
+  s = rng.normal(size=(6, 5)) * 2
+  ts = [rng.normal(size=(6, 5)) * 3 for _ in range(3)]
+  labels = rng.integers(0, 5, 6)
+  fixed = (1.0, 2.0, 5.0)
+  p1 = [scipy.special.softmax(np.float64(t), -1) for t in ts]  # Confidence is taken at T = 1.
+  if aggregation == "mean":
+    w = np.full((3, 6), 1 / 3)
+  elif aggregation == "weighted":
+    w = np.repeat((np.array(fixed) / 8.0)[:, None], 6, axis=1)
+  elif aggregation == "entropy":
+    w = scipy.special.softmax(np.stack([np.sum(p * np.log(p), -1) for p in p1]), axis=0)
+  else:
+    p_true = np.stack([p[np.arange(6), labels] for p in p1])
+    w = p_true / p_true.sum(0)
+  teachers = {f"t{i}": _outputs(t) for i, t in enumerate(ts)}
+  got = KD(_outputs(s), teachers, {"label": labels}, temperature=2.0, aggregation=aggregation,
+           teacher_weights=fixed)
+  want = kd_reference(s, 2.0 * _mixture_reference(ts, 2.0, w), 2.0)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  # With one teacher every aggregation is plain KD.
+  one = KD(_outputs(s), {"t": _outputs(ts[0])}, {"label": labels}, temperature=2.0,
+           aggregation=aggregation, teacher_weights=fixed[:1])
+  np.testing.assert_allclose(one, kd_reference(s, ts[0], 2.0), rtol=2e-5)

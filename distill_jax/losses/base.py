@@ -120,13 +120,51 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
-                      teacher: str | None = None) -> jax.Array:
-  """Log-probabilities [B, K] of the named teacher, or of the mean of all teachers' probabilities.
+AGGREGATIONS = ("mean", "weighted", "entropy", "true_label")
 
-  With one teacher and `teacher=None` this is that teacher's log-softmax at `temperature`.
-  With several, the default target is the ensemble average of their probabilities at
-  `temperature` (the usual multi-teacher KD target); name one to distill from it alone.
+
+def teacher_weights(teachers: Mapping[str, Outputs], aggregation: str = "mean",
+                    weights: Sequence[float] = (), labels: jax.Array | None = None) -> jax.Array:
+  """How much each teacher counts for each example: [num_teachers, B], summing to 1 over teachers.
+
+  - 'mean': equal weights.
+  - 'weighted': the fixed `weights` (one per teacher, in config order), normalised.
+  - 'entropy': per example, softmax over teachers of minus each teacher's predictive entropy
+    (at T = 1): confident teachers count more.
+  - 'true_label': per example, each teacher's probability of the true label (at T = 1) over
+    their sum, i.e. softmax of minus their cross-entropies (CA-MKD's confidence weighting).
+  """
+  logps = jnp.stack([jax.nn.log_softmax(t.logits, axis=-1) for t in teachers.values()])
+  n, batch = logps.shape[0], logps.shape[1]
+  if aggregation == "mean":
+    return jnp.full((n, batch), 1.0 / n)
+  if aggregation == "weighted":
+    if len(weights) != n:
+      raise ValueError(f"aggregation 'weighted' needs one weight per teacher ({n}: "
+                       f"{list(teachers)}), got {list(weights)}.")
+    w = jnp.asarray(weights, jnp.float32)
+    return jnp.broadcast_to((w / jnp.sum(w))[:, None], (n, batch))
+  if aggregation == "entropy":
+    entropy = -jnp.sum(jnp.exp(logps) * logps, axis=-1)
+    return jax.nn.softmax(-entropy, axis=0)
+  if aggregation == "true_label":
+    if labels is None:
+      raise ValueError("aggregation 'true_label' needs the batch's labels.")
+    log_p_true = jnp.take_along_axis(logps, labels[None, :, None].astype(jnp.int32), -1)[..., 0]
+    return jax.nn.softmax(log_p_true, axis=0)
+  raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {list(AGGREGATIONS)}.")
+
+
+def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
+                      teacher: str | None = None, *, aggregation: str = "mean",
+                      weights: Sequence[float] = (), labels: jax.Array | None = None
+                      ) -> jax.Array:
+  """Log-probabilities [B, K] of the named teacher, or of the teachers' aggregate.
+
+  With one teacher and `teacher=None` this is that teacher's log-softmax at `temperature`
+  (every aggregation reduces to it). With several, the target is the mixture
+  `sum_i w_i(x) softmax(t_i / T)` with the weights of `teacher_weights` (default: the plain
+  average, the usual multi-teacher KD target); name one teacher to distill from it alone.
   """
   if not teachers:
     raise ValueError("This loss term needs a teacher, but the config names none "
@@ -138,4 +176,5 @@ def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
     return jax.nn.log_softmax(teachers[teacher].logits / temperature, axis=-1)
   logps = jnp.stack([jax.nn.log_softmax(t.logits / temperature, axis=-1)
                      for t in teachers.values()])
-  return jax.nn.logsumexp(logps, axis=0) - jnp.log(len(teachers))
+  w = teacher_weights(teachers, aggregation, weights, labels)
+  return jax.nn.logsumexp(logps, axis=0, b=w.reshape(w.shape + (1,) * (logps.ndim - 2)))

@@ -90,14 +90,19 @@ def kd_divergence(student_logits: jax.Array, teacher_log_probs: jax.Array,
 @register_loss("kd")
 def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
                            batch: Mapping[str, jax.Array], *, temperature: float = 4.0,
-                           teacher: str | None = None) -> jax.Array:
+                           teacher: str | None = None, aggregation: str = "mean",
+                           teacher_weights: tuple[float, ...] = ()) -> jax.Array:
   """Hinton et al. 2015: `T^2 * KL(softmax(t / T) || softmax(s / T))`, batch mean.
 
   The `T^2` factor keeps the gradient's scale independent of the temperature. `teacher`
-  names one teacher; by default the target is the single teacher, or the average of all
-  teachers' probabilities at the temperature.
+  names one teacher; by default the target is the single teacher, or with several the
+  mixture of their probabilities at the temperature, weighted by `aggregation`: 'mean',
+  'weighted' (fixed `teacher_weights`, in config order), 'entropy' or 'true_label'
+  (per-example confidence; see `base.teacher_weights`).
   """
-  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  target = jax.lax.stop_gradient(teacher_log_probs(
+      teachers, temperature, teacher, aggregation=aggregation, weights=teacher_weights,
+      labels=batch.get("label")))
   per_example = kd_divergence(student.logits, target, temperature)
   return weighted_mean(per_example, example_weights(batch, student.logits))
 

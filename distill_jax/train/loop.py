@@ -133,9 +133,10 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, info.image_shape)
   example = example_batch(info.image_shape, config.batch_size)
-  # Trace the objective's init once, abstractly: a term whose features do not fit (shapes,
-  # connectors) fails here, naming the layers, before anything is compiled or trained.
-  jax.eval_shape(functools.partial(init_objective, objective, student_apply, teacher_applies),
+  # Trace the objective once, abstractly (init and a call): a term whose features do not fit
+  # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
+  # before anything is compiled or trained.
+  jax.eval_shape(functools.partial(trace_objective, objective, student_apply, teacher_applies),
                  init_shapes(student, info.image_shape),
                  {n: t.variables for n, t in teachers.items()}, example, jax.random.PRNGKey(0))
 
@@ -220,6 +221,17 @@ def init_objective(objective: Objective, student_apply: ApplyFn,
   student = student_apply(student_vars, batch, False)
   teachers = {n: apply(teacher_vars[n], batch, False) for n, apply in teacher_applies.items()}
   return objective.init(rng, student, teachers, batch)
+
+
+def trace_objective(objective: Objective, student_apply: ApplyFn,
+                    teacher_applies: dict[str, ApplyFn], student_vars: Any, teacher_vars: Any,
+                    batch: dict[str, jax.Array], rng: jax.Array) -> Any:
+  """Initialises the objective and evaluates it once (for `jax.eval_shape`: checks only)."""
+  params, state = init_objective(objective, student_apply, teacher_applies, student_vars,
+                                 teacher_vars, batch, rng)
+  student = student_apply(student_vars, batch, False)
+  teachers = {n: apply(teacher_vars[n], batch, False) for n, apply in teacher_applies.items()}
+  return objective(params, state, student, teachers, batch, jnp.zeros((), jnp.int32), rng)
 
 
 def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
