@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.parallel = ml_collections.ConfigDict({"mode": "jit", "num_devices": 0})  # 0: all.
   c.progress_bar = True
+  # Born-again networks: > 1 runs that many distillations in a row in WORKDIR/gen0, gen1, ...;
+  # generation g > 0 distills the student's architecture from generation g - 1 (one teacher,
+  # named 'teacher', replaces config.teachers), with the same loss terms.
+  c.generations = 1
   return c
 
 
@@ -105,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key} must be positive, got {config[key]}.")
+  if config.get("generations", 1) < 1:
+    raise ConfigError(f"config.generations must be >= 1, got {config.generations}.")
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_steps to a positive number.")
 

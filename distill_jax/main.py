@@ -6,8 +6,9 @@
 
 The first trains the config's student (with the config's teachers and loss terms) in
 `workdir`, resuming from its latest checkpoint; everything happens in
-`train.loop.train_and_evaluate`. `losses` lists every registered loss term with its
-hyper-parameters and defaults; `models` lists the registered models.
+`train.loop.train_and_evaluate` (`train_generations` for born-again chains). `losses` lists
+every registered loss term with its hyper-parameters and defaults; `models` lists the
+registered models.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config and --workdir are required to train.")
   from distill_jax.config import ConfigError
   from distill_jax.train.logging import quiet_library_logs
-  from distill_jax.train.loop import train_and_evaluate
+  from distill_jax.train.loop import train_generations
 
   quiet_library_logs()
   try:
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_generations(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     logging.error("Invalid config: %s", e)
     sys.exit(f"Invalid config: {e}")

@@ -193,3 +193,19 @@ def test_non_finite_loss_stops_the_run_naming_the_step(data_dir, teacher_dir, tm
   with pytest.raises(loop.NonFiniteLossError, match=r"step \d"):
     loop.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "3")
+
+
+def test_born_again_generations_chain_teachers(data_dir, teacher_dir, tmp_path):
+  """generations=2: gen0 distills from the configured teacher, gen1 from gen0's student."""
+  config = kd_config(data_dir, teacher_dir, generations=2)
+  result = loop.train_generations(config, str(tmp_path))
+  gen1 = json.load(open(tmp_path / "gen1" / "config.json"))
+  assert gen1["teachers"] == {"teacher": {"model": "mlp", "kwargs": {"hidden": [32]},
+                                          "checkpoint": str(tmp_path / "gen0")}}
+  assert json.load(open(tmp_path / "gen0" / "config.json"))["teachers"]["teacher"][
+      "checkpoint"] == teacher_dir
+  assert result["teachers"] == {"teacher": "mlp"}
+  assert len(json.load(open(tmp_path / "generations.json"))) == 2
+  # gen1's teacher is gen0's exported student: their eval agreement is what gen1 reports.
+  assert result["final"]["eval/teacher_top1/teacher"] == pytest.approx(
+      json.load(open(tmp_path / "gen0" / "result.json"))["final"]["eval/top1"])

@@ -72,12 +72,20 @@ def layer_names(hparams: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, .
   return tuple(names)
 
 
+def check_teacher(teachers: Mapping[str, Outputs], teacher: str | None) -> None:
+  """Raises if there is no teacher at all, or if `teacher` names none of them."""
+  if not teachers:
+    raise ValueError("This loss term needs a teacher, but the config names none "
+                     "(config.teachers is empty).")
+  if teacher is not None and teacher not in teachers:
+    raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
+                     f"{sorted(teachers)}.")
+
+
 def teacher_outputs(teachers: Mapping[str, Outputs], teacher: str | None = None) -> Outputs:
   """The named teacher's outputs; with `teacher=None`, the only teacher's."""
+  check_teacher(teachers, teacher)
   if teacher is not None:
-    if teacher not in teachers:
-      raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
-                       f"{sorted(teachers)}.")
     return teachers[teacher]
   if len(teachers) != 1:
     raise ValueError(f"This loss compares with one teacher, but there are {len(teachers)} "
@@ -166,13 +174,8 @@ def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
   `sum_i w_i(x) softmax(t_i / T)` with the weights of `teacher_weights` (default: the plain
   average, the usual multi-teacher KD target); name one teacher to distill from it alone.
   """
-  if not teachers:
-    raise ValueError("This loss term needs a teacher, but the config names none "
-                     "(config.teachers is empty).")
+  check_teacher(teachers, teacher)
   if teacher is not None:
-    if teacher not in teachers:
-      raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
-                       f"{sorted(teachers)}.")
     return jax.nn.log_softmax(teachers[teacher].logits / temperature, axis=-1)
   logps = jnp.stack([jax.nn.log_softmax(t.logits / temperature, axis=-1)
                      for t in teachers.values()])

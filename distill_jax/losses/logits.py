@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax.losses.base import example_weights, register_loss, teacher_log_probs, weighted_mean
+from distill_jax.losses.base import (
+    check_teacher,
+    example_weights,
+    register_loss,
+    teacher_log_probs,
+    weighted_mean,
+)
 from distill_jax.outputs import Outputs
 
 
@@ -48,13 +54,8 @@ def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array
 
 def _teacher_logits(teachers: Mapping[str, Outputs], teacher: str | None = None) -> jax.Array:
   """Logits [..., K] of the named teacher, or the mean of all teachers' logits."""
-  if not teachers:
-    raise ValueError("This loss term needs a teacher, but the config names none "
-                     "(config.teachers is empty).")
+  check_teacher(teachers, teacher)
   if teacher is not None:
-    if teacher not in teachers:
-      raise ValueError(f"Loss names teacher {teacher!r}; the config's teachers are "
-                       f"{sorted(teachers)}.")
     return teachers[teacher].logits
   return jnp.mean(jnp.stack([t.logits for t in teachers.values()]), axis=0)
 

@@ -371,3 +371,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer.close()
   return result
 
+
+
+def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any
+                      ) -> dict[str, Any]:
+  """`train_and_evaluate`, or with `config.generations > 1` born-again networks.
+
+  Generation 0 runs the config as it is (e.g. distilled from its teacher, or trained alone);
+  generation g distills the same student architecture from generation g - 1's exported model.
+  Each generation lives in `workdir/gen{g}` and resumes like any run, so an interrupted chain
+  continues where it stopped. Returns the last generation's result; `workdir/generations.json`
+  lists every generation's final metrics.
+  """
+  generations = int(config.get("generations", 1))
+  if generations == 1:
+    return train_and_evaluate(config, workdir, **kwargs)
+  results = []
+  for g in range(generations):
+    gen_config = ml_collections.ConfigDict(config.to_dict())
+    if g > 0:
+      gen_config.teachers = ml_collections.ConfigDict({"teacher": {
+          "model": config.student.name, "kwargs": config.student.kwargs.to_dict(),
+          "checkpoint": os.path.join(workdir, f"gen{g - 1}")}})
+      for term in gen_config.losses.values():
+        if term.get("teacher") is not None:
+          term.teacher = "teacher"
+    gen_config.generations = 1
+    gen_config.lock()
+    results.append(train_and_evaluate(gen_config, os.path.join(workdir, f"gen{g}"), **kwargs))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "generations.json"), "w") as f:
+      json.dump([r["final"] for r in results], f, indent=2, sort_keys=True)
+  return results[-1]
