@@ -91,6 +91,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except (KeyError, ValueError) as e:
     raise ConfigError(f"config.losses: {e}") from e
   for name, stage in config.stages.items():
+    if name == "train":
+      raise ConfigError("config.stages.train: 'train' names the main stage (config.losses); "
+                        "give the pre-training stage another name.")
     unknown = sorted(set(stage) - {"num_epochs", "num_steps", "losses", "train", "lr"})
     if unknown or "losses" not in stage:
       raise ConfigError(f"config.stages.{name} needs 'losses' and takes 'num_epochs' or "

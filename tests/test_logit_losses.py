@@ -37,7 +37,8 @@ def _jit(name, static=("teacher",)):
   return fn
 
 
-DKD, MSE, RKL, KD = _jit("dkd"), _jit("logit_mse"), _jit("reverse_kl"), _jit("kd")
+DKD, MSE, RKL = _jit("dkd"), _jit("logit_mse"), _jit("reverse_kl")
+KD = _jit("kd", ("teacher", "aggregation", "teacher_weights"))
 GJSD = _jit("gjsd", ("beta", "teacher"))
 FNS = {"dkd": DKD, "logit_mse": MSE, "reverse_kl": RKL, "gjsd": GJSD}
 
