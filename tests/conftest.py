@@ -39,3 +39,19 @@ def teacher_dir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("teacher"))
   loop.train_and_evaluate(tiny("teacher", data_dir, num_steps=40), workdir)
   return workdir
+
+
+def run_digits_cli(arg, workdir, data_dir, teacher_dir, *flags, timeout=600):
+  """`distill-jax --config=configs/digits.py:ARG` in a subprocess on one CPU device, distilling
+  from `teacher_dir`; fails the test with the run's stderr if it does not exit 0."""
+  import subprocess
+  import sys
+
+  proc = subprocess.run(
+      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:{arg}",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       f"--config.teachers.teacher.checkpoint={teacher_dir}", *flags],
+      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT,
+      timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc

@@ -4,14 +4,12 @@ the connector pre-training stage)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import DIGITS, ROOT, tiny
+from conftest import run_digits_cli, tiny
 
 from distill_jax.losses import LOSSES
 from distill_jax.train import loop
@@ -80,13 +78,7 @@ def test_every_method_matches_one_device_on_8_devices(data_dir, teacher_dir, tmp
 def reference_run(data_dir, teacher_dir, tmp_path_factory):
   """Every method through the CLI, on one device: the reference for the parallel modes."""
   workdir = tmp_path_factory.mktemp("cli")
-  env = {**os.environ, "XLA_FLAGS": ""}
-  proc = subprocess.run(
-      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:all,tiny",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-       f"--config.teachers.teacher.checkpoint={teacher_dir}", "--config.num_steps=3"],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_digits_cli("all,tiny", workdir, data_dir, teacher_dir, "--config.num_steps=3")
   return str(workdir)
 
 

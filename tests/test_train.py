@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import DIGITS, ROOT, tiny
+from conftest import run_digits_cli, tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
@@ -98,13 +96,8 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(data_dir, teacher_dir, 
 def test_cli_distills_without_touching_the_teacher(data_dir, teacher_dir, tmp_path):
   teacher_before = exported(teacher_dir)
   workdir = tmp_path / "kd"
-  env = {**os.environ, "XLA_FLAGS": ""}
-  proc = subprocess.run(
-      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:kd,tiny",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-       f"--config.teachers.teacher.checkpoint={teacher_dir}", "--config.num_steps=12"],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_digits_cli("kd,tiny", workdir, data_dir, teacher_dir, "--config.num_steps=12",
+                 timeout=300)
   with open(workdir / "result.json") as f:
     result = json.load(f)
   assert result["steps"] == 12 and result["teachers"] == {"teacher": "cnn"}
