@@ -27,7 +27,7 @@ Arg: `METHOD,MODEL[,STUDENT][,cifar10][,tiny]`:
 
 import ml_collections
 
-from distill_jax.config import base_config
+from distill_jax.config import base_config, teacher_config
 from distill_jax.data import default_data_config
 
 # method -> (main-stage loss terms besides CE, CE weight, pre-training stage losses or None).
@@ -90,8 +90,8 @@ def get_config(arg: str = "kd,resnet56,resnet20") -> ml_collections.ConfigDict:
   c.student.name = names[-1]
   if method != "ce":
     terms, ce_weight, stage = METHODS[method]
-    c.teachers = ml_collections.ConfigDict({"teacher": {
-        "model": names[0], "kwargs": {}, "checkpoint": f"runs/{dataset}/{names[0]}"}})
+    c.teachers = ml_collections.ConfigDict(
+        {"teacher": teacher_config(names[0], checkpoint=f"runs/{dataset}/{names[0]}")})
     losses = {"ce": {"weight": ce_weight}, **{k: dict(v) for k, v in terms.items()}}
     if method == "dkd":
       losses["dkd"]["beta"] = DKD_BETA.get(names[0], 8.0)

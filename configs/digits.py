@@ -18,7 +18,7 @@ steps (for tests and smoke runs).
 
 import ml_collections
 
-from distill_jax.config import base_config
+from distill_jax.config import base_config, teacher_config
 
 TEACHER = {"name": "cnn", "kwargs": {"widths": (32, 64)}}
 STUDENT = {"name": "mlp", "kwargs": {"hidden": (32,)}}
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The student alone also lists the teacher: no loss term uses it, but evaluation reports
     # the student's agreement with it, so both student runs are measured the same way.
     c.teachers = ml_collections.ConfigDict(
-        {"teacher": {"model": TEACHER["name"], "kwargs": TEACHER["kwargs"], "checkpoint": ""}})
+        {"teacher": teacher_config(TEACHER["name"], TEACHER["kwargs"])})
   if role == "kd":
     # The CRD code's KD recipe: gamma 0.1 on CE, alpha 0.9 on KD, T = 4.
     c.losses = ml_collections.ConfigDict(

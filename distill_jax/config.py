@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.imports = ()  # Modules to import first, e.g. ('my_pkg.my_losses',) to register losses.
   c.data = default_data_config("digits")
   c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}})
-  # name -> {'model': str, 'kwargs': dict, 'checkpoint': a teacher run's workdir}.
+  # name -> teacher_config(model, kwargs, checkpoint, cache): see `teacher_config`.
   c.teachers = ml_collections.ConfigDict()
   # term name -> {'loss': registered name (default: the term name), 'weight', hparams...}.
   c.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
@@ -64,6 +64,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache")
+
+
+def teacher_config(model: str, kwargs: dict[str, Any] | None = None, checkpoint: str = "",
+                   cache: str | None = None) -> ml_collections.ConfigDict:
+  """One entry of `config.teachers`, with every key present so each can be overridden:
+
+  `model` and `kwargs` build it, `checkpoint` is a teacher run's workdir (or its `model/`
+  export), and `cache` (optional) a directory written by `scripts/cache_teacher.py` for this
+  teacher: training then reads its logits from there instead of running it.
+  """
+  return ml_collections.ConfigDict({
+      "model": model, "kwargs": dict(kwargs or {}), "checkpoint": checkpoint,
+      "cache": ml_collections.config_dict.placeholder(str) if cache is None else cache})
+
+
 def import_modules(config: ml_collections.ConfigDict) -> None:
   """Imports `config.imports` (user modules that register losses or models)."""
   for name in config.get("imports", ()):
@@ -81,10 +97,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("model", "checkpoint"):
       if key not in teacher:
         raise ConfigError(f"config.teachers.{name} needs {key!r}.")
-    unknown = sorted(set(teacher) - {"model", "kwargs", "checkpoint"})
+    unknown = sorted(set(teacher) - set(TEACHER_KEYS))
     if unknown:
       raise ConfigError(f"config.teachers.{name} has unknown key(s) {unknown}; a teacher takes "
-                        "'model', 'kwargs', 'checkpoint'.")
+                        f"{list(TEACHER_KEYS)}.")
     _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
   try:
     build_objective(config.losses, list(config.teachers))

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required to train.")
   from distill_jax.config import ConfigError
+  from distill_jax.teacher_cache import CacheError
   from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import train_generations
 
@@ -70,6 +71,9 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     logging.error("Invalid config: %s", e)
     sys.exit(f"Invalid config: {e}")
+  except CacheError as e:
+    logging.error("%s", e)
+    sys.exit(str(e))
   logging.info("Done: eval top-1 %.4f (best %.4f).", result["final"]["eval/top1"],
                result["best_top1"])
 

@@ -29,6 +29,8 @@ class Teacher:
   model: str
   module: Any
   variables: Any
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  checkpoint: str = ""  # The export directory it was loaded from.
 
 
 def resolve_export_dir(checkpoint: str) -> str:
@@ -61,7 +63,7 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
         f"{os.path.join(directory, 'model.json')} was saved from {meta.get('model')} with "
         f"{meta.get('num_classes')} classes.")
   variables = load_model_variables(directory, init_shapes(module, input_shape))
-  return Teacher(name, model_name, module, variables)
+  return Teacher(name, model_name, module, variables, kwargs, directory)
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,

@@ -41,6 +41,25 @@ def teacher_dir(data_dir, tmp_path_factory):
   return workdir
 
 
+def run_steps(config, num_steps):
+  """`num_steps` train steps through the compiled step of `config`'s parallel mode; returns the
+  host state and the last step's metrics."""
+  import jax
+
+  from distill_jax import data as data_lib
+  from distill_jax.train import loop
+
+  run = loop.build_run(config)
+  parallel = run["parallel"]
+  state = parallel.put_replicated(loop.init_state(config, run))
+  teacher_vars = parallel.put_replicated(run["teacher_vars"])
+  batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
+                                    seed=config.seed, side_data=run["side_data"]["train"])
+  for _ in range(num_steps):
+    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+  return jax.device_get(parallel.get(state)), jax.device_get(parallel.get(metrics))
+
+
 def run_digits_cli(arg, workdir, data_dir, teacher_dir, *flags, timeout=600):
   """`distill-jax --config=configs/digits.py:ARG` in a subprocess on one CPU device, distilling
   from `teacher_dir`; fails the test with the run's stderr if it does not exit 0."""

@@ -379,7 +379,7 @@ def run_steps(config, num_steps, init=None):
   if init is None:
     init = jax.device_get(loop.init_state(config, run))  # A host copy: the step donates.
   state = parallel.put_replicated(init)
-  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  teacher_vars = parallel.put_replicated(run["teacher_vars"])
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
                                     seed=config.seed)
   ids = []

@@ -15,7 +15,10 @@ from distill_jax.outputs import Outputs
 NAMES = ("dkd", "logit_mse", "reverse_kl", "gjsd")
 
 
-def _jit(name, static=("teacher",)):
+TEACHER_ARGS = ("teacher", "aggregation", "teacher_weights")
+
+
+def _jit(name, static=TEACHER_ARGS):
   """The registered loss, jitted as the objective runs it.
 
   Compiling, not computing, is what takes the time here, so each shape should compile once:
@@ -38,8 +41,8 @@ def _jit(name, static=("teacher",)):
 
 
 DKD, MSE, RKL = _jit("dkd"), _jit("logit_mse"), _jit("reverse_kl")
-KD = _jit("kd", ("teacher", "aggregation", "teacher_weights"))
-GJSD = _jit("gjsd", ("beta", "teacher"))
+KD = _jit("kd")
+GJSD = _jit("gjsd", ("beta", *TEACHER_ARGS))
 FNS = {"dkd": DKD, "logit_mse": MSE, "reverse_kl": RKL, "gjsd": GJSD}
 
 
@@ -342,6 +345,51 @@ def test_several_teachers():
       fn(_outputs(s), {}, batch)
 
 
+def _aggregation_weights(ts, labels, aggregation, fixed):
+  """[n, B] per-example teacher weights in float64, from their definitions (confidence at T=1)."""
+  n, batch = len(ts), len(labels)
+  p1 = [scipy.special.softmax(np.float64(t), -1) for t in ts]
+  if aggregation == "mean":
+    return np.full((n, batch), 1 / n)
+  if aggregation == "weighted":
+    return np.repeat((np.float64(fixed) / np.sum(fixed))[:, None], batch, axis=1)
+  if aggregation == "entropy":
+    return scipy.special.softmax(np.stack([np.sum(p * np.log(p), -1) for p in p1]), axis=0)
+  p_true = np.stack([p[np.arange(batch), labels] for p in p1])
+  return p_true / p_true.sum(0)
+
+
+@pytest.mark.parametrize("aggregation", ["weighted", "entropy", "true_label"])
+def test_every_logit_term_aggregates_teachers_like_kd(aggregation):
+  """dkd, reverse_kl, gjsd: the target is sum_i w_i softmax(t_i / T); logit_mse: sum_i w_i t_i.
+  With one teacher each reduces to its single-teacher value."""
+  rng = np.random.default_rng(53)
+  s, *ts = (rng.normal(size=(6, 5)) * 2 for _ in range(4))
+  labels = rng.integers(0, 5, 6)
+  fixed, temperature = (1.0, 2.0, 5.0), 2.0
+  w = _aggregation_weights(ts, labels, aggregation, fixed)
+  probs = np.stack([scipy.special.softmax(np.float64(t) / temperature, -1) for t in ts])
+  mix = temperature * np.log(np.einsum("nb,nbk->bk", w, probs))  # Logits of the mixture at T.
+  teachers, batch = {f"t{i}": _outputs(t) for i, t in enumerate(ts)}, {"label": labels}
+  settings = dict(aggregation=aggregation, teacher_weights=fixed)
+  got = {name: fn(_outputs(s), teachers, batch, **settings,
+                  **({} if name == "logit_mse" else {"temperature": temperature}))
+         for name, fn in FNS.items()}
+  np.testing.assert_allclose(got["dkd"], dkd_reference(s, mix, labels, 1.0, 8.0, temperature),
+                             rtol=1e-4)
+  np.testing.assert_allclose(got["reverse_kl"], reverse_kl_reference(s, mix, temperature),
+                             rtol=1e-4)
+  np.testing.assert_allclose(got["gjsd"], gjsd_reference(s, mix, 0.5, temperature), rtol=1e-4)
+  np.testing.assert_allclose(got["logit_mse"],
+                             mse_reference(s, np.einsum("nb,nbk->bk", w, np.float64(ts))),
+                             rtol=1e-5)
+  one = {name: fn(_outputs(s), {"t": _outputs(ts[0])}, batch, aggregation=aggregation,
+                  teacher_weights=fixed[:1]) for name, fn in FNS.items()}
+  single = {name: fn(_outputs(s), {"t": _outputs(ts[0])}, batch) for name, fn in FNS.items()}
+  for name in FNS:
+    np.testing.assert_allclose(one[name], single[name], rtol=1e-6, err_msg=name)
+
+
 def test_per_token_logits_and_masks():
   rng = np.random.default_rng(48)
   s, t = rng.normal(size=(2, 4, 10)), rng.normal(size=(2, 4, 10))
@@ -364,11 +412,12 @@ def test_per_token_logits_and_masks():
 
 def test_registered_hyperparameters_and_config():
   get = losses.LOSSES.get
+  pick = {"teacher": None, "aggregation": "mean", "teacher_weights": ()}
   assert losses.loss_hparams(get("dkd")) == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0,
-                                             "teacher": None}
-  assert losses.loss_hparams(get("logit_mse")) == {"teacher": None}
-  assert losses.loss_hparams(get("reverse_kl")) == {"temperature": 1.0, "teacher": None}
-  assert losses.loss_hparams(get("gjsd")) == {"beta": 0.5, "temperature": 1.0, "teacher": None}
+                                             **pick}
+  assert losses.loss_hparams(get("logit_mse")) == pick
+  assert losses.loss_hparams(get("reverse_kl")) == {"temperature": 1.0, **pick}
+  assert losses.loss_hparams(get("gjsd")) == {"beta": 0.5, "temperature": 1.0, **pick}
   build_objective({"ce": {}, "dkd": {"beta": 2.0, "warmup_steps": 10}, "logit_mse": {},
                    "reverse_kl": {"temperature": 2.0}, "gjsd": {"beta": 0.9}}, ["t"])
   with pytest.raises(ObjectiveError, match="gama"):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import run_digits_cli, tiny
+from conftest import run_digits_cli, run_steps, tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
@@ -28,19 +28,6 @@ def assert_trees_close(a, b, atol):
 
 def kd_config(data_dir, teacher_dir, **overrides):
   return tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir, **overrides})
-
-
-def run_steps(config, num_steps):
-  """`num_steps` train steps through the compiled step of `config`'s parallel mode."""
-  run = loop.build_run(config)
-  parallel = run["parallel"]
-  state = parallel.put_replicated(loop.init_state(config, run))
-  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
-  batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
-                                    seed=config.seed)
-  for _ in range(num_steps):
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
-  return jax.device_get(parallel.get(state)), jax.device_get(parallel.get(metrics))
 
 
 def test_teacher_run_writes_outputs_and_learns(teacher_dir):
@@ -118,7 +105,7 @@ def test_train_step_does_no_host_transfers(data_dir, teacher_dir):
   run = loop.build_run(config)
   parallel = run["parallel"]
   state = parallel.put_replicated(loop.init_state(config, run))
-  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  teacher_vars = parallel.put_replicated(run["teacher_vars"])
   batch = parallel.put_batch(next(data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=0)))
   state, _ = run["train_step"](state, teacher_vars, batch)  # Compile outside the guard.
@@ -194,7 +181,7 @@ def test_born_again_generations_chain_teachers(data_dir, teacher_dir, tmp_path):
   result = loop.train_generations(config, str(tmp_path))
   gen1 = json.load(open(tmp_path / "gen1" / "config.json"))
   assert gen1["teachers"] == {"teacher": {"model": "mlp", "kwargs": {"hidden": [32]},
-                                          "checkpoint": str(tmp_path / "gen0")}}
+                                          "checkpoint": str(tmp_path / "gen0"), "cache": None}}
   assert json.load(open(tmp_path / "gen0" / "config.json"))["teachers"]["teacher"][
       "checkpoint"] == teacher_dir
   assert result["teachers"] == {"teacher": "mlp"}

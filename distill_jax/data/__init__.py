@@ -12,12 +12,15 @@ from distill_jax.data.pipeline import (
     DataNotPreparedError,
     DatasetInfo,
     EvalIterator,
+    SideData,
     TrainIterator,
+    augment_seed,
     default_data_config,
     default_data_dir,
     eval_batches,
     get_info,
     resolve_data_dir,
+    split_digest,
     train_iterator,
 )
 
@@ -28,7 +31,9 @@ __all__ = [
     "DataNotPreparedError",
     "DatasetInfo",
     "EvalIterator",
+    "SideData",
     "TrainIterator",
+    "augment_seed",
     "default_data_config",
     "default_data_dir",
     "ensure_embedded",
@@ -36,5 +41,6 @@ __all__ = [
     "get_info",
     "is_embedded",
     "resolve_data_dir",
+    "split_digest",
     "train_iterator",
 ]

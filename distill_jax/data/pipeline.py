@@ -5,8 +5,13 @@ step, process index): step `s` is batch `j = s % steps_per_epoch` of epoch
 `e = s // steps_per_epoch`; epoch `e` visits the training examples in an order
 derived from (seed, e), drops the remainder that does not fill a global batch, and
 process `i` of `k` takes rows `i*b:(i+1)*b` (b = global_batch_size // k) of each
-global batch. Augmentation draws its randomness from (seed, e, position of the
-example in the epoch), so it does not depend on the number of processes either.
+global batch. Augmentation draws its randomness from (augment seed, e, example id),
+so it does not depend on the number of processes either; with `augment_period = P`
+epoch e reuses the draws of epoch e % P, so every example is seen in only P
+augmented versions (what a cache of teacher outputs needs, see `teacher_cache`).
+
+Per-example side data (e.g. cached teacher logits) joins the batches through
+`side_data={key: fn}`: `batch[key] = fn(epoch, ids)`, computed with the batch.
 
 Because a batch is a function of its step, the iterator's whole state is the next
 step (`TrainIterator.get_state()`, a small JSON-able dict saved beside the model
@@ -27,9 +32,10 @@ save, and gives the same numbers on every NumPy version and machine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -62,6 +68,9 @@ _NORMALIZATION: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]] = 
 _MAX_STEPS = 2**62
 # Splits whose raw images take at most this much memory are decoded once and kept.
 _CACHE_LIMIT_BYTES = 2 * 2**30
+
+# (epoch, example ids [n]) -> per-example values [n, ...] added to each batch under a key.
+SideData = Callable[[int, np.ndarray], np.ndarray]
 
 # Hash streams: independent random numbers for the shuffle and the augmentation.
 _STREAM_SHUFFLE = 1
@@ -97,6 +106,10 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
       # A flipped digit is another symbol (or none), so digits only crop.
       "augment": "crop" if small else "crop_flip",
       "crop_padding": 1 if small else 4,
+      # None: the run's seed. Fixing it gives every seed of a sweep the same augmentations.
+      "augment_seed": ml_collections.config_dict.placeholder(int),
+      # 0: new augmentation draws every epoch; P > 0: epoch e reuses epoch e % P's draws.
+      "augment_period": 0,
       "num_workers": 0,  # 0: batches are made in-process; N: N grain worker processes.
       "train_subset": 0,  # 0: all training examples; N: only the first N (stored order).
       "cache": True,  # Keep a decoded copy of each split in memory when it is < 2 GiB.
@@ -141,12 +154,13 @@ def get_info(data_config: Any) -> DatasetInfo:
 
 
 def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> TrainIterator:
+                   process_index: int = 0, process_count: int = 1,
+                   side_data: Mapping[str, SideData] | None = None) -> TrainIterator:
   """An infinite, deterministic iterator over this process's share of the train batches.
 
   Each batch is `{'image': float32 [b, H, W, C] (normalised, augmented), 'label':
   int32 [b], 'id': int64 [b]}` with b = global_batch_size // process_count; `id` is
-  the example's index in the stored train split.
+  the example's index in the stored train split. `side_data` adds `key: fn(epoch, id)`.
   """
   batch_size = _local_batch_size(global_batch_size, process_index, process_count)
   augment = _field(data_config, "augment", "none")
@@ -164,6 +178,9 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     raise ValueError(
         f"global_batch_size={global_batch_size} is larger than the {num_examples} training "
         f"examples of {data_config.name!r}; an epoch would have no full batch.")
+  period = int(_field(data_config, "augment_period", 0) or 0)
+  if period < 0:
+    raise ValueError(f"data.augment_period must be >= 0, got {period}.")
   batcher = _TrainBatcher(
       source=source,
       num_examples=num_examples,
@@ -176,17 +193,22 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
       pixel_max=info.pixel_max,
       mean=info.mean,
       std=info.std,
+      augment_seed=augment_seed(data_config, seed),
+      augment_period=period,
+      side_data=tuple((side_data or {}).items()),
   )
   return TrainIterator(batcher, num_workers=int(_field(data_config, "num_workers", 0) or 0))
 
 
 def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None = None,
-                 process_index: int = 0, process_count: int = 1) -> EvalIterator:
+                 process_index: int = 0, process_count: int = 1,
+                 side_data: Mapping[str, SideData] | None = None) -> EvalIterator:
   """One ordered pass over an eval split, no augmentation, every batch the same shape.
 
-  Batches are `{'image', 'label', 'id', 'mask'}`; the last global batch is padded to
-  full size with rows whose `mask` is 0 (image 0, label 0, id -1), so one compiled
-  eval step serves every batch. Every process gets the same number of batches.
+  Batches are `{'image', 'label', 'id', 'mask'}` (and `side_data`'s keys, `fn(0, ids)`);
+  the last global batch is padded to full size with rows whose `mask` is 0 (image 0,
+  label 0, id -1, side data 0), so one compiled eval step serves every batch. Every
+  process gets the same number of batches.
   """
   batch_size = _local_batch_size(global_batch_size, process_index, process_count)
   split = split or _field(data_config, "eval_split", "test")
@@ -201,7 +223,32 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
       pixel_max=info.pixel_max,
       mean=info.mean,
       std=info.std,
+      side_data=tuple((side_data or {}).items()),
   )
+
+
+def augment_seed(data_config: Any, seed: int) -> int:
+  """The seed of the augmentation draws: `data.augment_seed`, else the run's `seed`."""
+  return int(_field(data_config, "augment_seed", seed))
+
+
+def split_digest(data_config: Any, split: str) -> str:
+  """SHA-256 of a split's stored images and labels, in stored order: what "the same data"
+  means when a teacher's cached outputs are matched to a run (reads the whole split once
+  per process)."""
+  key = (data_config.name, resolve_data_dir(data_config), split)
+  if key not in _DIGESTS:
+    source = _SourceRef.from_config(data_config, split)
+    digest = hashlib.sha256()
+    for start in range(0, len(source), 4096):
+      images, labels = source.read(np.arange(start, min(start + 4096, len(source))))
+      digest.update(np.ascontiguousarray(images).tobytes())
+      digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
+    _DIGESTS[key] = digest.hexdigest()
+  return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, str, str], str] = {}
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -233,6 +280,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   def num_examples(self) -> int:
     """Training examples in use (after `train_subset`)."""
     return self._batcher.num_examples
+
+  def examples(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `ids` (any stored ids) exactly as epoch `epoch`'s batches show them."""
+    return self._batcher.examples(epoch, np.asarray(ids, np.int64))
 
   def __iter__(self) -> TrainIterator:
     return self
@@ -292,13 +343,15 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
 
   def __init__(self, *, source: _SourceRef, global_batch_size: int, batch_size: int,
                process_index: int, image_shape: tuple[int, int, int], pixel_max: float,
-               mean: Sequence[float], std: Sequence[float]):
+               mean: Sequence[float], std: Sequence[float],
+               side_data: tuple[tuple[str, SideData], ...] = ()):
     self._source = source
     self._global_batch_size = global_batch_size
     self._batch_size = batch_size
     self._process_index = process_index
     self._image_shape = image_shape
     self._norm = (pixel_max, mean, std)
+    self._side_data = side_data
     self.num_examples = len(source)
     self._num_batches = math.ceil(self.num_examples / global_batch_size)
     self._next = 0
@@ -328,7 +381,12 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
       label[:n] = labels
       ids[:n] = real
       mask[:n] = 1.0
-    return {"image": image, "label": label, "id": ids, "mask": mask}
+    batch = {"image": image, "label": label, "id": ids, "mask": mask}
+    for key, fn in self._side_data:
+      value = np.asarray(fn(0, real))
+      batch[key] = np.zeros((b, *value.shape[1:]), value.dtype)
+      batch[key][:n] = value
+    return batch
 
 
 # --------------------------------------------------------------------------- internals
@@ -410,6 +468,9 @@ class _TrainBatcher:
   pixel_max: float
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  augment_seed: int = 0
+  augment_period: int = 0
+  side_data: tuple[tuple[str, SideData], ...] = ()
   _order: tuple[int, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
   @property
@@ -427,15 +488,21 @@ class _TrainBatcher:
     epoch, index = divmod(int(step), self.steps_per_epoch)
     positions = (index * self.global_batch_size + self.process_index * self.batch_size
                  + np.arange(self.batch_size, dtype=np.int64))
-    ids = self.epoch_order(epoch)[positions]
+    ids = self.epoch_order(epoch)[positions].astype(np.int64)
+    batch = self.examples(epoch, ids)
+    for key, fn in self.side_data:
+      batch[key] = np.asarray(fn(epoch, ids))
+    return batch
+
+  def examples(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `ids` as epoch `epoch` shows them: the augmentation is a function of
+    (augment seed, epoch or epoch % augment_period, id) alone."""
     raw, labels = self.source.read(ids)
-    bits = _hash(self.seed, _STREAM_AUGMENT, epoch, positions)
+    draw_epoch = epoch % self.augment_period if self.augment_period else epoch
+    bits = _hash(self.augment_seed, _STREAM_AUGMENT, draw_epoch, ids)
     raw = _augment(raw, self.augment, self.crop_padding, bits)
-    return {
-        "image": _normalize(raw, self.pixel_max, self.mean, self.std),
-        "label": labels,
-        "id": ids.astype(np.int64),
-    }
+    return {"image": _normalize(raw, self.pixel_max, self.mean, self.std), "label": labels,
+            "id": ids}
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, "_order": None}

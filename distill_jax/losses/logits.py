@@ -19,6 +19,7 @@ from distill_jax.losses.base import (
     example_weights,
     register_loss,
     teacher_log_probs,
+    teacher_weights,
     weighted_mean,
 )
 from distill_jax.outputs import Outputs
@@ -52,12 +53,27 @@ def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array
   return weighted_mean(values.reshape(-1), weights.reshape(-1))
 
 
-def _teacher_logits(teachers: Mapping[str, Outputs], teacher: str | None = None) -> jax.Array:
-  """Logits [..., K] of the named teacher, or the mean of all teachers' logits."""
+def _teacher_logits(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
+                    teacher: str | None, aggregation: str,
+                    weights: tuple[float, ...]) -> jax.Array:
+  """Logits [B, ..., K] of the named teacher, or the teachers' logits averaged with the per-example
+  weights of `aggregation` (`base.teacher_weights`)."""
   check_teacher(teachers, teacher)
   if teacher is not None:
     return teachers[teacher].logits
-  return jnp.mean(jnp.stack([t.logits for t in teachers.values()]), axis=0)
+  stacked = jnp.stack([t.logits for t in teachers.values()])
+  w = teacher_weights(teachers, aggregation, weights, batch.get("label"))
+  return jnp.sum(w.reshape(w.shape + (1,) * (stacked.ndim - w.ndim)) * stacked, axis=0)
+
+
+def _target_log_probs(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
+                      temperature: float, teacher: str | None, aggregation: str,
+                      weights: tuple[float, ...]) -> jax.Array:
+  """The (gradient-stopped) target distribution of every divergence term: `teacher_log_probs`
+  with the term's teacher and aggregation settings."""
+  return jax.lax.stop_gradient(teacher_log_probs(
+      teachers, temperature, teacher, aggregation=aggregation, weights=weights,
+      labels=batch.get("label")))
 
 
 @register_loss("ce", uses_teachers=False)
@@ -101,9 +117,7 @@ def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
   'weighted' (fixed `teacher_weights`, in config order), 'entropy' or 'true_label'
   (per-example confidence; see `base.teacher_weights`).
   """
-  target = jax.lax.stop_gradient(teacher_log_probs(
-      teachers, temperature, teacher, aggregation=aggregation, weights=teacher_weights,
-      labels=batch.get("label")))
+  target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   per_example = kd_divergence(student.logits, target, temperature)
   return weighted_mean(per_example, example_weights(batch, student.logits))
 
@@ -148,7 +162,8 @@ def dkd_divergences(student_logits: jax.Array, teacher_log_probs: jax.Array, lab
 @register_loss("dkd")
 def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
                  batch: Mapping[str, jax.Array], *, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float = 4.0, teacher: str | None = None) -> jax.Array:
+                 temperature: float = 4.0, teacher: str | None = None, aggregation: str = "mean",
+                 teacher_weights: tuple[float, ...] = ()) -> jax.Array:
   """Decoupled KD (Zhao et al., CVPR 2022): `alpha * TCKD + beta * NCKD`, batch mean.
 
   TCKD is the binary KL between the teacher's and the student's `[p(y), 1 - p(y)]` at
@@ -161,24 +176,27 @@ def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
   teachers, 6 for vgg13 and WRN pairs; ImageNet: beta 0.5, T 1), used beside a `ce` term of
   weight 1. The paper's warm-up (the DKD weight ramped linearly over the first 20 epochs) is
   the objective's generic setting of the term, not done here:
-  `config.losses.dkd.warmup_steps = 20 * steps_per_epoch`. `teacher` as in `kd`; with several
-  teachers the target is the average of their probabilities at T.
+  `config.losses.dkd.warmup_steps = 20 * steps_per_epoch`. `teacher`, `aggregation` and
+  `teacher_weights` as in `kd`: with several teachers the target is their mixture at T.
   """
-  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   tckd, nckd = dkd_divergences(student.logits, target, batch["label"], temperature)
   return _masked_mean(alpha * tckd + beta * nckd, batch)
 
 
 @register_loss("logit_mse")
 def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
-              *, teacher: str | None = None) -> jax.Array:
+              *, teacher: str | None = None, aggregation: str = "mean",
+              teacher_weights: tuple[float, ...] = ()) -> jax.Array:
   """Regression on the logits: `mean_k (s_k - t_k)^2` per example, then the batch mean.
 
-  Logits [B, K] (or [..., K]). With several teachers and `teacher=None` the target is the mean
-  of the teachers' logits. (Ba & Caruana 2014 regress on logits; Kim et al. 2021 compare this
-  "logit MSE" with KD.)
+  Logits [B, K] (or [..., K]). With several teachers and `teacher=None` the target is the
+  average of the teachers' logits, weighted per example by `aggregation` (as in `kd`; 'mean'
+  by default).
+  (Ba & Caruana 2014 regress on logits; Kim et al. 2021 compare this "logit MSE" with KD.)
   """
-  target = jax.lax.stop_gradient(_teacher_logits(teachers, teacher))
+  target = jax.lax.stop_gradient(
+      _teacher_logits(teachers, batch, teacher, aggregation, teacher_weights))
   diff = student.logits - target.astype(student.logits.dtype)
   return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), batch)
 
@@ -186,13 +204,15 @@ def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
 @register_loss("reverse_kl")
 def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
                batch: Mapping[str, jax.Array], *, temperature: float = 1.0,
-               teacher: str | None = None) -> jax.Array:
+               teacher: str | None = None, aggregation: str = "mean",
+               teacher_weights: tuple[float, ...] = ()) -> jax.Array:
   """Reverse KL: `T^2 * KL(softmax(s / T) || p_T)`, batch mean (mode-seeking, unlike `kd`).
 
   Logits [B, K] (or [..., K]); `p_T` is the teacher's softmax at T (with several teachers
-  and `teacher=None`, the average of their probabilities). `T^2` as in `kd`.
+  and `teacher=None`, their mixture as `kd` makes it with `aggregation` and
+  `teacher_weights`). `T^2` as in `kd`.
   """
-  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
   return _masked_mean(temperature**2 * _kl(student_logp, target), batch)
 
@@ -220,7 +240,8 @@ def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
 
 @register_loss("gjsd")
 def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array], *,
-         beta: float = 0.5, temperature: float = 1.0, teacher: str | None = None) -> jax.Array:
+         beta: float = 0.5, temperature: float = 1.0, teacher: str | None = None,
+         aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
   """Generalized Jensen-Shannon divergence (GKD, Agarwal et al., ICLR 2024); batch mean.
 
   `p_T`, `p_S` are the softmaxes at `temperature` of the teacher's and student's logits
@@ -228,8 +249,9 @@ def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, 
   trailing positions and the sum is divided by the number of kept positions. beta = 0 is
   forward KL, beta = 1 reverse KL, in between `JSD_beta` with the mixture
   `M = beta * p_T + (1 - beta) * p_S` (see `generalized_jsd`). Unlike `kd` and `reverse_kl`
-  there is no `T^2` factor, as in TRL's `generalized_jsd_loss`. `teacher` as in `kd`.
+  there is no `T^2` factor, as in TRL's `generalized_jsd_loss`. `teacher`, `aggregation` and
+  `teacher_weights` as in `kd`.
   """
-  target = jax.lax.stop_gradient(teacher_log_probs(teachers, temperature, teacher))
+  target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
   return _masked_mean(generalized_jsd(student_logp, target, beta), batch)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import models
+from distill_jax import models, teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, init_shapes, load_teachers
@@ -77,12 +77,14 @@ def _check_finite(step: int, scalars: dict[str, float]) -> None:
 
 
 def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: Any,
-             data_config: Any, batch_size: int) -> dict[str, float]:
+             data_config: Any, batch_size: int,
+             side_data: dict[str, data_lib.SideData] | None = None) -> dict[str, float]:
   """Top-1/top-5/CE of the student and fidelity to each teacher on the eval split."""
   totals: dict[str, float] = {}
   for batch in data_lib.eval_batches(data_config, global_batch_size=batch_size,
                                      process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+                                     process_count=jax.process_count(),
+                                     side_data=side_data):
     sums = parallel.get(eval_step(state, teacher_vars, parallel.put_batch(batch)))
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -118,6 +120,17 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   student = models.build_model(config.student.name, info.num_classes,
                                bn_axis_name=parallel.bn_axis_name, **config.student.kwargs)
   teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
+  splits = (config.data.train_split, config.data.eval_split)
+  # Teachers with a cache: their logits come with the batches instead of from a forward.
+  caches = {name: teacher_cache.open_cache(
+      settings.cache, teachers[name], config.data, seed=config.seed, splits=splits,
+      rebuild_hint=f"python scripts/cache_teacher.py --config=... --cache_dir="
+                   f"{os.path.dirname(os.path.abspath(settings.cache))} (same data and "
+                   "teacher settings as this run)")
+      for name, settings in config.teachers.items() if settings.get("cache")}
+  teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
+  side_data = {split: {teacher_cache.batch_key(n): readers[split]
+                       for n, readers in caches.items()} for split in splits}
   num_train = info.num_examples[config.data.train_split]
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
@@ -131,14 +144,15 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 for _, losses, _ in specs]
   objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
-      student, config.student.name, teachers, objective, info.image_shape)
-  example = example_batch(info.image_shape, config.batch_size)
+      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches))
+  example = example_batch(info.image_shape, config.batch_size,
+                          {teacher_cache.batch_key(n): info.num_classes for n in caches})
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
   # before anything is compiled or trained.
   jax.eval_shape(functools.partial(trace_objective, objective, student_apply, teacher_applies),
-                 init_shapes(student, info.image_shape),
-                 {n: t.variables for n, t in teachers.items()}, example, jax.random.PRNGKey(0))
+                 init_shapes(student, info.image_shape), teacher_vars, example,
+                 jax.random.PRNGKey(0))
 
   stages, start = [], 0
   for (name, _, trainable), stage_objective in zip(specs, objectives, strict=True):
@@ -159,6 +173,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
+              teacher_vars=teacher_vars, example=example,
+              side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
               objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
               student_apply=student_apply, teacher_applies=teacher_applies,
               train_step=stages[-1].train_step,
@@ -179,21 +195,30 @@ def union_objective(objectives: list[Objective]) -> Objective:
 
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
-                  objective: Objective, input_shape: tuple[int, ...]
-                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  objective: Objective, input_shape: tuple[int, ...],
+                  cached: tuple[str, ...] = ()) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards, tapping what the objective compares.
 
   Every requested feature is checked against the model's tappable features first; an unknown
-  name fails with the list of what can be tapped.
+  name fails with the list of what can be tapped. A `cached` teacher's forward reads its
+  logits from the batch, so no term may ask for its features.
   """
   student_vars = init_shapes(student, input_shape)
   check_features(f"Student {student_name}", objective.student_features,
                  list_features(student, student_vars, input_shape))
   for name, teacher in teachers.items():
-    check_features(f"Teacher {name!r} ({teacher.model})", objective.teacher_features(name),
+    wanted = objective.teacher_features(name)
+    if name in cached and wanted:
+      users = [t.name for t in objective.terms if t.teacher_features.get(name)]
+      raise config_lib.ConfigError(
+          f"Teacher {name!r} is read from its cache (config.teachers.{name}.cache), which "
+          f"holds logits only, but loss term(s) {users} compare its features {list(wanted)}. "
+          f"Run it live (unset config.teachers.{name}.cache) or drop those terms.")
+    check_features(f"Teacher {name!r} ({teacher.model})", wanted,
                    list_features(teacher.module, teacher.variables, input_shape))
   return (make_apply(student, features=objective.student_features),
-          {name: make_apply(t.module, features=objective.teacher_features(name))
+          {name: teacher_cache.cached_apply(name) if name in cached else
+           make_apply(t.module, features=objective.teacher_features(name))
            for name, t in teachers.items()})
 
 
@@ -207,11 +232,16 @@ def compile_steps(parallel: Parallel, student_apply: ApplyFn,
           parallel.compile_eval_step(**static))
 
 
-def example_batch(image_shape: tuple[int, ...], batch_size: int) -> dict[str, jax.Array]:
-  """An all-zeros batch of the shapes the step sees (one device's share of the batch)."""
-  return {"image": jnp.zeros((batch_size, *image_shape), jnp.float32),
-          "label": jnp.zeros((batch_size,), jnp.int32),
-          "id": jnp.zeros((batch_size,), jnp.int32)}
+def example_batch(image_shape: tuple[int, ...], batch_size: int,
+                  cached_logits: dict[str, int] | None = None) -> dict[str, jax.Array]:
+  """An all-zeros batch of the shapes the step sees (one device's share of the batch), with
+  `cached_logits` {batch key: number of classes} for the teachers read from a cache."""
+  batch = {"image": jnp.zeros((batch_size, *image_shape), jnp.float32),
+           "label": jnp.zeros((batch_size,), jnp.int32),
+           "id": jnp.zeros((batch_size,), jnp.int32)}
+  for key, num_classes in (cached_logits or {}).items():
+    batch[key] = jnp.zeros((batch_size, num_classes), jnp.float32)
+  return batch
 
 
 def init_objective(objective: Objective, student_apply: ApplyFn,
@@ -243,11 +273,9 @@ def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
   objective_params, objective_state = {}, {}
   if any(term.is_module for term in run["objective"].terms):
-    example = example_batch(run["info"].image_shape, config.batch_size)
     objective_params, objective_state = jax.jit(functools.partial(
         init_objective, run["objective"], run["student_apply"], run["teacher_applies"]))(
-            variables, {n: t.variables for n, t in run["teachers"].items()}, example,
-            objective_rng)
+            variables, run["teacher_vars"], run["example"], objective_rng)
   tx = (stage or run["stages"][0]).tx
   return create_train_state(variables, objective_params, objective_state, tx, state_rng)
 
@@ -286,7 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   train_iter = data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      side_data=run["side_data"]["train"])
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints,
                               every_steps=durations.checkpoint_every)
@@ -300,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter.set_state(data_state)
     logging.info("Resumed from %s/%d.", checkpointer.directory, latest)
 
-  teacher_vars = parallel.put_replicated({n: t.variables for n, t in run["teachers"].items()})
+  teacher_vars = parallel.put_replicated(run["teacher_vars"])
   state = parallel.put_replicated(jax.device_get(state))
   writer = MetricWriter(workdir)
   step = int(parallel.get(state).step)
@@ -312,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def eval_now(step):
     scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
-                       config.eval_batch_size)
+                       config.eval_batch_size, run["side_data"]["eval"])
     writer.write(step, scalars)
     return scalars
 
@@ -390,9 +419,9 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs:
   for g in range(generations):
     gen_config = ml_collections.ConfigDict(config.to_dict())
     if g > 0:
-      gen_config.teachers = ml_collections.ConfigDict({"teacher": {
-          "model": config.student.name, "kwargs": config.student.kwargs.to_dict(),
-          "checkpoint": os.path.join(workdir, f"gen{g - 1}")}})
+      gen_config.teachers = ml_collections.ConfigDict({"teacher": config_lib.teacher_config(
+          config.student.name, config.student.kwargs.to_dict(),
+          os.path.join(workdir, f"gen{g - 1}"))})
       for term in gen_config.losses.values():
         if term.get("teacher") is not None:
           term.teacher = "teacher"

@@ -1,0 +1,342 @@
+"""Teacher output cache: each teacher's logits per example, computed once, read by training.
+
+When a teacher sees fixed inputs - no random augmentation, or a fixed set of augmentation
+draws per example (`data.augment_period = P`: epoch e reuses epoch e % P's crops) - its
+outputs are a function of the example alone, and running it every step is wasted work
+(with 4 ResNet-56 teachers, most of a KD step). `scripts/cache_teacher.py` runs every
+teacher once over the train split (P times when augmented) and the eval split and writes,
+per teacher, a directory:
+
+    CACHE/NAME/cache.json            what was cached, and from what (the fingerprints)
+    CACHE/NAME/SPLIT.array_record    one record per (slot, example id), at slot * n + id
+
+A record holds the teacher's logits at T = 1 (float32 or float16) or, with `top_k = k`, its k
+largest log-probabilities, their classes and the log of the remaining probability mass, which
+reading spreads evenly over the other classes (so the tempered distribution is approximate;
+`top_k = 0` is exact). Records are fixed-size NumPy structs: nothing is unpickled.
+
+A run reads a cache with `config.teachers.NAME.cache = CACHE/NAME`: the pipeline adds
+`batch['teacher_logits/NAME']` and the teacher's forward becomes a read of that key, in the
+same compiled step. The run refuses the cache, saying why, when it was made from another
+teacher checkpoint (SHA-256 of the variables), another data set or split content, or other
+augmentation or normalisation settings than the run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from array_record.python import array_record_module
+
+from distill_jax import data as data_lib
+from distill_jax.outputs import Outputs
+
+FORMAT = 1
+META_FILE = "cache.json"
+# Caches up to this size are read into memory at the first batch; larger ones per batch.
+_MEMORY_LIMIT_BYTES = 1 << 30
+
+
+class CacheError(ValueError):
+  """A teacher cache is missing, corrupt or stale; the message names the file and the reason."""
+
+
+def batch_key(teacher: str) -> str:
+  """The batch key under which teacher `teacher`'s cached logits reach the step."""
+  return f"teacher_logits/{teacher}"
+
+
+def cached_apply(teacher: str):
+  """The forward of a cached teacher: its logits, read from the batch (no features)."""
+  key = batch_key(teacher)
+
+  def apply(variables: Any, batch: Mapping[str, jax.Array], train: bool,
+            rng: jax.Array | None = None) -> Outputs:
+    del variables, train, rng
+    return Outputs(batch[key], {}, {})
+
+  return apply
+
+
+def variables_digest(model: str, kwargs: Mapping[str, Any], variables: Any) -> str:
+  """SHA-256 of a model's name, settings and every variable (path, dtype, shape, bytes)."""
+  digest = hashlib.sha256(json.dumps([model, dict(kwargs)], sort_keys=True,
+                                     default=str).encode())
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def input_fingerprint(data_config: Any, split: str, seed: int, augmented: bool
+                      ) -> dict[str, Any]:
+  """Everything that decides what a teacher sees of `split`: the data's content, its
+  normalisation and, for augmented (train) inputs, the augmentation settings and seed."""
+  info = data_lib.get_info(data_config)
+  fingerprint = {
+      "data": data_config.name, "split": split, "num_examples": info.num_examples[split],
+      "sha256": data_lib.split_digest(data_config, split), "image_shape": list(info.image_shape),
+      "pixel_max": info.pixel_max, "mean": list(info.mean), "std": list(info.std),
+      "augment": data_config.get("augment", "none") if augmented else "none"}
+  if fingerprint["augment"] != "none":
+    fingerprint.update(crop_padding=int(data_config.crop_padding),
+                       augment_seed=data_lib.augment_seed(data_config, seed),
+                       augment_period=int(data_config.get("augment_period", 0)))
+  return fingerprint
+
+
+def num_slots(fingerprint: Mapping[str, Any]) -> int:
+  """Versions of each example in a split: its augmentation period, or 1 without augmentation."""
+  if fingerprint["augment"] == "none":
+    return 1
+  period = fingerprint["augment_period"]
+  if period < 1:
+    raise CacheError(
+        f"Cannot cache teacher outputs on {fingerprint['split']!r} with augment="
+        f"{fingerprint['augment']!r} and augment_period=0: every epoch draws new crops, so no "
+        "teacher input repeats. Set data.augment='none', or data.augment_period=P to reuse P "
+        "epochs' draws (the cache then holds P versions of each example).")
+  return int(period)
+
+
+def _record_dtype(num_classes: int, top_k: int, dtype: str) -> np.dtype:
+  if top_k:
+    return np.dtype([("index", "<i4", (top_k,)), ("log_prob", "<f4", (top_k,)),
+                     ("log_rest", "<f4")])
+  return np.dtype([("logits", np.dtype(dtype).newbyteorder("<"), (num_classes,))])
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def encode(logits: np.ndarray, top_k: int, dtype: str = "float32") -> np.ndarray:
+  """Logits [n, K] -> n cache records (a structured array)."""
+  n, num_classes = logits.shape
+  records = np.zeros(n, _record_dtype(num_classes, top_k, dtype))
+  if not top_k:
+    records["logits"] = logits
+    return records
+  log_probs = _log_softmax(logits)
+  index = np.argsort(-log_probs, axis=-1, kind="stable")[:, :top_k]
+  rest = log_probs.copy()
+  np.put_along_axis(rest, index, -np.inf, axis=-1)
+  top = rest.max(axis=-1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    log_rest = np.squeeze(top, -1) + np.log(np.sum(np.exp(rest - top), axis=-1))
+  records["index"] = index
+  records["log_prob"] = np.take_along_axis(log_probs, index, axis=-1)
+  records["log_rest"] = np.where(np.isfinite(log_rest), log_rest, -np.inf)
+  return records
+
+
+def decode(records: np.ndarray, num_classes: int) -> np.ndarray:
+  """Cache records -> float32 logits [n, K]; top-k records give log-probabilities with the
+  remaining mass spread evenly over the classes outside the top k."""
+  if "logits" in records.dtype.names:
+    return records["logits"].astype(np.float32)
+  top_k = records["index"].shape[-1]
+  fill = records["log_rest"].astype(np.float64) - np.log(num_classes - top_k)
+  logits = np.repeat(fill[:, None], num_classes, axis=1)
+  np.put_along_axis(logits, records["index"].astype(np.int64), records["log_prob"], axis=-1)
+  return logits.astype(np.float32)
+
+
+def write_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
+                splits: Sequence[str], batch_size: int = 256, top_k: int = 0,
+                dtype: str = "float32", checkpoint: str = "", progress: Any = None
+                ) -> dict[str, Any]:
+  """Runs `teacher` (a `teachers.Teacher`) over `splits` and writes its cache to `directory`.
+
+  The first split is read as training sees it (augmented: one version per slot), the others
+  as evaluation does. `cache.json` is written last, so an interrupted write leaves no cache
+  that a run would accept. Returns the cache's metadata.
+  """
+  from distill_jax.features import make_apply  # The forward the run would use.
+
+  info = data_lib.get_info(data_config)
+  if not 0 <= top_k < info.num_classes:
+    raise CacheError(f"top_k must be in [0, {info.num_classes}) for {info.num_classes} "
+                     f"classes (0: all logits), got {top_k}.")
+  if dtype not in ("float32", "float16"):
+    raise CacheError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+  os.makedirs(directory, exist_ok=True)
+  meta_path = os.path.join(directory, META_FILE)
+  if os.path.exists(meta_path):
+    os.remove(meta_path)
+  apply = jax.jit(lambda variables, images: make_apply(teacher.module)(
+      variables, {"image": images}, False).logits)
+  train_iter = data_lib.train_iterator(data_config, global_batch_size=1, seed=seed)
+  meta: dict[str, Any] = {
+      "format": FORMAT, "teacher": teacher.name, "model": teacher.model,
+      "checkpoint": checkpoint, "num_classes": info.num_classes, "top_k": int(top_k),
+      "dtype": dtype, "splits": {},
+      "teacher_sha256": variables_digest(teacher.model, teacher.kwargs, teacher.variables)}
+  for i, split in enumerate(splits):
+    fingerprint = input_fingerprint(data_config, split, seed, augmented=i == 0)
+    slots, n = num_slots(fingerprint), fingerprint["num_examples"]
+    path = os.path.join(directory, f"{split}.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    eval_source = None if i == 0 else data_lib.eval_batches(
+        data_config, global_batch_size=batch_size, split=split)
+    for slot in range(slots):
+      for start in range(0, n, batch_size):
+        ids = np.arange(start, min(start + batch_size, n))
+        images = (train_iter.examples(slot, ids) if i == 0 else next(eval_source))["image"]
+        padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+        padded[:len(ids)] = images[:len(ids)]
+        logits = np.asarray(apply(teacher.variables, padded))[:len(ids)]
+        for record in encode(logits, top_k, dtype):
+          writer.write(record.tobytes())
+        if progress is not None:
+          progress(len(ids))
+    writer.close()
+    meta["splits"][split] = {"file": os.path.basename(path), "slots": slots,
+                             "inputs": fingerprint}
+  with open(meta_path, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  return meta
+
+
+class CacheReader:
+  """`(epoch, ids) -> float32 logits [n, K]` of one cached split: the pipeline's side data.
+
+  Epoch e reads slot e % slots (the pipeline reuses the same augmentation draws then).
+  Small caches are read into memory once; pickles without the open file (grain workers
+  reopen it).
+  """
+
+  def __init__(self, path: str, num_examples: int, slots: int, num_classes: int,
+               record_dtype: np.dtype):
+    self.path, self.num_examples, self.slots = path, num_examples, slots
+    self.num_classes, self.record_dtype = num_classes, record_dtype
+    self._reader: Any = None
+    self._table: np.ndarray | None = None
+
+  def _open(self) -> Any:
+    if self._reader is None:
+      self._reader = array_record_module.ArrayRecordReader(self.path)
+      if self.num_examples * self.slots * self.record_dtype.itemsize <= _MEMORY_LIMIT_BYTES:
+        self._table = np.frombuffer(b"".join(self._reader.read_all()), self.record_dtype)
+    return self._reader
+
+  def __call__(self, epoch: int, ids: np.ndarray) -> np.ndarray:
+    index = (int(epoch) % self.slots) * self.num_examples + np.asarray(ids, np.int64)
+    reader = self._open()
+    if self._table is not None:
+      records = self._table[index]
+    else:
+      records = np.frombuffer(b"".join(reader.read([int(i) for i in index])) if len(index)
+                              else b"", self.record_dtype)
+    return decode(records, self.num_classes)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_reader": None, "_table": None}
+
+
+def _differences(cached: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+  keys = sorted(set(cached) | set(wanted))
+  return [f"{k}: cache has {cached.get(k)!r}, this run has {wanted.get(k)!r}"
+          for k in keys if cached.get(k) != wanted.get(k)]
+
+
+def open_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
+               splits: Sequence[str], rebuild_hint: str = "") -> dict[str, CacheReader]:
+  """Checks the cache in `directory` against this run and returns a reader per split.
+
+  `splits[0]` is the train split (compared with augmentation), the rest eval splits. Raises
+  CacheError naming the file and every difference: teacher checkpoint, data, augmentation.
+  """
+  meta_path = os.path.join(directory, META_FILE)
+  hint = f"\nRebuild it with: {rebuild_hint}" if rebuild_hint else ""
+  if not os.path.exists(meta_path):
+    raise CacheError(f"Teacher {teacher.name!r}: no teacher cache at {directory!r} (no "
+                     f"{META_FILE}; a write that did not finish leaves none).{hint}")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CacheError(f"Teacher {teacher.name!r}: cannot read {meta_path}: {e}{hint}") from e
+  problems = []
+  if meta.get("format") != FORMAT:
+    problems.append(f"format {meta.get('format')!r}, this version reads {FORMAT}")
+  digest = variables_digest(teacher.model, teacher.kwargs, teacher.variables)
+  if meta.get("teacher_sha256") != digest:
+    problems.append(
+        f"it was made from another teacher checkpoint: {meta.get('model')} from "
+        f"{meta.get('checkpoint') or '?'} (variables sha256 "
+        f"{str(meta.get('teacher_sha256'))[:12]}), but this run's teacher {teacher.name!r} is "
+        f"{teacher.model} with variables sha256 {digest[:12]}")
+  readers = {}
+  for i, split in enumerate(splits):
+    entry = meta.get("splits", {}).get(split)
+    if entry is None:
+      problems.append(f"it has no split {split!r} (it has {sorted(meta.get('splits', {}))})")
+      continue
+    wanted = input_fingerprint(data_config, split, seed, augmented=i == 0)
+    num_slots(wanted)  # A run whose crops never repeat can use no cache: say so, plainly.
+    changed = _differences(entry["inputs"], wanted)
+    if changed:
+      problems.append(f"split {split!r} was cached from other inputs: " + "; ".join(changed))
+      continue
+    path = os.path.join(directory, entry["file"])
+    record_dtype = _record_dtype(meta["num_classes"], meta["top_k"], meta["dtype"])
+    expected = entry["slots"] * wanted["num_examples"]
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      found, size = reader.num_records(), len(reader.read([0])[0]) if expected else 0
+      reader.close()
+    except Exception as e:  # noqa: BLE001  (the C++ reader raises plain RuntimeErrors)
+      raise CacheError(f"Teacher {teacher.name!r}: cannot read cache file {path}: {e}{hint}"
+                       ) from e
+    if found != expected or (expected and size != record_dtype.itemsize):
+      raise CacheError(f"Teacher {teacher.name!r}: cache file {path} is corrupt: {found} "
+                       f"records of {size} bytes, {META_FILE} says {expected} of "
+                       f"{record_dtype.itemsize}.{hint}")
+    readers[split] = CacheReader(path, wanted["num_examples"], entry["slots"],
+                                 meta["num_classes"], record_dtype)
+  if problems:
+    raise CacheError(f"Teacher {teacher.name!r}: refusing the stale cache {directory!r}:\n  - "
+                     + "\n  - ".join(problems) + hint)
+  return readers
+
+
+def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), top_k: int = 0,
+                   dtype: str = "float32", batch_size: int = 256, progress_bar: bool = False
+                   ) -> dict[str, str]:
+  """Writes `cache_dir/NAME` for each of the run config's teachers (default: all of them), on
+  the config's train and eval splits with its data settings and seed. Returns {name: dir}."""
+  from tqdm import tqdm
+
+  from distill_jax.teachers import load_teacher
+
+  info = data_lib.get_info(config.data)
+  names = list(names) or list(config.teachers)
+  unknown = sorted(set(names) - set(config.teachers))
+  if unknown:
+    raise CacheError(f"No teacher(s) {unknown} in the config; it has {sorted(config.teachers)}.")
+  splits = (config.data.train_split, config.data.eval_split)
+  train = input_fingerprint(config.data, splits[0], config.seed, augmented=True)
+  per_teacher = (num_slots(train) * train["num_examples"]
+                 + info.num_examples[splits[1]])
+  written = {}
+  with tqdm(total=per_teacher * len(names), disable=not progress_bar, unit="ex",
+            desc="cache") as bar:
+    for name in names:
+      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.image_shape)
+      directory = os.path.join(cache_dir, name)
+      write_cache(directory, teacher, config.data, seed=config.seed, splits=splits,
+                  batch_size=batch_size, top_k=top_k, dtype=dtype,
+                  checkpoint=teacher.checkpoint, progress=bar.update)
+      written[name] = directory
+  return written
