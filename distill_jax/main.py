@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required to train.")
   from distill_jax.config import ConfigError
-  from distill_jax.teacher_cache import CacheError
+  from distill_jax.data.teacher_cache import CacheError
   from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import train_generations
 

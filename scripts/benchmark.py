@@ -2,6 +2,7 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
 
     python scripts/benchmark.py --teacher=resnet56 --student=resnet20 --batch_size=64
     python scripts/benchmark.py --methods=all      # every method's step time relative to KD
+    python scripts/benchmark.py --teacher_counts=1,2,4   # live teachers vs their output cache
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -34,8 +35,8 @@ flags.DEFINE_bool("xla_fast_cpu_convs", False, "Eigen convolutions on XLA:CPU (s
 flags.DEFINE_list("methods", [], "Also time these methods of configs/cifar_kd.py ('all': every "
                   "one), each relative to KD.")
 flags.DEFINE_integer("num_examples", 50000, "Training-set size (CRD's memory bank rows).")
-flags.DEFINE_list("teacher_counts", [], "Also time KD from this many live teachers each "
-                  "(e.g. 1,2,4), averaging their probabilities.")
+flags.DEFINE_list("teacher_counts", [], "Also time KD from this many teachers each (e.g. "
+                  "1,2,4), averaging their probabilities: live, and read from their cache.")
 
 FAST_CPU_CONV_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
                        "--xla_cpu_use_xnnpack=false")
@@ -63,11 +64,12 @@ def load_methods() -> dict:
   return module.METHODS
 
 
-def benchmark(losses: dict, num_teachers: int = 1) -> float:
+def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> float:
   """Examples/s of the compiled train step with these loss terms (median over repeats).
 
   Teachers (`num_teachers` copies of --teacher, each its own weights) are used when any term
-  needs one; terms with parameters are initialised as in a run.
+  needs one; terms with parameters are initialised as in a run. `cached`: the teachers'
+  logits come with the batch, as from `scripts/cache_teacher.py` (no teacher forward).
   """
   import functools
 
@@ -76,6 +78,7 @@ def benchmark(losses: dict, num_teachers: int = 1) -> float:
   import optax
 
   from distill_jax import models
+  from distill_jax.data import teacher_cache
   from distill_jax.objective import build_objective
   from distill_jax.teachers import Teacher
   from distill_jax.train.loop import build_applies, compile_steps, example_batch, init_objective
@@ -97,14 +100,16 @@ def benchmark(losses: dict, num_teachers: int = 1) -> float:
   if not objective.needs_teachers:
     teachers = {}
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+  cached_names = tuple(teachers) if cached else ()
   student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
-                                                 shape)
+                                                 shape, cached=cached_names)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
-  teacher_vars = {n: t.variables for n, t in teachers.items()}
+  teacher_vars = {n: {} if cached else t.variables for n, t in teachers.items()}
+  logit_keys = {teacher_cache.batch_key(n): FLAGS.num_classes for n in cached_names}
   variables = init(student, 0)
   objective_params, objective_state = jax.jit(functools.partial(
       init_objective, objective, student_apply, teacher_applies))(
-          variables, teacher_vars, example_batch(shape, FLAGS.batch_size),
+          variables, teacher_vars, example_batch(shape, FLAGS.batch_size, logit_keys),
           jax.random.PRNGKey(3))
   state = parallel.put_replicated(create_train_state(
       variables, objective_params, objective_state, tx, jax.random.PRNGKey(2)))
@@ -113,7 +118,9 @@ def benchmark(losses: dict, num_teachers: int = 1) -> float:
   batch = parallel.put_batch({
       "image": rng.normal(size=(FLAGS.batch_size, *shape)).astype(np.float32),
       "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype(np.int32),
-      "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32)})
+      "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32),
+      **{key: rng.normal(size=(FLAGS.batch_size, k)).astype(np.float32)
+         for key, k in logit_keys.items()}})
   for _ in range(1 + FLAGS.warmup):
     state, metrics = train_step(state, teacher_vars, batch)
   jax.block_until_ready(state)
@@ -125,6 +132,35 @@ def benchmark(losses: dict, num_teachers: int = 1) -> float:
     jax.block_until_ready((state, metrics))
     rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
   return float(np.median(rates))
+
+
+def cache_read_ms(num_teachers: int) -> float:
+  """Host milliseconds to read one batch's logits of `num_teachers` teachers from in-memory
+  caches of --num_examples x --num_classes float32 logits (the cached step's data-side cost)."""
+  import tempfile
+
+  import numpy as np
+  from array_record.python import array_record_module
+
+  from distill_jax.data import teacher_cache
+
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "train.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    records = teacher_cache.encode(rng.normal(size=(FLAGS.num_examples, FLAGS.num_classes)), 0)
+    for record in records:
+      writer.write(record.tobytes())
+    writer.close()
+    reader = teacher_cache.CacheReader(path, FLAGS.num_examples, 1, FLAGS.num_classes,
+                                       records.dtype)
+    reader(0, np.arange(1))  # Loads the table.
+    batches = [rng.integers(0, FLAGS.num_examples, FLAGS.batch_size) for _ in range(200)]
+    start = time.perf_counter()
+    for ids in batches:
+      for _ in range(num_teachers):
+        reader(0, ids)
+    return 1000 * (time.perf_counter() - start) / len(batches)
 
 
 def main(argv: list[str]) -> None:
@@ -143,10 +179,14 @@ def main(argv: list[str]) -> None:
   print(f"| KD ({FLAGS.teacher} -> {FLAGS.student}) | {distill:.1f} |")
   print(f"KD step costs {student_only / distill:.2f}x the student-only step.", flush=True)
   if FLAGS.teacher_counts:
-    print("\n| live teachers | KD examples/s | step time / one teacher's |\n|---|---|---|")
+    print("\n| teachers | live: examples/s | live: step / one teacher's | cached: examples/s "
+          "| cached: host read ms/batch |\n|---|---|---|---|---|")
     for count in map(int, FLAGS.teacher_counts):
-      rate = benchmark({"ce": {"weight": kd_ce}, **kd_terms}, num_teachers=count)
-      print(f"| {count} | {rate:.1f} | {distill / rate:.2f} |", flush=True)
+      terms = {"ce": {"weight": kd_ce}, **kd_terms}
+      live = benchmark(terms, num_teachers=count)
+      cached = benchmark(terms, num_teachers=count, cached=True)
+      print(f"| {count} | {live:.1f} | {distill / live:.2f} | {cached:.1f} | "
+            f"{cache_read_ms(count):.2f} |", flush=True)
   if not FLAGS.methods:
     return
   methods = load_methods()

@@ -10,9 +10,9 @@ import scipy.special
 from conftest import run_steps, tiny
 
 from distill_jax import data as data_lib
-from distill_jax import teacher_cache
 from distill_jax.config import ConfigError
-from distill_jax.teacher_cache import CacheError
+from distill_jax.data import teacher_cache
+from distill_jax.data.teacher_cache import CacheError
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
 from distill_jax.train.checkpoint import export_model, read_model_meta

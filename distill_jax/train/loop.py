@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import models, teacher_cache
+from distill_jax import models
+from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, init_shapes, load_teachers

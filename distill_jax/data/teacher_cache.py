@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
-from distill_jax import data as data_lib
+from distill_jax.data import pipeline as data_lib
 from distill_jax.outputs import Outputs
 
 FORMAT = 1
