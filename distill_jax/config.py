@@ -64,20 +64,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache")
+TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size")
 
 
 def teacher_config(model: str, kwargs: dict[str, Any] | None = None, checkpoint: str = "",
-                   cache: str | None = None) -> ml_collections.ConfigDict:
+                   cache: str | None = None, input_size: tuple[int, int] | None = None
+                   ) -> ml_collections.ConfigDict:
   """One entry of `config.teachers`, with every key present so each can be overridden:
 
   `model` and `kwargs` build it, `checkpoint` is a teacher run's workdir (or its `model/`
-  export), and `cache` (optional) a directory written by `scripts/cache_teacher.py` for this
-  teacher: training then reads its logits from there instead of running it.
+  export), `cache` (optional) a directory written by `scripts/cache_teacher.py` for this
+  teacher (training then reads its logits from there instead of running it), and
+  `input_size=(H, W)` (optional) the image size it was trained at, when not the data's: its
+  inputs are resized to it.
   """
+  placeholder = ml_collections.config_dict.placeholder
   return ml_collections.ConfigDict({
       "model": model, "kwargs": dict(kwargs or {}), "checkpoint": checkpoint,
-      "cache": ml_collections.config_dict.placeholder(str) if cache is None else cache})
+      "cache": placeholder(str) if cache is None else cache,
+      "input_size": placeholder(tuple) if input_size is None else tuple(input_size)})
 
 
 def import_modules(config: ml_collections.ConfigDict) -> None:

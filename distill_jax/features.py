@@ -47,9 +47,13 @@ def _lookup(sown: Mapping[str, Any], name: str) -> jax.Array | None:
   return None
 
 
-def make_apply(module: nn.Module, *, input_key: str = "image",
-               features: Sequence[str] = ()) -> ApplyFn:
-  """Returns the pure forward of `module` on `batch[input_key]`, tapping `features`."""
+def make_apply(module: nn.Module, *, input_key: str = "image", features: Sequence[str] = (),
+               input_size: Sequence[int] | None = None) -> ApplyFn:
+  """Returns the pure forward of `module` on `batch[input_key]`, tapping `features`.
+
+  `input_size=(H, W)` resizes the images (bilinear, antialiased when shrinking) before the
+  forward: a teacher trained at another resolution than the student's data.
+  """
   features = tuple(dict.fromkeys(features))
   paths = frozenset(features)
 
@@ -62,7 +66,10 @@ def make_apply(module: nn.Module, *, input_key: str = "image",
     if features:
       mutable.append("intermediates")
     rngs = {"dropout": rng} if rng is not None else {}
-    out = module.apply(variables, batch[input_key], train=train, rngs=rngs,
+    x = batch[input_key]
+    if input_size is not None and tuple(x.shape[1:3]) != tuple(input_size):
+      x = jax.image.resize(x, (x.shape[0], *input_size, *x.shape[3:]), method="bilinear")
+    out = module.apply(variables, x, train=train, rngs=rngs,
                        mutable=mutable or False, capture_intermediates=keep if features else False)
     logits, new_state = out if mutable else (out, {})
     new_state = dict(new_state)

@@ -31,6 +31,11 @@ class Teacher:
   variables: Any
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   checkpoint: str = ""  # The export directory it was loaded from.
+  input_size: tuple[int, int] | None = None  # (H, W) it sees; None: the data's own size.
+
+  def input_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The (H, W, C) this teacher runs at, given the data's (H, W, C)."""
+    return (*self.input_size, *data_shape[2:]) if self.input_size else tuple(data_shape)
 
 
 def resolve_export_dir(checkpoint: str) -> str:
@@ -47,7 +52,11 @@ def init_shapes(module: Any, input_shape: tuple[int, ...]) -> Any:
 
 def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
                  input_shape: tuple[int, ...]) -> Teacher:
-  """Builds teacher `name` from its config entry and loads its exported variables."""
+  """Builds teacher `name` from its config entry and loads its exported variables.
+
+  `input_shape` is the data's (H, W, C); a teacher with `input_size=(H', W')` is built (and its
+  parameter shapes checked) at (H', W', C), and the step resizes the images for it.
+  """
   model_name = settings["model"]
   kwargs = dict(settings.get("kwargs") or {})
   module = models.build_model(model_name, num_classes, **kwargs)
@@ -62,8 +71,23 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
         f"Teacher {name!r} is configured as {model_name} with {num_classes} classes, but "
         f"{os.path.join(directory, 'model.json')} was saved from {meta.get('model')} with "
         f"{meta.get('num_classes')} classes.")
-  variables = load_model_variables(directory, init_shapes(module, input_shape))
-  return Teacher(name, model_name, module, variables, kwargs, directory)
+  input_size = settings.get("input_size")
+  if input_size is not None:
+    input_size = tuple(int(d) for d in input_size)
+    if len(input_size) != 2 or min(input_size) < 1:
+      raise CheckpointError(f"config.teachers.{name}.input_size must be (height, width), got "
+                            f"{settings.get('input_size')!r}.")
+  teacher = Teacher(name, model_name, module, None, kwargs, directory, input_size)
+  try:
+    variables = load_model_variables(directory,
+                                     init_shapes(module, teacher.input_shape(input_shape)))
+  except CheckpointError as e:
+    if input_size is not None:
+      raise
+    raise CheckpointError(f"{e}\nIf teacher {name!r} was trained on images of another size "
+                          f"than the data's {tuple(input_shape[:2])}, set "
+                          f"config.teachers.{name}.input_size=(H, W).") from None
+  return dataclasses.replace(teacher, variables=variables)
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,

@@ -64,11 +64,12 @@ def cached_apply(teacher: str):
   return apply
 
 
-def variables_digest(model: str, kwargs: Mapping[str, Any], variables: Any) -> str:
-  """SHA-256 of a model's name, settings and every variable (path, dtype, shape, bytes)."""
-  digest = hashlib.sha256(json.dumps([model, dict(kwargs)], sort_keys=True,
-                                     default=str).encode())
-  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
+def teacher_digest(teacher: Any) -> str:
+  """SHA-256 of a teacher's model name, settings, input size and every variable (path, dtype,
+  shape, bytes): what "the same teacher" means for its cached outputs."""
+  digest = hashlib.sha256(json.dumps([teacher.model, dict(teacher.kwargs), teacher.input_size],
+                                     sort_keys=True, default=str).encode())
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(teacher.variables))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     leaf = np.ascontiguousarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
@@ -174,14 +175,15 @@ def write_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
   meta_path = os.path.join(directory, META_FILE)
   if os.path.exists(meta_path):
     os.remove(meta_path)
-  apply = jax.jit(lambda variables, images: make_apply(teacher.module)(
+  apply = jax.jit(lambda variables, images: make_apply(
+      teacher.module, input_size=teacher.input_size)(
       variables, {"image": images}, False).logits)
   train_iter = data_lib.train_iterator(data_config, global_batch_size=1, seed=seed)
   meta: dict[str, Any] = {
       "format": FORMAT, "teacher": teacher.name, "model": teacher.model,
       "checkpoint": checkpoint, "num_classes": info.num_classes, "top_k": int(top_k),
       "dtype": dtype, "splits": {},
-      "teacher_sha256": variables_digest(teacher.model, teacher.kwargs, teacher.variables)}
+      "teacher_sha256": teacher_digest(teacher)}
   for i, split in enumerate(splits):
     fingerprint = input_fingerprint(data_config, split, seed, augmented=i == 0)
     slots, n = num_slots(fingerprint), fingerprint["num_examples"]
@@ -270,7 +272,7 @@ def open_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
   problems = []
   if meta.get("format") != FORMAT:
     problems.append(f"format {meta.get('format')!r}, this version reads {FORMAT}")
-  digest = variables_digest(teacher.model, teacher.kwargs, teacher.variables)
+  digest = teacher_digest(teacher)
   if meta.get("teacher_sha256") != digest:
     problems.append(
         f"it was made from another teacher checkpoint: {meta.get('model')} from "

@@ -216,10 +216,12 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
           f"holds logits only, but loss term(s) {users} compare its features {list(wanted)}. "
           f"Run it live (unset config.teachers.{name}.cache) or drop those terms.")
     check_features(f"Teacher {name!r} ({teacher.model})", wanted,
-                   list_features(teacher.module, teacher.variables, input_shape))
+                   list_features(teacher.module, teacher.variables,
+                                 teacher.input_shape(input_shape)))
   return (make_apply(student, features=objective.student_features),
           {name: teacher_cache.cached_apply(name) if name in cached else
-           make_apply(t.module, features=objective.teacher_features(name))
+           make_apply(t.module, features=objective.teacher_features(name),
+                      input_size=t.input_size)
            for name, t in teachers.items()})
 
 

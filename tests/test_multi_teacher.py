@@ -1,5 +1,7 @@
-"""Teacher output cache: cached and live teachers train the same, top-k against NumPy, and
-every kind of stale or broken cache is refused with its reason."""
+"""Several teachers: different architectures and input sizes in one run, and the teacher output
+cache (cached and live teachers train the same, top-k against NumPy, every kind of stale or
+broken cache refused with its reason). Aggregations are checked in test_losses and
+test_logit_losses."""
 
 import os
 
@@ -13,9 +15,10 @@ from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
 from distill_jax.data import teacher_cache
 from distill_jax.data.teacher_cache import CacheError
+from distill_jax.models import build_model
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
-from distill_jax.train.checkpoint import export_model, read_model_meta
+from distill_jax.train.checkpoint import CheckpointError, export_model, read_model_meta
 
 MLP_TEACHER = {"model": "mlp", "kwargs": {"hidden": (64,)}}
 
@@ -193,3 +196,34 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
                                "teachers.teacher.cache": os.path.join(cache_dir, "teacher")})
   with pytest.raises(ConfigError, match=r"holds logits only.*\['at'\]"):
     loop.build_run(at)
+
+
+def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
+  """An MLP teacher made for 16x16 images beside the 8x8 CNN teacher: it loads only with
+  `input_size`, sees the resized batch, and its cache holds that same forward."""
+  module = build_model("mlp", 10, hidden=(32,))
+  variables = module.init(jax.random.PRNGKey(5), np.zeros((1, 16, 16, 1)), train=False)
+  big_dir = str(tmp_path / "big")
+  export_model(big_dir, variables, {"model": "mlp", "kwargs": {"hidden": (32,)},
+                                    "num_classes": 10, "step": 0})
+  config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
+                                   "data.augment": "none"})
+  with config.unlocked():
+    config.teachers.big = {"model": "mlp", "kwargs": {"hidden": (32,)}, "checkpoint": big_dir,
+                           "cache": None, "input_size": None}
+  with pytest.raises(CheckpointError, match=r"teachers.big.input_size=\(H, W\)"):
+    loop.build_run(config)
+  with config.unlocked():
+    config.teachers.big.input_size = (16, 16)
+  run = loop.build_run(config)
+  batch = next(data_lib.eval_batches(config.data, global_batch_size=32))
+  got = run["teacher_applies"]["big"](run["teacher_vars"]["big"], batch, False).logits
+  resized = jax.image.resize(batch["image"], (32, 16, 16, 1), "bilinear")
+  np.testing.assert_allclose(got, module.apply(variables, resized, train=False), atol=1e-6)
+  _, metrics = run_steps(config, 2)
+  assert np.isfinite(metrics["loss/kd"])
+  directory = teacher_cache.cache_teachers(config, str(tmp_path / "cache"), names=["big"],
+                                           batch_size=64)["big"]
+  reader = teacher_cache.open_cache(directory, run["teachers"]["big"], config.data,
+                                    seed=config.seed, splits=("train", "test"))["test"]
+  np.testing.assert_allclose(reader(0, batch["id"]), got, atol=1e-5)
