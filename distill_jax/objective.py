@@ -67,6 +67,14 @@ class Term:
   def uses_teachers(self) -> bool:
     return getattr(self.fn, "uses_teachers", True)
 
+  def teachers_used(self, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of the teachers `names` this term reads: the one its `teacher` setting names,
+    else all of them (none for a term that uses no teacher)."""
+    if not self.uses_teachers:
+      return ()
+    named = getattr(self.fn, "teacher", None) if self.is_module else self.hparams.get("teacher")
+    return (named,) if named in names else names
+
   def weight_at(self, step: jax.Array) -> jax.Array:
     if self.warmup_steps <= 0:
       return jnp.asarray(self.weight, jnp.float32)
@@ -97,6 +105,12 @@ class Objective:
   @property
   def needs_teachers(self) -> bool:
     return any(t.uses_teachers for t in self.terms)
+
+  def teachers_used(self, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The teachers (of `names`, in that order) that some term reads: the only ones whose
+    forward a train step must run."""
+    used = {n for term in self.terms for n in term.teachers_used(names)}
+    return tuple(n for n in names if n in used)
 
   @property
   def student_features(self) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ ARGS = {
                     "kd,vgg13,vgg8,cifar10", "ce,resnet110,tiny",
                     "fitnet_hint,resnet56,resnet20,tiny",
                     *[f"{m},resnet56,resnet20" for m in _config_module("cifar_kd.py").METHODS]],
+    "digits_ensemble.py": [*_config_module("digits_ensemble.py").ROLES, "kd_ensemble,tiny"],
 }
 
 

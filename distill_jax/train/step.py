@@ -60,10 +60,12 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   """One optimizer update of the student (and the objective's parameters).
 
   `state.step` counts steps over all stages; the objective sees the step within its stage
-  (`state.step - step_offset`), so warm-ups start with the stage.
+  (`state.step - step_offset`), so warm-ups start with the stage. Only the teachers that a
+  term reads run (a student trained alone, with teachers listed for eval, runs none).
   """
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
-  teachers = teacher_forward(teacher_applies, teacher_vars, batch)
+  used = objective.teachers_used(tuple(teacher_applies))
+  teachers = teacher_forward({n: teacher_applies[n] for n in used}, teacher_vars, batch)
 
   def loss_fn(params):
     variables = {"params": params["student"], **state.model_state}
@@ -104,7 +106,9 @@ def eval_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping
               axis_name: str | None = None) -> dict[str, jax.Array]:
   """Sums over the (masked) batch: correct top-1/top-5, CE, and fidelity to the teachers.
 
-  Returns sums, not means, so the host can add batches (and devices) and divide once.
+  Fidelity (top-1, agreement, KL at T = 1) is reported per teacher and, with several, for
+  'ensemble': the equal-weight mixture of their probabilities, whatever aggregation the loss
+  terms use. Returns sums, not means, so the host can add batches (and devices) and divide once.
   """
   student = student_apply(state.student_variables(), batch, False)
   teachers = teacher_forward(teacher_applies, teacher_vars, batch)
