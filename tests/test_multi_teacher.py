@@ -227,3 +227,24 @@ def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
   reader = teacher_cache.open_cache(directory, run["teachers"]["big"], config.data,
                                     seed=config.seed, splits=("train", "test"))["test"]
   np.testing.assert_allclose(reader(0, batch["id"]), got, atol=1e-5)
+
+
+def test_cache_teacher_script_then_cli_run(data_dir, teacher_dir, tmp_path):
+  """scripts/cache_teacher.py writes the cache and prints the override; the CLI trains from it."""
+  import subprocess
+  import sys
+
+  from conftest import DIGITS, ROOT, run_digits_cli
+
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "cache_teacher.py"),
+       f"--config={DIGITS}:kd,tiny", f"--cache_dir={tmp_path / 'cache'}", "--top_k=4",
+       f"--config.data.data_dir={data_dir}", "--config.data.augment=none",
+       f"--config.teachers.teacher.checkpoint={teacher_dir}"],
+      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  override = f"--config.teachers.teacher.cache={tmp_path / 'cache' / 'teacher'}"
+  assert override in proc.stdout
+  run_digits_cli("kd,tiny", str(tmp_path / "run"), data_dir, teacher_dir,
+                 "--config.data.augment=none", override)
+  assert os.path.exists(tmp_path / "run" / "result.json")
