@@ -232,6 +232,10 @@ def augment_seed(data_config: Any, seed: int) -> int:
   return int(_field(data_config, "augment_seed", seed))
 
 
+# split_digest's results, per (data set, data_dir, split): each split is hashed once per process.
+_DIGESTS: dict[tuple[str, str, str], str] = {}
+
+
 def split_digest(data_config: Any, split: str) -> str:
   """SHA-256 of a split's stored images and labels, in stored order: what "the same data"
   means when a teacher's cached outputs are matched to a run (reads the whole split once
@@ -247,8 +251,6 @@ def split_digest(data_config: Any, split: str) -> str:
     _DIGESTS[key] = digest.hexdigest()
   return _DIGESTS[key]
 
-
-_DIGESTS: dict[tuple[str, str, str], str] = {}
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from distill_jax.features import ApplyFn
+from distill_jax.losses.base import teacher_log_probs
 from distill_jax.losses.logits import kd_divergence
 from distill_jax.objective import Objective
 from distill_jax.outputs import Outputs
@@ -45,11 +46,6 @@ def _global(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[st
 
 def _top1(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1)
-
-
-def _ensemble_logprobs(teachers: Mapping[str, Outputs]) -> jax.Array:
-  logps = jnp.stack([jax.nn.log_softmax(t.logits) for t in teachers.values()])
-  return jax.nn.logsumexp(logps, axis=0) - jnp.log(len(teachers))
 
 
 def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
@@ -93,7 +89,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
              "top1": jnp.mean(_top1(student.logits) == batch["label"]),
              "grad_norm": optax.tree.norm(grads)}
   if teachers:
-    metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(_ensemble_logprobs(teachers)))
+    ensemble = teacher_log_probs(teachers, 1.0)
+    metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
@@ -128,8 +125,7 @@ def eval_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping
   if len(teachers) > 1:
     targets["ensemble"] = None
   for name in targets:
-    t_logp = _ensemble_logprobs(teachers) if name == "ensemble" else (
-        jax.nn.log_softmax(teachers[name].logits))
+    t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
     t_pred = jnp.argmax(t_logp, axis=-1)
     sums[f"teacher_top1/{name}"] = jnp.sum(mask * (t_pred == labels))
     sums[f"agreement/{name}"] = jnp.sum(mask * (t_pred == _top1(logits)))
