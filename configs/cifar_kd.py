@@ -22,6 +22,11 @@ Arg: `METHOD,MODEL[,STUDENT][,cifar10][,tiny]`:
         --workdir=runs/cifar100/crd_resnet56_resnet20 --config.data.data_dir=$DATA \
         --config.teachers.teacher.checkpoint=runs/cifar100/resnet56
 
+Cross-architecture pairs (the CRD paper's second table: `CROSS_PAIRS`, e.g.
+`at,resnet50,mobilenetv2`) compare the layers the CRD code compares for them (`cross_layers`),
+AT pooling maps of different resolution to the smaller one; FSP is refused there. CRD (and
+CRD+KD) draw their negatives from other classes, as the CRD code's data loader does.
+
 `tiny` shrinks the run to a few steps (for smoke tests).
 """
 
