@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,7 @@ def test_negatives_come_from_other_classes_uniformly_and_deterministically():
     expected = 3000 / len(others)
     assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected))
   np.testing.assert_array_equal(draw(3, ids), idx)  # Deterministic...
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(draw))(3, ids), idx)  # (workers)
   np.testing.assert_array_equal(draw(3, ids[::-1]), idx[::-1])  # ...per example, not position,
   np.testing.assert_array_equal(
       contrast.class_contrast_indices(LABELS, 3000, seed=7)(3, ids), idx)

@@ -22,11 +22,12 @@ processes).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-from distill_jax.data.pipeline import SideData, _field, _hash, _mix64, _SourceRef
+from distill_jax.data.pipeline import _field, _hash, _mix64, _SourceRef
 
 POSITIVES = ("self", "same_class")
 _STREAM_CONTRAST = 3  # The pipeline's hash streams 1 and 2 are the shuffle and augmentation.
@@ -34,7 +35,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def class_contrast_indices(labels: np.ndarray, num_negatives: int, seed: int,
-                           positive: str = "self") -> SideData:
+                           positive: str = "self") -> ClassContrastIndices:
   """Side data `fn(epoch, ids) -> int32 [n, 1 + num_negatives]`: column 0 the positive, then
   negatives drawn uniformly (with replacement) from the examples whose label differs.
 
@@ -59,26 +60,38 @@ def class_contrast_indices(labels: np.ndarray, num_negatives: int, seed: int,
                      f"labels; all {len(labels)} examples have label {classes[0]}.")
   # Per id: where its class sits in `order`, and how many examples it has.
   slot = np.searchsorted(classes, labels)
-  start, count = starts[slot].astype(np.uint64), counts[slot].astype(np.uint64)
-  others = np.uint64(len(labels)) - count
+  return ClassContrastIndices(order=order, start=starts[slot].astype(np.uint64),
+                              count=counts[slot].astype(np.uint64), num_negatives=num_negatives,
+                              seed=int(seed), positive=positive)
 
-  def draw(epoch: int, ids: np.ndarray) -> np.ndarray:
+
+@dataclasses.dataclass(frozen=True)
+class ClassContrastIndices:
+  """The side data `class_contrast_indices` returns: plain arrays, so it pickles into grain's
+  worker processes (`data.num_workers > 0`)."""
+
+  order: np.ndarray  # [N] ids sorted by label.
+  start: np.ndarray  # [N] uint64: where each id's class begins in `order`.
+  count: np.ndarray  # [N] uint64: the size of each id's class.
+  num_negatives: int
+  seed: int
+  positive: str
+
+  def __call__(self, epoch: int, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, np.int64)
-    base = _hash(seed, _STREAM_CONTRAST, epoch, ids)  # [n]: one stream per (epoch, example).
-    columns = np.arange(num_negatives + 1, dtype=np.uint64)
+    base = _hash(self.seed, _STREAM_CONTRAST, epoch, ids)  # [n]: one stream per example.
+    columns = np.arange(self.num_negatives + 1, dtype=np.uint64)
     bits = _mix64(base[:, None] + (columns + np.uint64(1)) * _GOLDEN)  # [n, 1 + K]
-    s, c, o = start[ids][:, None], count[ids][:, None], others[ids][:, None]
+    s, c = self.start[ids][:, None], self.count[ids][:, None]
     # Uniform over the other classes: a position among the N - n_c others, skipping the block
     # [s, s + n_c) of the anchor's class in `order`.
-    r = _below(bits[:, 1:], o)
-    negatives = order[(r + (r >= s) * c).astype(np.int64)]
-    if positive == "self":
+    r = _below(bits[:, 1:], np.uint64(len(self.order)) - c)
+    negatives = self.order[(r + (r >= s) * c).astype(np.int64)]
+    if self.positive == "self":
       first = ids
     else:
-      first = order[(s[:, 0] + _below(bits[:, 0], c[:, 0])).astype(np.int64)]
+      first = self.order[(s[:, 0] + _below(bits[:, 0], c[:, 0])).astype(np.int64)]
     return np.concatenate([first[:, None], negatives], axis=1).astype(np.int32)
-
-  return draw
 
 
 def _below(bits: np.ndarray, bound: np.ndarray) -> np.ndarray:

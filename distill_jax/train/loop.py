@@ -197,7 +197,10 @@ def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict
         f"Loss terms {[t.name for t in terms]} draw negatives from other classes with "
         "different num_negatives/positive; the batch carries one contrast_idx for all.")
   fn = terms[0].fn
-  fn.check_sampling()
+  try:
+    fn.check_sampling()
+  except ValueError as e:
+    raise config_lib.ConfigError(f"Loss term {terms[0].name!r}: {e}") from None
   train_side_data["contrast_idx"] = data_lib.class_contrast_indices(
       data_lib.train_labels(config.data, num_train), fn.num_negatives, config.seed, fn.positive)
   example["contrast_idx"] = jnp.zeros((config.batch_size, fn.num_negatives + 1), jnp.int32)
