@@ -168,15 +168,15 @@ def markdown(records: list[dict[str, Any]], data: dict[str, Any], rows: Sequence
     name = "/".join(row)
     lines.append(f"| {name} | " + " | ".join(_fmt_cell(by_cell[(name, c)])
                                              for c in col_names) + " |")
-  problems = [r for r in records if not r["exists"] or r["failed"] or r["unfinished"]
-              or r["n"] == 0]
+  problems = [r for r in records if r["exists"] and (r["failed"] or r["unfinished"] or not r["n"])]
   if problems:
-    lines += ["", "Missing or failed cells:"]
+    lines += ["", "Missing or failed cells (trials of the sweep without a result):"]
     for r in problems:
-      what = ("no trials" if not r["exists"] else
-              "; ".join(f"{k}: {', '.join(r[k])}" for k in ("failed", "unfinished") if r[k])
-              or "no finished trial")
-      lines.append(f"- {r['row']} / {r['col']}: {what}")
+      what = "; ".join(f"{k}: {', '.join(r[k])}" for k in ("failed", "unfinished") if r[k])
+      lines.append(f"- {r['row']} / {r['col']}: {what or 'no finished trial'}")
+  absent = sum(not r["exists"] for r in records)
+  if absent:
+    lines += ["", f"— : not in the sweep ({absent} cells)."]
   if data["skipped"]:
     lines += ["", f"Left out (labels lack {[*rows, *cols]}): {', '.join(data['skipped'])}"]
   return "\n".join(lines) + "\n"
