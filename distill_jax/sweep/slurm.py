@@ -77,8 +77,7 @@ class SlurmLauncher:
     if not args.wait:
       print(f"[sweep] submitted; `distill-jax sweep status {root}` shows progress.", flush=True)
       return 0
-    while any(s in ("pending", "running")
-              for s in SlurmLauncher.states(root, trials).values()):
+    while _queue(set(jobs.values())):  # Until every task of every stage has left the queue.
       time.sleep(args.poll)
     states = SlurmLauncher.states(root, trials)
     print(state.summary(root, states), flush=True)

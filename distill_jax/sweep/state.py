@@ -80,16 +80,17 @@ def read_record(root: str, name: str) -> dict[str, Any] | None:
 
 
 def write_record(root: str, trial: Trial, state: str, **info: Any) -> None:
+  """Records the trial's state; `running` starts a new attempt, a final state keeps the
+  attempt's start time, pid and job."""
   assert state in STATES, state
   old = read_record(root, trial.name) or {}
   record = {"name": trial.name, "state": state, "host": socket.gethostname(),
-            "command": command(root, trial), "attempts": old.get("attempts", 0), **info}
+            "command": command(root, trial), "attempts": old.get("attempts", 0)}
   if state == "running":
-    record["attempts"] += 1
-    record["started"] = time.time()
-  elif "started" in old:
-    record["started"] = old["started"]
-    record["ended"] = time.time()
+    record.update(attempts=record["attempts"] + 1, started=time.time())
+  else:
+    record.update({k: old[k] for k in ("started", "pid", "job") if k in old}, ended=time.time())
+  record.update(info)
   _write_json(os.path.join(root, trial.name, "trial.json"), record)
 
 

@@ -43,8 +43,10 @@ def run_task(root: str, stage: str, index: int) -> int:
       proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
     state.write_record(root, trial, "running", pid=proc.pid,
-                       job=os.environ.get("SLURM_JOB_ID"))
+                       job=f"{job}_{task}" if task is not None else job)
     code = proc.wait()
   if stopped:
     state.write_record(root, trial, "interrupted", exit_code=code)
