@@ -31,6 +31,9 @@ def sweep_parser() -> argparse.ArgumentParser:
   parser.add_argument("--config", required=True, help="The sweep spec: path/to/file.py[:ARG].")
   parser.add_argument("--workdir", required=True, help="The sweep's root directory.")
   parser.add_argument("--launcher", default="local", choices=launchers.names())
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="A config setting for every trial, e.g. --set=data.data_dir=/data "
+                           "(repeat for more).")
   parser.add_argument("--dry_run", action="store_true",
                       help="Validate every trial and print the commands; run nothing.")
   for name in launchers.names():
@@ -45,7 +48,7 @@ def sweep_main(argv: list[str]) -> int:
   root = os.path.abspath(args.workdir)
   t0 = time.time()
   try:
-    trials = load_trials(args.config, root)
+    trials = load_trials(args.config, root, settings=args.set)
   except SweepError as e:
     print(f"Invalid sweep: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,8 @@ cell's mean eval curve from the trials' metrics.jsonl).
 
 Expected-results file: JSON (a list of objects) or CSV, one record per cell: the label columns
 that identify it (e.g. `method`, `pair`) and `expected` (the paper's number, in the table's
-units); records that name a label the table does not use are ignored.
+units), optionally `source`; empty fields are ignored, and records that name a label the
+table does not use are skipped.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def match_expected(records: list[dict[str, str]], names: Sequence[str], key: Key
                    ) -> float | None:
   labels = dict(zip(names, key, strict=True))
   for r in records:
-    ids = {k: v for k, v in r.items() if k not in ("expected", "source", "note")}
+    ids = {k: v for k, v in r.items() if k not in ("expected", "source", "note") and v != ""}
     if ids and set(ids) <= set(labels) and all(labels[k] == v for k, v in ids.items()):
       return float(r["expected"]) if r["expected"] not in ("", "N/A", "-") else None
   return None

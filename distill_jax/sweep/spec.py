@@ -205,8 +205,18 @@ def load_spec(spec: str) -> tuple[Sweep, str]:
   return sweep, os.path.normpath(config)
 
 
-def expand(sweep: Sweep, config_path: str) -> list[Trial]:
-  """The sweep's trials in run order, with checked names and `{ROOT}/<trial>` references."""
+def expand(sweep: Sweep, config_path: str, settings: Sequence[str] = ()) -> list[Trial]:
+  """The sweep's trials in run order, with checked names and `{ROOT}/<trial>` references.
+
+  `settings` ('key=value', e.g. 'data.data_dir=/data') are added to every trial, as typed on
+  the command line (`distill-jax sweep --set=...`).
+  """
+  common = {}
+  for setting in settings:
+    key, eq, value = setting.partition("=")
+    if not eq or not key:
+      raise SweepError(f"--set {setting!r}: expected KEY=VALUE, e.g. data.data_dir=/data.")
+    common[key] = value
   trials, seen = [], {}
   for stage, points in sweep.stages.items():
     if not points:
@@ -228,8 +238,9 @@ def expand(sweep: Sweep, config_path: str) -> list[Trial]:
           deps.append(ref)
       seen[p.name] = stage
       config = f"{config_path}:{p.arg}" if p.arg else config_path
-      flags = tuple(f"--config.{k}={flag_value(v)}" for k, v in p.overrides.items())
-      trials.append(Trial(p.name, stage, config, dict(p.overrides), dict(p.labels), flags,
+      overrides = {**p.overrides, **common}
+      flags = tuple(f"--config.{k}={flag_value(v)}" for k, v in overrides.items())
+      trials.append(Trial(p.name, stage, config, overrides, dict(p.labels), flags,
                           tuple(dict.fromkeys(deps))))
   return trials
 
@@ -251,23 +262,35 @@ def parse_cli(config: str, flags: Sequence[str]):
   return values.config
 
 
-def validate_trials(trials: Sequence[Trial], root: str) -> None:
-  """Builds and validates every trial's config before any runs; raises SweepError naming the
-  first invalid trial."""
+def trial_error(trial: Trial, root: str) -> str | None:
+  """Why `trial`'s config is invalid (None if it is valid): built with the CLI's parser and
+  checked with `distill_jax.config.validate`."""
   from distill_jax.config import validate
 
-  for t in trials:
-    try:
-      validate(parse_cli(t.config, [fill_root(f, root) for f in t.flags]))
-    except Exception as e:  # noqa: BLE001 - any failure to build the config is the trial's.
-      raise SweepError(f"Trial {t.name!r} (stage {t.stage!r}, --config={t.config} "
-                       f"{' '.join(t.flags)}): {type(e).__name__}: {e}") from e
+  try:
+    validate(parse_cli(trial.config, [fill_root(f, root) for f in trial.flags]))
+  except Exception as e:  # noqa: BLE001 - any failure to build the config is the trial's.
+    return f"{type(e).__name__}: {e}"
+  return None
 
 
-def load_trials(spec: str, root: str, validate: bool = True) -> list[Trial]:
+def validate_trials(trials: Sequence[Trial], root: str, show: int = 5) -> None:
+  """Builds and validates every trial's config before any runs; raises SweepError naming the
+  invalid trials (the first `show` with their errors)."""
+  errors = [(t, e) for t in trials if (e := trial_error(t, root)) is not None]
+  if errors:
+    lines = [f"Trial {t.name!r} (stage {t.stage!r}, --config={t.config} {' '.join(t.flags)}): "
+             f"{e}" for t, e in errors[:show]]
+    more = f"\n... and {len(errors) - show} more." if len(errors) > show else ""
+    raise SweepError(f"{len(errors)} of {len(trials)} trials are invalid:\n" + "\n".join(lines)
+                     + more)
+
+
+def load_trials(spec: str, root: str, validate: bool = True, settings: Sequence[str] = ()
+                ) -> list[Trial]:
   """`load_spec` + `expand` + (optionally) `validate_trials`."""
   sweep, config_path = load_spec(spec)
-  trials = expand(sweep, config_path)
+  trials = expand(sweep, config_path, settings)
   if validate:
     validate_trials(trials, root)
   return trials
