@@ -30,7 +30,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                   "sweep's progress.")
   parser.add_argument("--config", required=True, help="The sweep spec: path/to/file.py[:ARG].")
   parser.add_argument("--workdir", required=True, help="The sweep's root directory.")
-  parser.add_argument("--launcher", default="local", choices=launchers.names())
+  parser.add_argument("--launcher", default="local", choices=launchers.names(),
+                      help="Where the trials run (default local).")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="A config setting for every trial, e.g. --set=data.data_dir=/data "
                            "(repeat for more).")
