@@ -195,9 +195,10 @@ def write_csv(path: str, records: list[dict[str, Any]]) -> None:
                          "unfinished": " ".join(r["unfinished"])})
 
 
-def bar_figure(path: str, records: list[dict[str, Any]], data: dict[str, Any],
-               metric: str) -> None:
-  """Grouped bars (x: columns, one bar per row) with std error bars, paper numbers as 'x'."""
+def bar_figure(path: str, records: list[dict[str, Any]], data: dict[str, Any], metric: str,
+               baseline: str | None = None) -> None:
+  """Bars grouped by column (only the rows that column has), std error bars, the paper's
+  numbers as black 'x', the baseline row's mean as a dashed line across its group."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -206,29 +207,40 @@ def bar_figure(path: str, records: list[dict[str, Any]], data: dict[str, Any],
   rows = ["/".join(r) for r in data["row_keys"]]
   cols = ["/".join(c) for c in data["col_keys"]]
   by_cell = {(r["row"], r["col"]): r for r in records}
-  width = 0.8 / max(1, len(rows))
-  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) * len(cols) + 2), 4.5))
-  cmap = plt.get_cmap("tab20")
-  values = []
-  for i, row in enumerate(rows):
-    xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
-    recs = [by_cell[(row, c)] for c in cols]
-    means = [r["mean"] if r["n"] else math.nan for r in recs]
-    values += [m for m in means if not math.isnan(m)]
-    ax.bar(xs, means, width, yerr=[r["std"] if r["n"] else 0 for r in recs], capsize=2,
-           color=cmap(i % 20), label=row)
-    paper = [(x, r["expected"]) for x, r in zip(xs, recs, strict=True)
-             if r["expected"] is not None]
-    if paper:
-      values += [p for _, p in paper]
-      ax.scatter(*zip(*paper, strict=True), marker="x", color="black", zorder=3,
-                 label="paper" if i == 0 else None)
+  colors = {row: plt.get_cmap("tab20")(i % 20) for i, row in enumerate(rows)}
+  groups = [(col, [by_cell[(row, col)] for row in rows if by_cell[(row, col)]["exists"]])
+            for col in cols]
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * sum(len(g) + 1 for _, g in groups) + 1.5),
+                                  4.5))
+  x, ticks, labels, values, paper_drawn = 0.0, [], [], [], False
+  for col, recs in groups:
+    start = x
+    for r in recs:
+      if r["n"]:
+        ax.bar(x, r["mean"], 0.8, yerr=r["std"], capsize=2, color=colors[r["row"]])
+        values.append(r["mean"])
+      if r["expected"] is not None:
+        ax.scatter([x], [r["expected"]], marker="x", color="black", zorder=3,
+                   label=None if paper_drawn else "paper")
+        values.append(r["expected"])
+        paper_drawn = True
+      ticks.append(x)
+      labels.append(r["row"] if r["n"] else f"{r['row']} (no result)")
+      x += 1
+    base = by_cell.get((baseline, col)) if baseline else None
+    if base and base["n"]:
+      ax.hlines(base["mean"], start - 0.5, x - 0.5, colors="gray", linestyles="dashed")
+    if len(cols) > 1 or col:
+      ax.text((start + x - 1) / 2, 1.01, col, ha="center", va="bottom",
+              transform=ax.get_xaxis_transform())
+    x += 1
   if values:
     lo, hi = min(values), max(values)
     ax.set_ylim(lo - 0.15 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1))
-  ax.set_xticks(range(len(cols)), cols)
+  ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=8)
   ax.set_ylabel(metric)
-  ax.legend(fontsize=7, ncol=max(1, len(rows) // 8), loc="lower right")
+  if paper_drawn:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -317,6 +329,6 @@ def main(argv: list[str]) -> int:
   if args.csv:
     write_csv(os.path.join(out, "report.csv"), records)
   if args.png:
-    bar_figure(os.path.join(out, "report.png"), records, data, args.metric)
+    bar_figure(os.path.join(out, "report.png"), records, data, args.metric, args.baseline)
     curves_figure(os.path.join(out, "curves.png"), args.root, data)
   return 0
