@@ -215,3 +215,33 @@ def test_crd_expected_results_cover_the_paper_tables():
   assert cells[("crd", "resnet32x4-resnet8x4")] == 75.51
   assert cells[("alone", "resnet50-mobilenetv2")] == 64.60
   assert report.match_expected(records, ["teacher"], ("resnet50",)) == 79.34
+
+
+def test_local_launcher_blocks_dependants_of_a_failed_trial(tmp_path, monkeypatch, capsys):
+  """The launcher's bookkeeping with stand-in commands (no training): a failing teacher blocks
+  the student that reads it, an independent trial still runs, the exit code says not all done."""
+  import argparse
+  import sys
+
+  from distill_jax.sweep.local import LocalLauncher
+
+  def fake_command(root, trial):
+    ok = (f"import json; json.dump({{}}, open({os.path.join(root, trial.name, 'result.json')!r},"
+          " 'w'))")
+    return [sys.executable, "-c", "print('boom'); raise SystemExit(3)"
+            if trial.name == "teacher" else ok]
+
+  monkeypatch.setattr(state, "command", fake_command)
+  trials = expand(sw.Sweep({
+      "t": [sw.Point("teacher", "teacher"), sw.Point("other", "teacher")],
+      "s": [sw.Point("student", "kd", {"teachers.teacher.checkpoint": "{ROOT}/teacher"}),
+            sw.Point("free", "student")]}), os.path.join(ROOT, "configs", "digits.py"))
+  root = str(tmp_path)
+  args = argparse.Namespace(workers=2, grace=1.0)
+  assert LocalLauncher.launch(root, trials, args) == 1
+  states = LocalLauncher.states(root, trials)
+  assert states == {"teacher": "failed", "other": "done", "student": "blocked", "free": "done"}
+  assert state.read_record(root, "teacher")["exit_code"] == 3
+  assert state.read_record(root, "student")["blocked_by"] == ["teacher"]
+  out = capsys.readouterr().out
+  assert "4 trials: 2 done, 1 failed, 1 blocked" in out and "boom" in out
