@@ -49,10 +49,12 @@ class LocalLauncher:
     running: dict[str, tuple[Trial, subprocess.Popen, object]] = {}
     interrupted = []
 
-    def on_sigterm(signum, frame):
+    def stop(signum, frame):
       raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # Both set explicitly: a shell starts background commands with SIGINT ignored, and Python
+    # then raises no KeyboardInterrupt; `kill -INT` or Ctrl-C must stop the sweep regardless.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
       for stage in dict.fromkeys(t.stage for t in trials):
         queue = [t for t in trials if t.stage == stage]
@@ -87,7 +89,8 @@ class LocalLauncher:
             flush=True)
       return 130
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
     states = LocalLauncher.states(root, trials)
     print(state.summary(root, states), flush=True)
     return 0 if all(s == "done" for s in states.values()) else 1

@@ -16,7 +16,8 @@ A spec is Python, next to (or inside) a config file:
 A `Point` is one combination: a readable name, the config file's `arg` (the part after ':'),
 dotted-key overrides, and labels (axis -> value, what `distill-jax report` groups by). The
 helpers build lists of points: `axis` (one override key), `args` (the config arg), `seeds`,
-`product` and `zip` (names joined with '-', args joined with ',', overrides merged). Stages run
+`fixed` (one point), `product` and `zip` (names joined with '-', args joined with ',',
+overrides merged), `with_overrides` and `named` (a name prefix). Stages run
 in order; a string value may refer to another trial's workdir as `{ROOT}/<trial>`, and such a
 trial must be in an earlier stage (checked here), so a teacher is trained before the students
 that read its export.
