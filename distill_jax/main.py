@@ -3,12 +3,15 @@
     distill-jax --config=configs/FILE.py[:ARG] --workdir=DIR [--config.key=value ...]
     distill-jax losses [--imports=my_pkg.my_losses,...]
     distill-jax models
+    distill-jax sweep --config=SPEC.py[:ARG] --workdir=ROOT [--launcher=local|slurm] | status ROOT
+    distill-jax report ROOT [--rows=... --cols=... --expected=FILE]
 
 The first trains the config's student (with the config's teachers and loss terms) in
 `workdir`, resuming from its latest checkpoint; everything happens in
 `train.loop.train_and_evaluate` (`train_generations` for born-again chains). `losses` lists
 every registered loss term with its hyper-parameters and defaults; `models` lists the
-registered models.
+registered models. `sweep` and `report` (distill_jax/sweep/) run a grid of trainings and
+tabulate their results.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`distill-jax`)."""
+  if len(sys.argv) > 1 and sys.argv[1] in ("sweep", "report"):
+    # Sub-commands with their own argparse flags (distill_jax/sweep/cli.py), before absl parses.
+    from distill_jax.sweep import cli
+
+    sys.exit({"sweep": cli.sweep_main, "report": cli.report_main}[sys.argv[1]](sys.argv[2:]))
   app.run(main)
 
 
