@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
   from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import NonFiniteLossError, train_generations
   from distill_jax.train.signals import Interrupted
-  from distill_jax.train.workdir import WorkdirLockedError
+  from distill_jax.train.workdir import WorkdirLockedError, WorkdirWriteError
 
   quiet_library_logs()
   try:
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     logging.error("Invalid config: %s", e)
     sys.exit(f"Invalid config: {e}")
-  except (CacheError, CheckpointError, NonFiniteLossError, WorkdirLockedError) as e:
+  except (CacheError, CheckpointError, NonFiniteLossError, WorkdirLockedError,
+          WorkdirWriteError) as e:
     logging.error("%s", e)
     sys.exit(str(e))
   except Interrupted as e:  # Checkpoint saved: exit 128 + signal (143 SIGTERM, 130 SIGINT).

@@ -109,10 +109,11 @@ class Checkpointer:
       if jax.process_index() == 0:
         write_atomic(os.path.join(self.step_dir(step), CHECKSUMS),
                      json.dumps(_file_digests(self.step_dir(step)), indent=1, sort_keys=True))
-    except OSError as e:
+    except Exception as e:  # OSError, or tensorstore's errors from the same causes.
       good = [s for s in self.steps() if s != step]
+      cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
       raise CheckpointError(
-          f"Could not write checkpoint {self.step_dir(step)}: {e.strerror or e}. The workdir "
+          f"Could not write checkpoint {self.step_dir(step)}: {cause}. The workdir "
           f"resumes from step {good[-1] if good else 0}: fix the cause (e.g. free disk space) "
           "and rerun the same command.") from e
     for old in self.steps()[:-self.keep]:

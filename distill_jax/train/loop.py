@@ -8,6 +8,7 @@ the same command ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -37,7 +38,7 @@ from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.signals import Interrupted, StopSignals
 from distill_jax.train.state import TrainState, create_train_state
-from distill_jax.train.workdir import WorkdirLock
+from distill_jax.train.workdir import WorkdirLock, WorkdirWriteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ class NonFiniteGuard:
                         self.consecutive, self.skipped)
         if self.consecutive < self.max_consecutive:
           continue
-        what += f", the {self.consecutive}th skipped step in a row"
+        what += f" ({self.consecutive} skipped steps in a row)"
       kept = ("no checkpoint was written" if last_saved is None else
               f"the last checkpoint (step {last_saved}) is finite and kept")
       raise NonFiniteLossError(
@@ -344,6 +345,9 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
   return stages[-1]
 
 
+# Write errors that stop a run cleanly (one line; the workdir stays resumable).
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
 # Settings whose change on resume is not a change of the run (where it runs, how it shows).
 IGNORED_CHANGES = ("allow_config_change", "progress_bar", "data.data_dir")
 
@@ -386,7 +390,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run = build_run(config)  # Validates the config first; writes nothing.
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignals() as stop:
-    return _train(config, workdir, run, stop, step_callback)
+    try:
+      return _train(config, workdir, run, stop, step_callback)
+    except OSError as e:
+      if e.errno not in DISK_ERRORS:
+        raise
+      raise WorkdirWriteError(
+          f"Could not write in {workdir}: {e.strerror} ({e.filename or 'a file'}). Its last "
+          "complete checkpoint is intact: fix the cause (e.g. free disk space) and rerun the "
+          "same command to resume.") from e
 
 
 def _resume(config: ml_collections.ConfigDict, run: dict[str, Any], checkpointer: Checkpointer,

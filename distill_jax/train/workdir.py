@@ -21,6 +21,10 @@ class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir; the message names its host and PID."""
 
 
+class WorkdirWriteError(RuntimeError):
+  """Writing in the workdir failed (a full disk, ...); the workdir stays resumable."""
+
+
 def _start_time(pid: int) -> str | None:
   """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart."""
   try:
