@@ -26,8 +26,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT
 
-from distill_jax.config import load_config_file
+from distill_jax.config import ConfigError, load_config_file
 from distill_jax.train import loop
+from distill_jax.train.workdir import WorkdirLock, WorkdirLockedError
 
 STEPS = 40
 CONFIG = """
@@ -319,3 +320,42 @@ def test_skipped_updates_keep_the_state_finite_and_stop_after_n(env, tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     assert_identical(jax.tree.map(np.asarray, state["params"]), init.params)
     assert int(state["step"]) == step
+
+
+def test_resume_with_a_changed_config_is_refused_before_anything_is_written(env, tmp_path):
+  def config(**overrides):
+    return load_config_file(env["config"], {"data.data_dir": env["data_dir"], "num_steps": 4,
+                                            "parallel.num_devices": 1, **overrides})
+
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config(), workdir)
+  saved = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(ConfigError, match=r"differs from the one .*checkpoints/4 was written with: "
+                     r"optim.lr: 0.05 -> 0.1\. .*allow_config_change=True"):
+    loop.train_and_evaluate(config(**{"optim.lr": 0.1}), workdir)
+  # Another student: its state does not fit, whatever allow_config_change says.
+  with pytest.raises(ConfigError, match=r"does not fit this one .*student.kwargs.hidden: "
+                     r"\[16\] -> \[24\]"):
+    loop.train_and_evaluate(config(**{"student.kwargs.hidden": (24,),
+                                      "allow_config_change": True}), workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == saved
+  assert checkpoint_steps(workdir) == [2, 3, 4]
+  # Opted in: a longer run continues from step 4, and the new config is recorded.
+  steps = []
+  result = loop.train_and_evaluate(config(num_steps=6, allow_config_change=True), workdir,
+                                   step_callback=lambda s, m: steps.append(s))
+  assert steps == [5, 6] and result["final"]["step"] == 6
+  assert json.load(open(os.path.join(workdir, "config.json")))["num_steps"] == 6
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  lock = WorkdirLock(str(tmp_path))
+  with open(lock.path, "w") as f:
+    json.dump({"host": lock.owner["host"], "pid": int(dead), "start": None}, f)
+  with lock:
+    assert json.load(open(lock.path))["pid"] == os.getpid()
+    with pytest.raises(WorkdirLockedError, match=f"PID {os.getpid()} on this host"):
+      WorkdirLock(str(tmp_path)).acquire()
+  assert not os.path.exists(lock.path)

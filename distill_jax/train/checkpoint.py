@@ -32,7 +32,8 @@ def _abstract(tree: Any) -> Any:
 
 
 CHECKSUMS = "checksums.json"
-INCOMPLETE = f"it has no {CHECKSUMS} (the run stopped while writing it)"
+ORBAX_COMMIT = "commit_success.txt"  # Orbax's marker of a finished save.
+INCOMPLETE = f"it has neither {CHECKSUMS} nor {ORBAX_COMMIT} (the run stopped while writing it)"
 
 
 def _file_digests(directory: str) -> dict[str, str]:
@@ -66,11 +67,12 @@ class Checkpointer:
   """Saves and restores (state, data position, meta) in `directory` with a CheckpointManager.
 
   Integrity: once orbax has written step N, the SHA-256 of each of its files goes to
-  `N/checksums.json` (written last, atomically: it is the step's commit marker). Before a
-  step is used it is verified; a step whose files do not match (bit flips, truncation, a lost
-  file) or that has no checksum file (the run stopped while writing it) is renamed
-  `N.corrupt` and the previous step is tried. Old steps are deleted only after a newer one is
-  complete, so at least one good step survives any crash.
+  `N/checksums.json` (written last, atomically). Before a step is used it is verified; a step
+  whose files do not match (bit flips, truncation, a lost file) or that has neither checksums
+  nor orbax's commit marker (the run stopped while writing it) is renamed `N.corrupt` and the
+  previous step is tried. A step with orbax's marker but no checksums (stopped between the
+  two, or older than checksums) is adopted: its checksums are written then. Old steps are
+  deleted only after a newer one is complete, so at least one good step survives any crash.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 0):
@@ -126,7 +128,16 @@ class Checkpointer:
       with open(os.path.join(path, CHECKSUMS)) as f:
         expected = json.load(f)
     except FileNotFoundError:
-      return INCOMPLETE
+      if not os.path.exists(os.path.join(path, ORBAX_COMMIT)):
+        return INCOMPLETE
+      # Committed by orbax but not checksummed: stopped right after orbax's save, or written
+      # before checksums existed. Orbax's marker vouches for it; adopt it.
+      logging.warning("Checkpoint %s has no %s but orbax's commit marker; adopting it.", path,
+                      CHECKSUMS)
+      if jax.process_index() == 0:
+        write_atomic(os.path.join(path, CHECKSUMS),
+                     json.dumps(_file_digests(path), indent=1, sort_keys=True))
+      return None
     except (OSError, ValueError) as e:
       return f"its {CHECKSUMS} is unreadable ({e})"
     actual = _file_digests(path)
