@@ -3,7 +3,9 @@
 Config files in `configs/` are Python: `get_config(arg) -> ConfigDict`, starting from
 `base_config()`. `validate(config)` checks every name (model, loss, data set, optimizer,
 schedule, parallel mode) and every loss hyper-parameter before anything is built or compiled,
-so a typo fails in a second with a message that lists what is allowed.
+so a typo fails in a second with a message that lists what is allowed. Every numeric setting
+has its allowed range declared once, in `SETTING_RANGES` (and `LOSS_SETTING_RANGES` for the loss
+terms' settings, by name), checked by the same `validate`.
 """
 
 from __future__ import annotations

@@ -111,10 +111,12 @@ def assert_identical(a, b):
 
 
 def tensorboard_scalars(workdir):
-  """{(tag, step): value} as TensorBoard shows the run: every events file in order, each
-  file's purge step dropping what earlier files logged from that step on."""
+  """{(tag, step): value} as TensorBoard shows the run: every events file in order, a
+  restart's SessionLog START at step s (tensorboardX's `purge_step`) dropping what was logged
+  from step s on."""
   from tensorboardX.proto import event_pb2
 
+  START = event_pb2.SessionLog.START
   scalars = {}
   for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))):
     with open(path, "rb") as f:
@@ -126,7 +128,7 @@ def tensorboard_scalars(workdir):
         break  # A record torn by a kill.
       event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
       pos += 16 + length
-      if event.file_version and event.step:
+      if event.HasField("session_log") and event.session_log.status == START:
         scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
       for value in event.summary.value:
         scalars[(value.tag, event.step)] = value.simple_value
