@@ -348,6 +348,13 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(env,
                                    step_callback=lambda s, m: steps.append(s))
   assert steps == [5, 6] and result["final"]["step"] == 6
   assert json.load(open(os.path.join(workdir, "config.json")))["num_steps"] == 6
+  # Rerun once finished: nothing to train, the export is current (not rewritten), and the
+  # result is the same (final and best metrics, train time) from the checkpoint's record.
+  variables = os.path.join(workdir, "model", "variables")
+  mtime = os.stat(variables).st_mtime_ns
+  again = loop.train_and_evaluate(config(num_steps=6, allow_config_change=True), workdir,
+                                  step_callback=lambda s, m: steps.append(s))
+  assert steps == [5, 6] and again == result and os.stat(variables).st_mtime_ns == mtime
 
 
 def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
