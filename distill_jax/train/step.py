@@ -117,7 +117,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   updated = (params, model_state, objective_state, opt_state)
-  metrics["nonfinite"] = nonfinite_mask((loss, *updated))
+  metrics["nonfinite"] = nonfinite_mask((metrics["loss"], *updated))  # Same on every device.
   if skip_nonfinite:
     old = (state.params, state.model_state, state.objective_state, state.opt_state)
     updated = jax.tree.map(lambda new, prev: jnp.where(metrics["nonfinite"] == 0, new, prev),
