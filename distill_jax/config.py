@@ -3,14 +3,19 @@
 Config files in `configs/` are Python: `get_config(arg) -> ConfigDict`, starting from
 `base_config()`. `validate(config)` checks every name (model, loss, data set, optimizer,
 schedule, parallel mode) and every loss hyper-parameter before anything is built or compiled,
-so a typo fails in a second with a message that lists what is allowed.
+so a typo fails in a second with a message that lists what is allowed. Every numeric setting
+has its allowed range declared once, in `SETTING_RANGES` (and `LOSS_SETTING_RANGES` for the loss
+terms' settings, by name), checked by the same `validate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
+import math
+import numbers
 import os
 from typing import Any
 
@@ -25,6 +30,9 @@ from distill_jax.train.parallel import MODES
 
 class ConfigError(ValueError):
   """The config is invalid; the message says which key and what is allowed."""
+
+
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,7 +69,131 @@ def base_config() -> ml_collections.ConfigDict:
   # generation g > 0 distills the student's architecture from generation g - 1 (one teacher,
   # named 'teacher', replaces config.teachers), with the same loss terms.
   c.generations = 1
+  # What a train step with a non-finite loss or update does: 'stop' the run (naming the step;
+  # nothing non-finite is ever saved) or 'skip' the update (the state stays as it was) and stop
+  # only after `max_consecutive_skips` skipped steps in a row.
+  c.train = ml_collections.ConfigDict({"on_nonfinite": "stop", "max_consecutive_skips": 10})
+  # Resuming with a config that differs from the checkpoint's is refused unless this is True
+  # (then the differences are logged); a change of the state's structure is always refused.
+  c.allow_config_change = False
   return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The allowed values of a numeric setting: `low`/`high` bounds (None: unbounded), each
+  closed (`>=`) or open (`>`), and whether it must be an integer."""
+
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+
+  def allows(self, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return False
+    if self.integer and value != int(value) or math.isnan(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+      return False
+    return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+  def __str__(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    if self.low is not None and self.high is not None:
+      return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, "
+              f"{self.high:g}{')' if self.high_open else ']'}")
+    if self.low is not None:
+      return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+    if self.high is not None:
+      return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+    return kind
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+POSITIVE_INT = Range(1, integer=True)
+NON_NEGATIVE_INT = Range(0, integer=True)
+FRACTION = Range(0, 1, high_open=True)
+
+# Every numeric run setting with its allowed range (dotted key -> (range, meaning)); `validate`
+# checks them all, so each range is declared once, here.
+SETTING_RANGES: dict[str, tuple[Range, str]] = {
+    "seed": (NON_NEGATIVE_INT, "the seed every RNG derives from"),
+    "optim.lr": (POSITIVE, "the peak learning rate"),
+    "optim.momentum": (FRACTION, "SGD momentum (0: none)"),
+    "optim.weight_decay": (NON_NEGATIVE, "the weight decay"),
+    "optim.decay_factor": (POSITIVE, "the step schedule's factor at each decay epoch"),
+    "optim.warmup_epochs": (NON_NEGATIVE, "the linear warm-up, in epochs"),
+    "batch_size": (POSITIVE_INT, "the global train batch size"),
+    "eval_batch_size": (POSITIVE_INT, "the global eval batch size"),
+    "num_epochs": (NON_NEGATIVE, "training length in epochs (if num_steps is 0)"),
+    "num_steps": (NON_NEGATIVE_INT, "training length in steps (0: use num_epochs)"),
+    "eval_every_epochs": (NON_NEGATIVE, "epochs between evaluations (0: only at the end)"),
+    "log_every_steps": (POSITIVE_INT, "steps between metric lines"),
+    "checkpoint_every_steps": (POSITIVE_INT, "steps between checkpoints"),
+    "keep_checkpoints": (POSITIVE_INT, "how many checkpoints are kept"),
+    "generations": (POSITIVE_INT, "born-again generations"),
+    "parallel.num_devices": (NON_NEGATIVE_INT, "devices to use (0: all)"),
+    "train.max_consecutive_skips": (POSITIVE_INT, "non-finite steps skipped in a row before "
+                                    "the run stops"),
+}
+# The ranges of loss-term settings, by name, for every term of every loss (and stage) that
+# has a setting of that name; element-wise for sequences.
+LOSS_SETTING_RANGES: dict[str, tuple[Range, str]] = {
+    "weight": (NON_NEGATIVE, "the term's weight in the objective"),
+    "warmup_steps": (NON_NEGATIVE_INT, "the weight's linear warm-up"),
+    "warmup_epochs": (NON_NEGATIVE, "the weight's linear warm-up"),
+    "temperature": (POSITIVE, "the softmax temperature"),
+    "nce_temperature": (POSITIVE, "the NCE temperature"),
+    "layer_weights": (NON_NEGATIVE, "each layer's weight"),
+    "teacher_weights": (NON_NEGATIVE, "each teacher's weight"),
+    "distance_weight": (NON_NEGATIVE, "the distance loss's weight"),
+    "angle_weight": (NON_NEGATIVE, "the angle loss's weight"),
+    "alpha": (NON_NEGATIVE, "the weight of the target-class part"),
+    "beta": (NON_NEGATIVE, "the weight of the non-target part / the mixture weight"),
+    "label_smoothing": (FRACTION, "the label smoothing"),
+    "num_negatives": (POSITIVE_INT, "negatives per example"),
+    "feat_dim": (POSITIVE_INT, "the embedding size"),
+    "embed_dim": (POSITIVE_INT, "the embedding size"),
+    "eps": (POSITIVE, "the numerical floor"),
+}
+STAGE_SETTING_RANGES: dict[str, tuple[Range, str]] = {
+    "num_epochs": (NON_NEGATIVE, "the stage's length in epochs"),
+    "num_steps": (NON_NEGATIVE_INT, "the stage's length in steps"),
+    "lr": (NON_NEGATIVE, "the stage's learning rate (0: optim.lr)"),
+}
+
+
+def _check_range(key: str, value: Any, rule: tuple[Range, str]) -> None:
+  allowed, meaning = rule
+  values = value if isinstance(value, (list, tuple)) else (value,)
+  for v in values:
+    if not allowed.allows(v):
+      raise ConfigError(f"config.{key} is {value!r}; it must be {allowed} ({meaning}).")
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Checks every setting of `SETTING_RANGES` and every loss/stage setting with a range."""
+  for key, rule in SETTING_RANGES.items():
+    node: Any = config
+    for part in key.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+    if node is not None:
+      _check_range(key, node, rule)
+  sections = [("losses", config.losses)] + [
+      (f"stages.{name}.losses", stage.get("losses", {})) for name, stage in
+      config.stages.items()]
+  for prefix, losses in sections:
+    for term, settings in losses.items():
+      for key, value in (settings or {}).items():
+        if key in LOSS_SETTING_RANGES:
+          _check_range(f"{prefix}.{term}.{key}", value, LOSS_SETTING_RANGES[key])
+  for name, stage in config.stages.items():
+    for key, rule in STAGE_SETTING_RANGES.items():
+      if stage.get(key) is not None:
+        _check_range(f"stages.{name}.{key}", stage[key], rule)
 
 
 TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size")
@@ -130,11 +262,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
   _check_choice("parallel.mode", config.parallel.mode, MODES)
   _check_choice("data.augment", config.data.augment, ("none", "crop", "crop_flip"))
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] <= 0:
-      raise ConfigError(f"config.{key} must be positive, got {config[key]}.")
-  if config.get("generations", 1) < 1:
-    raise ConfigError(f"config.generations must be >= 1, got {config.generations}.")
+  if "train" in config:
+    _check_choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS)
+  check_ranges(config)
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_steps to a positive number.")
 

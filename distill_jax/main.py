@@ -65,8 +65,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config and --workdir are required to train.")
   from distill_jax.config import ConfigError
   from distill_jax.data.teacher_cache import CacheError
+  from distill_jax.train.checkpoint import CheckpointError
   from distill_jax.train.logging import quiet_library_logs
-  from distill_jax.train.loop import train_generations
+  from distill_jax.train.loop import NonFiniteLossError, train_generations
+  from distill_jax.train.signals import Interrupted
+  from distill_jax.train.workdir import WorkdirLockedError, WorkdirWriteError
 
   quiet_library_logs()
   try:
@@ -74,9 +77,13 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     logging.error("Invalid config: %s", e)
     sys.exit(f"Invalid config: {e}")
-  except CacheError as e:
+  except (CacheError, CheckpointError, NonFiniteLossError, WorkdirLockedError,
+          WorkdirWriteError) as e:
     logging.error("%s", e)
     sys.exit(str(e))
+  except Interrupted as e:  # Checkpoint saved: exit 128 + signal (143 SIGTERM, 130 SIGINT).
+    logging.warning("%s", e)
+    sys.exit(e.exit_code)
   logging.info("Done: eval top-1 %.4f (best %.4f).", result["final"]["eval/top1"],
                result["best_top1"])
 

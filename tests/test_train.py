@@ -159,12 +159,13 @@ def test_teacher_checkpoint_problems_name_the_file(data_dir, teacher_dir, tmp_pa
 def test_corrupt_resume_checkpoint_names_the_file(data_dir, teacher_dir, tmp_path):
   config = kd_config(data_dir, teacher_dir)
   loop.train_and_evaluate(config, str(tmp_path))
-  step_dir = tmp_path / "checkpoints" / "6" / "state"
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
-  with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoints" / "6")):
+  for step in ("3", "6"):  # Every step corrupt: no fallback left, and no silent fresh start.
+    for root, _, files in os.walk(tmp_path / "checkpoints" / step / "state"):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(CheckpointError, match="No usable checkpoint left in " +
+                     str(tmp_path / "checkpoints") + ".*6.corrupt.*3.corrupt"):
     loop.train_and_evaluate(config, str(tmp_path))
 
 

@@ -8,6 +8,7 @@ the same command ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -31,10 +32,13 @@ from distill_jax.features import ApplyFn, check_features, list_features, make_ap
 from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train import optim
-from distill_jax.train.checkpoint import Checkpointer, export_model
+from distill_jax.train import step as step_lib
+from distill_jax.train.checkpoint import Checkpointer, CheckpointError, export_model, write_atomic
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel
+from distill_jax.train.signals import Interrupted, StopSignals
 from distill_jax.train.state import TrainState, create_train_state
+from distill_jax.train.workdir import WorkdirLock, WorkdirWriteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,19 +66,66 @@ class Durations:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the message names the step and the terms."""
+  """A step's loss or update became NaN or infinite; the message names the step and terms."""
 
 
 def _host_scalars(metrics: Any) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _check_finite(step: int, scalars: dict[str, float]) -> None:
-  bad = sorted(k for k, v in scalars.items() if k.startswith("loss") and not math.isfinite(v))
-  if bad:
-    raise NonFiniteLossError(
-        f"Non-finite loss at step {step}: " + ", ".join(f"{k}={scalars[k]}" for k in bad) +
-        ". No checkpoint was written with it; lower the learning rate or check the loss term.")
+@dataclasses.dataclass
+class NonFiniteGuard:
+  """Reads the steps' `nonfinite` flags (see `step.nonfinite_mask`) and acts on them.
+
+  The flags of the steps since the last check are fetched together, at the next log, eval or
+  checkpoint step (so the host does not wait on every step), and always before a checkpoint
+  is written: with 'stop' the run ends naming the first bad step, and nothing after the step
+  before it is ever saved; with 'skip' the step dropped its update (in the compiled step) and
+  is counted, and `max_consecutive` bad steps in a row stop the run.
+  """
+
+  action: str
+  max_consecutive: int
+  skipped: int = 0
+  consecutive: int = 0
+  pending: list = dataclasses.field(default_factory=list)
+
+  def add(self, step: int, metrics: Any) -> None:
+    self.pending.append((step, metrics))
+
+  def check(self, last_saved: int | None) -> None:
+    flags = jax.device_get([m["nonfinite"] for _, m in self.pending])
+    pending, self.pending = self.pending, []
+    for (step, metrics), flag in zip(pending, flags, strict=True):
+      if not flag:
+        self.consecutive = 0
+        continue
+      what = self.describe(step, int(flag), _host_scalars(metrics))
+      if self.action == "skip":
+        self.skipped += 1
+        self.consecutive += 1
+        logging.warning("%s; the update was skipped (%d in a row, %d in all).", what,
+                        self.consecutive, self.skipped)
+        if self.consecutive < self.max_consecutive:
+          continue
+        what += f" ({self.consecutive} skipped steps in a row)"
+      kept = ("no checkpoint was written" if last_saved is None else
+              f"the last checkpoint (step {last_saved}) is finite and kept")
+      raise NonFiniteLossError(
+          f"{what}. Training stopped; {kept}. Lower the learning rate, check the loss "
+          "terms' settings, or set --config.train.on_nonfinite=skip.")
+
+  @staticmethod
+  def describe(step: int, flag: int, scalars: dict[str, float]) -> str:
+    terms = [f"{k}={scalars[k]}" for k in sorted(scalars)
+             if k.startswith("loss") and not math.isfinite(scalars[k])]
+    parts = [p for p in step_lib.nonfinite_parts(flag) if p != "loss"]
+    said = []
+    if terms:
+      said.append("loss " + ", ".join(terms))
+    if parts:
+      said.append("new " + ", ".join(parts))
+    return f"Non-finite values at step {step}: " + "; ".join(said)
 
 
 def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: Any,
@@ -170,8 +221,9 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                               train_student=trainable == "all",
                               train_terms={t.name: tuple(getattr(t.fn, "frozen_params", ()))
                                            for t in stage_objective.terms})
-    train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies,
-                                          stage_objective, tx, step_offset=start)
+    train_step, eval_step = compile_steps(
+        parallel, student_apply, teacher_applies, stage_objective, tx, step_offset=start,
+        skip_nonfinite=config.train.on_nonfinite == "skip")
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
@@ -251,11 +303,12 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
-                  tx: Any, step_offset: int = 0) -> tuple[Callable, Callable]:
+                  tx: Any, step_offset: int = 0, skip_nonfinite: bool = False
+                  ) -> tuple[Callable, Callable]:
   """The compiled (train_step, eval_step) of the forwards and the objective."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
-                                      **static),
+                                      skip_nonfinite=skip_nonfinite, **static),
           parallel.compile_eval_step(**static))
 
 
@@ -316,10 +369,38 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
   return stages[-1]
 
 
+# Write errors that stop a run cleanly (one line; the workdir stays resumable).
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+# Settings whose change on resume is not a change of the run (where it runs, how it shows).
+IGNORED_CHANGES = ("allow_config_change", "progress_bar", "data.data_dir")
+
+
+def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) -> list[str]:
+  """'key: old -> new' for every setting that differs between a checkpoint's config (JSON)
+  and `config`, but the `IGNORED_CHANGES`."""
+  if not saved_json:
+    return []
+
+  def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+      return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+  old, new = flat(json.loads(saved_json)), flat(json.loads(config_lib.to_json(config)))
+  return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and k not in IGNORED_CHANGES]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        step_callback: Callable[[int, dict], None] | None = None
                        ) -> dict[str, Any]:
   """Trains (resuming if `workdir` has checkpoints), evaluates, and writes `result.json`.
+
+  The config is validated and everything is built before `workdir` is created or touched; the
+  workdir is then locked for this run (`train.workdir`). SIGTERM/SIGINT stop the run at the
+  next step boundary after a checkpoint (`train.signals.Interrupted`).
 
   Args:
     config: a run config (see `distill_jax.config.base_config`).
@@ -330,15 +411,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The result dict also written to `workdir/result.json`.
   """
   workdir = os.path.abspath(workdir)
+  run = build_run(config)  # Validates the config first; writes nothing.
   os.makedirs(workdir, exist_ok=True)
-  run = build_run(config)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignals() as stop:
+    try:
+      return _train(config, workdir, run, stop, step_callback)
+    except OSError as e:
+      if e.errno not in DISK_ERRORS:
+        raise
+      raise WorkdirWriteError(
+          f"Could not write in {workdir}: {e.strerror} ({e.filename or 'a file'}). Its last "
+          "complete checkpoint is intact: fix the cause (e.g. free disk space) and rerun the "
+          "same command to resume.") from e
+
+
+def _resume(config: ml_collections.ConfigDict, run: dict[str, Any], checkpointer: Checkpointer,
+            step: int) -> tuple[TrainState, dict, dict]:
+  """Restores checkpoint `step`, refusing (before anything is written) a config that differs
+  from the checkpoint's unless `config.allow_config_change`, and always one that changes the
+  state's structure."""
+  target = init_state(config, run, stage_at(run["stages"], step))
+  try:
+    state, data_state, meta = checkpointer.restore(step, target)
+  except CheckpointError as e:
+    changes = config_changes(checkpointer.read_meta(step).get("config"), config)
+    if not changes:
+      raise
+    raise config_lib.ConfigError(
+        f"{checkpointer.step_dir(step)} was written with another config, and its state does "
+        f"not fit this one ({e.__cause__ or e}). Changed: {'; '.join(changes)}. Use another "
+        "--workdir for the new config.") from e
+  changes = config_changes(meta.get("config"), config)
+  if changes and not config.get("allow_config_change", False):
+    raise config_lib.ConfigError(
+        f"The config differs from the one {checkpointer.step_dir(step)} was written with: "
+        f"{'; '.join(changes)}. Resume with the same config, or pass "
+        "--config.allow_config_change=True to continue with the new values.")
+  for change in changes:
+    logging.warning("Resuming with a changed setting: %s", change)
+  return state, data_state, meta
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
+           stop: StopSignals, step_callback: Callable[[int, dict], None] | None
+           ) -> dict[str, Any]:
+  """The run proper, in a locked workdir (see `train_and_evaluate`)."""
   parallel, durations, stages = run["parallel"], run["durations"], run["stages"]
   total_steps = stages[-1].end
   is_chief = jax.process_index() == 0
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
-
   train_iter = data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -346,20 +466,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints,
                               every_steps=durations.checkpoint_every)
-  meta = {"student": config.student.name, "config": config_lib.to_json(config)}
-  latest = checkpointer.latest_step()
+  # What the run has done besides its state; saved in every checkpoint's meta.
+  record = {"history": [], "best_top1": -1.0, "best_step": 0, "train_seconds": 0.0,
+            "skipped_steps": 0, "consecutive_skips": 0}
+  latest = checkpointer.latest_good_step()
   if latest is None:
     state = init_state(config, run)
   else:
-    target = init_state(config, run, stage_at(stages, latest))
-    state, data_state, _ = checkpointer.restore(latest, target)
+    state, data_state, saved_meta = _resume(config, run, checkpointer, latest)
     train_iter.set_state(data_state)
-    logging.info("Resumed from %s/%d.", checkpointer.directory, latest)
+    record.update(saved_meta.get("record", {}))
+    logging.info("Resumed from %s.", checkpointer.step_dir(latest))
+  if is_chief:
+    write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+  meta = {"student": config.student.name, "config": config_lib.to_json(config)}
+  guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
+                         record["skipped_steps"], record["consecutive_skips"])
 
   teacher_vars = parallel.put_replicated(run["teacher_vars"])
   state = parallel.put_replicated(jax.device_get(state))
-  writer = MetricWriter(workdir)
   step = int(parallel.get(state).step)
+  writer = MetricWriter(workdir, resume_step=step)
   logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
                config.student.name, total_steps,
                ", ".join(f"{s.name}: {s.end - s.start}" for s in stages),
@@ -372,61 +499,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.write(step, scalars)
     return scalars
 
-  history, best_top1 = [], -1.0
+  t0, seconds_before = time.time(), record["train_seconds"]
+  last_saved = latest
   bar = tqdm(total=total_steps, initial=step, disable=not (is_chief and config.progress_bar),
              desc="train", unit="step", dynamic_ncols=True)
-  t0 = time.time()
-  for stage in stages:
-    if step >= stage.end:
-      continue
-    if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
-      host = jax.device_get(parallel.get(state))
-      state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
-    prefix = "train" if stage is stages[-1] else stage.name
-    bar.set_description(prefix)
-    while step < stage.end:
-      batch = next(train_iter)
-      state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
-      step += 1
-      bar.update(1)
-      if step_callback is not None:
-        step_callback(step, metrics)
-      last = step == total_steps
-      if (step % durations.log_every == 0 or step == stage.end
-          or checkpointer.should_save(step)):
-        scalars = _host_scalars(parallel.get(metrics))
-        _check_finite(step, scalars)
-        scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
-        writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
-      if stage is stages[-1] and ((durations.eval_every and
-                                   (step - stage.start) % durations.eval_every == 0) or last):
-        scalars = eval_now(step)
-        history.append({"step": step, **scalars})
-        best_top1 = max(best_top1, scalars["eval/top1"])
-      if checkpointer.should_save(step) or step == stage.end:
-        checkpointer.save(step, parallel.get(state), train_iter.get_state(), meta)
-  bar.close()
+  try:
+    for stage in stages:
+      if step >= stage.end:
+        continue
+      if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
+        host = jax.device_get(parallel.get(state))
+        state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
+      prefix = "train" if stage is stages[-1] else stage.name
+      bar.set_description(prefix)
+      while step < stage.end:
+        batch = next(train_iter)
+        state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
+        step += 1
+        bar.update(1)
+        guard.add(step, parallel.get(metrics))
+        if step_callback is not None:
+          step_callback(step, metrics)
+        log = step % durations.log_every == 0 or step == stage.end
+        eval_here = stage is stages[-1] and (
+            (durations.eval_every and (step - stage.start) % durations.eval_every == 0)
+            or step == total_steps)
+        save = checkpointer.should_save(step) or step == stage.end or stop.requested
+        if not (log or eval_here or save):
+          continue
+        guard.check(last_saved)  # Nothing non-finite gets past this line.
+        if log:
+          scalars = _host_scalars(parallel.get(metrics))
+          scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
+          writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+        if eval_here:
+          scalars = eval_now(step)
+          record["history"].append({"step": step, **scalars})
+          if scalars["eval/top1"] > record["best_top1"]:
+            record["best_top1"], record["best_step"] = scalars["eval/top1"], step
+        if save:
+          record.update(train_seconds=seconds_before + time.time() - t0,
+                        skipped_steps=guard.skipped, consecutive_skips=guard.consecutive)
+          checkpointer.save(step, parallel.get(state), train_iter.get_state(),
+                            {**meta, "record": record})
+          last_saved = step
+        if stop.requested:
+          raise Interrupted(stop.signum, step)
+    bar.close()
 
-  final = history[-1] if history else eval_now(step)
-  host_state = jax.device_get(parallel.get(state))
-  if is_chief:
-    export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
-        "model": config.student.name, "kwargs": dict(config.student.kwargs),
-        "num_classes": run["info"].num_classes, "step": step})
-  result = {
-      "student": config.student.name, "teachers": {n: t.model for n, t in run["teachers"].items()},
-      "losses": sorted(config.losses), "steps": step, "seed": config.seed,
-      "final": final, "best_top1": max(best_top1, final["eval/top1"]),
-      "train_seconds": time.time() - t0,
-  }
-  if is_chief:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-  writer.close()
-  checkpointer.close()
-  return result
-
+    history = record["history"]
+    if history and history[-1]["step"] == step:
+      final = history[-1]
+    else:
+      final = {"step": step, **eval_now(step)}
+    host_state = jax.device_get(parallel.get(state))
+    if is_chief:
+      export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
+          "model": config.student.name, "kwargs": dict(config.student.kwargs),
+          "num_classes": run["info"].num_classes, "step": step})
+    result = {
+        "student": config.student.name,
+        "teachers": {n: t.model for n, t in run["teachers"].items()},
+        "losses": sorted(config.losses), "steps": step, "seed": config.seed,
+        "final": final, "best_top1": max(record["best_top1"], final["eval/top1"]),
+        "best_step": record["best_step"] if record["best_top1"] >= final["eval/top1"] else step,
+        "train_seconds": record["train_seconds"], "skipped_steps": guard.skipped,
+    }
+    if is_chief:
+      write_atomic(os.path.join(workdir, "result.json"),
+                   json.dumps(result, indent=2, sort_keys=True))
+    return result
+  finally:
+    bar.close()
+    writer.close()
+    checkpointer.close()
 
 
 def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any

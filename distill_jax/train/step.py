@@ -11,7 +11,7 @@ the same from the shardings, so the two give the single-device result.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -48,16 +48,39 @@ def _top1(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1)
 
 
+# What the finite guard checks, in the bit order of the `nonfinite` metric.
+GUARDED_PARTS = ("loss", "params", "model_state", "objective_state", "opt_state")
+
+
+def nonfinite_mask(parts: Sequence[Any]) -> jax.Array:
+  """An int32 bit mask over `parts` (pytrees): bit i is set when a leaf of parts[i] holds a
+  NaN or an infinity. One fused reduction, cheap beside the step; 0 means all finite."""
+  mask = jnp.zeros((), jnp.int32)
+  for i, part in enumerate(parts):
+    leaves = [x for x in jax.tree.leaves(part) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if leaves:
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+      mask = mask | jnp.where(finite, 0, 1 << i).astype(jnp.int32)
+  return mask
+
+
+def nonfinite_parts(mask: int) -> list[str]:
+  """The names of the parts whose bits `mask` sets (see `GUARDED_PARTS`)."""
+  return [name for i, name in enumerate(GUARDED_PARTS) if int(mask) >> i & 1]
+
+
 def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
-               axis_name: str | None = None, step_offset: int = 0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str | None = None, step_offset: int = 0,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters).
 
   `state.step` counts steps over all stages; the objective sees the step within its stage
   (`state.step - step_offset`), so warm-ups start with the stage. Only the teachers that a
   term reads run (a student trained alone, with teachers listed for eval, runs none).
+  The metric `nonfinite` flags a NaN/inf in the loss or the new state (`nonfinite_mask`);
+  with `skip_nonfinite` such an update is dropped (the step and RNG still advance).
   """
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   used = objective.teachers_used(tuple(teacher_applies))
@@ -93,6 +116,13 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
     metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
+  updated = (params, model_state, objective_state, opt_state)
+  metrics["nonfinite"] = nonfinite_mask((metrics["loss"], *updated))  # Same on every device.
+  if skip_nonfinite:
+    old = (state.params, state.model_state, state.objective_state, state.opt_state)
+    updated = jax.tree.map(lambda new, prev: jnp.where(metrics["nonfinite"] == 0, new, prev),
+                           updated, old)
+  params, model_state, objective_state, opt_state = updated
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             objective_state=objective_state, opt_state=opt_state, rng=rng)
   return new_state, metrics

@@ -1,0 +1,101 @@
+"""Every numeric setting has a range (declared once, in config.py); a value outside it fails
+before anything is built or written, with one message naming the setting and the range."""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import DIGITS, ROOT, tiny
+
+from distill_jax import config as config_lib
+from distill_jax.config import ConfigError
+from distill_jax.train import loop
+
+# (setting, bad value, the allowed range the message must state).
+BAD = [
+    ("optim.lr", 0.0, "a number > 0"),
+    ("optim.lr", -0.1, "a number > 0"),
+    ("losses.kd.temperature", 0.0, "a number > 0"),
+    ("losses.kd.temperature", -4.0, "a number > 0"),
+    ("losses.kd.weight", -0.5, "a number >= 0"),
+    ("losses.ce.weight", float("nan"), "a number >= 0"),
+    ("checkpoint_every_steps", -1, "an integer >= 1"),
+    ("checkpoint_every_steps", 0, "an integer >= 1"),
+    ("keep_checkpoints", 0, "an integer >= 1"),
+    ("log_every_steps", 0, "an integer >= 1"),
+    ("eval_every_epochs", -1.0, "a number >= 0"),
+    ("num_steps", -5, "an integer >= 0"),
+    ("batch_size", 0, "an integer >= 1"),
+    ("optim.momentum", 1.5, "a number in [0, 1)"),
+    ("optim.weight_decay", -1e-4, "a number >= 0"),
+    ("train.max_consecutive_skips", 0, "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("key, value, allowed", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_bad_value_fails_naming_setting_and_range_writing_nothing(tmp_path, key, value, allowed):
+  config = tiny("kd", str(tmp_path / "tfds"), **{key: value})
+  workdir = tmp_path / "run"
+  start = time.perf_counter()
+  with pytest.raises(ConfigError) as info:
+    loop.train_and_evaluate(config, str(workdir))
+  assert time.perf_counter() - start < 5
+  assert f"config.{key} is {value!r}; it must be {allowed} (" in str(info.value)
+  assert "\n" not in str(info.value)
+  assert not workdir.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_unknown_choice_lists_the_choices(tmp_path):
+  config = tiny("kd", str(tmp_path / "tfds"), **{"train.on_nonfinite": "ignore"})
+  with pytest.raises(ConfigError, match=r"train.on_nonfinite is 'ignore'; choose one of "
+                     r"\['stop', 'skip'\]"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_every_range_is_checked_and_the_defaults_pass():
+  config = config_lib.base_config()
+  config_lib.check_ranges(config)
+  for key, (allowed, _) in config_lib.SETTING_RANGES.items():
+    node = config
+    for part in key.split(".")[:-1]:
+      node = node[part]
+    leaf = key.split(".")[-1]
+    assert allowed.allows(node[leaf]), key
+    bad = -1 if allowed.low is None or allowed.low > -1 else (allowed.low - 1)
+    with config.unlocked():
+      old, node[leaf] = node[leaf], bad
+    with pytest.raises(ConfigError, match=f"config.{key} is "):
+      config_lib.check_ranges(config)
+    with config.unlocked():
+      node[leaf] = old
+
+
+def test_range_text_and_membership():
+  r = config_lib.Range(0, 1, high_open=True)
+  assert str(r) == "a number in [0, 1)" and r.allows(0) and not r.allows(1)
+  assert not config_lib.POSITIVE.allows(0) and config_lib.POSITIVE.allows(1e-9)
+  assert not config_lib.POSITIVE_INT.allows(1.5) and not config_lib.POSITIVE_INT.allows(True)
+  assert not config_lib.NON_NEGATIVE.allows("1")
+
+
+def test_cli_exits_non_zero_with_one_line_and_no_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  proc = subprocess.run(
+      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:kd,tiny",
+       f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+       "--config.optim.lr=0"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env={**os.environ, "XLA_FLAGS": "", "DISTILL_JAX_CPU_FLAGS": "0",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  assert proc.returncode != 0
+  assert "config.optim.lr is 0.0; it must be a number > 0" in proc.stderr.splitlines()[-1]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+  # CPU seconds, not wall-clock: the machine may be shared. Nothing is compiled or trained.
+  assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 5
