@@ -234,14 +234,14 @@ def test_cache_teacher_script_then_cli_run(data_dir, teacher_dir, tmp_path):
   import subprocess
   import sys
 
-  from conftest import DIGITS, ROOT, run_digits_cli
+  from conftest import DIGITS, ROOT, cli_env, run_digits_cli
 
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "cache_teacher.py"),
        f"--config={DIGITS}:kd,tiny", f"--cache_dir={tmp_path / 'cache'}", "--top_k=4",
        f"--config.data.data_dir={data_dir}", "--config.data.augment=none",
        f"--config.teachers.teacher.checkpoint={teacher_dir}"],
-      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, timeout=600)
+      capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   override = f"--config.teachers.teacher.cache={tmp_path / 'cache' / 'teacher'}"
   assert override in proc.stdout
