@@ -41,6 +41,23 @@ def teacher_dir(data_dir, tmp_path_factory):
   return workdir
 
 
+def untrained_teacher(directory, hidden=(16,), seed=3):
+  """Exports an untrained MLP as a teacher checkpoint in `directory` (a second teacher whose
+  predictions differ from the trained CNN's, at no training cost); returns its teachers entry."""
+  import jax
+  import numpy as np
+
+  from distill_jax.models import build_model
+  from distill_jax.train.checkpoint import export_model
+
+  module = build_model("mlp", 10, hidden=hidden)
+  variables = module.init(jax.random.PRNGKey(seed), np.zeros((1, 8, 8, 1)), train=False)
+  export_model(str(directory), variables, {"model": "mlp", "kwargs": {"hidden": hidden},
+                                           "num_classes": 10, "step": 0})
+  return {"model": "mlp", "kwargs": {"hidden": hidden}, "checkpoint": str(directory),
+          "cache": None, "input_size": None}
+
+
 def run_steps(config, num_steps):
   """`num_steps` train steps through the compiled step of `config`'s parallel mode; returns the
   host state and the last step's metrics."""

@@ -6,12 +6,10 @@ import jax
 import numpy as np
 import pytest
 import scipy.special
-from conftest import run_steps, tiny
+from conftest import run_steps, tiny, untrained_teacher
 
 from distill_jax import data as data_lib
-from distill_jax.models import build_model
 from distill_jax.train import loop
-from distill_jax.train.checkpoint import export_model
 
 MODES = [("jit", 1), ("jit", 8), ("pmap", 8)]
 
@@ -20,15 +18,10 @@ MODES = [("jit", 1), ("jit", 8), ("pmap", 8)]
 def config(data_dir, teacher_dir, tmp_path_factory):
   """digits KD with the session's CNN teacher and a second, untrained MLP teacher (its
   predictions differ from the CNN's, so per-teacher and ensemble numbers differ)."""
-  mlp_dir = str(tmp_path_factory.mktemp("mlp_teacher"))
-  module = build_model("mlp", 10, hidden=(16,))
-  export_model(mlp_dir, module.init(jax.random.PRNGKey(3), np.zeros((1, 8, 8, 1)), train=False),
-               {"model": "mlp", "kwargs": {"hidden": (16,)}, "num_classes": 10, "step": 0})
   config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                    "parallel.num_devices": 1, "eval_batch_size": 64})
   with config.unlocked():
-    config.teachers.mlp = {"model": "mlp", "kwargs": {"hidden": (16,)}, "checkpoint": mlp_dir,
-                           "cache": None, "input_size": None}
+    config.teachers.mlp = untrained_teacher(tmp_path_factory.mktemp("mlp_teacher"))
   return config
 
 
