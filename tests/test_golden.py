@@ -68,7 +68,7 @@ def run_in_process(name, config, tmp_path_factory):
 
 def test_kd_through_the_cli(data_dir, teacher_dir, tmp_path):
   """Hinton KD from the CNN teacher (CE 0.1 + KD 0.9, T = 4, cosine lr), 6 steps, via the CLI."""
-  run_digits_cli("kd,tiny", tmp_path, data_dir, teacher_dir, "--config.checkpoint_every_steps=0",
+  run_digits_cli("kd,tiny", tmp_path, data_dir, teacher_dir, "--config.checkpoint_every_steps=1000",
                  timeout=300)
   check_golden("kd_cli", run_values(tmp_path))
 
@@ -81,7 +81,7 @@ def test_kd_through_the_cli(data_dir, teacher_dir, tmp_path):
 def test_feature_and_contrastive_methods(data_dir, teacher_dir, tmp_path_factory, method,
                                          overrides):
   config = tiny(method, data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
-                                     "parallel.num_devices": 1, "checkpoint_every_steps": 0,
+                                     "parallel.num_devices": 1, "checkpoint_every_steps": 1000,
                                      **overrides})
   check_golden(method, run_in_process(method, config, tmp_path_factory))
 
@@ -90,7 +90,7 @@ def test_two_teacher_ensemble(data_dir, teacher_dir, tmp_path_factory):
   """KD from the mixture of the CNN teacher and an untrained MLP teacher; eval reports the KL
   to each teacher and to their ensemble."""
   config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
-                                   "parallel.num_devices": 1, "checkpoint_every_steps": 0})
+                                   "parallel.num_devices": 1, "checkpoint_every_steps": 1000})
   with config.unlocked():
     config.teachers.mlp = untrained_teacher(tmp_path_factory.mktemp("mlp_teacher"))
   values = run_in_process("ensemble", config, tmp_path_factory)
