@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from tqdm import tqdm
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
@@ -32,6 +31,7 @@ from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train import optim
 from distill_jax.train.checkpoint import Checkpointer, export_model
+from distill_jax.train.logging import Progress
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.state import TrainState, create_train_state
@@ -349,8 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return scalars
 
   history, best_top1 = [], -1.0
-  bar = tqdm(total=total_steps, initial=step, disable=not (is_chief and config.progress_bar),
-             desc="train", unit="step", dynamic_ncols=True)
+  bar = Progress(total_steps, step, enabled=is_chief, show_bar=config.progress_bar)
   t0 = time.time()
   for stage in stages:
     if step >= stage.end:
@@ -359,12 +358,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       host = jax.device_get(parallel.get(state))
       state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
     prefix = "train" if stage is stages[-1] else stage.name
-    bar.set_description(prefix)
+    bar.stage(prefix)
     while step < stage.end:
       batch = next(train_iter)
       state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
       step += 1
-      bar.update(1)
+      bar.step()
       if step_callback is not None:
         step_callback(step, metrics)
       last = step == total_steps
@@ -374,10 +373,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(step, scalars)
         scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
         writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+        bar.train(scalars)
       if stage is stages[-1] and ((durations.eval_every and
                                    (step - stage.start) % durations.eval_every == 0) or last):
         scalars = eval_now(step)
+        bar.eval(step, scalars)
         history.append({"step": step, **scalars})
         best_top1 = max(best_top1, scalars["eval/top1"])
       if checkpointer.should_save(step) or step == stage.end:
@@ -430,6 +430,7 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs:
           term.teacher = "teacher"
     gen_config.generations = 1
     gen_config.lock()
+    logging.info("Born-again generation %d of %d (gen%d).", g + 1, generations, g)
     results.append(train_and_evaluate(gen_config, os.path.join(workdir, f"gen{g}"), **kwargs))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "generations.json"), "w") as f:
