@@ -226,18 +226,20 @@ def _did_you_mean(name: str, known: list[str]) -> str:
   return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _verbose(argv: list[str]) -> bool:
-  """Whether --verbosity (or -v) >= 1 is on the command line (read before flags parse)."""
-  for arg in argv[1:]:
+def _verbose() -> bool:
+  """Whether --verbosity (or -v) >= 1: the parsed flag, or before parsing the command line."""
+  if FLAGS.is_parsed():
+    return FLAGS.verbosity >= 1
+  for arg in sys.argv[1:]:
     match = re.fullmatch(r"--?(?:verbosity|v)=(-?\d+)", arg)
     if match:
       return int(match.group(1)) >= 1
   return False
 
 
-def _fail(message: str, code: int, argv: list[str]) -> None:
+def _fail(message: str, code: int) -> None:
   """Prints `Error: message` as one line (the traceback first with --verbosity=1), exits."""
-  if _verbose(argv):
+  if _verbose():
     traceback.print_exc()
   line = " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
   print(f"Error: {line}", file=sys.stderr, flush=True)
@@ -247,7 +249,7 @@ def _fail(message: str, code: int, argv: list[str]) -> None:
 def _override_error(argv: list[str], error: Exception) -> str:
   """A config override that failed to parse, as one message naming the flag and what fits."""
   config = FLAGS["config"].value
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  spec = config_spec(argv)
   if config is None and spec:  # absl resets the flags when a parse fails: load it again.
     from distill_jax.config import load_config_file
 
@@ -275,19 +277,25 @@ def _override_error(argv: list[str], error: Exception) -> str:
   return text.replace("\\n", " ").replace("\\'", "'")
 
 
+def config_spec(argv: list[str]) -> str | None:
+  """The value of the last --config=... (the one absl keeps), or None."""
+  specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+  return specs[-1] if specs else None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with `--help` ours (exit 0) and every parse error one line (exit 2)."""
   if argv[1:2] == ["help"] or any(arg in HELP_ARGS for arg in argv[1:]):
     print(usage())
     sys.exit(0)
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  spec = config_spec(argv)
   if spec is not None and not os.path.isfile(spec.partition(":")[0]):
     _fail(f"--config={spec}: no config file {spec.partition(':')[0]!r} (relative to "
-          f"{os.getcwd()}).", USAGE_EXIT, argv)
+          f"{os.getcwd()}).", USAGE_EXIT)
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    _fail(_override_error(argv, e), USAGE_EXIT, argv)
+    _fail(_override_error(argv, e), USAGE_EXIT)
 
 
 def _exit_code(error: BaseException) -> int | None:
@@ -305,7 +313,7 @@ def _exit_code(error: BaseException) -> int | None:
   return None
 
 
-def _interrupted(argv: list[str]) -> None:
+def _interrupted() -> None:
   """Ctrl-C: closes the progress bar and says where the run can resume from."""
   from tqdm import tqdm
 
@@ -339,27 +347,31 @@ class _HoldStartupLogs(py_logging.Filter):
       return False
     if not path.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
       return True  # A library's line (shown or not by its own filters) starts nothing.
-    held, self.held = self.held, None
+    self.release()
+    return True
+
+  def release(self) -> None:
+    held, self.held = self.held or [], None
     for line in held:
       self.handler.emit(line)
-    return True
 
 
 def _main(argv: list[str]) -> None:
   """`main` with every user error turned into one line and an exit code."""
   handler = logging.get_absl_handler()
   hold = _HoldStartupLogs(handler)
-  if not _verbose(argv):
+  if not _verbose():
     handler.addFilter(hold)
   try:
     main(argv)
+    hold.release()
   except KeyboardInterrupt:
-    _interrupted(argv)
+    _interrupted()
   except Exception as e:  # noqa: BLE001  (sorted below: user errors vs bugs)
     code = _exit_code(e)
     if code is None:
       raise
-    _fail(str(e) or type(e).__name__, code, argv)
+    _fail(str(e) or type(e).__name__, code)
   finally:
     handler.removeFilter(hold)
 

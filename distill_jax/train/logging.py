@@ -28,7 +28,7 @@ class _QuietLibraries(py_logging.Filter):
     if not any(p in path for p in QUIET_PACKAGES):
       return True
     if record.levelno >= py_logging.WARNING:
-      return not any(w in str(record.msg) for w in QUIET_WARNINGS)
+      return not any(w in record.getMessage() for w in QUIET_WARNINGS)
     return False
 
 
