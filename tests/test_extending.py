@@ -1,4 +1,5 @@
-"""Runs docs/extending.md exactly: its code blocks become files, then the CLI trains with them."""
+"""Runs docs/extending.md exactly: its code blocks become files in a temporary folder, then the
+installed `distill-jax` console script lists and trains with them, run from that folder."""
 
 import json
 import os
@@ -27,10 +28,19 @@ def doc_files(tmp_path):
   return tmp_path
 
 
+# The `distill-jax` console script of the environment running the tests, as a user runs it.
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "distill-jax")
+
+
 def run_cli(args, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(tmp_path)}
-  return subprocess.run([sys.executable, "-m", "distill_jax.main", *args], capture_output=True,
-                        text=True, env=env, cwd=tmp_path, timeout=300)
+  """`distill-jax ARGS` from the folder holding the doc's files (which is not on PYTHONPATH: the
+  CLI itself makes the working directory importable); the checkout under test is first on
+  PYTHONPATH, and the run's provenance line must say it ran that checkout."""
+  env = {**os.environ, "XLA_FLAGS": "", "DISTILL_JAX_CPU_FLAGS": "0", "PYTHONPATH": ROOT}
+  proc = subprocess.run([CONSOLE_SCRIPT, *args], capture_output=True, text=True, env=env,
+                        cwd=tmp_path, timeout=300)
+  assert f" from {os.path.join(ROOT, 'distill_jax')}\n" in proc.stderr, proc.stderr[-3000:]
+  return proc
 
 
 def restore_state(workdir, step):
