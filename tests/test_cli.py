@@ -9,6 +9,7 @@ created does not exist afterwards.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,3 +148,13 @@ def test_plot_draws_one_curve_per_run_and_metric(tmp_path, teacher_dir):
   assert cli_out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="No run has metric 'eval/top5'; .* has eval/top1, "):
     plots.plot_runs([str(other)], ["eval/top5"], str(cli_out))
+
+
+def test_nothing_refers_to_files_outside_the_project():
+  """A user's clone has only the project: no tracked file may point at a folder beside it."""
+  outside = re.compile("(?:\\.\\./|/work/)" + "shared/")
+  files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+  found = [f for f in files if os.path.isfile(os.path.join(ROOT, f))
+           and outside.search(open(os.path.join(ROOT, f), errors="ignore").read())]
+  assert files and not found
