@@ -51,10 +51,11 @@ def plot_runs(workdirs: Sequence[str], metrics: Sequence[str], out: str):
   fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
   for ax, metric in zip(axes[0], metrics, strict=True):
     drawn = 0
-    for workdir, label in zip(workdirs, labels, strict=True):
+    for i, (workdir, label) in enumerate(zip(workdirs, labels, strict=True)):
       steps, values = read_curve(workdir, metric)
-      if steps:
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+      if steps:  # A run keeps its colour in every panel, even where another run has no line.
+        ax.plot(steps, values, color=f"C{i % 10}", marker="." if len(steps) < 30 else None,
+                label=label)
         drawn += 1
     if not drawn:
       plt.close(fig)
