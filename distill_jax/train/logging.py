@@ -73,11 +73,11 @@ class Progress:
     self.bar.set_description(name)
 
   def step(self) -> None:
-    """After every step. The first one compiled: restart the clock after it."""
-    self.bar.update(1)
+    """After every step. The first one compiled: the clock (rate, ETA) starts after it."""
     if self.first and self.show_bar:
-      self.bar.initial, self.bar.start_t = self.bar.n, self.bar._time()
+      self.bar.initial, self.bar.start_t = self.bar.n + 1, self.bar._time()
     self.first = False
+    self.bar.update(1)
 
   def train(self, scalars: dict[str, float]) -> None:
     """A logged train step's metrics (`loss`, `top1`): shown on the bar."""
