@@ -324,7 +324,11 @@ def _interrupted() -> None:
   where = (f"the same command resumes from {latest}." if latest else
            "no checkpoint was written yet, so the same command starts afresh.")
   print(f"Interrupted: {where}", file=sys.stderr, flush=True)
-  sys.exit(INTERRUPT_EXIT)
+  sys.stdout.flush()
+  # Straight out: the checkpointer's background threads, stopped mid-run, would print
+  # tracebacks at interpreter exit. What is on disk is consistent (metrics are flushed per
+  # line; a checkpoint being written stays a temporary folder, which restore ignores).
+  os._exit(INTERRUPT_EXIT)
 
 
 class _HoldStartupLogs(py_logging.Filter):
