@@ -107,13 +107,16 @@ def test_ctrl_c_says_where_to_resume(tmp_path, data_dir):
   proc = cli(f"--config={DIGITS}:teacher,tiny", f"--workdir={workdir}",
              f"--config.data.data_dir={data_dir}", "--config.num_steps=100000",
              "--config.checkpoint_every_steps=2")
-  deadline = time.time() + 400
-  while not (workdir / "checkpoints" / "2").exists() and time.time() < deadline:
-    time.sleep(0.2)
-  assert (workdir / "checkpoints" / "2").exists(), "no checkpoint within 400 s"
-  time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
-  stdout, stderr = proc.communicate(timeout=300)
+  try:
+    deadline = time.time() + 400
+    while not (workdir / "checkpoints" / "2").exists() and time.time() < deadline:
+      time.sleep(0.2)
+    assert (workdir / "checkpoints" / "2").exists(), "no checkpoint within 400 s"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()  # A no-op once it has exited; never leave a 100000-step run behind.
   assert proc.returncode == 130, stderr
   assert "Traceback" not in stderr
   last = stderr.splitlines()[-1]
