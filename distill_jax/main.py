@@ -294,6 +294,10 @@ def parse_flags(argv: list[str]) -> list[str]:
           f"{os.getcwd()}).", USAGE_EXIT)
   try:
     return FLAGS(argv)
+  except SystemExit:  # absl's --helpfull printed the help and exits 1; help is no error.
+    if "--helpfull" in argv:
+      sys.exit(0)
+    raise
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     _fail(_override_error(argv, e), USAGE_EXIT)
 
@@ -371,6 +375,9 @@ def _main(argv: list[str]) -> None:
     hold.release()
   except KeyboardInterrupt:
     _interrupted()
+  except BrokenPipeError:  # `distill-jax losses | head`: the reader has what it wanted.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
   except Exception as e:  # noqa: BLE001  (sorted below: user errors vs bugs)
     code = _exit_code(e)
     if code is None:

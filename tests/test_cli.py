@@ -97,6 +97,9 @@ def test_help_lists_the_commands_and_required_flags():
                "distill-jax losses", "distill-jax models", "distill-jax plot WORKDIR...",
                "--helpfull"):
     assert text in stdout, text
+  proc = cli("--helpfull")
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "--workdir" in stdout and "--imports" in stdout, stderr
 
 
 def test_ctrl_c_says_where_to_resume(tmp_path, data_dir):
