@@ -25,6 +25,7 @@ import logging as py_logging
 import os
 import re
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -173,16 +174,26 @@ def train(config: config_dict.ConfigDict, workdir: str) -> None:
 
   quiet_library_logs()
   workdir = os.path.abspath(workdir)
-  existed = os.path.exists(workdir)
+  if not os.path.exists(workdir):
+    _created_workdirs.append(workdir)
   try:
     result = train_generations(config, workdir)
   except BaseException:
-    if not existed and os.path.isdir(workdir) and latest_checkpoint(workdir) is None:
-      shutil.rmtree(workdir, ignore_errors=True)
+    _remove_created_workdirs()
     raise
   logging.info("Done: eval top-1 %.4f (best %.4f); results in %s.",
                result["final"]["eval/top1"], result["best_top1"],
                os.path.join(workdir, "result.json"))
+
+
+_created_workdirs: list[str] = []  # The workdir this process created, if it did.
+
+
+def _remove_created_workdirs() -> None:
+  """After a failed start: removes the workdir this run created, unless it holds a checkpoint."""
+  for workdir in _created_workdirs:
+    if os.path.isdir(workdir) and latest_checkpoint(workdir) is None:
+      shutil.rmtree(workdir, ignore_errors=True)
 
 
 def latest_checkpoint(workdir: str) -> str | None:
@@ -317,12 +328,15 @@ def _exit_code(error: BaseException) -> int | None:
   return None
 
 
-def _interrupted() -> None:
-  """Ctrl-C: closes the progress bar and says where the run can resume from."""
+def _interrupted(*_) -> None:
+  """Ctrl-C (the SIGINT handler, so no library can swallow it): closes the progress bar,
+  removes a workdir this run created if it holds no checkpoint yet, says where the run can
+  resume from, and exits 130."""
   from tqdm import tqdm
 
   for bar in list(getattr(tqdm, "_instances", ())):
     bar.close()
+  _remove_created_workdirs()
   workdir = FLAGS.workdir and os.path.abspath(FLAGS.workdir)
   latest = latest_checkpoint(workdir) if workdir and os.path.isdir(workdir) else None
   where = (f"the same command resumes from {latest}." if latest else
@@ -370,6 +384,7 @@ def _main(argv: list[str]) -> None:
   hold = _HoldStartupLogs(handler)
   if not _verbose():
     handler.addFilter(hold)
+  signal.signal(signal.SIGINT, _interrupted)
   try:
     main(argv)
     hold.release()
