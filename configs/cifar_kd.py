@@ -1,6 +1,6 @@
 r"""CIFAR-100 (or -10) with the CRD paper code's recipes: teachers, students alone, every method.
 
-The recipe (RepDistiller, see ../shared/REFERENCES.md): 240 epochs, batch 64, SGD momentum
+The recipe (RepDistiller, see docs/references.md): 240 epochs, batch 64, SGD momentum
 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students), x0.1 at epochs 150, 180 and 210,
 weight decay 5e-4, random crop 32 with padding 4 and horizontal flip, T = 4. Loss weights:
 KD gamma 0.1 on CE and alpha 0.9 on KD; every other method gamma 1 on CE, alpha 0, and beta on

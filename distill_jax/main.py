@@ -1,42 +1,162 @@
-"""The command line.
+"""The command line (`distill-jax`, the same as `python -m distill_jax.main`).
 
     distill-jax --config=configs/FILE.py[:ARG] --workdir=DIR [--config.key=value ...]
     distill-jax losses [--imports=my_pkg.my_losses,...]
-    distill-jax models
+    distill-jax models [--imports=...]
+    distill-jax plot WORKDIR... --out=FILE.png [--metric=eval/top1 ...]
     distill-jax sweep --config=SPEC.py[:ARG] --workdir=ROOT [--launcher=local|slurm] | status ROOT
     distill-jax report ROOT [--rows=... --cols=... --expected=FILE]
 
-The first trains the config's student (with the config's teachers and loss terms) in
-`workdir`, resuming from its latest checkpoint; everything happens in
-`train.loop.train_and_evaluate` (`train_generations` for born-again chains). `losses` lists
-every registered loss term with its hyper-parameters and defaults; `models` lists the
-registered models. `sweep` and `report` (distill_jax/sweep/) run a grid of trainings and
-tabulate their results.
+Training is the default command: it trains the config's student (with the config's teachers
+and loss terms) in `workdir`, resuming from its latest checkpoint; everything happens in
+`train.loop.train_generations`. The other commands are the entries of `COMMANDS`; `sweep` and
+`report` (distill_jax/sweep/) run a grid of trainings and tabulate their results, and parse
+their own flags (argparse), so `run` hands them their argv before absl parses anything.
+
+A user's mistake (a config typo, a missing checkpoint or data set, an unreadable file) ends the
+run with one line, `Error: ...`, on stderr: exit code 2 for usage and config errors, 1 for
+failures while running, 128 + the signal for SIGTERM/SIGINT (143, 130) after the run saved a
+checkpoint at a step boundary; `--verbosity=1` adds the traceback. A start that fails
+removes the workdir it created (one that existed, or that holds a checkpoint, is kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import glob
 import importlib
-import importlib.metadata
+import logging as py_logging
 import os
+import re
+import shutil
+import signal
 import sys
+import traceback
+from collections.abc import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with ':ARG' (see configs/).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and result.json.")
-flags.DEFINE_list("imports", [], "For `losses`/`models`: modules to import first (e.g. yours).")
+flags.DEFINE_list("imports", [], "Modules to import first (e.g. yours, registering losses).")
+flags.DEFINE_string("out", "curves.png", "For `plot`: the PNG file to write.")
+flags.DEFINE_multi_string("metric", ["eval/top1"], "For `plot`: metrics to draw, one panel each "
+                          "(keys of metrics.jsonl, e.g. eval/top1, train/loss).")
+
+USAGE_EXIT, FAILURE_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
 
-def _version() -> str:
-  try:
-    return importlib.metadata.version("distill-jax")
-  except importlib.metadata.PackageNotFoundError:  # A checkout on PYTHONPATH, not installed.
-    return "(not installed)"
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A sub-command: `usage` and `help` are shown by --help; `fn(args)` runs it."""
+
+  usage: str
+  help: str
+  fn: Callable[[list[str]], None]
+
+
+# Sub-commands by name; training is the default (no sub-command). New commands add an entry
+# here (or with `command(...)`) and --help lists them.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, usage: str, help: str) -> Callable:  # noqa: A002
+  """Registers `fn(args)` as the sub-command `name`."""
+
+  def register(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    COMMANDS[name] = Command(usage, help, fn)
+    return fn
+
+  return register
+
+
+class UsageError(Exception):
+  """Bad command-line use; exits 2 with the message."""
+
+
+def _no_args(name: str, args: list[str]) -> None:
+  if args:
+    raise UsageError(f"`distill-jax {name}` takes no arguments, got {args}.")
+
+
+@command("losses", "distill-jax losses [--imports=MODULE,...]",
+         "every registered loss term with its hyper-parameters and defaults")
+def losses_command(args: list[str]) -> None:
+  _no_args("losses", args)
+  print(describe_losses())
+
+
+@command("models", "distill-jax models [--imports=MODULE,...]", "every registered model")
+def models_command(args: list[str]) -> None:
+  _no_args("models", args)
+  print(describe_models())
+
+
+@command("plot", "distill-jax plot WORKDIR... --out=FILE.png [--metric=eval/top1 ...]",
+         "learning curves of one or several runs (their metrics.jsonl) to a PNG")
+def plot_command(args: list[str]) -> None:
+  if not args:
+    raise UsageError("`distill-jax plot` needs one or more run workdirs, e.g. "
+                     "`distill-jax plot runs/a runs/b --out=curves.png`.")
+  from distill_jax import plots
+
+  plots.plot_runs(args, FLAGS.metric, FLAGS.out)
+  print(f"Wrote {FLAGS.out} ({', '.join(FLAGS.metric)} of {len(args)} run(s)).")
+
+
+@command("sweep", "distill-jax sweep --config=SPEC.py[:ARG] --workdir=ROOT "
+         "[--launcher=local|slurm] | sweep status ROOT",
+         "run every trial of a sweep spec (local workers or a Slurm job array), or show them")
+def sweep_command(args: list[str]) -> None:
+  from distill_jax.sweep import cli
+
+  sys.exit(cli.sweep_main(args))
+
+
+@command("report", "distill-jax report ROOT [--rows=... --cols=... --expected=FILE --csv --png]",
+         "one table (mean ± std over seeds, the paper's number and the gap) of a sweep's results")
+def report_command(args: list[str]) -> None:
+  from distill_jax.sweep import cli
+
+  sys.exit(cli.report_main(args))
+
+
+# Commands that parse their own flags (argparse): absl's `--config` is a config-file flag that
+# would try to load a sweep spec as a run config, so `run` hands them their argv first.
+OWN_FLAGS = ("sweep", "report")
+
+
+def usage() -> str:
+  """The text of `distill-jax --help`."""
+  width = max(len(name) for name in COMMANDS)
+  commands = "\n".join(f"  {name:<{width}}  {c.help}\n  {'':<{width}}  {c.usage}"
+                       for name, c in COMMANDS.items())
+  return f"""\
+distill-jax: knowledge distillation in JAX/Flax.
+
+Train (the default command; resumes from WORKDIR's latest checkpoint):
+  distill-jax --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+  --config   (required) a config file; ':ARG' selects a variant of it
+  --workdir  (required) the run's directory: checkpoints, metrics.jsonl, tb/, result.json
+
+  e.g. distill-jax --config=configs/digits.py:teacher --workdir=runs/digits/teacher
+       distill-jax --config=configs/digits.py:kd --workdir=runs/digits/kd \\
+           --config.teachers.teacher.checkpoint=runs/digits/teacher --config.optim.lr=0.1
+
+Other commands:
+{commands}
+
+  --imports=MODULE,...  import your modules first (to register losses or models)
+  --verbosity=1         show the traceback of an error
+
+Every flag, including every --config.KEY of a config: distill-jax --config=FILE.py --helpfull
+"""
 
 
 def describe_losses() -> str:
@@ -61,51 +181,272 @@ def describe_models() -> str:
   return "\n".join(MODELS.names())
 
 
-def main(argv: list[str]) -> None:
-  logging.info("distill_jax %s from %s", _version(), os.path.dirname(os.path.abspath(__file__)))
-  for module in FLAGS.imports:
-    importlib.import_module(module)
-  commands = {"losses": describe_losses, "models": describe_models}
-  if len(argv) > 1:
-    if argv[1] not in commands or len(argv) > 2:
-      raise app.UsageError(f"Unexpected arguments {argv[1:]}; sub-commands: {sorted(commands)}.")
-    print(commands[argv[1]]())
-    return
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("--config and --workdir are required to train.")
-  from distill_jax.config import ConfigError
-  from distill_jax.data.teacher_cache import CacheError
-  from distill_jax.train.checkpoint import CheckpointError
+def provenance() -> str:
+  """`distill_jax VERSION from PACKAGE_DIR`: which installation is running."""
+  from importlib import metadata
+
+  import distill_jax
+
+  try:
+    version = metadata.version("distill-jax")
+  except metadata.PackageNotFoundError:
+    version = "(not installed)"
+  return f"distill_jax {version} from {os.path.dirname(os.path.abspath(distill_jax.__file__))}"
+
+
+def train(config: config_dict.ConfigDict, workdir: str) -> None:
+  """Trains; a start that fails removes the workdir it created, unless it holds a checkpoint."""
   from distill_jax.train.logging import quiet_library_logs
-  from distill_jax.train.loop import NonFiniteLossError, train_generations
-  from distill_jax.train.signals import Interrupted
-  from distill_jax.train.workdir import WorkdirLockedError, WorkdirWriteError
+  from distill_jax.train.loop import train_generations
 
   quiet_library_logs()
+  workdir = os.path.abspath(workdir)
+  if not os.path.exists(workdir):
+    _created_workdirs.append(workdir)
   try:
-    result = train_generations(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
-    logging.error("Invalid config: %s", e)
-    sys.exit(f"Invalid config: {e}")
-  except (CacheError, CheckpointError, NonFiniteLossError, WorkdirLockedError,
-          WorkdirWriteError) as e:
-    logging.error("%s", e)
-    sys.exit(str(e))
-  except Interrupted as e:  # Checkpoint saved: exit 128 + signal (143 SIGTERM, 130 SIGINT).
+    result = train_generations(config, workdir)
+  except BaseException:
+    _remove_created_workdirs()
+    raise
+  logging.info("Done: eval top-1 %.4f (best %.4f); results in %s.",
+               result["final"]["eval/top1"], result["best_top1"],
+               os.path.join(workdir, "result.json"))
+
+
+_created_workdirs: list[str] = []  # The workdir this process created, if it did.
+
+
+def _remove_created_workdirs() -> None:
+  """After a failed start: removes the workdir this run created, unless it holds a checkpoint."""
+  for workdir in _created_workdirs:
+    if os.path.isdir(workdir) and latest_checkpoint(workdir) is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+  """The newest complete checkpoint directory under `workdir` (any generation), or None."""
+  found = [p for p in glob.glob(os.path.join(workdir, "**", "checkpoints", "*"), recursive=True)
+           if os.path.basename(p).isdigit()]
+  return max(found, key=lambda p: (os.path.getmtime(p), int(os.path.basename(p))),
+             default=None)
+
+
+def main(argv: list[str]) -> None:
+  logging.info("%s", provenance())
+  for module in FLAGS.imports:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise UsageError(f"--imports names {module!r}, which cannot be imported ({e}); run "
+                       "from the folder that holds it or put its package on PYTHONPATH.") from e
+  if len(argv) > 1:
+    if argv[1] not in COMMANDS:
+      raise UsageError(f"Unknown command {argv[1]!r}"
+                       f"{_did_you_mean(argv[1], list(COMMANDS))}; the commands are "
+                       f"{', '.join(COMMANDS)} (training needs none). See distill-jax --help.")
+    COMMANDS[argv[1]].fn(argv[2:])
+    return
+  missing = [f"--{name}" for name in ("config", "workdir") if FLAGS[name].value is None]
+  if missing:
+    raise UsageError(f"{' and '.join(missing)} required to train, e.g. distill-jax "
+                     "--config=configs/digits.py:teacher --workdir=runs/digits/teacher "
+                     "(see distill-jax --help).")
+  train(FLAGS.config, FLAGS.workdir)
+
+
+# --- Errors as one line -------------------------------------------------------------------
+
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+  close = difflib.get_close_matches(name, known, n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _verbose() -> bool:
+  """Whether --verbosity (or -v) >= 1: the parsed flag, or before parsing the command line."""
+  if FLAGS.is_parsed():
+    return FLAGS.verbosity >= 1
+  for arg in sys.argv[1:]:
+    match = re.fullmatch(r"--?(?:verbosity|v)=(-?\d+)", arg)
+    if match:
+      return int(match.group(1)) >= 1
+  return False
+
+
+def _fail(message: str, code: int) -> None:
+  """Prints `Error: message` as one line (the traceback first with --verbosity=1), exits."""
+  if _verbose():
+    traceback.print_exc()
+  line = " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+  print(f"Error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _override_error(argv: list[str], error: Exception) -> str:
+  """A config override that failed to parse, as one message naming the flag and what fits."""
+  config = FLAGS["config"].value
+  spec = config_spec(argv)
+  if config is None and spec:  # absl resets the flags when a parse fails: load it again.
+    from distill_jax.config import load_config_file
+
+    try:
+      config = load_config_file(spec)
+    except Exception:  # noqa: BLE001  (then the message below names the error as it is)
+      config = None
+  for arg in argv[1:]:
+    match = re.fullmatch(r"--config\.([\w.]+)(?:=.*)?", arg, re.S)
+    if not match or not isinstance(config, config_dict.ConfigDict):
+      continue
+    node, path = config, []
+    for part in match.group(1).split("."):
+      if not isinstance(node, config_dict.ConfigDict) or part not in node:
+        where = "config." + ".".join(path) if path else "config"
+        known = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+        listing = f"; it has: {', '.join(sorted(known))}" if known else ""
+        return (f"{arg}: {where} has no key {part!r}{_did_you_mean(part, known)}{listing}.")
+      node, path = node[part], [*path, part]
+  text = str(error)
+  if "Traceback (most recent call last)" in text:  # A config file's get_config raised.
+    lines = [line for line in text.splitlines() if line.strip()]
+    text = f"{lines[0].split(':', 1)[0]}: {lines[-1].strip()}"
+  text = " ".join(text.strip().strip("'\"").split())
+  return text.replace("\\n", " ").replace("\\'", "'")
+
+
+def config_spec(argv: list[str]) -> str | None:
+  """The value of the last --config=... (the one absl keeps), or None."""
+  specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+  return specs[-1] if specs else None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with `--help` ours (exit 0) and every parse error one line (exit 2)."""
+  if argv[1:2] == ["help"] or any(arg in HELP_ARGS for arg in argv[1:]):
+    print(usage())
+    sys.exit(0)
+  spec = config_spec(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    _fail(f"--config={spec}: no config file {spec.partition(':')[0]!r} (relative to "
+          f"{os.getcwd()}).", USAGE_EXIT)
+  try:
+    return FLAGS(argv)
+  except SystemExit:  # absl's --helpfull printed the help and exits 1; help is no error.
+    if "--helpfull" in argv:
+      sys.exit(0)
+    raise
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    _fail(_override_error(argv, e), USAGE_EXIT)
+
+
+def _exit_code(error: BaseException) -> int | None:
+  """The exit code of a user error (one line, no traceback), None for anything else (a bug)."""
+  from distill_jax.config import ConfigError
+  from distill_jax.data.teacher_cache import CacheError
+  from distill_jax.registry import UnknownNameError
+  from distill_jax.train.checkpoint import CheckpointError
+  from distill_jax.train.workdir import WorkdirLockedError, WorkdirWriteError
+
+  if isinstance(error, UsageError | ConfigError | UnknownNameError):
+    return USAGE_EXIT
+  if isinstance(error, CheckpointError | CacheError | OSError | FloatingPointError |
+                ValueError | ImportError | WorkdirLockedError | WorkdirWriteError):
+    return FAILURE_EXIT
+  return None
+
+
+def _interrupted(*_) -> None:
+  """Ctrl-C (the SIGINT handler, so no library can swallow it): closes the progress bar,
+  removes a workdir this run created if it holds no checkpoint yet, says where the run can
+  resume from, and exits 130."""
+  from tqdm import tqdm
+
+  for bar in list(getattr(tqdm, "_instances", ())):
+    bar.close()
+  _remove_created_workdirs()
+  workdir = FLAGS.workdir and os.path.abspath(FLAGS.workdir)
+  latest = latest_checkpoint(workdir) if workdir and os.path.isdir(workdir) else None
+  where = (f"the same command resumes from {latest}." if latest else
+           "no checkpoint was written yet, so the same command starts afresh.")
+  print(f"Interrupted: {where}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Straight out: the checkpointer's background threads, stopped mid-run, would print
+  # tracebacks at interpreter exit. What is on disk is consistent (metrics are flushed per
+  # line; a checkpoint being written stays a temporary folder, which restore ignores).
+  os._exit(INTERRUPT_EXIT)
+
+
+class _HoldStartupLogs(py_logging.Filter):
+  """Holds this module's log lines until the run logs one of its own, then lets them out.
+
+  A run that fails before it starts shows only its `Error:` line; one that starts shows the
+  start-up lines (the provenance) first, as logged.
+  """
+
+  def __init__(self, handler: py_logging.Handler):
+    super().__init__()
+    self.handler, self.held = handler, []
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if self.held is None:
+      return True
+    path = os.path.abspath(record.pathname)
+    if path == os.path.abspath(__file__):
+      self.held.append(record)
+      return False
+    if not path.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+      return True  # A library's line (shown or not by its own filters) starts nothing.
+    self.release()
+    return True
+
+  def release(self) -> None:
+    held, self.held = self.held or [], None
+    for line in held:
+      self.handler.emit(line)
+
+
+def _main(argv: list[str]) -> None:
+  """`main` with every user error turned into one line and an exit code."""
+  from distill_jax.train.signals import Interrupted
+
+  handler = logging.get_absl_handler()
+  hold = _HoldStartupLogs(handler)
+  if not _verbose():
+    handler.addFilter(hold)
+  signal.signal(signal.SIGINT, _interrupted)
+  try:
+    main(argv)
+    hold.release()
+  except KeyboardInterrupt:
+    _interrupted()
+  except Interrupted as e:  # A signal during training: a checkpoint was saved at a step end.
     logging.warning("%s", e)
+    workdir = os.path.abspath(FLAGS.workdir)
+    print(f"Interrupted: the same command resumes from {latest_checkpoint(workdir)}.",
+          file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
-  logging.info("Done: eval top-1 %.4f (best %.4f).", result["final"]["eval/top1"],
-               result["best_top1"])
+  except BrokenPipeError:  # `distill-jax losses | head`: the reader has what it wanted.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+  except Exception as e:  # noqa: BLE001  (sorted below: user errors vs bugs)
+    code = _exit_code(e)
+    if code is None:
+      raise
+    _fail(str(e) or type(e).__name__, code)
+  finally:
+    handler.removeFilter(hold)
 
 
 def run() -> None:
-  """Console-script entry point (`distill-jax`)."""
-  if len(sys.argv) > 1 and sys.argv[1] in ("sweep", "report"):
-    # Sub-commands with their own argparse flags (distill_jax/sweep/cli.py), before absl parses.
-    from distill_jax.sweep import cli
-
-    sys.exit({"sweep": cli.sweep_main, "report": cli.report_main}[sys.argv[1]](sys.argv[2:]))
-  app.run(main)
+  """Console-script entry point (`distill-jax`): the working directory is importable, as under
+  `python -m distill_jax.main`, so `config.imports` and `--imports` find the user's modules."""
+  cwd = os.getcwd()
+  if cwd not in sys.path:
+    sys.path.insert(0, cwd)
+  if len(sys.argv) > 1 and sys.argv[1] in OWN_FLAGS:
+    COMMANDS[sys.argv[1]].fn(sys.argv[2:])
+  app.run(_main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

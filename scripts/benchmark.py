@@ -7,8 +7,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
 checkpoint is needed. Each figure is the median over --repeats timed windows of --steps steps,
-after --warmup steps (compilation excluded). `--xla_fast_cpu_convs` sets the XLA:CPU flags that
-../shared/NOTES.md measured as faster for convolutions (Eigen instead of YNNPACK).
+after --warmup steps (compilation excluded). `--xla_fast_cpu_convs` sets the XLA:CPU flags
+measured as faster for convolutions (Eigen instead of YNNPACK; see docs/references.md).
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ def cache_read_ms(num_teachers: int) -> float:
 def main(argv: list[str]) -> None:
   del argv
   import jax
+
+  from distill_jax.train.logging import quiet_library_logs
+
+  quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
 
   devices = jax.devices()[:FLAGS.num_devices or None]
   xla_flags = os.environ.get("XLA_FLAGS", "")

@@ -7,7 +7,10 @@ Runs on the embedded digits (offline, a few minutes on 2 CPU cores), through the
 
 Every run lives in its own workdir under --workdir and resumes from its checkpoints, so an
 interrupted quickstart picks up where it stopped. The table (mean ± std over seeds) is printed
-and written to WORKDIR/table.md; the per-run results are in each run's result.json.
+and written to WORKDIR/table.md, the eval curves of seed 0's runs to WORKDIR/curves.png; the
+per-run results are in each run's result.json. `--update_readme` also writes the table into
+README.md between its quickstart-table markers (tests/test_quickstart.py checks that the README
+holds what this script writes).
 """
 
 from __future__ import annotations
@@ -21,9 +24,25 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Directory for all runs of the quickstart.")
 flags.DEFINE_integer("seeds", 3, "Student seeds (the teacher is trained once, with seed 0).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $DISTILL_JAX_DATA_DIR or cache).")
+flags.DEFINE_bool("update_readme", False, "Also write the table into README.md (between its "
+                  "quickstart-table markers).")
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "digits.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "digits.py")
+README = os.path.join(ROOT, "README.md")
+TABLE_START, TABLE_END = "<!-- quickstart-table:start -->", "<!-- quickstart-table:end -->"
+
+
+def readme_table(text: str) -> str:
+  """The table in README text: what lies between the markers."""
+  start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+  return text[start:end].strip("\n")
+
+
+def with_readme_table(text: str, table: str) -> str:
+  """README text with `table` between the markers."""
+  start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+  return f"{text[:start]}\n{table}\n{text[end:]}"
 
 
 def _run(role: str, workdir: str, **overrides) -> dict:
@@ -87,6 +106,19 @@ def main(argv: list[str]) -> None:
   print("\n" + table)
   with open(os.path.join(root, "table.md"), "w") as f:
     f.write(table + "\n")
+  from distill_jax import plots
+
+  curves = os.path.join(root, "curves.png")
+  plots.plot_runs([teacher_dir] + [os.path.join(root, f"{role}_{tag}_seed0") for tag in
+                                   ("all", "300") for role in ("student", "kd")],
+                  ["eval/top1", "eval/agreement/teacher"], curves)
+  print(f"\nWrote {os.path.join(root, 'table.md')} and {curves}.")
+  if FLAGS.update_readme:
+    with open(README) as f:
+      text = f.read()
+    with open(README, "w") as f:
+      f.write(with_readme_table(text, table))
+    print(f"Updated the table in {README}.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's virtual environment in .venv and installs distill-jax
-# with its test and plot extras. Idempotent: reinstalls only when setup.cfg changed.
+# Creates (or reuses) the project's virtual environment in .venv and installs the tested,
+# pinned dependencies from requirements.lock (every file checked against its hash), then
+# distill-jax itself (editable). Idempotent: reinstalls only when the lock or setup.cfg changed.
 # Usage: source scripts/setup_env.sh   (or bash scripts/setup_env.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,11 +12,15 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.distill_jax_installed"
-want="$(cat "$root/setup.cfg" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/requirements.lock" "$root/setup.cfg" "$root/pyproject.toml" | sha256sum \
+        | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "Installing distill-jax and its dependencies into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root[test,plots]"
+  echo "Installing the pinned dependencies (requirements.lock) and distill-jax into $venv" >&2
+  "$venv/bin/python" -m pip install --quiet --require-hashes -r "$root/requirements.lock"
+  # The build uses the pinned setuptools (no isolated build environment to fetch another);
+  # its notice about editable installs is only advice to developers of setuptools' users.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup_env.sh"
 cd "$root"
-exec python -m pytest tests "$@"
+exec python -m pytest "$@"  # No path given: setup.cfg's testpaths (tests/).

@@ -101,14 +101,16 @@ def assert_runs_checkout(proc_output):
       f"The CLI ran distill_jax from {found}, not from the checkout under test ({want}).")
 
 
-def run_cli(args, *, cwd=ROOT, env=None, timeout=600, check=True):
-  """`python -m distill_jax.main ARGS` in a subprocess that runs this checkout (`cli_env`),
-  asserting so from its log (`assert_runs_checkout`); with `check`, fails the test with the
-  run's stderr if it does not exit 0."""
+def run_cli(args, *, cwd=ROOT, env=None, timeout=600, check=True, program=None):
+  """`python -m distill_jax.main ARGS` (or `program ARGS`, e.g. the `distill-jax` console
+  script) in a subprocess that runs this checkout (`cli_env`), asserting so from its log
+  (`assert_runs_checkout`); with `check`, fails the test with the run's stderr if it does not
+  exit 0."""
   import subprocess
   import sys
 
-  proc = subprocess.run([sys.executable, "-m", "distill_jax.main", *map(str, args)],
+  program = program or [sys.executable, "-m", "distill_jax.main"]
+  proc = subprocess.run([*program, *map(str, args)],
                         capture_output=True, text=True, env=env or cli_env(), cwd=cwd,
                         timeout=timeout)
   if check:

@@ -1,4 +1,5 @@
-"""Runs docs/extending.md exactly: its code blocks become files, then the CLI trains with them."""
+"""Runs docs/extending.md exactly: its code blocks become files in a temporary folder, then the
+installed `distill-jax` console script lists and trains with them, run from that folder."""
 
 import json
 import os
@@ -27,10 +28,16 @@ def doc_files(tmp_path):
   return tmp_path
 
 
+# The `distill-jax` console script of the environment running the tests, as a user runs it.
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "distill-jax")
+
+
 def run_cli(args, tmp_path):
-  """The CLI of this checkout (asserted from its log), with the doc's files importable."""
-  return conftest.run_cli(args, cwd=tmp_path, env=conftest.cli_env(tmp_path), timeout=300,
-                          check=False)
+  """`distill-jax ARGS` (the console script) from the folder holding the doc's files, which is
+  not on PYTHONPATH: the CLI itself makes the working directory importable. The checkout under
+  test is first on PYTHONPATH, asserted from the run's log."""
+  return conftest.run_cli(args, cwd=tmp_path, timeout=300, check=False,
+                          program=[CONSOLE_SCRIPT])
 
 
 def restore_state(workdir, step):

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from distill_jax.registry import Registry
@@ -127,14 +129,31 @@ def ensure_embedded(name: str, data_dir: str | os.PathLike) -> str:
       # Another builder may have finished while this one waited.
       builder = builder_cls(data_dir=data_dir, file_format="array_record")
       if not _is_prepared(builder):
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        logging.info("Building the embedded data set %r into %s (once).", name, data_dir)
+        with _quiet_build():
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return os.fspath(builder.data_path)
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   # Checking the folder first spares TFDS's warning about a folder without metadata.
   return builder.data_path.exists() and builder.is_prepared()
+
+
+@contextlib.contextmanager
+def _quiet_build() -> Iterator[None]:
+  """Silences TFDS while it builds a local data set: its "Downloading and preparing" lines
+  (printed to stdout, though nothing downloads) and its progress bars (a dozen per build)."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+
+  was_active = tqdm_utils._active  # TFDS has no getter; restored below.
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(was_active)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from tqdm import tqdm
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
@@ -34,6 +33,7 @@ from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train import optim
 from distill_jax.train import step as step_lib
 from distill_jax.train.checkpoint import Checkpointer, CheckpointError, export_model, write_atomic
+from distill_jax.train.logging import Progress
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.signals import Interrupted, StopSignals
@@ -501,8 +501,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
 
   t0, seconds_before = time.time(), record["train_seconds"]
   last_saved = latest
-  bar = tqdm(total=total_steps, initial=step, disable=not (is_chief and config.progress_bar),
-             desc="train", unit="step", dynamic_ncols=True)
+  bar = Progress(total_steps, step, enabled=is_chief, show_bar=config.progress_bar)
   try:
     for stage in stages:
       if step >= stage.end:
@@ -511,12 +510,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
         host = jax.device_get(parallel.get(state))
         state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
       prefix = "train" if stage is stages[-1] else stage.name
-      bar.set_description(prefix)
+      bar.stage(prefix)
       while step < stage.end:
         batch = next(train_iter)
         state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
         step += 1
-        bar.update(1)
+        bar.step()
         guard.add(step, parallel.get(metrics))
         if step_callback is not None:
           step_callback(step, metrics)
@@ -532,9 +531,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
           scalars = _host_scalars(parallel.get(metrics))
           scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
           writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+          bar.train(scalars)
         if eval_here:
           scalars = eval_now(step)
+          bar.eval(step, scalars)
           record["history"].append({"step": step, **scalars})
           if scalars["eval/top1"] > record["best_top1"]:
             record["best_top1"], record["best_step"] = scalars["eval/top1"], step
@@ -601,6 +601,7 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs:
           term.teacher = "teacher"
     gen_config.generations = 1
     gen_config.lock()
+    logging.info("Born-again generation %d of %d (gen%d).", g + 1, generations, g)
     results.append(train_and_evaluate(gen_config, os.path.join(workdir, f"gen{g}"), **kwargs))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "generations.json"), "w") as f:
