@@ -66,6 +66,8 @@ def main(argv: list[str]) -> None:
   from distill_jax.train.loop import train_generations
 
   quiet_library_logs()
+  from distill_jax.train.parallel import initialize_distributed
+  initialize_distributed(FLAGS.config.parallel)  # Before any other JAX use.
   try:
     result = train_generations(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

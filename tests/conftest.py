@@ -70,7 +70,8 @@ def run_digits_cli(arg, workdir, data_dir, teacher_dir, *flags, timeout=600):
       [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:{arg}",
        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
        f"--config.teachers.teacher.checkpoint={teacher_dir}", *flags],
-      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT,
+      capture_output=True, text=True,
+      env={**os.environ, "XLA_FLAGS": "", "DISTILL_JAX_CPU_FLAGS": "0"}, cwd=ROOT,
       timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc

@@ -69,14 +69,19 @@ class Checkpointer:
 
 
 def export_model(directory: str, variables: Any, meta: dict) -> None:
-  """Writes the model's variables and a `model.json` describing how to rebuild it."""
+  """Writes the model's variables and a `model.json` describing how to rebuild it.
+
+  Collective: with several processes every one calls it (orbax's save synchronises them);
+  process 0 writes the files.
+  """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   variables = jax.tree.map(np.asarray, variables)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "variables"), variables, force=True)
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "model.json"), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
 
 
 def read_model_meta(directory: str) -> dict:

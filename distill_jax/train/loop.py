@@ -115,11 +115,14 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
   info = data_lib.get_info(config.data)
-  parallel = Parallel(config.parallel.mode, config.parallel.num_devices)
+  parallel = Parallel(config.parallel.mode, config.parallel.num_devices,
+                      **config_lib.parallel_layout(config))
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size)
+  remat = {"remat": True} if config.student.get("remat", False) else {}
   student = models.build_model(config.student.name, info.num_classes,
-                               bn_axis_name=parallel.bn_axis_name, **config.student.kwargs)
+                               bn_axis_name=parallel.bn_axis_name, **remat,
+                               **config.student.kwargs)
   teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
@@ -138,14 +141,15 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   durations = Durations.from_config(config, num_train)
   # The objective always sees the global batch (under pmap the step gathers it), so its
   # terms need no axis name: their statistics and memory updates are global by construction.
-  context = {"axis_name": None, "num_examples": num_train}
+  context = {"num_examples": num_train}
   specs = [(name, stage.losses, stage.get("train", "all")) for name, stage in
            config.stages.items()] + [("train", config.losses, "all")]
   objectives = [build_objective(losses, list(teachers), context, durations.steps_per_epoch)
                 for _, losses, _ in specs]
   objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
-      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches))
+      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches),
+      student_dtype=config.get("dtype", "float32"))
   example = example_batch(info.image_shape, config.batch_size,
                           {teacher_cache.batch_key(n): info.num_classes for n in caches})
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
@@ -155,6 +159,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  init_shapes(student, info.image_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
 
+  accumulate_steps = int(config.optim.get("accumulate_steps", 1))
+  parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0
   for (name, _, trainable), stage_objective in zip(specs, objectives, strict=True):
     if name == "train":
@@ -170,7 +176,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                               train_terms={t.name: tuple(getattr(t.fn, "frozen_params", ()))
                                            for t in stage_objective.terms})
     train_step, eval_step = compile_steps(parallel, student_apply, teacher_applies,
-                                          stage_objective, tx, step_offset=start)
+                                          stage_objective, tx, step_offset=start,
+                                          accumulate_steps=accumulate_steps)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
@@ -197,8 +204,12 @@ def union_objective(objectives: list[Objective]) -> Objective:
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
-                  cached: tuple[str, ...] = ()) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  cached: tuple[str, ...] = (), student_dtype: str | None = None
+                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards, tapping what the objective compares.
+
+  `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
+  `features.make_apply`): params and optimizer state stay float32.
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
@@ -218,20 +229,21 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
     check_features(f"Teacher {name!r} ({teacher.model})", wanted,
                    list_features(teacher.module, teacher.variables,
                                  teacher.input_shape(input_shape)))
-  return (make_apply(student, features=objective.student_features),
+  return (make_apply(student, features=objective.student_features, dtype=student_dtype),
           {name: teacher_cache.cached_apply(name) if name in cached else
            make_apply(t.module, features=objective.teacher_features(name),
-                      input_size=t.input_size)
+                      input_size=t.input_size, dtype=t.dtype)
            for name, t in teachers.items()})
 
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
-                  tx: Any, step_offset: int = 0) -> tuple[Callable, Callable]:
+                  tx: Any, step_offset: int = 0, accumulate_steps: int = 1
+                  ) -> tuple[Callable, Callable]:
   """The compiled (train_step, eval_step) of the forwards and the objective."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
-                                      **static),
+                                      accumulate_steps=accumulate_steps, **static),
           parallel.compile_eval_step(**static))
 
 
@@ -332,8 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter.set_state(data_state)
     logging.info("Resumed from %s/%d.", checkpointer.directory, latest)
 
-  teacher_vars = parallel.put_replicated(run["teacher_vars"])
-  state = parallel.put_replicated(jax.device_get(state))
+  teacher_vars = parallel.put_teachers(run["teacher_vars"])
+  state = parallel.put_state(jax.device_get(state))
   writer = MetricWriter(workdir)
   step = int(parallel.get(state).step)
   logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
@@ -356,8 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if step >= stage.end:
       continue
     if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
-      host = jax.device_get(parallel.get(state))
-      state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
+      host = parallel.to_host(state)
+      state = parallel.put_state(host.replace(opt_state=stage.tx.init(host.params)))
     prefix = "train" if stage is stages[-1] else stage.name
     bar.set_description(prefix)
     while step < stage.end:
@@ -385,11 +397,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar.close()
 
   final = history[-1] if history else eval_now(step)
-  host_state = jax.device_get(parallel.get(state))
-  if is_chief:
-    export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
-        "model": config.student.name, "kwargs": dict(config.student.kwargs),
-        "num_classes": run["info"].num_classes, "step": step})
+  host_state = parallel.to_host(state)
+  # Every process: the export is a collective save (process 0 writes the files).
+  export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
+      "model": config.student.name, "kwargs": dict(config.student.kwargs),
+      "num_classes": run["info"].num_classes, "step": step})
   result = {
       "student": config.student.name, "teachers": {n: t.model for n, t in run["teachers"].items()},
       "losses": sorted(config.losses), "steps": step, "seed": config.seed,
