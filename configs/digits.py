@@ -67,9 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
   if role == "teacher":
-    c.student = ml_collections.ConfigDict(TEACHER)
+    c.student = ml_collections.ConfigDict({**TEACHER, "remat": False})
   else:
-    c.student = ml_collections.ConfigDict(STUDENT)
+    c.student = ml_collections.ConfigDict({**STUDENT, "remat": False})
   if role != "teacher":
     # The student alone also lists the teacher: no loss term uses it, but evaluation reports
     # the student's agreement with it, so both student runs are measured the same way.
@@ -82,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if role in METHODS and role != "kd" or role == "all":
     # Feature methods need feature maps: a CNN student. FSP compares Gram matrices between
     # layers, so its student has the teacher's widths.
-    c.student = ml_collections.ConfigDict(TEACHER if role in ("fsp", "all") else CNN_STUDENT)
+    c.student = ml_collections.ConfigDict(
+        {**(TEACHER if role in ("fsp", "all") else CNN_STUDENT), "remat": False})
     terms = METHODS[role] if role != "all" else {
         k: v for method in METHODS.values() for k, v in method.items()}
     c.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}, **terms})

@@ -67,7 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "student" if role == "student" else "kd")
   c = digits.get_config(",".join([base_role, *options]))
   if base_role == "teacher":
-    c.student = ml_collections.ConfigDict(TEACHERS[role.removeprefix("teacher_")])
+    c.student = ml_collections.ConfigDict({**TEACHERS[role.removeprefix("teacher_")],
+                                           "remat": False})
     return c
   c.teachers = ml_collections.ConfigDict(
       {name: teacher_config(t["name"], t["kwargs"]) for name, t in TEACHERS.items()})

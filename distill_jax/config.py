@@ -23,9 +23,15 @@ import ml_collections
 
 from distill_jax import models
 from distill_jax.data import default_data_config
+from distill_jax.features import DTYPES
 from distill_jax.objective import build_objective
 from distill_jax.train import optim
-from distill_jax.train.parallel import MODES
+from distill_jax.train.parallel import (
+    DEFAULT_MIN_SHARD_SIZE,
+    MESH_AXES,
+    MODES,
+    TEACHER_SHARDINGS,
+)
 
 
 class ConfigError(ValueError):
@@ -41,7 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.imports = ()  # Modules to import first, e.g. ('my_pkg.my_losses',) to register losses.
   c.data = default_data_config("digits")
-  c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}})
+  # remat: recompute the student's blocks in the backward pass (less memory, same numbers).
+  c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}, "remat": False})
+  # The student's compute dtype: 'bfloat16' runs its forward and backward in bf16 with
+  # float32 params, optimizer state, softmaxes and loss reductions (features.make_apply).
+  # Each teacher has its own (config.teachers.NAME.dtype).
+  c.dtype = "float32"
   # name -> teacher_config(model, kwargs, checkpoint, cache): see `teacher_config`.
   c.teachers = ml_collections.ConfigDict()
   # term name -> {'loss': registered name (default: the term name), 'weight', hparams...}.
@@ -54,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict({
       "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
       "schedule": "step", "decay_epochs": (150, 180, 210), "decay_factor": 0.1,
-      "warmup_epochs": 0.0})
+      "warmup_epochs": 0.0,
+      # k > 1: the step runs k micro-batches of batch_size / k and averages their gradients.
+      "accumulate_steps": 1})
   c.batch_size = 64
   c.eval_batch_size = 256
   c.num_epochs = 240.0
@@ -63,7 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000  # A checkpoint is also written at the end.
   c.keep_checkpoints = 3
-  c.parallel = ml_collections.ConfigDict({"mode": "jit", "num_devices": 0})  # 0: all.
+  # Devices (num_devices 0: all) and their mesh: the batch is split over data x fsdp; state
+  # arrays of at least min_shard_size elements are split over fsdp (train/parallel.py), the
+  # teachers too with teacher_sharding='fsdp'. One axis may be -1: the devices left.
+  c.parallel = ml_collections.ConfigDict({
+      "mode": "jit", "num_devices": 0, "mesh": {"data": -1, "fsdp": 1},
+      "min_shard_size": DEFAULT_MIN_SHARD_SIZE, "teacher_sharding": "replicated",
+      # Several processes (hosts): process 0's 'host:port', the count and this one's id
+      # (train/parallel.py:initialize_distributed); empty: from Slurm, or one process.
+      "coordinator": "", "num_processes": 0, "process_id": -1,
+      "init_timeout_seconds": 300, "heartbeat_timeout_seconds": 100,
+      # > 0: split the host CPU into this many XLA devices (set by the CLI before JAX starts).
+      "cpu_devices": 0})
   c.progress_bar = True
   # Born-again networks: > 1 runs that many distillations in a row in WORKDIR/gen0, gen1, ...;
   # generation g > 0 distills the student's architecture from generation g - 1 (one teacher,
@@ -136,6 +160,11 @@ SETTING_RANGES: dict[str, tuple[Range, str]] = {
     "keep_checkpoints": (POSITIVE_INT, "how many checkpoints are kept"),
     "generations": (POSITIVE_INT, "born-again generations"),
     "parallel.num_devices": (NON_NEGATIVE_INT, "devices to use (0: all)"),
+    "parallel.min_shard_size": (NON_NEGATIVE_INT, "the smallest array split over fsdp"),
+    "parallel.init_timeout_seconds": (POSITIVE, "how long processes wait for each other"),
+    "parallel.heartbeat_timeout_seconds": (POSITIVE, "when a silent peer ends the run"),
+    "parallel.cpu_devices": (NON_NEGATIVE_INT, "XLA devices the host CPU is split into"),
+    "optim.accumulate_steps": (POSITIVE_INT, "micro-batches per step"),
     "train.max_consecutive_skips": (POSITIVE_INT, "non-finite steps skipped in a row before "
                                     "the run stops"),
 }
@@ -196,25 +225,27 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
         _check_range(f"stages.{name}.{key}", stage[key], rule)
 
 
-TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size")
+TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size", "dtype")
 
 
 def teacher_config(model: str, kwargs: dict[str, Any] | None = None, checkpoint: str = "",
-                   cache: str | None = None, input_size: tuple[int, int] | None = None
-                   ) -> ml_collections.ConfigDict:
+                   cache: str | None = None, input_size: tuple[int, int] | None = None,
+                   dtype: str = "float32") -> ml_collections.ConfigDict:
   """One entry of `config.teachers`, with every key present so each can be overridden:
 
   `model` and `kwargs` build it, `checkpoint` is a teacher run's workdir (or its `model/`
   export), `cache` (optional) a directory written by `scripts/cache_teacher.py` for this
   teacher (training then reads its logits from there instead of running it), and
   `input_size=(H, W)` (optional) the image size it was trained at, when not the data's: its
-  inputs are resized to it.
+  inputs are resized to it; `dtype` its forward's compute dtype ('bfloat16' halves its
+  memory and time on accelerators).
   """
   placeholder = ml_collections.config_dict.placeholder
   return ml_collections.ConfigDict({
       "model": model, "kwargs": dict(kwargs or {}), "checkpoint": checkpoint,
       "cache": placeholder(str) if cache is None else cache,
-      "input_size": placeholder(tuple) if input_size is None else tuple(input_size)})
+      "input_size": placeholder(tuple) if input_size is None else tuple(input_size),
+      "dtype": dtype})
 
 
 def import_modules(config: ml_collections.ConfigDict) -> None:
@@ -239,6 +270,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.teachers.{name} has unknown key(s) {unknown}; a teacher takes "
                         f"{list(TEACHER_KEYS)}.")
     _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
+    _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)
   try:
     build_objective(config.losses, list(config.teachers))
   except (KeyError, ValueError) as e:
@@ -261,12 +293,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
   _check_choice("parallel.mode", config.parallel.mode, MODES)
+  _check_parallel(config)
+  _check_choice("dtype", config.get("dtype", "float32"), DTYPES)
+  k = config.optim.get("accumulate_steps", 1)
+  if not isinstance(k, int) or k < 1 or config.batch_size % k:
+    raise ConfigError(f"config.optim.accumulate_steps is {k!r}; give a positive integer that "
+                      f"divides batch_size {config.batch_size}.")
   _check_choice("data.augment", config.data.augment, ("none", "crop", "crop_flip"))
   if "train" in config:
     _check_choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS)
   check_ranges(config)
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_steps to a positive number.")
+
+
+def parallel_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `Parallel` layout settings of `config.parallel` (defaults for keys a config lacks)."""
+  p = config.parallel
+  return {"mesh": dict(p.get("mesh", None) or {"data": -1, "fsdp": 1}),
+          "min_shard_size": int(p.get("min_shard_size", DEFAULT_MIN_SHARD_SIZE)),
+          "teacher_sharding": p.get("teacher_sharding", "replicated")}
+
+
+def _check_parallel(config: ml_collections.ConfigDict) -> None:
+  """The mesh's axes and sizes (their product is checked against the devices when built)."""
+  layout = parallel_layout(config)
+  unknown = sorted(set(layout["mesh"]) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"config.parallel.mesh has unknown axes {unknown}; the axes are "
+                      f"{list(MESH_AXES)}, e.g. {{'data': -1, 'fsdp': 2}}.")
+  for axis, size in layout["mesh"].items():
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ConfigError(f"config.parallel.mesh.{axis} is {size!r}; give a positive integer "
+                        "or -1 (the devices the other axes leave).")
+  _check_choice("parallel.teacher_sharding", layout["teacher_sharding"], TEACHER_SHARDINGS)
+  if config.parallel.mode == "pmap" and layout["mesh"].get("fsdp", 1) not in (1,):
+    raise ConfigError(f"config.parallel.mesh {layout['mesh']}: pmap is data parallel only; "
+                      "use parallel.mode='jit' to shard over 'fsdp' (or set fsdp to 1).")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -11,7 +11,8 @@ the exported student. Kinds:
 - 'mlp': Dense-ReLU-Dense projection head with `hidden` units (the CRD/SimCLR-style head).
 
 BatchNorm runs in training mode when the term's 'batch_stats' are mutable (the train step) and
-uses running averages otherwise; `axis_name` makes its statistics global under pmap.
+uses running averages otherwise. Its statistics are global in every parallel mode: the objective
+always sees the global batch (under pmap the train step gathers it first).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class Connector(nn.Module):
   kind: str
   features: int
   hidden: int = 0  # 'mlp' only; 0: same as `features`.
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +43,7 @@ class Connector(nn.Module):
       x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_kernel_init,
                   name="conv")(x)
       return nn.BatchNorm(use_running_average=not self.is_mutable_collection("batch_stats"),
-                          momentum=0.9, epsilon=1e-5, axis_name=self.axis_name, name="bn")(x)
+                          momentum=0.9, epsilon=1e-5, name="bn")(x)
     if self.kind == "linear":
       return nn.Dense(self.features, kernel_init=dense_kernel_init, name="dense")(x)
     if self.kind == "mlp":

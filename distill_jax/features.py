@@ -8,6 +8,13 @@ A feature is named either by a stable name that built-in models `sow` ('stem', '
 submodule's `__call__`, captured with Linen's `capture_intermediates` and a filter that keeps
 only the requested paths, so the model itself is never edited (torchdistill's forward hooks,
 done functionally). Only requested features are kept; unused ones cost nothing once compiled.
+
+Mixed precision is applied here, once for every model: with `dtype='bfloat16'` the forward
+casts the floating parameters and the input to bfloat16 (so every layer computes in it; the
+parameters the optimizer holds stay float32 and their gradients come back float32 through the
+cast) and casts the logits and the tapped features back to float32, so every softmax, KL and
+loss reduction downstream runs in float32. BatchNorm's statistics are reduced in float32 and
+its running averages stay float32.
 """
 
 from __future__ import annotations
@@ -47,13 +54,27 @@ def _lookup(sown: Mapping[str, Any], name: str) -> jax.Array | None:
   return None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+  """The floating leaves of `tree` in `dtype` (integer leaves untouched)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def make_apply(module: nn.Module, *, input_key: str = "image", features: Sequence[str] = (),
-               input_size: Sequence[int] | None = None) -> ApplyFn:
+               input_size: Sequence[int] | None = None, dtype: str | None = None) -> ApplyFn:
   """Returns the pure forward of `module` on `batch[input_key]`, tapping `features`.
 
   `input_size=(H, W)` resizes the images (bilinear, antialiased when shrinking) before the
-  forward: a teacher trained at another resolution than the student's data.
+  forward: a teacher trained at another resolution than the student's data. `dtype` (one of
+  `DTYPES`; None or 'float32': as the variables are) is the compute dtype: see the module
+  docstring.
   """
+  if dtype not in (None, *DTYPES):
+    raise ValueError(f"Unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}.")
+  compute = None if dtype in (None, "float32") else jnp.dtype(dtype)
   features = tuple(dict.fromkeys(features))
   paths = frozenset(features)
 
@@ -69,6 +90,9 @@ def make_apply(module: nn.Module, *, input_key: str = "image", features: Sequenc
     x = batch[input_key]
     if input_size is not None and tuple(x.shape[1:3]) != tuple(input_size):
       x = jax.image.resize(x, (x.shape[0], *input_size, *x.shape[3:]), method="bilinear")
+    if compute is not None:
+      variables = {**variables, "params": _cast(variables["params"], compute)}
+      x = _cast(x, compute)
     out = module.apply(variables, x, train=train, rngs=rngs,
                        mutable=mutable or False, capture_intermediates=keep if features else False)
     logits, new_state = out if mutable else (out, {})
@@ -80,6 +104,10 @@ def make_apply(module: nn.Module, *, input_key: str = "image", features: Sequenc
       if value is None:
         raise FeatureError(f"{type(module).__name__} has no feature {name!r}.")
       tapped[name] = value
+    if compute is not None:
+      logits, tapped = _cast((logits, tapped), jnp.float32)
+      new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state,
+                               {k: variables[k] for k in new_state})
     return Outputs(logits, tapped, new_state)
 
   return apply

@@ -198,8 +198,10 @@ def train(config: config_dict.ConfigDict, workdir: str) -> None:
   """Trains; a start that fails removes the workdir it created, unless it holds a checkpoint."""
   from distill_jax.train.logging import quiet_library_logs
   from distill_jax.train.loop import train_generations
+  from distill_jax.train.parallel import initialize_distributed
 
   quiet_library_logs()
+  initialize_distributed(config.parallel)  # Before any other use of JAX's devices.
   workdir = os.path.abspath(workdir)
   if not os.path.exists(workdir):
     _created_workdirs.append(workdir)

@@ -164,7 +164,7 @@ def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str],
   Args:
     losses_config: term name -> settings (see the module docstring).
     teacher_names: the run's teachers, in config order.
-    context: run settings for terms that declare them (`axis_name`, `num_examples`).
+    context: run settings for terms that declare them (`num_examples`).
     steps_per_epoch: turns a term's `warmup_epochs` into steps.
   """
   if not losses_config:

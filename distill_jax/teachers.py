@@ -32,6 +32,7 @@ class Teacher:
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   checkpoint: str = ""  # The export directory it was loaded from.
   input_size: tuple[int, int] | None = None  # (H, W) it sees; None: the data's own size.
+  dtype: str | None = None  # Its forward's compute dtype (None: float32).
 
   def input_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The (H, W, C) this teacher runs at, given the data's (H, W, C)."""
@@ -77,7 +78,8 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
     if len(input_size) != 2 or min(input_size) < 1:
       raise CheckpointError(f"config.teachers.{name}.input_size must be (height, width), got "
                             f"{settings.get('input_size')!r}.")
-  teacher = Teacher(name, model_name, module, None, kwargs, directory, input_size)
+  teacher = Teacher(name, model_name, module, None, kwargs, directory, input_size,
+                    settings.get("dtype") or None)
   try:
     variables = load_model_variables(directory,
                                      init_shapes(module, teacher.input_shape(input_shape)))

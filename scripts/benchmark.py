@@ -3,12 +3,23 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
     python scripts/benchmark.py --teacher=resnet56 --student=resnet20 --batch_size=64
     python scripts/benchmark.py --methods=all      # every method's step time relative to KD
     python scripts/benchmark.py --teacher_counts=1,2,4   # live teachers vs their output cache
+    python scripts/benchmark.py --scaling --json   # devices, jit/pmap, bf16, remat, meshes
+    python scripts/benchmark.py --against=torch    # the same KD step in PyTorch, as a ratio
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
 checkpoint is needed. Each figure is the median over --repeats timed windows of --steps steps,
-after --warmup steps (compilation excluded). `--xla_fast_cpu_convs` sets the XLA:CPU flags
-measured as faster for convolutions (Eigen instead of YNNPACK; see docs/references.md).
+after --warmup steps (compilation excluded). The XLA:CPU convolution flags of
+`distill_jax/xla_flags.py` apply by default (`DISTILL_JAX_CPU_FLAGS=0` to compare without;
+see docs/references.md for what they do).
+
+`--scaling` runs one row per layout, each in its own process (forced CPU devices are fixed when
+JAX starts): devices 1/2/4/8, jit vs pmap, float32 vs bfloat16, remat, data x fsdp meshes with
+the teacher sharded. A row reports the KD step's examples/s, its compile time, XLA's compiled
+memory analysis per device (argument and temp bytes) and the teacher's bytes per device.
+`--against=torch` (needs the optional `bench` extra: `pip install -e .[bench]`) times the same
+ResNet-56 -> ResNet-20 KD step (CE 0.1 + KD 0.9, T 4, SGD momentum, channels_last) in PyTorch,
+written below, plus its student step and teacher forward, in the same run as JAX's.
 """
 
 from __future__ import annotations
@@ -31,25 +42,38 @@ flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
 flags.DEFINE_enum("mode", "jit", ["jit", "pmap"], "Parallel mode.")
 flags.DEFINE_integer("num_devices", 0, "Devices to use (0: all).")
 flags.DEFINE_integer("host_devices", 0, "Split the CPU into this many XLA devices (0: as is).")
-flags.DEFINE_bool("xla_fast_cpu_convs", False, "Eigen convolutions on XLA:CPU (see NOTES.md).")
+flags.DEFINE_bool("xla_fast_cpu_convs", False,
+                  "Eigen convolutions on XLA:CPU (see docs/references.md).")
 flags.DEFINE_list("methods", [], "Also time these methods of configs/cifar_kd.py ('all': every "
                   "one), each relative to KD.")
 flags.DEFINE_integer("num_examples", 50000, "Training-set size (CRD's memory bank rows).")
 flags.DEFINE_list("teacher_counts", [], "Also time KD from this many teachers each (e.g. "
                   "1,2,4), averaging their probabilities: live, and read from their cache.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both models.")
+flags.DEFINE_bool("remat", False, "nn.remat the student's blocks.")
+flags.DEFINE_string("mesh", "", "jit mesh, e.g. 'data=2,fsdp=4' (default: all on data).")
+flags.DEFINE_enum("teacher_sharding", "replicated", ["replicated", "fsdp"], "Teacher layout.")
+flags.DEFINE_bool("scaling", False, "Print the scaling table (one subprocess per row).")
+flags.DEFINE_bool("row", False, "Internal: time one layout and print it as JSON.")
+flags.DEFINE_bool("json", False, "Print tables as JSON lines too.")
+flags.DEFINE_enum("against", "", ["", "torch"], "Also time the KD step in this framework.")
 
-FAST_CPU_CONV_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
-                       "--xla_cpu_use_xnnpack=false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _set_xla_flags() -> None:
-  extra = []
-  if FLAGS.host_devices:
-    extra.append(f"--xla_force_host_platform_device_count={FLAGS.host_devices}")
-  if FLAGS.xla_fast_cpu_convs:
-    extra.append(FAST_CPU_CONV_FLAGS)
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
+  from distill_jax.xla_flags import CPU_CONV_FLAGS, apply_cpu_defaults, set_cpu_devices
+
+  apply_cpu_defaults()
+  if FLAGS.xla_fast_cpu_convs and CPU_CONV_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), CPU_CONV_FLAGS]).strip()
+  set_cpu_devices(FLAGS.host_devices)
+
+
+def _mesh() -> dict[str, int] | None:
+  if not FLAGS.mesh:
+    return None
+  return {k: int(v) for k, v in (item.split("=") for item in FLAGS.mesh.split(","))}
 
 
 def load_methods() -> dict:
@@ -65,7 +89,13 @@ def load_methods() -> dict:
 
 
 def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> float:
-  """Examples/s of the compiled train step with these loss terms (median over repeats).
+  """Examples/s of the compiled train step with these loss terms (median over repeats)."""
+  return measure(losses, num_teachers, cached)["examples_per_s"]
+
+
+def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[str, float]:
+  """The compiled train step with these loss terms: examples/s (median over repeats), compile
+  seconds, XLA's memory analysis per device, and the teachers' bytes per device.
 
   Teachers (`num_teachers` copies of --teacher, each its own weights) are used when any term
   needs one; terms with parameters are initialised as in a run. `cached`: the teachers'
@@ -85,16 +115,19 @@ def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> floa
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
-  parallel = Parallel(FLAGS.mode, FLAGS.num_devices)
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
+                      teacher_sharding=FLAGS.teacher_sharding)
   parallel.check_batch_size(FLAGS.batch_size)
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
   dummy = np.zeros((1, *shape), np.float32)
   init = lambda module, seed: jax.jit(lambda r: module.init(r, dummy, train=False))(
       jax.random.PRNGKey(seed))
   student = models.build_model(FLAGS.student, FLAGS.num_classes,
-                               bn_axis_name=parallel.bn_axis_name)
+                               bn_axis_name=parallel.bn_axis_name,
+                               **({"remat": True} if FLAGS.remat else {}))
   teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)
-  teachers = {f"teacher{i}": Teacher(f"teacher{i}", FLAGS.teacher, teacher, init(teacher, 1 + i))
+  teachers = {f"teacher{i}": Teacher(f"teacher{i}", FLAGS.teacher, teacher, init(teacher, 1 + i),
+                                     dtype=FLAGS.dtype)
               for i in range(num_teachers)}
   objective = build_objective(losses, list(teachers), {"num_examples": FLAGS.num_examples})
   if not objective.needs_teachers:
@@ -102,7 +135,8 @@ def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> floa
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   cached_names = tuple(teachers) if cached else ()
   student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
-                                                 shape, cached=cached_names)
+                                                 shape, cached=cached_names,
+                                                 student_dtype=FLAGS.dtype)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
   teacher_vars = {n: {} if cached else t.variables for n, t in teachers.items()}
   logit_keys = {teacher_cache.batch_key(n): FLAGS.num_classes for n in cached_names}
@@ -111,9 +145,9 @@ def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> floa
       init_objective, objective, student_apply, teacher_applies))(
           variables, teacher_vars, example_batch(shape, FLAGS.batch_size, logit_keys),
           jax.random.PRNGKey(3))
-  state = parallel.put_replicated(create_train_state(
+  state = parallel.put_state(create_train_state(
       variables, objective_params, objective_state, tx, jax.random.PRNGKey(2)))
-  teacher_vars = parallel.put_replicated(teacher_vars)
+  teacher_vars = parallel.put_teachers(teacher_vars)
   rng = np.random.default_rng(0)
   batch = parallel.put_batch({
       "image": rng.normal(size=(FLAGS.batch_size, *shape)).astype(np.float32),
@@ -121,7 +155,14 @@ def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> floa
       "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32),
       **{key: rng.normal(size=(FLAGS.batch_size, k)).astype(np.float32)
          for key, k in logit_keys.items()}})
-  for _ in range(1 + FLAGS.warmup):
+  start = time.perf_counter()
+  train_step = train_step.lower(state, teacher_vars, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = train_step.memory_analysis()
+  device = parallel.devices[0]
+  teacher_bytes = sum(s.data.nbytes for x in jax.tree.leaves(teacher_vars)
+                      for s in x.addressable_shards if s.device == device)
+  for _ in range(FLAGS.warmup):
     state, metrics = train_step(state, teacher_vars, batch)
   jax.block_until_ready(state)
   rates = []
@@ -131,7 +172,165 @@ def benchmark(losses: dict, num_teachers: int = 1, cached: bool = False) -> floa
       state, metrics = train_step(state, teacher_vars, batch)
     jax.block_until_ready((state, metrics))
     rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
+  return {"examples_per_s": float(np.median(rates)), "compile_s": compile_s,
+          "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
+          "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
+          "teacher_bytes": int(teacher_bytes)}
+
+
+def teacher_forward_rate() -> float:
+  """Examples/s of --teacher's eval forward alone (jit, one device's share of the batch)."""
+  import jax
+  import numpy as np
+
+  from distill_jax import models
+  from distill_jax.features import make_apply
+
+  shape = (FLAGS.image_size, FLAGS.image_size, 3)
+  teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)
+  variables = jax.jit(lambda r: teacher.init(r, np.zeros((1, *shape), np.float32)))(
+      jax.random.PRNGKey(1))
+  apply = jax.jit(lambda v, x: make_apply(teacher, dtype=FLAGS.dtype)(v, {"image": x}, False)
+                  .logits)
+  x = np.random.default_rng(0).normal(size=(FLAGS.batch_size, *shape)).astype(np.float32)
+  for _ in range(1 + FLAGS.warmup):
+    jax.block_until_ready(apply(variables, x))
+  rates = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      out = apply(variables, x)
+    jax.block_until_ready(out)
+    rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
   return float(np.median(rates))
+
+
+# -- PyTorch: the same models and KD step, for a ratio measured in the same run --------------
+
+def torch_resnet(depth: int, num_classes: int):
+  """The CIFAR ResNet of distill_jax/models/resnet_cifar.py in PyTorch (CRD code's layout)."""
+  import torch
+  from torch import nn
+
+  class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = nn.Sequential()
+      if stride != 1 or cin != cout:
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = torch.relu(self.bn1(self.conv1(x)))
+      return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+  layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+  for width, stride in zip((16, 32, 64), (1, 2, 2), strict=True):
+    for block in range((depth - 2) // 6):
+      layers.append(Block(cin, width, stride if block == 0 else 1))
+      cin = width
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+  return nn.Sequential(*layers).to(memory_format=torch.channels_last)
+
+
+def torch_rates() -> dict[str, float]:
+  """PyTorch examples/s: KD step (CE 0.1 + KD 0.9, T 4), student-only step, teacher forward."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  depth = lambda name: int(name.removeprefix("resnet"))
+  student = torch_resnet(depth(FLAGS.student), FLAGS.num_classes).train()
+  teacher = torch_resnet(depth(FLAGS.teacher), FLAGS.num_classes).eval()
+  opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+  x = torch.randn(FLAGS.batch_size, 3, FLAGS.image_size, FLAGS.image_size).to(
+      memory_format=torch.channels_last)
+  y = torch.randint(0, FLAGS.num_classes, (FLAGS.batch_size,))
+  t = 4.0
+
+  def kd_step():
+    with torch.no_grad():
+      t_logits = teacher(x)
+    logits = student(x)
+    kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(t_logits / t, -1),
+                  reduction="batchmean", log_target=True) * t * t
+    loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  def student_step():
+    loss = F.cross_entropy(student(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  def forward():
+    with torch.no_grad():
+      teacher(x)
+
+  def rate(fn):
+    for _ in range(1 + FLAGS.warmup):
+      fn()
+    rates = []
+    for _ in range(FLAGS.repeats):
+      start = time.perf_counter()
+      for _ in range(FLAGS.steps):
+        fn()
+      rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+  return {"kd": rate(kd_step), "student": rate(student_step), "teacher_forward": rate(forward)}
+
+
+# -- the scaling table: one subprocess per row -----------------------------------------------
+
+SCALING_ROWS = [  # (devices, mode, dtype, remat, mesh, teacher sharding)
+    (1, "jit", "float32", False, "", "replicated"),
+    (2, "jit", "float32", False, "", "replicated"),
+    (4, "jit", "float32", False, "", "replicated"),
+    (8, "jit", "float32", False, "", "replicated"),
+    (2, "pmap", "float32", False, "", "replicated"),
+    (8, "pmap", "float32", False, "", "replicated"),
+    (1, "jit", "bfloat16", False, "", "replicated"),
+    (1, "jit", "float32", True, "", "replicated"),
+    (8, "jit", "float32", False, "data=4,fsdp=2", "fsdp"),
+    (8, "jit", "float32", False, "data=2,fsdp=4", "fsdp"),
+]
+
+
+def scaling_table() -> list[dict]:
+  import json
+  import subprocess
+
+  rows = []
+  print("| devices | mode | dtype | remat | mesh | teacher | ex/s | compile s | arg MB/dev | "
+        "temp MB/dev | teacher MB/dev |\n|---|---|---|---|---|---|---|---|---|---|---|",
+        flush=True)
+  for devices, mode, dtype, remat, mesh, sharding in SCALING_ROWS:
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", f"--host_devices={devices}",
+           f"--num_devices={devices}", f"--mode={mode}", f"--dtype={dtype}",
+           f"--remat={remat}", f"--mesh={mesh}", f"--teacher_sharding={sharding}",
+           *[f"--{k}={getattr(FLAGS, k)}" for k in ("teacher", "student", "batch_size", "steps",
+                                                     "warmup", "repeats", "num_classes")]]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, check=False)
+    if proc.returncode:
+      print(f"row {cmd[3:]} failed:\n{proc.stderr[-2000:]}", flush=True)
+      continue
+    row = {"devices": devices, "mode": mode, "dtype": dtype, "remat": remat,
+           "mesh": mesh or f"data={devices}", "teacher_sharding": sharding,
+           **json.loads(proc.stdout.strip().splitlines()[-1])}
+    rows.append(row)
+    mb = lambda b: f"{b / 2**20:.2f}"
+    print(f"| {devices} | {mode} | {dtype} | {remat} | {row['mesh']} | {sharding} | "
+          f"{row['examples_per_s']:.1f} | {row['compile_s']:.1f} | {mb(row['argument_bytes'])} | "
+          f"{mb(row['temp_bytes'])} | {mb(row['teacher_bytes'])} |", flush=True)
+  return rows
 
 
 def cache_read_ms(num_teachers: int) -> float:
@@ -165,23 +364,55 @@ def cache_read_ms(num_teachers: int) -> float:
 
 def main(argv: list[str]) -> None:
   del argv
+  import json
+
   import jax
 
   from distill_jax.train.logging import quiet_library_logs
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
 
+  kd_terms, kd_ce, _ = load_methods()["kd"]
+  if FLAGS.row:
+    print(json.dumps(measure({"ce": {"weight": kd_ce}, **kd_terms})))
+    return
+  if FLAGS.scaling:
+    rows = scaling_table()
+    if FLAGS.json:
+      for row in rows:
+        print(json.dumps(row))
+    return
+
   devices = jax.devices()[:FLAGS.num_devices or None]
   xla_flags = os.environ.get("XLA_FLAGS", "")
   print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
         f"mode {FLAGS.mode}, batch {FLAGS.batch_size}, XLA_FLAGS={xla_flags!r}", flush=True)
   student_only = benchmark({"ce": {"weight": 1.0}})
-  kd_terms, kd_ce, _ = load_methods()["kd"]
   distill = benchmark({"ce": {"weight": kd_ce}, **kd_terms})
+  forward = teacher_forward_rate()
+  # Time per example: KD vs (student step + teacher forward).
+  overhead = (1 / distill) / (1 / student_only + 1 / forward)
   print("| step | examples/s |\n|---|---|")
   print(f"| student only ({FLAGS.student}) | {student_only:.1f} |")
+  print(f"| teacher forward ({FLAGS.teacher}) | {forward:.1f} |")
   print(f"| KD ({FLAGS.teacher} -> {FLAGS.student}) | {distill:.1f} |")
-  print(f"KD step costs {student_only / distill:.2f}x the student-only step.", flush=True)
+  print(f"KD step costs {student_only / distill:.2f}x the student-only step and "
+        f"{overhead:.2f}x (student step + teacher forward).", flush=True)
+  summary = {"jax": {"kd": distill, "student": student_only, "teacher_forward": forward,
+                     "kd_over_student_plus_forward": overhead}}
+  if FLAGS.against == "torch":
+    try:
+      torch = torch_rates()
+    except ImportError:
+      sys.exit("--against=torch needs PyTorch: pip install -e .[bench] (CPU wheel: "
+               "pip install torch --index-url https://download.pytorch.org/whl/cpu).")
+    summary["torch"] = torch
+    print("\n| step | JAX ex/s | PyTorch ex/s | JAX / PyTorch |\n|---|---|---|---|")
+    for name, ours in (("KD", distill), ("student", student_only), ("teacher_forward", forward)):
+      theirs = torch[name.lower() if name == "KD" else name]
+      print(f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |", flush=True)
+  if FLAGS.json:
+    print(json.dumps(summary))
   if FLAGS.teacher_counts:
     print("\n| teachers | live: examples/s | live: step / one teacher's | cached: examples/s "
           "| cached: host read ms/batch |\n|---|---|---|---|---|")

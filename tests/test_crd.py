@@ -328,34 +328,6 @@ def test_misuse_fails_clearly():
     build_objective({"crd": {"num_negativs": 4}}, ["t"])
 
 
-def test_pmap_over_8_devices_gives_the_jit_loss_and_identical_banks():
-  assert jax.device_count() == 8
-  devices = 8
-  sharded = SMALL.clone(axis_name="batch")
-  f_s, f_t, ids = _problem(4)
-  # Its init runs outside pmap too (no collectives at init), e.g. in the framework's init.
-  shapes = jax.eval_shape(functools.partial(_init.__wrapped__, sharded), f_s, f_t, ids)
-  assert shapes["memory"]["memory_s"].shape == (N, 4)
-  pmapped = jax.pmap(lambda v, s, t, batch, rng: sharded.apply(
-      v, _outputs(s), {"t": _outputs(t)}, batch, rngs={"loss": rng}, mutable=["memory"]),
-                     axis_name="batch", in_axes=(None, 0, 0, 0, None))
-  shard = lambda x: jax.tree.map(lambda a: np.reshape(a, (devices, -1) + a.shape[1:]), x)
-  jit_vars = pmap_vars = _variables(4)
-  for i in range(2):  # Step 0 sets Z from the (global) batch, step 1 uses it.
-    f_s, f_t, ids = _problem(20 + i)
-    batch, rng = {"id": jnp.asarray(ids)}, jax.random.PRNGKey(100 + i)
-    jit_loss, jit_state = _apply(SMALL, True, jit_vars, f_s, f_t, batch, rng)
-    pmap_loss, pmap_state = pmapped(pmap_vars, shard(f_s), shard(f_t), shard(batch), rng)
-    # Each device's loss is its shard's mean; their mean (what pmean gives) is the jit loss.
-    np.testing.assert_allclose(np.mean(pmap_loss), jit_loss, rtol=1e-5, atol=1e-5)
-    for name, value in jit_state["memory"].items():
-      for d in range(devices):  # Every device holds the single-device banks and Z.
-        np.testing.assert_allclose(pmap_state["memory"][name][d], value, atol=1e-5, err_msg=name)
-    jit_vars = {"params": jit_vars["params"], "memory": jit_state["memory"]}
-    pmap_vars = {"params": pmap_vars["params"],
-                 "memory": jax.tree.map(lambda x: x[0], pmap_state["memory"])}
-
-
 # -- end to end through the framework -------------------------------------------------------
 
 

@@ -206,7 +206,7 @@ def test_born_again_generations_chain_teachers(data_dir, teacher_dir, tmp_path):
   gen1 = json.load(open(tmp_path / "gen1" / "config.json"))
   assert gen1["teachers"] == {"teacher": {"model": "mlp", "kwargs": {"hidden": [32]},
                                           "checkpoint": str(tmp_path / "gen0"), "cache": None,
-                                          "input_size": None}}
+                                          "input_size": None, "dtype": "float32"}}
   assert json.load(open(tmp_path / "gen0" / "config.json"))["teachers"]["teacher"][
       "checkpoint"] == teacher_dir
   assert result["teachers"] == {"teacher": "mlp"}

@@ -31,9 +31,9 @@ def register_loss(name: str, *, uses_teachers: bool = True) -> Callable[[Callabl
   return decorator
 
 
-# Settings the objective fills in from the run, never from the config: the pmap axis name
-# (for terms that gather across devices) and the number of training examples (memory banks).
-CONTEXT_HPARAMS = ("axis_name", "num_examples")
+# Settings the objective fills in from the run, never from the config: the number of training
+# examples (memory banks). Terms need no device axis: they always see the global batch.
+CONTEXT_HPARAMS = ("num_examples",)
 # Hyper-parameters that name features: the objective taps exactly these layers.
 STUDENT_LAYER_HPARAMS = ("student_layer", "student_layers")
 TEACHER_LAYER_HPARAMS = ("teacher_layer", "teacher_layers")

@@ -82,25 +82,19 @@ def contrast_logits(memory: jax.Array, idx: jax.Array, embedding: jax.Array,
   return logits / temperature
 
 
-def log_normalizer(logits: jax.Array, weights: jax.Array, num_examples: int,
-                   axis_name: str | None = None) -> jax.Array:
+def log_normalizer(logits: jax.Array, weights: jax.Array, num_examples: int) -> jax.Array:
   """`log Z` with `Z = mean(exp(logits)) * num_examples`, the reference's NCE normaliser.
 
   The mean runs over every entry of the rows with weight > 0 ([B, K+1] logits, [B] weights;
-  the weights' values only select rows), over all devices when `axis_name` is given (pmap),
-  so every device gets the global-batch value. Computed as a log-sum-exp (no overflow for
+  the weights' values only select rows). Computed as a log-sum-exp (no overflow for
   small temperatures) and under stop_gradient: Z is a constant, as in the reference.
   """
   logits = jax.lax.stop_gradient(logits)
   keep = (weights > 0)[:, None]
   top = jnp.max(jnp.where(keep, logits, -jnp.inf))
-  if axis_name is not None:
-    top = jax.lax.pmax(top, axis_name)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   total = jnp.sum(jnp.where(keep, jnp.exp(logits - top), 0.0))
   count = jnp.sum(keep) * logits.shape[1]
-  if axis_name is not None:
-    total, count = jax.lax.psum((total, count), axis_name)
   return top + jnp.log(jnp.maximum(total, 1e-30)) - jnp.log(
       jnp.maximum(count, 1).astype(logits.dtype)) + math.log(num_examples)
 
@@ -143,11 +137,6 @@ def momentum_update(memory: jax.Array, ids: jax.Array, embeddings: jax.Array, mo
   return memory.at[jnp.where(keep, ids, num_rows)].set(updated, mode="drop")
 
 
-def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
-  """The global batch of `x` (all devices' rows in device order) under pmap; `x` otherwise."""
-  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
-
-
 @register_loss("crd")
 class CRD(nn.Module):
   """CRD (Tian et al., ICLR 2020): NCE contrast of student and teacher embeddings.
@@ -167,14 +156,9 @@ class CRD(nn.Module):
   After the loss, during training only (the 'memory' collection is mutable, not at init), both
   banks take this batch's embeddings with momentum: `M[id] = normalize(m * M[id] + (1-m) * e)`.
 
-  Under pmap (`axis_name` set) the ids and embeddings are all-gathered before the update and
-  Z's mean is taken over all devices, so every device applies the same global-batch update
-  and the banks stay identical; the negatives depend only on the example's id and the step's
-  rng (the same on every device). Each device's loss is the mean over its shard, and the
-  step's pmean of the gradients makes it the global-batch mean: `jit` on a mesh and `pmap`
-  give the single-device result. (A train step that all-gathers the outputs and batch before
-  the objective, and so passes `axis_name=None`, gets the same result: then every device
-  computes the global-batch loss and update itself.)
+  The term sees the global batch in every parallel mode (under pmap the train step gathers
+  the outputs and batch before the objective), so every device computes the same loss and
+  bank update: `jit` on a mesh and `pmap` give the single-device result.
 
   Defaults are the CRD paper code's (RepDistiller): feat_dim 128, 16384 negatives, NCE
   temperature 0.07, momentum 0.5, features of the pre-logit layer ('pool'); term weight 0.8
@@ -202,7 +186,6 @@ class CRD(nn.Module):
   num_examples: int = 0
   negatives: str = "uniform"
   positive: str = "self"
-  axis_name: str | None = None
 
   def check_sampling(self) -> None:
     """Raises a ValueError naming the setting if `negatives` / `positive` are not allowed."""
@@ -241,8 +224,6 @@ class CRD(nn.Module):
         raise ValueError(f"crd batch['contrast_idx'] has {given.shape[-1]} columns; "
                          f"num_negatives={self.num_negatives} needs {self.num_negatives + 1}.")
     ids = batch["id"]
-    # No collectives at init: it may run outside pmap (as Flax's BatchNorm does).
-    axis_name = None if self.is_initializing() else self.axis_name
     e_s = l2_normalize(nn.Dense(self.feat_dim, kernel_init=dense_kernel_init,
                                 name="embed_s")(f_s.reshape(f_s.shape[0], -1)))
     e_t = l2_normalize(nn.Dense(self.feat_dim, kernel_init=dense_kernel_init,
@@ -271,8 +252,8 @@ class CRD(nn.Module):
     # The student's embedding against the teacher bank, the teacher's against the student's.
     logits_s = contrast_logits(memory_t.value, idx, e_s, self.nce_temperature)
     logits_t = contrast_logits(memory_s.value, idx, e_t, self.nce_temperature)
-    batch_log_z_s = log_normalizer(logits_s, weights, self.num_examples, axis_name)
-    batch_log_z_t = log_normalizer(logits_t, weights, self.num_examples, axis_name)
+    batch_log_z_s = log_normalizer(logits_s, weights, self.num_examples)
+    batch_log_z_t = log_normalizer(logits_t, weights, self.num_examples)
     use_log_z_s = jnp.where(z_is_set.value, log_z_s.value, batch_log_z_s)
     use_log_z_t = jnp.where(z_is_set.value, log_z_t.value, batch_log_z_t)
     loss = (nce_loss(logits_s - use_log_z_s, self.num_examples, weights, self.eps) +
@@ -281,11 +262,6 @@ class CRD(nn.Module):
     if self.is_mutable_collection("memory") and not self.is_initializing():
       log_z_s.value, log_z_t.value = use_log_z_s, use_log_z_t
       z_is_set.value = jnp.ones((), jnp.bool_)
-      all_ids, all_weights = _gather(ids, axis_name), _gather(weights, axis_name)
-      memory_s.value = momentum_update(memory_s.value, all_ids,
-                                       _gather(jax.lax.stop_gradient(e_s), axis_name),
-                                       self.momentum, all_weights)
-      memory_t.value = momentum_update(memory_t.value, all_ids,
-                                       _gather(jax.lax.stop_gradient(e_t), axis_name),
-                                       self.momentum, all_weights)
+      memory_s.value = momentum_update(memory_s.value, ids, e_s, self.momentum, weights)
+      memory_t.value = momentum_update(memory_t.value, ids, e_t, self.momentum, weights)
     return loss

@@ -246,9 +246,8 @@ def _match_spatial(term: str, s_name: str, s: jax.Array, t_name: str,
       "then average-pooled): pick student and teacher layers of compatible resolution.")
 
 
-def _bn(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      axis_name=axis_name, name=name)
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _conv3x3(features: int, name: str) -> nn.Conv:
@@ -291,7 +290,6 @@ class FitNet(nn.Module):
   connector: str = "conv1x1_bn"
   relu: bool = True
   teacher: str | None = None
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
@@ -308,8 +306,7 @@ class FitNet(nn.Module):
             "student's channels to the teacher's.")
       regressed = s
     else:
-      regressed = Connector(self.connector, t.shape[-1], axis_name=self.axis_name,
-                            name="connector")(s)
+      regressed = Connector(self.connector, t.shape[-1], name="connector")(s)
       if self.relu:
         regressed = nn.relu(regressed)
     per_example = hint_mse(regressed, t.astype(regressed.dtype))
@@ -364,7 +361,6 @@ class VID(nn.Module):
   init_pred_var: float = 5.0
   eps: float = 1e-5
   teacher: str | None = None
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
@@ -425,7 +421,6 @@ class ActivationBoundaries(nn.Module):
   scale: float = 3.0 / 1000.0
   connector: str = "conv1x1_bn"
   teacher: str | None = None
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
@@ -450,8 +445,7 @@ class ActivationBoundaries(nn.Module):
         raise shape_mismatch("ab", s_name, s.shape, t_name, t.shape,
                              "Set connector='auto' or 'conv1x1_bn' to map the student's "
                              "channels to the teacher's.")
-      source = Connector(kind, t.shape[-1], axis_name=self.axis_name,
-                         name=f"connector{i}")(s)
+      source = Connector(kind, t.shape[-1], name=f"connector{i}")(s)
       per_example = ab_criterion(source, t.astype(source.dtype), self.margin)
       total = total + w * self.scale * weighted_mean(per_example,
                                                      example_weights(batch, per_example))
@@ -477,12 +471,11 @@ class _Paraphraser(nn.Module):
   factor_channels: int
   use_bn: bool = False
   slope: float = 0.1
-  axis_name: str | None = None
 
   def _layer(self, x: jax.Array, features: int, name: str, train: bool) -> jax.Array:
     x = _conv3x3(features, name)(x)
     if self.use_bn:
-      x = _bn(train, self.axis_name, f"{name}_bn")(x)
+      x = _bn(train, f"{name}_bn")(x)
     return nn.leaky_relu(x, self.slope)
 
   @nn.compact
@@ -511,14 +504,13 @@ class _Translator(nn.Module):
   factor_channels: int
   use_bn: bool = True
   slope: float = 0.1
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i, n in enumerate((self.channels, self.factor_channels, self.factor_channels)):
       x = _conv3x3(n, f"conv{i}")(x)
       if self.use_bn:
-        x = _bn(train, self.axis_name, f"conv{i}_bn")(x)
+        x = _bn(train, f"conv{i}_bn")(x)
       x = nn.leaky_relu(x, self.slope)
     return x
 
@@ -570,7 +562,6 @@ class FactorTransfer(nn.Module):
   paraphraser_bn: bool = False
   translator_bn: bool = True
   teacher: str | None = None
-  axis_name: str | None = None
 
   MODES: ClassVar[tuple[str, ...]] = ("transfer", "reconstruct")
 
@@ -596,9 +587,9 @@ class FactorTransfer(nn.Module):
     train = self.is_mutable_collection("batch_stats")
     factor_channels = max(1, int(t.shape[-1] * self.rate))
     paraphraser = _Paraphraser(t.shape[-1], factor_channels, self.paraphraser_bn,
-                               self.leaky_slope, self.axis_name, name="paraphraser")
+                               self.leaky_slope, name="paraphraser")
     translator = _Translator(s.shape[-1], factor_channels, self.translator_bn,
-                             self.leaky_slope, self.axis_name, name="translator")
+                             self.leaky_slope, name="translator")
     reconstruct = self.mode == "reconstruct"
     if reconstruct or self.is_initializing():
       _, rec = paraphraser(t, decode=True, train=train and reconstruct)
@@ -664,7 +655,6 @@ class CorrelationCongruence(nn.Module):
   order: int = 2
   form: str = "paper"
   teacher: str | None = None
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
@@ -677,9 +667,8 @@ class CorrelationCongruence(nn.Module):
       raise shape_mismatch("cc", s_names[0], s.shape, t_names[0], t.shape,
                            "Compare features of the same batch.")
     s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
-    e_s = Connector("linear", self.embed_dim, axis_name=self.axis_name, name="embed_s")(s)
-    e_t = Connector("linear", self.embed_dim, axis_name=self.axis_name,
-                    name="embed_t")(t.astype(s.dtype))
+    e_s = Connector("linear", self.embed_dim, name="embed_s")(s)
+    e_t = Connector("linear", self.embed_dim, name="embed_t")(t.astype(s.dtype))
     weights = example_weights(batch, e_s)
     if self.form == "repdistiller":
       return cc_repdistiller(e_s, e_t, weights)

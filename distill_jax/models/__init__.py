@@ -8,6 +8,9 @@ follows one contract that the rest of the framework relies on:
 - it has the fields `num_classes: int` and `bn_axis_name: str | None = None`; under `jax.pmap`
   the framework sets `bn_axis_name` to the pmap axis so that BatchNorm statistics are computed over
   the global batch;
+- it has the field `remat: bool = False`; when True its repeated block (or, in models without
+  blocks, each layer) is wrapped in `nn.remat`: its activations are recomputed in the backward
+  pass instead of kept, the same numbers and parameter paths for less memory;
 - it sows a few stable feature names into the `intermediates` collection: `stem`, `stage1`,
   `stage2`, ... and `pool` (the pre-logit vector `[B, D]`), so a loss can name what it compares
   without knowing the architecture. Everything else can be tapped by module path. (Flax forbids
@@ -54,16 +57,18 @@ def batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
          use_bias: bool = False, groups: int = 1,
-         kernel_init: nn.initializers.Initializer = conv_kernel_init) -> nn.Conv:
+         kernel_init: nn.initializers.Initializer = conv_kernel_init,
+         remat: bool = False) -> nn.Conv:
   """A square convolution with PyTorch's padding ((k - 1) / 2 on each side) and Kaiming init.
 
   Explicit symmetric padding (not 'SAME') keeps stride-2 convolutions sampling the same pixels as
   PyTorch's, so features line up with the reference code. No bias by default: BN follows.
   `groups` splits the channels as PyTorch's `groups` does (`groups == features ==` the input
   channels: a depthwise convolution).
+  `remat` recomputes its output in the backward pass (`nn.remat`).
   """
   pad = (kernel_size - 1) // 2
-  return nn.Conv(
+  return (nn.remat(nn.Conv) if remat else nn.Conv)(
       features, (kernel_size, kernel_size), strides=(strides, strides),
       padding=((pad, pad), (pad, pad)), use_bias=use_bias, feature_group_count=groups,
       kernel_init=kernel_init, name=name)

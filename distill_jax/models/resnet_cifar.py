@@ -31,6 +31,7 @@ from distill_jax.models import (
     conv,
     dense_kernel_init,
     global_avg_pool,
+    maybe_remat,
     register_model,
 )
 
@@ -62,12 +63,14 @@ class CifarResNet(nn.Module):
     depth: 6n + 2 layers, n blocks per stage.
     widths: (stem, stage1, stage2, stage3) channel counts.
     bn_axis_name: pmap axis name for cross-device BatchNorm statistics, or None.
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
 
   num_classes: int
   depth: int = 20
   widths: Sequence[int] = (16, 16, 32, 64)
   bn_axis_name: str | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -76,12 +79,13 @@ class CifarResNet(nn.Module):
     if len(self.widths) != 4:
       raise ValueError(f"widths must be (stem, stage1, stage2, stage3), got {self.widths}.")
     blocks_per_stage = (self.depth - 2) // 6
+    block_cls = maybe_remat(BasicBlock, self.remat)
     x = conv(self.widths[0], 3, name="stem_conv")(x)
     x = nn.relu(batch_norm(train, self.bn_axis_name, "stem_bn")(x))
     self.sow("intermediates", "stem", x)
     for stage, (width, strides) in enumerate(zip(self.widths[1:], (1, 2, 2), strict=True), 1):
       for block in range(blocks_per_stage):
-        x = BasicBlock(
+        x = block_cls(
             width, strides if block == 0 else 1, self.bn_axis_name,
             name=f"stage{stage}_block{block}")(x, train)
         x = nn.relu(x)

@@ -37,21 +37,23 @@ class SmallCNN(nn.Module):
     num_classes: size of the Dense head.
     widths: channels of the stride-2 stages; the stem has `widths[0]` channels.
     bn_axis_name: pmap axis name for cross-device BatchNorm statistics, or None.
+    remat: recompute each convolution's output in the backward pass (`nn.remat`).
   """
 
   num_classes: int
   widths: Sequence[int] = (32, 64)
   bn_axis_name: str | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if not self.widths:
       raise ValueError("SmallCNN needs at least one width.")
-    x = conv(self.widths[0], 3, name="stem_conv")(x)
+    x = conv(self.widths[0], 3, name="stem_conv", remat=self.remat)(x)
     x = nn.relu(batch_norm(train, self.bn_axis_name, "stem_bn")(x))
     self.sow("intermediates", "stem", x)
     for stage, width in enumerate(self.widths, 1):
-      x = conv(width, 3, 2, name=f"stage{stage}_conv")(x)
+      x = conv(width, 3, 2, name=f"stage{stage}_conv", remat=self.remat)(x)
       x = nn.relu(batch_norm(train, self.bn_axis_name, f"stage{stage}_bn")(x))
       self.sow("intermediates", f"stage{stage}", x)
     x = global_avg_pool(x)
@@ -66,18 +68,21 @@ class MLP(nn.Module):
     num_classes: size of the Dense head.
     hidden: widths of the hidden layers.
     bn_axis_name: unused (no BatchNorm); present so every model accepts it.
+    remat: recompute each hidden layer's output in the backward pass (`nn.remat`).
   """
 
   num_classes: int
   hidden: Sequence[int] = (64,)
   bn_axis_name: str | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # No dropout or BatchNorm: train and eval are the same function.
     x = x.reshape(x.shape[0], -1)
+    dense = nn.remat(nn.Dense) if self.remat else nn.Dense
     for i, width in enumerate(self.hidden, 1):
-      x = nn.relu(nn.Dense(width, kernel_init=dense_kernel_init, name=f"dense{i}")(x))
+      x = nn.relu(dense(width, kernel_init=dense_kernel_init, name=f"dense{i}")(x))
       self.sow("intermediates", f"hidden{i}", x)
     self.sow("intermediates", "pool", x)
     return nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head")(x)

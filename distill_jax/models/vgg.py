@@ -25,7 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from distill_jax.models import batch_norm, conv, global_avg_pool, register_model
+from distill_jax.models import batch_norm, conv, global_avg_pool, maybe_remat, register_model
 
 VGG8_CFG = ((64,), (128,), (256,), (512,), (512,))
 VGG13_CFG = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
@@ -58,23 +58,26 @@ class VGG(nn.Module):
     num_classes: size of the Dense head.
     cfg: the channel widths of the five conv groups.
     bn_axis_name: pmap axis name for cross-device BatchNorm statistics, or None.
+    remat: recompute each conv group's activations in the backward pass (`nn.remat`).
   """
 
   num_classes: int
   cfg: Sequence[Sequence[int]] = VGG8_CFG
   bn_axis_name: str | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if len(self.cfg) != 5:
       raise ValueError(f"VGG cfg must have 5 groups, got {len(self.cfg)}.")
     height = x.shape[1]
-    x = nn.relu(VGGGroup(self.cfg[0], self.bn_axis_name, name="block0")(x, train))
+    group = maybe_remat(VGGGroup, self.remat)
+    x = nn.relu(group(self.cfg[0], self.bn_axis_name, name="block0")(x, train))
     self.sow("intermediates", "stem", x)
     for stage in range(1, 5):
       if stage < 4 or height >= 64:
         x = _max_pool(x)
-      x = nn.relu(VGGGroup(self.cfg[stage], self.bn_axis_name, name=f"block{stage}")(x, train))
+      x = nn.relu(group(self.cfg[stage], self.bn_axis_name, name=f"block{stage}")(x, train))
       self.sow("intermediates", f"stage{stage}", x)
     x = global_avg_pool(x)
     self.sow("intermediates", "pool", x)

@@ -30,6 +30,7 @@ from distill_jax.models import (
     conv,
     dense_kernel_init,
     global_avg_pool,
+    maybe_remat,
     register_model,
 )
 
@@ -65,6 +66,7 @@ class WideResNet(nn.Module):
     dropout_rate: dropout between a block's two convs (0 in the CRD code); needs a 'dropout' RNG
       when positive and train=True.
     bn_axis_name: pmap axis name for cross-device BatchNorm statistics, or None.
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
 
   num_classes: int
@@ -72,19 +74,21 @@ class WideResNet(nn.Module):
   widen_factor: int = 1
   dropout_rate: float = 0.0
   bn_axis_name: str | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {self.depth}.")
     blocks_per_stage = (self.depth - 4) // 6
+    block_cls = maybe_remat(WideBasicBlock, self.remat)
     k = self.widen_factor
     x = conv(16, 3, name="stem_conv")(x)
     self.sow("intermediates", "stem", x)
     widths = (16 * k, 32 * k, 64 * k)
     for stage, (width, strides) in enumerate(zip(widths, (1, 2, 2), strict=True), 1):
       for block in range(blocks_per_stage):
-        x = WideBasicBlock(
+        x = block_cls(
             width, strides if block == 0 else 1, self.dropout_rate, self.bn_axis_name,
             name=f"stage{stage}_block{block}")(x, train)
       self.sow("intermediates", f"stage{stage}", x)

@@ -217,6 +217,9 @@ def export_model(directory: str, variables: Any, meta: dict) -> bool:
   The export is written to a temporary folder and renamed into place, so `directory` is
   always either the old export or the new one, whole. Skipped (returns False) when
   `directory` already holds an export with the same `meta`.
+
+  Collective: with several processes every one calls it (orbax's save synchronises them);
+  process 0 alone touches the folders and writes `model.json`.
   """
   directory = os.path.abspath(directory)
   try:
@@ -226,15 +229,18 @@ def export_model(directory: str, variables: Any, meta: dict) -> bool:
   except CheckpointError:
     pass
   tmp, old = f"{directory}.tmp", f"{directory}.old"
-  if os.path.isdir(old) and not os.path.exists(directory):  # Stopped between the renames.
-    os.rename(old, directory)
-  for path in (tmp, old):
-    if os.path.exists(path):
-      shutil.rmtree(path)
-  os.makedirs(tmp)
+  if jax.process_index() == 0:
+    if os.path.isdir(old) and not os.path.exists(directory):  # Stopped between the renames.
+      os.rename(old, directory)
+    for path in (tmp, old):
+      if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(tmp)
   variables = jax.tree.map(np.asarray, variables)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "variables"), variables, force=True)
+  if jax.process_index() != 0:
+    return True
   with open(os.path.join(tmp, "model.json"), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   if os.path.exists(directory):

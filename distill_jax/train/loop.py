@@ -166,11 +166,14 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
   info = data_lib.get_info(config.data)
-  parallel = Parallel(config.parallel.mode, config.parallel.num_devices)
+  parallel = Parallel(config.parallel.mode, config.parallel.num_devices,
+                      **config_lib.parallel_layout(config))
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size)
+  remat = {"remat": True} if config.student.get("remat", False) else {}
   student = models.build_model(config.student.name, info.num_classes,
-                               bn_axis_name=parallel.bn_axis_name, **config.student.kwargs)
+                               bn_axis_name=parallel.bn_axis_name, **remat,
+                               **config.student.kwargs)
   teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
@@ -189,14 +192,15 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   durations = Durations.from_config(config, num_train)
   # The objective always sees the global batch (under pmap the step gathers it), so its
   # terms need no axis name: their statistics and memory updates are global by construction.
-  context = {"axis_name": None, "num_examples": num_train}
+  context = {"num_examples": num_train}
   specs = [(name, stage.losses, stage.get("train", "all")) for name, stage in
            config.stages.items()] + [("train", config.losses, "all")]
   objectives = [build_objective(losses, list(teachers), context, durations.steps_per_epoch)
                 for _, losses, _ in specs]
   objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
-      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches))
+      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches),
+      student_dtype=config.get("dtype", "float32"))
   example = example_batch(info.image_shape, config.batch_size,
                           {teacher_cache.batch_key(n): info.num_classes for n in caches})
   add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
@@ -207,6 +211,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  init_shapes(student, info.image_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
 
+  accumulate_steps = int(config.optim.get("accumulate_steps", 1))
+  parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0
   for (name, _, trainable), stage_objective in zip(specs, objectives, strict=True):
     if name == "train":
@@ -223,7 +229,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                            for t in stage_objective.terms})
     train_step, eval_step = compile_steps(
         parallel, student_apply, teacher_applies, stage_objective, tx, step_offset=start,
-        skip_nonfinite=config.train.on_nonfinite == "skip")
+        accumulate_steps=accumulate_steps, skip_nonfinite=config.train.on_nonfinite == "skip")
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
   return dict(info=info, parallel=parallel, student=student, teachers=teachers,
@@ -273,8 +279,12 @@ def union_objective(objectives: list[Objective]) -> Objective:
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
-                  cached: tuple[str, ...] = ()) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  cached: tuple[str, ...] = (), student_dtype: str | None = None
+                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards, tapping what the objective compares.
+
+  `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
+  `features.make_apply`): params and optimizer state stay float32.
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
@@ -294,20 +304,22 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
     check_features(f"Teacher {name!r} ({teacher.model})", wanted,
                    list_features(teacher.module, teacher.variables,
                                  teacher.input_shape(input_shape)))
-  return (make_apply(student, features=objective.student_features),
+  return (make_apply(student, features=objective.student_features, dtype=student_dtype),
           {name: teacher_cache.cached_apply(name) if name in cached else
            make_apply(t.module, features=objective.teacher_features(name),
-                      input_size=t.input_size)
+                      input_size=t.input_size, dtype=t.dtype)
            for name, t in teachers.items()})
 
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
-                  tx: Any, step_offset: int = 0, skip_nonfinite: bool = False
+                  tx: Any, step_offset: int = 0, accumulate_steps: int = 1,
+                  skip_nonfinite: bool = False
                   ) -> tuple[Callable, Callable]:
   """The compiled (train_step, eval_step) of the forwards and the objective."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
+                                      accumulate_steps=accumulate_steps,
                                       skip_nonfinite=skip_nonfinite, **static),
           parallel.compile_eval_step(**static))
 
@@ -483,8 +495,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
   guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
                          record["skipped_steps"], record["consecutive_skips"])
 
-  teacher_vars = parallel.put_replicated(run["teacher_vars"])
-  state = parallel.put_replicated(jax.device_get(state))
+  teacher_vars = parallel.put_teachers(run["teacher_vars"])
+  state = parallel.put_state(jax.device_get(state))
   step = int(parallel.get(state).step)
   writer = MetricWriter(workdir, resume_step=step)
   logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
@@ -507,8 +519,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
       if step >= stage.end:
         continue
       if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
-        host = jax.device_get(parallel.get(state))
-        state = parallel.put_replicated(host.replace(opt_state=stage.tx.init(host.params)))
+        host = parallel.to_host(state)
+        state = parallel.put_state(host.replace(opt_state=stage.tx.init(host.params)))
       prefix = "train" if stage is stages[-1] else stage.name
       bar.stage(prefix)
       while step < stage.end:
@@ -553,11 +565,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
       final = history[-1]
     else:
       final = {"step": step, **eval_now(step)}
-    host_state = jax.device_get(parallel.get(state))
-    if is_chief:
-      export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
-          "model": config.student.name, "kwargs": dict(config.student.kwargs),
-          "num_classes": run["info"].num_classes, "step": step})
+    host_state = parallel.to_host(state)
+    # Every process: the export is a collective save (process 0 writes the files).
+    export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
+        "model": config.student.name, "kwargs": dict(config.student.kwargs),
+        "num_classes": run["info"].num_classes, "step": step})
     result = {
         "student": config.student.name,
         "teachers": {n: t.model for n, t in run["teachers"].items()},

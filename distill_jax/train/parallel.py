@@ -1,21 +1,30 @@
 """Compiles the one step function for the devices at hand: `jit` on a mesh, or `pmap`.
 
 Both modes run the same `train_step` / `eval_step` body:
-- 'jit': one `jax.jit` with shardings on a 1-D `Mesh(('data',))`; the batch is split over
-  'data', everything else is replicated, and XLA inserts the cross-device reductions.
-  One device is simply a mesh of one.
-- 'pmap': `jax.pmap` over the same devices with `axis_name='batch'`; the step averages
-  gradients and metrics with `lax.pmean`, and BatchNorm reduces its statistics over the
-  axis (models take `bn_axis_name`), so both modes compute the global-batch result.
+- 'jit': one `jax.jit` with shardings on a 2-D `Mesh(('data', 'fsdp'))` whose sizes come from
+  `parallel.mesh` (`{'data': -1, 'fsdp': 1}`: -1 takes the devices the other axes leave). The
+  batch is split over data x fsdp. Every array of the train state (params, batch stats,
+  optimizer state) is sharded over 'fsdp' by one rule, `fsdp_spec`: its largest dimension that
+  the 'fsdp' size divides, when the array has at least `min_shard_size` elements; smaller
+  arrays are replicated. The teachers' variables follow the same rule when
+  `teacher_sharding='fsdp'` and are replicated when 'replicated', so a big teacher can be split
+  while a small student stays whole. XLA inserts the all-gathers and reductions; one device is
+  simply a mesh of one.
+- 'pmap': plain `jax.pmap` over the same devices (data parallel only) with `axis_name='batch'`;
+  the step gathers the objective's inputs and averages gradients and metrics with `lax.pmean`,
+  and BatchNorm reduces its statistics over the axis (models take `bn_axis_name`), so both
+  modes compute the global-batch result.
 
 The `Parallel` object owns the device layout: it puts states, teacher variables and host
-batches on the devices, and gets states back for checkpoints.
+batches on the devices, and gets states back for checkpoints and exports.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -24,32 +33,174 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax.train import step as step_lib
+from distill_jax.xla_flags import set_cpu_devices
 
 PMAP_AXIS = "batch"
 MODES = ("jit", "pmap")
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+TEACHER_SHARDINGS = ("fsdp", "replicated")
+DEFAULT_MIN_SHARD_SIZE = 4096  # Elements: a 3x3x32x16 conv kernel and up are split.
+
+
+def _config_error(message: str) -> Exception:
+  from distill_jax.config import ConfigError  # config imports this module: import late.
+
+  return ConfigError(message)
+
+
+def resolve_mesh(mesh: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+  """`parallel.mesh` with its -1 resolved: {'data': n, 'fsdp': m}, n * m == num_devices.
+
+  Raises ConfigError naming the setting when an axis is unknown, a size is not a positive
+  integer or -1, more than one axis is -1, or the sizes do not multiply to the device count.
+  """
+  given = dict(mesh or {})
+  unknown = sorted(set(given) - set(MESH_AXES))
+  if unknown:
+    raise _config_error(f"config.parallel.mesh has unknown axes {unknown}; the axes are "
+                        f"{list(MESH_AXES)}, e.g. {{'data': -1, 'fsdp': 2}}.")
+  sizes = {axis: given.get(axis, -1 if axis == "data" else 1) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
+        size < 1 and size != -1):
+      raise _config_error(f"config.parallel.mesh.{axis} is {size!r}; give a positive integer "
+                          "or -1 (the devices the other axes leave).")
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise _config_error(f"config.parallel.mesh: only one axis may be -1, got {free}.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      raise _config_error(
+          f"config.parallel.mesh {dict(given)}: the fixed axes take {fixed} devices, which does "
+          f"not divide the {num_devices} devices in use; choose sizes that divide it.")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise _config_error(
+        f"config.parallel.mesh {dict(given)} has {fixed} devices but {num_devices} are in use; "
+        "make the sizes multiply to the device count (or set one axis to -1).")
+  return {axis: int(size) for axis, size in sizes.items()}
+
+
+def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
+  """The FSDP rule: split the largest dimension that `axis_size` divides over 'fsdp', when the
+  array has at least `min_size` elements; otherwise (or when no dimension divides) replicate."""
+  if axis_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+    if shape[dim] % axis_size == 0:
+      return P(*(("fsdp" if d == dim else None) for d in range(len(shape))))
+  return P()
+
+
+def initialize_distributed(settings: Mapping[str, Any]) -> bool:
+  """Joins a multi-process run (`jax.distributed.initialize`); call it before any other JAX use.
+
+  First splits the host CPU into `cpu_devices` XLA devices when that is set (> 0; see
+  `distill_jax.xla_flags.set_cpu_devices`), which also has to happen before JAX starts.
+
+  From `config.parallel`: `coordinator` ('host:port' of process 0), `num_processes` and
+  `process_id`; when `coordinator` is empty, from the launcher's environment (a Slurm step with
+  several tasks, or whatever JAX detects itself). `init_timeout_seconds` bounds the wait for all
+  processes to join; `heartbeat_timeout_seconds` how long a dead peer goes unnoticed before the
+  others stop with an error (instead of waiting forever in a collective). Returns True when
+  this run has several processes.
+  """
+  set_cpu_devices(int(settings.get("cpu_devices") or 0))
+  coordinator = settings.get("coordinator") or ""
+  num_processes = int(settings.get("num_processes") or 0)
+  process_id = settings.get("process_id")
+  process_id = -1 if process_id is None else int(process_id)
+  timeouts = {"initialization_timeout": int(settings.get("init_timeout_seconds", 300)),
+              "heartbeat_timeout_seconds": int(settings.get("heartbeat_timeout_seconds", 100))}
+  if coordinator:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise _config_error(
+          f"config.parallel.coordinator is {coordinator!r}: also set parallel.num_processes "
+          f"(>= 1, got {num_processes}) and parallel.process_id (0..num_processes - 1, got "
+          f"{process_id}), one process_id per process.")
+    jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
+    return num_processes > 1
+  if num_processes > 1 or process_id >= 0:
+    raise _config_error("config.parallel.num_processes/process_id need "
+                        "parallel.coordinator='host:port' (the address of process 0).")
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
+    jax.distributed.initialize(**timeouts)  # JAX reads Slurm's variables itself.
+    return True
+  return False
+
+
+def select_devices(num_devices: int) -> list[jax.Device]:
+  """`num_devices` devices (0: all), the same number from every process, in process order.
+
+  With several processes each contributes `num_devices / process_count` of its local devices,
+  so every process holds a part of the mesh; a count that does not split evenly is refused.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  if not num_devices:
+    return devices
+  processes = jax.process_count()
+  if num_devices > len(devices):
+    raise _config_error(f"config.parallel.num_devices={num_devices}, but only {len(devices)} "
+                        f"devices are visible ({devices[0].platform}).")
+  if num_devices % processes:
+    raise _config_error(
+        f"config.parallel.num_devices={num_devices} does not split over the {processes} "
+        f"processes: every process must take the same number of its devices; use a multiple "
+        f"of {processes} (or 0 for all).")
+  per_process = num_devices // processes
+  chosen = []
+  for p in range(processes):
+    local = [d for d in devices if d.process_index == p]
+    chosen.extend(local[:per_process])
+  return chosen
 
 
 class Parallel:
-  """Device layout and compiled steps for one run."""
+  """Device layout and compiled steps for one run.
 
-  def __init__(self, mode: str = "jit", num_devices: int = 0):
+  Args:
+    mode: 'jit' or 'pmap'.
+    num_devices: devices to use (0: all).
+    mesh: axis sizes, {'data': -1, 'fsdp': 1} by default (see `resolve_mesh`).
+    min_shard_size: arrays with fewer elements stay replicated under 'fsdp'.
+    teacher_sharding: 'replicated', or 'fsdp' to shard the teachers by the same rule.
+  """
+
+  def __init__(self, mode: str = "jit", num_devices: int = 0,
+               mesh: Mapping[str, int] | None = None,
+               min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
+               teacher_sharding: str = "replicated"):
     if mode not in MODES:
-      raise ValueError(f"Unknown parallel.mode {mode!r}; choose one of {list(MODES)}.")
-    devices = jax.devices()
-    if num_devices:
-      if num_devices > len(devices):
-        raise ValueError(f"parallel.num_devices={num_devices}, but only {len(devices)} "
-                         f"devices are visible ({devices[0].platform}).")
-      devices = devices[:num_devices]
+      raise _config_error(f"config.parallel.mode is {mode!r}; choose one of {list(MODES)}.")
+    if teacher_sharding not in TEACHER_SHARDINGS:
+      raise _config_error(f"config.parallel.teacher_sharding is {teacher_sharding!r}; choose "
+                          f"one of {list(TEACHER_SHARDINGS)}.")
+    if min_shard_size < 0:
+      raise _config_error(f"config.parallel.min_shard_size must be >= 0, got {min_shard_size}.")
+    devices = select_devices(num_devices)
     self.mode = mode
     self.devices = devices
-    self.mesh = Mesh(np.asarray(devices), ("data",))
+    self.axis_sizes = resolve_mesh(mesh, len(devices))
+    if mode == "pmap" and self.axis_sizes["fsdp"] > 1:
+      raise _config_error(
+          f"config.parallel.mesh {self.axis_sizes}: pmap is data parallel only; use "
+          "parallel.mode='jit' to shard over 'fsdp' (or set fsdp to 1).")
+    self.min_shard_size = int(min_shard_size)
+    self.teacher_sharding = teacher_sharding
+    shape = tuple(self.axis_sizes[a] for a in MESH_AXES)
+    self.mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
     self.replicated = NamedSharding(self.mesh, P())
-    self.data_sharded = NamedSharding(self.mesh, P("data"))
+    self.data_sharded = NamedSharding(self.mesh, P(BATCH_AXES))
 
   @property
   def num_devices(self) -> int:
     return len(self.devices)
+
+  @property
+  def num_local_devices(self) -> int:
+    return sum(d.process_index == jax.process_index() for d in self.devices)
 
   @property
   def bn_axis_name(self) -> str | None:
@@ -58,34 +209,84 @@ class Parallel:
 
   def check_batch_size(self, global_batch_size: int) -> None:
     if global_batch_size % self.num_devices:
-      raise ValueError(f"The batch size {global_batch_size} does not split evenly over "
-                       f"{self.num_devices} devices; pick a multiple of {self.num_devices}.")
+      raise _config_error(f"The batch size {global_batch_size} does not split evenly over "
+                          f"{self.num_devices} devices; pick a multiple of {self.num_devices}.")
+
+  # -- layouts ------------------------------------------------------------------------------
+
+  def sharding_for(self, shape: tuple[int, ...], fsdp: bool = True) -> NamedSharding:
+    """The sharding of one state (or, with `fsdp=False`, replicated) array of `shape`."""
+    if not fsdp:
+      return self.replicated
+    return NamedSharding(self.mesh, fsdp_spec(tuple(shape), self.axis_sizes["fsdp"],
+                                              self.min_shard_size))
+
+  def state_shardings(self, tree: Any) -> Any:
+    """Shardings of a train state (or any pytree laid out like one): the FSDP rule per leaf."""
+    return jax.tree.map(lambda x: self.sharding_for(np.shape(x)), tree)
+
+  def teacher_shardings(self, tree: Any) -> Any:
+    """Shardings of the teachers' variables: the FSDP rule, or replicated."""
+    fsdp = self.teacher_sharding == "fsdp"
+    return jax.tree.map(lambda x: self.sharding_for(np.shape(x), fsdp), tree)
 
   # -- placing data -------------------------------------------------------------------------
 
-  def put_replicated(self, tree: Any) -> Any:
-    """Places a host pytree (state, teacher variables) on every device."""
+  def _put(self, tree: Any, shardings: Any) -> Any:
+    # Every process holds the same host value; each fills only its own devices' shards.
+    def put(x, sharding):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, jax.device_get(tree), shardings)
+
+  def _put_stacked(self, tree: Any) -> Any:
+    # One copy per device along a leading axis, sharded over a mesh axis named like the
+    # pmap axis: the layout pmap's own outputs have, so the step compiles once, not twice.
+    stacked = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    return jax.tree.map(lambda x: jax.device_put(
+        np.broadcast_to(np.asarray(x), (self.num_devices, *np.shape(x))), stacked), tree)
+
+  def put_state(self, tree: Any) -> Any:
+    """Places a host train state: sharded by the FSDP rule (jit) or one copy per device."""
     if self.mode == "pmap":
-      # One copy per device along a leading axis, sharded over a mesh axis named like the
-      # pmap axis: the layout pmap's own outputs have, so the step compiles once, not twice.
-      stacked = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)), P(PMAP_AXIS))
-      return jax.tree.map(lambda x: jax.device_put(
-          np.broadcast_to(np.asarray(x), (self.num_devices, *np.shape(x))), stacked), tree)
-    return jax.device_put(tree, self.replicated)
+      return self._put_stacked(tree)
+    return self._put(tree, self.state_shardings(tree))
+
+  def put_teachers(self, tree: Any) -> Any:
+    """Places the teachers' host variables by `teacher_sharding` (jit) or one copy per device."""
+    if self.mode == "pmap":
+      return self._put_stacked(tree)
+    return self._put(tree, self.teacher_shardings(tree))
+
+  def put_replicated(self, tree: Any) -> Any:
+    """Places a host pytree whole on every device (the layouts above when fsdp is 1)."""
+    if self.mode == "pmap":
+      return self._put_stacked(tree)
+    return self._put(tree, jax.tree.map(lambda _: self.replicated, tree))
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
-    """Places this host's batch rows: split over 'data' (jit) or a leading device axis (pmap)."""
+    """Places this process's batch rows: split over data x fsdp (jit) or a leading device axis
+    (pmap)."""
     if self.mode == "pmap":
-      local = len(jax.local_devices()) if jax.process_count() > 1 else self.num_devices
+      local = self.num_local_devices
       return jax.tree.map(lambda x: x.reshape((local, -1) + x.shape[1:]), batch)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data_sharded, x), batch)
 
   def get(self, tree: Any) -> Any:
-    """A device pytree as it is on one device: unreplicates pmap's leading axis."""
+    """A device pytree as it is on one device. jit: the global arrays as they are (orbax saves
+    them collectively); pmap: the first copy, fetched to the host (pmap's per-device copies
+    are process-local arrays, which orbax cannot save with several processes)."""
     if self.mode == "pmap":
-      return jax.tree.map(lambda x: x[0], tree)
+      return jax.device_get(jax.tree.map(lambda x: x[0], tree))
     return tree
+
+  def to_host(self, tree: Any) -> Any:
+    """The whole pytree as NumPy arrays on every process (gathers sharded arrays; collective:
+    call it on every process)."""
+    if self.mode == "pmap":
+      return self.get(tree)
+    return jax.device_get(_gather(self.replicated)(tree))
 
   # -- compiling -----------------------------------------------------------------------------
 
@@ -94,15 +295,50 @@ class Parallel:
     if self.mode == "pmap":
       fn = functools.partial(step_lib.train_step, axis_name=PMAP_AXIS, **static)
       return jax.pmap(fn, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=(0,))
-    fn = functools.partial(step_lib.train_step, **static)
-    return jax.jit(fn, in_shardings=(self.replicated, self.replicated, self.data_sharded),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    return ShardedStep(self, functools.partial(step_lib.train_step, **static), train=True)
 
   def compile_eval_step(self, **static: Any) -> Callable:
     """`(state, teacher_vars, batch) -> metric sums`, compiled."""
     if self.mode == "pmap":
       fn = functools.partial(step_lib.eval_step, axis_name=PMAP_AXIS, **static)
       return jax.pmap(fn, axis_name=PMAP_AXIS, devices=self.devices)
-    fn = functools.partial(step_lib.eval_step, **static)
-    return jax.jit(fn, in_shardings=(self.replicated, self.replicated, self.data_sharded),
-                   out_shardings=self.replicated)
+    return ShardedStep(self, functools.partial(step_lib.eval_step, **static), train=False)
+
+
+@functools.cache
+def _gather(sharding: NamedSharding) -> Callable:
+  return jax.jit(lambda tree: tree, out_shardings=sharding)
+
+
+class ShardedStep:
+  """A step under one `jax.jit` whose in/out shardings follow the parallel layout.
+
+  The shardings depend on the state's structure and shapes (which change between stages, e.g.
+  a stage's optimizer state), so the jitted function is made on first use for each and kept:
+  each layout compiles once. `lower(...)` gives the AOT lowering (for memory analysis).
+  """
+
+  def __init__(self, parallel: Parallel, fn: Callable, train: bool):
+    self._parallel, self._fn, self._train = parallel, fn, train
+    self._jitted: dict[Any, Callable] = {}
+
+  def _get(self, state: Any, teacher_vars: Any) -> Callable:
+    leaves, treedef = jax.tree.flatten((state, teacher_vars))
+    key = (treedef, tuple(np.shape(x) for x in leaves))
+    if key not in self._jitted:
+      p = self._parallel
+      state_sh, teacher_sh = p.state_shardings(state), p.teacher_shardings(teacher_vars)
+      in_shardings = (state_sh, teacher_sh, p.data_sharded)
+      if self._train:
+        self._jitted[key] = jax.jit(self._fn, in_shardings=in_shardings,
+                                    out_shardings=(state_sh, p.replicated), donate_argnums=(0,))
+      else:
+        self._jitted[key] = jax.jit(self._fn, in_shardings=in_shardings,
+                                    out_shardings=p.replicated)
+    return self._jitted[key]
+
+  def __call__(self, state: Any, teacher_vars: Any, batch: Any) -> Any:
+    return self._get(state, teacher_vars)(state, teacher_vars, batch)
+
+  def lower(self, state: Any, teacher_vars: Any, batch: Any) -> Any:
+    return self._get(state, teacher_vars).lower(state, teacher_vars, batch)

@@ -69,10 +69,17 @@ def nonfinite_parts(mask: int) -> list[str]:
   return [name for i, name in enumerate(GUARDED_PARTS) if int(mask) >> i & 1]
 
 
+def _split(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B / k, ...]: micro-batch j holds rows j, j + k, j + 2k, ... (every
+  device's rows take part in every micro-batch, so none sits idle)."""
+  return {key: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+          for key, x in batch.items()}
+
+
 def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
-               axis_name: str | None = None, step_offset: int = 0,
+               axis_name: str | None = None, step_offset: int = 0, accumulate_steps: int = 1,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters).
 
@@ -81,39 +88,63 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   term reads run (a student trained alone, with teachers listed for eval, runs none).
   The metric `nonfinite` flags a NaN/inf in the loss or the new state (`nonfinite_mask`);
   with `skip_nonfinite` such an update is dropped (the step and RNG still advance).
+
+  `accumulate_steps = k > 1` splits the batch into k micro-batches and runs forward (teachers
+  included) and backward on one at a time in a `lax.scan`, averaging their gradients and
+  metrics: for terms that are means over examples this is the big-batch step with ~1/k of the
+  activation memory. BatchNorm normalises each micro-batch with its own statistics and updates
+  its running averages k times per step (as k smaller steps would); terms that relate the
+  examples of a batch (SP, RKD, CC, CRD's normaliser) relate those of a micro-batch.
   """
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   used = objective.teachers_used(tuple(teacher_applies))
-  teachers = teacher_forward({n: teacher_applies[n] for n in used}, teacher_vars, batch)
+  applies = {n: teacher_applies[n] for n in used}
+  step = state.step - step_offset
 
-  def loss_fn(params):
-    variables = {"params": params["student"], **state.model_state}
-    student = student_apply(variables, batch, True, model_rng)
-    # The objective sees the global batch in every mode: under pmap each device gathers the
-    # others' outputs, so relational terms (SP, RKD, CRD, ...) relate the same examples as
-    # on one device. all_gather's transpose sums the cotangents back onto each device's own
-    # rows, so the pmean of gradients below is the single-device gradient.
-    total, terms, objective_state = objective(
-        params["objective"], state.objective_state, *_global(student, teachers, batch,
-                                                             axis_name),
-        state.step - step_offset, loss_rng)
-    return total, (student, terms, objective_state)
+  def micro_step(carry, inputs):
+    model_state, objective_state = carry
+    micro_batch, model_key, loss_key = inputs
+    teachers = teacher_forward(applies, teacher_vars, micro_batch)
 
-  (loss, (student, terms, objective_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  model_state = student.new_state
+    def loss_fn(params):
+      variables = {"params": params["student"], **model_state}
+      student = student_apply(variables, micro_batch, True, model_key)
+      # The objective sees the global batch in every mode: under pmap each device gathers the
+      # others' outputs, so relational terms (SP, RKD, CRD, ...) relate the same examples as
+      # on one device. all_gather's transpose sums the cotangents back onto each device's own
+      # rows, so the pmean of gradients below is the single-device gradient.
+      total, terms, new_objective_state = objective(
+          params["objective"], objective_state,
+          *_global(student, teachers, micro_batch, axis_name), step, loss_key)
+      return total, (student, terms, new_objective_state)
+
+    (loss, (student, terms, new_objective_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    new_model_state = student.new_state
+    if axis_name is not None:
+      new_model_state = jax.lax.pmean(new_model_state, axis_name)
+    metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
+               "top1": jnp.mean(_top1(student.logits) == micro_batch["label"])}
+    if teachers:
+      ensemble = teacher_log_probs(teachers, 1.0)
+      metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
+    return (new_model_state, new_objective_state), (grads, metrics)
+
+  carry = (state.model_state, state.objective_state)
+  if accumulate_steps == 1:
+    (model_state, objective_state), (grads, metrics) = micro_step(
+        carry, (batch, model_rng, loss_rng))
+  else:
+    keys = lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        jnp.arange(accumulate_steps))
+    (model_state, objective_state), (grads, metrics) = jax.lax.scan(
+        micro_step, carry, (_split(batch, accumulate_steps), keys(model_rng), keys(loss_rng)))
+    grads, metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), (grads, metrics))
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-    model_state = jax.lax.pmean(model_state, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-
-  metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
-             "top1": jnp.mean(_top1(student.logits) == batch["label"]),
-             "grad_norm": optax.tree.norm(grads)}
-  if teachers:
-    ensemble = teacher_log_probs(teachers, 1.0)
-    metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
+  metrics["grad_norm"] = optax.tree.norm(grads)
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   updated = (params, model_state, objective_state, opt_state)
