@@ -22,6 +22,11 @@ Arg: `METHOD,MODEL[,STUDENT][,cifar10][,tiny]`:
         --workdir=runs/cifar100/crd_resnet56_resnet20 --config.data.data_dir=$DATA \
         --config.teachers.teacher.checkpoint=runs/cifar100/resnet56
 
+Cross-architecture pairs (the CRD paper's second table: `CROSS_PAIRS`, e.g.
+`at,resnet50,mobilenetv2`) compare the layers the CRD code compares for them (`cross_layers`),
+AT pooling maps of different resolution to the smaller one; FSP is refused there. CRD (and
+CRD+KD) draw their negatives from other classes, as the CRD code's data loader does.
+
 `tiny` shrinks the run to a few steps (for smoke tests).
 """
 
@@ -47,8 +52,10 @@ METHODS = {
            {"ft": {"mode": "reconstruct", "form": "repdistiller"}}),
     "fsp": ({}, 1.0, {"fsp": {"weight": 50.0}}),
     "nst": ({"nst": {"weight": 50.0}}, 1.0, None),
-    "crd": ({"crd": {"weight": 0.8}}, 1.0, None),
-    "crd_kd": ({"crd": {"weight": 0.8}, "kd": {"weight": 1.0, "temperature": 4.0}}, 1.0, None),
+    # Negatives from other classes, as RepDistiller's CRD data loader draws them.
+    "crd": ({"crd": {"weight": 0.8, "negatives": "other_class"}}, 1.0, None),
+    "crd_kd": ({"crd": {"weight": 0.8, "negatives": "other_class"},
+                "kd": {"weight": 1.0, "temperature": 4.0}}, 1.0, None),
     "dkd": ({"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0,
                      "warmup_epochs": 20.0}}, 1.0, None),
     "logit_mse": ({"logit_mse": {"weight": 1.0}}, 1.0, None),
@@ -61,6 +68,55 @@ STAGE_TRAINS = {"ab": "all", "fsp": "all", "ft": "objective", "fitnet_hint": "al
 DKD_BETA = {"resnet56": 2.0, "resnet110": 2.0, "vgg13": 6.0, "wrn_40_2": 6.0, "wrn_16_2": 6.0}
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 PRETRAIN_EPOCHS = 30.0
+# Spatial sizes (32x32 inputs) of the sown `stage1`.. features of the models in the CRD paper's
+# cross-architecture pairs; their layer pairings are derived from these (`cross_layers`).
+STAGE_SIZES = {"vgg13": (16, 8, 4, 4), "vgg8": (16, 8, 4, 4), "resnet50": (32, 16, 8, 4),
+               "resnet32x4": (32, 16, 8), "wrn_40_2": (32, 16, 8),
+               "mobilenetv2": (16, 8, 4, 2), "shufflev1": (16, 8, 4), "shufflev2": (16, 8, 4)}
+CROSS_PAIRS = (("vgg13", "mobilenetv2"), ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"),
+               ("resnet32x4", "shufflev1"), ("resnet32x4", "shufflev2"),
+               ("wrn_40_2", "shufflev1"))
+
+
+def cross_layers(teacher: str, student: str) -> dict[str, dict[str, object]]:
+  """Per method, the layer settings of a cross-architecture pair, as RepDistiller pairs them.
+
+  Its feature list is [stem, stage1 .. stageN, pool]; it compares:
+  - AT, NST, VID: `feat[1:-1]` zipped, i.e. stage i with stage i for i <= min(N_s, N_t); maps
+    of different resolution are pooled to the smaller one (AT: `pool_to_smaller`; NST and VID
+    pool integer ratios themselves);
+  - SP and FT: `feat[-2]`, each network's last stage (FT pools the larger map);
+  - CRD, RKD, PKT, CC: `feat[-1]`, the pooled vectors (the terms' defaults);
+  - FitNet: `feat[2]` of both through a regressor that strides or up-samples where they differ;
+    our connectors change channels only, so the student's stage2 is paired with the teacher's
+    first stage of the same resolution instead;
+  - AB: `feat[1:-1]` with 1x1 connectors, which needs equal resolutions: each student stage is
+    paired with the teacher's first stage of its resolution, stages without one are dropped.
+  FSP (flows between consecutive layers of equal channel counts) is not defined across these
+  architectures; the CRD paper has no FSP entry for them.
+  """
+  t_sizes, s_sizes = STAGE_SIZES[teacher], STAGE_SIZES[student]
+  n = min(len(t_sizes), len(s_sizes))
+  common = tuple(f"stage{i}" for i in range(1, n + 1))
+
+  def same_size(i: int) -> str | None:
+    matches = [j for j, size in enumerate(t_sizes, 1) if size == s_sizes[i - 1]]
+    return f"stage{matches[0]}" if matches else None
+
+  ab = [(f"stage{i}", same_size(i)) for i in range(1, len(s_sizes) + 1) if same_size(i)]
+  last = {"student_layers": (f"stage{len(s_sizes)}",), "teacher_layers": (f"stage{len(t_sizes)}",)}
+  return {
+      "at": {"student_layers": common, "teacher_layers": common, "pool_to_smaller": True},
+      "nst": {"student_layers": common, "teacher_layers": common},
+      "vid": {"student_layers": common, "teacher_layers": common},
+      "sp": last,
+      "ft": {"student_layer": last["student_layers"][0],
+             "teacher_layer": last["teacher_layers"][0]},
+      "fitnet": {"student_layer": "stage2", "teacher_layer": same_size(2)},
+      "ab": {"student_layers": tuple(s for s, _ in ab), "teacher_layers": tuple(t for _, t in ab),
+             # The CRD code's layer weights 2^(l - n + 1) for n pairs.
+             "layer_weights": tuple(2.0 ** (i - len(ab) + 1) for i in range(len(ab)))},
+  }
 
 
 def get_config(arg: str = "kd,resnet56,resnet20") -> ml_collections.ConfigDict:
@@ -93,8 +149,18 @@ def get_config(arg: str = "kd,resnet56,resnet20") -> ml_collections.ConfigDict:
     c.teachers = ml_collections.ConfigDict(
         {"teacher": teacher_config(names[0], checkpoint=f"runs/{dataset}/{names[0]}")})
     losses = {"ce": {"weight": ce_weight}, **{k: dict(v) for k, v in terms.items()}}
+    stage = None if stage is None else {k: dict(v) for k, v in stage.items()}
     if method == "dkd":
       losses["dkd"]["beta"] = DKD_BETA.get(names[0], 8.0)
+    if tuple(names) in CROSS_PAIRS:
+      if method == "fsp":
+        raise ValueError(f"configs/cifar_kd.py arg {arg!r}: FSP compares flows between layers "
+                         "of equal channel counts, which these architectures do not share "
+                         "(the CRD paper has no FSP entry for cross-architecture pairs).")
+      for term, settings in cross_layers(*names).items():
+        for terms_of in (losses, stage or {}):
+          if term in terms_of:
+            terms_of[term].update(settings)
     c.losses = ml_collections.ConfigDict(losses)
     if stage is not None:
       c.stages = ml_collections.ConfigDict({"pretrain": {

@@ -209,6 +209,47 @@ def test_at_shapes_and_p_match_numpy(s_shape, t_shape, p):
                              _unit((np.abs(s[0]) ** p).sum(-1).ravel()), rtol=1e-5)
 
 
+def _adaptive_pool_ref(x, spatial):
+  """PyTorch's adaptive_avg_pool2d bins, by hand: cell i of S -> O covers floor(i S / O) ..
+  ceil((i + 1) S / O) - 1 (overlapping when O does not divide S)."""
+  b, h_in, w_in, c = x.shape
+  h, w = spatial
+  out = np.zeros((b, h, w, c))
+  for i, j in itertools.product(range(h), range(w)):
+    r0, r1 = (i * h_in) // h, int(np.ceil((i + 1) * h_in / h))
+    c0, c1 = (j * w_in) // w, int(np.ceil((j + 1) * w_in / w))
+    out[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("s_shape, t_shape", [
+    ((3, 8, 8, 2), (3, 4, 4, 5)),  # The student's map is pooled (ResNet-50 -> vgg8 style).
+    ((2, 4, 4, 3), (2, 8, 8, 3)),  # The teacher's (e.g. vgg13 stage4 against MobileNetV2's).
+    ((2, 7, 5, 2), (2, 3, 2, 4)),  # Non-integer ratios: overlapping bins, as adaptive pooling.
+    ((2, 4, 4, 2), (2, 4, 4, 3))])  # Equal sizes: pooling changes nothing.
+def test_at_pool_to_smaller_matches_numpy(s_shape, t_shape):
+  rng = np.random.default_rng(15)
+  s, t = rng.normal(size=s_shape), rng.normal(size=t_shape)
+  spatial = tuple(min(a, b) for a, b in zip(s_shape[1:3], t_shape[1:3], strict=True))
+  want = at_reference([_adaptive_pool_ref(s, spatial)], [_adaptive_pool_ref(t, spatial)])
+  got = _call("at", {"a": s}, {"b": t}, student_layers="a", teacher_layers="b",
+              pool_to_smaller=True)
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+  np.testing.assert_allclose(F.adaptive_avg_pool(jnp.asarray(s, jnp.float32), spatial),
+                             _adaptive_pool_ref(s, spatial), rtol=1e-5, atol=1e-6)
+  if s_shape[1:3] != t_shape[1:3]:  # The default still refuses, naming the option.
+    with pytest.raises(ValueError, match="pool_to_smaller=True"):
+      _call("at", {"a": s}, {"b": t}, student_layers="a", teacher_layers="b")
+
+
+def test_at_pool_to_smaller_refuses_maps_larger_on_different_axes():
+  rng = np.random.default_rng(16)
+  s, t = rng.normal(size=(2, 4, 8, 2)), rng.normal(size=(2, 8, 4, 2))
+  with pytest.raises(ValueError, match=r"'a'.*\(2, 4, 8, 2\)"):
+    _call("at", {"a": s}, {"b": t}, student_layers="a", teacher_layers="b",
+          pool_to_smaller=True)
+
+
 def test_core_array_functions_match_numpy():
   rng = np.random.default_rng(10)
   x = rng.normal(size=(5, 7))

@@ -33,7 +33,13 @@ CRD_PARAMS = {
     "wrn_40_2": 2_255_156,
     "vgg8": 3_965_028,
     "vgg13": 9_462_180,
+    # The cross-architecture models of the CRD paper's table.
+    "mobilenetv2": 812_836,
+    "shufflev1": 949_258,
+    "shufflev2": 1_355_528,
+    "resnet50": 23_705_252,
 }
+CROSS_ARCH = ("mobilenetv2", "shufflev1", "shufflev2", "resnet50")
 
 CIFAR = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
@@ -71,6 +77,16 @@ def test_num_params_on_concrete_arrays():
                       "stage2": (2, 16, 16, 64), "stage3": (2, 8, 8, 128), "pool": (2, 128)}),
         ("vgg13", {"stem": (2, 32, 32, 64), "stage1": (2, 16, 16, 128), "stage2": (2, 8, 8, 256),
                    "stage3": (2, 4, 4, 512), "stage4": (2, 4, 4, 512), "pool": (2, 512)}),
+        ("mobilenetv2", {"stem": (2, 16, 16, 16), "stage1": (2, 16, 16, 12),
+                         "stage2": (2, 8, 8, 16), "stage3": (2, 4, 4, 48),
+                         "stage4": (2, 2, 2, 160), "pool": (2, 1280)}),
+        ("shufflev1", {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 240),
+                       "stage2": (2, 8, 8, 480), "stage3": (2, 4, 4, 960), "pool": (2, 960)}),
+        ("shufflev2", {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 116),
+                       "stage2": (2, 8, 8, 232), "stage3": (2, 4, 4, 464), "pool": (2, 1024)}),
+        ("resnet50", {"stem": (2, 32, 32, 64), "stage1": (2, 32, 32, 256),
+                      "stage2": (2, 16, 16, 512), "stage3": (2, 8, 8, 1024),
+                      "stage4": (2, 4, 4, 2048), "pool": (2, 2048)}),
     ])
 def test_sown_feature_shapes(name, expected):
   model = build_model(name, 100)
@@ -103,6 +119,76 @@ def test_module_names_are_stable():
   vgg = _abstract_init(build_model("vgg13", 10), CIFAR)["params"]
   assert set(vgg) == {f"block{i}" for i in range(5)} | {"head"}
   assert set(vgg["block1"]["conv1"]) == {"kernel", "bias"}  # CRD's VGG convs keep their bias.
+
+
+def test_cross_architecture_module_names():
+  mobile = _abstract_init(build_model("mobilenetv2", 10), CIFAR)["params"]
+  assert len([k for k in mobile if k.startswith("group")]) == 17  # 1+2+3+4+3+3+1 blocks.
+  # The t = 1 block keeps its expansion conv (16 -> 16 channels), as in the reference.
+  assert mobile["group0_block0"]["expand_conv"]["kernel"].shape == (1, 1, 16, 16)
+  assert mobile["group1_block0"]["dw_conv"]["kernel"].shape == (3, 3, 1, 48)  # Depthwise.
+  v1 = _abstract_init(build_model("shufflev1", 10), CIFAR)["params"]
+  # The first unit's conv1 is ungrouped (its input is the stem), later ones have 3 groups.
+  assert v1["stage1_block0"]["conv1"]["kernel"].shape == (1, 1, 24, 54)
+  assert v1["stage1_block1"]["conv1"]["kernel"].shape == (1, 1, 80, 60)
+  assert v1["stage2_block0"]["conv3"]["kernel"].shape == (1, 1, 20, 240)  # 480 - 240 out.
+  v2 = _abstract_init(build_model("shufflev2", 10), CIFAR)["params"]
+  assert len([k for k in v2 if k.startswith("stage2_")]) == 8  # Down unit + 7.
+  assert set(v2["stage1_block0"]) == {f"{k}{i}" for k in ("conv", "bn") for i in range(1, 6)}
+  r50 = _abstract_init(build_model("resnet50", 10), CIFAR)["params"]
+  assert r50["stem_conv"]["kernel"].shape == (3, 3, 3, 64)  # CIFAR stem, no max-pool.
+  assert "shortcut_conv" in r50["stage1_block0"] and "shortcut_conv" not in r50["stage1_block1"]
+  assert r50["head"]["kernel"].shape == (2048, 10)
+
+
+def test_channel_shuffle_matches_the_nchw_reference():
+  from distill_jax.models.shufflenet import channel_shuffle
+  x = np.arange(2 * 2 * 3 * 12, dtype=np.float32).reshape(2, 2, 3, 12)  # NHWC
+  nchw = x.transpose(0, 3, 1, 2)
+  n, c, h, w = nchw.shape
+  want = nchw.reshape(n, 3, c // 3, h, w).transpose(0, 2, 1, 3, 4).reshape(n, c, h, w)
+  np.testing.assert_array_equal(channel_shuffle(jnp.asarray(x), 3),
+                                want.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    # Shallow versions (every kind of block, fewer of them): compile time grows with depth.
+    ("mobilenetv2", {"cfg": ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))}),
+    ("shufflev1", {"num_blocks": (2, 1, 1)}),
+    ("shufflev2", {"num_blocks": (1, 1, 1)}),
+    ("resnet50", {"num_blocks": (2, 1, 1, 1), "widths": (8, 16, 16, 16)}),
+])
+def test_remat_gives_the_same_forward(name, kwargs):
+  """`remat=True` checkpoints the blocks (the gradient's jaxpr has remat, with the same params)
+  and changes no number of a training forward: logits, updated BN statistics, sown features.
+  (Gradients under remat are jax.checkpoint's business; only one forward is compiled here.)"""
+  plain, remat = build_model(name, 10, **kwargs), build_model(name, 10, remat=True, **kwargs)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))  # 8x8 is enough for every stage.
+
+  def forward(model, variables, x):
+    return model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+
+  shapes = _abstract_init(plain, x)
+  assert jax.tree.structure(_abstract_init(remat, x)) == jax.tree.structure(shapes)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, v, x: jnp.sum(forward(remat, {**v, "params": p},
+                                                                     x)[0])))(
+      shapes["params"], shapes, x))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+  def run(x):
+    variables = plain.init(jax.random.key(0, impl="rbg"), x)
+    return variables, forward(plain, variables, x), forward(remat, variables, x)
+
+  variables, (logits, state), (r_logits, r_state) = jax.jit(run)(x)
+  assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
+  np.testing.assert_allclose(r_logits, logits, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(r_state) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(r_state), jax.tree.leaves(state), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Training moved the running statistics (so they did flow out through the remat blocks).
+  assert any(not np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(r_state["batch_stats"]),
+      strict=True))
 
 
 DIGITS = (4, 8, 8, 1)

@@ -5,6 +5,7 @@ process; the embedded data sets (`digits`) build themselves into the data_dir on
 first use, anything else is prepared once with `scripts/prepare_data.py`.
 """
 
+from distill_jax.data.contrast import class_contrast_indices, train_labels
 from distill_jax.data.embedded import EMBEDDED, ensure_embedded, is_embedded
 from distill_jax.data.pipeline import (
     AUGMENTATIONS,
@@ -34,6 +35,7 @@ __all__ = [
     "SideData",
     "TrainIterator",
     "augment_seed",
+    "class_contrast_indices",
     "default_data_config",
     "default_data_dir",
     "ensure_embedded",
@@ -43,4 +45,5 @@ __all__ = [
     "resolve_data_dir",
     "split_digest",
     "train_iterator",
+    "train_labels",
 ]

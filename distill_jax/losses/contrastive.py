@@ -30,6 +30,9 @@ from distill_jax.outputs import Outputs
 # sampled rows ([B, K+1, D], as the reference does) instead of scoring the whole bank
 # ([B, N] with one matmul); both give the same values, this only picks the cheaper one.
 _DENSE_SCORING_MAX_RATIO = 64
+# Where `crd` takes its negatives from, and its positive (see `CRD`).
+NEGATIVES = ("uniform", "other_class")
+POSITIVES = ("self", "same_class")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -175,10 +178,17 @@ class CRD(nn.Module):
 
   Defaults are the CRD paper code's (RepDistiller): feat_dim 128, 16384 negatives, NCE
   temperature 0.07, momentum 0.5, features of the pre-logit layer ('pool'); term weight 0.8
-  beside CE with weight 1 (CRD+KD: KD weight 1). RepDistiller's data loader by default
-  draws the negatives from other classes ('exact' mode); here they are uniform over all
-  examples (its alias-sampler path); pass `batch['contrast_idx']` for the other scheme.
-  Memory per bank: num_examples * feat_dim floats (50000 x 128 x 4 B = 25.6 MB on CIFAR).
+  beside CE with weight 1 (CRD+KD: KD weight 1). Memory per bank: num_examples * feat_dim
+  floats (50000 x 128 x 4 B = 25.6 MB on CIFAR).
+
+  Negatives (`negatives`): 'uniform' (default) draws them uniformly over all examples in the
+  step (the reference's alias-sampler path), unless the batch brings `contrast_idx`.
+  'other_class' is what RepDistiller's CIFAR loader does for its CRD runs: negatives from the
+  examples of other classes only, drawn by the data pipeline
+  (`distill_jax.data.class_contrast_indices`, which the run adds as `batch['contrast_idx']`,
+  deterministic per seed); `positive='same_class'` then makes column 0 a random example of the
+  same class (the reference's `mode='relax'`) instead of the example itself ('self', its
+  'exact'). The memory update always writes the example's own row.
   """
 
   student_layer: str = "pool"
@@ -190,7 +200,19 @@ class CRD(nn.Module):
   eps: float = 1e-7
   teacher: str | None = None
   num_examples: int = 0
+  negatives: str = "uniform"
+  positive: str = "self"
   axis_name: str | None = None
+
+  def check_sampling(self) -> None:
+    """Raises a ValueError naming the setting if `negatives` / `positive` are not allowed."""
+    if self.negatives not in NEGATIVES:
+      raise ValueError(f"crd negatives={self.negatives!r} is not one of {NEGATIVES}.")
+    if self.positive not in POSITIVES:
+      raise ValueError(f"crd positive={self.positive!r} is not one of {POSITIVES}.")
+    if self.positive != "self" and self.negatives != "other_class":
+      raise ValueError(f"crd positive={self.positive!r} needs negatives='other_class' (the "
+                       "data pipeline draws both from the labels).")
 
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
@@ -206,6 +228,18 @@ class CRD(nn.Module):
     if f_s.ndim < 2 or f_t.ndim < 2 or f_s.shape[0] != f_t.shape[0]:
       raise shape_mismatch("crd", self.student_layer, f_s.shape, self.teacher_layer, f_t.shape,
                            fix="Both features need the same batch axis first ([B, ...]).")
+    self.check_sampling()
+    if self.negatives == "other_class":
+      given = batch.get("contrast_idx")
+      if given is None:
+        raise ValueError(
+            "crd negatives='other_class' reads its negatives from batch['contrast_idx'] "
+            "(int [B, 1 + num_negatives], added by the run's data pipeline from the labels, "
+            "see distill_jax.data.class_contrast_indices); the batch has "
+            f"{sorted(batch)}.")
+      if given.shape[-1] != self.num_negatives + 1:
+        raise ValueError(f"crd batch['contrast_idx'] has {given.shape[-1]} columns; "
+                         f"num_negatives={self.num_negatives} needs {self.num_negatives + 1}.")
     ids = batch["id"]
     # No collectives at init: it may run outside pmap (as Flax's BatchNorm does).
     axis_name = None if self.is_initializing() else self.axis_name

@@ -165,6 +165,26 @@ def attention_map(f: jax.Array, p: float = 2.0, eps: float = NORM_EPS) -> jax.Ar
   return l2_normalize(a, axis=-1, eps=eps)
 
 
+def adaptive_avg_pool(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
+  """PyTorch's `adaptive_avg_pool2d` on [B, *S, C] -> [B, *spatial, C] (any number of axes).
+
+  Output cell i of an axis of size S -> O averages inputs floor(i S / O) .. ceil((i + 1) S / O)
+  - 1: non-overlapping windows of S / O when O divides S, overlapping ones otherwise. Done as one
+  averaging matrix [O, S] per axis.
+  """
+  x = _float(x)
+  for axis, (size, out) in enumerate(zip(x.shape[1:-1], spatial, strict=True), 1):
+    if size == out:
+      continue
+    rows = []
+    for i in range(out):
+      start, end = (i * size) // out, -((-(i + 1) * size) // out)
+      rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    pool = jnp.asarray(rows, x.dtype)
+    x = jnp.moveaxis(jnp.tensordot(x, pool, axes=((axis,), (1,)), precision=HIGHEST), -1, axis)
+  return x
+
+
 def at_divergence(f_s: jax.Array, f_t: jax.Array, p: float = 2.0) -> jax.Array:
   """Per-example `mean_positions (a_s - a_t)^2` [B] of the attention maps (equal positions)."""
   return jnp.mean(jnp.square(attention_map(f_s, p) - attention_map(f_t, p)), axis=-1)
@@ -175,15 +195,21 @@ def attention_transfer(student: Outputs, teachers: Mapping[str, Outputs],
                        batch: Mapping[str, jax.Array], *,
                        student_layers: str | Sequence[str] = ("stage1", "stage2", "stage3"),
                        teacher_layers: str | Sequence[str] = ("stage1", "stage2", "stage3"),
-                       p: float = 2.0, teacher: str | None = None) -> jax.Array:
+                       p: float = 2.0, pool_to_smaller: bool = False,
+                       teacher: str | None = None) -> jax.Array:
   """Attention Transfer (Zagoruyko & Komodakis, ICLR 2017), summed over the layer pairs.
 
-  For each pair of feature maps [B, H, W, C_s] / [B, H, W, C_t] (channels may differ, spatial
-  sizes must be equal): `mean_{b, hw} (a_s - a_t)^2` with `a = normalize(mean_c |f|^p)` flattened
-  per example (see `attention_map`); RepDistiller's `(at(f_s) - at(f_t)).pow(2).mean()`. The
-  loss is the sum over the pairs. Defaults as RepDistiller: p = 2 on the three stage outputs
-  (its `feat[1:-1]`); CRD-recipe weight 1000 (beside `ce` 1). The mask is honoured (masked batch
-  mean). Unlike RepDistiller, maps of different resolution are refused rather than pooled.
+  For each pair of feature maps [B, H, W, C_s] / [B, H, W, C_t] (channels may differ):
+  `mean_{b, hw} (a_s - a_t)^2` with `a = normalize(mean_c |f|^p)` flattened per example (see
+  `attention_map`); RepDistiller's `(at(f_s) - at(f_t)).pow(2).mean()`. The loss is the sum over
+  the pairs. Defaults as RepDistiller: p = 2 on the three stage outputs (its `feat[1:-1]`);
+  CRD-recipe weight 1000 (beside `ce` 1). The mask is honoured (masked batch mean).
+
+  Maps of different spatial size are refused by default. With `pool_to_smaller`, the feature map
+  with more positions is first adaptive-average-pooled (`adaptive_avg_pool`) to the other's
+  spatial size, then both attention maps are taken: what RepDistiller does for every pair (and
+  needs for cross-architecture pairs, e.g. a 32x32 ResNet-50 stage against a 16x16 MobileNetV2
+  one). RepDistiller pools to a square of the smaller height; for square maps that is the same.
   """
   s_names, t_names = _names(student_layers), _names(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
@@ -192,11 +218,19 @@ def attention_transfer(student: Outputs, teachers: Mapping[str, Outputs],
     _check_batch("at", s_name, s, t_name, t)
     _check_map("at", "student", s_name, s)
     _check_map("at", "teacher", t_name, t)
+    s_size, t_size = tuple(s.shape[1:-1]), tuple(t.shape[1:-1])
+    if s_size != t_size and pool_to_smaller and len(s_size) == len(t_size):
+      if all(a >= b for a, b in zip(s_size, t_size, strict=True)):
+        s = adaptive_avg_pool(s, t_size)
+      elif all(a <= b for a, b in zip(s_size, t_size, strict=True)):
+        t = adaptive_avg_pool(t, s_size)
     if s.shape[1:-1] != t.shape[1:-1]:
       raise shape_mismatch(
           "at", s_name, s.shape, t_name, t.shape,
           fix="Attention maps are compared position by position: choose student and teacher "
-              "layers of equal spatial resolution (their channels may differ).")
+              "layers of equal spatial resolution (their channels may differ), or set "
+              "pool_to_smaller=True to average-pool the larger map to the smaller one (it "
+              "must then be at least as large on every axis).")
     total = total + weighted_mean(at_divergence(s, t, p), _weights(batch, s))
   return total
 

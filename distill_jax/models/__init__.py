@@ -53,17 +53,29 @@ def batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
-         use_bias: bool = False) -> nn.Conv:
+         use_bias: bool = False, groups: int = 1,
+         kernel_init: nn.initializers.Initializer = conv_kernel_init) -> nn.Conv:
   """A square convolution with PyTorch's padding ((k - 1) / 2 on each side) and Kaiming init.
 
   Explicit symmetric padding (not 'SAME') keeps stride-2 convolutions sampling the same pixels as
   PyTorch's, so features line up with the reference code. No bias by default: BN follows.
+  `groups` splits the channels as PyTorch's `groups` does (`groups == features ==` the input
+  channels: a depthwise convolution).
   """
   pad = (kernel_size - 1) // 2
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=conv_kernel_init,
-      name=name)
+      padding=((pad, pad), (pad, pad)), use_bias=use_bias, feature_group_count=groups,
+      kernel_init=kernel_init, name=name)
+
+
+def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """`block` wrapped in `nn.remat` when `remat` (its activations are recomputed in the backward
+  pass instead of stored: less memory, one more forward); `block` itself otherwise.
+
+  The block's call must be `__call__(self, x, train)`: `train` is static (a Python bool).
+  """
+  return nn.remat(block, static_argnums=(2,)) if remat else block
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -92,3 +104,4 @@ def num_params(params: Any) -> int:
 # The submodules register their models with `register_model`, so they are imported last, after
 # the names they use exist.
 from distill_jax.models import resnet_cifar, small, vgg, wrn  # noqa: E402, F401, I001
+from distill_jax.models import mobilenetv2, resnet_bottleneck, shufflenet  # noqa: E402, F401, I001

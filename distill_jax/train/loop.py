@@ -148,6 +148,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches))
   example = example_batch(info.image_shape, config.batch_size,
                           {teacher_cache.batch_key(n): info.num_classes for n in caches})
+  add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
   # before anything is compiled or trained.
@@ -180,6 +181,29 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
               student_apply=student_apply, teacher_applies=teacher_applies,
               train_step=stages[-1].train_step,
               eval_step=eval_step)
+
+
+def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict,
+                         num_train: int, train_side_data: dict[str, data_lib.SideData],
+                         example: dict[str, jax.Array]) -> None:
+  """For a term that reads per-example contrast ids from the data (`crd` with
+  negatives='other_class'), adds `contrast_idx` to the train batches (drawn from the labels,
+  per seed) and to the example batch."""
+  terms = [t for t in objective.terms if getattr(t.fn, "negatives", None) == "other_class"]
+  if not terms:
+    return
+  if len({(t.fn.num_negatives, t.fn.positive) for t in terms}) > 1:
+    raise config_lib.ConfigError(
+        f"Loss terms {[t.name for t in terms]} draw negatives from other classes with "
+        "different num_negatives/positive; the batch carries one contrast_idx for all.")
+  fn = terms[0].fn
+  try:
+    fn.check_sampling()
+  except ValueError as e:
+    raise config_lib.ConfigError(f"Loss term {terms[0].name!r}: {e}") from None
+  train_side_data["contrast_idx"] = data_lib.class_contrast_indices(
+      data_lib.train_labels(config.data, num_train), fn.num_negatives, config.seed, fn.positive)
+  example["contrast_idx"] = jnp.zeros((config.batch_size, fn.num_negatives + 1), jnp.int32)
 
 
 def union_objective(objectives: list[Objective]) -> Objective:
