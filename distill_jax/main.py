@@ -17,6 +17,8 @@ tabulate their results.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 import sys
 
 from absl import app, flags, logging
@@ -28,6 +30,13 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and result.json.")
 flags.DEFINE_list("imports", [], "For `losses`/`models`: modules to import first (e.g. yours).")
+
+
+def _version() -> str:
+  try:
+    return importlib.metadata.version("distill-jax")
+  except importlib.metadata.PackageNotFoundError:  # A checkout on PYTHONPATH, not installed.
+    return "(not installed)"
 
 
 def describe_losses() -> str:
@@ -53,6 +62,7 @@ def describe_models() -> str:
 
 
 def main(argv: list[str]) -> None:
+  logging.info("distill_jax %s from %s", _version(), os.path.dirname(os.path.abspath(__file__)))
   for module in FLAGS.imports:
     importlib.import_module(module)
   commands = {"losses": describe_losses, "models": describe_models}

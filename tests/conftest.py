@@ -41,6 +41,23 @@ def teacher_dir(data_dir, tmp_path_factory):
   return workdir
 
 
+def untrained_teacher(directory, hidden=(16,), seed=3):
+  """Exports an untrained MLP as a teacher checkpoint in `directory` (a second teacher whose
+  predictions differ from the trained CNN's, at no training cost); returns its teachers entry."""
+  import jax
+  import numpy as np
+
+  from distill_jax.models import build_model
+  from distill_jax.train.checkpoint import export_model
+
+  module = build_model("mlp", 10, hidden=hidden)
+  variables = module.init(jax.random.PRNGKey(seed), np.zeros((1, 8, 8, 1)), train=False)
+  export_model(str(directory), variables, {"model": "mlp", "kwargs": {"hidden": hidden},
+                                           "num_classes": 10, "step": 0})
+  return {"model": "mlp", "kwargs": {"hidden": hidden}, "checkpoint": str(directory),
+          "cache": None, "input_size": None}
+
+
 def run_steps(config, num_steps):
   """`num_steps` train steps through the compiled step of `config`'s parallel mode; returns the
   host state and the last step's metrics."""
@@ -60,17 +77,49 @@ def run_steps(config, num_steps):
   return jax.device_get(parallel.get(state)), jax.device_get(parallel.get(metrics))
 
 
-def run_digits_cli(arg, workdir, data_dir, teacher_dir, *flags, timeout=600):
-  """`distill-jax --config=configs/digits.py:ARG` in a subprocess on one CPU device, distilling
-  from `teacher_dir`; fails the test with the run's stderr if it does not exit 0."""
+def cli_env(*paths):
+  """The environment of a CLI subprocess that must run this checkout: the repository root
+  first on PYTHONPATH (then `paths`, e.g. a folder with the user's modules, then what was
+  there; all before anything installed), one CPU device, and the default XLA:CPU flags off
+  (`DISTILL_JAX_CPU_FLAGS=0`) so numbers match in-process runs."""
+  path = [ROOT, *map(str, paths), *filter(None, os.environ.get("PYTHONPATH", "").split(
+      os.pathsep))]
+  return {**os.environ, "XLA_FLAGS": "", "DISTILL_JAX_CPU_FLAGS": "0",
+          "PYTHONPATH": os.pathsep.join(path)}
+
+
+def assert_runs_checkout(proc_output):
+  """Fails unless the CLI's first log line (`distill_jax VERSION from DIR`, written by
+  `distill_jax.main`) names this checkout's package directory: the subprocess imported the
+  tree under test, not another installed copy."""
+  import re
+
+  found = re.findall(r"distill_jax \S+ from (\S+)", proc_output)
+  want = os.path.join(ROOT, "distill_jax")
+  assert found, f"The CLI did not log where distill_jax came from:\n{proc_output[-2000:]}"
+  assert all(os.path.realpath(d) == os.path.realpath(want) for d in found), (
+      f"The CLI ran distill_jax from {found}, not from the checkout under test ({want}).")
+
+
+def run_cli(args, *, cwd=ROOT, env=None, timeout=600, check=True):
+  """`python -m distill_jax.main ARGS` in a subprocess that runs this checkout (`cli_env`),
+  asserting so from its log (`assert_runs_checkout`); with `check`, fails the test with the
+  run's stderr if it does not exit 0."""
   import subprocess
   import sys
 
-  proc = subprocess.run(
-      [sys.executable, "-m", "distill_jax.main", f"--config={DIGITS}:{arg}",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-       f"--config.teachers.teacher.checkpoint={teacher_dir}", *flags],
-      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT,
-      timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = subprocess.run([sys.executable, "-m", "distill_jax.main", *map(str, args)],
+                        capture_output=True, text=True, env=env or cli_env(), cwd=cwd,
+                        timeout=timeout)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_runs_checkout(proc.stderr)
   return proc
+
+
+def run_digits_cli(arg, workdir, data_dir, teacher_dir, *flags, timeout=600):
+  """`distill-jax --config=configs/digits.py:ARG` in a subprocess on one CPU device, distilling
+  from `teacher_dir` (`run_cli`: this checkout, asserted; exit 0)."""
+  return run_cli([f"--config={DIGITS}:{arg}", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}",
+                  f"--config.teachers.teacher.checkpoint={teacher_dir}", *flags], timeout=timeout)

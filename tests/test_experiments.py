@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_env
 
 from distill_jax.config import load_config_file, validate
 
@@ -54,7 +55,7 @@ def test_multi_teacher_digits_tiny(tmp_path, data_dir):
   proc = subprocess.run(
       [sys.executable, MULTI_TEACHER, "--tiny", "--seeds=1", "--regimes=300",
        "--aggregations=mean", f"--workdir={workdir}", f"--data_dir={data_dir}"],
-      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=ROOT,
+      capture_output=True, text=True, env={**cli_env(), "XLA_FLAGS": FAST_COMPILE}, cwd=ROOT,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = (workdir / "table.md").read_text()

@@ -3,9 +3,9 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
+import conftest
 import numpy as np
 import orbax.checkpoint as ocp
 from conftest import ROOT
@@ -28,9 +28,9 @@ def doc_files(tmp_path):
 
 
 def run_cli(args, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(tmp_path)}
-  return subprocess.run([sys.executable, "-m", "distill_jax.main", *args], capture_output=True,
-                        text=True, env=env, cwd=tmp_path, timeout=300)
+  """The CLI of this checkout (asserted from its log), with the doc's files importable."""
+  return conftest.run_cli(args, cwd=tmp_path, env=conftest.cli_env(tmp_path), timeout=300,
+                          check=False)
 
 
 def restore_state(workdir, step):

@@ -6,13 +6,16 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import run_digits_cli, tiny
 
+from distill_jax import data as data_lib
 from distill_jax.losses import LOSSES
 from distill_jax.train import loop
+from distill_jax.train import step as step_lib
 
 EVERY_METHOD = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp",
                 "nst", "crd", "dkd", "logit_mse", "reverse_kl", "gjsd"]
@@ -53,6 +56,75 @@ def test_every_method_through_the_cli(reference_run):
     np.testing.assert_array_equal(a, b)
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(ft[2]["translator"]), jax.tree.leaves(ft[5]["translator"]), strict=True))
+
+
+# Terms whose value cannot be negative (VID's is a Gaussian negative log-likelihood with a
+# learned variance, which can be).
+NON_NEGATIVE = set(EVERY_METHOD) - {"vid"}
+
+
+def test_every_logged_loss_is_the_weighted_sum_of_its_terms(reference_run):
+  """Each logged step's loss against the sum of its terms' logged (unweighted) values times
+  the config's weights, DKD's weight ramped linearly over its warm-up from the start of the
+  stage; every non-negative term is, and the step's top-1 and agreement are fractions of the
+  64-example batch."""
+  config = json.load(open(os.path.join(reference_run, "config.json")))
+  rows = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
+  steps_per_epoch = 1500 // config["batch_size"]
+  stages = [("pretrain", config["stages"]["pretrain"]["losses"], 0),
+            ("train", config["losses"], 2)]
+  for prefix, losses, start in stages:
+    logged = [r for r in rows if f"{prefix}/loss" in r]
+    assert [r["step"] for r in logged] == list(range(start + 1, start + len(logged) + 1))
+    for row in logged:
+      stage_step = row["step"] - 1 - start  # The state's step when the loss was computed.
+      want = 0.0
+      for name, settings in losses.items():
+        warmup = settings.get("warmup_epochs", 0.0) * steps_per_epoch
+        ramp = min(1.0, stage_step / warmup) if warmup else 1.0
+        want += settings["weight"] * ramp * row[f"{prefix}/loss/{name}"]
+        if name in NON_NEGATIVE:
+          assert row[f"{prefix}/loss/{name}"] >= 0, (row["step"], name)
+      np.testing.assert_allclose(row[f"{prefix}/loss"], want, rtol=1e-5,
+                                 err_msg=f"{prefix} step {row['step']}")
+      for key in ("top1", "agreement"):
+        fraction = row[f"{prefix}/{key}"] * config["batch_size"]
+        assert 0 <= fraction <= 64 and abs(fraction - round(fraction)) < 1e-4, (key, row)
+
+
+def test_every_term_moves_the_student(data_dir, teacher_dir, reference):
+  """Each term's value has a non-zero, finite gradient with respect to the student's params
+  (so adding it changes the CE-only update): no term is silently detached. One compiled
+  function of the 18 term values of the main stage, at the CLI run's last state."""
+  config = tiny("all", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
+                                    "parallel.num_devices": 1})
+  run = loop.build_run(config)
+  objective = run["stages"][-1].objective
+  names = [t.name for t in objective.terms]
+  assert sorted(names) == sorted(EVERY_METHOD)
+  batch = next(data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
+                                       seed=0))
+  rng = jax.random.PRNGKey(1)
+
+  def term_values(student_params):
+    teachers = step_lib.teacher_forward(run["teacher_applies"], run["teacher_vars"], batch)
+    student = run["student_apply"]({"params": student_params, **reference["model_state"]},
+                                   batch, True, rng)
+    # A step past DKD's warm-up (the weight ramp does not enter the unweighted values).
+    _, values, _ = objective(reference["params"]["objective"], reference["objective_state"],
+                             student, teachers, batch, jnp.asarray(200), rng)
+    return jnp.stack([values[name] for name in names])
+
+  # Each term's derivative along one random direction of the student's params: 0 exactly for
+  # a term with no gradient, non-zero almost surely otherwise (one forward-mode pass).
+  params = reference["params"]["student"]
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  direction = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves,
+                                                                               strict=True)])
+  _, derivatives = jax.jit(lambda p, d: jax.jvp(term_values, (p,), (d,)))(params, direction)
+  derivatives = dict(zip(names, np.asarray(derivatives).tolist(), strict=True))
+  assert all(np.isfinite(v) and abs(v) > 1e-8 for v in derivatives.values()), derivatives
 
 
 @pytest.mark.parametrize("mode, devices", [("jit", 8), ("pmap", 8)])

@@ -3,6 +3,7 @@ cache (cached and live teachers train the same, top-k against NumPy, every kind 
 broken cache refused with its reason). Aggregations are checked in test_losses and
 test_logit_losses."""
 
+import json
 import os
 
 import jax
@@ -234,17 +235,28 @@ def test_cache_teacher_script_then_cli_run(data_dir, teacher_dir, tmp_path):
   import subprocess
   import sys
 
-  from conftest import DIGITS, ROOT, run_digits_cli
+  from conftest import DIGITS, ROOT, cli_env, run_digits_cli
 
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "cache_teacher.py"),
        f"--config={DIGITS}:kd,tiny", f"--cache_dir={tmp_path / 'cache'}", "--top_k=4",
        f"--config.data.data_dir={data_dir}", "--config.data.augment=none",
        f"--config.teachers.teacher.checkpoint={teacher_dir}"],
-      capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, timeout=600)
+      capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   override = f"--config.teachers.teacher.cache={tmp_path / 'cache' / 'teacher'}"
   assert override in proc.stdout
   run_digits_cli("kd,tiny", str(tmp_path / "run"), data_dir, teacher_dir,
                  "--config.data.augment=none", override)
-  assert os.path.exists(tmp_path / "run" / "result.json")
+  result = json.load(open(tmp_path / "run" / "result.json"))
+  final = result["final"]
+  assert result["steps"] == 6 and result["teachers"] == {"teacher": "cnn"}
+  assert set(final) == {"step", *(f"eval/{k}" for k in (
+      "top1", "top5", "ce", "teacher_top1/teacher", "agreement/teacher", "kl/teacher"))}
+  # The cache keeps each teacher's top 4 exactly, so its top-1 on the eval split from the cache
+  # is the teacher's own eval top-1 (its run's last evaluation, of the exported weights).
+  teacher = json.load(open(os.path.join(teacher_dir, "result.json")))["final"]
+  assert final["eval/teacher_top1/teacher"] == pytest.approx(teacher["eval/top1"], abs=1e-9)
+  assert 0 < final["eval/top1"] <= final["eval/top5"] <= 1
+  assert 0 <= final["eval/agreement/teacher"] <= 1 and final["eval/kl/teacher"] > 0
+  assert final["eval/ce"] > 0

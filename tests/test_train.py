@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import scipy.special
 from conftest import run_digits_cli, run_steps, tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
+from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
 from distill_jax.train.checkpoint import CheckpointError
 
@@ -98,6 +100,27 @@ def test_cli_distills_without_touching_the_teacher(data_dir, teacher_dir, tmp_pa
   assert_trees_close(exported(teacher_dir), teacher_before, atol=0)
   student = exported(workdir)
   assert "batch_stats" not in student  # The MLP student has no BatchNorm.
+  # The reported eval numbers, recomputed in NumPy from the exported models' logits on the
+  # 297 eval images.
+  config = kd_config(data_dir, teacher_dir)
+  batch = next(data_lib.eval_batches(config.data, global_batch_size=297))
+  assert batch["mask"].all()
+  logits = {}
+  for name, model, kwargs, path in [("student", "mlp", {"hidden": (32,)}, workdir),
+                                    ("teacher", "cnn", {"widths": (32, 64)}, teacher_dir)]:
+    model = load_teacher(name, {"model": model, "kwargs": kwargs, "checkpoint": str(path)}, 10,
+                         (8, 8, 1))
+    logits[name] = np.float64(model.module.apply(model.variables, batch["image"], train=False))
+  logp = {n: scipy.special.log_softmax(v, -1) for n, v in logits.items()}
+  pred = {n: v.argmax(-1) for n, v in logits.items()}
+  want = {"top1": np.mean(pred["student"] == batch["label"]),
+          "ce": -np.mean(logp["student"][np.arange(297), batch["label"]]),
+          "teacher_top1/teacher": np.mean(pred["teacher"] == batch["label"]),
+          "agreement/teacher": np.mean(pred["teacher"] == pred["student"]),
+          "kl/teacher": np.mean(np.sum(np.exp(logp["teacher"]) *
+                                       (logp["teacher"] - logp["student"]), -1))}
+  for key, value in want.items():
+    np.testing.assert_allclose(result["final"][f"eval/{key}"], value, rtol=1e-5, err_msg=key)
 
 
 def test_train_step_does_no_host_transfers(data_dir, teacher_dir):
