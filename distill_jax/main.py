@@ -283,7 +283,11 @@ def _fail(message: str, code: int) -> None:
     traceback.print_exc()
   line = " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
   print(f"Error: {line}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  sys.stdout.flush()
+  # Straight out, as after Ctrl-C: the checkpointer's background threads, stopped by the
+  # error (e.g. a full disk), would otherwise print tracebacks at interpreter exit, after
+  # this line. Everything the run wrote is flushed line by line or committed by rename.
+  os._exit(code)
 
 
 def _override_error(argv: list[str], error: Exception) -> str:

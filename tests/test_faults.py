@@ -136,7 +136,9 @@ def tensorboard_scalars(workdir):
 
 
 def checkpoint_steps(workdir):
-  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  """The complete checkpoint steps in `workdir` ([] if there are none, or no workdir)."""
+  path = os.path.join(workdir, "checkpoints")
+  names = os.listdir(path) if os.path.isdir(path) else []
   return sorted(int(n) for n in names if n.isdigit())
 
 

@@ -16,9 +16,12 @@ from absl import logging
 from tqdm import tqdm
 
 QUIET_PACKAGES = ("/orbax/", "/etils/", "/tensorflow_datasets/", "/grain/", "/jax/_src/")
-# Library warnings that say nothing to the user: TFDS's note while it checks a data set that
-# is not prepared (our error says what to do).
-QUIET_WARNINGS = ("has no dataset_info.json",)
+# Library warnings and errors that say nothing new to the user: TFDS's note while it checks a
+# data set that is not prepared (our error says what to do), and the failed writes that
+# orbax's background threads log with a traceback before the save raises the same error to
+# the loop, which reports it in one line (`train.loop.DISK_ERRORS`).
+QUIET_WARNINGS = ("has no dataset_info.json", "No space left on device", "Disk quota exceeded",
+                  "Read-only file system")
 
 
 class _QuietLibraries(py_logging.Filter):

@@ -384,13 +384,16 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 # Write errors that stop a run cleanly (one line; the workdir stays resumable).
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
-# Settings whose change on resume is not a change of the run (where it runs, how it shows).
+# Settings whose change on resume is not a change of the run (where it runs, how it shows):
+# these keys, and every key under these prefixes (the devices and processes a run is laid out
+# on: a restore reshards the same state onto any layout, and a relaunch gets a new port).
 IGNORED_CHANGES = ("allow_config_change", "progress_bar", "data.data_dir")
+IGNORED_PREFIXES = ("parallel.",)
 
 
 def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) -> list[str]:
   """'key: old -> new' for every setting that differs between a checkpoint's config (JSON)
-  and `config`, but the `IGNORED_CHANGES`."""
+  and `config`, but the `IGNORED_CHANGES` and `IGNORED_PREFIXES`."""
   if not saved_json:
     return []
 
@@ -402,7 +405,8 @@ def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) ->
   old, new = flat(json.loads(saved_json)), flat(json.loads(config_lib.to_json(config)))
   return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
           for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and k not in IGNORED_CHANGES]
+          if old.get(k) != new.get(k) and k not in IGNORED_CHANGES
+          and not k.startswith(IGNORED_PREFIXES)]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
