@@ -1,6 +1,6 @@
 """Two real processes on 127.0.0.1 (CPU, gloo collectives, 4 devices each) running the CLI on
 the digits: the same parameters as one process with 8 devices, under jit and pmap, with a
-BatchNorm student, resuming 2 -> 2 and 2 -> 1 processes."""
+BatchNorm student, resuming 2 -> 2 (into pmap) and 2 -> 1 processes."""
 
 import os
 import shutil
@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import DIGITS, ROOT
+from conftest import DIGITS, ROOT, tiny
+
+from distill_jax.train import loop
 
 STEPS = 6  # A checkpoint every 3 (the tiny variant).
 # configs/digits.py:at: a CNN student with BatchNorm, AT on two feature maps plus CE.
@@ -91,28 +93,29 @@ def stop_after_first_checkpoint(workdir):
 
 @pytest.fixture(scope="module")
 def single(data_dir, teacher_dir, tmp_path_factory):
-  """The reference: one process with 8 devices."""
+  """The reference: this (test) process with its 8 devices, through the same loop."""
   workdir = str(tmp_path_factory.mktemp("mh") / "one")
-  launch(workdir, data_dir, teacher_dir, 1, 8)
+  loop.train_and_evaluate(tiny("at", data_dir, **{
+      "teachers.teacher.checkpoint": teacher_dir, "num_steps": STEPS,
+      "optim.schedule": "constant", "progress_bar": False}), workdir)
   return final_params(workdir)
 
 
-@pytest.mark.parametrize("mode", ["jit", "pmap"])
-def test_two_processes_match_one_and_resume(data_dir, teacher_dir, tmp_path_factory, single,
-                                            mode):
-  root = tmp_path_factory.mktemp(f"mh_{mode}")
+def test_two_processes_match_one_and_resume(data_dir, teacher_dir, tmp_path_factory, single):
+  """Three launches: 2 processes under jit from scratch; from its step-3 checkpoint, 2
+  processes under pmap (resume 2 -> 2, and pmap's collective save of step 6) and 1 process
+  with 4 devices (resume 2 -> 1). Each ends with the single-process parameters."""
+  root = tmp_path_factory.mktemp("mh_two")
   workdir = str(root / "two")
-  launch(workdir, data_dir, teacher_dir, 2, 4, f"--config.parallel.mode={mode}")
+  launch(workdir, data_dir, teacher_dir, 2, 4)
   assert_same(final_params(workdir), single)
   # Process 0 alone writes the logs and results; the export is whole.
   assert os.path.exists(os.path.join(workdir, "result.json"))
   assert os.path.exists(os.path.join(workdir, "model", "model.json"))
-  if mode == "pmap":
-    return
   stopped = str(root / "stopped")
   shutil.copytree(workdir, stopped)
   stop_after_first_checkpoint(workdir)
-  launch(workdir, data_dir, teacher_dir, 2, 4)  # 2 -> 2 processes.
+  launch(workdir, data_dir, teacher_dir, 2, 4, "--config.parallel.mode=pmap")  # 2 -> 2.
   assert_same(final_params(workdir), single)
   stop_after_first_checkpoint(stopped)
   launch(stopped, data_dir, teacher_dir, 1, 4)  # 2 -> 1 process (4 devices).

@@ -1,4 +1,5 @@
-"""End-to-end training: modes agree, crashes resume exactly, the CLI works, bad input is clear."""
+"""End-to-end training: crashes resume exactly, the CLI works, bad input is clear (the
+parallel modes against one device: tests/test_parallel.py)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import scipy.special
-from conftest import run_digits_cli, run_steps, tiny
+from conftest import run_digits_cli, tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
@@ -43,25 +44,6 @@ def test_teacher_run_writes_outputs_and_learns(teacher_dir):
   losses = [json.loads(line)["train/loss"] for line in open(
       os.path.join(teacher_dir, "metrics.jsonl")) if "train/loss" in line]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
-
-
-def test_jit_mesh_and_pmap_match_one_device(data_dir, teacher_dir):
-  assert jax.device_count() == 8
-  results = {}
-  for mode, devices in [("jit", 1), ("jit", 8), ("pmap", 8)]:
-    config = kd_config(data_dir, teacher_dir, **{
-        "parallel.mode": mode, "parallel.num_devices": devices,
-        # A CNN student, so BatchNorm statistics must be global across devices too.
-        "student.name": "cnn", "student.kwargs": {"widths": (8, 16)}})
-    results[(mode, devices)] = run_steps(config, 3)
-  (ref_state, ref_metrics) = results[("jit", 1)]
-  for key, (state, metrics) in results.items():
-    assert int(state.step) == 3
-    assert_trees_close(state.params, ref_state.params, atol=1e-5)
-    assert_trees_close(state.model_state, ref_state.model_state, atol=1e-5)
-    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, err_msg=key)
-  init = loop.init_state(config, loop.build_run(config))
-  assert not np.allclose(jax.tree.leaves(ref_state.params)[0], jax.tree.leaves(init.params)[0])
 
 
 def test_crashed_run_resumes_to_the_uninterrupted_result(data_dir, teacher_dir, tmp_path):
