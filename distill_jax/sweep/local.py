@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from distill_jax.sweep import state
 from distill_jax.sweep.launch import LAUNCHERS
 from distill_jax.sweep.spec import Trial
+from distill_jax.train.workdir import process_alive
 
 
 @LAUNCHERS.register("local")
@@ -38,7 +39,7 @@ class LocalLauncher:
     states = {t.name: state.trial_state(root, t.name) for t in trials}
     for name, s in states.items():  # A 'running' record whose process is gone was killed.
       record = state.read_record(root, name)
-      if s == "running" and not _alive(record.get("pid")):
+      if s == "running" and not process_alive(record.get("pid")):
         states[name] = "interrupted"
     return states
 
@@ -137,15 +138,3 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     os.killpg(proc.pid, sig)  # The trial's own session: its process and any it started.
   except ProcessLookupError:
     pass
-
-
-def _alive(pid: int | None) -> bool:
-  if not pid:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True

@@ -34,7 +34,11 @@ def _start_time(pid: int) -> str | None:
     return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int | None, start: str | None = None) -> bool:
+  """Whether process `pid` exists on this host (and, given `start`, is the one that started
+  then, not a later process that reuses the PID)."""
+  if not pid:
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -88,7 +92,7 @@ class WorkdirLock:
       if not holder:
         continue  # Released in the meantime.
       same_host = holder.get("host") == self.owner["host"]
-      if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"],
+      if same_host and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"],
                                                                           holder.get("start")):
         logging.warning("Taking over %s: its run (PID %d on %s) no longer exists.", self.path,
                         holder["pid"], holder["host"])
