@@ -234,3 +234,49 @@ def test_bad_settings_are_refused():
     _call("token_skew_kl", s, ts, targets, mask, alpha=1.0)
   with pytest.raises(ValueError, match=r"1 <= k <= the vocabulary \(13\)"):
     _call("token_topk_kd", s, ts, targets, mask, k=14)
+
+
+def test_hidden_mse_through_the_layer_map_and_connector():
+  """Student hidden1 <- teacher hidden2 (same width: compared directly) and student hidden2 <-
+  teacher hidden4 (wider teacher: through connector1), mean over kept tokens, summed."""
+  rng = np.random.default_rng(9)
+  s1, t2 = rng.normal(size=(B, L, 6)), rng.normal(size=(B, L, 6))
+  s2, t4 = rng.normal(size=(B, L, 6)), rng.normal(size=(B, L, 10))
+  mask = (rng.random((B, L)) > 0.4).astype(np.float32)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  student = Outputs(None, {"hidden1": f32(s1), "hidden2": f32(s2)}, {})
+  teachers = {"t": Outputs(None, {"hidden2": f32(t2), "hidden4": f32(t4)}, {})}
+  batch = {"mask": jnp.asarray(mask)}
+  loss = LOSSES.get("token_hidden_mse")(student_layers=("hidden1", "hidden2"),
+                                        teacher_layers=("hidden2", "hidden4"))
+  variables = jax.jit(loss.init)(jax.random.PRNGKey(0), student, teachers, batch)
+  assert set(variables["params"]) == {"connector1"}
+  w = np.asarray(variables["params"]["connector1"]["kernel"], np.float64)
+  assert w.shape == (6, 10)
+  want = (_mean(np.mean((s1 - t2) ** 2, -1), mask) + _mean(np.mean((s2 @ w - t4) ** 2, -1), mask))
+  np.testing.assert_allclose(jax.jit(loss.apply)(variables, student, teachers, batch), want,
+                             rtol=1e-5)
+
+
+def test_attention_kl_matches_reference_and_refuses_other_head_counts():
+  rng = np.random.default_rng(10)
+  length = 6
+  causal = np.tril(np.ones((length, length), bool))
+
+  def probs(heads):
+    x = np.where(causal, rng.normal(size=(B, heads, length, length)) * 2, -np.inf)
+    return np.exp(_logsoftmax(x))
+
+  s, t = probs(2), probs(2)
+  mask = np.ones((B, length), np.float32)
+  mask[1, 3:] = 0
+  outs = lambda x, name: Outputs(None, {name: jnp.asarray(x, jnp.float32)}, {})
+  loss = jax.jit(functools.partial(LOSSES.get("token_attention_kl"), student_layers="a",
+                                   teacher_layers="b"))
+  got = loss(outs(s, "a"), {"t": outs(t, "b")}, {"mask": jnp.asarray(mask)})
+  kl = np.sum(np.where(t > 0, t * (np.log(np.where(t > 0, t, 1)) - np.log(np.where(t > 0, s, 1))),
+                       0), -1)  # [B, H, L]
+  np.testing.assert_allclose(got, _mean(kl.mean(1), mask), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"layer 'a' of shape \(2, 2, 6, 6\).*layer 'b' of shape "
+                                       r"\(2, 4, 6, 6\)"):
+    loss(outs(s, "a"), {"t": outs(probs(4), "b")}, {"mask": jnp.asarray(mask)})

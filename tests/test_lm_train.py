@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from distill_jax.config import load_config_file
+from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.train import loop
 
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -61,23 +61,34 @@ def _steps(config, num_steps):
 
 
 def test_token_kd_step_on_the_mesh_equals_one_device(data_dir, lm_teacher):
-  """Forward KL (chunked) + CE from the CLI-trained teacher: 2 steps on 1 device and on the
-  8-device data mesh give the same parameters and metrics. (SGD: Adam's first steps divide
+  """CE + forward KL (chunked) + hidden-state MSE + attention KL (configs/lm.py:hidden) from
+  the CLI-trained teacher: 2 steps on 1 device and on the 8-device data mesh give the same
+  parameters and metrics. (SGD: Adam's first steps divide
   each gradient by its own magnitude, which turns float rounding in near-zero gradients into
   differences of the order of the learning rate.)"""
   base = {"teachers.teacher.checkpoint": lm_teacher, "optim.name": "sgd", "optim.lr": 0.5}
   init, one, one_metrics = _steps(
-      lm_config("fkl", data_dir, **base, **{"parallel.num_devices": 1}), 2)
-  _, mesh, mesh_metrics = _steps(lm_config("fkl", data_dir, **base,
+      lm_config("hidden", data_dir, **base, **{"parallel.num_devices": 1}), 2)
+  _, mesh, mesh_metrics = _steps(lm_config("hidden", data_dir, **base,
                                         **{"parallel.mesh": {"data": 8, "fsdp": 1}}), 2)
   assert jax.device_count() == 8
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one.params)[0],
                           jax.tree.leaves(mesh.params), strict=True):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
-  for key in ("loss", "loss/token_ce", "loss/token_fkl", "top1", "agreement"):
+  for key in ("loss", "loss/token_ce", "loss/token_fkl", "loss/token_hidden_mse",
+              "loss/token_attention_kl", "top1", "agreement"):
     np.testing.assert_allclose(mesh_metrics[key], one_metrics[key], rtol=1e-5, err_msg=key)
-  assert one_metrics["loss/token_fkl"] > 0
+  assert min(one_metrics[f"loss/{k}"] for k in ("token_fkl", "token_hidden_mse",
+                                                   "token_attention_kl")) > 0
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.params["student"]),
                                                jax.tree.leaves(init.params["student"]),
                                                strict=True)]
   assert max(moved) > 1e-4  # The steps did train the student.
+
+
+def test_unknown_task_and_too_long_rows_are_refused(data_dir):
+  with pytest.raises(ConfigError, match=r"config.task: Unknown task 'lm'.*language_model"):
+    validate(lm_config("teacher", data_dir, task="lm"))
+  config = lm_config("teacher", data_dir, **{"data.seq_len": 48})
+  with pytest.raises(ValueError, match="48 tokens is longer than the model's context of 32"):
+    loop.build_run(config)

@@ -3,7 +3,9 @@
 Registered here: `token_ce` (next-token cross-entropy), `token_fkl` (forward KL, the usual
 word-level KD), `token_rkl` (reverse KL, MiniLLM's mode-seeking direction), `token_jsd`
 (generalized JSD, GKD), `token_skew_kl` (skew KL, DistiLLM) and `token_topk_kd` (KL against the
-teacher's top-k log-probabilities plus the remaining mass, what a top-k teacher cache holds).
+teacher's top-k log-probabilities plus the remaining mass, what a top-k teacher cache holds);
+between chosen layers, `token_hidden_mse` (hidden states, through a learned connector when the
+widths differ) and `token_attention_kl` (attention probabilities, MiniLM).
 
 Shapes: logits [B, L, V]; the batch carries `targets` [B, L] (the next token of each position)
 and `mask` [B, L] (1 where a position's loss counts, 0 for padding and document ends). Every
@@ -29,10 +31,18 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses.base import check_teacher, masked_mean, register_loss, teacher_log_probs
+from distill_jax.losses.base import (
+    check_teacher,
+    feature_pairs,
+    masked_mean,
+    register_loss,
+    shape_mismatch,
+    teacher_log_probs,
+)
 from distill_jax.losses.logits import _kl, generalized_jsd
 from distill_jax.outputs import Outputs
 
@@ -293,3 +303,71 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
   return masked_mean(chunked_per_token(per_token, arrays, chunk_size), batch.get("mask"))
+
+
+# ------------------------------------------------------------------ hidden states, attention
+
+
+def _layer_tuple(layers: str | tuple[str, ...]) -> tuple[str, ...]:
+  return (layers,) if isinstance(layers, str) else tuple(layers)
+
+
+@register_loss("token_hidden_mse")
+class TokenHiddenMSE(nn.Module):
+  """Hidden-state distillation (TinyBERT, Jiao et al. 2020): per token, the mean squared
+  difference between a student layer's hidden states [B, L, Ds] and a teacher layer's
+  [B, L, Dt], mean over the kept tokens, summed over the layer pairs.
+
+  The layer map pairs `student_layers[i]` with `teacher_layers[i]` (e.g. student `hidden1`,
+  `hidden2` <- teacher `hidden2`, `hidden4`: student layer i <- teacher layer 2i). When the
+  widths differ, a learned linear map (`connector{i}`, no bias; TinyBERT's W_h) takes the
+  student's states to the teacher's width; with equal widths they are compared directly.
+  """
+
+  student_layers: str | tuple[str, ...] = ("hidden1",)
+  teacher_layers: str | tuple[str, ...] = ("hidden2",)
+  teacher: str | None = None
+
+  @nn.compact
+  def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
+               batch: Mapping[str, jax.Array]) -> jax.Array:
+    s_names, t_names = _layer_tuple(self.student_layers), _layer_tuple(self.teacher_layers)
+    pairs = feature_pairs(student, teachers, s_names, t_names, self.teacher)
+    total = jnp.zeros((), jnp.float32)
+    for i, ((s, t), s_name, t_name) in enumerate(zip(pairs, s_names, t_names, strict=True)):
+      if s.ndim != 3 or s.shape[:2] != t.shape[:2]:
+        raise shape_mismatch("token_hidden_mse", s_name, s.shape, t_name, t.shape,
+                             "Compare hidden states [batch, length, width] of the same rows.")
+      if s.shape[-1] != t.shape[-1]:
+        s = nn.Dense(t.shape[-1], use_bias=False, name=f"connector{i}")(s)
+      per_token = jnp.mean(jnp.square(s.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
+      total = total + masked_mean(per_token, batch.get("mask"))
+    return total
+
+
+@register_loss("token_attention_kl")
+def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
+                       batch: Mapping[str, jax.Array], *,
+                       student_layers: str | tuple[str, ...] = ("block0/attn/probs",),
+                       teacher_layers: str | tuple[str, ...] = ("block1/attn/probs",),
+                       teacher: str | None = None, floor: float = 1e-12) -> jax.Array:
+  """Attention-distribution transfer (MiniLM, Wang et al. 2020): per query token and head,
+  `KL(A_T || A_S)` between the teacher's and the student's attention probabilities
+  [B, H, L, L] of the paired layers; mean over heads, then over the kept (query) tokens,
+  summed over the pairs. Both need the same number of heads. The student's probabilities are
+  floored at `floor` before the log (a softmax can underflow to exactly 0 where the teacher
+  attends); keys the teacher never attends to (masked: p = 0) contribute 0.
+  """
+  s_names, t_names = _layer_tuple(student_layers), _layer_tuple(teacher_layers)
+  pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
+  total = jnp.zeros((), jnp.float32)
+  for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
+    if s.ndim != 4 or s.shape != t.shape:
+      raise shape_mismatch("token_attention_kl", s_name, s.shape, t_name, t.shape,
+                           "Compare attention probabilities [batch, heads, length, length] "
+                           "of layers with as many heads (or a student with the teacher's "
+                           "number of heads).")
+    log_t = jnp.log(jnp.where(t > 0, t, 1.0)) + jnp.where(t > 0, 0.0, -jnp.inf)
+    per_head = _kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
+    total = total + masked_mean(jnp.mean(per_head, axis=1), batch.get("mask"))
+  return total

@@ -166,10 +166,7 @@ class Stage:
 def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
-  try:
-    task = tasks.get_task(config.get("task"))
-  except KeyError as e:
-    raise config_lib.ConfigError(f"config.task: {e}") from None
+  task = tasks.get_task(config.get("task"))  # validate() checked the name.
   task_info = task.info(config.data)
   info, input_shape = task_info.data, task_info.input_shape
   parallel = Parallel(config.parallel.mode, config.parallel.num_devices,
