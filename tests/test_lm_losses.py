@@ -30,7 +30,7 @@ def _data(seed=0, scale=3.0, teachers=1):
 
 
 @functools.cache
-def _jitted(name, hparams):
+def _jitted(name, hparams, grad):
   loss = LOSSES.get(name)
 
   def fn(s, ts, targets, mask):
@@ -38,16 +38,15 @@ def _jitted(name, hparams):
     batch = {"targets": targets, "mask": mask}
     return loss(Outputs(s, {}, {}), teachers, batch, **dict(hparams))
 
-  return jax.jit(jax.value_and_grad(fn))
+  return jax.jit(jax.value_and_grad(fn) if grad else fn)
 
 
 def _call(name, s, ts, targets, mask, grad=False, **hparams):
-  """The registered loss (jitted, one compile per setting), and its gradient w.r.t. the
-  student's logits with `grad`."""
-  value, g = _jitted(name, tuple(sorted(hparams.items())))(
+  """The registered loss (jitted, one compile per setting), with `grad` also its gradient
+  w.r.t. the student's logits."""
+  return _jitted(name, tuple(sorted(hparams.items())), grad)(
       jnp.asarray(s, jnp.float32), [jnp.asarray(t, jnp.float32) for t in ts],
       jnp.asarray(targets, jnp.int32), jnp.asarray(mask, jnp.float32))
-  return (value, g) if grad else value
 
 
 # ---------------------------------------------------------------- float64 references
