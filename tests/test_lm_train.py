@@ -92,3 +92,5 @@ def test_unknown_task_and_too_long_rows_are_refused(data_dir):
   config = lm_config("teacher", data_dir, **{"data.seq_len": 48})
   with pytest.raises(ValueError, match="48 tokens is longer than the model's context of 32"):
     loop.build_run(config)
+  with pytest.raises(ConfigError, match="teachers.teacher.cache: task 'language_model' cannot"):
+    loop.build_run(lm_config("fkl", data_dir, **{"teachers.teacher.cache": "/nowhere"}))

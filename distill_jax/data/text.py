@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -221,11 +221,17 @@ class _RowBatcher:
     return self.packed.rows(ids)
 
 
+def _no_side_data(side_data: Mapping[str, Any] | None) -> None:
+  if side_data:
+    raise ValueError(f"Text batches cannot carry side data yet (asked for {sorted(side_data)}).")
+
+
 def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1, **unused: Any
-                   ) -> TrainIterator:
-  """An infinite, deterministic iterator over this process's share of the packed train rows."""
-  del unused  # Side data (teacher caches) is not supported for text yet.
+                   process_index: int = 0, process_count: int = 1,
+                   side_data: Mapping[str, Any] | None = None) -> TrainIterator:
+  """An infinite, deterministic iterator over this process's share of the packed train rows.
+  (`side_data`, per-example data such as cached teacher outputs, is not supported yet.)"""
+  _no_side_data(side_data)
   split = _field(data_config, "train_split", "train")
   packed = packed_split(data_config, split)
   if len(packed) < global_batch_size:
@@ -240,11 +246,12 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
 
 
 def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None = None,
-                 process_index: int = 0, process_count: int = 1, **unused: Any
+                 process_index: int = 0, process_count: int = 1,
+                 side_data: Mapping[str, Any] | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over the packed rows of an eval split; the last global batch is padded
   with rows whose mask is 0 (tokens PAD, id -1), so every batch has one shape."""
-  del unused
+  _no_side_data(side_data)
   packed = packed_split(data_config, split or _field(data_config, "eval_split", "test"))
   b = _local_batch_size(global_batch_size, process_index, process_count)
   pad = get_tokenizer(_field(data_config, "tokenizer", "bytes")).pad_id

@@ -33,11 +33,13 @@ class Task:
     input_key: the batch key a model reads.
     headline: the eval metric that `result.json` tracks as `best_<headline>`.
     higher_is_better: whether a larger headline is better.
+    supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches.
   """
 
   input_key: str = "image"
   headline: str = "top1"
   higher_is_better: bool = True
+  supports_teacher_cache: bool = False
 
   def info(self, data_config: Any) -> TaskInfo:
     raise NotImplementedError

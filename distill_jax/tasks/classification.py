@@ -27,6 +27,7 @@ class Classification(Task):
   input_key: str = "image"
   headline: str = "top1"
   higher_is_better: bool = True
+  supports_teacher_cache: bool = True
 
   def info(self, data_config: Any) -> TaskInfo:
     info = data_lib.get_info(data_config)

@@ -169,6 +169,11 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   task = tasks.get_task(config.get("task"))  # validate() checked the name.
   task_info = task.info(config.data)
   info, input_shape = task_info.data, task_info.input_shape
+  cached = [name for name, settings in config.teachers.items() if settings.get("cache")]
+  if cached and not task.supports_teacher_cache:
+    raise config_lib.ConfigError(
+        f"config.teachers.{cached[0]}.cache: task {config.get('task')!r} cannot read teacher "
+        "caches yet; unset the cache to run the teacher live.")
   parallel = Parallel(config.parallel.mode, config.parallel.num_devices,
                       **config_lib.parallel_layout(config))
   parallel.check_batch_size(config.batch_size)
