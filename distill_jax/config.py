@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from distill_jax import models
+from distill_jax import models, tasks
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
 from distill_jax.objective import build_objective
@@ -260,6 +260,7 @@ def import_modules(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid setting. Imports `config.imports` first."""
   import_modules(config)
+  _check_name("task", config.get("task") or tasks.DEFAULT_TASK, tasks.TASKS)
   _check_name("student.name", config.student.name, models.MODELS)
   for name, teacher in config.teachers.items():
     for key in ("model", "checkpoint"):

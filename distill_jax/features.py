@@ -4,10 +4,11 @@
 function with that signature can be a student or a teacher.
 
 A feature is named either by a stable name that built-in models `sow` ('stem', 'stage1', ...,
-'pool'), or by a module path ('stage2_block1', 'stage2_block1/conv2'): the output of that
-submodule's `__call__`, captured with Linen's `capture_intermediates` and a filter that keeps
-only the requested paths, so the model itself is never edited (torchdistill's forward hooks,
-done functionally). Only requested features are kept; unused ones cost nothing once compiled.
+'pool'; a name sown inside a submodule by its path, e.g. 'block0/attn/probs'), or by a module
+path ('stage2_block1', 'stage2_block1/conv2'): the output of that submodule's `__call__`,
+captured with Linen's `capture_intermediates` and a filter that keeps only the requested paths,
+so the model itself is never edited (torchdistill's forward hooks, done functionally). Only
+requested features are kept; unused ones cost nothing once compiled.
 
 Mixed precision is applied here, once for every model: with `dtype='bfloat16'` the forward
 casts the floating parameters and the input to bfloat16 (so every layer computes in it; the
@@ -51,6 +52,8 @@ def _lookup(sown: Mapping[str, Any], name: str) -> jax.Array | None:
     node = node[part]
   if isinstance(node, Mapping) and isinstance(node.get("__call__"), tuple):
     return node["__call__"][-1]
+  if isinstance(node, tuple):  # A name sown inside a submodule ('block0/attn/probs').
+    return node[-1]
   return None
 
 
@@ -135,7 +138,9 @@ def list_features(module: nn.Module, variables: Any, input_shape: Sequence[int]
         if prefix:
           paths["/".join(prefix)] = tuple(value[-1].shape[1:])
       elif isinstance(value, tuple):
-        if not prefix:
+        if prefix:  # Sown inside a submodule: tappable by its path.
+          paths["/".join((*prefix, key))] = tuple(value[-1].shape[1:])
+        else:
           sown[key] = tuple(value[-1].shape[1:])
       elif isinstance(value, Mapping):
         walk(value, (*prefix, key))

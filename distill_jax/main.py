@@ -210,8 +210,9 @@ def train(config: config_dict.ConfigDict, workdir: str) -> None:
   except BaseException:
     _remove_created_workdirs()
     raise
-  logging.info("Done: eval top-1 %.4f (best %.4f); results in %s.",
-               result["final"]["eval/top1"], result["best_top1"],
+  best = next(k for k in result if k.startswith("best_") and k != "best_step")  # The task's.
+  logging.info("Done: eval top-1 %.4f (%s %.4f); results in %s.",
+               result["final"]["eval/top1"], best.replace("_", " "), result[best],
                os.path.join(workdir, "result.json"))
 
 

@@ -21,6 +21,7 @@ from distill_jax.losses import (
     features,  # noqa: F401  (registers at, sp, rkd, pkt, nst, fsp)
     hints,  # noqa: F401  (registers fitnet, vid, ab, ft, ft_paraphraser, cc)
     logits,  # noqa: F401  (registers ce, kd, dkd, logit_mse, reverse_kl, gjsd)
+    tokens,  # noqa: F401  (registers token_ce, token_fkl, token_rkl, token_jsd, ...)
 )
 from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
 

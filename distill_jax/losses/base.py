@@ -128,6 +128,25 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean of per-example [B] or per-token [B, L] `values` over the kept positions.
+
+  `mask` ([B] or [B, L]; 1 kept, 0 dropped; None keeps all) is broadcast over the trailing axes
+  of `values`, so for [B, L] values the result is the sum over kept tokens divided by their
+  number (not a mean of per-sequence means), and for [B] it is `weighted_mean`. Dropped
+  positions are replaced by 0 (not multiplied by it), so a padding value that is NaN or inf
+  cannot poison the mean; an all-dropped batch gives 0.
+  """
+  if mask is None:
+    weights = jnp.ones(values.shape, jnp.float32)
+  else:
+    weights = mask.astype(jnp.float32)
+    weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim)),
+                               values.shape)
+  values = jnp.where(weights > 0, values, 0.0)
+  return weighted_mean(values.reshape(-1), weights.reshape(-1))
+
+
 AGGREGATIONS = ("mean", "weighted", "entropy", "true_label")
 
 

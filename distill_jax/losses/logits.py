@@ -17,6 +17,7 @@ import optax
 from distill_jax.losses.base import (
     check_teacher,
     example_weights,
+    masked_mean,
     register_loss,
     teacher_log_probs,
     teacher_weights,
@@ -39,18 +40,8 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 
 def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-  """Mean of per-position `values` [B, ...] under the batch's `mask` ([B] or [B, ...]).
-
-  The mask is broadcast over the trailing (e.g. token) axes, so for [B, L] values the result is
-  the sum over kept positions divided by their number; for [B] this is `weighted_mean`. Masked
-  positions are replaced by 0 (not multiplied by it), so a padding value that is NaN or inf
-  cannot poison the mean.
-  """
-  weights = example_weights(batch, values)
-  weights = weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
-  weights = jnp.broadcast_to(weights, values.shape)
-  values = jnp.where(weights > 0, values, 0.0)
-  return weighted_mean(values.reshape(-1), weights.reshape(-1))
+  """`base.masked_mean` of per-position `values` [B, ...] under the batch's `mask`."""
+  return masked_mean(values, batch.get("mask"))
 
 
 def _teacher_logits(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],

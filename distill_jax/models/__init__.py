@@ -110,3 +110,4 @@ def num_params(params: Any) -> int:
 # the names they use exist.
 from distill_jax.models import resnet_cifar, small, vgg, wrn  # noqa: E402, F401, I001
 from distill_jax.models import mobilenetv2, resnet_bottleneck, shufflenet  # noqa: E402, F401, I001
+from distill_jax.models import transformer  # noqa: E402, F401, I001

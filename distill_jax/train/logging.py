@@ -53,6 +53,9 @@ def eval_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
     parts.append(f"top-5 {100 * scalars['eval/top5']:.2f}%")
   if "eval/ce" in scalars:
     parts.append(f"CE {scalars['eval/ce']:.4f}")
+  if "eval/perplexity" in scalars:  # Language models.
+    parts.append(f"perplexity {scalars['eval/perplexity']:.3f}  "
+                 f"bits/byte {scalars['eval/bits_per_byte']:.4f}")
   parts += [f"agreement {k.removeprefix('eval/agreement/')} {100 * v:.2f}%"
             for k, v in sorted(scalars.items()) if k.startswith("eval/agreement/")]
   return f"eval @ {step}/{total_steps}: " + "  ".join(parts)

@@ -25,7 +25,7 @@ from absl import logging
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import models
+from distill_jax import models, tasks
 from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.objective import Objective, build_objective
@@ -130,18 +130,19 @@ class NonFiniteGuard:
 
 def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: Any,
              data_config: Any, batch_size: int,
-             side_data: dict[str, data_lib.SideData] | None = None) -> dict[str, float]:
-  """Top-1/top-5/CE of the student and fidelity to each teacher on the eval split."""
+             side_data: dict[str, data_lib.SideData] | None = None,
+             task: tasks.Task = step_lib.CLASSIFICATION) -> dict[str, float]:
+  """The task's eval metrics on the eval split (classification: top-1/top-5/CE of the student
+  and fidelity to each teacher)."""
   totals: dict[str, float] = {}
-  for batch in data_lib.eval_batches(data_config, global_batch_size=batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count(),
-                                     side_data=side_data):
+  for batch in task.eval_batches(data_config, global_batch_size=batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(),
+                                 side_data=side_data):
     sums = parallel.get(eval_step(state, teacher_vars, parallel.put_batch(batch)))
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  count = max(totals.pop("count"), 1.0)
-  return {f"eval/{k}": v / count for k, v in totals.items()}
+  return {f"eval/{k}": v for k, v in task.eval_means(totals).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,16 +166,23 @@ class Stage:
 def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
-  info = data_lib.get_info(config.data)
+  task = tasks.get_task(config.get("task"))  # validate() checked the name.
+  task_info = task.info(config.data)
+  info, input_shape = task_info.data, task_info.input_shape
+  cached = [name for name, settings in config.teachers.items() if settings.get("cache")]
+  if cached and not task.supports_teacher_cache:
+    raise config_lib.ConfigError(
+        f"config.teachers.{cached[0]}.cache: task {config.get('task')!r} cannot read teacher "
+        "caches yet; unset the cache to run the teacher live.")
   parallel = Parallel(config.parallel.mode, config.parallel.num_devices,
                       **config_lib.parallel_layout(config))
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size)
   remat = {"remat": True} if config.student.get("remat", False) else {}
-  student = models.build_model(config.student.name, info.num_classes,
+  student = models.build_model(config.student.name, task_info.num_classes,
                                bn_axis_name=parallel.bn_axis_name, **remat,
                                **config.student.kwargs)
-  teachers = load_teachers(config.teachers, info.num_classes, info.image_shape)
+  teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
   caches = {name: teacher_cache.open_cache(
@@ -186,7 +194,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
   side_data = {split: {teacher_cache.batch_key(n): readers[split]
                        for n, readers in caches.items()} for split in splits}
-  num_train = info.num_examples[config.data.train_split]
+  num_train = task_info.num_examples[config.data.train_split]
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
   durations = Durations.from_config(config, num_train)
@@ -199,16 +207,16 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 for _, losses, _ in specs]
   objective = union_objective(objectives)
   student_apply, teacher_applies = build_applies(
-      student, config.student.name, teachers, objective, info.image_shape, cached=tuple(caches),
-      student_dtype=config.get("dtype", "float32"))
-  example = example_batch(info.image_shape, config.batch_size,
-                          {teacher_cache.batch_key(n): info.num_classes for n in caches})
+      student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
+      student_dtype=config.get("dtype", "float32"), input_key=task.input_key)
+  example = task.example_batch(input_shape, config.batch_size,
+                               {teacher_cache.batch_key(n): task_info.num_classes for n in caches})
   add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
   # before anything is compiled or trained.
   jax.eval_shape(functools.partial(trace_objective, objective, student_apply, teacher_applies),
-                 init_shapes(student, info.image_shape), teacher_vars, example,
+                 init_shapes(student, input_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
 
   accumulate_steps = int(config.optim.get("accumulate_steps", 1))
@@ -229,10 +237,13 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                            for t in stage_objective.terms})
     train_step, eval_step = compile_steps(
         parallel, student_apply, teacher_applies, stage_objective, tx, step_offset=start,
-        accumulate_steps=accumulate_steps, skip_nonfinite=config.train.on_nonfinite == "skip")
+        accumulate_steps=accumulate_steps, skip_nonfinite=config.train.on_nonfinite == "skip",
+        task=task)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
-  return dict(info=info, parallel=parallel, student=student, teachers=teachers,
+  return dict(info=info, task=task, input_shape=input_shape,
+              num_classes=task_info.num_classes, parallel=parallel, student=student,
+              teachers=teachers,
               teacher_vars=teacher_vars, example=example,
               side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
               objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
@@ -279,8 +290,8 @@ def union_objective(objectives: list[Objective]) -> Objective:
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
-                  cached: tuple[str, ...] = (), student_dtype: str | None = None
-                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  cached: tuple[str, ...] = (), student_dtype: str | None = None,
+                  input_key: str = "image") -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards, tapping what the objective compares.
 
   `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
@@ -304,9 +315,10 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
     check_features(f"Teacher {name!r} ({teacher.model})", wanted,
                    list_features(teacher.module, teacher.variables,
                                  teacher.input_shape(input_shape)))
-  return (make_apply(student, features=objective.student_features, dtype=student_dtype),
+  return (make_apply(student, input_key=input_key, features=objective.student_features,
+                     dtype=student_dtype),
           {name: teacher_cache.cached_apply(name) if name in cached else
-           make_apply(t.module, features=objective.teacher_features(name),
+           make_apply(t.module, input_key=input_key, features=objective.teacher_features(name),
                       input_size=t.input_size, dtype=t.dtype)
            for name, t in teachers.items()})
 
@@ -314,10 +326,10 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
                   tx: Any, step_offset: int = 0, accumulate_steps: int = 1,
-                  skip_nonfinite: bool = False
+                  skip_nonfinite: bool = False, task: tasks.Task = step_lib.CLASSIFICATION
                   ) -> tuple[Callable, Callable]:
-  """The compiled (train_step, eval_step) of the forwards and the objective."""
-  static = dict(student_apply=student_apply, teacher_applies=teacher_applies)
+  """The compiled (train_step, eval_step) of the forwards and the objective, for `task`."""
+  static = dict(student_apply=student_apply, teacher_applies=teacher_applies, task=task)
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
                                       accumulate_steps=accumulate_steps,
                                       skip_nonfinite=skip_nonfinite, **static),
@@ -326,14 +338,10 @@ def compile_steps(parallel: Parallel, student_apply: ApplyFn,
 
 def example_batch(image_shape: tuple[int, ...], batch_size: int,
                   cached_logits: dict[str, int] | None = None) -> dict[str, jax.Array]:
-  """An all-zeros batch of the shapes the step sees (one device's share of the batch), with
-  `cached_logits` {batch key: number of classes} for the teachers read from a cache."""
-  batch = {"image": jnp.zeros((batch_size, *image_shape), jnp.float32),
-           "label": jnp.zeros((batch_size,), jnp.int32),
-           "id": jnp.zeros((batch_size,), jnp.int32)}
-  for key, num_classes in (cached_logits or {}).items():
-    batch[key] = jnp.zeros((batch_size, num_classes), jnp.float32)
-  return batch
+  """An all-zeros classification batch of the shapes the step sees, with `cached_logits`
+  {batch key: number of classes} for the teachers read from a cache
+  (`tasks.Task.example_batch` for any task)."""
+  return step_lib.CLASSIFICATION.example_batch(image_shape, batch_size, cached_logits)
 
 
 def init_objective(objective: Objective, student_apply: ApplyFn,
@@ -361,7 +369,7 @@ def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
   """The initial state, derived from `config.seed` alone, with `stage`'s optimizer state
   (default: the first stage's)."""
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  dummy = jnp.zeros((1, *run["info"].image_shape), jnp.float32)
+  dummy = jnp.zeros((1, *run["input_shape"]), jnp.float32)
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
   objective_params, objective_state = {}, {}
   if any(term.is_module for term in run["objective"].terms):
@@ -473,9 +481,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
            ) -> dict[str, Any]:
   """The run proper, in a locked workdir (see `train_and_evaluate`)."""
   parallel, durations, stages = run["parallel"], run["durations"], run["stages"]
+  task = run["task"]
+  best_key = f"best_{task.headline}"  # 'best_top1' for classification.
   total_steps = stages[-1].end
   is_chief = jax.process_index() == 0
-  train_iter = data_lib.train_iterator(
+  train_iter = task.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       side_data=run["side_data"]["train"])
@@ -483,8 +493,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
                               keep=config.keep_checkpoints,
                               every_steps=durations.checkpoint_every)
   # What the run has done besides its state; saved in every checkpoint's meta.
-  record = {"history": [], "best_top1": -1.0, "best_step": 0, "train_seconds": 0.0,
-            "skipped_steps": 0, "consecutive_skips": 0}
+  record = {"history": [], best_key: -1.0 if task.higher_is_better else math.inf,
+            "best_step": 0, "train_seconds": 0.0, "skipped_steps": 0, "consecutive_skips": 0}
   latest = checkpointer.latest_good_step()
   if latest is None:
     state = init_state(config, run)
@@ -511,7 +521,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
 
   def eval_now(step):
     scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
-                       config.eval_batch_size, run["side_data"]["eval"])
+                       config.eval_batch_size, run["side_data"]["eval"], task=task)
     writer.write(step, scalars)
     return scalars
 
@@ -555,8 +565,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
           scalars = eval_now(step)
           bar.eval(step, scalars)
           record["history"].append({"step": step, **scalars})
-          if scalars["eval/top1"] > record["best_top1"]:
-            record["best_top1"], record["best_step"] = scalars["eval/top1"], step
+          if task.is_better(scalars[f"eval/{task.headline}"], record[best_key]):
+            record[best_key], record["best_step"] = scalars[f"eval/{task.headline}"], step
         if save:
           record.update(train_seconds=seconds_before + time.time() - t0,
                         skipped_steps=guard.skipped, consecutive_skips=guard.consecutive)
@@ -576,13 +586,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
     # Every process: the export is a collective save (process 0 writes the files).
     export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
         "model": config.student.name, "kwargs": dict(config.student.kwargs),
-        "num_classes": run["info"].num_classes, "step": step})
+        "num_classes": run["num_classes"], "step": step})
+    final_headline = final[f"eval/{task.headline}"]
+    final_is_best = task.is_better(final_headline, record[best_key])
     result = {
         "student": config.student.name,
         "teachers": {n: t.model for n, t in run["teachers"].items()},
         "losses": sorted(config.losses), "steps": step, "seed": config.seed,
-        "final": final, "best_top1": max(record["best_top1"], final["eval/top1"]),
-        "best_step": record["best_step"] if record["best_top1"] >= final["eval/top1"] else step,
+        "final": final, best_key: final_headline if final_is_best else record[best_key],
+        "best_step": step if final_is_best else record["best_step"],
         "train_seconds": record["train_seconds"], "skipped_steps": guard.skipped,
     }
     if is_chief:

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import optax
 
 from distill_jax.features import ApplyFn
-from distill_jax.losses.base import teacher_log_probs
-from distill_jax.losses.logits import kd_divergence
 from distill_jax.objective import Objective
 from distill_jax.outputs import Outputs
+from distill_jax.tasks.base import Task
+from distill_jax.tasks.classification import Classification
 from distill_jax.train.state import TrainState
+
+# The task when a caller names none: what the steps computed before tasks existed.
+CLASSIFICATION = Classification()
 
 
 def teacher_forward(teacher_applies: Mapping[str, ApplyFn], teacher_vars: Mapping[str, Any],
@@ -42,10 +45,6 @@ def _global(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[st
   outputs = lambda o: Outputs(gather(o.logits), jax.tree.map(gather, o.features), {})
   return (outputs(student), {n: outputs(t) for n, t in teachers.items()},
           jax.tree.map(gather, dict(batch)))
-
-
-def _top1(logits: jax.Array) -> jax.Array:
-  return jnp.argmax(logits, axis=-1)
 
 
 # What the finite guard checks, in the bit order of the `nonfinite` metric.
@@ -80,7 +79,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
                axis_name: str | None = None, step_offset: int = 0, accumulate_steps: int = 1,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = False, task: Task = CLASSIFICATION
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters).
 
   `state.step` counts steps over all stages; the objective sees the step within its stage
@@ -124,10 +124,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
     if axis_name is not None:
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
     metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
-               "top1": jnp.mean(_top1(student.logits) == micro_batch["label"])}
-    if teachers:
-      ensemble = teacher_log_probs(teachers, 1.0)
-      metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
+               **task.train_metrics(student, teachers, micro_batch)}
     return (new_model_state, new_objective_state), (grads, metrics)
 
   carry = (state.model_state, state.objective_state)
@@ -161,36 +158,13 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
 
 def eval_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
               *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
-              axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Sums over the (masked) batch: correct top-1/top-5, CE, and fidelity to the teachers.
-
-  Fidelity (top-1, agreement, KL at T = 1) is reported per teacher and, with several, for
-  'ensemble': the equal-weight mixture of their probabilities, whatever aggregation the loss
-  terms use. Returns sums, not means, so the host can add batches (and devices) and divide once.
-  """
+              axis_name: str | None = None, task: Task = CLASSIFICATION) -> dict[str, jax.Array]:
+  """The task's metric sums over the (masked) batch (`Task.eval_sums`; for classification:
+  correct top-1/top-5, CE, and fidelity to each teacher and their ensemble). Returns sums,
+  not means, so the host can add batches (and devices) and divide once."""
   student = student_apply(state.student_variables(), batch, False)
   teachers = teacher_forward(teacher_applies, teacher_vars, batch)
-  mask = batch["mask"].astype(jnp.float32)
-  labels = batch["label"]
-  logits = student.logits
-  logp = jax.nn.log_softmax(logits)
-  k = min(5, logits.shape[-1])
-  in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-  sums = {
-      "count": jnp.sum(mask),
-      "top1": jnp.sum(mask * (_top1(logits) == labels)),
-      "top5": jnp.sum(mask * in_top5),
-      "ce": -jnp.sum(mask * jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]),
-  }
-  targets = dict(teachers)
-  if len(teachers) > 1:
-    targets["ensemble"] = None
-  for name in targets:
-    t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
-    t_pred = jnp.argmax(t_logp, axis=-1)
-    sums[f"teacher_top1/{name}"] = jnp.sum(mask * (t_pred == labels))
-    sums[f"agreement/{name}"] = jnp.sum(mask * (t_pred == _top1(logits)))
-    sums[f"kl/{name}"] = jnp.sum(mask * kd_divergence(logits, t_logp, temperature=1.0))
+  sums = task.eval_sums(student, teachers, batch)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums

@@ -1,0 +1,111 @@
+r"""Language models on the embedded corpus (Python's documentation topics, byte-level).
+
+A Transformer teacher trained on the text, then a smaller student trained alone (`ce`) or
+distilled from it token by token: forward KL (`fkl`), reverse KL (`rkl`), generalized JSD
+(`jsd`, beta 0.5), skew KL (`skew`, alpha 0.1), top-k KD (`topk`, k 16), or forward KL plus
+hidden-state MSE and last-layer attention KL with a layer map (`hidden`: student layer i <-
+teacher layer 2i). Offline; minutes on a CPU at the default sizes.
+
+    distill-jax --config=configs/lm.py:teacher --workdir=runs/lm/teacher
+    distill-jax --config=configs/lm.py:fkl --workdir=runs/lm/fkl \
+        --config.teachers.teacher.checkpoint=runs/lm/teacher
+
+Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden}. `tiny` shrinks
+the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
+`result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
+teacher-student KL are reported beside it (`final`).
+"""
+
+import ml_collections
+
+from distill_jax.config import base_config, teacher_config
+
+# Byte-level tokens: BOS is 256 (data.text.ByteTokenizer); attention stays inside documents.
+TEACHER = {"num_layers": 4, "width": 128, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 384,
+           "context": 128, "bos_id": 256}
+STUDENT = {"num_layers": 2, "width": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 192,
+           "context": 128, "bos_id": 256}
+TINY_TEACHER = {"num_layers": 2, "width": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
+                "context": 32, "bos_id": 256}
+TINY_STUDENT = {"num_layers": 1, "width": 16, "num_heads": 4, "num_kv_heads": 1, "mlp_dim": 32,
+                "context": 32, "bos_id": 256}
+# role -> the distillation term beside CE (weights: CE 0.5 + divergence 0.5 for all of them).
+METHODS = {
+    "ce": {},
+    "fkl": {"token_fkl": {"weight": 0.5}},
+    "rkl": {"token_rkl": {"weight": 0.5}},
+    "jsd": {"token_jsd": {"weight": 0.5, "beta": 0.5}},
+    "skew": {"token_skew_kl": {"weight": 0.5, "alpha": 0.1}},
+    "topk": {"token_topk_kd": {"weight": 0.5, "k": 16}},
+    "hidden": {"token_fkl": {"weight": 0.5}},  # + the layer-mapped terms of `hidden_terms`.
+}
+ROLES = ("teacher", *METHODS)
+
+
+def hidden_terms(student: dict, teacher: dict) -> dict:
+  """Hidden-state MSE and attention KL with the layer map student layer i <- teacher layer
+  i * (teacher layers / student layers) (TinyBERT's uniform map; the last layers pair up)."""
+  ratio = teacher["num_layers"] // student["num_layers"]
+  layers = range(1, student["num_layers"] + 1)
+  return {
+      "token_hidden_mse": {"weight": 1.0, "student_layers": tuple(f"hidden{i}" for i in layers),
+                           "teacher_layers": tuple(f"hidden{i * ratio}" for i in layers)},
+      # MiniLM: the last layer's attention distributions (needs as many heads).
+      "token_attention_kl": {
+          "weight": 1.0, "student_layers": (f"block{student['num_layers'] - 1}/attn/probs",),
+          "teacher_layers": (f"block{teacher['num_layers'] - 1}/attn/probs",)},
+  }
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  role, *options = (arg or "fkl").split(",")
+  if role not in ROLES or set(options) - {"tiny"}:
+    raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
+                     f"{list(ROLES)}.")
+  tiny = "tiny" in options
+  c = base_config()
+  c.task = "language_model"
+  c.data = ml_collections.ConfigDict({
+      "name": "pydoc_topics",
+      "data_dir": ml_collections.config_dict.placeholder(str),
+      "train_split": "train", "eval_split": "test",
+      "tokenizer": "bytes",
+      "seq_len": 32 if tiny else 128,
+      "augment": "none",  # Text is not augmented.
+      "train_subset": 0,  # 0: every packed row; N: the first N rows.
+      "eval_subset": 64 if tiny else 0,
+  })
+  teacher, student = (TINY_TEACHER, TINY_STUDENT) if tiny else (TEACHER, STUDENT)
+  model = teacher if role == "teacher" else student
+  c.student = ml_collections.ConfigDict(
+      {"name": "transformer_lm", "kwargs": dict(model), "remat": False})
+  if role != "teacher":
+    # The student trained alone lists the teacher too: evaluation then reports agreement
+    # and KL with it, so every student is measured the same way.
+    c.teachers = ml_collections.ConfigDict(
+        {"teacher": teacher_config("transformer_lm", dict(teacher))})
+  chunk = {"chunk_size": 8 if tiny else 32}
+  terms = {name: {**settings, **chunk} for name, settings in METHODS.get(role, {}).items()}
+  if role == "hidden":
+    terms.update(hidden_terms(student, teacher))
+  ce_weight = 0.5 if terms else 1.0
+  c.losses = ml_collections.ConfigDict({"token_ce": {"weight": ce_weight, **chunk}, **terms})
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.01,
+      "schedule": "cosine", "decay_epochs": (), "decay_factor": 0.1, "warmup_epochs": 0.05,
+      "accumulate_steps": 1})
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_epochs = 1.0
+  c.eval_every_epochs = 0.25
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  if tiny:
+    c.batch_size = 16
+    c.num_steps = 6
+    c.eval_every_epochs = 0.0
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 3
+    c.optim.warmup_epochs = 0.0
+    c.progress_bar = False
+  return c

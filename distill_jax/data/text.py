@@ -1,0 +1,267 @@
+"""Text for language models: byte-level tokens, documents packed into fixed-length rows.
+
+Tokens: `ByteTokenizer` maps a document to `[BOS, its UTF-8 bytes..., EOS]` (ids 0..255 are the
+bytes, then BOS 256, EOS 257, PAD 258: a vocabulary of 259). Nothing to download or train, and
+bits per byte follow directly from the loss.
+
+Packing (`pack`): the documents of a split are concatenated, in stored order, into one stream,
+which is cut into rows of `seq_len` positions. Row r reads the stream's tokens
+`[r * L, r * L + L]` as inputs and the next `L` as targets, so every adjacent pair of the stream
+is one position of exactly one row; the end is padded with PAD. A position's `mask` is 1 where
+its target is a real token of the same document (0 for padding and for the BOS that starts the
+next document: the previous document's EOS does not predict it). `document` [N, L] gives the
+index of the document each input token belongs to (-1 for padding): the boundaries. The model
+itself finds them from the BOS tokens (`TransformerLM.bos_id`), so packed documents do not
+attend to each other.
+
+A document with fewer than two tokens (after tokenization) holds no (input, target) pair: it is
+dropped and counted (`Packed.dropped`), never an error; so is a stored document with no text.
+
+Batches (`train_iterator`, `eval_batches`) are dicts of NumPy arrays: `tokens` int32 [b, L],
+`targets` int32 [b, L], `mask` float32 [b, L], `document` int32 [b, L] and `id` int64 [b] (the
+row's index). Train batches follow `pipeline`'s contract: batch s is a pure function of (seed,
+s, process), epoch e visits the rows in an order hashed from (seed, e), process i of k takes
+rows i*b:(i+1)*b of each global batch, and the position saves as a small dict
+(`pipeline.TrainIterator`). The last eval batch is padded with all-masked rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from distill_jax.data.pipeline import (
+    _STREAM_SHUFFLE,
+    TrainIterator,
+    _field,
+    _hash,
+    _local_batch_size,
+    _prepared_builder,
+    resolve_data_dir,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes as tokens, plus BOS, EOS and PAD ids after the 256 byte values."""
+
+  name: str = "bytes"
+  bos_id: int = 256
+  eos_id: int = 257
+  pad_id: int = 258
+  vocab_size: int = 259
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """`[BOS, bytes..., EOS]` as int32 [n + 2]."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.concatenate([[self.bos_id], np.frombuffer(data, np.uint8), [self.eos_id]]
+                          ).astype(np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of the byte tokens among `ids` (special tokens dropped; bad UTF-8 replaced)."""
+    ids = np.asarray(ids)
+    return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = {"bytes": ByteTokenizer()}
+
+
+def get_tokenizer(name: str) -> ByteTokenizer:
+  if name not in TOKENIZERS:
+    raise ValueError(f"Unknown data.tokenizer {name!r}; choose one of {sorted(TOKENIZERS)}.")
+  return TOKENIZERS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """A split's documents packed into rows; see the module docstring."""
+
+  tokens: np.ndarray  # int32 [N, L]
+  targets: np.ndarray  # int32 [N, L]
+  mask: np.ndarray  # float32 [N, L]
+  document: np.ndarray  # int32 [N, L]
+  documents: int  # Documents packed.
+  dropped: int  # Documents dropped (fewer than two tokens).
+  num_bytes: int  # Targets that are text bytes (for bits per byte).
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokens[ids], "targets": self.targets[ids], "mask": self.mask[ids],
+            "document": self.document[ids], "id": np.asarray(ids, np.int64)}
+
+
+def pack(documents: Sequence[np.ndarray], seq_len: int, tokenizer: ByteTokenizer) -> Packed:
+  """Packs tokenized `documents` (int arrays) into rows of `seq_len`; see the module docstring."""
+  if seq_len < 1:
+    raise ValueError(f"data.seq_len must be positive, got {seq_len}.")
+  kept = [np.asarray(d, np.int32) for d in documents if len(d) >= 2]
+  dropped = len(documents) - len(kept)
+  if not kept:
+    raise ValueError(f"No document to pack: all {len(documents)} have fewer than two tokens.")
+  stream = np.concatenate(kept)
+  doc_index = np.repeat(np.arange(len(kept), dtype=np.int32), [len(d) for d in kept])
+  rows = math.ceil((len(stream) - 1) / seq_len)
+  size = rows * seq_len + 1
+  stream = np.concatenate([stream, np.full(size - len(stream), tokenizer.pad_id, np.int32)])
+  doc_index = np.concatenate([doc_index, np.full(size - len(doc_index), -1, np.int32)])
+  tokens = stream[:-1].reshape(rows, seq_len)
+  targets = stream[1:].reshape(rows, seq_len)
+  mask = (targets != tokenizer.pad_id) & (targets != tokenizer.bos_id)
+  return Packed(tokens=tokens, targets=targets, mask=mask.astype(np.float32),
+                document=doc_index[:-1].reshape(rows, seq_len), documents=len(kept),
+                dropped=dropped, num_bytes=int(np.sum(mask & (targets < 256))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextInfo:
+  """What a model and a run need to know about a packed text data set."""
+
+  name: str
+  tokenizer: str
+  vocab_size: int
+  seq_len: int
+  num_examples: dict[str, int]  # Rows per split.
+  documents: dict[str, int]
+  dropped: dict[str, int]
+  num_bytes: dict[str, int]
+
+
+@functools.cache
+def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str) -> Packed:
+  """One split, read and packed once per process (the embedded corpus is ~0.5 MB)."""
+  builder = _prepared_builder(name, data_dir)
+  key = "text" if "text" in builder.info.features else None
+  if key is None:
+    raise ValueError(f"Data set {name!r} has no 'text' feature (it has "
+                     f"{sorted(builder.info.features)}); it is not a text data set.")
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  tok = get_tokenizer(tokenizer)
+  docs = []
+  for i in range(0, len(source), 1024):
+    for record in source.__getitems__(list(range(i, min(i + 1024, len(source))))):
+      text = record[key]
+      text = text.tobytes() if isinstance(text, np.ndarray) else text
+      docs.append(tok.encode(text) if len(text) else np.zeros(0, np.int32))
+  return pack(docs, seq_len, tok)
+
+
+def packed_split(data_config: Any, split: str) -> Packed:
+  """The packed rows of `split`: with `data.train_subset` / `data.eval_subset` = N > 0 (for the
+  train / eval split), only its first N rows."""
+  packed = _packed(data_config.name, resolve_data_dir(data_config), split,
+                   int(data_config.seq_len), _field(data_config, "tokenizer", "bytes"))
+  subset_key = ("train_subset" if split == _field(data_config, "train_split", "train")
+                else "eval_subset")
+  subset = int(_field(data_config, subset_key, 0) or 0)
+  if 0 < subset < len(packed):
+    cut = {f.name: getattr(packed, f.name)[:subset] for f in dataclasses.fields(packed)
+           if isinstance(getattr(packed, f.name), np.ndarray)}
+    rest = cut["mask"].astype(bool) & (cut["targets"] < 256)
+    packed = dataclasses.replace(packed, **cut, num_bytes=int(rest.sum()))
+  return packed
+
+
+def get_text_info(data_config: Any) -> TextInfo:
+  """Describes the configured text data set, packed at `data_config.seq_len`."""
+  splits = (_field(data_config, "train_split", "train"), _field(data_config, "eval_split", "test"))
+  packs = {s: packed_split(data_config, s) for s in splits}
+  tok = get_tokenizer(_field(data_config, "tokenizer", "bytes"))
+  return TextInfo(name=data_config.name, tokenizer=tok.name, vocab_size=tok.vocab_size,
+                  seq_len=int(data_config.seq_len),
+                  num_examples={s: len(p) for s, p in packs.items()},
+                  documents={s: p.documents for s, p in packs.items()},
+                  dropped={s: p.dropped for s, p in packs.items()},
+                  num_bytes={s: p.num_bytes for s, p in packs.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitName:
+  """What `TrainIterator.get_state` records of a source."""
+
+  name: str
+  split: str
+
+
+@dataclasses.dataclass
+class _RowBatcher:
+  """step -> this process's batch of packed rows; a pure function of its fields and the step."""
+
+  packed: Packed
+  source: _SplitName
+  num_examples: int
+  global_batch_size: int
+  batch_size: int
+  process_index: int
+  seed: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.num_examples // self.global_batch_size
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    keys = _hash(self.seed, _STREAM_SHUFFLE, epoch, np.arange(self.num_examples))
+    return np.argsort(keys, kind="stable")
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    epoch, index = divmod(int(step), self.steps_per_epoch)
+    positions = (index * self.global_batch_size + self.process_index * self.batch_size
+                 + np.arange(self.batch_size, dtype=np.int64))
+    return self.examples(epoch, self.epoch_order(epoch)[positions])
+
+  def examples(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    del epoch  # Rows are not augmented.
+    return self.packed.rows(ids)
+
+
+def _no_side_data(side_data: Mapping[str, Any] | None) -> None:
+  if side_data:
+    raise ValueError(f"Text batches cannot carry side data yet (asked for {sorted(side_data)}).")
+
+
+def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1,
+                   side_data: Mapping[str, Any] | None = None) -> TrainIterator:
+  """An infinite, deterministic iterator over this process's share of the packed train rows.
+  (`side_data`, per-example data such as cached teacher outputs, is not supported yet.)"""
+  _no_side_data(side_data)
+  split = _field(data_config, "train_split", "train")
+  packed = packed_split(data_config, split)
+  if len(packed) < global_batch_size:
+    raise ValueError(f"global_batch_size={global_batch_size} is larger than the {len(packed)} "
+                     f"packed rows of {data_config.name!r} ({split}) at seq_len "
+                     f"{data_config.seq_len}.")
+  batcher = _RowBatcher(packed, _SplitName(data_config.name, split), len(packed),
+                        global_batch_size,
+                        _local_batch_size(global_batch_size, process_index, process_count),
+                        process_index, int(seed))
+  return TrainIterator(batcher, num_workers=0)
+
+
+def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 side_data: Mapping[str, Any] | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over the packed rows of an eval split; the last global batch is padded
+  with rows whose mask is 0 (tokens PAD, id -1), so every batch has one shape."""
+  _no_side_data(side_data)
+  packed = packed_split(data_config, split or _field(data_config, "eval_split", "test"))
+  b = _local_batch_size(global_batch_size, process_index, process_count)
+  pad = get_tokenizer(_field(data_config, "tokenizer", "bytes")).pad_id
+  for start in range(0, len(packed), global_batch_size):
+    positions = start + process_index * b + np.arange(b, dtype=np.int64)
+    real = positions[positions < len(packed)]
+    batch = packed.rows(real)
+    missing = b - len(real)
+    if missing:
+      fill = {"tokens": pad, "targets": pad, "mask": 0.0, "document": -1, "id": -1}
+      batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill[k], v.dtype)])
+               for k, v in batch.items()}
+    yield batch

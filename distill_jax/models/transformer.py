@@ -1,0 +1,196 @@
+"""A decoder-only Transformer language model (Flax Linen), sized from the config.
+
+Registered as `transformer_lm`: `(num_classes, **kwargs)`, where `num_classes` is the vocabulary
+(259 for the byte-level tokenizer: 256 bytes, BOS, EOS, pad). The architecture is the common
+modern one (Llama-style): token embedding; `num_layers` pre-norm blocks, each
+`x + Attention(RMSNorm(x))` then `x + SwiGLU(RMSNorm(x))`; a final RMSNorm; logits by the
+transposed embedding (`tie_embeddings`) or a separate `head`. Attention is causal, with rotary
+position embeddings (RoPE, Su et al. 2021) on queries and keys and grouped-query attention
+(`num_kv_heads` key/value heads shared by `num_heads / num_kv_heads` query heads each; equal
+counts give multi-head attention, one gives multi-query attention). No biases, no dropout.
+
+Packed documents: with `bos_id` set, a position attends only to positions of its own document,
+a document being what lies between one BOS token and the next (a row may hold several). RoPE's
+positions are the row's positions: attention depends only on the distance between two
+tokens, so a document's numbers do not depend on where in the row it was packed.
+
+Input: token ids [B, L] (any numeric dtype; cast to int32, so the framework's float example
+inputs work) with `L <= context`; a longer sequence is refused with both numbers. Output:
+float32 logits [B, L, vocab].
+
+Features (the framework's mechanism: `sow` into 'intermediates', tapped by name or path):
+`hidden0` (the embeddings) and `hidden{i}` (the residual stream after block i, i = 1..
+num_layers), each [B, L, width], and per block `block{i-1}/attn/probs`, the attention
+probabilities [B, num_heads, L, L]. Modules: `embed`, `block0`.. (each `attn_norm`, `attn`
+with `query`, `key`, `value`, `out`; `mlp_norm`, `mlp` with `gate`, `up`, `down`),
+`final_norm`, and `head` when untied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from distill_jax.models import register_model
+
+# Initialisers: normal(0.02) for the embedding and every projection (GPT-2's and Llama's).
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding of `x` [B, L, H, D] at integer `positions` [L] (D even).
+
+  The first and second halves of the head dimension form D/2 pairs; pair j is rotated by the
+  angle `position * base^(-2j/D)` (the "rotate half" layout).
+  """
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [L, D/2]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with RoPE; sows its probabilities as `probs`."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_base: float = 10000.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
+    """x [B, L, D]; allowed [B, L, L] (query i may attend to key j) -> [B, L, D]."""
+    b, length, width = x.shape
+    dense = lambda n, name: nn.DenseGeneral((n, self.head_dim), use_bias=False,
+                                            kernel_init=_init, name=name)
+    q = dense(self.num_heads, "query")(x)
+    k = dense(self.num_kv_heads, "key")(x)
+    v = dense(self.num_kv_heads, "value")(x)
+    positions = jnp.arange(length)
+    q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+    group = self.num_heads // self.num_kv_heads
+    # [B, L, G, D] -> [B, L, G * group, D]: head h reads kv head h // group.
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    self.sow("intermediates", "probs", probs)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
+                           name="out")(out)
+
+
+class SwiGLU(nn.Module):
+  """`down(silu(gate(x)) * up(x))` with hidden width `mlp_dim` (Shazeer 2020)."""
+
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda n, name: nn.Dense(n, use_bias=False, kernel_init=_init, name=name)
+    hidden = nn.silu(dense(self.mlp_dim, "gate")(x)) * dense(self.mlp_dim, "up")(x)
+    return dense(x.shape[-1], "down")(hidden)
+
+
+class Block(nn.Module):
+  """One pre-norm Transformer block: attention and MLP, each around a residual."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_base: float = 10000.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
+    x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
+                      name="attn")(nn.RMSNorm(name="attn_norm")(x), allowed)
+    return x + SwiGLU(self.mlp_dim, name="mlp")(nn.RMSNorm(name="mlp_norm")(x))
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only Transformer LM; see the module docstring.
+
+  Attributes:
+    num_classes: the vocabulary size.
+    num_layers, width, num_heads, num_kv_heads, mlp_dim: sizes; `width` must split into
+      `num_heads` heads of even size, and `num_kv_heads` must divide `num_heads`
+      (`num_kv_heads=0`: as many as `num_heads`). `mlp_dim=0`: `4 * width`.
+    context: the longest sequence the model accepts.
+    tie_embeddings: logits by the transposed token embedding (no separate head).
+    bos_id: the token that starts a document; attention does not cross documents. None: a row
+      is one sequence.
+    rope_base: RoPE's base wavelength.
+    bn_axis_name: unused (no BatchNorm); present so every model accepts it.
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
+  """
+
+  num_classes: int
+  num_layers: int = 2
+  width: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  mlp_dim: int = 0
+  context: int = 128
+  tie_embeddings: bool = True
+  bos_id: int | None = None
+  rope_base: float = 10000.0
+  bn_axis_name: str | None = None
+  remat: bool = False
+
+  def check(self) -> None:
+    """Raises ValueError naming the setting when the sizes do not fit together."""
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads < 1 or self.width % self.num_heads or (self.width // self.num_heads) % 2:
+      raise ValueError(f"transformer_lm: width {self.width} must split into num_heads "
+                       f"{self.num_heads} heads of even size (RoPE rotates pairs).")
+    if kv < 1 or self.num_heads % kv:
+      raise ValueError(f"transformer_lm: num_kv_heads {self.num_kv_heads} must divide "
+                       f"num_heads {self.num_heads} (grouped-query attention).")
+    if self.num_layers < 1 or self.context < 1:
+      raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
+                       f"({self.context}) must be positive.")
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No dropout: train and eval are the same function.
+    self.check()
+    if tokens.ndim != 2:
+      raise ValueError(f"transformer_lm takes token ids [batch, length], got shape "
+                       f"{tokens.shape}.")
+    length = tokens.shape[1]
+    if length > self.context:
+      raise ValueError(f"A sequence of {length} tokens is longer than the model's context of "
+                       f"{self.context}: shorten data.seq_len or raise the model's context.")
+    tokens = tokens.astype(jnp.int32)
+    allowed = jnp.tril(jnp.ones((length, length), bool))[None]
+    if self.bos_id is not None:
+      document = jnp.cumsum(tokens == self.bos_id, axis=1)
+      allowed = allowed & (document[:, :, None] == document[:, None, :])
+    embed = nn.Embed(self.num_classes, self.width, embedding_init=_init, name="embed")
+    x = embed(tokens)
+    self.sow("intermediates", "hidden0", x)
+    block = nn.remat(Block) if self.remat else Block
+    kv = self.num_kv_heads or self.num_heads
+    for i in range(self.num_layers):
+      x = block(self.num_heads, kv, self.width // self.num_heads,
+                self.mlp_dim or 4 * self.width, self.rope_base, name=f"block{i}")(x, allowed)
+      self.sow("intermediates", f"hidden{i + 1}", x)
+    x = nn.RMSNorm(name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(self.num_classes, use_bias=False, kernel_init=_init, name="head")(x)
+    return logits.astype(jnp.float32)
+
+
+@register_model("transformer_lm")
+def transformer_lm(num_classes: int, **kwargs: Any) -> TransformerLM:
+  """Decoder-only Transformer LM over a vocabulary of `num_classes` tokens."""
+  return TransformerLM(num_classes=num_classes, **kwargs)

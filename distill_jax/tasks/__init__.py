@@ -1,0 +1,28 @@
+"""Tasks: what is specific to a kind of problem, chosen by `config.task`.
+
+A task owns the input spec and example batch, the batch keys, the key a model reads, the
+data iterators, the train and eval metrics, and the headline metric of `result.json`; the
+step, objective, teachers, parallel layer and loop call it and know no task.
+
+- `classification` (default): images [B, H, W, C] and labels [B]; top-1/top-5, CE, fidelity.
+- `language_model`: packed token rows [B, L] with next-token targets and per-token masks;
+  perplexity, bits per byte, token top-1 agreement with the teachers, teacher-student KL.
+"""
+
+from distill_jax.registry import Registry
+from distill_jax.tasks.base import Task, TaskInfo
+from distill_jax.tasks.classification import Classification
+from distill_jax.tasks.language_model import LanguageModel
+
+TASKS = Registry("task")
+TASKS.register("classification")(Classification())
+TASKS.register("language_model")(LanguageModel())
+DEFAULT_TASK = "classification"
+
+
+def get_task(name: str | None) -> Task:
+  """The task `name` (None: classification); an unknown name lists the known ones."""
+  return TASKS.get(name or DEFAULT_TASK)
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "TaskInfo", "get_task"]

@@ -1,0 +1,78 @@
+"""The task interface: what the step and the loop ask of a kind of problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+
+from distill_jax.outputs import Outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What building a run needs to know of the data, whatever the task.
+
+  `num_classes` is the models' output size (classes, or the vocabulary), `input_shape` one
+  example's input without the batch axis ((H, W, C) images, (L,) token rows), `num_examples`
+  the examples (rows) per split, `data` the data module's own description.
+  """
+
+  num_classes: int
+  input_shape: tuple[int, ...]
+  num_examples: dict[str, int]
+  data: Any
+
+
+class Task:
+  """A kind of problem. Subclasses are stateless frozen dataclasses (static in the step).
+
+  Attributes:
+    input_key: the batch key a model reads.
+    headline: the eval metric that `result.json` tracks as `best_<headline>`.
+    higher_is_better: whether a larger headline is better.
+    supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches.
+  """
+
+  input_key: str = "image"
+  headline: str = "top1"
+  higher_is_better: bool = True
+  supports_teacher_cache: bool = False
+
+  def info(self, data_config: Any) -> TaskInfo:
+    raise NotImplementedError
+
+  def train_iterator(self, data_config: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    raise NotImplementedError
+
+  def eval_batches(self, data_config: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    raise NotImplementedError
+
+  def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
+                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
+    """An all-zeros batch of the shapes the step sees."""
+    raise NotImplementedError
+
+  def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
+                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Scalars logged beside the loss for one (micro-)batch (traced, in the step)."""
+    raise NotImplementedError
+
+  def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
+                batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums over the batch's kept examples or tokens, with their number as 'count' (traced):
+    the host adds them over batches and devices and `eval_means` divides once."""
+    raise NotImplementedError
+
+  def eval_means(self, totals: Mapping[str, float]) -> dict[str, float]:
+    """The eval metrics (without the 'eval/' prefix) from the summed `eval_sums`."""
+    count = max(totals["count"], 1.0)
+    return {k: v / count for k, v in totals.items() if k != "count"}
+
+  def is_better(self, value: float, best: float | None) -> bool:
+    """Whether headline `value` beats `best` (None: nothing yet)."""
+    if best is None:
+      return True
+    return value > best if self.higher_is_better else value < best

@@ -1,0 +1,90 @@
+"""Image classification: images [B, H, W, C], integer labels [B], per-example masks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax import data as data_lib
+from distill_jax.losses.base import teacher_log_probs
+from distill_jax.losses.logits import kd_divergence
+from distill_jax.outputs import Outputs
+from distill_jax.tasks.base import Task, TaskInfo
+
+
+def _top1(logits: jax.Array) -> jax.Array:
+  return jnp.argmax(logits, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(Task):
+  """Top-1 accuracy is the headline; fidelity to the teachers is reported beside it."""
+
+  input_key: str = "image"
+  headline: str = "top1"
+  higher_is_better: bool = True
+  supports_teacher_cache: bool = True
+
+  def info(self, data_config: Any) -> TaskInfo:
+    info = data_lib.get_info(data_config)
+    return TaskInfo(info.num_classes, tuple(info.image_shape), dict(info.num_examples), info)
+
+  def train_iterator(self, data_config: Any, **kwargs: Any) -> Any:
+    return data_lib.train_iterator(data_config, **kwargs)
+
+  def eval_batches(self, data_config: Any, **kwargs: Any) -> Any:
+    return data_lib.eval_batches(data_config, **kwargs)
+
+  def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
+                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
+    """With `cached_logits` {batch key: number of classes} for teachers read from a cache."""
+    batch = {"image": jnp.zeros((batch_size, *input_shape), jnp.float32),
+             "label": jnp.zeros((batch_size,), jnp.int32),
+             "id": jnp.zeros((batch_size,), jnp.int32)}
+    for key, num_classes in (cached_logits or {}).items():
+      batch[key] = jnp.zeros((batch_size, num_classes), jnp.float32)
+    return batch
+
+  def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
+                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """`top1` on the batch's labels and, with teachers, `agreement` with their ensemble."""
+    metrics = {"top1": jnp.mean(_top1(student.logits) == batch["label"])}
+    if teachers:
+      ensemble = teacher_log_probs(teachers, 1.0)
+      metrics["agreement"] = jnp.mean(_top1(student.logits) == _top1(ensemble))
+    return metrics
+
+  def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
+                batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Correct top-1/top-5, CE, and fidelity to the teachers, summed over the masked batch.
+
+    Fidelity (top-1, agreement, KL at T = 1) is reported per teacher and, with several, for
+    'ensemble': the equal-weight mixture of their probabilities, whatever aggregation the loss
+    terms use.
+    """
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    logits = student.logits
+    logp = jax.nn.log_softmax(logits)
+    k = min(5, logits.shape[-1])
+    in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    sums = {
+        "count": jnp.sum(mask),
+        "top1": jnp.sum(mask * (_top1(logits) == labels)),
+        "top5": jnp.sum(mask * in_top5),
+        "ce": -jnp.sum(mask * jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]),
+    }
+    targets = dict(teachers)
+    if len(teachers) > 1:
+      targets["ensemble"] = None
+    for name in targets:
+      t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
+      t_pred = jnp.argmax(t_logp, axis=-1)
+      sums[f"teacher_top1/{name}"] = jnp.sum(mask * (t_pred == labels))
+      sums[f"agreement/{name}"] = jnp.sum(mask * (t_pred == _top1(logits)))
+      sums[f"kl/{name}"] = jnp.sum(mask * kd_divergence(logits, t_logp, temperature=1.0))
+    return sums

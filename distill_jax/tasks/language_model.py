@@ -1,0 +1,98 @@
+"""Language modelling: packed token rows [B, L], next-token targets [B, L], per-token masks.
+
+Batch keys (`data.text`): `tokens` (what the model reads), `targets`, `mask`, `document`, `id`.
+Every metric is a mean over the kept tokens (mask 1), summed over batches and devices first:
+
+- `ce` (nats per token), `perplexity` = exp(ce), `bits_per_byte` = total NLL in bits over the
+  text bytes predicted (byte-level tokens: the NLL of the EOS predictions counts, their
+  positions do not add bytes), `top1` (next-token accuracy);
+- per teacher, and for 'ensemble' (the equal-weight mixture) with several: `agreement/NAME`
+  (token top-1 agreement with the student), `kl/NAME` (KL(teacher || student) at T = 1, nats
+  per token), `teacher_ce/NAME` and `teacher_top1/NAME`.
+
+The headline is the held-out perplexity (lower is better).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.data import text
+from distill_jax.losses.base import masked_mean, teacher_log_probs
+from distill_jax.losses.logits import _kl
+from distill_jax.outputs import Outputs
+from distill_jax.tasks.base import Task, TaskInfo
+
+
+def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel(Task):
+  """Next-token prediction on packed text; see the module docstring."""
+
+  input_key: str = "tokens"
+  headline: str = "perplexity"
+  higher_is_better: bool = False
+
+  def info(self, data_config: Any) -> TaskInfo:
+    info = text.get_text_info(data_config)
+    return TaskInfo(info.vocab_size, (info.seq_len,), dict(info.num_examples), info)
+
+  def train_iterator(self, data_config: Any, **kwargs: Any) -> Any:
+    return text.train_iterator(data_config, **kwargs)
+
+  def eval_batches(self, data_config: Any, **kwargs: Any) -> Any:
+    return text.eval_batches(data_config, **kwargs)
+
+  def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
+                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
+    del cached_logits  # No teacher caches for text yet (`supports_teacher_cache`).
+    rows = (batch_size, *input_shape)
+    return {"tokens": jnp.zeros(rows, jnp.int32), "targets": jnp.zeros(rows, jnp.int32),
+            "mask": jnp.ones(rows, jnp.float32), "document": jnp.zeros(rows, jnp.int32),
+            "id": jnp.zeros((batch_size,), jnp.int32)}
+
+  def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
+                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Next-token `top1` and, with teachers, token `agreement` with their ensemble."""
+    mask = batch.get("mask")
+    pred = jnp.argmax(student.logits, axis=-1)
+    metrics = {"top1": masked_mean((pred == batch["targets"]).astype(jnp.float32), mask)}
+    if teachers:
+      ensemble = jnp.argmax(teacher_log_probs(teachers, 1.0), axis=-1)
+      metrics["agreement"] = masked_mean((pred == ensemble).astype(jnp.float32), mask)
+    return metrics
+
+  def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
+                batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    mask = batch["mask"].astype(jnp.float32)
+    targets = batch["targets"]
+    logp = jax.nn.log_softmax(student.logits.astype(jnp.float32), axis=-1)
+    pred = jnp.argmax(logp, axis=-1)
+    total = lambda x: jnp.sum(mask * x)
+    sums = {"count": jnp.sum(mask), "num_bytes": total(targets < 256),
+            "ce": total(_nll(logp, targets)), "top1": total(pred == targets)}
+    names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
+    for name in names:
+      t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
+      sums[f"agreement/{name}"] = total(jnp.argmax(t_logp, axis=-1) == pred)
+      sums[f"kl/{name}"] = total(_kl(t_logp, logp))
+      sums[f"teacher_ce/{name}"] = total(_nll(t_logp, targets))
+      sums[f"teacher_top1/{name}"] = total(jnp.argmax(t_logp, axis=-1) == targets)
+    return sums
+
+  def eval_means(self, totals: Mapping[str, float]) -> dict[str, float]:
+    totals = dict(totals)
+    num_bytes = totals.pop("num_bytes")
+    means = super().eval_means(totals)
+    means["perplexity"] = math.exp(min(means["ce"], 700.0))
+    means["bits_per_byte"] = totals["ce"] / math.log(2) / max(num_bytes, 1.0)
+    return means
