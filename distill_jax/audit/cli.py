@@ -31,11 +31,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--controls", required=True,
                  help="Comma-separated control students (>= 2): trained like the student on the "
                       "same data, without the candidates.")
-  p.add_argument("--probe", default="synthetic,disagreement",
-                 help="Comma-separated probes (default synthetic,disagreement; real needs the "
-                      "data set).")
+  p.add_argument("--probe", default=None,
+                 help="Comma-separated probes (default disagreement,synthetic, or synthetic "
+                      "with one candidate; real needs the data set).")
   p.add_argument("--primary", default=None,
-                 help="PROBE:SCORE that decides (default: the first probe and kl_t4).")
+                 help="PROBE:SCORE that decides (default: the first probe and spearman).")
   p.add_argument("--out", default="audit", help="Directory of the report (default ./audit).")
   p.add_argument("--num_inputs", type=int, default=256, help="Inputs per probe (default 256).")
   p.add_argument("--seed", type=int, default=0, help="Seed of every random choice.")
@@ -114,11 +114,12 @@ def audit(args: argparse.Namespace) -> dict:
   )
   from distill_jax.audit.report import summary
 
-  probes = [p.strip() for p in args.probe.split(",") if p.strip()]
+  candidates, controls = _named(args.candidates, "candidates"), _named(args.controls, "controls")
+  default = "disagreement,synthetic" if len(candidates) > 1 else "synthetic"
+  probes = [p.strip() for p in (args.probe or default).split(",") if p.strip()]
   settings = _settings(args.set)
   for name in probes:
     PROBES.get(name)
-  candidates, controls = _named(args.candidates, "candidates"), _named(args.controls, "controls")
   for flag, entries in (("candidates", candidates), ("controls", controls)):
     for _, path in entries:
       if not os.path.exists(path):

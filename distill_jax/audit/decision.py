@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 NONE = "none"
 
@@ -74,7 +74,7 @@ def compare(student: float, controls: Sequence[float], higher_is_closer: bool,
   sd = max(float(oriented.std(ddof=1)), float(student_se), 1e-12)
   effect = (s - oriented.mean()) / sd
   t = effect / np.sqrt(1.0 + 1.0 / m)
-  p = float(stats.t.sf(t, df=m - 1))
+  p = float(special.stdtr(m - 1, -t))  # P(T_{m-1} >= t).
   p_rank = (1.0 + np.sum(oriented >= s)) / (m + 1.0)
   return Comparison(float(student), tuple(float(c) for c in controls), higher_is_closer,
                     float(effect), float(t), p, float(p_rank), float(student_se))

@@ -11,7 +11,8 @@ scores every candidate on every probe's inputs. Built in:
   BatchNorm of the student match its running statistics, and the images stay smooth (total
   variation) and bounded (L2). Reproducible from the seed. A student without BatchNorm is only
   driven by the class and the priors.
-- `disagreement`: inputs on which the candidates disagree most: the synthetic inputs, then a
+- `disagreement`: inputs on which the candidates disagree most: the synthetic inputs (or the
+  probe named by its option `start`), then a
   seeded random search that asks the candidates only for outputs (no gradients, so query-only
   teachers work) and keeps each perturbation that raises the generalised Jensen-Shannon
   divergence between the candidates' predictions. Where candidates disagree, a student's
@@ -160,10 +161,8 @@ def synthesize(student: Exported, input_shape: tuple[int, ...], num_classes: int
   labels = np.resize(rng.permutation(num_classes), num_inputs).astype(np.int32)
   rng.shuffle(labels)
   size = min(batch_size, num_inputs)
-  optimizer = optax.adam(lr)
-  step = jax.jit(functools.partial(
-      synthesis_step, module=student.module, optimizer=optimizer, bn_weight=bn_weight,
-      tv_weight=tv_weight, l2_weight=l2_weight), donate_argnums=(0, 1))
+  optimizer, step = _compiled_synthesis_step(student.module, float(lr), float(bn_weight),
+                                             float(tv_weight), float(l2_weight))
   images, metrics = [], {}
   for b, start in enumerate(range(0, num_inputs, size)):
     batch_labels = np.resize(labels[start:start + size], size)
@@ -175,6 +174,18 @@ def synthesize(student: Exported, input_shape: tuple[int, ...], num_classes: int
     images.append(np.asarray(x)[:min(size, num_inputs - start)])
   return (np.concatenate(images), labels,
           {k: float(v) for k, v in jax.device_get(metrics).items()})
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_synthesis_step(module: nn.Module, lr: float, bn_weight: float, tv_weight: float,
+                             l2_weight: float) -> tuple[optax.GradientTransformation, Callable]:
+  """(Adam, the jitted `synthesis_step` with these settings bound), made once per settings so
+  repeated syntheses (and their compiled programs) share one jit cache."""
+  optimizer = optax.adam(lr)
+  step = jax.jit(functools.partial(synthesis_step, module=module, optimizer=optimizer,
+                                   bn_weight=bn_weight, tv_weight=tv_weight,
+                                   l2_weight=l2_weight), donate_argnums=(0, 1))
+  return optimizer, step
 
 
 @register_probe("synthetic")
@@ -218,7 +229,8 @@ def disagreement_probe(context: ProbeContext) -> Probe:
                      "where they disagree); use --probe=synthetic or real for one.")
   rounds = context.option("disagreement", "rounds", 20)
   sigma = context.option("disagreement", "sigma", 0.3)
-  start = context.probe("synthetic").images
+  start_probe = context.option("disagreement", "start", "synthetic")
+  start = context.probe(start_probe).images
   candidates = list(context.candidates.values())
 
   def divergence(x):
@@ -234,5 +246,5 @@ def disagreement_probe(context: ProbeContext) -> Probe:
     better = new > score
     images[better], score[better] = proposal[better], new[better]
   return Probe("disagreement", images, None,
-               {"rounds": rounds, "sigma": sigma, "num_inputs": len(images),
+               {"start": start_probe, "rounds": rounds, "sigma": sigma, "num_inputs": len(images),
                 "js_before": initial, "js_after": float(score.mean())})

@@ -35,9 +35,11 @@ def summary(result: dict[str, Any]) -> str:
     return (f"Answer: none of the candidates. No candidate is closer to the student than the "
             f"controls are at the chosen level ({basis}).{near}")
   c = result["answer"]
-  s = result["scores"][c][primary["probe"]][primary["score"]]
+  s = primary["comparisons"][c]
+  what = (f"{primary['score']} to it minus its mean to the other candidates"
+          if primary["contrast"] else f"{primary['score']} to it")
   return (f"Answer: {c!r}, confidence {_fmt(result['confidence'])} (1 - adjusted p). The "
-          f"student's {primary['score']} to it is {_fmt(s['student'])} against "
+          f"student's {what} is {_fmt(s['student'])} against "
           f"{_fmt(float(np.mean(list(s['controls'].values()))))} for the controls (effect "
           f"size {_fmt(s['effect'], 2)} control SDs, p = {_fmt(s['p_value'])}, rank p = "
           f"{_fmt(s['p_rank'])}; {basis}).")
@@ -48,7 +50,7 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f"# Distillation audit of `{result['student']}`", "", summary(result), "",
            f"- Candidates: {', '.join(f'`{c}`' for c in result['candidates'])} (queried for "
            "outputs only: "
-           + ", ".join(f"{c} {q} inputs" for c, q in result["queries"].items() if q >= 0)
+           + ", ".join(f"{c} {q} inputs" for c, q in result["queries"].items())
            + ")",
            f"- Controls ({result['num_controls']}): "
            f"{', '.join(f'`{c}`' for c in result['controls'])}",
@@ -56,7 +58,9 @@ def markdown(result: dict[str, Any]) -> str:
                                    f"{', labelled' if i['labels'] else ''})"
                                    for p, i in result["probes"].items()),
            f"- Decision: {primary['probe']}:{primary['score']} "
-           f"({'higher' if primary['higher_is_closer'] else 'lower'} = closer), one-sided "
+           f"({'higher' if primary['higher_is_closer'] else 'lower'} = closer"
+           f"{'; each model: to the candidate minus to the others' if primary['contrast'] else ''}"
+           "), one-sided "
            f"prediction t-test against the controls, Holm over candidates, alpha "
            f"{result['alpha']}; seed {result['seed']}, {result['bootstrap']} bootstrap "
            "resamples for the student's standard error.", "",
@@ -64,7 +68,7 @@ def markdown(result: dict[str, Any]) -> str:
            "| candidate | student | controls (mean ± sd) | effect (SDs) | p | rank p | "
            "adjusted p |", "|---|---|---|---|---|---|---|"]
   for c in result["candidates"]:
-    s = result["scores"][c][primary["probe"]][primary["score"]]
+    s = primary["comparisons"][c]
     ctrl = np.asarray(list(s["controls"].values()))
     lines.append(f"| `{c}` | {_fmt(s['student'])} | {_fmt(float(ctrl.mean()))} ± "
                  f"{_fmt(float(ctrl.std(ddof=1)))} | {_fmt(s['effect'], 2)} | "
@@ -104,27 +108,28 @@ def plot(result: dict[str, Any], path: str) -> None:
 
   probes, names = list(result["probes"]), list(result["score_descriptions"])
   candidates = result["candidates"]
-  fig, axes = plt.subplots(len(probes), len(names), squeeze=False,
+  fig, axes = plt.subplots(len(probes), len(names), squeeze=False, layout="constrained",
                            figsize=(2.6 * len(names), 2.4 * len(probes) + 0.6))
   for i, probe in enumerate(probes):
     for j, name in enumerate(names):
       ax = axes[i][j]
+      xs, ys, student = [], [], []
       for k, c in enumerate(candidates):
         s = result["scores"][c][probe][name]
-        ctrl = np.asarray(list(s["controls"].values()), np.float64)
-        jitter = np.linspace(-0.15, 0.15, len(ctrl)) if len(ctrl) > 1 else np.zeros(1)
-        ax.scatter(k + jitter, ctrl, s=14, color="0.55",
-                   label="controls" if k == 0 else None)
-        ax.scatter([k], [s["student"]], s=60, marker="*", color="tab:red",
-                   label="student" if k == 0 else None)
+        ctrl = list(s["controls"].values())
+        xs += list(k + (np.linspace(-0.15, 0.15, len(ctrl)) if len(ctrl) > 1 else [0.0]))
+        ys += ctrl
+        student.append(s["student"])
+      ax.scatter(xs, ys, s=14, color="0.55", label="controls")
+      ax.scatter(range(len(candidates)), student, s=60, marker="*", color="tab:red",
+                 label="student")
       ax.set_xticks(range(len(candidates)), candidates, rotation=45, fontsize=7, ha="right")
       ax.tick_params(axis="y", labelsize=7)
       closer = "↑" if result["scores"][candidates[0]][probe][name]["higher_is_closer"] else "↓"
       ax.set_title(f"{probe}: {name} ({closer} closer)", fontsize=8)
   axes[0][0].legend(fontsize=7)
   fig.suptitle(f"audit of {result['student']}: answer {result['answer']}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=90)
   plt.close(fig)
 
 

@@ -6,6 +6,10 @@ audit can average, bootstrap and plot it; `SCORES` lists them with their directi
 - `top1`: 1 where the student's and the candidate's top-1 classes agree (higher = closer).
 - `kl_tT`: KL(p_teacher^T || p_student^T) of the softmaxes at temperature T, the quantity KD
   minimises (lower = closer).
+- `kl_fit`: KL(p_teacher || p_student^tau) at the student temperature tau that minimises its
+  mean over the probe inputs (lower = closer). Plain KL also measures how soft the student is:
+  a student distilled at a high temperature is "close" to every flat, unsure model. Fitting tau
+  per (model, candidate) takes that global sharpness out and leaves the shape of the outputs.
 - `spearman`: Spearman rank correlation of the two logit vectors over the classes (ties get
   their average rank; higher = closer). Unlike top-1 it sees the order of the dark knowledge.
 - `mistakes`: on the inputs where the candidate is wrong (its top-1 differs from the reference
@@ -45,6 +49,24 @@ def top1_agreement(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
 def kl_divergence(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarray:
   """[N]: KL(softmax(teacher / T) || softmax(student / T)), in nats."""
   log_t, log_s = log_softmax(teacher, temperature), log_softmax(student, temperature)
+  return np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)
+
+
+TEMPERATURE_GRID = tuple(float(x) for x in np.geomspace(0.1, 20.0, 47))
+
+
+def fitted_kl(student: np.ndarray, teacher: np.ndarray,
+              grid: Sequence[float] = TEMPERATURE_GRID) -> np.ndarray:
+  """[N]: KL(softmax(teacher) || softmax(student / tau)) at the tau of `grid` with the lowest
+  mean over the N inputs."""
+  per_tau = [kl_with_student_temperature(student, teacher, tau) for tau in grid]
+  return per_tau[int(np.argmin([v.mean() for v in per_tau]))]
+
+
+def kl_with_student_temperature(student: np.ndarray, teacher: np.ndarray, tau: float
+                                ) -> np.ndarray:
+  """[N]: KL(softmax(teacher) || softmax(student / tau))."""
+  log_t, log_s = log_softmax(teacher), log_softmax(student, tau)
   return np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)
 
 
@@ -96,6 +118,8 @@ def score_names(temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> list[Sc
   """The scores `per_input_scores` returns, in order, with their direction."""
   return [Score("top1", True, "top-1 agreement"),
           *[Score(kl_name(t), False, f"KL(teacher || student) at T={t:g}") for t in temperatures],
+          Score("kl_fit", False, "KL(teacher || student) at the student temperature that fits "
+                "best"),
           Score("spearman", True, "Spearman rank correlation of the logits"),
           Score("mistakes", True, "agreement on the candidate's own mistakes")]
 
@@ -111,6 +135,7 @@ def per_input_scores(student: np.ndarray, teacher: np.ndarray, reference: np.nda
   out = {"top1": top1_agreement(student, teacher)}
   for t in temperatures:
     out[kl_name(t)] = kl_divergence(student, teacher, t)
+  out["kl_fit"] = fitted_kl(student, teacher)
   out["spearman"] = spearman(student, teacher)
   out["mistakes"] = mistake_agreement(student, teacher, reference)
   return out
