@@ -216,7 +216,7 @@ def build_zoo(data_dir, teacher_dir, root):
   for i in range(2):
     paths[f"control{i}"] = _export(root / f"control{i}", (32,),
                                    _fit_mlp(images, onehot, (32,), 100 + i, 300))
-  for i, hidden in ((2, (64,)), (3, (96,))):
+  for i, hidden in ((2, (64,)), (3, (48,))):  # Architectures of B and C, other seeds.
     other = build_model_fn(hidden, _fit_mlp(images, onehot, hidden, 200 + i, 300))
     other_soft = np.asarray(jax.nn.softmax(other(images) / 4.0))
     paths[f"control{i}"] = _export(root / f"control{i}", (32,),
