@@ -381,3 +381,16 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "Unknown probe 'synthtic'" in err and "Known probes: disagreement, " in err
   assert "\n" not in err
+
+
+def test_benchmark_sweep_validates(tmp_path):
+  """experiments/audit_digits: 4 teachers, 5 methods x 4 teachers, 2 x 5 controls; every
+  trial's config passes the CLI's own validation."""
+  from conftest import ROOT
+
+  from distill_jax.sweep import load_trials
+
+  trials = load_trials(os.path.join(ROOT, "experiments", "audit_digits", "sweep.py") + ":tiny",
+                       str(tmp_path))
+  stages = [t.stage for t in trials]
+  assert stages.count("teachers") == 4 and stages.count("students") == 30
