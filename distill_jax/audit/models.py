@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -42,14 +41,6 @@ class Exported:
     """Logits [N, K] of `images` [N, H, W, C] (eval mode), in fixed-size padded chunks so
     one compiled forward serves every call."""
     return batched(_forward(self.module), self.variables, images, batch_size)
-
-  def run_config(self) -> dict | None:
-    """The `config.json` of the run that exported it (None for a bare export)."""
-    path = self.workdir and os.path.join(self.workdir, "config.json")
-    if not path or not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
 
 
 class QueryOnly:

@@ -93,7 +93,7 @@ def real_probe(context: ProbeContext) -> Probe:
       break
   images = np.concatenate(images)[:context.num_inputs]
   labels = np.concatenate(labels)[:context.num_inputs].astype(np.int64)
-  split = data_lib.pipeline._field(context.data_config, "eval_split", "test")
+  split = context.data_config.get("eval_split") or "test"
   return Probe("real", images, labels,
                {"data": context.data_config.name, "split": split, "num_inputs": len(images)})
 
