@@ -120,14 +120,17 @@ def audit(args: argparse.Namespace) -> dict:
   settings = _settings(args.set)
   for name in probes:
     PROBES.get(name)
+  if not os.path.exists(args.student):
+    raise AuditError(f"--student: {args.student} does not exist (give a finished run's workdir "
+                     "or its model/ export directory).")
+  if len(controls) < 2:
+    raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
+                     f"(trained like the student, without the candidates), got {len(controls)}.")
   for flag, entries in (("candidates", candidates), ("controls", controls)):
     for _, path in entries:
       if not os.path.exists(path):
         raise AuditError(f"--{flag}: {path} does not exist (give a finished run's workdir or "
                          "its model/ export directory).")
-  if not os.path.exists(args.student):
-    raise AuditError(f"--student: {args.student} does not exist (give a finished run's workdir "
-                     "or its model/ export directory).")
   # The student's run says which data set (and so which input shape) the audit is about.
   data_config = _data_config(args)
   info = data_lib.get_info(data_config)
