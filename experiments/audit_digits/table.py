@@ -31,7 +31,8 @@ import sweep as spec  # noqa: E402
 
 def final_export(workdir):
   """A run's export; for born-again runs, the last generation's."""
-  generations = sorted(glob.glob(os.path.join(workdir, "gen*")),
+  generations = sorted((p for p in glob.glob(os.path.join(workdir, "gen*"))
+                        if os.path.basename(p)[3:].isdigit()),
                        key=lambda p: int(os.path.basename(p)[3:]))
   return generations[-1] if generations else workdir
 
