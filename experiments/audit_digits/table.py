@@ -43,7 +43,13 @@ def main(argv=None):
   p.add_argument("--num_inputs", type=int, default=256)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--table_only", action="store_true",
+                 help="Only re-make the table from ROOT/audit_table.json (no audits).")
   args = p.parse_args(argv)
+  if args.table_only:
+    with open(os.path.join(args.root, "audit_table.json")) as f:
+      print(summarise(json.load(f)["rows"]))
+    return
   t0 = time.time()
   data_config = data_lib.default_data_config("digits")
   data_config.data_dir = args.data_dir
@@ -73,6 +79,7 @@ def main(argv=None):
     raw_rho = {c: result["scores"][c]["disagreement"]["spearman"]["student"] for c in teachers}
     rows.append({"student": name, "method": method, "arch": arch, "teacher": teacher,
                  "answer": result["answer"], "adjusted_p": result["adjusted_p"],
+                 "effect": {c: x["effect"] for c, x in result["primary"]["comparisons"].items()},
                  "baseline_real_top1": max(real_top1, key=real_top1.get),
                  "baseline_spearman": max(raw_rho, key=raw_rho.get)})
     print(f"{name}: answer {result['answer']} (true {teacher}), baselines "
@@ -86,6 +93,11 @@ def main(argv=None):
   print(table)
 
 
+def forced(row):
+  """The audit as a forced multiple choice (no "none"): the largest effect size."""
+  return max(row["effect"], key=lambda c: row["effect"][c])
+
+
 def summarise(rows):
   """Per method: detection accuracy (answer = the true teacher), "none" and wrong-teacher
   answers; for controls: false accusations (any answer but none). Baselines likewise."""
@@ -93,8 +105,9 @@ def summarise(rows):
   for r in rows:
     by[r["method"]].append(r)
   lines = ["| students | n | audit: correct | audit: none | audit: wrong teacher | "
-           "baseline real top-1: correct | baseline spearman (no controls): correct |",
-           "|---|---|---|---|---|---|---|"]
+           "audit forced choice: correct | baseline real top-1: correct | "
+           "baseline spearman (no controls): correct |",
+           "|---|---|---|---|---|---|---|---|"]
   for method, rs in by.items():
     n = len(rs)
     if method == "alone":
@@ -107,6 +120,7 @@ def summarise(rows):
         f"| {method} | {n} | {pct(sum(r['answer'] == r['teacher'] for r in rs))} | "
         f"{pct(sum(r['answer'] == 'none' for r in rs))} | "
         f"{pct(sum(r['answer'] not in ('none', r['teacher']) for r in rs))} | "
+        f"{pct(sum(forced(r) == r['teacher'] for r in rs))} | "
         f"{pct(sum(r['baseline_real_top1'] == r['teacher'] for r in rs))} | "
         f"{pct(sum(r['baseline_spearman'] == r['teacher'] for r in rs))} |")
   controls = by.get("alone", [])
@@ -114,7 +128,8 @@ def summarise(rows):
     n = len(controls)
     accused = sum(r["answer"] != "none" for r in controls)
     lines.append(f"| controls (false accusations) | {n} | - | {100 * (n - accused) / n:.0f}% | "
-                 f"{100 * accused / n:.0f}% accused | 100% accused | 100% accused |")
+                 f"{100 * accused / n:.0f}% accused | 100% accused | 100% accused | "
+                 "100% accused |")
   return "\n".join(lines) + "\n"
 
 
