@@ -126,9 +126,18 @@ def report_command(args: list[str]) -> None:
   sys.exit(cli.report_main(args))
 
 
+@command("audit", "distill-jax audit --student=RUN --candidates=A,B,C --controls=X,Y "
+         "[--probe=synthetic,disagreement,real] [--out=DIR]",
+         "was the student distilled from one of the candidates (or none)? a calibrated test")
+def audit_command(args: list[str]) -> None:
+  from distill_jax.audit import cli
+
+  sys.exit(cli.main(args, banner=provenance()))
+
+
 # Commands that parse their own flags (argparse): absl's `--config` is a config-file flag that
 # would try to load a sweep spec as a run config, so `run` hands them their argv first.
-OWN_FLAGS = ("sweep", "report")
+OWN_FLAGS = ("sweep", "report", "audit")
 
 
 def usage() -> str:

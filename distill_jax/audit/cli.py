@@ -1,0 +1,178 @@
+"""`distill-jax audit`: argument parsing, loading the models, writing the report.
+
+    distill-jax audit --student=WORKDIR_OR_EXPORT --candidates=A,B,C --controls=X,Y
+        [--probe=synthetic,disagreement] [--primary=PROBE:SCORE] [--out=DIR]
+
+Parses its own flags (argparse; `distill_jax.main.run` hands it its argv before absl). Every
+candidate and control is loaded from its export and then seen only through its outputs. Bad
+input ends with one line, `Error: ...`, exit code 2; a failure while running exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+PROG = "distill-jax audit"
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=PROG, description="Was the student distilled from one of the candidate teachers? "
+      "Scores the student against each candidate on probe inputs and compares the scores with "
+      "control students trained without them (see docs/audit.md).")
+  p.add_argument("--student", required=True,
+                 help="The student: a finished run's workdir or its model/ export.")
+  p.add_argument("--candidates", required=True,
+                 help="Comma-separated candidate teachers (workdirs or exports); each is only "
+                      "queried for outputs. NAME=PATH names one in the report.")
+  p.add_argument("--controls", required=True,
+                 help="Comma-separated control students (>= 2): trained like the student on the "
+                      "same data, without the candidates.")
+  p.add_argument("--probe", default=None,
+                 help="Comma-separated probes (default disagreement,synthetic, or synthetic "
+                      "with one candidate; real needs the data set).")
+  p.add_argument("--primary", default=None,
+                 help="PROBE:SCORE that decides (default: the first probe and spearman).")
+  p.add_argument("--out", default="audit", help="Directory of the report (default ./audit).")
+  p.add_argument("--num_inputs", type=int, default=256, help="Inputs per probe (default 256).")
+  p.add_argument("--seed", type=int, default=0, help="Seed of every random choice.")
+  p.add_argument("--alpha", type=float, default=0.05,
+                 help="False-accusation rate of the decision (default 0.05).")
+  p.add_argument("--data", default=None,
+                 help="The data set (default: the student run's config.json, else digits).")
+  p.add_argument("--data_dir", default=None, help="TFDS data_dir of the data set.")
+  p.add_argument("--set", action="append", default=[], metavar="PROBE.KEY=VALUE",
+                 help="A probe option, e.g. --set=synthetic.steps=400 (repeat for more).")
+  p.add_argument("--verbosity", type=int, default=0, help="1: show tracebacks of errors.")
+  return p
+
+
+def _named(spec: str, flag: str) -> list[tuple[str, str]]:
+  """'a,NAME=b' -> [(basename(a), a), (NAME, b)]; names must be distinct."""
+  from distill_jax.audit import AuditError
+
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, sep, path = item.partition("=")
+    if not sep:
+      name, path = os.path.basename(os.path.normpath(item)), item
+    out.append((name, path))
+  names = [n for n, _ in out]
+  if len(set(names)) != len(names):
+    raise AuditError(f"--{flag}: two entries are called the same ({names}); name them with "
+                     "NAME=PATH.")
+  return out
+
+
+def _settings(items: list[str]) -> dict[str, dict[str, str]]:
+  from distill_jax.audit import PROBES, AuditError
+
+  out: dict[str, dict[str, str]] = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    probe, dot, option = key.partition(".")
+    if not sep or not dot:
+      raise AuditError(f"--set={item!r}: expected PROBE.KEY=VALUE, e.g. synthetic.steps=400.")
+    PROBES.get(probe)
+    out.setdefault(probe, {})[option] = value
+  return out
+
+
+def _data_config(args: argparse.Namespace) -> object:
+  """The data config: --data, else the student run's config.json, else digits."""
+  import json
+
+  import ml_collections
+
+  from distill_jax import data as data_lib
+  from distill_jax.teachers import resolve_export_dir
+
+  export = resolve_export_dir(args.student)
+  run_config = os.path.join(os.path.dirname(os.path.abspath(export)), "config.json")
+  if args.data is None and export != args.student and os.path.exists(run_config):
+    with open(run_config) as f:
+      config = ml_collections.ConfigDict(json.load(f)["data"])
+  else:
+    config = data_lib.default_data_config(args.data or "digits")
+  if args.data_dir is not None:
+    config.data_dir = args.data_dir
+  return config
+
+
+def audit(args: argparse.Namespace) -> dict:
+  from distill_jax import data as data_lib
+  from distill_jax.audit import (
+      PROBES,
+      AuditError,
+      load_exported,
+      query_only,
+      run_audit,
+      write_report,
+  )
+  from distill_jax.audit.report import summary
+
+  candidates, controls = _named(args.candidates, "candidates"), _named(args.controls, "controls")
+  default = "disagreement,synthetic" if len(candidates) > 1 else "synthetic"
+  probes = [p.strip() for p in (args.probe or default).split(",") if p.strip()]
+  settings = _settings(args.set)
+  for name in probes:
+    PROBES.get(name)
+  if not os.path.exists(args.student):
+    raise AuditError(f"--student: {args.student} does not exist (give a finished run's workdir "
+                     "or its model/ export directory).")
+  if len(controls) < 2:
+    raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
+                     f"(trained like the student, without the candidates), got {len(controls)}.")
+  for flag, entries in (("candidates", candidates), ("controls", controls)):
+    for _, path in entries:
+      if not os.path.exists(path):
+        raise AuditError(f"--{flag}: {path} does not exist (give a finished run's workdir or "
+                         "its model/ export directory).")
+  # The student's run says which data set (and so which input shape) the audit is about.
+  data_config = _data_config(args)
+  info = data_lib.get_info(data_config)
+  shape = info.image_shape
+  student = load_exported(args.student, shape, flag="student")
+
+  def load(entries, flag):
+    return {name: query_only(load_exported(path, shape, name, flag)) for name, path in entries}
+
+  result = run_audit(student, load(candidates, "candidates"), load(controls, "controls"),
+                     input_shape=shape, num_classes=info.num_classes, probes=probes,
+                     primary=args.primary, num_inputs=args.num_inputs, seed=args.seed,
+                     data_config=data_config, alpha=args.alpha, probe_settings=settings)
+  paths = write_report(result, args.out)
+  print(summary(result))
+  print(f"Report: {paths['md']}, {paths['json']}, {paths['png']}")
+  return result
+
+
+def main(argv: list[str], banner: str = "") -> int:
+  """Runs the audit; returns the exit code (0 done, 2 bad input, 1 failure). `banner` (which
+  installation runs, from the CLI) goes to stderr first."""
+  args = parser().parse_args(argv)
+  if banner:
+    print(banner, file=sys.stderr, flush=True)
+  from distill_jax.audit.models import AuditError
+  from distill_jax.data.pipeline import DataNotPreparedError
+  from distill_jax.registry import UnknownNameError
+  from distill_jax.train.checkpoint import CheckpointError
+
+  try:
+    audit(args)
+  except (AuditError, UnknownNameError) as e:
+    return _fail(e, 2, args.verbosity)
+  except (CheckpointError, DataNotPreparedError, OSError) as e:
+    return _fail(e, 1, args.verbosity)
+  return 0
+
+
+def _fail(error: BaseException, code: int, verbosity: int) -> int:
+  if verbosity >= 1:
+    traceback.print_exc()
+  line = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+  print(f"Error: {line}", file=sys.stderr, flush=True)
+  return code

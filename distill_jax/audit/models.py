@@ -1,0 +1,126 @@
+"""The models an audit looks at: the student (weights), candidates and controls (outputs).
+
+- `Exported`: a model exported by a run (`WORKDIR/model/` or the export directory itself), with
+  its weights: the student must be one, since the data-free probe optimises inputs through it.
+- `QueryOnly`: a model seen only through `fn(images [N, H, W, C]) -> logits [N, K]`: how the
+  audit treats every candidate teacher (an API, another lab's model) and every control. The
+  audit never asks it for anything but outputs, and counts the inputs it was asked about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from distill_jax import models
+from distill_jax.teachers import init_shapes, resolve_export_dir
+from distill_jax.train.checkpoint import load_model_variables, read_model_meta
+
+
+class AuditError(ValueError):
+  """Bad input to an audit; the message names the setting or file and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+  """An exported model with its weights: Flax `module`, `variables` and `model.json` meta."""
+
+  name: str
+  module: Any
+  variables: Any
+  meta: dict
+  directory: str  # The export directory (holding model.json and variables/).
+  workdir: str | None  # The run's workdir when the export is its `model/`, else None.
+
+  def __call__(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, K] of `images` [N, H, W, C] (eval mode), in fixed-size padded chunks so
+    one compiled forward serves every call."""
+    return batched(_forward(self.module), self.variables, images, batch_size)
+
+
+class QueryOnly:
+  """A model seen only through its outputs; `queries` counts the inputs it was shown."""
+
+  def __init__(self, name: str, fn: Callable[[np.ndarray], Any]):
+    self.name = name
+    self._fn = fn
+    self.queries = 0
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    self.queries += len(images)
+    logits = np.asarray(self._fn(images), np.float32)
+    if logits.ndim != 2 or len(logits) != len(images):
+      raise AuditError(f"Query-only model {self.name!r} returned logits of shape "
+                       f"{logits.shape} for {len(images)} inputs; expected [N, num_classes].")
+    return logits
+
+
+def query_only(model: Exported) -> QueryOnly:
+  """`model` seen only through its outputs (its weights stay inside the closure)."""
+  return QueryOnly(model.name, lambda images: model(images))
+
+
+def load_exported(path: str, input_shape: tuple[int, ...], name: str | None = None,
+                  flag: str = "model") -> Exported:
+  """Loads a run's workdir (its `model/` export) or an export directory.
+
+  Args:
+    path: the workdir or export directory.
+    input_shape: (H, W, C) of the inputs, to check the saved parameters' shapes.
+    name: what the report calls it (default: the path's last component).
+    flag: the command-line setting it came from, for error messages.
+  Raises:
+    AuditError naming `flag` and the path when nothing is exported there.
+  """
+  if not os.path.exists(path):
+    raise AuditError(f"--{flag}: {path} does not exist (give a finished run's workdir or "
+                     "its model/ export directory).")
+  directory = resolve_export_dir(path)
+  if not os.path.exists(os.path.join(directory, "model.json")):
+    raise AuditError(f"--{flag}: no exported model at {path} (neither "
+                     f"{os.path.join(path, 'model', 'model.json')} nor "
+                     f"{os.path.join(path, 'model.json')} exists); a run exports its model "
+                     "when it finishes.")
+  meta = read_model_meta(directory)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in (meta.get("kwargs") or {}).items()}  # JSON lists -> hashable tuples.
+  module = models.build_model(meta["model"], int(meta["num_classes"]), **kwargs)
+  variables = load_model_variables(directory, init_shapes(module, tuple(input_shape)))
+  workdir = os.path.dirname(directory) if directory != path.rstrip(os.sep) else None
+  label = name or os.path.basename(os.path.normpath(path))
+  return Exported(label, module, variables, meta, directory, workdir)
+
+
+_FORWARDS: dict[int, tuple[Any, Callable]] = {}  # id -> (module, its jitted forward).
+
+
+def _forward(module: Any) -> Callable:
+  """The jitted eval forward of `module` (one per module object, compiled once per shape)."""
+  key = id(module)
+  if key not in _FORWARDS:
+    _FORWARDS[key] = (module, jax.jit(
+        lambda variables, x: module.apply(variables, x, train=False)))
+  return _FORWARDS[key][1]
+
+
+def batched(forward: Callable, variables: Any, images: np.ndarray, batch_size: int
+            ) -> np.ndarray:
+  """`forward(variables, chunk)` over `images` in chunks of `batch_size` (the last one padded
+  with zeros), concatenated as float32 NumPy."""
+  images = np.asarray(images, np.float32)
+  n = len(images)
+  size = min(batch_size, max(n, 1))
+  out = []
+  for start in range(0, n, size):
+    chunk = images[start:start + size]
+    pad = size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+    out.append(np.asarray(forward(variables, chunk), np.float32)[:size - pad])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,154 @@
+"""An audit's report: `audit.json` (everything), `audit.md` (the answer and the evidence) and
+`audit.png` (every score of the student and of the controls, per candidate and probe)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from distill_jax.audit.decision import NONE
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "n/a"
+  if isinstance(x, float):
+    return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+  return str(x)
+
+
+def summary(result: dict[str, Any]) -> str:
+  """One paragraph: the answer, how confident, on what evidence."""
+  primary = result["primary"]
+  n = result["probes"][primary["probe"]]["num_inputs"]
+  basis = (f"{primary['score']} on {n} {primary['probe']} probe inputs, against "
+           f"{result['num_controls']} control students; Holm-adjusted over "
+           f"{len(result['candidates'])} candidates, alpha {result['alpha']}")
+  if result["answer"] == NONE:
+    closest = result["closest"]
+    near = (f" The closest was {closest[0]!r} (adjusted p = {_fmt(closest[1])})."
+            if closest else "")
+    return (f"Answer: none of the candidates. No candidate is closer to the student than the "
+            f"controls are at the chosen level ({basis}).{near}")
+  c = result["answer"]
+  s = primary["comparisons"][c]
+  what = (f"{primary['score']} to it minus its mean to the other candidates"
+          if primary["contrast"] else f"{primary['score']} to it")
+  return (f"Answer: {c!r}, confidence {_fmt(result['confidence'])} (1 - adjusted p). The "
+          f"student's {what} is {_fmt(s['student'])} against "
+          f"{_fmt(float(np.mean(list(s['controls'].values()))))} for the controls (effect "
+          f"size {_fmt(s['effect'], 2)} control SDs, p = {_fmt(s['p_value'])}, rank p = "
+          f"{_fmt(s['p_rank'])}; {basis}).")
+
+
+def markdown(result: dict[str, Any]) -> str:
+  primary = result["primary"]
+  lines = [f"# Distillation audit of `{result['student']}`", "", summary(result), "",
+           f"- Candidates: {', '.join(f'`{c}`' for c in result['candidates'])} (queried for "
+           "outputs only: "
+           + ", ".join(f"{c} {q} inputs" for c, q in result["queries"].items())
+           + ")",
+           f"- Controls ({result['num_controls']}): "
+           f"{', '.join(f'`{c}`' for c in result['controls'])}",
+           "- Probes: " + "; ".join(f"{p} ({i['num_inputs']} inputs"
+                                   f"{', labelled' if i['labels'] else ''})"
+                                   for p, i in result["probes"].items()),
+           f"- Decision: {primary['probe']}:{primary['score']} "
+           f"({'higher' if primary['higher_is_closer'] else 'lower'} = closer"
+           f"{'; each model: to the candidate minus to the others' if primary['contrast'] else ''}"
+           "), one-sided "
+           f"prediction t-test against the controls, Holm over candidates, alpha "
+           f"{result['alpha']}; seed {result['seed']}, {result['bootstrap']} bootstrap "
+           "resamples for the student's standard error.", "",
+           "## Decision score per candidate", "",
+           "| candidate | student | controls (mean ± sd) | effect (SDs) | p | rank p | "
+           "adjusted p |", "|---|---|---|---|---|---|---|"]
+  for c in result["candidates"]:
+    s = primary["comparisons"][c]
+    ctrl = np.asarray(list(s["controls"].values()))
+    lines.append(f"| `{c}` | {_fmt(s['student'])} | {_fmt(float(ctrl.mean()))} ± "
+                 f"{_fmt(float(ctrl.std(ddof=1)))} | {_fmt(s['effect'], 2)} | "
+                 f"{_fmt(s['p_value'])} | {_fmt(s['p_rank'])} | "
+                 f"{_fmt(result['adjusted_p'][c])} |")
+  lines += ["", "## Every score (exploratory: not adjusted for multiple comparisons)", "",
+            "Each cell: the student's score / the controls' mean, and the one-sided p-value.",
+            ""]
+  for probe in result["probes"]:
+    names = list(result["score_descriptions"])
+    lines += [f"### Probe `{probe}`", "", "| candidate | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for c in result["candidates"]:
+      cells = []
+      for name in names:
+        s = result["scores"][c][probe][name]
+        ctrl = float(np.mean(list(s["controls"].values())))
+        cells.append(f"{_fmt(s['student'])} / {_fmt(ctrl)} (p {_fmt(s['p_value'], 2)})")
+      lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
+    lines.append("")
+  lines += ["Scores: " + "; ".join(f"`{k}` {v}" for k, v in
+                                   result["score_descriptions"].items()) + ".", "",
+            "Limits: the p-value assumes the controls' scores are roughly normal and that the "
+            "controls were trained like the student (same data, architecture and recipe) "
+            "without the candidate; with few controls the test has little power, and the "
+            "rank p-value can never go below 1 / (controls + 1).", ""]
+  return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+  """Per probe (rows) and score (columns): for each candidate, the controls' scores (grey) and
+  the student's (red), so one sees how far the student stands from the controls."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  probes, names = list(result["probes"]), list(result["score_descriptions"])
+  candidates = result["candidates"]
+  fig, axes = plt.subplots(len(probes), len(names), squeeze=False, layout="constrained",
+                           figsize=(2.6 * len(names), 2.4 * len(probes) + 0.6))
+  for i, probe in enumerate(probes):
+    for j, name in enumerate(names):
+      ax = axes[i][j]
+      xs, ys, student = [], [], []
+      for k, c in enumerate(candidates):
+        s = result["scores"][c][probe][name]
+        ctrl = list(s["controls"].values())
+        xs += list(k + (np.linspace(-0.15, 0.15, len(ctrl)) if len(ctrl) > 1 else [0.0]))
+        ys += ctrl
+        student.append(s["student"])
+      ax.scatter(xs, ys, s=14, color="0.55", label="controls")
+      ax.scatter(range(len(candidates)), student, s=60, marker="*", color="tab:red",
+                 label="student")
+      ax.set_xticks(range(len(candidates)), candidates, rotation=45, fontsize=7, ha="right")
+      ax.tick_params(axis="y", labelsize=7)
+      closer = "↑" if result["scores"][candidates[0]][probe][name]["higher_is_closer"] else "↓"
+      ax.set_title(f"{probe}: {name} ({closer} closer)", fontsize=8)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(f"audit of {result['student']}: answer {result['answer']}", fontsize=10)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
+  """Writes audit.json, audit.md and audit.png in `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f"audit.{k}") for k in ("json", "md", "png")}
+  public = {k: v for k, v in result.items() if not k.startswith("_")}
+  with open(paths["json"], "w") as f:
+    json.dump(public, f, indent=2, sort_keys=True, default=_json_default)
+  with open(paths["md"], "w") as f:
+    f.write(markdown(result))
+  plot(result, paths["png"])
+  return paths
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"Not JSON-serialisable: {type(value).__name__}")

@@ -1,0 +1,190 @@
+"""One audit: probes -> every model's outputs -> scores per candidate -> calibrated decision."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from distill_jax.audit import decision, scores
+from distill_jax.audit.models import AuditError, Exported, QueryOnly
+from distill_jax.audit.probes import PROBES, ProbeContext
+
+DEFAULT_PROBES = ("disagreement", "synthetic")
+DEFAULT_SCORE = "spearman"
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
+              controls: Mapping[str, LogitsFn], *, input_shape: tuple[int, int, int],
+              num_classes: int, probes: Sequence[str] = DEFAULT_PROBES,
+              primary: str | None = None, num_inputs: int = 256, seed: int = 0,
+              data_config: Any = None, temperatures: Sequence[float] =
+              scores.DEFAULT_TEMPERATURES, alpha: float = 0.05, bootstrap: int = 1000,
+              probe_settings: Mapping[str, Mapping[str, Any]] | None = None,
+              contrast: bool = True) -> dict[str, Any]:
+  """Audits `student` against `candidates`, calibrated by `controls`.
+
+  Args:
+    student: the student, with weights (the synthetic probe optimises through it).
+    candidates: name -> logits function (query access is all the audit uses).
+    controls: name -> logits function of students trained on the same data without any of
+      the candidates (at least 2; more give a sharper test).
+    probes: names in `PROBES`; every candidate is scored on each.
+    primary: `PROBE:SCORE` that decides (default: the first probe and `spearman`, the most
+      reliable on the digits benchmark); fixed before looking, so the decision is one test
+      per candidate. All others are reported too, unadjusted.
+    num_inputs, seed: inputs per probe; the seed of every random choice (probes, bootstrap).
+    data_config: the data set (for the `real` probe).
+    alpha: the family-wise false-accusation rate of the decision.
+    bootstrap: resamples of the probe inputs for the student's standard error.
+    contrast: decide on each model's score to a candidate minus its mean score to the other
+      candidates (with >= 2 candidates), not on the raw score. A student that differs from the
+      controls in a way that moves it towards every candidate alike (e.g. softer outputs after
+      any distillation, or another recipe) then accuses nobody; only closeness to one
+      candidate *more than to the others* counts.
+  Returns:
+    A JSON-able dict (see `report.write_report`), with per-input scores under `_per_input`.
+  """
+  t0 = time.time()
+  probes = list(probes)
+  for name in probes:
+    PROBES.get(name)  # Unknown names fail before any work, listing the known ones.
+  score_list = scores.score_names(temperatures)
+  directions = {s.name: s.higher_is_closer for s in score_list}
+  primary_probe, primary_score = _parse_primary(primary, probes, directions)
+  if len(controls) < 2:
+    raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
+                     f"(trained on the same data without the candidates), got {len(controls)}.")
+  if not candidates:
+    raise AuditError("--candidates: give at least one candidate teacher.")
+  overlap = set(candidates) & set(controls) | {student.name} & (set(candidates) | set(controls))
+  if overlap:
+    raise AuditError(f"Names used twice among the student, candidates and controls: "
+                     f"{sorted(overlap)}; every model needs its own name.")
+  # Every candidate is called through a counter of our own: nothing but its outputs is used.
+  candidates = {name: QueryOnly(name, fn) for name, fn in candidates.items()}
+  context = ProbeContext(student, candidates, tuple(input_shape), num_classes, num_inputs, seed,
+                         data_config, dict(probe_settings or {}))
+  results: dict[str, dict] = {c: {} for c in candidates}
+  per_input: dict[str, dict] = {}
+  comparisons: dict[str, dict] = {}
+  probe_info = {}
+  for p_index, probe_name in enumerate(probes):
+    probe = context.probe(probe_name)
+    probe_info[probe_name] = {"num_inputs": int(len(probe.images)),
+                              "labels": probe.labels is not None, **_jsonable(probe.info)}
+    student_logits = student(probe.images)
+    candidate_logits = {c: fn(probe.images) for c, fn in candidates.items()}
+    control_logits = {c: fn(probe.images) for c, fn in controls.items()}
+    for c_index, c in enumerate(candidates):
+      reference = probe.labels
+      if reference is None:
+        reference = scores.majority_vote([x for o, x in candidate_logits.items() if o != c])
+      model_scores = {
+          m: scores.per_input_scores(x, candidate_logits[c], reference, temperatures)
+          for m, x in [(student.name, student_logits), *control_logits.items()]}
+      per_input.setdefault(c, {})[probe_name] = model_scores
+      table = {}
+      for s_index, s in enumerate(score_list):
+        values = {m: _nanmean(v[s.name]) for m, v in model_scores.items()}
+        se = decision.bootstrap_se(model_scores[student.name][s.name], bootstrap,
+                                   seed=(seed, p_index, c_index, s_index))
+        comparison = decision.compare(values[student.name],
+                                      [values[m] for m in controls], s.higher_is_closer, se)
+        comparisons.setdefault(c, {}).setdefault(probe_name, {})[s.name] = comparison
+        table[s.name] = {**dataclasses.asdict(comparison),
+                         "controls": dict(zip(controls, comparison.controls, strict=True))}
+      results[c][probe_name] = table
+  if contrast and len(candidates) >= 2:
+    primary_comparisons = _contrasts(per_input, primary_probe, primary_score,
+                                     directions[primary_score], student.name, list(controls),
+                                     bootstrap, seed)
+  else:
+    primary_comparisons = {c: comparisons[c][primary_probe][primary_score] for c in candidates}
+  verdict = decision.decide(primary_comparisons, alpha)
+  return {
+      "student": student.name,
+      "student_export": getattr(student, "directory", None),
+      "candidates": list(candidates),
+      "controls": list(controls),
+      "num_controls": len(controls),
+      "probes": probe_info,
+      "primary": {"probe": primary_probe, "score": primary_score,
+                  "higher_is_closer": directions[primary_score],
+                  "contrast": bool(contrast and len(candidates) >= 2),
+                  "comparisons": {c: {**dataclasses.asdict(x), "controls": dict(zip(
+                      controls, x.controls, strict=True))}
+                                  for c, x in primary_comparisons.items()}},
+      "answer": verdict.answer,
+      "confidence": verdict.confidence,
+      "closest": list(verdict.closest) if verdict.closest else None,
+      "alpha": alpha,
+      "adjusted_p": verdict.adjusted,
+      "scores": results,
+      "score_descriptions": {s.name: s.description for s in score_list},
+      "queries": {c: fn.queries for c, fn in candidates.items()},
+      "seed": seed,
+      "bootstrap": bootstrap,
+      "seconds": round(time.time() - t0, 1),
+      "_per_input": per_input,
+  }
+
+
+def _contrasts(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]],
+               probe: str, score: str, higher_is_closer: bool, student: str,
+               controls: list[str], bootstrap: int, seed: int
+               ) -> dict[str, decision.Comparison]:
+  """Per candidate c, the comparison of (mean score to c) - (mean over the other candidates of
+  the mean score to them), for the student against the controls. Means, not per-input
+  differences: `mistakes` is defined on different inputs for each candidate. The student's
+  standard error resamples the inputs (seeded) and recomputes the whole contrast."""
+  candidates = list(per_input)
+
+  def contrast(model: str, c: str, rows: np.ndarray | slice = slice(None)) -> float:
+    own = _nanmean(per_input[c][probe][model][score][rows])
+    others = [_nanmean(per_input[o][probe][model][score][rows]) for o in candidates if o != c]
+    return own - float(np.nanmean(others)) if np.any(~np.isnan(others)) else float("nan")
+
+  n = len(per_input[candidates[0]][probe][student][score])
+  rng = np.random.default_rng((seed, 9973))
+  samples = [rng.integers(0, n, n) for _ in range(min(bootstrap, 200))]
+  out = {}
+  for c in candidates:
+    boot = np.array([contrast(student, c, rows) for rows in samples])
+    boot = boot[~np.isnan(boot)]
+    se = float(boot.std(ddof=1)) if len(boot) > 1 else 0.0
+    out[c] = decision.compare(contrast(student, c), [contrast(m, c) for m in controls],
+                              higher_is_closer, se)
+  return out
+
+
+def _parse_primary(primary: str | None, probes: list[str], directions: Mapping[str, bool]
+                   ) -> tuple[str, str]:
+  if primary is None:
+    return probes[0], DEFAULT_SCORE
+  probe, _, score = primary.partition(":")
+  if probe not in probes or score not in directions:
+    raise AuditError(f"--primary={primary!r}: expected PROBE:SCORE with PROBE one of the "
+                     f"audit's probes ({', '.join(probes)}) and SCORE one of "
+                     f"{', '.join(directions)}.")
+  return probe, score
+
+
+def _nanmean(values: np.ndarray) -> float:
+  values = np.asarray(values, np.float64)
+  return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value

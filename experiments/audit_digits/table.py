@@ -1,0 +1,137 @@
+r"""Audits every student and control of the audit_digits sweep; writes the detection table.
+
+    python experiments/audit_digits/table.py --root=runs/audit_digits [--num_inputs=256]
+
+For each distilled student: the audit (probes disagreement, synthetic and real; the default
+decision, disagreement:spearman with the contrast) against the 4 candidate teachers, with the 5
+control students of its architecture; for each control: the same against the other 4 controls
+(leave-one-out), where any answer but "none" is a false accusation. Baselines, which always
+name a candidate (no "none"): the candidate with the highest top-1 agreement with the student on
+real held-out data (the natural baseline of Shi et al.), and the candidate with the highest
+Spearman correlation on the disagreement probe without controls. Writes ROOT/audit_table.md and
+ROOT/audit_table.json and prints the table.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from distill_jax import data as data_lib  # noqa: E402
+from distill_jax.audit import load_exported, query_only, run_audit  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sweep as spec  # noqa: E402
+
+
+def final_export(workdir):
+  """A run's export; for born-again runs, the last generation's."""
+  generations = sorted((p for p in glob.glob(os.path.join(workdir, "gen*"))
+                        if os.path.basename(p)[3:].isdigit()),
+                       key=lambda p: int(os.path.basename(p)[3:]))
+  return generations[-1] if generations else workdir
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--root", required=True)
+  p.add_argument("--num_inputs", type=int, default=256)
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--table_only", action="store_true",
+                 help="Only re-make the table from ROOT/audit_table.json (no audits).")
+  args = p.parse_args(argv)
+  if args.table_only:
+    with open(os.path.join(args.root, "audit_table.json")) as f:
+      print(summarise(json.load(f)["rows"]))
+    return
+  t0 = time.time()
+  data_config = data_lib.default_data_config("digits")
+  data_config.data_dir = args.data_dir
+  info = data_lib.get_info(data_config)
+  shape = info.image_shape
+  teachers = {n: query_only(load_exported(os.path.join(args.root, n), shape, n))
+              for n in spec.TEACHERS}
+  controls = {arch: {f"alone-{arch}-s{s}": query_only(load_exported(
+      os.path.join(args.root, f"alone-{arch}-s{s}"), shape, f"alone-{arch}-s{s}"))
+      for s in range(spec.CONTROLS)} for arch in spec.STUDENTS}
+  jobs = []  # (name, method, arch, true teacher or None)
+  for path in sorted(glob.glob(os.path.join(args.root, "*", "trial.json"))):
+    name = os.path.basename(os.path.dirname(path))
+    method = name.split("-")[0]
+    if method in spec.METHODS:
+      teacher = name[len(method) + 1:].rsplit("-s", 1)[0]
+      jobs.append((name, method, spec.METHODS[method][1], teacher))
+  jobs += [(c, "alone", arch, None) for arch in controls for c in controls[arch]]
+  rows = []
+  for name, method, arch, teacher in jobs:
+    student = load_exported(final_export(os.path.join(args.root, name)), shape, name)
+    ctrl = {k: v for k, v in controls[arch].items() if k != name}
+    result = run_audit(student, teachers, ctrl, input_shape=shape,
+                       num_classes=info.num_classes, probes=("disagreement", "synthetic", "real"),
+                       num_inputs=args.num_inputs, seed=args.seed, data_config=data_config)
+    real_top1 = {c: result["scores"][c]["real"]["top1"]["student"] for c in teachers}
+    raw_rho = {c: result["scores"][c]["disagreement"]["spearman"]["student"] for c in teachers}
+    rows.append({"student": name, "method": method, "arch": arch, "teacher": teacher,
+                 "answer": result["answer"], "adjusted_p": result["adjusted_p"],
+                 "effect": {c: x["effect"] for c, x in result["primary"]["comparisons"].items()},
+                 "baseline_real_top1": max(real_top1, key=real_top1.get),
+                 "baseline_spearman": max(raw_rho, key=raw_rho.get)})
+    print(f"{name}: answer {result['answer']} (true {teacher}), baselines "
+          f"{rows[-1]['baseline_real_top1']} / {rows[-1]['baseline_spearman']}", flush=True)
+  table = summarise(rows)
+  with open(os.path.join(args.root, "audit_table.json"), "w") as f:
+    json.dump({"rows": rows, "num_inputs": args.num_inputs, "seed": args.seed,
+               "seconds": round(time.time() - t0)}, f, indent=2)
+  with open(os.path.join(args.root, "audit_table.md"), "w") as f:
+    f.write(table)
+  print(table)
+
+
+def forced(row):
+  """The audit as a forced multiple choice (no "none"): the largest effect size."""
+  return max(row["effect"], key=lambda c: row["effect"][c])
+
+
+def summarise(rows):
+  """Per method: detection accuracy (answer = the true teacher), "none" and wrong-teacher
+  answers; for controls: false accusations (any answer but none). Baselines likewise."""
+  by = collections.defaultdict(list)
+  for r in rows:
+    by[r["method"]].append(r)
+  lines = ["| students | n | audit: correct | audit: none | audit: wrong teacher | "
+           "audit forced choice: correct | baseline real top-1: correct | "
+           "baseline spearman (no controls): correct |",
+           "|---|---|---|---|---|---|---|---|"]
+  for method, rs in by.items():
+    n = len(rs)
+    if method == "alone":
+      continue
+
+    def pct(k, rs=rs, n=n):
+      return f"{100 * k / n:.0f}%"
+
+    lines.append(
+        f"| {method} | {n} | {pct(sum(r['answer'] == r['teacher'] for r in rs))} | "
+        f"{pct(sum(r['answer'] == 'none' for r in rs))} | "
+        f"{pct(sum(r['answer'] not in ('none', r['teacher']) for r in rs))} | "
+        f"{pct(sum(forced(r) == r['teacher'] for r in rs))} | "
+        f"{pct(sum(r['baseline_real_top1'] == r['teacher'] for r in rs))} | "
+        f"{pct(sum(r['baseline_spearman'] == r['teacher'] for r in rs))} |")
+  controls = by.get("alone", [])
+  if controls:
+    n = len(controls)
+    accused = sum(r["answer"] != "none" for r in controls)
+    lines.append(f"| controls (false accusations) | {n} | - | {100 * (n - accused) / n:.0f}% | "
+                 f"{100 * accused / n:.0f}% accused | 100% accused | 100% accused | "
+                 "100% accused |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()

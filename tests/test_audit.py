@@ -1,0 +1,396 @@
+"""The distillation audit (distill_jax/audit): scores against NumPy/SciPy references, the
+p-value's calibration, synthesis reproducibility, query-only candidates, and an end-to-end
+audit through the CLI on tiny digits models that picks the true teacher or says none."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from scipy import special, stats
+
+from distill_jax.audit import decision, scores
+
+# --- Scores against references written here ------------------------------------------------
+
+def _logits(n, k, scale=3.0, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, k)) * scale
+
+
+@pytest.mark.parametrize("n,k,scale", [(7, 10, 1.0), (33, 3, 30.0), (5, 100, 0.01)])
+def test_scores_match_references(n, k, scale):
+  s, t = _logits(n, k, scale, 1), _logits(n, k, scale, 2)
+  s[0] = t[0]  # One identical row: KL 0, agreement 1, rank correlation 1.
+  got = scores.per_input_scores(s, t, None, temperatures=(1.0, 4.0))
+  np.testing.assert_array_equal(got["top1"], [float(a == b) for a, b in
+                                              zip(s.argmax(1), t.argmax(1), strict=True)])
+  for temperature in (1.0, 4.0):
+    p, q = special.softmax(t / temperature, 1), special.softmax(s / temperature, 1)
+    want = [stats.entropy(a, b) for a, b in zip(p, q, strict=True)]  # KL(p || q).
+    np.testing.assert_allclose(got[scores.kl_name(temperature)], want, rtol=1e-6, atol=1e-9)
+  want_rho = [stats.spearmanr(a, b).statistic for a, b in zip(s, t, strict=True)]
+  np.testing.assert_allclose(got["spearman"], want_rho, rtol=1e-9)
+  assert got["kl_t1"][0] == pytest.approx(0.0, abs=1e-12) and got["spearman"][0] == 1.0
+  assert np.all(np.isnan(got["mistakes"]))  # No reference labels: undefined.
+
+
+def test_spearman_averages_tied_ranks():
+  s = np.array([[1.0, 1.0, 2.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+  t = np.array([[3.0, 1.0, 1.0, 2.0, 5.0, 0.0], [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]])
+  want = [stats.spearmanr(a, b).statistic for a, b in zip(s, t, strict=True)]
+  np.testing.assert_allclose(scores.spearman(s, t), want, rtol=1e-12)
+  np.testing.assert_array_equal(scores.average_ranks(s), stats.rankdata(s, axis=1))
+  assert np.isnan(scores.spearman(np.ones((1, 4)), t[:1, :4]))[0]  # Constant row.
+
+
+def test_mistake_agreement_and_majority_vote():
+  teacher = np.eye(4)[[0, 1, 2, 3, 1]]  # top-1: 0 1 2 3 1
+  student = np.eye(4)[[0, 2, 2, 0, 1]]  # top-1: 0 2 2 0 1
+  labels = np.array([0, 0, 0, 0, -1])  # The teacher is wrong on inputs 1, 2, 3; 4 unknown.
+  got = scores.mistake_agreement(student, teacher, labels)
+  np.testing.assert_array_equal(got, [np.nan, 0.0, 1.0, 0.0, np.nan])
+  votes = [np.eye(3)[[0, 1, 2]], np.eye(3)[[0, 2, 2]], np.eye(3)[[1, 2, 0]]]
+  np.testing.assert_array_equal(scores.majority_vote(votes), [0, 2, 2])  # Ties -> smallest.
+
+
+# --- The decision: calibrated under the null, powerful under the alternative ---------------
+
+def test_compare_is_the_prediction_t_test():
+  controls = np.array([0.30, 0.25, 0.35, 0.28])
+  got = decision.compare(0.10, controls, higher_is_closer=False)
+  sd = controls.std(ddof=1)
+  t = (controls.mean() - 0.10) / (sd * np.sqrt(1 + 1 / 4))
+  assert got.t == pytest.approx(t) and got.p_value == pytest.approx(stats.t.sf(t, 3))
+  assert got.effect == pytest.approx((controls.mean() - 0.10) / sd)
+  assert got.p_rank == pytest.approx(1 / 5)
+  with pytest.raises(ValueError, match="at least 2 control"):
+    decision.compare(0.1, [0.2], True)
+
+
+def test_holm_matches_the_step_down_reference():
+  p = {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}
+  ordered = sorted(p.items(), key=lambda x: x[1])
+  want, running = {}, 0.0
+  for i, (name, value) in enumerate(ordered):
+    running = max(running, min(1.0, (len(p) - i) * value))
+    want[name] = running
+  assert decision.holm(p) == pytest.approx(want)
+
+
+def test_p_values_are_uniform_under_the_null():
+  """Student and controls drawn alike (no distillation): p ~ U(0, 1), false accusations at
+  rate <= alpha for each candidate."""
+  rng = np.random.default_rng(1)
+  p = np.array([decision.compare(x[0], x[1:], True).p_value
+                for x in rng.normal(size=(3000, 6))])
+  assert stats.kstest(p, "uniform").pvalue > 0.01
+  assert abs(np.mean(p < 0.05) - 0.05) < 0.015
+  answers = [decision.decide({c: decision.compare(x[c, 0], x[c, 1:], True) for c in range(3)}
+                             ).answer for x in rng.normal(size=(1000, 3, 6))]
+  assert np.mean([a != decision.NONE for a in answers]) <= 0.05 + 0.02
+
+
+def test_synthetic_logits_true_teacher_is_found_and_only_it(monkeypatch):
+  """Logits: K candidates and M controls share the task (a common component); the student is
+  the true teacher's logits plus noise. Only the true teacher gets p < 0.05."""
+  from distill_jax.audit.run import run_audit
+
+  rng = np.random.default_rng(2)
+  n, k = 300, 10
+  task = rng.normal(size=(n, k)) * 2
+
+  def model(own):
+    return task + own * rng.normal(size=(n, k))
+
+  teachers = {f"t{i}": model(1.5) for i in range(4)}
+  controls = {f"c{i}": model(1.5) for i in range(5)}
+  student_logits = 0.7 * teachers["t2"] + 0.3 * model(1.5)
+  probe_images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+
+  class Fixed:  # A model answering for the fixed probe inputs (their pixel is their index).
+    def __init__(self, name, logits):
+      self.name, self.logits = name, logits
+
+    def __call__(self, images):
+      return self.logits[np.asarray(images).reshape(-1).astype(int)]
+
+  from distill_jax.audit import probes
+
+  def fixed_probe(context):
+    return probes.Probe("fixed", probe_images, None, {})
+
+  monkeypatch.setitem(probes.PROBES._entries, "fixed_test", fixed_probe)  # For this test.
+  result = run_audit(Fixed("student", student_logits),
+                     {n_: Fixed(n_, x) for n_, x in teachers.items()},
+                     {n_: Fixed(n_, x) for n_, x in controls.items()},
+                     input_shape=(1, 1, 1), num_classes=k, probes=("fixed_test",))
+  p = {c: result["primary"]["comparisons"][c]["p_value"] for c in teachers}
+  assert p["t2"] < 0.05 and all(p[c] > 0.05 for c in teachers if c != "t2"), p
+  assert result["answer"] == "t2"
+  student_as_control = run_audit(Fixed("student", model(1.5)),
+                                 {n_: Fixed(n_, x) for n_, x in teachers.items()},
+                                 {n_: Fixed(n_, x) for n_, x in controls.items()},
+                                 input_shape=(1, 1, 1), num_classes=k, probes=("fixed_test",))
+  assert student_as_control["answer"] == decision.NONE
+
+
+# --- Tiny digits models, trained cheaply (full-batch Adam on the 1500 training images) -------
+
+def _digits(data_dir, split):
+  from distill_jax import data as data_lib
+
+  config = data_lib.default_data_config("digits")
+  config.data_dir = data_dir
+  images, labels = [], []
+  for batch in data_lib.eval_batches(config, global_batch_size=512, split=split):
+    keep = batch["mask"] > 0
+    images.append(batch["image"][keep])
+    labels.append(batch["label"][keep])
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _fit_mlp(images, targets, hidden, seed, steps, temperature=1.0):
+  """An MLP fitted to soft `targets` [N, 10] (one-hot labels or a teacher's softmax at
+  `temperature`) by full-batch Adam; returns its variables."""
+  import jax
+
+  from distill_jax.models import build_model
+
+  module = build_model("mlp", 10, hidden=tuple(hidden))
+  variables = module.init(jax.random.PRNGKey(seed), images[:1], train=False)
+  return _fit(module, variables, images, targets, temperature, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "steps"))
+def _fit(module, variables, x, y, temperature, steps):
+  """`steps` full-batch Adam steps of softmax cross-entropy at `temperature` (compiled once per
+  architecture: the temperature is an argument)."""
+  optimizer = optax.adam(0.01)
+
+  def loss(v):
+    return optax.softmax_cross_entropy(module.apply(v, x, train=False) / temperature, y).mean()
+
+  def step(_, carry):
+    v, state = carry
+    updates, state = optimizer.update(jax.grad(loss)(v), state, v)
+    return optax.apply_updates(v, updates), state
+
+  return jax.lax.fori_loop(0, steps, step, (variables, optimizer.init(variables)))[0]
+
+
+def _export(directory, hidden, variables):
+  from distill_jax.train.checkpoint import export_model
+
+  export_model(str(directory), variables, {"model": "mlp", "kwargs": {"hidden": list(hidden)},
+                                           "num_classes": 10, "step": 0})
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def zoo(data_dir, teacher_dir, tmp_path_factory):
+  return build_zoo(data_dir, teacher_dir, tmp_path_factory.mktemp("zoo"))
+
+
+def build_zoo(data_dir, teacher_dir, root):
+  """Candidate teachers: A (conftest's CNN teacher), B, C and D (MLPs of other widths and
+  seeds trained on the labels); a student distilled from A alone with KD
+  (T = 4); and 4 control students of the student's architecture, trained like it without any
+  candidate: 2 on the labels, 2 distilled (KD, T = 4) from teachers that are not candidates
+  (so the null covers students made soft by distillation)."""
+  import jax
+
+  from distill_jax.audit import load_exported
+
+  images, labels = _digits(data_dir, "train")
+  onehot = np.eye(10, dtype=np.float32)[labels]
+  teacher = load_exported(teacher_dir, (8, 8, 1))
+  soft = np.asarray(jax.nn.softmax(teacher(images) / 4.0))
+  paths = {"A": teacher_dir}
+  for name, hidden, seed in (("B", (64,), 11), ("C", (48,), 12), ("D", (16,), 13)):
+    paths[name] = _export(root / name, hidden, _fit_mlp(images, onehot, hidden, seed, 300))
+  paths["student"] = _export(root / "student", (32,),
+                             _fit_mlp(images, soft, (32,), 0, 300, temperature=4.0))
+  for i in range(2):
+    paths[f"control{i}"] = _export(root / f"control{i}", (32,),
+                                   _fit_mlp(images, onehot, (32,), 100 + i, 300))
+  for i, hidden in ((2, (64,)), (3, (48,))):  # Architectures of B and C, other seeds.
+    other = build_model_fn(hidden, _fit_mlp(images, onehot, hidden, 200 + i, 300))
+    other_soft = np.asarray(jax.nn.softmax(other(images) / 4.0))
+    paths[f"control{i}"] = _export(root / f"control{i}", (32,),
+                                   _fit_mlp(images, other_soft, (32,), 100 + i, 300, 4.0))
+  return paths
+
+
+def build_model_fn(hidden, variables):
+  from distill_jax.models import build_model
+
+  module = build_model("mlp", 10, hidden=hidden)
+  return lambda x: module.apply(variables, x, train=False)
+
+
+# --- Probes --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cnn_student(teacher_dir):
+  """conftest's trained CNN (widths 32, 64, with BatchNorm), as an `Exported` model."""
+  from distill_jax.audit import load_exported
+
+  return load_exported(teacher_dir, (8, 8, 1), "cnn")
+
+
+def test_bn_statistics_loss_matches_reference(cnn_student):
+  from distill_jax.audit.probes import bn_statistics_loss
+
+  x = np.random.default_rng(2).normal(size=(16, 8, 8, 1)).astype(np.float32)
+  logits, loss = bn_statistics_loss(cnn_student.module, cnn_student.variables, x)
+  _, state = cnn_student.module.apply(cnn_student.variables, x, train=False,
+                                      capture_intermediates=True, mutable=["intermediates"])
+  want = 0.0
+  for layer in ("stem", "stage1", "stage2"):  # Each conv's output is its BatchNorm's input.
+    h = np.asarray(state["intermediates"][f"{layer}_conv"]["__call__"][0], np.float64)
+    running = cnn_student.variables["batch_stats"][f"{layer}_bn"]
+    want += np.linalg.norm(h.mean((0, 1, 2)) - running["mean"])
+    want += np.linalg.norm(h.var((0, 1, 2)) - running["var"])
+  assert float(loss) == pytest.approx(want, rel=1e-4)
+  np.testing.assert_allclose(logits, cnn_student(x), rtol=1e-5, atol=1e-5)
+
+
+def test_synthesis_is_reproducible_and_matches_the_student(cnn_student):
+  from distill_jax.audit import synthesize
+  from distill_jax.audit.probes import bn_statistics_loss
+
+  kwargs = {"steps": 40, "batch_size": 24}
+  a, labels, metrics = synthesize(cnn_student, (8, 8, 1), 10, 30, seed=5, **kwargs)
+  b, labels_b, _ = synthesize(cnn_student, (8, 8, 1), 10, 30, seed=5, **kwargs)
+  c, _, _ = synthesize(cnn_student, (8, 8, 1), 10, 30, seed=6, **kwargs)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(labels, labels_b)
+  assert a.shape == (30, 8, 8, 1) and not np.allclose(a, c)
+  assert np.bincount(labels, minlength=10).tolist() == [3] * 10  # Every class, evenly.
+  # Optimised: the student predicts the targets, and its BN statistics fit better than noise.
+  assert np.mean(cnn_student(a).argmax(1) == labels) > 0.9
+  noise = np.random.default_rng(0).normal(size=(24, 8, 8, 1)).astype(np.float32)
+  before = bn_statistics_loss(cnn_student.module, cnn_student.variables, noise)[1]
+  after = bn_statistics_loss(cnn_student.module, cnn_student.variables, a[:24])[1]
+  assert float(after) < 0.5 * float(before), (before, after)
+  assert metrics["top1"] > 0.9
+
+
+class _OutputsOnly:
+  """A candidate that answers queries and fails the test if anything else is asked of it."""
+
+  def __init__(self, fn):
+    object.__setattr__(self, "_fn", fn)
+    object.__setattr__(self, "calls", 0)
+
+  def __call__(self, images):
+    object.__setattr__(self, "calls", self.calls + 1)
+    return self._fn(images)
+
+  def __getattr__(self, name):
+    raise AssertionError(f"The audit asked a query-only candidate for {name!r}.")
+
+
+def test_query_only_candidates_are_only_queried(monkeypatch):
+  """The whole audit, disagreement search included, with candidates that answer queries and
+  fail on any other use (NumPy models: no weights to be had)."""
+  from distill_jax.audit import QueryOnly, probes, run_audit
+
+  rng = np.random.default_rng(3)
+  weights = {name: rng.normal(size=(64, 10)) for name in ("a", "b", "c0", "c1", "s")}
+
+  def linear(name):
+    return lambda images: np.asarray(images).reshape(len(images), -1) @ weights[name]
+
+  monkeypatch.setitem(probes.PROBES._entries, "noise_test", lambda context: probes.Probe(
+      "noise_test", np.random.default_rng(context.seed).normal(
+          size=(context.num_inputs, *context.input_shape)).astype(np.float32), None, {}))
+  candidates = {"a": _OutputsOnly(linear("a")), "b": _OutputsOnly(linear("b"))}
+  controls = {"c0": QueryOnly("c0", linear("c0")), "c1": QueryOnly("c1", linear("c1"))}
+  result = run_audit(QueryOnly("s", linear("s")), candidates, controls, input_shape=(8, 8, 1),
+                     num_classes=10,
+                     num_inputs=20, probes=("disagreement",),
+                     probe_settings={"disagreement": {"start": "noise_test", "rounds": 3}})
+  # 3 search rounds + the initial point + the scores: 5 queries of 20 inputs each.
+  assert [c.calls for c in candidates.values()] == [5, 5]
+  assert result["queries"] == {"a": 100, "b": 100}
+  assert controls["c0"].queries == 20
+  info = result["probes"]["disagreement"]
+  assert info["js_after"] >= info["js_before"] and info["start"] == "noise_test"
+
+
+# --- End to end through the CLI --------------------------------------------------------------
+
+def _audit_args(zoo, data_dir, out, candidates):
+  controls = ",".join(f"control{i}={zoo[f'control{i}']}" for i in range(4))
+  return [f"--student={zoo['student']}",
+          "--candidates=" + ",".join(f"{c}={zoo[c]}" for c in candidates),
+          f"--controls={controls}", f"--data_dir={data_dir}", f"--out={out}",
+          "--num_inputs=128"]
+
+
+def _audit_cli(zoo, data_dir, out, candidates):
+  """`python -m distill_jax.main audit ...` in a subprocess running this checkout."""
+  from conftest import run_cli
+
+  proc = run_cli(["audit", *_audit_args(zoo, data_dir, out, candidates)], timeout=300)
+  with open(os.path.join(out, "audit.json")) as f:
+    return proc, json.load(f)
+
+
+def test_cli_audit_picks_the_true_teacher(zoo, data_dir, tmp_path):
+  proc, result = _audit_cli(zoo, data_dir, tmp_path, "ABCD")
+  assert result["answer"] == "A", result["adjusted_p"]
+  assert result["adjusted_p"]["A"] < 0.05 and result["num_controls"] == 4
+  assert result["primary"] == {**result["primary"], "probe": "disagreement",
+                               "score": "spearman", "contrast": True}
+  assert {p: i["num_inputs"] for p, i in result["probes"].items()} == {
+      "disagreement": 128, "synthetic": 128}
+  assert "Answer: 'A'" in proc.stdout
+  with open(tmp_path / "audit.md") as f:
+    text = f.read()
+  assert "4 control students" in text and "128 disagreement probe inputs" in text
+  assert os.path.getsize(tmp_path / "audit.png") > 10_000
+
+
+def test_cli_audit_says_none_without_the_true_teacher(zoo, data_dir, tmp_path, capsys):
+  """The same command in-process (`distill_jax.audit.cli.main`: no second JAX start-up)."""
+  from distill_jax.audit import cli
+
+  assert cli.main(_audit_args(zoo, data_dir, tmp_path, "BCD")) == 0
+  assert "Answer: none of the candidates" in capsys.readouterr().out
+  with open(tmp_path / "audit.json") as f:
+    result = json.load(f)
+  assert result["answer"] == "none", result["adjusted_p"]
+  assert result["confidence"] is None and min(result["adjusted_p"].values()) >= 0.05
+
+
+def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
+  from distill_jax.audit import cli
+
+  missing = str(tmp_path / "nowhere")
+  assert cli.main([f"--student={zoo['student']}", f"--candidates={missing},{zoo['B']}",
+                   f"--controls={zoo['control0']},{zoo['control1']}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("Error: --candidates:") and missing in err and "\n" not in err
+  assert cli.main([f"--student={zoo['student']}", f"--candidates={zoo['A']},{zoo['B']}",
+                   f"--controls={zoo['control0']},{zoo['control1']}", "--probe=synthtic"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "Unknown probe 'synthtic'" in err and "Known probes: disagreement, " in err
+  assert "\n" not in err
+
+
+def test_benchmark_sweep_validates(tmp_path):
+  """experiments/audit_digits: 4 teachers, 5 methods x 4 teachers, 2 x 5 controls; every
+  trial's config passes the CLI's own validation."""
+  from conftest import ROOT
+
+  from distill_jax.sweep import load_trials
+
+  trials = load_trials(os.path.join(ROOT, "experiments", "audit_digits", "sweep.py") + ":tiny",
+                       str(tmp_path))
+  stages = [t.stage for t in trials]
+  assert stages.count("teachers") == 4 and stages.count("students") == 30
