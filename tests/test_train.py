@@ -193,6 +193,9 @@ def test_born_again_generations_chain_teachers(data_dir, teacher_dir, tmp_path):
       "checkpoint"] == teacher_dir
   assert result["teachers"] == {"teacher": "mlp"}
   assert len(json.load(open(tmp_path / "generations.json"))) == 2
+  # The chain's result.json (what sweeps read) is the last generation's, with the list.
+  assert json.load(open(tmp_path / "result.json")) == json.loads(json.dumps(result))
+  assert result["generations"][1] == json.load(open(tmp_path / "gen1" / "result.json"))["final"]
   # gen1's teacher is gen0's exported student: their eval agreement is what gen1 reports.
   assert result["final"]["eval/teacher_top1/teacher"] == pytest.approx(
       json.load(open(tmp_path / "gen0" / "result.json"))["final"]["eval/top1"])

@@ -614,8 +614,9 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs:
   Generation 0 runs the config as it is (e.g. distilled from its teacher, or trained alone);
   generation g distills the same student architecture from generation g - 1's exported model.
   Each generation lives in `workdir/gen{g}` and resumes like any run, so an interrupted chain
-  continues where it stopped. Returns the last generation's result; `workdir/generations.json`
-  lists every generation's final metrics.
+  continues where it stopped. Returns the last generation's result, with `generations` (every
+  generation's final metrics), also written to `workdir/result.json` (and the list alone to
+  `workdir/generations.json`).
   """
   generations = int(config.get("generations", 1))
   if generations == 1:
@@ -634,7 +635,11 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs:
     gen_config.lock()
     logging.info("Born-again generation %d of %d (gen%d).", g + 1, generations, g)
     results.append(train_and_evaluate(gen_config, os.path.join(workdir, f"gen{g}"), **kwargs))
+  result = {**results[-1], "generations": [r["final"] for r in results]}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "generations.json"), "w") as f:
-      json.dump([r["final"] for r in results], f, indent=2, sort_keys=True)
-  return results[-1]
+    write_atomic(os.path.join(workdir, "generations.json"),
+                 json.dumps(result["generations"], indent=2, sort_keys=True))
+    # The chain's result, where every run has it (sweeps and reports read it there).
+    write_atomic(os.path.join(workdir, "result.json"), json.dumps(result, indent=2,
+                                                                  sort_keys=True))
+  return result
