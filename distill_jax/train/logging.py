@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import sys
+import threading
 
 from absl import logging
 from tqdm import tqdm
@@ -24,15 +25,35 @@ QUIET_WARNINGS = ("has no dataset_info.json", "No space left on device", "Disk q
                   "Read-only file system")
 
 
+# Where the checkpointer's background threads run and log. Their errors reach the run, which
+# reports them in its own line, so their records show as one line too.
+THREAD_PACKAGES = ("/asyncio/", "/concurrent/", "/threading.py")
+
+
 class _QuietLibraries(py_logging.Filter):
+  """Drops the libraries' records below WARNING and those in QUIET_WARNINGS; the tracebacks
+  of the others show only with --verbosity=1 (our own records are left as they are)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     path = record.pathname.replace("\\", "/")
-    if not any(p in path for p in QUIET_PACKAGES):
+    quiet = any(p in path for p in QUIET_PACKAGES)
+    if not quiet and not any(p in path for p in THREAD_PACKAGES):
       return True
-    if record.levelno >= py_logging.WARNING:
-      return not any(w in record.getMessage() for w in QUIET_WARNINGS)
-    return False
+    if quiet and record.levelno < py_logging.WARNING:
+      return False
+    if logging.get_verbosity() < 1:
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return not any(w in record.getMessage() for w in QUIET_WARNINGS)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+  """An exception that ends a background thread: one log line (the traceback with
+  --verbosity=1) instead of Python's traceback on stderr, which would split the run's output."""
+  name = args.thread.name if args.thread is not None else "?"
+  logging.warning("Background thread %s ended with %s: %s", name, args.exc_type.__name__,
+                  str(args.exc_value).splitlines()[0] if str(args.exc_value) else "",
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+                  if logging.get_verbosity() >= 1 else None)
 
 
 def quiet_library_logs() -> None:
@@ -40,8 +61,9 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
-  for logger in ("orbax", "absl"):
+  for logger in ("orbax", "absl", "asyncio", "concurrent.futures"):
     py_logging.getLogger(logger).addFilter(_QuietLibraries())
+  threading.excepthook = _log_thread_exception
 
 
 def eval_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
