@@ -28,6 +28,7 @@ from conftest import ROOT
 
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.train import loop
+from distill_jax.train.signals import Interrupted
 from distill_jax.train.workdir import WorkdirLock, WorkdirLockedError
 
 STEPS = 40
@@ -360,6 +361,32 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(env,
   again = loop.train_and_evaluate(config(num_steps=6, allow_config_change=True), workdir,
                                   step_callback=lambda s, m: steps.append(s))
   assert steps == [5, 6] and again == result and os.stat(variables).st_mtime_ns == mtime
+
+
+def test_a_signal_during_an_evaluation_stops_at_the_next_step_with_its_checkpoint(
+    env, tmp_path, monkeypatch):
+  """SIGTERM while the first evaluation runs, no periodic checkpoints: the run stops at the
+  next step after saving it (not at the evaluation's step, unsaved), and that checkpoint
+  resumes the run."""
+  config = load_config_file(env["config"], {
+      "data.data_dir": env["data_dir"], "checkpoint_every_steps": 1000, "log_every_steps": 1000,
+      "parallel.num_devices": 1})
+  evaluate = loop.evaluate
+
+  def evaluate_then_signal(*args, **kwargs):
+    monkeypatch.setattr(loop, "evaluate", evaluate)  # Once.
+    os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
+  workdir, steps = str(tmp_path / "run"), []
+  with pytest.raises(Interrupted, match="Stopped by SIGTERM at step .*, after saving"):
+    loop.train_and_evaluate(config, workdir, step_callback=lambda s, m: steps.append(s))
+  evaluated = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readlines()[-1])["step"]
+  assert steps[-1] == evaluated + 1 and checkpoint_steps(workdir) == [steps[-1]]
+  resumed = []
+  loop.train_and_evaluate(config, workdir, step_callback=lambda s, m: resumed.append(s))
+  assert resumed == list(range(steps[-1] + 1, STEPS + 1))
 
 
 def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):

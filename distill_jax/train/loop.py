@@ -539,7 +539,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
         eval_here = stage is stages[-1] and (
             (durations.eval_every and (step - stage.start) % durations.eval_every == 0)
             or step == total_steps)
-        save = checkpointer.should_save(step) or step == stage.end or stop.requested
+        # A signal is acted on at the step where it is first seen, so the step it stops at is
+        # the step it saved (one arriving during this step's logs or eval waits for the next).
+        stopping = stop.requested
+        save = checkpointer.should_save(step) or step == stage.end or stopping
         if not (log or eval_here or save):
           continue
         guard.check(last_saved)  # Nothing non-finite gets past this line.
@@ -560,7 +563,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
           checkpointer.save(step, parallel.get(state), train_iter.get_state(),
                             {**meta, "record": record})
           last_saved = step
-        if stop.requested:
+        if stopping:
           raise Interrupted(stop.signum, step)
     bar.close()
 
