@@ -92,8 +92,8 @@ class WorkdirLock:
       if not holder:
         continue  # Released in the meantime.
       same_host = holder.get("host") == self.owner["host"]
-      if same_host and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"],
-                                                                          holder.get("start")):
+      if same_host and isinstance(holder.get("pid"), int) and not process_alive(
+          holder["pid"], holder.get("start")):
         logging.warning("Taking over %s: its run (PID %d on %s) no longer exists.", self.path,
                         holder["pid"], holder["host"])
         try:
