@@ -56,6 +56,24 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
                   if logging.get_verbosity() >= 1 else None)
 
 
+def _log_foreign_exception(exc_type, exc_value, exc_traceback) -> None:
+  """`sys.excepthook`: an exception raised in a callback that native code runs on its own
+  thread and prints (TensorStore's futures wake orbax's asyncio loop this way; after a failed
+  save that loop is closed, and every late write reports 'Event loop is closed'). Those are
+  the aftermath of an error the run reports itself: one line at most, tracebacks with
+  --verbosity=1. The main thread's exceptions keep Python's display."""
+  if threading.current_thread() is threading.main_thread():
+    sys.__excepthook__(exc_type, exc_value, exc_traceback)
+    return
+  message = str(exc_value).splitlines()[0] if str(exc_value) else ""
+  exc_info = (exc_type, exc_value, exc_traceback) if logging.get_verbosity() >= 1 else None
+  if exc_type is RuntimeError and message == "Event loop is closed":
+    logging.vlog(1, "A late callback found its event loop closed.", exc_info=exc_info)
+  else:
+    logging.warning("A background callback raised %s: %s", exc_type.__name__, message,
+                    exc_info=exc_info)
+
+
 def quiet_library_logs() -> None:
   """Installs the filter on absl's handler (idempotent)."""
   handler = logging.get_absl_handler()
@@ -64,6 +82,7 @@ def quiet_library_logs() -> None:
   for logger in ("orbax", "absl", "asyncio", "concurrent.futures"):
     py_logging.getLogger(logger).addFilter(_QuietLibraries())
   threading.excepthook = _log_thread_exception
+  sys.excepthook = _log_foreign_exception
 
 
 def eval_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:

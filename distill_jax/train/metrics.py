@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
+import time
 from collections.abc import Mapping
 
 import jax
+from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 
 def truncate_jsonl(path: str, step: int) -> None:
@@ -30,6 +35,47 @@ def truncate_jsonl(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+class EventFile:
+  """A TensorBoard event file, written synchronously: each `write` is in the file (the OS's
+  buffers) when it returns, so a checkpoint saved after it never outlives its scalars.
+  (tensorboardX's `SummaryWriter` queues events to a thread, and its `flush` does not wait for
+  that queue: a kill right after a checkpoint lost the step's scalars for good.)
+
+  `purge_step`: TensorBoard hides the events of earlier files from this step on (a SessionLog
+  START), which is how a resumed run overwrites what its killed predecessor logged past its
+  checkpoint. Files are named by a timestamp kept above every existing file's, so they sort in
+  the order written, and a restart within the same second never truncates its predecessor's.
+  """
+
+  PREFIX = "events.out.tfevents."
+
+  def __init__(self, logdir: str, purge_step: int):
+    os.makedirs(logdir, exist_ok=True)
+    stamps = [int(name[len(self.PREFIX):].split(".")[0]) for name in os.listdir(logdir)
+              if name.startswith(self.PREFIX) and name[len(self.PREFIX):].split(".")[0].isdigit()]
+    stamp = max([int(time.time()), *(s + 1 for s in stamps)])
+    self._file = open(os.path.join(logdir, f"{self.PREFIX}{stamp:010d}.{socket.gethostname()}"),
+                      "xb")
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._write(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=(
+        event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+
+  def _write(self, event: event_pb2.Event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))  # TFRecord: length, its CRC, data, its CRC.
+    self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                     + struct.pack("<I", masked_crc32c(data)))
+    self._file.flush()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=step,
+                                summary=summary_pb2.Summary(value=values)))
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and to TensorBoard events in `workdir/tb`.
 
@@ -42,12 +88,10 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-
     path = os.path.join(workdir, "metrics.jsonl")
     truncate_jsonl(path, resume_step)
     self._jsonl = open(path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+    self._tb = EventFile(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -55,10 +99,7 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
-    for name, value in scalars.items():
-      if math.isfinite(value):
-        self._tb.add_scalar(name, value, step)
-    self._tb.flush()
+    self._tb.write(step, {k: v for k, v in scalars.items() if math.isfinite(v)})
 
   def close(self) -> None:
     if self.enabled:
