@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging as py_logging
 import sys
 import threading
+from typing import Any
 
 from absl import logging
 from tqdm import tqdm
@@ -56,22 +57,35 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
                   if logging.get_verbosity() >= 1 else None)
 
 
+def _late_callback(exc_type, exc_value, exc_traceback) -> bool:
+  """Logs (at --verbosity=1) and returns True for the 'Event loop is closed' error of a
+  callback that native code runs after orbax's asyncio loop closed: TensorStore's futures wake
+  that loop, and after a failed save every late write reports it. They are the aftermath of an
+  error the run reports itself in one line."""
+  if exc_type is not RuntimeError or str(exc_value) != "Event loop is closed":
+    return False
+  logging.vlog(1, "A late callback found its event loop closed.",
+               exc_info=(exc_type, exc_value, exc_traceback))
+  return True
+
+
 def _log_foreign_exception(exc_type, exc_value, exc_traceback) -> None:
-  """`sys.excepthook`: an exception raised in a callback that native code runs on its own
-  thread and prints (TensorStore's futures wake orbax's asyncio loop this way; after a failed
-  save that loop is closed, and every late write reports 'Event loop is closed'). Those are
-  the aftermath of an error the run reports itself: one line at most, tracebacks with
-  --verbosity=1. The main thread's exceptions keep Python's display."""
+  """`sys.excepthook`, which native code calls for an exception raised in a callback it runs
+  on its own thread: the late callbacks hidden, others one line (tracebacks with
+  --verbosity=1). The main thread's exceptions keep Python's display."""
   if threading.current_thread() is threading.main_thread():
     sys.__excepthook__(exc_type, exc_value, exc_traceback)
-    return
-  message = str(exc_value).splitlines()[0] if str(exc_value) else ""
-  exc_info = (exc_type, exc_value, exc_traceback) if logging.get_verbosity() >= 1 else None
-  if exc_type is RuntimeError and message == "Event loop is closed":
-    logging.vlog(1, "A late callback found its event loop closed.", exc_info=exc_info)
-  else:
-    logging.warning("A background callback raised %s: %s", exc_type.__name__, message,
-                    exc_info=exc_info)
+  elif not _late_callback(exc_type, exc_value, exc_traceback):
+    logging.warning("A background callback raised %s: %s", exc_type.__name__,
+                    str(exc_value).splitlines()[0] if str(exc_value) else "",
+                    exc_info=(exc_type, exc_value, exc_traceback)
+                    if logging.get_verbosity() >= 1 else None)
+
+
+def _log_unraisable(unraisable: Any) -> None:
+  """`sys.unraisablehook` (the other way native callbacks report): late callbacks hidden."""
+  if not _late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+    sys.__unraisablehook__(unraisable)
 
 
 def quiet_library_logs() -> None:
@@ -83,6 +97,7 @@ def quiet_library_logs() -> None:
     py_logging.getLogger(logger).addFilter(_QuietLibraries())
   threading.excepthook = _log_thread_exception
   sys.excepthook = _log_foreign_exception
+  sys.unraisablehook = _log_unraisable
 
 
 def eval_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
