@@ -57,6 +57,13 @@ flags.DEFINE_bool("scaling", False, "Print the scaling table (one subprocess per
 flags.DEFINE_bool("row", False, "Internal: time one layout and print it as JSON.")
 flags.DEFINE_bool("json", False, "Print tables as JSON lines too.")
 flags.DEFINE_enum("against", "", ["", "torch"], "Also time the KD step in this framework.")
+flags.DEFINE_enum("task", "classification", ["classification", "lm"],
+                  "lm: configs/lm.py's teacher and student on token rows (tokens/s, and the "
+                  "memory of the chunked vs unchunked token loss at --lm_big_vocab).")
+flags.DEFINE_integer("seq_len", 128, "lm: tokens per row.")
+flags.DEFINE_integer("vocab", 259, "lm: vocabulary of the timed steps (259: byte-level).")
+flags.DEFINE_integer("lm_big_vocab", 32000, "lm: vocabulary of the memory comparison.")
+flags.DEFINE_integer("chunk_size", 32, "lm: token-loss chunk (positions at a time).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -362,6 +369,112 @@ def cache_read_ms(num_teachers: int) -> float:
     return 1000 * (time.perf_counter() - start) / len(batches)
 
 
+def measure_lm(losses: dict, vocab: int, time_it: bool = True) -> dict[str, float]:
+  """configs/lm.py's student (and, when a term needs one, its teacher; random weights) on
+  `--batch_size` rows of `--seq_len` tokens over a vocabulary of `vocab`: tokens/s of the
+  compiled train step (median over repeats; skipped without `time_it`), compile seconds and
+  XLA's memory analysis of the step."""
+  import importlib.util
+
+  import jax
+  import numpy as np
+  import optax
+
+  from distill_jax import models, tasks
+  from distill_jax.objective import build_objective
+  from distill_jax.teachers import Teacher
+  from distill_jax.train.loop import build_applies, compile_steps, init_objective
+  from distill_jax.train.parallel import Parallel
+  from distill_jax.train.state import create_train_state
+
+  spec = importlib.util.spec_from_file_location("lm", os.path.join(ROOT, "configs", "lm.py"))
+  lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lm)
+  context = {"context": max(FLAGS.seq_len, lm.STUDENT["context"])}
+  task = tasks.get_task("language_model")
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
+                      teacher_sharding=FLAGS.teacher_sharding)
+  parallel.check_batch_size(FLAGS.batch_size)
+  shape = (FLAGS.seq_len,)
+  dummy = np.zeros((1, *shape), np.int32)
+  init = lambda module, seed: jax.jit(lambda r: module.init(r, dummy, train=False))(
+      jax.random.PRNGKey(seed))
+  student = models.build_model("transformer_lm", vocab, **{**lm.STUDENT, **context})
+  teacher = models.build_model("transformer_lm", vocab, **{**lm.TEACHER, **context})
+  teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher, init(teacher, 1),
+                                 dtype=FLAGS.dtype)}
+  objective = build_objective(losses, list(teachers), {})
+  if not objective.needs_teachers:
+    teachers = {}
+  tx = optax.adamw(1e-3)
+  student_apply, teacher_applies = build_applies(
+      student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
+      input_key=task.input_key)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
+                                task=task)
+  teacher_vars = {n: t.variables for n, t in teachers.items()}
+  variables = init(student, 0)
+  objective_params, objective_state = jax.jit(
+      lambda v, t, b, r: init_objective(objective, student_apply, teacher_applies, v, t, b, r))(
+          variables, teacher_vars, task.example_batch(shape, FLAGS.batch_size),
+          jax.random.PRNGKey(3))
+  state = parallel.put_state(create_train_state(
+      variables, objective_params, objective_state, tx, jax.random.PRNGKey(2)))
+  teacher_vars = parallel.put_teachers(teacher_vars)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (FLAGS.batch_size, FLAGS.seq_len + 1)).astype(np.int32)
+  batch = parallel.put_batch({
+      "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+      "mask": np.ones(tokens[:, 1:].shape, np.float32),
+      "document": np.zeros(tokens[:, 1:].shape, np.int32),
+      "id": np.arange(FLAGS.batch_size, dtype=np.int32)})
+  start = time.perf_counter()
+  train_step = train_step.lower(state, teacher_vars, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = train_step.memory_analysis()
+  result = {"compile_s": compile_s, "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1))}
+  if not time_it:
+    return result
+  for _ in range(FLAGS.warmup):
+    state, metrics = train_step(state, teacher_vars, batch)
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      state, metrics = train_step(state, teacher_vars, batch)
+    jax.block_until_ready((state, metrics))
+    rates.append(FLAGS.steps * FLAGS.batch_size * FLAGS.seq_len / (time.perf_counter() - start))
+  return {**result, "tokens_per_s": float(np.median(rates))}
+
+
+def lm_tables() -> dict:
+  """The language-model figures: tokens/s of the student-only and token-KD steps, and the
+  step's temporary memory with the token loss chunked and unchunked at a large vocabulary."""
+  chunk = FLAGS.chunk_size
+  ce = {"token_ce": {"weight": 1.0, "chunk_size": chunk}}
+  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+        "token_fkl": {"weight": 0.5, "chunk_size": chunk}}
+  alone, distill = measure_lm(ce, FLAGS.vocab), measure_lm(kd, FLAGS.vocab)
+  print(f"batch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, vocabulary {FLAGS.vocab}, "
+        f"chunk {chunk}\n| step | tokens/s |\n|---|---|")
+  print(f"| student only (token CE) | {alone['tokens_per_s']:.0f} |")
+  print(f"| token KD (CE + forward KL, teacher forward) | {distill['tokens_per_s']:.0f} |",
+        flush=True)
+  memory = {}
+  for size in (0, chunk):
+    terms = {name: {**settings, "chunk_size": size} for name, settings in kd.items()}
+    memory[size] = measure_lm(terms, FLAGS.lm_big_vocab, time_it=False)["temp_bytes"]
+  logits = FLAGS.batch_size * FLAGS.seq_len * FLAGS.lm_big_vocab * 4
+  print(f"\nvocabulary {FLAGS.lm_big_vocab}: one [batch, length, vocab] float32 logits array "
+        f"is {logits / 2**20:.0f} MiB\n| token loss | step temporary memory (MiB) |\n|---|---|")
+  print(f"| unchunked | {memory[0] / 2**20:.0f} |")
+  print(f"| chunked ({chunk} positions) | {memory[chunk] / 2**20:.0f} |", flush=True)
+  return {"student_tokens_per_s": alone["tokens_per_s"],
+          "kd_tokens_per_s": distill["tokens_per_s"],
+          "temp_bytes_unchunked": memory[0], "temp_bytes_chunked": memory[chunk]}
+
+
 def main(argv: list[str]) -> None:
   del argv
   import json
@@ -371,6 +484,11 @@ def main(argv: list[str]) -> None:
   from distill_jax.train.logging import quiet_library_logs
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
+  if FLAGS.task == "lm":
+    summary = lm_tables()
+    if FLAGS.json:
+      print(json.dumps(summary))
+    return
 
   kd_terms, kd_ce, _ = load_methods()["kd"]
   if FLAGS.row:

@@ -4,30 +4,32 @@ r"""Token-level distillation of a small language model on the embedded corpus.
     distill-jax report runs/lm_mini --metric=final.eval/perplexity --scale=1 --csv
 
 Stage `teachers`: `configs/lm.py:teacher` (4 layers, width 128, byte-level, Python's
-documentation topics), seed 0. Stage `students`: the 2-layer width-64 student of
+documentation topics) for 4 epochs, seed 0. Stage `students`: the 2-layer width-64 student of
 `configs/lm.py` trained alone (`ce`) and distilled by forward KL, reverse KL, JSD(0.5), skew
 KL, top-k KD (k 16, from the live teacher) and forward KL plus hidden-state MSE and attention
 KL (`hidden`), each with seeds 0..N-1, all reading the teacher's export.
 
 Arg: `[SEEDS][,tiny][,epochs=E]`: SEEDS (default 3) seeds per method; `tiny` makes every run a
-few steps (tests); `epochs=E` every run's epochs over the corpus (default 1).
+few steps (tests); `epochs=E` the students' epochs over the corpus (default 1, as in
+`configs/lm.py`).
 """
 
 from distill_jax import sweep as sw
 
 CONFIG = "../../configs/lm.py"
+TEACHER_EPOCHS = 4.0
 METHODS = ("ce", "fkl", "rkl", "jsd", "skew", "topk", "hidden")
 
 
 def get_sweep(arg: str | None = None) -> sw.Sweep:
   options = [o for o in (arg or "").split(",") if o]
   num_seeds = next((int(o) for o in options if o.isdigit()), 3)
-  epochs = next((float(o[len("epochs="):]) for o in options if o.startswith("epochs=")), None)
-  size = sw.fixed(arg="tiny") if "tiny" in options else sw.fixed()
-  length = {} if epochs is None else {"num_epochs": epochs}
+  epochs = next((float(o[len("epochs="):]) for o in options if o.startswith("epochs=")), 1.0)
+  tiny = "tiny" in options
+  size = sw.fixed(arg="tiny") if tiny else sw.fixed()
   students = sw.product(sw.args("method", METHODS), sw.seeds(num_seeds), size)
-  students = sw.with_overrides(
-      students, {"teachers.teacher.checkpoint": "{ROOT}/teacher", **length})
-  teacher = sw.with_overrides(
-      sw.product(sw.fixed("teacher", "teacher", method="teacher"), size), length)
+  students = sw.with_overrides(students, {"teachers.teacher.checkpoint": "{ROOT}/teacher",
+                                          **({} if tiny else {"num_epochs": epochs})})
+  teacher = sw.with_overrides(sw.product(sw.fixed("teacher", "teacher", method="teacher"), size),
+                              {} if tiny else {"num_epochs": TEACHER_EPOCHS})
   return sw.Sweep(config=CONFIG, stages={"teachers": teacher, "students": students})
