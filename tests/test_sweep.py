@@ -15,6 +15,7 @@ from distill_jax.sweep.spec import expand, load_trials, parse_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_MINI = os.path.join(ROOT, "experiments", "digits_mini", "sweep.py")
+LM_MINI = os.path.join(ROOT, "experiments", "lm_mini", "sweep.py")
 
 
 def test_helpers_name_and_merge():
@@ -166,6 +167,24 @@ def test_report_refuses_mixed_cells(tmp_path, capsys):
 
 
 CRD = os.path.join(ROOT, "experiments", "crd_cifar100", "sweep.py")
+
+
+def test_lm_mini_expands_and_every_trial_validates(tmp_path):
+  """The committed lm_mini spec: the teacher (4 epochs), then 7 methods x 2 seeds of 1 epoch,
+  every trial validated; `tiny` keeps the configs' own few steps."""
+  root = str(tmp_path)
+  trials = load_trials(f"{LM_MINI}:2", root)
+  assert [t.name for t in trials[:3]] == ["teacher", "ce-s0", "ce-s1"]
+  assert len(trials) == 1 + 7 * 2 and all(t.depends_on == ("teacher",) for t in trials[1:])
+  parsed = {t.name: parse_cli(t.config, [state.fill_root(f, root) for f in t.flags])
+            for t in trials}
+  assert (parsed["teacher"].num_epochs, parsed["teacher"].student.kwargs.num_layers) == (4, 4)
+  hidden = parsed["hidden-s1"]
+  assert (hidden.seed, hidden.num_epochs, hidden.eval_every_epochs) == (1, 1.0, 1.0)
+  assert {"token_fkl", "token_hidden_mse"} <= set(hidden.losses)
+  assert hidden.teachers.teacher.checkpoint == os.path.join(root, "teacher")
+  tiny = load_trials(f"{LM_MINI}:1,tiny", root)[1]
+  assert parse_cli(tiny.config, [state.fill_root(f, root) for f in tiny.flags]).num_steps == 6
 
 
 def test_crd_cifar100_suite_expands_and_every_trial_validates(tmp_path):

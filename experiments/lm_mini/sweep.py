@@ -28,8 +28,10 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
   tiny = "tiny" in options
   size = sw.fixed(arg="tiny") if tiny else sw.fixed()
   students = sw.product(sw.args("method", METHODS), sw.seeds(num_seeds), size)
+  # One evaluation per epoch (the configs' four per epoch are for curves).
+  length = lambda n: {} if tiny else {"num_epochs": n, "eval_every_epochs": 1.0}
   students = sw.with_overrides(students, {"teachers.teacher.checkpoint": "{ROOT}/teacher",
-                                          **({} if tiny else {"num_epochs": epochs})})
+                                          **length(epochs)})
   teacher = sw.with_overrides(sw.product(sw.fixed("teacher", "teacher", method="teacher"), size),
-                              {} if tiny else {"num_epochs": TEACHER_EPOCHS})
+                              length(TEACHER_EPOCHS))
   return sw.Sweep(config=CONFIG, stages={"teachers": teacher, "students": students})
