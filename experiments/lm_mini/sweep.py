@@ -27,8 +27,7 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
   epochs = next((float(o[len("epochs="):]) for o in options if o.startswith("epochs=")), 1.0)
   tiny = "tiny" in options
   size = sw.fixed(arg="tiny") if tiny else sw.fixed()
-  # Seed-major: every method's seed 0 runs first, so a sweep cut short still has a full row.
-  students = sw.product(sw.seeds(num_seeds), sw.args("method", METHODS), size)
+  students = sw.product(sw.args("method", METHODS), sw.seeds(num_seeds), size)
   # One evaluation per epoch (the configs' four per epoch are for curves).
   length = lambda n: {} if tiny else {"num_epochs": n, "eval_every_epochs": 1.0}
   students = sw.with_overrides(students, {"teachers.teacher.checkpoint": "{ROOT}/teacher",
