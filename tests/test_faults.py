@@ -252,12 +252,16 @@ def test_interrupted_run_ends_bit_identical(env, straight):
     assert "rerun" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-3000:]
 
     # 2. SIGKILL at random moments: during start-up/compilation, mid-checkpoint, anywhere.
-    kills, mid_write = 0, 0
+    # Each kill waits for a bounded number of new steps (never a bounded time), so however fast
+    # the machine, ten launches leave the run unfinished.
+    kills, mid_write, ended = 0, 0, []
     for i in range(10):
       proc = launch(env, workdir)
       done = len(metrics_rows(workdir))
-      if i == 0:
-        time.sleep(rng.uniform(1, 4))  # Importing, building, compiling.
+      if i == 0:  # Importing, building, compiling: before the launch's first step.
+        deadline = time.time() + rng.uniform(1, 4)
+        while time.time() < deadline and not progressed(workdir, done)() and proc.poll() is None:
+          time.sleep(0.002)
       elif i % 3 == 1:  # The moment a checkpoint is being written.
         def writing():
           try:
@@ -268,13 +272,16 @@ def test_interrupted_run_ends_bit_identical(env, straight):
               os.path.join(workdir, "checkpoints", n, "checksums.json")) for n in names)
         if wait_for(progressed(workdir, done), proc):
           mid_write += wait_for(writing, proc)
-      else:
-        wait_for(progressed(workdir, done), proc)
-        time.sleep(rng.uniform(0, 0.4))
+      else:  # Anywhere within the launch's first few steps.
+        wait_for(progressed(workdir, done + rng.randrange(2)), proc)
+        time.sleep(rng.uniform(0, 0.05))
       if proc.poll() is None:
         proc.kill()
         kills += 1
-      proc.communicate()
+        proc.communicate()
+      else:
+        ended.append((i, proc.returncode, proc.communicate()[1][-2000:]))
+    assert not ended, f"launches that ended before their kill (i, rc, stderr): {ended}"
     assert kills == 10 and mid_write >= 2
     assert len(metrics_rows(workdir)) < len(metrics_rows(straight)), "finished too early"
 
