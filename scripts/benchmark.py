@@ -146,7 +146,7 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
                                                  student_dtype=FLAGS.dtype)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
   teacher_vars = {n: {} if cached else t.variables for n, t in teachers.items()}
-  logit_keys = {teacher_cache.batch_key(n): FLAGS.num_classes for n in cached_names}
+  logit_keys = {teacher_cache.batch_key(n): (FLAGS.num_classes,) for n in cached_names}
   variables = init(student, 0)
   objective_params, objective_state = jax.jit(functools.partial(
       init_objective, objective, student_apply, teacher_applies))(
@@ -160,7 +160,7 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
       "image": rng.normal(size=(FLAGS.batch_size, *shape)).astype(np.float32),
       "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype(np.int32),
       "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32),
-      **{key: rng.normal(size=(FLAGS.batch_size, k)).astype(np.float32)
+      **{key: rng.normal(size=(FLAGS.batch_size, *k)).astype(np.float32)
          for key, k in logit_keys.items()}})
   start = time.perf_counter()
   train_step = train_step.lower(state, teacher_vars, batch).compile()
@@ -358,7 +358,7 @@ def cache_read_ms(num_teachers: int) -> float:
     for record in records:
       writer.write(record.tobytes())
     writer.close()
-    reader = teacher_cache.CacheReader(path, FLAGS.num_examples, 1, FLAGS.num_classes,
+    reader = teacher_cache.CacheReader(path, FLAGS.num_examples, 1, (FLAGS.num_classes,),
                                        records.dtype)
     reader(0, np.arange(1))  # Loads the table.
     batches = [rng.integers(0, FLAGS.num_examples, FLAGS.batch_size) for _ in range(200)]

@@ -1,6 +1,6 @@
 """Language models end to end: a tiny teacher trained through the CLI on the embedded corpus
-learns (held-out loss falls), and a token-KD step gives the single-device result on the
-8-device mesh."""
+learns (held-out loss falls), a token-KD step gives the single-device result on the 8-device
+mesh, and a per-token teacher cache trains as the live teacher does."""
 
 import json
 import math
@@ -9,9 +9,11 @@ import os
 import jax
 import numpy as np
 import pytest
+import scipy.special
 from conftest import ROOT, run_cli
 
 from distill_jax.config import ConfigError, load_config_file, validate
+from distill_jax.data import teacher_cache, text
 from distill_jax.train import loop
 
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -54,7 +56,7 @@ def _steps(config, num_steps):
   state = parallel.put_state(init)
   teacher_vars = parallel.put_teachers(run["teacher_vars"])
   batches = run["task"].train_iterator(config.data, global_batch_size=config.batch_size,
-                                       seed=config.seed)
+                                       seed=config.seed, side_data=run["side_data"]["train"])
   for _ in range(num_steps):
     state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
   return init, parallel.to_host(state), jax.device_get(parallel.get(metrics))
@@ -92,5 +94,49 @@ def test_unknown_task_and_too_long_rows_are_refused(data_dir):
   config = lm_config("teacher", data_dir, **{"data.seq_len": 48})
   with pytest.raises(ValueError, match="48 tokens is longer than the model's context of 32"):
     loop.build_run(config)
-  with pytest.raises(ConfigError, match="teachers.teacher.cache: task 'language_model' cannot"):
-    loop.build_run(lm_config("fkl", data_dir, **{"teachers.teacher.cache": "/nowhere"}))
+
+
+def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path):
+  """scripts/cache_teacher.py's writer on a language model: each row's [L, k] top-k
+  log-probabilities and remaining mass per token. Top-k KD with the same k reads exactly the
+  live teacher's top k and rest, so two steps from the cache equal two live steps; a cache
+  made at another row length is refused, naming it."""
+  base = {"teachers.teacher.checkpoint": lm_teacher, "data.train_subset": 64,
+          "parallel.num_devices": 1}
+  config = lm_config("topk", data_dir, **base)
+  directory = teacher_cache.cache_teachers(config, str(tmp_path), top_k=16,
+                                           batch_size=32)["teacher"]
+  run = loop.build_run(lm_config("topk", data_dir, **base,
+                                 **{"teachers.teacher.cache": directory}))
+  assert run["teacher_vars"]["teacher"] == {}  # No forward: the logits come with the batch.
+  # The reader against NumPy on the live teacher's logits: top 16 exact, the rest spread.
+  live = loop.build_run(config)
+  ids = np.array([3, 0, 63])
+  rows = text.packed_split(config.data, "train").rows(ids)
+  logits = np.asarray(live["teacher_applies"]["teacher"](
+      live["teacher_vars"]["teacher"], rows, False).logits, np.float64)
+  log_probs = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+  cached = run["side_data"]["train"][teacher_cache.batch_key("teacher")](0, ids)
+  assert cached.shape == (3, 32, 259)
+  top = np.argsort(-log_probs, axis=-1)[..., :16]
+  np.testing.assert_allclose(np.take_along_axis(cached, top, -1),
+                             np.take_along_axis(log_probs, top, -1), atol=1e-5)
+  rest = np.log1p(-np.exp(np.take_along_axis(log_probs, top, -1)).sum(-1))
+  others = np.ones_like(cached, bool)
+  np.put_along_axis(others, top, False, axis=-1)
+  np.testing.assert_allclose(cached[others].reshape(3, 32, 243), np.broadcast_to(
+      (rest - np.log(243))[..., None], (3, 32, 243)), atol=1e-4)
+  # Training from the cache = training with the live teacher.
+  _, from_cache, cache_metrics = _steps(lm_config("topk", data_dir, **base, **{
+      "teachers.teacher.cache": directory}), 2)
+  _, from_live, live_metrics = _steps(config, 2)
+  for a, b in zip(jax.tree.leaves(from_live.params), jax.tree.leaves(from_cache.params),
+                  strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+  for key in ("loss", "loss/token_ce", "loss/token_topk_kd", "agreement"):
+    np.testing.assert_allclose(cache_metrics[key], live_metrics[key], rtol=1e-5, err_msg=key)
+  assert live_metrics["loss/token_topk_kd"] > 0
+  # Other rows (another length) than the cache's: refused, naming the difference.
+  with pytest.raises(teacher_cache.CacheError, match=r"seq_len: cache has 32, this run has 16"):
+    loop.build_run(lm_config("topk", data_dir, **base, **{
+        "teachers.teacher.cache": directory, "data.seq_len": 16}))

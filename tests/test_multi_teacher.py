@@ -17,9 +17,12 @@ from distill_jax.config import ConfigError
 from distill_jax.data import teacher_cache
 from distill_jax.data.teacher_cache import CacheError
 from distill_jax.models import build_model
+from distill_jax.tasks import get_task
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
 from distill_jax.train.checkpoint import CheckpointError, export_model, read_model_meta
+
+CLASSIFICATION = get_task("classification")
 
 MLP_TEACHER = {"model": "mlp", "kwargs": {"hidden": (64,)}}
 
@@ -99,7 +102,8 @@ def test_cache_holds_the_teachers_forward_per_augmented_slot(data_dir, teacher_d
   directory = teacher_cache.cache_teachers(config, str(tmp_path), batch_size=128)["teacher"]
   info = data_lib.get_info(config.data)
   teacher = load_teacher("teacher", config.teachers.teacher, info.num_classes, info.image_shape)
-  readers = teacher_cache.open_cache(directory, teacher, config.data, seed=config.seed,
+  readers = teacher_cache.open_cache(directory, teacher, CLASSIFICATION, config.data,
+                                     seed=config.seed,
                                      splits=("train", "test"))
   train = data_lib.train_iterator(config.data, global_batch_size=1, seed=config.seed)
   ids = np.array([0, 5, 1499, 7])
@@ -120,7 +124,8 @@ def test_cache_holds_the_teachers_forward_per_augmented_slot(data_dir, teacher_d
   other_seed = tiny("kd", data_dir, seed=3, **{
       "teachers.teacher.checkpoint": teacher_dir, "data.augment": "crop",
       "data.augment_period": 2, "data.augment_seed": 11})
-  teacher_cache.open_cache(directory, teacher, other_seed.data, seed=3, splits=("train",))
+  teacher_cache.open_cache(directory, teacher, CLASSIFICATION, other_seed.data, seed=3,
+                           splits=("train",))
 
 
 @pytest.mark.parametrize("top_k", [0, 1, 3])
@@ -225,8 +230,9 @@ def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
   assert np.isfinite(metrics["loss/kd"])
   directory = teacher_cache.cache_teachers(config, str(tmp_path / "cache"), names=["big"],
                                            batch_size=64)["big"]
-  reader = teacher_cache.open_cache(directory, run["teachers"]["big"], config.data,
-                                    seed=config.seed, splits=("train", "test"))["test"]
+  reader = teacher_cache.open_cache(directory, run["teachers"]["big"], CLASSIFICATION,
+                                    config.data, seed=config.seed,
+                                    splits=("train", "test"))["test"]
   np.testing.assert_allclose(reader(0, batch["id"]), got, atol=1e-5)
 
 

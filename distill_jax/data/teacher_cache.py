@@ -1,19 +1,23 @@
 """Teacher output cache: each teacher's logits per example, computed once, read by training.
 
 When a teacher sees fixed inputs - no random augmentation, or a fixed set of augmentation
-draws per example (`data.augment_period = P`: epoch e reuses epoch e % P's crops) - its
-outputs are a function of the example alone, and running it every step is wasted work
-(with 4 ResNet-56 teachers, most of a KD step). `scripts/cache_teacher.py` runs every
-teacher once over the train split (P times when augmented) and the eval split and writes,
-per teacher, a directory:
+draws per example (`data.augment_period = P`: epoch e reuses epoch e % P's crops), or packed
+text rows - its outputs are a function of the example alone, and running it every step is
+wasted work (with 4 ResNet-56 teachers, most of a KD step). The cache knows no task: the
+config's task gives the inputs (its iterators), what decides them (`Task.input_fingerprint`)
+and the shape of one example's logits (`[K]` for an image, `[L, V]` for a row of L tokens).
+`scripts/cache_teacher.py` runs every teacher once over the train split (P times when
+augmented) and the eval split and writes, per teacher, a directory:
 
     CACHE/NAME/cache.json            what was cached, and from what (the fingerprints)
     CACHE/NAME/SPLIT.array_record    one record per (slot, example id), at slot * n + id
 
 A record holds the teacher's logits at T = 1 (float32 or float16) or, with `top_k = k`, its k
-largest log-probabilities, their classes and the log of the remaining probability mass, which
-reading spreads evenly over the other classes (so the tempered distribution is approximate;
-`top_k = 0` is exact). Records are fixed-size NumPy structs: nothing is unpickled.
+largest log-probabilities, their classes and the log of the remaining probability mass (per
+token, for text), which reading spreads evenly over the other classes (so the tempered
+distribution is approximate; `top_k = 0` is exact; top-k KD with the same k reads exactly the
+live teacher's top k and remaining mass). Records are fixed-size NumPy structs: nothing is
+unpickled.
 
 A run reads a cache with `config.teachers.NAME.cache = CACHE/NAME`: the pipeline adds
 `batch['teacher_logits/NAME']` and the teacher's forward becomes a read of that key, in the
@@ -34,7 +38,6 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
-from distill_jax.data import pipeline as data_lib
 from distill_jax.outputs import Outputs
 
 FORMAT = 1
@@ -77,23 +80,6 @@ def teacher_digest(teacher: Any) -> str:
   return digest.hexdigest()
 
 
-def input_fingerprint(data_config: Any, split: str, seed: int, augmented: bool
-                      ) -> dict[str, Any]:
-  """Everything that decides what a teacher sees of `split`: the data's content, its
-  normalisation and, for augmented (train) inputs, the augmentation settings and seed."""
-  info = data_lib.get_info(data_config)
-  fingerprint = {
-      "data": data_config.name, "split": split, "num_examples": info.num_examples[split],
-      "sha256": data_lib.split_digest(data_config, split), "image_shape": list(info.image_shape),
-      "pixel_max": info.pixel_max, "mean": list(info.mean), "std": list(info.std),
-      "augment": data_config.get("augment", "none") if augmented else "none"}
-  if fingerprint["augment"] != "none":
-    fingerprint.update(crop_padding=int(data_config.crop_padding),
-                       augment_seed=data_lib.augment_seed(data_config, seed),
-                       augment_period=int(data_config.get("augment_period", 0)))
-  return fingerprint
-
-
 def num_slots(fingerprint: Mapping[str, Any]) -> int:
   """Versions of each example in a split: its augmentation period, or 1 without augmentation."""
   if fingerprint["augment"] == "none":
@@ -108,11 +94,14 @@ def num_slots(fingerprint: Mapping[str, Any]) -> int:
   return int(period)
 
 
-def _record_dtype(num_classes: int, top_k: int, dtype: str) -> np.dtype:
+def _record_dtype(output_shape: Sequence[int], top_k: int, dtype: str) -> np.dtype:
+  """One example's record for logits of `output_shape` (`[..., num_classes]`)."""
+  *positions, num_classes = (int(d) for d in output_shape)
   if top_k:
-    return np.dtype([("index", "<i4", (top_k,)), ("log_prob", "<f4", (top_k,)),
-                     ("log_rest", "<f4")])
-  return np.dtype([("logits", np.dtype(dtype).newbyteorder("<"), (num_classes,))])
+    return np.dtype([("index", "<i4", (*positions, top_k)),
+                     ("log_prob", "<f4", (*positions, top_k)),
+                     ("log_rest", "<f4", tuple(positions))])
+  return np.dtype([("logits", np.dtype(dtype).newbyteorder("<"), (*positions, num_classes))])
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -122,14 +111,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def encode(logits: np.ndarray, top_k: int, dtype: str = "float32") -> np.ndarray:
-  """Logits [n, K] -> n cache records (a structured array)."""
-  n, num_classes = logits.shape
-  records = np.zeros(n, _record_dtype(num_classes, top_k, dtype))
+  """Logits [n, ..., K] -> n cache records (a structured array)."""
+  records = np.zeros(len(logits), _record_dtype(logits.shape[1:], top_k, dtype))
   if not top_k:
     records["logits"] = logits
     return records
   log_probs = _log_softmax(logits)
-  index = np.argsort(-log_probs, axis=-1, kind="stable")[:, :top_k]
+  index = np.argsort(-log_probs, axis=-1, kind="stable")[..., :top_k]
   rest = log_probs.copy()
   np.put_along_axis(rest, index, -np.inf, axis=-1)
   top = rest.max(axis=-1, keepdims=True)
@@ -142,30 +130,31 @@ def encode(logits: np.ndarray, top_k: int, dtype: str = "float32") -> np.ndarray
 
 
 def decode(records: np.ndarray, num_classes: int) -> np.ndarray:
-  """Cache records -> float32 logits [n, K]; top-k records give log-probabilities with the
-  remaining mass spread evenly over the classes outside the top k."""
+  """Cache records -> float32 logits [n, ..., K]; top-k records give log-probabilities with
+  the remaining mass spread evenly over the classes outside the top k."""
   if "logits" in records.dtype.names:
     return records["logits"].astype(np.float32)
   top_k = records["index"].shape[-1]
   fill = records["log_rest"].astype(np.float64) - np.log(num_classes - top_k)
-  logits = np.repeat(fill[:, None], num_classes, axis=1)
+  logits = np.repeat(fill[..., None], num_classes, axis=-1)
   np.put_along_axis(logits, records["index"].astype(np.int64), records["log_prob"], axis=-1)
   return logits.astype(np.float32)
 
 
-def write_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
+def write_cache(directory: str, teacher: Any, task: Any, data_config: Any, *, seed: int,
                 splits: Sequence[str], batch_size: int = 256, top_k: int = 0,
                 dtype: str = "float32", checkpoint: str = "", progress: Any = None
                 ) -> dict[str, Any]:
   """Runs `teacher` (a `teachers.Teacher`) over `splits` and writes its cache to `directory`.
 
-  The first split is read as training sees it (augmented: one version per slot), the others
-  as evaluation does. `cache.json` is written last, so an interrupted write leaves no cache
-  that a run would accept. Returns the cache's metadata.
+  `task` (a `tasks.Task`) gives the inputs: the first split read as training sees it
+  (augmented: one version per slot), the others as evaluation does. `cache.json` is written
+  last, so an interrupted write leaves no cache that a run would accept. Returns the cache's
+  metadata.
   """
   from distill_jax.features import make_apply  # The forward the run would use.
 
-  info = data_lib.get_info(data_config)
+  info = task.info(data_config)
   if not 0 <= top_k < info.num_classes:
     raise CacheError(f"top_k must be in [0, {info.num_classes}) for {info.num_classes} "
                      f"classes (0: all logits), got {top_k}.")
@@ -175,29 +164,30 @@ def write_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
   meta_path = os.path.join(directory, META_FILE)
   if os.path.exists(meta_path):
     os.remove(meta_path)
-  apply = jax.jit(lambda variables, images: make_apply(
-      teacher.module, input_size=teacher.input_size)(
-      variables, {"image": images}, False).logits)
-  train_iter = data_lib.train_iterator(data_config, global_batch_size=1, seed=seed)
+  forward = make_apply(teacher.module, input_key=task.input_key, input_size=teacher.input_size)
+  apply = jax.jit(lambda variables, inputs: forward(
+      variables, {task.input_key: inputs}, False).logits)
+  train_iter = task.train_iterator(data_config, global_batch_size=1, seed=seed)
   meta: dict[str, Any] = {
       "format": FORMAT, "teacher": teacher.name, "model": teacher.model,
       "checkpoint": checkpoint, "num_classes": info.num_classes, "top_k": int(top_k),
-      "dtype": dtype, "splits": {},
-      "teacher_sha256": teacher_digest(teacher)}
+      "dtype": dtype, "splits": {}, "teacher_sha256": teacher_digest(teacher)}
   for i, split in enumerate(splits):
-    fingerprint = input_fingerprint(data_config, split, seed, augmented=i == 0)
+    fingerprint = task.input_fingerprint(data_config, split, seed, augmented=i == 0)
     slots, n = num_slots(fingerprint), fingerprint["num_examples"]
     path = os.path.join(directory, f"{split}.array_record")
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    eval_source = None if i == 0 else data_lib.eval_batches(
+    eval_source = None if i == 0 else task.eval_batches(
         data_config, global_batch_size=batch_size, split=split)
     for slot in range(slots):
       for start in range(0, n, batch_size):
         ids = np.arange(start, min(start + batch_size, n))
-        images = (train_iter.examples(slot, ids) if i == 0 else next(eval_source))["image"]
-        padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-        padded[:len(ids)] = images[:len(ids)]
+        inputs = (train_iter.examples(slot, ids) if i == 0 else next(eval_source))
+        inputs = np.asarray(inputs[task.input_key])
+        padded = np.zeros((batch_size, *inputs.shape[1:]), inputs.dtype)
+        padded[:len(ids)] = inputs[:len(ids)]
         logits = np.asarray(apply(teacher.variables, padded))[:len(ids)]
+        meta["output_shape"] = list(logits.shape[1:])
         for record in encode(logits, top_k, dtype):
           writer.write(record.tobytes())
         if progress is not None:
@@ -211,17 +201,18 @@ def write_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
 
 
 class CacheReader:
-  """`(epoch, ids) -> float32 logits [n, K]` of one cached split: the pipeline's side data.
+  """`(epoch, ids) -> float32 logits [n, *output_shape]` of one cached split: the pipeline's
+  side data.
 
   Epoch e reads slot e % slots (the pipeline reuses the same augmentation draws then).
   Small caches are read into memory once; pickles without the open file (grain workers
   reopen it).
   """
 
-  def __init__(self, path: str, num_examples: int, slots: int, num_classes: int,
+  def __init__(self, path: str, num_examples: int, slots: int, output_shape: Sequence[int],
                record_dtype: np.dtype):
     self.path, self.num_examples, self.slots = path, num_examples, slots
-    self.num_classes, self.record_dtype = num_classes, record_dtype
+    self.output_shape, self.record_dtype = tuple(output_shape), record_dtype
     self._reader: Any = None
     self._table: np.ndarray | None = None
 
@@ -240,7 +231,7 @@ class CacheReader:
     else:
       records = np.frombuffer(b"".join(reader.read([int(i) for i in index])) if len(index)
                               else b"", self.record_dtype)
-    return decode(records, self.num_classes)
+    return decode(records, self.output_shape[-1])
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, "_reader": None, "_table": None}
@@ -252,12 +243,13 @@ def _differences(cached: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[s
           for k in keys if cached.get(k) != wanted.get(k)]
 
 
-def open_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
+def open_cache(directory: str, teacher: Any, task: Any, data_config: Any, *, seed: int,
                splits: Sequence[str], rebuild_hint: str = "") -> dict[str, CacheReader]:
   """Checks the cache in `directory` against this run and returns a reader per split.
 
-  `splits[0]` is the train split (compared with augmentation), the rest eval splits. Raises
-  CacheError naming the file and every difference: teacher checkpoint, data, augmentation.
+  `splits[0]` is the train split (compared with augmentation), the rest eval splits, their
+  inputs described by `task.input_fingerprint`. Raises CacheError naming the file and every
+  difference: teacher checkpoint, data, augmentation.
   """
   meta_path = os.path.join(directory, META_FILE)
   hint = f"\nRebuild it with: {rebuild_hint}" if rebuild_hint else ""
@@ -285,14 +277,15 @@ def open_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
     if entry is None:
       problems.append(f"it has no split {split!r} (it has {sorted(meta.get('splits', {}))})")
       continue
-    wanted = input_fingerprint(data_config, split, seed, augmented=i == 0)
+    wanted = task.input_fingerprint(data_config, split, seed, augmented=i == 0)
     num_slots(wanted)  # A run whose crops never repeat can use no cache: say so, plainly.
     changed = _differences(entry["inputs"], wanted)
     if changed:
       problems.append(f"split {split!r} was cached from other inputs: " + "; ".join(changed))
       continue
     path = os.path.join(directory, entry["file"])
-    record_dtype = _record_dtype(meta["num_classes"], meta["top_k"], meta["dtype"])
+    output_shape = meta.get("output_shape", [meta["num_classes"]])
+    record_dtype = _record_dtype(output_shape, meta["top_k"], meta["dtype"])
     expected = entry["slots"] * wanted["num_examples"]
     try:
       reader = array_record_module.ArrayRecordReader(path)
@@ -305,8 +298,8 @@ def open_cache(directory: str, teacher: Any, data_config: Any, *, seed: int,
       raise CacheError(f"Teacher {teacher.name!r}: cache file {path} is corrupt: {found} "
                        f"records of {size} bytes, {META_FILE} says {expected} of "
                        f"{record_dtype.itemsize}.{hint}")
-    readers[split] = CacheReader(path, wanted["num_examples"], entry["slots"],
-                                 meta["num_classes"], record_dtype)
+    readers[split] = CacheReader(path, wanted["num_examples"], entry["slots"], output_shape,
+                                 record_dtype)
   if problems:
     raise CacheError(f"Teacher {teacher.name!r}: refusing the stale cache {directory!r}:\n  - "
                      + "\n  - ".join(problems) + hint)
@@ -320,24 +313,26 @@ def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), to
   the config's train and eval splits with its data settings and seed. Returns {name: dir}."""
   from tqdm import tqdm
 
+  from distill_jax import tasks
   from distill_jax.teachers import load_teacher
 
-  info = data_lib.get_info(config.data)
+  task = tasks.get_task(config.get("task"))
+  info = task.info(config.data)
   names = list(names) or list(config.teachers)
   unknown = sorted(set(names) - set(config.teachers))
   if unknown:
     raise CacheError(f"No teacher(s) {unknown} in the config; it has {sorted(config.teachers)}.")
   splits = (config.data.train_split, config.data.eval_split)
-  train = input_fingerprint(config.data, splits[0], config.seed, augmented=True)
+  train = task.input_fingerprint(config.data, splits[0], config.seed, augmented=True)
   per_teacher = (num_slots(train) * train["num_examples"]
                  + info.num_examples[splits[1]])
   written = {}
   with tqdm(total=per_teacher * len(names), disable=not progress_bar, unit="ex",
             desc="cache") as bar:
     for name in names:
-      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.image_shape)
+      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.input_shape)
       directory = os.path.join(cache_dir, name)
-      write_cache(directory, teacher, config.data, seed=config.seed, splits=splits,
+      write_cache(directory, teacher, task, config.data, seed=config.seed, splits=splits,
                   batch_size=batch_size, top_k=top_k, dtype=dtype,
                   checkpoint=teacher.checkpoint, progress=bar.update)
       written[name] = directory

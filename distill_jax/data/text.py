@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -169,6 +170,18 @@ def packed_split(data_config: Any, split: str) -> Packed:
   return packed
 
 
+def rows_digest(data_config: Any, split: str) -> str:
+  """SHA-256 of the packed rows of `split` (tokens, targets, masks, documents): what "the same
+  text" means when a teacher's cached outputs are matched to a run."""
+  packed = packed_split(data_config, split)
+  digest = hashlib.sha256()
+  for name in ("tokens", "targets", "mask", "document"):
+    array = np.ascontiguousarray(getattr(packed, name))
+    digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def get_text_info(data_config: Any) -> TextInfo:
   """Describes the configured text data set, packed at `data_config.seq_len`."""
   splits = (_field(data_config, "train_split", "train"), _field(data_config, "eval_split", "test"))
@@ -201,6 +214,7 @@ class _RowBatcher:
   batch_size: int
   process_index: int
   seed: int
+  side_data: tuple[tuple[str, Any], ...] = ()
 
   @property
   def steps_per_epoch(self) -> int:
@@ -217,21 +231,18 @@ class _RowBatcher:
     return self.examples(epoch, self.epoch_order(epoch)[positions])
 
   def examples(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
-    del epoch  # Rows are not augmented.
-    return self.packed.rows(ids)
-
-
-def _no_side_data(side_data: Mapping[str, Any] | None) -> None:
-  if side_data:
-    raise ValueError(f"Text batches cannot carry side data yet (asked for {sorted(side_data)}).")
+    """Rows `ids` (not augmented: the same in every epoch), with `side_data`'s keys."""
+    batch = self.packed.rows(ids)
+    for key, fn in self.side_data:
+      batch[key] = np.asarray(fn(epoch, ids))
+    return batch
 
 
 def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    side_data: Mapping[str, Any] | None = None) -> TrainIterator:
   """An infinite, deterministic iterator over this process's share of the packed train rows.
-  (`side_data`, per-example data such as cached teacher outputs, is not supported yet.)"""
-  _no_side_data(side_data)
+  `side_data` {key: fn(epoch, ids)} adds per-row data (a teacher cache's logits) to batches."""
   split = _field(data_config, "train_split", "train")
   packed = packed_split(data_config, split)
   if len(packed) < global_batch_size:
@@ -241,7 +252,7 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   batcher = _RowBatcher(packed, _SplitName(data_config.name, split), len(packed),
                         global_batch_size,
                         _local_batch_size(global_batch_size, process_index, process_count),
-                        process_index, int(seed))
+                        process_index, int(seed), tuple((side_data or {}).items()))
   return TrainIterator(batcher, num_workers=0)
 
 
@@ -250,8 +261,8 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
                  side_data: Mapping[str, Any] | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over the packed rows of an eval split; the last global batch is padded
-  with rows whose mask is 0 (tokens PAD, id -1), so every batch has one shape."""
-  _no_side_data(side_data)
+  with rows whose mask is 0 (tokens PAD, id -1; zeros for `side_data`'s keys, read as
+  `fn(0, ids)`), so every batch has one shape."""
   packed = packed_split(data_config, split or _field(data_config, "eval_split", "test"))
   b = _local_batch_size(global_batch_size, process_index, process_count)
   pad = get_tokenizer(_field(data_config, "tokenizer", "bytes")).pad_id
@@ -259,9 +270,12 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
     positions = start + process_index * b + np.arange(b, dtype=np.int64)
     real = positions[positions < len(packed)]
     batch = packed.rows(real)
+    for key, fn in (side_data or {}).items():
+      batch[key] = np.asarray(fn(0, real))
     missing = b - len(real)
     if missing:
-      fill = {"tokens": pad, "targets": pad, "mask": 0.0, "document": -1, "id": -1}
+      fill = {"tokens": pad, "targets": pad, "mask": 0.0, "document": -1, "id": -1,
+              **{key: 0 for key in side_data or {}}}
       batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill[k], v.dtype)])
                for k, v in batch.items()}
     yield batch

@@ -33,7 +33,8 @@ class Task:
     input_key: the batch key a model reads.
     headline: the eval metric that `result.json` tracks as `best_<headline>`.
     higher_is_better: whether a larger headline is better.
-    supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches.
+    supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches
+      (the task then defines `input_fingerprint`).
   """
 
   input_key: str = "image"
@@ -50,9 +51,18 @@ class Task:
   def eval_batches(self, data_config: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
     raise NotImplementedError
 
+  def input_fingerprint(self, data_config: Any, split: str, seed: int, augmented: bool
+                        ) -> dict[str, Any]:
+    """Everything that decides what a teacher sees of `split` (augmented: as training reads
+    it), as JSON: a teacher cache is used only where this is unchanged. It holds at least
+    `num_examples` and `augment` ('none', or the augmentation with its `augment_period`)."""
+    raise NotImplementedError
+
   def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
-                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
-    """An all-zeros batch of the shapes the step sees."""
+                    cached_logits: Mapping[str, tuple[int, ...]] | None = None
+                    ) -> dict[str, jax.Array]:
+    """An all-zeros batch of the shapes the step sees, with `cached_logits` {batch key: one
+    example's logits shape} for the teachers read from a cache."""
     raise NotImplementedError
 
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],

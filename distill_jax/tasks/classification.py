@@ -39,14 +39,31 @@ class Classification(Task):
   def eval_batches(self, data_config: Any, **kwargs: Any) -> Any:
     return data_lib.eval_batches(data_config, **kwargs)
 
+  def input_fingerprint(self, data_config: Any, split: str, seed: int, augmented: bool
+                        ) -> dict[str, Any]:
+    """The split's content (SHA-256 of the stored images and labels), its normalisation and,
+    for augmented (train) inputs, the augmentation settings and seed."""
+    info = data_lib.get_info(data_config)
+    fingerprint = {
+        "data": data_config.name, "split": split, "num_examples": info.num_examples[split],
+        "sha256": data_lib.split_digest(data_config, split),
+        "image_shape": list(info.image_shape), "pixel_max": info.pixel_max,
+        "mean": list(info.mean), "std": list(info.std),
+        "augment": data_config.get("augment", "none") if augmented else "none"}
+    if fingerprint["augment"] != "none":
+      fingerprint.update(crop_padding=int(data_config.crop_padding),
+                         augment_seed=data_lib.augment_seed(data_config, seed),
+                         augment_period=int(data_config.get("augment_period", 0)))
+    return fingerprint
+
   def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
-                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
-    """With `cached_logits` {batch key: number of classes} for teachers read from a cache."""
+                    cached_logits: Mapping[str, tuple[int, ...]] | None = None
+                    ) -> dict[str, jax.Array]:
     batch = {"image": jnp.zeros((batch_size, *input_shape), jnp.float32),
              "label": jnp.zeros((batch_size,), jnp.int32),
              "id": jnp.zeros((batch_size,), jnp.int32)}
-    for key, num_classes in (cached_logits or {}).items():
-      batch[key] = jnp.zeros((batch_size, num_classes), jnp.float32)
+    for key, shape in (cached_logits or {}).items():
+      batch[key] = jnp.zeros((batch_size, *shape), jnp.float32)
     return batch
 
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],

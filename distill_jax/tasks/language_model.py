@@ -41,6 +41,7 @@ class LanguageModel(Task):
   input_key: str = "tokens"
   headline: str = "perplexity"
   higher_is_better: bool = False
+  supports_teacher_cache: bool = True
 
   def info(self, data_config: Any) -> TaskInfo:
     info = text.get_text_info(data_config)
@@ -52,13 +53,27 @@ class LanguageModel(Task):
   def eval_batches(self, data_config: Any, **kwargs: Any) -> Any:
     return text.eval_batches(data_config, **kwargs)
 
+  def input_fingerprint(self, data_config: Any, split: str, seed: int, augmented: bool
+                        ) -> dict[str, Any]:
+    """The packed rows' content (SHA-256), their length and tokenizer; text is never
+    augmented, so the seed and `augmented` do not matter."""
+    del seed, augmented
+    info = text.get_text_info(data_config)
+    return {"data": data_config.name, "split": split,
+            "num_examples": len(text.packed_split(data_config, split)),
+            "sha256": text.rows_digest(data_config, split), "seq_len": info.seq_len,
+            "tokenizer": info.tokenizer, "augment": "none"}
+
   def example_batch(self, input_shape: tuple[int, ...], batch_size: int,
-                    cached_logits: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
-    del cached_logits  # No teacher caches for text yet (`supports_teacher_cache`).
+                    cached_logits: Mapping[str, tuple[int, ...]] | None = None
+                    ) -> dict[str, jax.Array]:
     rows = (batch_size, *input_shape)
-    return {"tokens": jnp.zeros(rows, jnp.int32), "targets": jnp.zeros(rows, jnp.int32),
-            "mask": jnp.ones(rows, jnp.float32), "document": jnp.zeros(rows, jnp.int32),
-            "id": jnp.zeros((batch_size,), jnp.int32)}
+    batch = {"tokens": jnp.zeros(rows, jnp.int32), "targets": jnp.zeros(rows, jnp.int32),
+             "mask": jnp.ones(rows, jnp.float32), "document": jnp.zeros(rows, jnp.int32),
+             "id": jnp.zeros((batch_size,), jnp.int32)}
+    for key, shape in (cached_logits or {}).items():
+      batch[key] = jnp.zeros((batch_size, *shape), jnp.float32)
+    return batch
 
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -186,7 +186,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
   caches = {name: teacher_cache.open_cache(
-      settings.cache, teachers[name], config.data, seed=config.seed, splits=splits,
+      settings.cache, teachers[name], task, config.data, seed=config.seed, splits=splits,
       rebuild_hint=f"python scripts/cache_teacher.py --config=... --cache_dir="
                    f"{os.path.dirname(os.path.abspath(settings.cache))} (same data and "
                    "teacher settings as this run)")
@@ -210,7 +210,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
       student_dtype=config.get("dtype", "float32"), input_key=task.input_key)
   example = task.example_batch(input_shape, config.batch_size,
-                               {teacher_cache.batch_key(n): task_info.num_classes for n in caches})
+                               {teacher_cache.batch_key(n): readers[splits[0]].output_shape
+                                for n, readers in caches.items()})
   add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
@@ -337,9 +338,10 @@ def compile_steps(parallel: Parallel, student_apply: ApplyFn,
 
 
 def example_batch(image_shape: tuple[int, ...], batch_size: int,
-                  cached_logits: dict[str, int] | None = None) -> dict[str, jax.Array]:
+                  cached_logits: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, jax.Array]:
   """An all-zeros classification batch of the shapes the step sees, with `cached_logits`
-  {batch key: number of classes} for the teachers read from a cache
+  {batch key: one example's logits shape} for the teachers read from a cache
   (`tasks.Task.example_batch` for any task)."""
   return step_lib.CLASSIFICATION.example_batch(image_shape, batch_size, cached_logits)
 
