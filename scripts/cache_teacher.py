@@ -14,6 +14,16 @@ Inputs must repeat for a cache to make sense: `data.augment=none`, or `data.augm
 (P versions of each example, reused every P epochs; fix `data.augment_seed` to share one cache
 between seeds). `--top_k=K` stores the K largest probabilities and the remaining mass instead
 of all logits (an approximation; for many classes).
+
+Language models (`configs/lm.py`) cache per token: each packed row's [L, K] top-K
+log-probabilities and the remaining mass per position. Top-k KD with the same K then trains
+exactly as with the live teacher:
+
+    python scripts/cache_teacher.py --config=configs/lm.py:topk --cache_dir=runs/lm/cache \
+        --config.teachers.teacher.checkpoint=runs/lm/teacher --top_k=16
+    distill-jax --config=configs/lm.py:topk --workdir=runs/lm/topk_cached \
+        --config.teachers.teacher.checkpoint=runs/lm/teacher \
+        --config.teachers.teacher.cache=runs/lm/cache/teacher
 """
 
 from __future__ import annotations
