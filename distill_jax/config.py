@@ -21,17 +21,11 @@ from typing import Any
 
 import ml_collections
 
-from distill_jax import models, tasks
+from distill_jax import models, optim, tasks
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
+from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, MESH_AXES, MODES, TEACHER_SHARDINGS
 from distill_jax.objective import build_objective
-from distill_jax.train import optim
-from distill_jax.train.parallel import (
-    DEFAULT_MIN_SHARD_SIZE,
-    MESH_AXES,
-    MODES,
-    TEACHER_SHARDINGS,
-)
 
 
 class ConfigError(ValueError):

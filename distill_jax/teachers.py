@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from distill_jax import models
-from distill_jax.train.checkpoint import CheckpointError, load_model_variables, read_model_meta
+from distill_jax.model_io import CheckpointError, load_model_variables, read_model_meta
 
 
 @dataclasses.dataclass(frozen=True)

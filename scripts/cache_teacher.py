@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config and --cache_dir are required.")
   from distill_jax.config import ConfigError, validate
   from distill_jax.data.teacher_cache import CacheError, cache_teachers
-  from distill_jax.train.checkpoint import CheckpointError
+  from distill_jax.model_io import CheckpointError
   from distill_jax.train.logging import quiet_library_logs
 
   quiet_library_logs()

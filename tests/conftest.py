@@ -47,8 +47,8 @@ def untrained_teacher(directory, hidden=(16,), seed=3):
   import jax
   import numpy as np
 
+  from distill_jax.model_io import export_model
   from distill_jax.models import build_model
-  from distill_jax.train.checkpoint import export_model
 
   module = build_model("mlp", 10, hidden=hidden)
   variables = module.init(jax.random.PRNGKey(seed), np.zeros((1, 8, 8, 1)), train=False)

@@ -629,7 +629,7 @@ def test_objective_end_to_end(name, settings):
   hp = loss_hparams(LOSSES.get(name))
   for key in ("student_layer", "student_layers"):
     if key in hp:
-      assert set(hints._names(hp[key])) <= set(objective.student_features)
+      assert set(hints.layer_tuple(hp[key])) <= set(objective.student_features)
   params, state = _jit(objective.init)(_key(0), student, teachers, batch)
   has_stats = "batch_stats" in state[name]
 

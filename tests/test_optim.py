@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax.train import optim
+from distill_jax import optim
 
 
 def optim_config(**overrides):

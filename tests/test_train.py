@@ -13,9 +13,9 @@ from conftest import run_digits_cli, tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
+from distill_jax.model_io import CheckpointError
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
-from distill_jax.train.checkpoint import CheckpointError
 
 
 def exported(workdir):

@@ -158,8 +158,8 @@ def main(argv: list[str], banner: str = "") -> int:
     print(banner, file=sys.stderr, flush=True)
   from distill_jax.audit.models import AuditError
   from distill_jax.data.pipeline import DataNotPreparedError
+  from distill_jax.model_io import CheckpointError
   from distill_jax.registry import UnknownNameError
-  from distill_jax.train.checkpoint import CheckpointError
 
   try:
     audit(args)

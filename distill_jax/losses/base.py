@@ -97,8 +97,7 @@ def feature_pairs(student: Outputs, teachers: Mapping[str, Outputs],
                   student_layers: str | Sequence[str], teacher_layers: str | Sequence[str],
                   teacher: str | None = None) -> list[tuple[jax.Array, jax.Array]]:
   """[(student feature, teacher feature)] for the paired layer names, in order."""
-  s_names = (student_layers,) if isinstance(student_layers, str) else tuple(student_layers)
-  t_names = (teacher_layers,) if isinstance(teacher_layers, str) else tuple(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   if len(s_names) != len(t_names):
     raise ValueError(f"student layers {s_names} and teacher layers {t_names} must pair up "
                      "one to one.")
@@ -200,3 +199,49 @@ def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
                      for t in teachers.values()])
   w = teacher_weights(teachers, aggregation, weights, labels)
   return jax.nn.logsumexp(logps, axis=0, b=w.reshape(w.shape + (1,) * (logps.ndim - 2)))
+
+
+# ---------------------------------------------------------------------- shared array helpers
+
+# The floor of a norm before dividing by it, as PyTorch's `F.normalize` (x / max(||x||, eps)),
+# which the reference implementations of AT, SP, RKD (angles), NST, VID/AB and CRD use.
+NORM_EPS = 1e-12
+
+
+def layer_tuple(layers: str | Sequence[str]) -> tuple[str, ...]:
+  """A term's layer setting (one name or several) as a tuple of names."""
+  return (layers,) if isinstance(layers, str) else tuple(layers)
+
+
+def safe_norm(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+  """`max(||x||_2, eps)` over `axis` (kept), computed as `sqrt(max(sum x^2, eps^2))`.
+
+  Same value as clamping the norm, but the gradient is finite (zero) at x = 0, where the
+  gradient of a plain norm is 0/0.
+  """
+  return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+  """`x / max(||x||_2, eps)` along `axis` (PyTorch's `F.normalize`); zero vectors stay zero."""
+  return x / safe_norm(x, axis, eps)
+
+
+def avg_pool_to(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
+  """Average-pools [B, *S, C] to [B, *spatial, C]; each S_i must be a multiple of spatial_i.
+
+  Equal to adaptive average pooling (PyTorch's `adaptive_avg_pool2d`, as in the CRD code's
+  VID, FT and NST) when the sizes divide: non-overlapping windows of size S_i / spatial_i.
+  """
+  size = tuple(x.shape[1:-1])
+  spatial = tuple(spatial)
+  if size == spatial:
+    return x
+  if len(size) != len(spatial) or any(s % o for s, o in zip(size, spatial, strict=True)):
+    raise ValueError(f"cannot average-pool spatial size {size} to {spatial}: the ratio must "
+                     "be an integer on every axis.")
+  shape = [x.shape[0]]
+  for s, o in zip(size, spatial, strict=True):
+    shape += [o, s // o]
+  x = x.reshape(*shape, x.shape[-1])
+  return jnp.mean(x, axis=tuple(range(2, 2 * len(size) + 1, 2)))

@@ -4,7 +4,7 @@ Registered here: `crd`, a module term with two trainable embedding heads and two
 memory banks (one row per training example) in its non-trainable 'memory' collection.
 
 The core math is in small pure array functions, checked against NumPy in the tests:
-`l2_normalize`, `sample_contrast_indices`, `contrast_logits`, `log_normalizer`, `nce_loss`
+`sample_contrast_indices`, `contrast_logits`, `log_normalizer`, `nce_loss`
 and `momentum_update`. `CRD` only wires them together and keeps the state.
 """
 
@@ -17,13 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.initializers import dense_kernel_init
 from distill_jax.losses.base import (
-    example_weights,
-    feature_pairs,
-    register_loss,
-    shape_mismatch,
+  example_weights,
+  feature_pairs,
+  l2_normalize,
+  register_loss,
+  shape_mismatch,
 )
-from distill_jax.models import dense_kernel_init
 from distill_jax.outputs import Outputs
 
 # Above this ratio of bank rows to sampled rows per example, `contrast_logits` gathers the
@@ -33,12 +34,6 @@ _DENSE_SCORING_MAX_RATIO = 64
 # Where `crd` takes its negatives from, and its positive (see `CRD`).
 NEGATIVES = ("uniform", "other_class")
 POSITIVES = ("self", "same_class")
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """`x / ||x||` over the last axis; rows with norm below `eps` are divided by `eps`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def sample_contrast_indices(rng: jax.Array, ids: jax.Array, num_examples: int,

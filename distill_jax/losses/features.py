@@ -32,17 +32,18 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
+    NORM_EPS,
+    avg_pool_to,
     example_weights,
     feature_pairs,
+    l2_normalize,
+    layer_tuple,
     register_loss,
     shape_mismatch,
     weighted_mean,
 )
 from distill_jax.outputs import Outputs
 
-# The floor of a norm before dividing by it, as PyTorch's `F.normalize` (x / max(||x||, eps)),
-# which the reference implementations of AT, SP, RKD (angles) and NST use.
-NORM_EPS = 1e-12
 HIGHEST = jax.lax.Precision.HIGHEST
 
 Weights = jax.Array | None
@@ -56,10 +57,6 @@ def _float(x: jax.Array) -> jax.Array:
   return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
 
 
-def _names(layers: str | Sequence[str]) -> tuple[str, ...]:
-  return (layers,) if isinstance(layers, str) else tuple(layers)
-
-
 def _flat(x: jax.Array) -> jax.Array:
   """[B, ...] -> [B, D] in at least float32."""
   x = _float(x)
@@ -68,20 +65,6 @@ def _flat(x: jax.Array) -> jax.Array:
 
 def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
   return jnp.einsum(spec, *operands, precision=HIGHEST)
-
-
-def safe_norm(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-  """`max(||x||_2, eps)` over `axis` (kept), computed as `sqrt(max(sum x^2, eps^2))`.
-
-  Same value as clamping the norm, but the gradient is finite (zero) at x = 0, where the
-  gradient of a plain norm is 0/0.
-  """
-  return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-  """`x / max(||x||_2, eps)` along `axis` (PyTorch's `F.normalize`); zero vectors stay zero."""
-  return x / safe_norm(x, axis, eps)
 
 
 def _weights(batch: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -124,26 +107,6 @@ def common_spatial(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None
   if all(y % x == 0 for x, y in zip(a, b, strict=True)):
     return a
   return None
-
-
-def avg_pool_to(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
-  """Average-pools [B, *S, C] to [B, *spatial, C]; each S_i must be a multiple of spatial_i.
-
-  Equal to adaptive average pooling when the sizes divide (non-overlapping windows of size
-  S_i / spatial_i).
-  """
-  size = tuple(x.shape[1:-1])
-  spatial = tuple(spatial)
-  if size == spatial:
-    return x
-  if len(size) != len(spatial) or any(s % o for s, o in zip(size, spatial, strict=True)):
-    raise ValueError(f"cannot average-pool spatial size {size} to {spatial}: the ratio must "
-                     "be an integer on every axis.")
-  shape = [x.shape[0]]
-  for s, o in zip(size, spatial, strict=True):
-    shape += [o, s // o]
-  x = x.reshape(*shape, x.shape[-1])
-  return jnp.mean(x, axis=tuple(range(2, 2 * len(size) + 1, 2)))
 
 
 # ---------------------------------------------------------------------------------------- AT
@@ -211,7 +174,7 @@ def attention_transfer(student: Outputs, teachers: Mapping[str, Outputs],
   needs for cross-architecture pairs, e.g. a 32x32 ResNet-50 stage against a 16x16 MobileNetV2
   one). RepDistiller pools to a square of the smaller height; for square maps that is the same.
   """
-  s_names, t_names = _names(student_layers), _names(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
@@ -271,7 +234,7 @@ def similarity_preserving(student: Outputs, teachers: Mapping[str, Outputs],
   is honoured: padded examples are left out of G and B counts the real ones (a relational loss,
   so the value is that of the real examples alone).
   """
-  s_names, t_names = _names(student_layers), _names(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
@@ -472,7 +435,7 @@ def neuron_selectivity_transfer(student: Outputs, teachers: Mapping[str, Outputs
   (see `nst_mmd`). Defaults as RepDistiller (`feat[1:-1]`); CRD-recipe weight 50. The mask is
   honoured (masked batch mean).
   """
-  s_names, t_names = _names(student_layers), _names(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
@@ -527,7 +490,7 @@ def flow_of_solution_procedure(student: Outputs, teachers: Mapping[str, Outputs]
   student's feature layers (then trains with CE alone), which here is a separate run with this
   term (and no `ce`) before the main one. The mask is honoured (masked batch mean).
   """
-  s_names, t_names = _names(student_layers), _names(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   if len(s_names) < 2 or len(s_names) != len(t_names):
     raise ValueError(f"fsp pairs consecutive layers: it needs two or more student layers and "
                      f"as many teacher layers, got {s_names} and {t_names}.")

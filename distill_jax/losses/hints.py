@@ -39,14 +39,17 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.connectors import CONNECTORS, Connector
+from distill_jax.initializers import dense_kernel_init
 from distill_jax.losses.base import (
-    example_weights,
-    feature_pairs,
-    register_loss,
-    shape_mismatch,
-    weighted_mean,
+  avg_pool_to,
+  example_weights,
+  feature_pairs,
+  l2_normalize,
+  layer_tuple,
+  register_loss,
+  shape_mismatch,
+  weighted_mean,
 )
-from distill_jax.models import dense_kernel_init
 from distill_jax.outputs import Outputs
 
 Batch = Mapping[str, jax.Array]
@@ -62,15 +65,6 @@ def per_example_mean(x: jax.Array) -> jax.Array:
 def per_example_sum(x: jax.Array) -> jax.Array:
   """Sum over every axis but the first: [B, ...] -> [B]."""
   return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """`x / max(||x||_2, eps)` over the last axis (PyTorch's `F.normalize`; eps 1e-12).
-
-  The norm is taken as `sqrt(max(sum x^2, eps^2))`, so the gradient is finite at x = 0 too.
-  """
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def hint_mse(regressed: jax.Array, target: jax.Array) -> jax.Array:
@@ -110,16 +104,6 @@ def ab_criterion(source: jax.Array, target: jax.Array, margin: float) -> jax.Arr
   value = jnp.where(off, jnp.square(source + margin), 0.0) + jnp.where(
       on, jnp.square(source - margin), 0.0)
   return per_example_sum(value)
-
-
-def avg_pool_to(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Average-pools [B, H, W, C] to [B, height, width, C]; H, W must be multiples.
-
-  PyTorch's `adaptive_avg_pool2d` to (height, width) when the sizes divide (as in the CRD
-  code's VID and FT, which pool the larger feature map to the smaller one).
-  """
-  b, h, w, c = x.shape
-  return x.reshape(b, height, h // height, width, w // width, c).mean(axis=(2, 4))
 
 
 def ft_factor(factor: jax.Array, form: str, p1: int = 2) -> jax.Array:
@@ -200,15 +184,11 @@ def cc_repdistiller(e_s: jax.Array, e_t: jax.Array, weights: jax.Array) -> jax.A
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _names(layers: str | Sequence[str]) -> tuple[str, ...]:
-  return (layers,) if isinstance(layers, str) else tuple(layers)
-
-
 def _named_pairs(term: str, student: Outputs, teachers: Mapping[str, Outputs],
                  student_layers: str | Sequence[str], teacher_layers: str | Sequence[str],
                  teacher: str | None) -> list[tuple[str, jax.Array, str, jax.Array]]:
   """[(s_name, s_feat, t_name, t_feat)], teacher under stop_gradient; equal batch sizes."""
-  s_names, t_names = _names(student_layers), _names(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   out = []
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
@@ -237,9 +217,9 @@ def _match_spatial(term: str, s_name: str, s: jax.Array, t_name: str,
   if s.ndim == 4:
     (sh, sw), (th, tw) = s.shape[1:3], t.shape[1:3]
     if sh >= th and sw >= tw and sh % th == 0 and sw % tw == 0:
-      return avg_pool_to(s, th, tw), t
+      return avg_pool_to(s, (th, tw)), t
     if th >= sh and tw >= sw and th % sh == 0 and tw % sw == 0:
-      return s, avg_pool_to(t, sh, sw)
+      return s, avg_pool_to(t, (sh, sw))
   raise shape_mismatch(
       term, s_name, s.shape, t_name, t.shape,
       "Spatial sizes must be equal, or one a whole multiple of the other (the larger map is "
@@ -661,7 +641,7 @@ class CorrelationCongruence(nn.Module):
                batch: Batch) -> jax.Array:
     if self.form not in ("paper", "repdistiller"):
       raise ValueError(f"cc form must be 'paper' or 'repdistiller', got {self.form!r}.")
-    s_names, t_names = _names(self.student_layer), _names(self.teacher_layer)
+    s_names, t_names = layer_tuple(self.student_layer), layer_tuple(self.teacher_layer)
     ((s, t),) = feature_pairs(student, teachers, s_names, t_names, self.teacher)
     if s.shape[0] != t.shape[0]:
       raise shape_mismatch("cc", s_names[0], s.shape, t_names[0], t.shape,

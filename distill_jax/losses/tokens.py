@@ -36,12 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
-    check_teacher,
-    feature_pairs,
-    masked_mean,
-    register_loss,
-    shape_mismatch,
-    teacher_log_probs,
+  check_teacher,
+  feature_pairs,
+  layer_tuple,
+  masked_mean,
+  register_loss,
+  shape_mismatch,
+  teacher_log_probs,
 )
 from distill_jax.losses.logits import _kl, generalized_jsd
 from distill_jax.outputs import Outputs
@@ -308,10 +309,6 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
 # ------------------------------------------------------------------ hidden states, attention
 
 
-def _layer_tuple(layers: str | tuple[str, ...]) -> tuple[str, ...]:
-  return (layers,) if isinstance(layers, str) else tuple(layers)
-
-
 @register_loss("token_hidden_mse")
 class TokenHiddenMSE(nn.Module):
   """Hidden-state distillation (TinyBERT, Jiao et al. 2020): per token, the mean squared
@@ -331,7 +328,7 @@ class TokenHiddenMSE(nn.Module):
   @nn.compact
   def __call__(self, student: Outputs, teachers: Mapping[str, Outputs],
                batch: Mapping[str, jax.Array]) -> jax.Array:
-    s_names, t_names = _layer_tuple(self.student_layers), _layer_tuple(self.teacher_layers)
+    s_names, t_names = layer_tuple(self.student_layers), layer_tuple(self.teacher_layers)
     pairs = feature_pairs(student, teachers, s_names, t_names, self.teacher)
     total = jnp.zeros((), jnp.float32)
     for i, ((s, t), s_name, t_name) in enumerate(zip(pairs, s_names, t_names, strict=True)):
@@ -358,7 +355,7 @@ def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
   floored at `floor` before the log (a softmax can underflow to exactly 0 where the teacher
   attends); keys the teacher never attends to (masked: p = 0) contribute 0.
   """
-  s_names, t_names = _layer_tuple(student_layers), _layer_tuple(teacher_layers)
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):

@@ -31,16 +31,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from distill_jax.initializers import conv_kernel_init
 from distill_jax.registry import Registry
 
 MODELS = Registry("model")
 register_model = MODELS.register
-
-# Kaiming normal, fan-out, gain sqrt(2): PyTorch's `kaiming_normal_(mode='fan_out',
-# nonlinearity='relu')`, which the CRD code applies to every convolution.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default `nn.Linear` weight init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:

@@ -37,10 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.initializers import dense_kernel_init
 from distill_jax.models import (
     batch_norm,
     conv,
-    dense_kernel_init,
     global_avg_pool,
     maybe_remat,
     register_model,

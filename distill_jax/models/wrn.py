@@ -25,10 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from distill_jax.initializers import dense_kernel_init
 from distill_jax.models import (
     batch_norm,
     conv,
-    dense_kernel_init,
     global_avg_pool,
     maybe_remat,
     register_model,

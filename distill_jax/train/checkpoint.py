@@ -4,9 +4,7 @@ A run's `workdir/checkpoints/<step>/` holds three items: `state` (the TrainState
 train iterator's position, JSON) and `meta` (JSON: model name, config fingerprint). A
 restarted run restores the latest one and sees exactly the batches it would have seen.
 
-`workdir/model/` is the exported student: `variables/` (params and batch stats only; the
-objective's connectors and the optimizer state stay behind) and `model.json` (model name,
-kwargs, number of classes). Teachers load from such a directory. Nothing is ever unpickled.
+`workdir/model/` is the exported student (`distill_jax.model_io`). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -18,18 +16,10 @@ import shutil
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, corrupt, or does not match the model; names the file."""
-
-
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
+from distill_jax.model_io import CheckpointError, abstract, leaves_with_paths, path_str
 
 CHECKSUMS = "checksums.json"
 ORBAX_COMMIT = "commit_success.txt"  # Orbax's marker of a finished save.
@@ -184,17 +174,17 @@ class Checkpointer:
     path = self.step_dir(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(target_state)),
+          state=ocp.args.StandardRestore(abstract(target_state)),
           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types; all mean this file is unusable.
       raise CheckpointError(
           f"Could not restore checkpoint {path}: {type(e).__name__}: {e}. The checkpoint is "
           "corrupt or was written by a different model/config; delete that step directory to "
           "resume from an earlier one, or use a fresh --workdir.") from e
-    for (p, x), t in zip(_flatten(restored["state"]), jax.tree.leaves(target_state),
+    for (p, x), t in zip(leaves_with_paths(restored["state"]), jax.tree.leaves(target_state),
                          strict=True):
       if tuple(x.shape) != tuple(t.shape):
-        raise CheckpointError(f"Checkpoint {path} does not fit this run: {_path_str(p)} has "
+        raise CheckpointError(f"Checkpoint {path} does not fit this run: {path_str(p)} has "
                               f"shape {tuple(x.shape)}, the run expects {tuple(t.shape)}.")
     return restored["state"], restored["data"], restored["meta"]
 
@@ -209,104 +199,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def export_model(directory: str, variables: Any, meta: dict) -> bool:
-  """Writes the model's variables and a `model.json` describing how to rebuild it.
-
-  The export is written to a temporary folder and renamed into place, so `directory` is
-  always either the old export or the new one, whole. Skipped (returns False) when
-  `directory` already holds an export with the same `meta`.
-
-  Collective: with several processes every one calls it (orbax's save synchronises them);
-  process 0 alone touches the folders and writes `model.json`.
-  """
-  directory = os.path.abspath(directory)
-  try:
-    if read_model_meta(directory) == json.loads(json.dumps(meta)) and os.path.isdir(
-        os.path.join(directory, "variables")):
-      return False
-  except CheckpointError:
-    pass
-  tmp, old = f"{directory}.tmp", f"{directory}.old"
-  if jax.process_index() == 0:
-    if os.path.isdir(old) and not os.path.exists(directory):  # Stopped between the renames.
-      os.rename(old, directory)
-    for path in (tmp, old):
-      if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(tmp)
-  variables = jax.tree.map(np.asarray, variables)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "variables"), variables, force=True)
-  if jax.process_index() != 0:
-    return True
-  with open(os.path.join(tmp, "model.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  if os.path.exists(directory):
-    os.rename(directory, old)
-  os.rename(tmp, directory)
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  return True
-
-
-def read_model_meta(directory: str) -> dict:
-  """The `model.json` of an exported model; raises CheckpointError naming the file."""
-  path = os.path.join(os.path.abspath(directory), "model.json")
-  if not os.path.exists(path):
-    raise CheckpointError(
-        f"No exported model at {directory}: {path} does not exist. Point the teacher's "
-        "checkpoint at a finished run's workdir (or its model/ directory).")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"Corrupt model description {path}: {e}") from e
-
-
-def load_model_variables(directory: str, expected: Any) -> Any:
-  """Loads exported variables, checking every parameter's path and shape against `expected`.
-
-  Args:
-    directory: an exported model directory (holding `variables/` and `model.json`).
-    expected: the variables pytree the model expects (arrays or ShapeDtypeStructs).
-  Raises:
-    CheckpointError naming the file and the first parameter that is missing, extra, or
-    of the wrong shape.
-  """
-  path = os.path.join(os.path.abspath(directory), "variables")
-  if not os.path.isdir(path):
-    raise CheckpointError(f"No saved variables at {path}.")
-  with ocp.StandardCheckpointer() as ckptr:
-    try:
-      saved = ckptr.metadata(path).item_metadata.tree
-    except Exception as e:
-      raise CheckpointError(f"Corrupt checkpoint {path}: {type(e).__name__}: {e}") from e
-    saved_shapes = {_path_str(p): tuple(m.shape) for p, m in _flatten(saved)}
-    expected_shapes = {_path_str(p): tuple(x.shape) for p, x in _flatten(expected)}
-    missing = sorted(set(expected_shapes) - set(saved_shapes))
-    extra = sorted(set(saved_shapes) - set(expected_shapes))
-    if missing or extra:
-      raise CheckpointError(
-          f"Checkpoint {path} does not match the model: parameters the model needs but the "
-          f"file lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}; parameters in the "
-          f"file the model lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
-    for name, shape in expected_shapes.items():
-      if saved_shapes[name] != shape:
-        raise CheckpointError(f"Checkpoint {path} does not match the model: parameter {name} "
-                              f"has shape {saved_shapes[name]} in the file but the model "
-                              f"expects {shape}.")
-    try:
-      return ckptr.restore(path, _abstract(expected))
-    except Exception as e:
-      raise CheckpointError(f"Corrupt checkpoint {path}: {type(e).__name__}: {e}") from e
-
-
-def _flatten(tree: Any) -> list:
-  return jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-
-
-def _path_str(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

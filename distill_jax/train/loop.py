@@ -25,14 +25,14 @@ from absl import logging
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import models, tasks
+from distill_jax import models, optim, tasks
 from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
+from distill_jax.model_io import CheckpointError, export_model
 from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, init_shapes, load_teachers
-from distill_jax.train import optim
 from distill_jax.train import step as step_lib
-from distill_jax.train.checkpoint import Checkpointer, CheckpointError, export_model, write_atomic
+from distill_jax.train.checkpoint import Checkpointer, write_atomic
 from distill_jax.train.logging import Progress
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel

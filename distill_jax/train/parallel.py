@@ -32,15 +32,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from distill_jax.layout import (
+    BATCH_AXES,
+    DEFAULT_MIN_SHARD_SIZE,
+    MESH_AXES,
+    MODES,
+    TEACHER_SHARDINGS,
+)
 from distill_jax.train import step as step_lib
 from distill_jax.xla_flags import set_cpu_devices
 
 PMAP_AXIS = "batch"
-MODES = ("jit", "pmap")
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
-TEACHER_SHARDINGS = ("fsdp", "replicated")
-DEFAULT_MIN_SHARD_SIZE = 4096  # Elements: a 3x3x32x16 conv kernel and up are split.
 
 
 def _config_error(message: str) -> Exception:
