@@ -29,7 +29,7 @@ from distill_jax import models, tasks
 from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.objective import Objective, build_objective
-from distill_jax.teachers import Teacher, init_shapes, load_teachers
+from distill_jax.teachers import Teacher, check_tokenizers, init_shapes, load_teachers
 from distill_jax.train import optim
 from distill_jax.train import step as step_lib
 from distill_jax.train.checkpoint import Checkpointer, CheckpointError, export_model, write_atomic
@@ -183,6 +183,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                bn_axis_name=parallel.bn_axis_name, **remat,
                                **config.student.kwargs)
   teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
+  check_tokenizers(teachers, config.data.get("tokenizer"))
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
   caches = {name: teacher_cache.open_cache(
