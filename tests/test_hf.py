@@ -221,3 +221,24 @@ def test_hf_teacher_distils_a_student_through_the_cli(data_dir, tmp_path):
   assert count > 1000
   assert final["eval/teacher_ce/teacher"] == pytest.approx(nll / count, rel=1e-2)
   assert final["eval/kl/teacher"] > 0 and np.isfinite(final["eval/ce"])
+
+
+def test_student_initialised_from_open_weights(data_dir):
+  """config.student = hf.student_config(DIR): the run's initial student is the directory's
+  model (its logits are transformers'); other kwargs or another tokenizer are refused."""
+  llama = os.path.join(FIXTURES, "llama")
+  config = _hf_config(data_dir, os.path.join(FIXTURES, "qwen2"), llama)
+  config.student = hf.student_config(llama)
+  run = loop.build_run(config)
+  state = loop.init_state(config, run)
+  ref = np.load(os.path.join(llama, "reference.npz"))
+  logits = run["student"].apply(state.student_variables(), ref["ids"])
+  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
+  config.student.kwargs.norm_eps = 1e-6
+  with pytest.raises(ValueError, match=r"differ from its config.json in \['norm_eps'\]"):
+    loop.build_run(config)
+  config.student.kwargs.norm_eps = 1e-5
+  config.data.tokenizer = "bytes"
+  with pytest.raises(ValueError, match=r"tokenizer .*llama/tokenizer.json but the data uses "
+                                       r"'bytes'"):
+    loop.build_run(config)

@@ -263,3 +263,58 @@ def export_hf(variables: Any, model_kwargs: Mapping[str, Any], path: str,
     if os.path.abspath(tokenizer.path) != os.path.abspath(target):
       shutil.copy(tokenizer.path, target)
   return path
+
+
+def student_config(path: str, **overrides: Any) -> Any:
+  """`config.student` for a student initialised from the Hugging Face directory `path`:
+  `transformer_lm` with the directory's architecture (`overrides` replace kwargs, e.g.
+  `remat`) and `init=path`, which the run loads (float32) before the first step.
+
+      c.student = hf.student_config('/models/Qwen2.5-0.5B')
+  """
+  import ml_collections
+  kwargs = model_kwargs_from_config(_read_json(os.path.join(path, "config.json")),
+                                    os.path.join(path, "config.json"))
+  return ml_collections.ConfigDict({"name": "transformer_lm", "kwargs": {**kwargs, **overrides},
+                                    "remat": False, "init": path})
+
+
+def load_student_init(path: str, name: str, kwargs: Mapping[str, Any], data_tokenizer: str
+                      ) -> Any:
+  """The variables that initialise the student from `config.student.init = path`, checked
+  against the configured student: the same architecture (`transformer_lm` with the
+  directory's kwargs) and the data's tokenizer. Errors name the settings that differ."""
+  want, variables, tokenizer = load_hf(path, "float32")
+  if name != "transformer_lm":
+    raise HfCheckpointError(f"config.student.init={path!r} loads a transformer_lm, but "
+                            f"config.student.name is {name!r}.")
+  kwargs = dict(kwargs)
+  differ = sorted(k for k in want if k in kwargs and _plain(kwargs[k]) != _plain(want[k])) + \
+      sorted(k for k in want if k not in kwargs and want[k] != _DEFAULTS.get(k))
+  if differ:
+    raise HfCheckpointError(
+        f"config.student.init={path!r}: config.student.kwargs differ from its config.json in "
+        f"{differ} ({ {k: kwargs.get(k) for k in differ} } vs { {k: want[k] for k in differ} }); "
+        "build config.student with models.hf.student_config(path).")
+  ours = HfTokenizer.from_dir(data_tokenizer[3:]) if data_tokenizer.startswith("hf:") else None
+  if ours is None or ours.fingerprint() != tokenizer.fingerprint():
+    raise HfCheckpointError(
+        f"config.student.init={path!r} uses the tokenizer {tokenizer.path} but the data uses "
+        f"{getattr(ours, 'path', data_tokenizer)!r} (config.data.tokenizer); set "
+        f"--config.data.tokenizer=hf:{path}.")
+  return variables
+
+
+_DEFAULTS = {"rope_scaling": None, "qkv_bias": False, "norm_eps": 1e-6, "bos_id": None}
+
+
+def _plain(value: Any) -> Any:
+  """Config values as plain Python (ConfigDict -> dict, tuples -> lists), to compare."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
