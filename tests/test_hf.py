@@ -55,7 +55,7 @@ def test_bfloat16_logits_are_close(name):
   ours, ref, _, variables = _logits(name, "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
   err = np.abs(ours - ref).max()
-  assert err < 0.05 * np.abs(ref).max(), err  # bf16 keeps ~3 significant digits.
+  assert err < 0.02 * np.abs(ref).max(), err  # Measured: 0.6-0.7% of the largest logit.
   assert err > 0  # It did compute in bf16.
 
 

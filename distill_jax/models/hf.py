@@ -67,7 +67,8 @@ def _rope_settings(config: Mapping[str, Any], path: str) -> tuple[float, dict | 
   missing = [k for k in keys if k not in params]
   if missing:
     raise HfCheckpointError(f"{path}: RoPE scaling {kind!r} needs {missing}.")
-  return theta, {"type": kind, **{k: float(params[k]) for k in keys}}
+  return theta, {"type": kind, **{k: int(params[k]) if k.startswith("original") else
+                                  float(params[k]) for k in keys}}
 
 
 def model_kwargs_from_config(config: Mapping[str, Any], path: str = "config.json"
