@@ -141,8 +141,22 @@ def test_bad_directories_are_refused_clearly(tmp_path):
   with pytest.raises(ValueError, match=r"model.layers.0.mlp.(gate|up|down)_proj.weight' has "
                                        r"shape \((64, 32|32, 64)\); config.json implies"):
     hf.load_hf(str(d))
+  json.dump(config, open(d / "config.json", "w"))
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(d / "model.safetensors")
+  save_file({k: v for k, v in tensors.items() if k != "lm_head.weight"}, d / "model.safetensors")
+  with pytest.raises(ValueError, match=r"weights missing .*\['lm_head.weight'\]"):
+    hf.load_hf(str(d))
+  save_file({**tensors, "model.layers.0.mlp.up_proj.bias": tensors["model.norm.weight"]},
+            d / "model.safetensors")
+  with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.bias' is not part of the "
+                                       r"llama layout"):
+    hf.load_hf(str(d))
   os.remove(d / "model.safetensors")
   with pytest.raises(ValueError, match=r"model.safetensors is missing"):
+    hf.load_hf(str(d))
+  os.remove(d / "tokenizer.json")
+  with pytest.raises(ValueError, match=r"tokenizer.json is missing"):
     hf.load_hf(str(d))
   os.remove(d / "config.json")
   with pytest.raises(ValueError, match=r"config.json is missing"):

@@ -92,7 +92,6 @@ class HfTokenizer:
   vocab_size: int
 
   @staticmethod
-  @functools.cache
   def from_dir(directory: str) -> HfTokenizer:
     """The tokenizer of a Hugging Face model directory (or a tokenizer.json file itself)."""
     path = directory if directory.endswith(".json") else os.path.join(directory,
@@ -100,6 +99,13 @@ class HfTokenizer:
     if not os.path.exists(path):
       raise ValueError(f"{path} is missing: a Hugging Face tokenizer is read from the "
                        "tokenizer.json of its model directory.")
+    return HfTokenizer._read(path, os.stat(path).st_mtime_ns)
+
+  @staticmethod
+  @functools.cache
+  def _read(path: str, mtime: int) -> HfTokenizer:
+    """`from_dir`'s work, once per file version (`mtime`)."""
+    del mtime  # Part of the cache key only.
     tok = _hf_tokenizer(path)
     config_path = os.path.join(os.path.dirname(path), "config.json")
     config = json.load(open(config_path)) if os.path.exists(config_path) else {}
