@@ -151,8 +151,8 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
     norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, name=name)
     x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
-                      self.qkv_bias, self.rope_scaling, name="attn")(norm("attn_norm")(x),
-                                                                     allowed)
+                      qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling,
+                      name="attn")(norm("attn_norm")(x), allowed)
     return x + SwiGLU(self.mlp_dim, name="mlp")(norm("mlp_norm")(x))
 
 
@@ -231,8 +231,9 @@ class TransformerLM(nn.Module):
     kv = self.num_kv_heads or self.num_heads
     for i in range(self.num_layers):
       x = block(self.num_heads, kv, self.width // self.num_heads,
-                self.mlp_dim or 4 * self.width, self.rope_base, self.qkv_bias,
-                self.rope_scaling, self.norm_eps, name=f"block{i}")(x, allowed)
+                self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
+                rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
+                name=f"block{i}")(x, allowed)
       self.sow("intermediates", f"hidden{i + 1}", x)
     x = nn.RMSNorm(epsilon=self.norm_eps, name="final_norm")(x)
     if self.tie_embeddings:
