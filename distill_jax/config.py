@@ -264,7 +264,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if unknown:
       raise ConfigError(f"config.teachers.{name} has unknown key(s) {unknown}; a teacher takes "
                         f"{list(TEACHER_KEYS)}.")
-    _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
+    if teacher.model != "hf":  # 'hf': an open-weights directory (teachers.HF_MODEL).
+      _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
     _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)
   try:
     build_objective(config.losses, list(config.teachers))

@@ -5,6 +5,16 @@
 `checkpoint` is a finished run's workdir (its `model/` export is used) or an export directory
 itself. Loading checks that the file was saved from the same model and that every parameter's
 path and shape match, and says which file and which parameter when they do not.
+
+An open-weights teacher (a Hugging Face Llama-family directory, `models.hf`) is `model: 'hf'`
+with the directory as `checkpoint`; its config.json gives the architecture (`kwargs` is
+unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward's dtype:
+
+    config.teachers = {'qwen': teacher_config('hf', checkpoint='/models/Qwen2.5-0.5B',
+                                              dtype='bfloat16')}
+
+Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with the same
+tokenizer.json>'`, the student's too): `check_tokenizers` refuses a run that pairs two.
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from absl import logging
 
 from distill_jax import models
 from distill_jax.model_io import CheckpointError, load_model_variables, read_model_meta
+
+HF_MODEL = "hf"  # config.teachers.NAME.model of an open-weights (Hugging Face) teacher.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +46,7 @@ class Teacher:
   checkpoint: str = ""  # The export directory it was loaded from.
   input_size: tuple[int, int] | None = None  # (H, W) it sees; None: the data's own size.
   dtype: str | None = None  # Its forward's compute dtype (None: float32).
+  tokenizer: str | None = None  # An open-weights teacher's tokenizer.json.
 
   def input_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The (H, W, C) this teacher runs at, given the data's (H, W, C)."""
@@ -59,6 +73,8 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
   parameter shapes checked) at (H', W', C), and the step resizes the images for it.
   """
   model_name = settings["model"]
+  if model_name == HF_MODEL:
+    return load_hf_teacher(name, settings, num_classes)
   kwargs = dict(settings.get("kwargs") or {})
   module = models.build_model(model_name, num_classes, **kwargs)
   checkpoint = settings.get("checkpoint")
@@ -90,6 +106,46 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
                           f"than the data's {tuple(input_shape[:2])}, set "
                           f"config.teachers.{name}.input_size=(H, W).") from None
   return dataclasses.replace(teacher, variables=variables)
+
+
+def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) -> Teacher:
+  """An open-weights teacher: a Hugging Face directory loaded into `transformer_lm`."""
+  from distill_jax.models import hf  # safetensors and tokenizers load only when used.
+  directory = settings.get("checkpoint")
+  if not directory:
+    raise CheckpointError(f"Teacher {name!r} (model 'hf') needs the Hugging Face model "
+                          f"directory: set --config.teachers.{name}.checkpoint=<directory>.")
+  if settings.get("kwargs"):
+    logging.info("Teacher %r: kwargs %s unused; %s/config.json gives the architecture.", name,
+                 dict(settings["kwargs"]), directory)
+  dtype = settings.get("dtype") or "float32"
+  kwargs, variables, tokenizer = hf.load_hf(directory, dtype)
+  if tokenizer.vocab_size != num_classes:
+    raise CheckpointError(
+        f"Teacher {name!r} ({directory}) predicts over {tokenizer.vocab_size} tokens but the "
+        f"data's tokenizer has {num_classes}: set --config.data.tokenizer=hf:{directory} (the "
+        "student then shares the teacher's tokenizer).")
+  module = models.build_model("transformer_lm", tokenizer.vocab_size, **kwargs)
+  return Teacher(name, "transformer_lm", module, variables, kwargs, directory, None, dtype,
+                 tokenizer.path)
+
+
+def check_tokenizers(teachers: Mapping[str, Teacher], data_tokenizer: str | None) -> None:
+  """Raises unless every open-weights teacher's tokenizer is the data's (`data.tokenizer`,
+  which the student reads): token-level distillation compares one vocabulary."""
+  from distill_jax.data.text import HfTokenizer, get_tokenizer
+  data_tokenizer = data_tokenizer or "bytes"
+  for name, teacher in teachers.items():
+    if teacher.tokenizer is None:
+      continue
+    ours = get_tokenizer(data_tokenizer)
+    if not (isinstance(ours, HfTokenizer) and
+            ours.fingerprint() == HfTokenizer.from_dir(teacher.tokenizer).fingerprint()):
+      raise CheckpointError(
+          f"Teacher {name!r} uses the tokenizer {teacher.tokenizer} but the data and the "
+          f"student use {getattr(ours, 'path', data_tokenizer)!r} (config.data.tokenizer="
+          f"{data_tokenizer!r}); they must be the same file: set --config.data.tokenizer="
+          f"hf:{os.path.dirname(teacher.tokenizer)}.")
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,

@@ -30,7 +30,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -70,12 +72,96 @@ class ByteTokenizer:
     return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
+@dataclasses.dataclass(frozen=True)
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` (`tokenizers.Tokenizer.from_file`) with ByteTokenizer's
+  interface: `encode` gives `[BOS, ids..., EOS]`, `decode` drops the special tokens.
+
+  BOS, EOS and PAD are the ids `config.json` beside the file names (`bos_token_id`, ...),
+  else the tokens `<s>`, `</s>`, `<pad>` (or `<|endoftext|>`) of its vocabulary; with no pad
+  token PAD is EOS. `vocab_size` is the larger of the tokenizer's size and `config.json`'s
+  `vocab_size` (models often pad their embedding beyond the tokenizer), so it is the number
+  of logits. `name` is `hf:<directory>`, the value of `data.tokenizer` that selects it.
+  """
+
+  name: str
+  path: str  # The tokenizer.json.
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  vocab_size: int
+
+  @staticmethod
+  def from_dir(directory: str) -> HfTokenizer:
+    """The tokenizer of a Hugging Face model directory (or a tokenizer.json file itself)."""
+    path = directory if directory.endswith(".json") else os.path.join(directory,
+                                                                       "tokenizer.json")
+    if not os.path.exists(path):
+      raise ValueError(f"{path} is missing: a Hugging Face tokenizer is read from the "
+                       "tokenizer.json of its model directory.")
+    return HfTokenizer._read(path, os.stat(path).st_mtime_ns)
+
+  @staticmethod
+  @functools.cache
+  def _read(path: str, mtime: int) -> HfTokenizer:
+    """`from_dir`'s work, once per file version (`mtime`)."""
+    del mtime  # Part of the cache key only.
+    tok = _hf_tokenizer(path)
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+
+    def special(key, *tokens):
+      value = config.get(key)
+      if isinstance(value, list):
+        value = value[0] if value else None
+      for t in tokens:
+        if value is None:
+          value = tok.token_to_id(t)
+      return value
+
+    bos = special("bos_token_id", "<s>", "<|begin_of_text|>", "<|endoftext|>")
+    eos = special("eos_token_id", "</s>", "<|end_of_text|>", "<|endoftext|>")
+    if bos is None or eos is None:
+      raise ValueError(f"{path}: no BOS or EOS token found (set bos_token_id and "
+                       f"eos_token_id in {config_path}).")
+    pad = special("pad_token_id", "<pad>")
+    size = max(tok.get_vocab_size(with_added_tokens=True), int(config.get("vocab_size", 0)))
+    return HfTokenizer(f"hf:{os.path.dirname(path)}", path, int(bos), int(eos),
+                       int(eos if pad is None else pad), size)
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """`[BOS, ids..., EOS]` as int32."""
+    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    ids = _hf_tokenizer(self.path).encode(text, add_special_tokens=False).ids
+    return np.asarray([self.bos_id, *ids, self.eos_id], np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of `ids`, special tokens dropped."""
+    return _hf_tokenizer(self.path).decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                           skip_special_tokens=True)
+
+  def fingerprint(self) -> str:
+    """The SHA-256 of its tokenizer.json: two tokenizers are the same when these are."""
+    with open(self.path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
+
+
+@functools.cache
+def _hf_tokenizer(path: str) -> Any:
+  import tokenizers  # Only runs with an open-weights tokenizer need it.
+  return tokenizers.Tokenizer.from_file(path)
+
+
 TOKENIZERS = {"bytes": ByteTokenizer()}
 
 
-def get_tokenizer(name: str) -> ByteTokenizer:
+def get_tokenizer(name: str) -> ByteTokenizer | HfTokenizer:
+  """`bytes`, or `hf:<directory>`: the tokenizer.json of a Hugging Face model directory."""
+  if name.startswith("hf:"):
+    return HfTokenizer.from_dir(name[3:])
   if name not in TOKENIZERS:
-    raise ValueError(f"Unknown data.tokenizer {name!r}; choose one of {sorted(TOKENIZERS)}.")
+    raise ValueError(f"Unknown data.tokenizer {name!r}; choose one of {sorted(TOKENIZERS)} "
+                     "or 'hf:<directory holding tokenizer.json>'.")
   return TOKENIZERS[name]
 
 

@@ -40,14 +40,48 @@ from distill_jax.models import register_model
 _init = nn.initializers.normal(stddev=0.02)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+def rope_frequencies(dim: int, base: float = 10000.0, scaling: Any = None) -> jax.Array:
+  """RoPE's D/2 angular frequencies `base^(-2j/D)` [D/2], float32, optionally rescaled.
+
+  `scaling` (None: none) is a mapping (or (key, value) pairs) with `type` in ROPE_SCALINGS:
+  'linear' (`factor`): every frequency divided by `factor` (positions interpolated);
+  'llama3' (`factor`, `low_freq_factor`, `high_freq_factor`,
+  `original_max_position_embeddings` = N): wavelengths longer than N / low_freq_factor are
+  stretched by `factor`, shorter than N / high_freq_factor kept, those between interpolated
+  linearly in N / wavelength (Llama 3.1's long-context recipe).
+  """
+  freqs = base ** (-jnp.arange(dim // 2, dtype=jnp.float32) * 2.0 / dim)
+  if not scaling:
+    return freqs
+  scaling = dict(scaling.items() if hasattr(scaling, "items") else scaling)
+  kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
+  if kind == "linear":
+    return freqs / factor
+  if kind == "llama3":
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * jnp.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    mixed = (1 - smooth) * freqs / factor + smooth * freqs
+    return jnp.where(wavelength < original / high, freqs,
+                     jnp.where(wavelength > original / low, freqs / factor, mixed))
+  raise ValueError(f"transformer_lm: rope_scaling type {kind!r} is not supported; the "
+                   f"supported types are {list(ROPE_SCALINGS)} (or None).")
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0,
+         scaling: Any = None) -> jax.Array:
   """Rotary position embedding of `x` [B, L, H, D] at integer `positions` [L] (D even).
 
   The first and second halves of the head dimension form D/2 pairs; pair j is rotated by the
-  angle `position * base^(-2j/D)` (the "rotate half" layout).
+  angle `position * freqs[j]`, `freqs = rope_frequencies(D, base, scaling)` (the "rotate half"
+  layout, the one Hugging Face's Llama-family models use).
   """
   half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  freqs = rope_frequencies(x.shape[-1], base, scaling)
   angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [L, D/2]
   sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -62,18 +96,21 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   rope_base: float = 10000.0
+  qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
+  rope_scaling: Any = None  # See `rope_frequencies`.
 
   @nn.compact
   def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
     """x [B, L, D]; allowed [B, L, L] (query i may attend to key j) -> [B, L, D]."""
     b, length, width = x.shape
-    dense = lambda n, name: nn.DenseGeneral((n, self.head_dim), use_bias=False,
+    dense = lambda n, name: nn.DenseGeneral((n, self.head_dim), use_bias=self.qkv_bias,
                                             kernel_init=_init, name=name)
     q = dense(self.num_heads, "query")(x)
     k = dense(self.num_kv_heads, "key")(x)
     v = dense(self.num_kv_heads, "value")(x)
     positions = jnp.arange(length)
-    q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+    q = rope(q, positions, self.rope_base, self.rope_scaling)
+    k = rope(k, positions, self.rope_base, self.rope_scaling)
     group = self.num_heads // self.num_kv_heads
     # [B, L, G, D] -> [B, L, G * group, D]: head h reads kv head h // group.
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
@@ -106,12 +143,17 @@ class Block(nn.Module):
   head_dim: int
   mlp_dim: int
   rope_base: float = 10000.0
+  qkv_bias: bool = False
+  rope_scaling: Any = None
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
+    norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, name=name)
     x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
-                      name="attn")(nn.RMSNorm(name="attn_norm")(x), allowed)
-    return x + SwiGLU(self.mlp_dim, name="mlp")(nn.RMSNorm(name="mlp_norm")(x))
+                      qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling,
+                      name="attn")(norm("attn_norm")(x), allowed)
+    return x + SwiGLU(self.mlp_dim, name="mlp")(norm("mlp_norm")(x))
 
 
 class TransformerLM(nn.Module):
@@ -127,6 +169,10 @@ class TransformerLM(nn.Module):
     bos_id: the token that starts a document; attention does not cross documents. None: a row
       is one sequence.
     rope_base: RoPE's base wavelength.
+    rope_scaling: None, or RoPE's frequency rescaling for long contexts, a mapping with
+      `type` 'linear' or 'llama3' and that type's numbers (`rope_frequencies`).
+    qkv_bias: biases on the query, key and value projections (Qwen2 has them).
+    norm_eps: every RMSNorm's epsilon.
     bn_axis_name: unused (no BatchNorm); present so every model accepts it.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
@@ -141,6 +187,9 @@ class TransformerLM(nn.Module):
   tie_embeddings: bool = True
   bos_id: int | None = None
   rope_base: float = 10000.0
+  rope_scaling: Any = None
+  qkv_bias: bool = False
+  norm_eps: float = 1e-6
   bn_axis_name: str | None = None
   remat: bool = False
 
@@ -153,6 +202,8 @@ class TransformerLM(nn.Module):
     if kv < 1 or self.num_heads % kv:
       raise ValueError(f"transformer_lm: num_kv_heads {self.num_kv_heads} must divide "
                        f"num_heads {self.num_heads} (grouped-query attention).")
+    if self.rope_scaling:
+      rope_frequencies(2, self.rope_base, self.rope_scaling)  # Refuses an unknown type.
     if self.num_layers < 1 or self.context < 1:
       raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
                        f"({self.context}) must be positive.")
@@ -180,9 +231,11 @@ class TransformerLM(nn.Module):
     kv = self.num_kv_heads or self.num_heads
     for i in range(self.num_layers):
       x = block(self.num_heads, kv, self.width // self.num_heads,
-                self.mlp_dim or 4 * self.width, self.rope_base, name=f"block{i}")(x, allowed)
+                self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
+                rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
+                name=f"block{i}")(x, allowed)
       self.sow("intermediates", f"hidden{i + 1}", x)
-    x = nn.RMSNorm(name="final_norm")(x)
+    x = nn.RMSNorm(epsilon=self.norm_eps, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:

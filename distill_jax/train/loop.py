@@ -30,7 +30,7 @@ from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.model_io import CheckpointError, export_model
 from distill_jax.objective import Objective, build_objective
-from distill_jax.teachers import Teacher, init_shapes, load_teachers
+from distill_jax.teachers import Teacher, check_tokenizers, init_shapes, load_teachers
 from distill_jax.train import step as step_lib
 from distill_jax.train.checkpoint import Checkpointer, write_atomic
 from distill_jax.train.logging import Progress
@@ -182,7 +182,14 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   student = models.build_model(config.student.name, task_info.num_classes,
                                bn_axis_name=parallel.bn_axis_name, **remat,
                                **config.student.kwargs)
+  student_init = None
+  if config.student.get("init"):  # Open weights to start from (models.hf.student_config).
+    from distill_jax.models import hf
+    student_init = hf.load_student_init(config.student.init, config.student.name,
+                                        config.student.kwargs, config.data.get("tokenizer")
+                                        or "bytes")
   teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
+  check_tokenizers(teachers, config.data.get("tokenizer"))
   splits = (config.data.train_split, config.data.eval_split)
   # Teachers with a cache: their logits come with the batches instead of from a forward.
   caches = {name: teacher_cache.open_cache(
@@ -244,7 +251,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     start += steps
   return dict(info=info, task=task, input_shape=input_shape,
               num_classes=task_info.num_classes, parallel=parallel, student=student,
-              teachers=teachers,
+              teachers=teachers, student_init=student_init,
               teacher_vars=teacher_vars, example=example,
               side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
               objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
@@ -373,6 +380,10 @@ def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   dummy = jnp.zeros((1, *run["input_shape"]), jnp.float32)
   variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
+  if run.get("student_init") is not None:  # config.student.init: open weights.
+    variables = {**variables, "params": jax.tree.map(
+        lambda new, old: jnp.asarray(new, old.dtype), run["student_init"]["params"],
+        variables["params"])}
   objective_params, objective_state = {}, {}
   if any(term.is_module for term in run["objective"].terms):
     objective_params, objective_state = jax.jit(functools.partial(
@@ -587,7 +598,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
     host_state = parallel.to_host(state)
     # Every process: the export is a collective save (process 0 writes the files).
     export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
-        "model": config.student.name, "kwargs": dict(config.student.kwargs),
+        "model": config.student.name, "kwargs": config.student.kwargs.to_dict(),
         "num_classes": run["num_classes"], "step": step})
     final_headline = final[f"eval/{task.headline}"]
     final_is_best = task.is_better(final_headline, record[best_key])
