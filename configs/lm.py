@@ -10,7 +10,17 @@ teacher layer 2i). Offline; minutes on a CPU at the default sizes.
     distill-jax --config=configs/lm.py:fkl --workdir=runs/lm/fkl \
         --config.teachers.teacher.checkpoint=runs/lm/teacher
 
-Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden}. `tiny` shrinks
+From what a teacher wrote (a JSONL file of prompts and completions, `docs/blackbox.md`):
+`sequence` (sequence-level KD: CE on the completions a local teacher sampled with
+`scripts/generate.py`, the teacher listed for evaluation; `sequence,kd` adds forward KL from it
+live), `blackbox_text` (an API's text only, no teacher) and `blackbox_topk` (its text and
+per-token top-k log-probabilities: CE 0.5 + `token_sparse_topk_kd` 0.5):
+
+    distill-jax --config=configs/lm.py:blackbox_topk --workdir=runs/lm/api \
+        --config.data.train_files=teacher_outputs.jsonl
+
+Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, sequence,
+blackbox_text, blackbox_topk}. `tiny` shrinks
 the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
 `result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
 teacher-student KL are reported beside it (`final`).
@@ -39,7 +49,14 @@ METHODS = {
     "topk": {"token_topk_kd": {"weight": 0.5, "k": 16}},
     "hidden": {"token_fkl": {"weight": 0.5}},  # + the layer-mapped terms of `hidden_terms`.
 }
-ROLES = ("teacher", *METHODS)
+# Roles that learn from what a teacher wrote (a JSONL file, `data.name='jsonl'`,
+# distill_jax/data/blackbox.py) rather than from its live logits.
+FILE_ROLES = {
+    "sequence": {},  # Sequence-level KD: CE on a local teacher's samples (scripts/generate.py).
+    "blackbox_text": {},  # An API's text only: the same, with no teacher at hand.
+    "blackbox_topk": {"token_sparse_topk_kd": {"weight": 0.5}},  # Its text and top-k log-probs.
+}
+ROLES = ("teacher", *METHODS, *FILE_ROLES)
 
 
 def hidden_terms(student: dict, teacher: dict) -> dict:
@@ -59,9 +76,10 @@ def hidden_terms(student: dict, teacher: dict) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   role, *options = (arg or "fkl").split(",")
-  if role not in ROLES or set(options) - {"tiny"}:
+  allowed = {"tiny", "kd"} if role == "sequence" else {"tiny"}
+  if role not in ROLES or set(options) - allowed:
     raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
-                     f"{list(ROLES)}.")
+                     f"{list(ROLES)} (sequence also takes ',kd').")
   tiny = "tiny" in options
   c = base_config()
   c.task = "language_model"
@@ -75,17 +93,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "train_subset": 0,  # 0: every packed row; N: the first N rows.
       "eval_subset": 64 if tiny else 0,
   })
+  if role in FILE_ROLES:
+    # The teacher's outputs, one JSON object per line; the last 10% of records are held out
+    # unless data.eval_files is set.
+    c.data.update({"name": "jsonl", "train_files": ml_collections.config_dict.placeholder(str),
+                   "eval_files": "", "eval_fraction": 0.1})
   teacher, student = (TINY_TEACHER, TINY_STUDENT) if tiny else (TEACHER, STUDENT)
   model = teacher if role == "teacher" else student
   c.student = ml_collections.ConfigDict(
       {"name": "transformer_lm", "kwargs": dict(model), "remat": False})
-  if role != "teacher":
+  if role not in ("teacher", "blackbox_text", "blackbox_topk"):
     # The student trained alone lists the teacher too: evaluation then reports agreement
     # and KL with it, so every student is measured the same way.
     c.teachers = ml_collections.ConfigDict(
         {"teacher": teacher_config("transformer_lm", dict(teacher))})
   chunk = {"chunk_size": 8 if tiny else 32}
-  terms = {name: {**settings, **chunk} for name, settings in METHODS.get(role, {}).items()}
+  methods = {**METHODS, **FILE_ROLES}
+  if "kd" in options:  # Sequence-level KD plus word-level KD from the live teacher.
+    methods["sequence"] = METHODS["fkl"]
+  terms = {name: {**settings, **chunk} for name, settings in methods.get(role, {}).items()}
   if role == "hidden":
     terms.update(hidden_terms(student, teacher))
   ce_weight = 0.5 if terms else 1.0

@@ -176,13 +176,16 @@ class Packed:
   documents: int  # Documents packed.
   dropped: int  # Documents dropped (fewer than two tokens).
   num_bytes: int  # Targets that are text bytes (for bits per byte).
+  # Per-row arrays beyond the five (a black-box file's top-k log-probs): {key: [N, ...]}.
+  extra: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.tokens)
 
   def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {"tokens": self.tokens[ids], "targets": self.targets[ids], "mask": self.mask[ids],
-            "document": self.document[ids], "id": np.asarray(ids, np.int64)}
+            "document": self.document[ids], "id": np.asarray(ids, np.int64),
+            **{key: value[ids] for key, value in self.extra.items()}}
 
 
 def pack(documents: Sequence[np.ndarray], seq_len: int, tokenizer: ByteTokenizer) -> Packed:
@@ -219,6 +222,9 @@ class TextInfo:
   documents: dict[str, int]
   dropped: dict[str, int]
   num_bytes: dict[str, int]
+  # Per-row arrays the batches carry beyond tokens/targets/mask/document/id: {key: (shape
+  # without the row axis, dtype name)}.
+  extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
 
 
 @functools.cache
@@ -240,11 +246,41 @@ def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str) 
   return pack(docs, seq_len, tok)
 
 
+@functools.cache
+def _packed_records(train_files: str, eval_files: str, eval_fraction: float, train_split: str,
+                    split: str, seq_len: int, tokenizer: str) -> Packed:
+  """A black-box teacher's output file(s) as rows (`data.blackbox`), once per process."""
+  from distill_jax.data import blackbox
+
+  config = {"train_files": train_files, "eval_files": eval_files,
+            "eval_fraction": eval_fraction, "train_split": train_split}
+  tok = get_tokenizer(tokenizer)
+  rows, counts = blackbox.build_rows(blackbox.split_records(config, split), tok, seq_len)
+  blackbox.log_counts(eval_files if eval_files and split != train_split else train_files,
+                      split, counts)
+  extra = {key: rows.pop(key) for key in blackbox.TOPK_KEYS if key in rows}
+  kept = rows["mask"].astype(bool)
+  return Packed(**rows, documents=counts.records, dropped=0,
+                num_bytes=int(np.sum(kept & (rows["targets"] < 256))) if tok.name == "bytes"
+                else int(kept.sum()), extra=extra)
+
+
 def packed_split(data_config: Any, split: str) -> Packed:
   """The packed rows of `split`: with `data.train_subset` / `data.eval_subset` = N > 0 (for the
-  train / eval split), only its first N rows."""
-  packed = _packed(data_config.name, resolve_data_dir(data_config), split,
-                   int(data_config.seq_len), _field(data_config, "tokenizer", "bytes"))
+  train / eval split), only its first N rows. `data.name='jsonl'` reads a black-box teacher's
+  output file(s) (`data.blackbox`) instead of a TFDS data set."""
+  tokenizer = _field(data_config, "tokenizer", "bytes")
+  if data_config.name == "jsonl":
+    def files(key):  # A list or a comma-separated string, as one hashable string.
+      value = _field(data_config, key, "") or ""
+      return value if isinstance(value, str) else ",".join(map(str, value))
+    packed = _packed_records(files("train_files"), files("eval_files"),
+                             float(_field(data_config, "eval_fraction", 0.1)),
+                             _field(data_config, "train_split", "train"), split,
+                             int(data_config.seq_len), tokenizer)
+  else:
+    packed = _packed(data_config.name, resolve_data_dir(data_config), split,
+                     int(data_config.seq_len), tokenizer)
   subset_key = ("train_subset" if split == _field(data_config, "train_split", "train")
                 else "eval_subset")
   subset = int(_field(data_config, subset_key, 0) or 0)
@@ -252,7 +288,8 @@ def packed_split(data_config: Any, split: str) -> Packed:
     cut = {f.name: getattr(packed, f.name)[:subset] for f in dataclasses.fields(packed)
            if isinstance(getattr(packed, f.name), np.ndarray)}
     rest = cut["mask"].astype(bool) & (cut["targets"] < 256)
-    packed = dataclasses.replace(packed, **cut, num_bytes=int(rest.sum()))
+    packed = dataclasses.replace(packed, **cut, num_bytes=int(rest.sum()),
+                                 extra={k: v[:subset] for k, v in packed.extra.items()})
   return packed
 
 
@@ -261,8 +298,9 @@ def rows_digest(data_config: Any, split: str) -> str:
   text" means when a teacher's cached outputs are matched to a run."""
   packed = packed_split(data_config, split)
   digest = hashlib.sha256()
-  for name in ("tokens", "targets", "mask", "document"):
-    array = np.ascontiguousarray(getattr(packed, name))
+  arrays = {name: getattr(packed, name) for name in ("tokens", "targets", "mask", "document")}
+  for name, array in {**arrays, **packed.extra}.items():
+    array = np.ascontiguousarray(array)
     digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
@@ -278,7 +316,8 @@ def get_text_info(data_config: Any) -> TextInfo:
                   num_examples={s: len(p) for s, p in packs.items()},
                   documents={s: p.documents for s, p in packs.items()},
                   dropped={s: p.dropped for s, p in packs.items()},
-                  num_bytes={s: p.num_bytes for s, p in packs.items()})
+                  num_bytes={s: p.num_bytes for s, p in packs.items()},
+                  extra={k: (v.shape[1:], v.dtype.name) for k, v in packs[splits[0]].extra.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,8 +399,8 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
       batch[key] = np.asarray(fn(0, real))
     missing = b - len(real)
     if missing:
-      fill = {"tokens": pad, "targets": pad, "mask": 0.0, "document": -1, "id": -1,
-              **{key: 0 for key in side_data or {}}}
-      batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill[k], v.dtype)])
+      fill = {"tokens": pad, "targets": pad, "mask": 0.0, "document": -1, "id": -1}
+      batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0),
+                                             v.dtype)])
                for k, v in batch.items()}
     yield batch

@@ -2,8 +2,9 @@
 
 Registered here: `token_ce` (next-token cross-entropy), `token_fkl` (forward KL, the usual
 word-level KD), `token_rkl` (reverse KL, MiniLLM's mode-seeking direction), `token_jsd`
-(generalized JSD, GKD), `token_skew_kl` (skew KL, DistiLLM) and `token_topk_kd` (KL against the
-teacher's top-k log-probabilities plus the remaining mass, what a top-k teacher cache holds);
+(generalized JSD, GKD), `token_skew_kl` (skew KL, DistiLLM), `token_topk_kd` (KL against the
+teacher's top-k log-probabilities plus the remaining mass, what a top-k teacher cache holds)
+and `token_sparse_topk_kd` (a black-box teacher's top-k log-probabilities from its output file);
 between chosen layers, `token_hidden_mse` (hidden states, through a learned connector when the
 widths differ) and `token_attention_kl` (attention probabilities, MiniLM).
 
@@ -304,6 +305,55 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
   return masked_mean(chunked_per_token(per_token, arrays, chunk_size), batch.get("mask"))
+
+
+def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
+                   topk_ids: jax.Array, topk_valid: jax.Array) -> jax.Array:
+  """KL from a teacher known only by some tokens' log-probabilities (an API's top-k).
+
+  Args:
+    student_log_probs: [..., V] the student's log-softmax.
+    topk_log_probs: [..., k] the teacher's log-probabilities of tokens `topk_ids` [..., k].
+    topk_valid: [..., k] 1 for the entries that are real (mapped) tokens, 0 for padding.
+  Returns:
+    [...] `sum_i p_i log(p_i / q_i)` over the valid entries, with `p` the teacher's
+    probabilities renormalised over them and `q` the student's full-vocabulary probabilities
+    of those tokens. It is >= 0 (the q_i sum to at most 1) and 0 only when the student puts
+    exactly the teacher's renormalised probabilities on those tokens and nothing elsewhere;
+    0 where no entry is valid.
+  """
+  valid = topk_valid > 0
+  low = jnp.finfo(jnp.float32).min
+  teacher = jax.nn.log_softmax(jnp.where(valid, topk_log_probs.astype(jnp.float32), low), -1)
+  student = jnp.take_along_axis(student_log_probs, topk_ids, axis=-1)
+  return jnp.sum(jnp.where(valid, jnp.exp(teacher) * (teacher - student), 0.0), axis=-1)
+
+
+@register_loss("token_sparse_topk_kd", uses_teachers=False)
+def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
+                         batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> jax.Array:
+  """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` against the top-k
+  log-probabilities its output file gave per token (`data.blackbox`: batch keys `topk_ids`,
+  `topk_logprobs`, `topk_valid` [B, L, k]), mean over the kept positions that have at least
+  one mapped token. No live teacher is needed (`teachers` is not read)."""
+  del teachers
+  missing = [key for key in ("topk_ids", "topk_logprobs", "topk_valid") if key not in batch]
+  if missing:
+    raise ValueError("token_sparse_topk_kd reads a black-box teacher's top-k log-probabilities "
+                     f"from the batch, which has no {missing}: use data.name='jsonl' with a "
+                     "teacher-output file that has top_logprobs (docs/blackbox.md).")
+  arrays = {"student": student.logits, "ids": batch["topk_ids"],
+            "log_probs": batch["topk_logprobs"], "valid": batch["topk_valid"]}
+
+  def per_token(chunk):
+    student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32), axis=-1)
+    return sparse_topk_kl(student_logp, jax.lax.stop_gradient(chunk["log_probs"]),
+                          chunk["ids"], chunk["valid"])
+
+  has_teacher = jnp.any(batch["topk_valid"] > 0, axis=-1).astype(jnp.float32)
+  mask = batch.get("mask")
+  mask = has_teacher if mask is None else mask * has_teacher
+  return masked_mean(chunked_per_token(per_token, arrays, chunk_size), mask)
 
 
 # ------------------------------------------------------------------ hidden states, attention

@@ -17,13 +17,17 @@ class TaskInfo:
 
   `num_classes` is the models' output size (classes, or the vocabulary), `input_shape` one
   example's input without the batch axis ((H, W, C) images, (L,) token rows), `num_examples`
-  the examples (rows) per split, `data` the data module's own description.
+  the examples (rows) per split, `data` the data module's own description, `batch_extras` the
+  per-example arrays the data's batches carry beyond the task's own keys ({key: (shape without
+  the batch axis, dtype name)}, e.g. a black-box teacher's top-k log-probabilities).
   """
 
   num_classes: int
   input_shape: tuple[int, ...]
   num_examples: dict[str, int]
   data: Any
+  batch_extras: Mapping[str, tuple[tuple[int, ...], str]] = dataclasses.field(
+      default_factory=dict)
 
 
 class Task:

@@ -219,6 +219,8 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   example = task.example_batch(input_shape, config.batch_size,
                                {teacher_cache.batch_key(n): readers[splits[0]].output_shape
                                 for n, readers in caches.items()})
+  for key, (shape, dtype) in task_info.batch_extras.items():  # E.g. a black-box file's top-k.
+    example[key] = jnp.zeros((config.batch_size, *shape), dtype)
   add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,

@@ -1,0 +1,253 @@
+"""Black-box teachers: a JSONL file of what a teacher wrote is a data set (`data.name='jsonl'`).
+
+A teacher reachable only through an API (or a local one sampled by `scripts/generate.py`)
+leaves a file, one JSON object per line:
+
+    {"prompt": "...", "completion": "..."}
+    {"prompt": "...", "completion": "...", "tokens": ["Hel", "lo"],
+     "top_logprobs": [{"Hel": -0.1, "He": -2.5}, {"lo": -0.01, "p": -4.7}]}
+
+`tokens` are the completion's tokens as the teacher's tokenizer cut it (they must join to the
+completion) and `top_logprobs[i]` the teacher's k most likely tokens at token i with their
+natural-log probabilities, as chat APIs return them. Both or neither.
+
+Rows. Each record is one row: `BOS prompt completion EOS` in the student's tokenizer
+(`data.tokenizer`), inputs and next-token targets, truncated to `data.seq_len` (truncated
+records are counted) and padded. The loss mask is 1 only where the target is a completion
+token or the final EOS: the student learns to write the completion, not the prompt
+(sequence-level KD, Kim and Rush 2016).
+
+Log-probabilities. Teacher token i starts at a character offset of the completion; its
+log-probabilities apply at the student's position that predicts the first student token of
+that offset (for the byte tokenizer: the token's first byte). An alternative maps to the
+student's vocabulary when the student's tokenizer encodes it as exactly one token that
+decodes back to the same string; alternatives that do not map are counted, never silently
+dropped, and so are teacher tokens with no mapped alternative. With a byte-level student,
+single-character ASCII tokens map; a multi-byte API token's alternatives do not (counted). The
+rows carry `topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] and `topk_valid` float32
+[L, K] (K = the file's largest k) for `token_sparse_topk_kd`.
+
+Every problem in the file is reported with its line number before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+NAME = "jsonl"
+TOPK_KEYS = ("topk_ids", "topk_logprobs", "topk_valid")
+
+
+class BlackboxFileError(ValueError):
+  """A teacher-output file is missing or malformed; names the file and the lines."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One line of a teacher-output file."""
+
+  prompt: str
+  completion: str
+  tokens: tuple[str, ...] | None = None
+  top_logprobs: tuple[tuple[tuple[str, float], ...], ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingCounts:
+  """How much of a file's log-probability information reached the student's vocabulary."""
+
+  records: int = 0
+  truncated: int = 0  # Records cut at seq_len.
+  entries: int = 0  # (token, log-prob) alternatives in the file's kept positions.
+  unmapped: int = 0  # Alternatives that are not one student token.
+  positions: int = 0  # Teacher tokens with log-probabilities, within seq_len.
+  empty_positions: int = 0  # Of those, tokens none of whose alternatives mapped.
+
+  def __add__(self, other: MappingCounts) -> MappingCounts:
+    return MappingCounts(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                                 dataclasses.astuple(other), strict=True)))
+
+
+def _problem(record: Any) -> str | None:
+  """What is wrong with one parsed line, or None."""
+  if not isinstance(record, dict):
+    return f"expected a JSON object, got {type(record).__name__}"
+  for key in ("prompt", "completion"):
+    if not isinstance(record.get(key), str):
+      return f"field {key!r} must be a string (got {record.get(key)!r:.40})"
+  unknown = sorted(set(record) - {"prompt", "completion", "tokens", "top_logprobs"})
+  if unknown:
+    return f"unknown field(s) {unknown}; a line has prompt, completion, tokens, top_logprobs"
+  tokens, top = record.get("tokens"), record.get("top_logprobs")
+  if (tokens is None) != (top is None):
+    return "'tokens' and 'top_logprobs' come together (both or neither)"
+  if tokens is None:
+    return None
+  if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+    return "'tokens' must be a list of strings"
+  if not isinstance(top, list) or len(top) != len(tokens):
+    return (f"'top_logprobs' must be a list with one entry per token ({len(tokens)} tokens, "
+            f"{len(top) if isinstance(top, list) else type(top).__name__} entries)")
+  if "".join(tokens) != record["completion"]:
+    return "the 'tokens' do not join to the 'completion'"
+  for i, alternatives in enumerate(top):
+    if not isinstance(alternatives, dict) or not alternatives:
+      return f"top_logprobs[{i}] must be a non-empty object {{token: log-prob}}"
+    for token, value in alternatives.items():
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not math.isfinite(value) or value > 1e-6):
+        return (f"top_logprobs[{i}][{token!r}] = {value!r}: a log-probability is a finite "
+                "number <= 0")
+  return None
+
+
+@functools.cache
+def _read_file(path: str, mtime: int) -> tuple[Record, ...]:
+  del mtime  # Part of the cache key only.
+  records, problems = [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        problems.append(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})")
+        continue
+      problem = _problem(record)
+      if problem:
+        problems.append(f"{path}:{number}: {problem}")
+        continue
+      top = record.get("top_logprobs")
+      records.append(Record(
+          record["prompt"], record["completion"],
+          None if top is None else tuple(record["tokens"]),
+          None if top is None else tuple(tuple((t, float(v)) for t, v in alternatives.items())
+                                         for alternatives in top)))
+  if problems:
+    shown = "\n  ".join(problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise BlackboxFileError(f"Teacher-output file {path} has {len(problems)} malformed "
+                            f"line(s); fix them and rerun (format: docs/blackbox.md):\n  "
+                            f"{shown}{more}")
+  if not records:
+    raise BlackboxFileError(f"Teacher-output file {path} has no records.")
+  return tuple(records)
+
+
+def read_records(path: str) -> tuple[Record, ...]:
+  """The records of a teacher-output file; raises BlackboxFileError listing every malformed
+  line by number (the run then refuses to start)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise BlackboxFileError(f"No teacher-output file {path}: set config.data.train_files to "
+                            "the JSONL file(s) of the teacher's outputs (docs/blackbox.md).")
+  return _read_file(path, os.stat(path).st_mtime_ns)
+
+
+def _body(tokenizer: Any, text: str) -> np.ndarray:
+  """`text`'s student tokens without BOS/EOS."""
+  return np.asarray(tokenizer.encode(text), np.int32)[1:-1]
+
+
+def _single_token(tokenizer: Any, text: str) -> int | None:
+  ids = _body(tokenizer, text)
+  if len(ids) == 1 and tokenizer.decode(ids) == text:
+    return int(ids[0])
+  return None
+
+
+def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
+               ) -> tuple[dict[str, np.ndarray], MappingCounts]:
+  """Rows (`tokens`, `targets`, `mask`, `document` [N, L], and with log-probabilities the
+  `TOPK_KEYS` arrays [N, L, K]) and the mapping counts; see the module docstring."""
+  n, pad = len(records), tokenizer.pad_id
+  k = max((len(a) for r in records if r.top_logprobs for a in r.top_logprobs), default=0)
+  rows = {"tokens": np.full((n, seq_len), pad, np.int32),
+          "targets": np.full((n, seq_len), pad, np.int32),
+          "mask": np.zeros((n, seq_len), np.float32),
+          "document": np.full((n, seq_len), -1, np.int32)}
+  if k:
+    rows.update(topk_ids=np.zeros((n, seq_len, k), np.int32),
+                topk_logprobs=np.zeros((n, seq_len, k), np.float32),
+                topk_valid=np.zeros((n, seq_len, k), np.float32))
+  counts = MappingCounts(records=n)
+  single = functools.lru_cache(maxsize=None)(functools.partial(_single_token, tokenizer))
+  for r, record in enumerate(records):
+    prompt = np.asarray(tokenizer.encode(record.prompt), np.int32)[:-1]  # BOS + prompt.
+    completion = _body(tokenizer, record.completion)
+    stream = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
+    length = min(len(stream) - 1, seq_len)
+    counts += MappingCounts(truncated=int(len(stream) - 1 > seq_len))
+    rows["tokens"][r, :length] = stream[:length]
+    rows["targets"][r, :length] = stream[1:length + 1]
+    rows["document"][r, :length] = 0
+    # Position t predicts stream[t + 1]; the completion starts at stream index len(prompt).
+    first = len(prompt) - 1
+    rows["mask"][r, max(first, 0):length] = 1.0
+    if not record.top_logprobs:
+      continue
+    offset = ""
+    for token, alternatives in zip(record.tokens, record.top_logprobs, strict=True):
+      position = first + len(_body(tokenizer, offset))
+      offset += token
+      if position >= length:
+        break  # Truncated away (with everything after it).
+      kept = [(single(text), value) for text, value in alternatives]
+      mapped = {}
+      for token_id, value in kept:
+        if token_id is not None and token_id not in mapped:
+          mapped[token_id] = value
+      counts += MappingCounts(entries=len(kept), unmapped=len(kept) - len(mapped),
+                              positions=1, empty_positions=int(not mapped))
+      for j, (token_id, value) in enumerate(mapped.items()):
+        rows["topk_ids"][r, position, j] = token_id
+        rows["topk_logprobs"][r, position, j] = value
+        rows["topk_valid"][r, position, j] = 1.0
+  return rows, counts
+
+
+def _files(value: Any) -> list[str]:
+  if not value:
+    return []
+  items = value.split(",") if isinstance(value, str) else list(value)
+  return [os.path.expanduser(str(v).strip()) for v in items if str(v).strip()]
+
+
+def split_records(data_config: Any, split: str) -> tuple[Record, ...]:
+  """The records of `split`: `data.train_files` for the train split; for the eval split
+  `data.eval_files`, or else the last `data.eval_fraction` of the train records (which the
+  train split then leaves out)."""
+  train_files = _files(data_config.get("train_files"))
+  if not train_files:
+    raise BlackboxFileError("config.data.train_files is not set: give the JSONL file(s) of the "
+                            "teacher's outputs (comma-separated; format: docs/blackbox.md).")
+  records = tuple(r for path in train_files for r in read_records(path))
+  eval_files = _files(data_config.get("eval_files"))
+  is_train = split == data_config.get("train_split", "train")
+  if eval_files:
+    return records if is_train else tuple(r for p in eval_files for r in read_records(p))
+  fraction = float(data_config.get("eval_fraction", 0.1))
+  held = min(max(1, round(fraction * len(records))), len(records) - 1)
+  if len(records) < 2:
+    raise BlackboxFileError(f"{train_files}: one record cannot be split into train and eval "
+                            "rows; add records or set config.data.eval_files.")
+  return records[:-held] if is_train else records[-held:]
+
+
+def log_counts(path_names: str, split: str, counts: MappingCounts) -> None:
+  """One log line with what did not reach the student (never silently dropped)."""
+  logging.info(
+      "Black-box %s (%s): %d records, %d truncated at seq_len; log-probs: %d of %d "
+      "alternatives do not map to the student's vocabulary, %d of %d teacher tokens have "
+      "none that maps.", split, path_names, counts.records, counts.truncated, counts.unmapped,
+      counts.entries, counts.empty_positions, counts.positions)
