@@ -1,0 +1,115 @@
+"""Sampling from a `TransformerLM` with its key/value cache, in one compiled loop.
+
+    tokens, mask = sample(model, variables, prompts, max_new_tokens=32, rng=key)
+
+`prompts` [B, P] int are right-aligned (left-padded): row b's prompt is its last
+`prompt_lengths[b]` tokens (all P when `prompt_lengths` is None); the padding is never attended
+to. The prompt is processed once (prefill), then `max_new_tokens` = N tokens are drawn one at a
+time in a `lax.scan` (fixed shapes, so it compiles once and runs inside a train step too).
+Returns tokens [B, P + N] (the prompts as given, then the samples) and `mask` [B, P + N] float32,
+1 at generated positions up to and including the first `eos_id`, 0 on the prompt and after
+EOS (where the tokens are `pad_id`).
+
+Sampling per step: logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
+`top_p` (nucleus: keep the smallest set of most likely tokens whose probability reaches p; 1:
+all), then a categorical draw with the key `fold_in(rng, step)` (reproducible from `rng`).
+`greedy=True` or `temperature=0` takes the argmax. With `return_logprobs=True` the model's
+log-probabilities at temperature 1 (before any truncation) of each step are returned too,
+[B, N, vocab]: what an API's `top_logprobs` reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """logits [..., V] with every token outside the top-k / the top-p nucleus set to -inf.
+
+  Top-k keeps the tokens whose logit is at least the k-th largest (ties at the boundary are
+  kept). Top-p sorts the probabilities in decreasing order and keeps a token when the mass
+  before it is below p, so the most likely token is always kept.
+  """
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float,
+            greedy: bool) -> jax.Array:
+  """The next token [B] from logits [B, V]."""
+  if greedy or temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """Raises ValueError naming the setting that cannot be used."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}.")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {top_p}.")
+
+
+def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: int,
+           rng: jax.Array, prompt_lengths: jax.Array | None = None, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
+           pad_id: int = 0, return_logprobs: bool = False) -> Any:
+  """Samples `max_new_tokens` after each prompt; see the module docstring.
+
+  `model` is a `TransformerLM` (anything with its `init_cache` and `cache=` call), `variables`
+  its variables. Everything but the arrays is static: bind them with `functools.partial`
+  before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32) and, with
+  `return_logprobs`, the log-probs [B, N, V] as a third element.
+  """
+  check_settings(max_new_tokens, temperature, top_k, top_p)
+  prompts = jnp.asarray(prompts).astype(jnp.int32)
+  batch, prompt_len = prompts.shape
+  if prompt_len < 1:
+    raise ValueError("Prompts need at least one token (e.g. BOS).")
+  total = prompt_len + max_new_tokens
+  valid = jnp.ones((batch, total), bool)
+  if prompt_lengths is not None:
+    first = prompt_len - jnp.asarray(prompt_lengths, jnp.int32)  # The first real position.
+    valid = jnp.arange(total)[None, :] >= first[:, None]
+  cache = model.init_cache(batch, total, valid)
+  logits, cache = model.apply(variables, prompts, cache=cache)
+  last = logits[:, -1]
+
+  def step(carry, t):
+    last, cache, done = carry
+    token = _choose(last, jax.random.fold_in(rng, t), temperature, top_k, top_p, greedy)
+    token = jnp.where(done, pad_id, token)
+    keep = ~done
+    if eos_id is not None:
+      done = done | (token == eos_id)
+    logprobs = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1) if return_logprobs else None
+    logits, cache = model.apply(variables, token[:, None], cache=cache)
+    return (logits[:, 0], cache, done), (token, keep, logprobs)
+
+  done = jnp.zeros((batch,), bool)
+  _, (new, keep, logprobs) = jax.lax.scan(step, (last, cache, done), jnp.arange(max_new_tokens))
+  tokens = jnp.concatenate([prompts, new.T], axis=1)
+  mask = jnp.concatenate([jnp.zeros((batch, prompt_len), jnp.float32),
+                          keep.T.astype(jnp.float32)], axis=1)
+  if return_logprobs:
+    return tokens, mask, jnp.moveaxis(logprobs, 0, 1)
+  return tokens, mask
