@@ -113,3 +113,48 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
   if return_logprobs:
     return tokens, mask, jnp.moveaxis(logprobs, 0, 1)
   return tokens, mask
+
+
+# ------------------------------------------------------------------ completions as JSON records
+
+SPECIAL_NAMES = {"bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>"}
+
+
+def token_str(tokenizer: Any, token: int) -> str:
+  """The text of one token id, as `tokens` and `top_logprobs` in a completion record name it:
+  the tokenizer's decode of the id alone; `<bos>`, `<eos>`, `<pad>` for the special tokens; and
+  for a byte that is not text on its own (part of a multi-byte UTF-8 character) `bytes:\\xNN`
+  (as APIs write it), so distinct ids never share a name."""
+  for field, name in SPECIAL_NAMES.items():
+    if token == getattr(tokenizer, field, None):
+      return name
+  text = tokenizer.decode([token])
+  if "\ufffd" in text and token < 256:
+    return f"bytes:\\x{token:02x}"
+  return text
+
+
+def completion_records(tokenizer: Any, prompts: list[str], tokens: Any, mask: Any,
+                       prompt_len: int, logprobs: Any = None, top_logprobs: int = 0
+                       ) -> list[dict[str, Any]]:
+  """One JSON-ready record per row: `{"prompt", "completion"}` and, with `top_logprobs` = K > 0
+  (and the `logprobs` [B, N, V] of `sample`), `"tokens"` (each completion token's
+  `token_str`) and `"top_logprobs"` (per completion token, the K most likely tokens at that
+  position -> their log-probabilities, most likely first). The completion is the generated
+  tokens up to and including EOS (EOS itself adds no text)."""
+  import numpy as np
+
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  records = []
+  for b, prompt in enumerate(prompts):
+    kept = np.flatnonzero(mask[b, prompt_len:] > 0)
+    ids = tokens[b, prompt_len:][kept]
+    record = {"prompt": prompt, "completion": tokenizer.decode(ids)}
+    if top_logprobs > 0:
+      record["tokens"] = [token_str(tokenizer, int(t)) for t in ids]
+      rows = np.asarray(logprobs[b])[kept]
+      top = np.argsort(-rows, axis=-1, kind="stable")[:, :top_logprobs]
+      record["top_logprobs"] = [{token_str(tokenizer, int(t)): float(row[t]) for t in ids_}
+                                for row, ids_ in zip(rows, top, strict=True)]
+    records.append(record)
+  return records
