@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "fraction": 0.5 if role == "gkd" else 0.0,
       "prompt_len": 8 if tiny else 32, "max_new_tokens": 16 if tiny else 64,
       "temperature": 1.0, "top_k": 0})
+  # Student samples (continuations of held-out rows' first on_policy.prompt_len tokens) in
+  # the log and TensorBoard at each evaluation; on-policy runs also get eval/sample_length and
+  # eval/teacher_logprob/NAME. 0: none.
+  c.eval_samples = 4
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.01,
       "schedule": "cosine", "decay_epochs": (), "decay_factor": 0.1, "warmup_epochs": 0.05,
@@ -119,4 +123,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 3
     c.optim.warmup_epochs = 0.0
     c.progress_bar = False
+    c.eval_samples = 2 if role == "gkd" else 0  # The other tiny runs skip the extra compile.
   return c

@@ -14,10 +14,12 @@ from conftest import ROOT, run_cli
 
 from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
+from distill_jax.data import text
 from distill_jax.models import build_model
+from distill_jax.teachers import init_shapes
 from distill_jax.train import loop
 from distill_jax.train import step as step_lib
-from distill_jax.train.checkpoint import export_model
+from distill_jax.train.checkpoint import export_model, load_model_variables
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 TEACHER = {"num_layers": 2, "width": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
@@ -120,6 +122,26 @@ def test_gkd_trains_through_the_cli(data_dir, teacher_dir, tmp_path):
   losses = [r["train/loss/token_jsd"] for r in rows if "train/loss/token_jsd" in r]
   assert result["steps"] == 4 and len(losses) == 4
   assert all(np.isfinite(losses)) and min(losses) > 0
+  # The final evaluation's samples: recomputed from the exported student (seed 0, the first
+  # 2 held-out rows' first 8 tokens), with the teacher's log-likelihood of them in NumPy.
+  final = [r for r in rows if "eval/sample_length" in r][-1]
+  config = gkd_config(data_dir, teacher_dir)
+  student = build_model("transformer_lm", 259, **config.student.kwargs)
+  variables = load_model_variables(str(workdir / "model"), init_shapes(student, (32,)))
+  prompts = text.packed_split(config.data, "test").tokens[:2, :PROMPT]
+  tokens, mask = generate.sample(student, variables, prompts, max_new_tokens=NEW,
+                                 rng=jax.random.PRNGKey(0), eos_id=EOS, pad_id=PAD)
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  teacher = build_model("transformer_lm", 259, **TEACHER)
+  log_t = _log_softmax(teacher.apply(load_model_variables(
+      teacher_dir, init_shapes(teacher, (32,))), tokens))[:, :-1]
+  ll = np.take_along_axis(log_t, tokens[:, 1:, None], -1)[..., 0]
+  assert final["eval/sample_length"] == pytest.approx(mask.sum(1).mean())
+  np.testing.assert_allclose(final["eval/teacher_logprob/teacher"],
+                             (ll * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=1e-4)
+  # The texts went to TensorBoard's Text tab.
+  events = b"".join(p.read_bytes() for p in (workdir / "tb").iterdir())
+  assert b"samples/1" in events and b"text" in events
 
 
 def test_bad_settings_name_the_setting(data_dir, teacher_dir):

@@ -529,9 +529,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
                durations.steps_per_epoch, parallel.num_devices, parallel.devices[0].platform,
                parallel.mode)
 
+  sampler = generate.EvalSampler.from_config(config, run["student"], run["teacher_applies"],
+                                             run["on_policy"])
+
   def eval_now(step):
     scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
                        config.eval_batch_size, run["side_data"]["eval"], task=task)
+    if sampler is not None:  # Language models: a few samples (and on-policy metrics).
+      texts, extra = sampler(parallel.get(state).student_variables(), parallel.get(teacher_vars),
+                             seed=config.seed)
+      scalars.update({f"eval/{k}": v for k, v in extra.items()})
+      for i, sample_text in enumerate(texts):
+        logging.info("Sample %d at step %d: %r", i, step, sample_text)
+      writer.write_texts(step, {f"samples/{i}": t for i, t in enumerate(texts)})
     writer.write(step, scalars)
     return scalars
 
