@@ -223,11 +223,19 @@ class OnPolicy:
                                   batch["document"]).astype(batch["document"].dtype)
     return out
 
-  def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array
-               ) -> dict[str, jax.Array]:
+  def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+               axis_name: str | None = None) -> dict[str, jax.Array]:
     """With probability `fraction` (a coin from `rng`, inside the compiled step) the
-    `rollout` of the batch, else the batch as it is."""
+    `rollout` of the batch, else the batch as it is.
+
+    Under pmap (`axis_name`) every device tosses the same coin but samples with its own key
+    (the device index folded in): the same key on each device's rows would draw the same
+    random numbers for row i of every device. So pmap's samples are not one device's (jit on
+    a mesh samples the global batch and gives exactly the single-device samples).
+    """
     coin, draw = self.keys(rng)
+    if axis_name is not None:
+      draw = jax.random.fold_in(draw, jax.lax.axis_index(axis_name))
     use = jax.random.uniform(coin) < self.fraction
     batch = dict(batch)
     return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw), lambda b: b, batch)

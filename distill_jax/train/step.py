@@ -103,7 +103,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   """
   if on_policy is not None:
     batch = on_policy({"params": state.params["student"], **state.model_state}, batch,
-                      state.rng)
+                      state.rng, axis_name)
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   used = objective.teachers_used(tuple(teacher_applies))
   applies = {n: teacher_applies[n] for n in used}
