@@ -4,7 +4,9 @@ A Transformer teacher trained on the text, then a smaller student trained alone 
 distilled from it token by token: forward KL (`fkl`), reverse KL (`rkl`), generalized JSD
 (`jsd`, beta 0.5), skew KL (`skew`, alpha 0.1), top-k KD (`topk`, k 16), or forward KL plus
 hidden-state MSE and last-layer attention KL with a layer map (`hidden`: student layer i <-
-teacher layer 2i). Offline; minutes on a CPU at the default sizes.
+teacher layer 2i), or on-policy (`gkd`, Agarwal et al. 2024: generalized JSD, beta 0.5, on the
+student's own continuations of the rows' first tokens for half of the batches, no CE).
+Offline; minutes on a CPU at the default sizes.
 
     distill-jax --config=configs/lm.py:teacher --workdir=runs/lm/teacher
     distill-jax --config=configs/lm.py:fkl --workdir=runs/lm/fkl \
@@ -19,7 +21,7 @@ per-token top-k log-probabilities: CE 0.5 + `token_sparse_topk_kd` 0.5):
     distill-jax --config=configs/lm.py:blackbox_topk --workdir=runs/lm/api \
         --config.data.train_files=teacher_outputs.jsonl
 
-Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, sequence,
+Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, gkd, sequence,
 blackbox_text, blackbox_topk}. `tiny` shrinks
 the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
 `result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
@@ -48,6 +50,7 @@ METHODS = {
     "skew": {"token_skew_kl": {"weight": 0.5, "alpha": 0.1}},
     "topk": {"token_topk_kd": {"weight": 0.5, "k": 16}},
     "hidden": {"token_fkl": {"weight": 0.5}},  # + the layer-mapped terms of `hidden_terms`.
+    "gkd": {"token_jsd": {"weight": 1.0, "beta": 0.5}},  # Alone: CE on own samples is moot.
 }
 # Roles that learn from what a teacher wrote (a JSONL file, `data.name='jsonl'`,
 # distill_jax/data/blackbox.py) rather than from its live logits.
@@ -115,7 +118,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if role == "hidden":
     terms.update(hidden_terms(student, teacher))
   ce_weight = 0.5 if terms else 1.0
-  c.losses = ml_collections.ConfigDict({"token_ce": {"weight": ce_weight, **chunk}, **terms})
+  c.losses = ml_collections.ConfigDict(
+      terms if role == "gkd" else {"token_ce": {"weight": ce_weight, **chunk}, **terms})
+  # On-policy distillation (GKD): with probability `fraction` per batch the student continues
+  # each row's first `prompt_len` tokens by `max_new_tokens` sampled ones (`temperature`,
+  # `top_k`: 0 = all), and the terms compare it with the teachers on those tokens. 0: off.
+  c.on_policy = ml_collections.ConfigDict({
+      "fraction": 0.5 if role == "gkd" else 0.0,
+      "prompt_len": 8 if tiny else 32, "max_new_tokens": 16 if tiny else 64,
+      "temperature": 1.0, "top_k": 0})
+  # Student samples (continuations of held-out rows' first on_policy.prompt_len tokens) in
+  # the log and TensorBoard at each evaluation; on-policy runs also get eval/sample_length and
+  # eval/teacher_logprob/NAME. 0: none.
+  c.eval_samples = 4
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.01,
       "schedule": "cosine", "decay_epochs": (), "decay_factor": 0.1, "warmup_epochs": 0.05,
@@ -134,4 +149,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 3
     c.optim.warmup_epochs = 0.0
     c.progress_bar = False
+    c.eval_samples = 2 if role == "gkd" else 0  # The other tiny runs skip the extra compile.
   return c

@@ -18,6 +18,10 @@ Input: token ids [B, L] (any numeric dtype; cast to int32, so the framework's fl
 inputs work) with `L <= context`; a longer sequence is refused with both numbers. Output:
 float32 logits [B, L, vocab].
 
+Decoding (`distill_jax.generate`): `init_cache` makes an explicit key/value cache pytree that
+`__call__(tokens, cache=cache)` takes and returns updated, so a prompt is processed once and
+each new token costs one position's forward (the logits equal the full forward's).
+
 Features (the framework's mechanism: `sow` into 'intermediates', tapped by name or path):
 `hidden0` (the embeddings) and `hidden{i}` (the residual stream after block i, i = 1..
 num_layers), each [B, L, width], and per block `block{i-1}/attn/probs`, the attention
@@ -100,27 +104,41 @@ class Attention(nn.Module):
   rope_scaling: Any = None  # See `rope_frequencies`.
 
   @nn.compact
-  def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
-    """x [B, L, D]; allowed [B, L, L] (query i may attend to key j) -> [B, L, D]."""
+  def __call__(self, x: jax.Array, allowed: jax.Array, cache: dict[str, jax.Array] | None = None,
+               index: jax.Array | None = None) -> Any:
+    """x [B, L, D]; allowed [B, L, L] (query i may attend to key j) -> [B, L, D].
+
+    Decoding (`cache` = {'k', 'v'}, each [B, S, num_kv_heads, head_dim]): x holds the L new
+    tokens at positions `index`..`index + L - 1`; their keys and values are written into the
+    cache there, the queries attend over all S cached positions (`allowed` [B, L, S]), and the
+    call returns (out, new cache).
+    """
     b, length, width = x.shape
     dense = lambda n, name: nn.DenseGeneral((n, self.head_dim), use_bias=self.qkv_bias,
                                             kernel_init=_init, name=name)
     q = dense(self.num_heads, "query")(x)
     k = dense(self.num_kv_heads, "key")(x)
     v = dense(self.num_kv_heads, "value")(x)
-    positions = jnp.arange(length)
+    positions = jnp.arange(length) + (0 if cache is None else index)
     q = rope(q, positions, self.rope_base, self.rope_scaling)
     k = rope(k, positions, self.rope_base, self.rope_scaling)
+    if cache is not None:
+      start = (0, index, 0, 0)
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+      k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
     group = self.num_heads // self.num_kv_heads
     # [B, L, G, D] -> [B, L, G * group, D]: head h reads kv head h // group.
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    self.sow("intermediates", "probs", probs)
+    if cache is None:
+      self.sow("intermediates", "probs", probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
-                           name="out")(out)
+    out = nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
+                          name="out")(out)
+    return out if cache is None else (out, cache)
 
 
 class SwiGLU(nn.Module):
@@ -148,12 +166,17 @@ class Block(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, allowed: jax.Array, cache: dict[str, jax.Array] | None = None,
+               index: jax.Array | None = None) -> Any:
+    """x [B, L, D] -> [B, L, D]; with a `cache` (decoding; see `Attention`): (x, new cache)."""
     norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, name=name)
-    x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
-                      qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling,
-                      name="attn")(norm("attn_norm")(x), allowed)
-    return x + SwiGLU(self.mlp_dim, name="mlp")(norm("mlp_norm")(x))
+    attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
+                     qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling, name="attn")
+    h = attn(norm("attn_norm")(x), allowed, cache, index)
+    h, cache = (h, None) if cache is None else h
+    x = x + h
+    x = x + SwiGLU(self.mlp_dim, name="mlp")(norm("mlp_norm")(x))
+    return x if cache is None else (x, cache)
 
 
 class TransformerLM(nn.Module):
@@ -208,8 +231,37 @@ class TransformerLM(nn.Module):
       raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
                        f"({self.context}) must be positive.")
 
+  def init_cache(self, batch: int, length: int, valid: jax.Array | None = None,
+                 dtype: Any = jnp.float32) -> dict[str, Any]:
+    """An empty decoding cache for `batch` rows of up to `length` (<= context) tokens.
+
+    `valid` [batch, length] (default all True) marks the positions that may be attended to:
+    False at the left padding of prompts shorter than the longest (their tokens are still
+    fed, so every row advances together, but no query ever sees them). Keys: `index` (the
+    next position to write), `valid`, `document` (the document number of each written
+    position, for `bos_id`) and `layers` (per block, keys and values [batch, length,
+    num_kv_heads, head_dim]).
+    """
+    if length > self.context:
+      raise ValueError(f"A decoding cache of {length} tokens is longer than the model's context "
+                       f"of {self.context}: generate fewer tokens or use shorter prompts.")
+    kv, head_dim = self.num_kv_heads or self.num_heads, self.width // self.num_heads
+    zeros = lambda: jnp.zeros((batch, length, kv, head_dim), dtype)
+    return {"index": jnp.zeros((), jnp.int32),
+            "valid": jnp.ones((batch, length), bool) if valid is None else valid.astype(bool),
+            "document": jnp.zeros((batch, length), jnp.int32),
+            "layers": tuple({"k": zeros(), "v": zeros()} for _ in range(self.num_layers))}
+
   @nn.compact
-  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, train: bool = False,
+               cache: dict[str, Any] | None = None) -> Any:
+    """tokens [B, L] -> logits [B, L, vocab].
+
+    Decoding: with a `cache` (`init_cache`), `tokens` are the next L tokens of every row, at
+    positions `cache['index']`.. (a prompt's prefill, then one token at a time); they attend
+    to themselves and to every valid cached position before them, and the call returns
+    (logits, new cache). The logits equal the full forward's at those positions.
+    """
     del train  # No dropout: train and eval are the same function.
     self.check()
     if tokens.ndim != 2:
@@ -220,27 +272,48 @@ class TransformerLM(nn.Module):
       raise ValueError(f"A sequence of {length} tokens is longer than the model's context of "
                        f"{self.context}: shorten data.seq_len or raise the model's context.")
     tokens = tokens.astype(jnp.int32)
-    allowed = jnp.tril(jnp.ones((length, length), bool))[None]
-    if self.bos_id is not None:
-      document = jnp.cumsum(tokens == self.bos_id, axis=1)
-      allowed = allowed & (document[:, :, None] == document[:, None, :])
+    if cache is None:
+      index = None
+      allowed = jnp.tril(jnp.ones((length, length), bool))[None]
+      if self.bos_id is not None:
+        document = jnp.cumsum(tokens == self.bos_id, axis=1)
+        allowed = allowed & (document[:, :, None] == document[:, None, :])
+    else:
+      index, size = cache["index"], cache["valid"].shape[1]
+      query = index + jnp.arange(length)
+      allowed = cache["valid"][:, None, :] & (jnp.arange(size)[None, None, :] <= query[:, None])
+      if self.bos_id is not None:
+        last = jax.lax.dynamic_index_in_dim(cache["document"], jnp.maximum(index - 1, 0), axis=1,
+                                            keepdims=False)
+        new = jnp.where(index > 0, last, 0)[:, None] + jnp.cumsum(tokens == self.bos_id, axis=1)
+        document = jax.lax.dynamic_update_slice(cache["document"], new, (0, index))
+        allowed = allowed & (document[:, None, :] == new[:, :, None])
+        cache = {**cache, "document": document}
+      layer_caches = []
     embed = nn.Embed(self.num_classes, self.width, embedding_init=_init, name="embed")
     x = embed(tokens)
     self.sow("intermediates", "hidden0", x)
     block = nn.remat(Block) if self.remat else Block
     kv = self.num_kv_heads or self.num_heads
     for i in range(self.num_layers):
-      x = block(self.num_heads, kv, self.width // self.num_heads,
-                self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
-                rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
-                name=f"block{i}")(x, allowed)
+      layer = block(self.num_heads, kv, self.width // self.num_heads,
+                    self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
+                    rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, name=f"block{i}")
+      if cache is None:
+        x = layer(x, allowed)
+      else:
+        x, layer_cache = layer(x, allowed, cache["layers"][i], index)
+        layer_caches.append(layer_cache)
       self.sow("intermediates", f"hidden{i + 1}", x)
     x = nn.RMSNorm(epsilon=self.norm_eps, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = nn.Dense(self.num_classes, use_bias=False, kernel_init=_init, name="head")(x)
-    return logits.astype(jnp.float32)
+    if cache is None:
+      return logits.astype(jnp.float32)
+    cache = {**cache, "index": index + length, "layers": tuple(layer_caches)}
+    return logits.astype(jnp.float32), cache
 
 
 @register_model("transformer_lm")

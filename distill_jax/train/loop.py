@@ -25,8 +25,8 @@ from absl import logging
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import models, optim, tasks
-from distill_jax.data import teacher_cache
+from distill_jax import generate, models, optim, tasks
+from distill_jax.data import teacher_cache, text
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.model_io import CheckpointError, export_model
 from distill_jax.objective import Objective, build_objective
@@ -229,6 +229,14 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  init_shapes(student, input_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
 
+  on_policy = None
+  if config.get("on_policy") is not None:
+    try:
+      on_policy = generate.on_policy_from_config(
+          config.on_policy, student, text.get_tokenizer(config.data.get("tokenizer", "bytes")),
+          int(input_shape[0]))
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
   accumulate_steps = int(config.optim.get("accumulate_steps", 1))
   parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0
@@ -248,7 +256,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     train_step, eval_step = compile_steps(
         parallel, student_apply, teacher_applies, stage_objective, tx, step_offset=start,
         accumulate_steps=accumulate_steps, skip_nonfinite=config.train.on_nonfinite == "skip",
-        task=task)
+        task=task, on_policy=on_policy)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
   return dict(info=info, task=task, input_shape=input_shape,
@@ -258,7 +266,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
               side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
               objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
               student_apply=student_apply, teacher_applies=teacher_applies,
-              train_step=stages[-1].train_step,
+              train_step=stages[-1].train_step, on_policy=on_policy,
               eval_step=eval_step)
 
 
@@ -336,13 +344,15 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
                   tx: Any, step_offset: int = 0, accumulate_steps: int = 1,
-                  skip_nonfinite: bool = False, task: tasks.Task = step_lib.CLASSIFICATION
-                  ) -> tuple[Callable, Callable]:
-  """The compiled (train_step, eval_step) of the forwards and the objective, for `task`."""
+                  skip_nonfinite: bool = False, task: tasks.Task = step_lib.CLASSIFICATION,
+                  on_policy: Any = None) -> tuple[Callable, Callable]:
+  """The compiled (train_step, eval_step) of the forwards and the objective, for `task`
+  (with `on_policy`, a `generate.OnPolicy`, the train step samples on-policy batches)."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies, task=task)
+  policy = {"on_policy": on_policy} if on_policy is not None else {}
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
                                       accumulate_steps=accumulate_steps,
-                                      skip_nonfinite=skip_nonfinite, **static),
+                                      skip_nonfinite=skip_nonfinite, **policy, **static),
           parallel.compile_eval_step(**static))
 
 
@@ -534,9 +544,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
                durations.steps_per_epoch, parallel.num_devices, parallel.devices[0].platform,
                parallel.mode)
 
+  sampler = generate.EvalSampler.from_config(config, run["student"], run["teacher_applies"],
+                                             run["on_policy"])
+
   def eval_now(step):
     scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
                        config.eval_batch_size, run["side_data"]["eval"], task=task)
+    if sampler is not None:  # Language models: a few samples (and on-policy metrics).
+      texts, extra = sampler(parallel.get(state).student_variables(), parallel.get(teacher_vars),
+                             seed=config.seed)
+      scalars.update({f"eval/{k}": v for k, v in extra.items()})
+      for i, sample_text in enumerate(texts):
+        logging.info("Sample %d at step %d: %r", i, step, sample_text)
+      writer.write_texts(step, {f"samples/{i}": t for i, t in enumerate(texts)})
     writer.write(step, scalars)
     return scalars
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 
 import jax
-from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboardX.record_writer import masked_crc32c
 
 
@@ -72,6 +72,19 @@ class EventFile:
     self._write(event_pb2.Event(wall_time=time.time(), step=step,
                                 summary=summary_pb2.Summary(value=values)))
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Text summaries (TensorBoard's Text tab), one per tag."""
+    values = [summary_pb2.Summary.Value(
+        tag=tag, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])),
+        metadata=summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")))
+        for tag, text in texts.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=step,
+                                summary=summary_pb2.Summary(value=values)))
+
   def close(self) -> None:
     self._file.close()
 
@@ -100,6 +113,11 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
     self._tb.write(step, {k: v for k, v in scalars.items() if math.isfinite(v)})
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Texts (e.g. a language model's samples) to TensorBoard's Text tab."""
+    if self.enabled and texts:
+      self._tb.write_texts(step, texts)
 
   def close(self) -> None:
     if self.enabled:

@@ -79,8 +79,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
                axis_name: str | None = None, step_offset: int = 0, accumulate_steps: int = 1,
-               skip_nonfinite: bool = False, task: Task = CLASSIFICATION
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = False, task: Task = CLASSIFICATION,
+               on_policy: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters).
 
   `state.step` counts steps over all stages; the objective sees the step within its stage
@@ -95,7 +95,15 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   activation memory. BatchNorm normalises each micro-batch with its own statistics and updates
   its running averages k times per step (as k smaller steps would); terms that relate the
   examples of a batch (SP, RKD, CC, CRD's normaliser) relate those of a micro-batch.
+
+  `on_policy` (a `generate.OnPolicy`, language models): first, with its probability, the
+  batch becomes the student's own continuations of its rows' prompts (sampled from the
+  current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`),
+  which the teachers then score and the objective compares on the generated tokens.
   """
+  if on_policy is not None:
+    batch = on_policy({"params": state.params["student"], **state.model_state}, batch,
+                      state.rng, axis_name)
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   used = objective.teachers_used(tuple(teacher_applies))
   applies = {n: teacher_applies[n] for n in used}

@@ -1,0 +1,343 @@
+"""Sampling from a `TransformerLM` with its key/value cache, in one compiled loop.
+
+    tokens, mask = sample(model, variables, prompts, max_new_tokens=32, rng=key)
+
+`prompts` [B, P] int are right-aligned (left-padded): row b's prompt is its last
+`prompt_lengths[b]` tokens (all P when `prompt_lengths` is None); the padding is never attended
+to. The prompt is processed once (prefill), then `max_new_tokens` = N tokens are drawn one at a
+time in a `lax.scan` (fixed shapes, so it compiles once and runs inside a train step too).
+Returns tokens [B, P + N] (the prompts as given, then the samples) and `mask` [B, P + N] float32,
+1 at generated positions up to and including the first `eos_id`, 0 on the prompt and after
+EOS (where the tokens are `pad_id`).
+
+Sampling per step: logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
+`top_p` (nucleus: keep the smallest set of most likely tokens whose probability reaches p; 1:
+all), then a categorical draw with the key `fold_in(rng, step)` (reproducible from `rng`).
+`greedy=True` or `temperature=0` takes the argmax. With `return_logprobs=True` the model's
+log-probabilities at temperature 1 (before any truncation) of each step are returned too,
+[B, N, vocab]: what an API's `top_logprobs` reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """logits [..., V] with every token outside the top-k / the top-p nucleus set to -inf.
+
+  Top-k keeps the tokens whose logit is at least the k-th largest (ties at the boundary are
+  kept). Top-p sorts the probabilities in decreasing order and keeps a token when the mass
+  before it is below p, so the most likely token is always kept.
+  """
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float,
+            greedy: bool) -> jax.Array:
+  """The next token [B] from logits [B, V]."""
+  if greedy or temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """Raises ValueError naming the setting that cannot be used."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}.")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {top_p}.")
+
+
+def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: int,
+           rng: jax.Array, prompt_lengths: jax.Array | None = None, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
+           pad_id: int = 0, return_logprobs: bool = False) -> Any:
+  """Samples `max_new_tokens` after each prompt; see the module docstring.
+
+  `model` is a `TransformerLM` (anything with its `init_cache` and `cache=` call), `variables`
+  its variables. Everything but the arrays is static: bind them with `functools.partial`
+  before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32) and, with
+  `return_logprobs`, the log-probs [B, N, V] as a third element.
+  """
+  check_settings(max_new_tokens, temperature, top_k, top_p)
+  prompts = jnp.asarray(prompts).astype(jnp.int32)
+  batch, prompt_len = prompts.shape
+  if prompt_len < 1:
+    raise ValueError("Prompts need at least one token (e.g. BOS).")
+  total = prompt_len + max_new_tokens
+  valid = jnp.ones((batch, total), bool)
+  if prompt_lengths is not None:
+    first = prompt_len - jnp.asarray(prompt_lengths, jnp.int32)  # The first real position.
+    valid = jnp.arange(total)[None, :] >= first[:, None]
+  cache = model.init_cache(batch, total, valid)
+  logits, cache = model.apply(variables, prompts, cache=cache)
+  last = logits[:, -1]
+
+  def step(carry, t):
+    last, cache, done = carry
+    token = _choose(last, jax.random.fold_in(rng, t), temperature, top_k, top_p, greedy)
+    token = jnp.where(done, pad_id, token)
+    keep = ~done
+    if eos_id is not None:
+      done = done | (token == eos_id)
+    logprobs = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1) if return_logprobs else None
+    logits, cache = model.apply(variables, token[:, None], cache=cache)
+    return (logits[:, 0], cache, done), (token, keep, logprobs)
+
+  done = jnp.zeros((batch,), bool)
+  _, (new, keep, logprobs) = jax.lax.scan(step, (last, cache, done), jnp.arange(max_new_tokens))
+  tokens = jnp.concatenate([prompts, new.T], axis=1)
+  mask = jnp.concatenate([jnp.zeros((batch, prompt_len), jnp.float32),
+                          keep.T.astype(jnp.float32)], axis=1)
+  if return_logprobs:
+    return tokens, mask, jnp.moveaxis(logprobs, 0, 1)
+  return tokens, mask
+
+
+# ------------------------------------------------------------------ completions as JSON records
+
+SPECIAL_NAMES = {"bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>"}
+
+
+def token_str(tokenizer: Any, token: int) -> str:
+  """The text of one token id, as `tokens` and `top_logprobs` in a completion record name it:
+  the tokenizer's decode of the id alone; `<bos>`, `<eos>`, `<pad>` for the special tokens; and
+  for a byte that is not text on its own (part of a multi-byte UTF-8 character) `bytes:\\xNN`
+  (as APIs write it), so distinct ids never share a name."""
+  for field, name in SPECIAL_NAMES.items():
+    if token == getattr(tokenizer, field, None):
+      return name
+  text = tokenizer.decode([token])
+  if "\ufffd" in text and token < 256:
+    return f"bytes:\\x{token:02x}"
+  return text
+
+
+def completion_records(tokenizer: Any, prompts: list[str], tokens: Any, mask: Any,
+                       prompt_len: int, logprobs: Any = None, top_logprobs: int = 0
+                       ) -> list[dict[str, Any]]:
+  """One JSON-ready record per row: `{"prompt", "completion"}` and, with `top_logprobs` = K > 0
+  (and the `logprobs` [B, N, V] of `sample`), `"tokens"` (each completion token's
+  `token_str`) and `"top_logprobs"` (per completion token, the K most likely tokens at that
+  position -> their log-probabilities, most likely first). The completion is the generated
+  tokens up to and including EOS (EOS itself adds no text)."""
+  import numpy as np
+
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  records = []
+  for b, prompt in enumerate(prompts):
+    kept = np.flatnonzero(mask[b, prompt_len:] > 0)
+    ids = tokens[b, prompt_len:][kept]
+    record = {"prompt": prompt, "completion": tokenizer.decode(ids)}
+    if top_logprobs > 0:
+      record["tokens"] = [token_str(tokenizer, int(t)) for t in ids]
+      rows = np.asarray(logprobs[b])[kept]
+      top = np.argsort(-rows, axis=-1, kind="stable")[:, :top_logprobs]
+      record["top_logprobs"] = [{token_str(tokenizer, int(t)): float(row[t]) for t in ids_}
+                                for row, ids_ in zip(rows, top, strict=True)]
+    records.append(record)
+  return records
+
+
+# ------------------------------------------------------------------ on-policy distillation (GKD)
+
+ON_POLICY_SALT = 0x6B64  # fold_in(state.rng, this): the on-policy keys, apart from the others.
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+  """On-policy distillation (GKD, Agarwal et al., ICLR 2024): with probability `fraction` per
+  batch, each row's first `prompt_len` tokens are continued by `max_new_tokens` tokens that
+  the student samples (`temperature`, `top_k`), and the batch becomes those sequences, with
+  the loss mask on the generated tokens only; the teachers then score the student's own text.
+
+  Built from `config.on_policy` (`from_config`); `model` is the student's module. Static (a
+  hashable argument of the compiled step).
+  """
+
+  model: Any
+  fraction: float
+  prompt_len: int
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  @staticmethod
+  def keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the key of the per-batch coin, the sampling key) the step draws from its RNG."""
+    coin, draw = jax.random.split(jax.random.fold_in(rng, ON_POLICY_SALT))
+    return coin, draw
+
+  def rollout(self, variables: Any, batch: Mapping[str, jax.Array], key: jax.Array
+              ) -> dict[str, jax.Array]:
+    """The batch with each row replaced by its prompt and the student's sample (no gradient).
+
+    tokens [B, L]: the first `prompt_len` tokens, the N sampled ones, then `pad_id`; targets:
+    the next token; mask: 1 where the target is a generated token (up to and including EOS).
+    """
+    tokens, mask = sample(self.model, jax.lax.stop_gradient(variables),
+                          batch["tokens"][:, :self.prompt_len],
+                          max_new_tokens=self.max_new_tokens, rng=key,
+                          temperature=self.temperature, top_k=self.top_k, eos_id=self.eos_id,
+                          pad_id=self.pad_id)
+    tokens, mask = jax.lax.stop_gradient((tokens, mask))
+    batch_size, length = batch["tokens"].shape
+    rest = length - tokens.shape[1]
+    tokens = jnp.pad(tokens, ((0, 0), (0, rest)), constant_values=self.pad_id)
+    mask = jnp.pad(mask, ((0, 0), (0, rest)))
+    out = dict(batch)
+    out["tokens"] = tokens.astype(batch["tokens"].dtype)
+    out["targets"] = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)),
+                             constant_values=self.pad_id).astype(batch["targets"].dtype)
+    out["mask"] = jnp.pad(mask[:, 1:], ((0, 0), (0, 1))).astype(batch["mask"].dtype)
+    if "document" in batch:
+      last = batch["document"][:, self.prompt_len - 1:self.prompt_len]
+      generated = jnp.arange(length)[None, :] >= self.prompt_len
+      out["document"] = jnp.where(generated, jnp.where(mask > 0, last, -1),
+                                  batch["document"]).astype(batch["document"].dtype)
+    return out
+
+  def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+               axis_name: str | None = None) -> dict[str, jax.Array]:
+    """With probability `fraction` (a coin from `rng`, inside the compiled step) the
+    `rollout` of the batch, else the batch as it is.
+
+    Under pmap (`axis_name`) every device tosses the same coin but samples with its own key
+    (the device index folded in): the same key on each device's rows would draw the same
+    random numbers for row i of every device. So pmap's samples are not one device's (jit on
+    a mesh samples the global batch and gives exactly the single-device samples).
+    """
+    coin, draw = self.keys(rng)
+    if axis_name is not None:
+      draw = jax.random.fold_in(draw, jax.lax.axis_index(axis_name))
+    use = jax.random.uniform(coin) < self.fraction
+    batch = dict(batch)
+    return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw), lambda b: b, batch)
+
+
+def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: int
+                          ) -> OnPolicy | None:
+  """The `OnPolicy` of `config.on_policy` (None when absent or `fraction` is 0); raises
+  ValueError naming the setting that does not fit."""
+  if settings is None or float(settings.get("fraction", 0.0)) == 0.0:
+    return None
+  fraction = float(settings.fraction)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config.on_policy.fraction must be in [0, 1], got {fraction}.")
+  prompt_len, new = int(settings.prompt_len), int(settings.max_new_tokens)
+  if prompt_len < 1 or new < 1:
+    raise ValueError(f"config.on_policy.prompt_len ({prompt_len}) and max_new_tokens ({new}) "
+                     "must be positive.")
+  if prompt_len + new > seq_len:
+    raise ValueError(f"config.on_policy.prompt_len + max_new_tokens = {prompt_len} + {new} "
+                     f"exceeds data.seq_len {seq_len}: the samples must fit in the rows.")
+  temperature, top_k = float(settings.get("temperature", 1.0)), int(settings.get("top_k", 0))
+  check_settings(new, temperature, top_k, 1.0)
+  if not hasattr(model, "init_cache"):
+    raise ValueError(f"config.on_policy needs a student that can decode (transformer_lm), not "
+                     f"{type(model).__name__}.")
+  return OnPolicy(model, fraction, prompt_len, new, temperature, top_k,
+                  getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", 0))
+
+
+# ------------------------------------------------------------------ samples at evaluation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalSampler:
+  """A few of the student's samples at each evaluation of a language-model run (config
+  `eval_samples` = how many; 0: none): continuations of the first `prompt_len` tokens of the
+  first held-out rows (`config.on_policy`'s lengths and temperature, a fixed seed, so
+  evaluations compare), for the log and TensorBoard. For on-policy runs also the metrics
+  `sample_length` (mean generated tokens, EOS included) and, per teacher,
+  `teacher_logprob/NAME` (the teacher's mean log-likelihood per token of those samples: how
+  plausible the teacher finds what the student writes).
+  """
+
+  model: Any
+  teacher_applies: Any
+  tokenizer: Any
+  prompts: Any  # int32 [n, prompt_len]
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  metrics: bool
+
+  @staticmethod
+  def from_config(config: Any, student: Any, teacher_applies: Any, on_policy: Any
+                  ) -> EvalSampler | None:
+    """None unless the student can decode and `config.eval_samples` > 0."""
+    import numpy as np
+
+    from distill_jax.data import text
+
+    count = int(config.get("eval_samples", 0) or 0)
+    settings = config.get("on_policy")
+    if count <= 0 or settings is None or not hasattr(student, "init_cache"):
+      return None
+    rows = text.packed_split(config.data, config.data.eval_split).tokens[:count]
+    return EvalSampler(student, teacher_applies,
+                       text.get_tokenizer(config.data.get("tokenizer", "bytes")),
+                       np.asarray(rows[:, :int(settings.prompt_len)], np.int32),
+                       int(settings.max_new_tokens), float(settings.get("temperature", 1.0)),
+                       int(settings.get("top_k", 0)), on_policy is not None)
+
+  @functools.cached_property
+  def _compiled(self) -> Any:
+    tok = self.tokenizer
+
+    def run(student_vars, teacher_vars, prompts, rng):
+      tokens, mask = sample(self.model, student_vars, prompts, rng=rng,
+                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_k=self.top_k, eos_id=tok.eos_id, pad_id=tok.pad_id)
+      metrics = {}
+      if self.metrics:
+        kept = mask[:, 1:]
+        metrics["sample_length"] = jnp.mean(jnp.sum(mask, axis=1))
+        for name, apply in self.teacher_applies.items():
+          logits = apply(teacher_vars[name], {"tokens": tokens}, False).logits
+          logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+          ll = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+          metrics[f"teacher_logprob/{name}"] = (jnp.sum(ll * kept)
+                                                / jnp.maximum(jnp.sum(kept), 1.0))
+      return tokens, mask, metrics
+
+    return jax.jit(run)
+
+  def __call__(self, student_vars: Any, teacher_vars: Any, seed: int = 0
+               ) -> tuple[list[str], dict[str, float]]:
+    """(the texts, each `prompt ␞ completion`, and the metrics)."""
+    tokens, mask, metrics = jax.device_get(self._compiled(
+        student_vars, {n: teacher_vars[n] for n in self.teacher_applies}, self.prompts,
+        jax.random.PRNGKey(seed)))
+    prompt_len = self.prompts.shape[1]
+    records = completion_records(self.tokenizer, [self.tokenizer.decode(p) for p in self.prompts],
+                                 tokens, mask, prompt_len)
+    texts = [f"{r['prompt']} ␞ {r['completion']}" for r in records]
+    return texts, {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,96 @@
+"""scripts/generate.py on a tiny teacher trained through the CLI: the JSON lines parse, one per
+prompt, greedy completions equal `generate.sample`'s, and `top_logprobs` are the model's
+log-probabilities at those positions."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, cli_env, run_cli
+
+from distill_jax import generate
+from distill_jax.data.text import ByteTokenizer
+
+LM = os.path.join(ROOT, "configs", "lm.py")
+SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
+
+
+@pytest.fixture(scope="module")
+def teacher(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gen") / "teacher"
+  run_cli([f"--config={LM}:teacher,tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", "--config.num_steps=4"])
+  return str(workdir)
+
+
+def _script(*args, check=True):
+  proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
+                        text=True, env=cli_env(), cwd=ROOT, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_greedy_completions_and_top_logprobs(teacher, tmp_path):
+  prompts = ["def f(x):", "The", "Ünïcode é"]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  out = tmp_path / "out.jsonl"
+  _script(f"--workdir={teacher}", f"--prompts={tmp_path / 'p.jsonl'}", "--temperature=0",
+          "--max_new_tokens=8", "--top_logprobs=3", f"--output={out}", "--batch_size=2")
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["prompt"] for r in records] == prompts
+  # The same prompts through generate.sample in-process (greedy).
+  from distill_jax.models import build_model
+  from distill_jax.teachers import init_shapes
+  from distill_jax.train.checkpoint import load_model_variables, read_model_meta
+
+  meta = read_model_meta(os.path.join(teacher, "model"))
+  model = build_model(meta["model"], meta["num_classes"], **meta["kwargs"])
+  variables = load_model_variables(os.path.join(teacher, "model"), init_shapes(model, (32,)))
+  tok = ByteTokenizer()
+  for prompt, record in zip(prompts, records, strict=True):
+    ids = tok.encode(prompt)[:-1]
+    tokens, mask = generate.sample(model, variables, ids[None], max_new_tokens=8,
+                                   rng=jax.random.PRNGKey(0), greedy=True, eos_id=tok.eos_id,
+                                   pad_id=tok.pad_id)
+    new = np.asarray(tokens[0, len(ids):])[np.asarray(mask[0, len(ids):]) > 0]
+    assert record["completion"] == tok.decode(new)
+    assert record["tokens"] == [generate.token_str(tok, int(t)) for t in new]
+    assert len(record["top_logprobs"]) == len(new) > 0
+    # NumPy on the full forward: the 3 most likely tokens and their log-probs at each position.
+    logits = np.asarray(model.apply(variables, jnp.asarray(tokens[:, :len(ids) + len(new)])),
+                        np.float64)[0, len(ids) - 1:-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    for row, top in zip(logp, record["top_logprobs"], strict=True):
+      want = np.argsort(-row)[:3]
+      assert list(top) == [generate.token_str(tok, int(t)) for t in want]
+      np.testing.assert_allclose(list(top.values()), row[want], atol=1e-4)
+      assert max(top.values()) == pytest.approx(row.max(), abs=1e-4)  # Greedy took the top.
+    assert all(math.isfinite(v) for top in record["top_logprobs"] for v in top.values())
+
+
+def test_prompts_from_the_data_set_and_bad_input(teacher, data_dir, tmp_path):
+  out = tmp_path / "data.jsonl"
+  _script(f"--workdir={teacher}", f"--config={LM}:teacher,tiny",
+          f"--config.data.data_dir={data_dir}", "--num_prompts=5", "--prompt_len=8",
+          "--max_new_tokens=6", "--seed=1", f"--output={out}")
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(records) == 5 and all(set(r) == {"prompt", "completion"} for r in records)
+  assert all(len(r["completion"].encode()) <= 6 * 3 for r in records)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+  proc = _script(f"--workdir={teacher}", f"--prompts={bad}", f"--output={out}", check=False)
+  assert proc.returncode != 0 and 'bad.jsonl:2: expected an object with a "prompt"' in proc.stderr
+  good = tmp_path / "good.txt"
+  good.write_text("a\n")
+  proc = _script(f"--workdir={teacher}", f"--prompts={good}", "--max_new_tokens=40",
+                 f"--output={out}", check=False)
+  assert "exceeds the model's context of 32" in proc.stderr

@@ -1,0 +1,180 @@
+"""On-policy distillation (GKD): the teacher gets no gradient and the student a finite one
+through the sampled batch; the step's loss equals sampling with the step's key, the teacher's
+forward and a NumPy generalized JSD on the generated tokens; configs/lm.py:gkd,tiny trains
+through the CLI; bad settings are refused naming the setting."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+from distill_jax import generate
+from distill_jax.config import ConfigError, load_config_file
+from distill_jax.data import text
+from distill_jax.models import build_model
+from distill_jax.teachers import init_shapes
+from distill_jax.train import loop
+from distill_jax.train import step as step_lib
+from distill_jax.train.checkpoint import export_model, load_model_variables
+
+LM = os.path.join(ROOT, "configs", "lm.py")
+TEACHER = {"num_layers": 2, "width": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
+           "context": 32, "bos_id": 256}
+PROMPT, NEW, PAD, EOS = 8, 16, 258, 257
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """An untrained tiny LM teacher (weights x4, so it is far from uniform), exported."""
+  directory = str(tmp_path_factory.mktemp("gkd_teacher"))
+  module = build_model("transformer_lm", 259, **TEACHER)
+  variables = module.init(jax.random.PRNGKey(5), jnp.zeros((1, 32), jnp.int32))
+  export_model(directory, jax.tree.map(lambda x: 4.0 * x, variables),
+               {"model": "transformer_lm", "kwargs": TEACHER, "num_classes": 259, "step": 0})
+  return directory
+
+
+def gkd_config(data_dir, teacher_dir, **overrides):
+  return load_config_file(f"{LM}:gkd,tiny", {
+      "data.data_dir": data_dir, "teachers.teacher.checkpoint": teacher_dir,
+      "on_policy.fraction": 1.0, "parallel.num_devices": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, teacher_dir):
+  config = gkd_config(data_dir, teacher_dir)
+  built = loop.build_run(config)
+  state = jax.device_get(loop.init_state(config, built))
+  batch = next(built["task"].train_iterator(config.data, global_batch_size=config.batch_size,
+                                            seed=config.seed))
+  return config, built, state, batch
+
+
+def test_teacher_gets_no_gradient_and_student_a_finite_one(run):
+  config, built, state, batch = run
+  on_policy = built["on_policy"]
+  assert on_policy.fraction == 1.0 and on_policy.prompt_len == PROMPT
+
+  def loss(student_params, teacher_vars):
+    variables = {"params": student_params, **state.model_state}
+    rolled = on_policy(variables, batch, state.rng)
+    teachers = step_lib.teacher_forward(built["teacher_applies"], teacher_vars, rolled)
+    student = built["student_apply"](variables, rolled, True, jax.random.PRNGKey(1))
+    total, _, _ = built["objective"](state.params["objective"], state.objective_state,
+                                     student, teachers, rolled, 0, jax.random.PRNGKey(2))
+    return total
+
+  student_grads, teacher_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      state.params["student"], built["teacher_vars"])
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(teacher_grads))
+  leaves = [np.asarray(g) for g in jax.tree.leaves(student_grads)]
+  assert all(np.all(np.isfinite(g)) for g in leaves)
+  assert max(np.abs(g).max() for g in leaves) > 1e-6
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_step_loss_is_the_jsd_on_the_students_samples(run):
+  """One step's loss = generalized JSD (beta 0.5, NumPy) between the student and the teacher
+  on the positions that predict the tokens the student sampled with the step's key."""
+  config, built, state, batch = run
+  metrics = jax.device_get(built["train_step"](
+      built["parallel"].put_state(state), built["parallel"].put_teachers(built["teacher_vars"]),
+      built["parallel"].put_batch(batch))[1])
+  student_vars = {"params": state.params["student"], **state.model_state}
+  _, key = generate.OnPolicy.keys(state.rng)
+  model = built["student"]
+  tokens, mask = jax.jit(lambda v, p, k: generate.sample(
+      model, v, p, max_new_tokens=NEW, rng=k, eos_id=EOS, pad_id=PAD))(
+          student_vars, batch["tokens"][:, :PROMPT], key)
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  assert tokens.shape == (16, PROMPT + NEW) and mask[:, PROMPT:].sum() > 16
+  rows = np.pad(tokens, ((0, 0), (0, 32 - PROMPT - NEW)), constant_values=PAD)
+  # Position i predicts token i + 1: the loss counts positions whose target was generated.
+  kept = np.pad(mask[:, 1:], ((0, 0), (0, 32 - PROMPT - NEW + 1))) > 0
+  teacher = built["teachers"]["teacher"]
+  log_s = _log_softmax(model.apply(student_vars, rows))
+  log_t = _log_softmax(teacher.module.apply(teacher.variables, rows))
+  p_s, p_t = np.exp(log_s), np.exp(log_t)
+  log_m = np.log(0.5 * p_t + 0.5 * p_s)
+  jsd = 0.5 * (p_t * (log_t - log_m)).sum(-1) + 0.5 * (p_s * (log_s - log_m)).sum(-1)
+  want = jsd[kept].mean()
+  assert want > 1e-3
+  np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
+  np.testing.assert_allclose(metrics["loss/token_jsd"], want, rtol=1e-4)
+
+
+def test_gkd_trains_through_the_cli(data_dir, teacher_dir, tmp_path):
+  workdir = tmp_path / "gkd"
+  run_cli([f"--config={LM}:gkd,tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", f"--config.teachers.teacher.checkpoint="
+           f"{teacher_dir}", "--config.num_steps=4"])
+  result = json.load(open(workdir / "result.json"))
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  losses = [r["train/loss/token_jsd"] for r in rows if "train/loss/token_jsd" in r]
+  assert result["steps"] == 4 and len(losses) == 4
+  assert all(np.isfinite(losses)) and min(losses) > 0
+  # The final evaluation's samples: recomputed from the exported student (seed 0, the first
+  # 2 held-out rows' first 8 tokens), with the teacher's log-likelihood of them in NumPy.
+  final = [r for r in rows if "eval/sample_length" in r][-1]
+  config = gkd_config(data_dir, teacher_dir)
+  student = build_model("transformer_lm", 259, **config.student.kwargs)
+  variables = load_model_variables(str(workdir / "model"), init_shapes(student, (32,)))
+  prompts = text.packed_split(config.data, "test").tokens[:2, :PROMPT]
+  tokens, mask = generate.sample(student, variables, prompts, max_new_tokens=NEW,
+                                 rng=jax.random.PRNGKey(0), eos_id=EOS, pad_id=PAD)
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  teacher = build_model("transformer_lm", 259, **TEACHER)
+  log_t = _log_softmax(teacher.apply(load_model_variables(
+      teacher_dir, init_shapes(teacher, (32,))), tokens))[:, :-1]
+  ll = np.take_along_axis(log_t, tokens[:, 1:, None], -1)[..., 0]
+  assert final["eval/sample_length"] == pytest.approx(mask.sum(1).mean())
+  np.testing.assert_allclose(final["eval/teacher_logprob/teacher"],
+                             (ll * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=1e-4)
+  # The texts went to TensorBoard's Text tab.
+  events = b"".join(p.read_bytes() for p in (workdir / "tb").iterdir())
+  assert b"samples/1" in events and b"text" in events
+
+
+def test_bad_settings_name_the_setting(data_dir, teacher_dir):
+  with pytest.raises(ConfigError, match=r"on_policy.prompt_len \+ max_new_tokens = 8 \+ 30 "
+                                        r"exceeds data.seq_len 32"):
+    loop.build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.max_new_tokens": 30}))
+  with pytest.raises(ConfigError, match=r"on_policy.fraction must be in \[0, 1\], got 1.5"):
+    loop.build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.fraction": 1.5}))
+
+
+def test_on_policy_step_on_the_mesh_equals_one_device_and_pmap_runs(run, data_dir,
+                                                                    teacher_dir):
+  """The same on-policy step (same coin, same samples) on 1 device and on the 8-device data
+  mesh: equal losses and parameters. Under pmap each device samples with its own key (see
+  `OnPolicy.__call__`), so its samples, and loss, differ from one device's: finite and
+  close."""
+  batch = run[3]
+  results = []
+  for overrides in ({"parallel.num_devices": 1}, {"parallel.mesh": {"data": 8, "fsdp": 1},
+                                                  "parallel.num_devices": 0},
+                    {"parallel.mode": "pmap", "parallel.num_devices": 0}):
+    config = gkd_config(data_dir, teacher_dir, **{"optim.name": "sgd", "optim.lr": 0.5,
+                                                  **overrides})
+    built = loop.build_run(config)
+    parallel = built["parallel"]
+    state = jax.device_get(loop.init_state(config, built))
+    new, metrics = built["train_step"](parallel.put_state(state),
+                                       parallel.put_teachers(built["teacher_vars"]),
+                                       parallel.put_batch(batch))
+    results.append((parallel.to_host(new).params, jax.device_get(parallel.get(metrics))))
+  (one, one_metrics), (mesh, mesh_metrics), (_, pmap_metrics) = results
+  np.testing.assert_allclose(mesh_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(mesh), strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+  assert pmap_metrics["loss"] != one_metrics["loss"]
+  np.testing.assert_allclose(pmap_metrics["loss"], one_metrics["loss"], rtol=0.2)
