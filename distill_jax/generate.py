@@ -10,7 +10,8 @@ Returns tokens [B, P + N] (the prompts as given, then the samples) and `mask` [B
 1 at generated positions up to and including the first `eos_id`, 0 on the prompt and after
 EOS (where the tokens are `pad_id`).
 
-Sampling per step: logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
+Sampling per step (the first token from the prefill; no forward is spent on the last token):
+logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
 `top_p` (nucleus: keep the smallest set of most likely tokens whose probability reaches p; 1:
 all), then a categorical draw with the key `fold_in(rng, step)` (reproducible from `rng`).
 `greedy=True` or `temperature=0` takes the argmax. With `return_logprobs=True` the model's
@@ -97,19 +98,28 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
   logits, cache = model.apply(variables, prompts, cache=cache)
   last = logits[:, -1]
 
-  def step(carry, t):
-    last, cache, done = carry
+  def draw(last, done, t):
+    """Token t from the logits `last` [B, V] of the position before it."""
     token = _choose(last, jax.random.fold_in(rng, t), temperature, top_k, top_p, greedy)
     token = jnp.where(done, pad_id, token)
     keep = ~done
     if eos_id is not None:
       done = done | (token == eos_id)
     logprobs = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1) if return_logprobs else None
-    logits, cache = model.apply(variables, token[:, None], cache=cache)
-    return (logits[:, 0], cache, done), (token, keep, logprobs)
+    return token, done, (token, keep, logprobs)
 
-  done = jnp.zeros((batch,), bool)
-  _, (new, keep, logprobs) = jax.lax.scan(step, (last, cache, done), jnp.arange(max_new_tokens))
+  def step(carry, t):
+    token, cache, done = carry
+    logits, cache = model.apply(variables, token[:, None], cache=cache)
+    token, done, out = draw(logits[:, 0], done, t)
+    return (token, cache, done), out
+
+  # The first token from the prefill's logits; the scan feeds each token and draws the next,
+  # so no forward is spent on the last token.
+  token, done, first = draw(last, jnp.zeros((batch,), bool), 0)
+  _, rest = jax.lax.scan(step, (token, cache, done), jnp.arange(1, max_new_tokens))
+  new, keep, logprobs = jax.tree.map(
+      lambda a, b: jnp.concatenate([a[None], b], axis=0), first, rest)
   tokens = jnp.concatenate([prompts, new.T], axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, prompt_len), jnp.float32),
                           keep.T.astype(jnp.float32)], axis=1)
