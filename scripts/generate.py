@@ -77,8 +77,8 @@ def read_prompts(path: str) -> list[str]:
 def load_model(workdir: str | None, checkpoint: str | None):
   """(module, variables) of the exported model of a run or an export directory."""
   from distill_jax import models
+  from distill_jax.model_io import load_model_variables, read_model_meta
   from distill_jax.teachers import init_shapes, resolve_export_dir
-  from distill_jax.train.checkpoint import load_model_variables, read_model_meta
 
   directory = resolve_export_dir(checkpoint or workdir)
   meta = read_model_meta(directory)
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
   try:
     write_completions()
   except Exception as e:  # noqa: BLE001 - named errors become one line; others re-raise.
-    from distill_jax.train.checkpoint import CheckpointError
+    from distill_jax.model_io import CheckpointError
 
     if isinstance(e, GenerateError | CheckpointError):
       sys.exit(f"generate: {e}")

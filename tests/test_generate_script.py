@@ -46,9 +46,9 @@ def test_greedy_completions_and_top_logprobs(teacher, tmp_path):
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["prompt"] for r in records] == prompts
   # The same prompts through generate.sample in-process (greedy).
+  from distill_jax.model_io import load_model_variables, read_model_meta
   from distill_jax.models import build_model
   from distill_jax.teachers import init_shapes
-  from distill_jax.train.checkpoint import load_model_variables, read_model_meta
 
   meta = read_model_meta(os.path.join(teacher, "model"))
   model = build_model(meta["model"], meta["num_classes"], **meta["kwargs"])

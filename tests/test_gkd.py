@@ -15,11 +15,11 @@ from conftest import ROOT, run_cli
 from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data import text
+from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.teachers import init_shapes
 from distill_jax.train import loop
 from distill_jax.train import step as step_lib
-from distill_jax.train.checkpoint import export_model, load_model_variables
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 TEACHER = {"num_layers": 2, "width": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
