@@ -154,7 +154,7 @@ def completion_records(tokenizer: Any, prompts: list[str], tokens: Any, mask: An
   (and the `logprobs` [B, N, V] of `sample`), `"tokens"` (each completion token's
   `token_str`) and `"top_logprobs"` (per completion token, the K most likely tokens at that
   position -> their log-probabilities, most likely first). The completion is the generated
-  tokens up to and including EOS (EOS itself adds no text)."""
+  tokens up to EOS; `tokens` leave EOS out, so their bytes join to the completion."""
   import numpy as np
 
   tokens, mask = np.asarray(tokens), np.asarray(mask)
@@ -164,6 +164,8 @@ def completion_records(tokenizer: Any, prompts: list[str], tokens: Any, mask: An
     ids = tokens[b, prompt_len:][kept]
     record = {"prompt": prompt, "completion": tokenizer.decode(ids)}
     if top_logprobs > 0:
+      if len(ids) and ids[-1] == getattr(tokenizer, "eos_id", None):  # EOS adds no text: the
+        ids, kept = ids[:-1], kept[:-1]  # tokens join to the completion, as an API's do.
       record["tokens"] = [token_str(tokenizer, int(t)) for t in ids]
       rows = np.asarray(logprobs[b])[kept]
       top = np.argsort(-rows, axis=-1, kind="stable")[:, :top_logprobs]

@@ -15,7 +15,9 @@ import pytest
 from conftest import ROOT, cli_env, run_cli
 
 from distill_jax import generate
+from distill_jax.config import load_config_file
 from distill_jax.data.text import ByteTokenizer
+from distill_jax.train import loop
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
@@ -61,15 +63,16 @@ def test_greedy_completions_and_top_logprobs(teacher, tmp_path):
                                    pad_id=tok.pad_id)
     new = np.asarray(tokens[0, len(ids):])[np.asarray(mask[0, len(ids):]) > 0]
     assert record["completion"] == tok.decode(new)
-    assert record["tokens"] == [generate.token_str(tok, int(t)) for t in new]
-    assert len(record["top_logprobs"]) == len(new) > 0
+    body = new[:-1] if len(new) and new[-1] == tok.eos_id else new  # EOS adds no text.
+    assert record["tokens"] == [generate.token_str(tok, int(t)) for t in body]
+    assert len(record["top_logprobs"]) == len(body) > 0
     # NumPy on the full forward: the 3 most likely tokens and their log-probs at each position.
     logits = np.asarray(model.apply(variables, jnp.asarray(tokens[:, :len(ids) + len(new)])),
                         np.float64)[0, len(ids) - 1:-1]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
                                                                                 keepdims=True))
     logp -= logits.max(-1, keepdims=True)
-    for row, top in zip(logp, record["top_logprobs"], strict=True):
+    for row, top in zip(logp[:len(body)], record["top_logprobs"], strict=True):
       want = np.argsort(-row)[:3]
       assert list(top) == [generate.token_str(tok, int(t)) for t in want]
       np.testing.assert_allclose(list(top.values()), row[want], atol=1e-4)
@@ -94,3 +97,41 @@ def test_prompts_from_the_data_set_and_bad_input(teacher, data_dir, tmp_path):
   proc = _script(f"--workdir={teacher}", f"--prompts={good}", "--max_new_tokens=40",
                  f"--output={out}", check=False)
   assert "exceeds the model's context of 32" in proc.stderr
+
+
+def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, data_dir,
+                                                                       tmp_path):
+  """The black-box path end to end: the teacher writes completions with top-k log-probs
+  (as an API would), a student trains on that file alone, and the `sequence,kd` role (the
+  same file plus the live teacher) builds."""
+  out = tmp_path / "teacher.jsonl"
+  _script(f"--workdir={teacher}", f"--config={LM}:teacher,tiny",
+          f"--config.data.data_dir={data_dir}", "--num_prompts=40", "--prompt_len=8",
+          "--max_new_tokens=12", "--top_logprobs=4", f"--output={out}")
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(records) == 40 and all(len(r["top_logprobs"]) == len(r["tokens"]) for r in records)
+  workdir = tmp_path / "student"
+  proc = subprocess.run(
+      [sys.executable, "-m", "distill_jax.main", f"--config={LM}:blackbox_topk,tiny",
+       f"--workdir={workdir}", f"--config.data.train_files={out}", "--config.num_steps=4",
+       "--config.batch_size=8"], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.load(open(workdir / "result.json"))
+  assert result["steps"] == 4 and math.isfinite(result["final"]["eval/ce"])
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert all(r["train/loss/token_sparse_topk_kd"] > 0 for r in rows if "train/loss" in r)
+  # The log counts what did not map: of the 36 train records' alternatives, the named
+  # specials (<eos>, <bos>, <pad>); every byte, `bytes:\xNN` pieces included, maps.
+  train = records[:36]
+  entries = sum(len(a) for r in train for a in r["top_logprobs"])
+  specials = sum(t in ("<eos>", "<bos>", "<pad>") for r in train for a in r["top_logprobs"]
+                 for t in a)
+  cut = sum(len(r["prompt"].encode()) + len(r["completion"].encode()) + 1 > 32 for r in train)
+  assert cut == 0, "a row was cut: the counts below would cover fewer alternatives"
+  assert f"36 records, 0 truncated at seq_len; log-probs: {specials} of {entries} " \
+         "alternatives do not map" in proc.stderr, proc.stderr[-2000:]
+  config = load_config_file(f"{LM}:sequence,kd,tiny", {
+      "data.train_files": str(out), "teachers.teacher.checkpoint": teacher})
+  run = loop.build_run(config)
+  assert set(config.losses) == {"token_ce", "token_fkl"} and "teacher" in run["teacher_vars"]

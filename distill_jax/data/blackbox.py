@@ -7,9 +7,10 @@ leaves a file, one JSON object per line:
     {"prompt": "...", "completion": "...", "tokens": ["Hel", "lo"],
      "top_logprobs": [{"Hel": -0.1, "He": -2.5}, {"lo": -0.01, "p": -4.7}]}
 
-`tokens` are the completion's tokens as the teacher's tokenizer cut it (they must join to the
-completion) and `top_logprobs[i]` the teacher's k most likely tokens at token i with their
-natural-log probabilities, as chat APIs return them. Both or neither.
+`tokens` are the completion's tokens as the teacher's tokenizer cut it (their bytes must join
+to the completion; a piece of a multi-byte character is written `bytes:\\xNN`, as APIs do)
+and `top_logprobs[i]` the teacher's k most likely tokens at token i with their natural-log
+probabilities, as chat APIs return them. Both or neither.
 
 Rows. Each record is one row: `BOS prompt completion EOS` in the student's tokenizer
 (`data.tokenizer`), inputs and next-token targets, truncated to `data.seq_len` (truncated
@@ -20,10 +21,11 @@ token or the final EOS: the student learns to write the completion, not the prom
 Log-probabilities. Teacher token i starts at a character offset of the completion; its
 log-probabilities apply at the student's position that predicts the first student token of
 that offset (for the byte tokenizer: the token's first byte). An alternative maps to the
-student's vocabulary when the student's tokenizer encodes it as exactly one token that
-decodes back to the same string; alternatives that do not map are counted, never silently
-dropped, and so are teacher tokens with no mapped alternative. With a byte-level student,
-single-character ASCII tokens map; a multi-byte API token's alternatives do not (counted). The
+student's vocabulary when it is exactly one student token (for the byte-level student: one
+byte; otherwise the student's tokenizer encodes it as one token that decodes back to it);
+alternatives that do not map are counted, never silently dropped, and so are teacher tokens
+with no mapped alternative. With a byte-level student, one-byte alternatives map and longer
+ones (whole words of an API's tokenizer, named special tokens) do not. The
 rows carry `topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] and `topk_valid` float32
 [L, K] (K = the file's largest k) for `token_sparse_topk_kd`.
 
@@ -77,6 +79,17 @@ class MappingCounts:
                                                  dataclasses.astuple(other), strict=True)))
 
 
+def token_bytes(token: str) -> bytes:
+  """The bytes a teacher's token string stands for: `bytes:\\xNN...` (how APIs name a piece
+  of a multi-byte UTF-8 character) those bytes, any other string its UTF-8 encoding."""
+  if token.startswith("bytes:"):
+    try:
+      return token[len("bytes:"):].encode("latin-1").decode("unicode_escape").encode("latin-1")
+    except (UnicodeError, ValueError):
+      pass
+  return token.encode("utf-8")
+
+
 def _problem(record: Any) -> str | None:
   """What is wrong with one parsed line, or None."""
   if not isinstance(record, dict):
@@ -97,7 +110,7 @@ def _problem(record: Any) -> str | None:
   if not isinstance(top, list) or len(top) != len(tokens):
     return (f"'top_logprobs' must be a list with one entry per token ({len(tokens)} tokens, "
             f"{len(top) if isinstance(top, list) else type(top).__name__} entries)")
-  if "".join(tokens) != record["completion"]:
+  if b"".join(map(token_bytes, tokens)).decode("utf-8", "replace") != record["completion"]:
     return "the 'tokens' do not join to the 'completion'"
   for i, alternatives in enumerate(top):
     if not isinstance(alternatives, dict) or not alternatives:
@@ -160,10 +173,21 @@ def _body(tokenizer: Any, text: str) -> np.ndarray:
 
 
 def _single_token(tokenizer: Any, text: str) -> int | None:
+  """The student's id for a teacher token string, if it is exactly one student token."""
+  if tokenizer.name == "bytes":  # One byte (a `bytes:\\xNN` piece of a character included).
+    data = token_bytes(text)
+    return data[0] if len(data) == 1 else None
   ids = _body(tokenizer, text)
   if len(ids) == 1 and tokenizer.decode(ids) == text:
     return int(ids[0])
   return None
+
+
+def _offset(tokenizer: Any, prefix: bytes) -> int:
+  """Student tokens in the completion before a teacher token that starts after `prefix`."""
+  if tokenizer.name == "bytes":
+    return len(prefix)
+  return len(_body(tokenizer, prefix.decode("utf-8", "replace")))
 
 
 def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
@@ -196,10 +220,10 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
     rows["mask"][r, max(first, 0):length] = 1.0
     if not record.top_logprobs:
       continue
-    offset = ""
+    prefix = b""
     for token, alternatives in zip(record.tokens, record.top_logprobs, strict=True):
-      position = first + len(_body(tokenizer, offset))
-      offset += token
+      position = first + _offset(tokenizer, prefix)
+      prefix += token_bytes(token)
       if position >= length:
         break  # Truncated away (with everything after it).
       kept = [(single(text), value) for text, value in alternatives]
