@@ -369,12 +369,23 @@ def cache_read_ms(num_teachers: int) -> float:
     return 1000 * (time.perf_counter() - start) / len(batches)
 
 
-def measure_lm(losses: dict, vocab: int, time_it: bool = True) -> dict[str, float]:
+def _lm_config_module():
+  """configs/lm.py as a module (its model sizes)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("lm", os.path.join(ROOT, "configs", "lm.py"))
+  lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lm)
+  return lm
+
+
+def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None
+               ) -> dict[str, float]:
   """configs/lm.py's student (and, when a term needs one, its teacher; random weights) on
   `--batch_size` rows of `--seq_len` tokens over a vocabulary of `vocab`: tokens/s of the
   compiled train step (median over repeats; skipped without `time_it`), compile seconds and
-  XLA's memory analysis of the step."""
-  import importlib.util
+  XLA's memory analysis of the step. `on_policy` ({fraction, prompt_len, max_new_tokens}):
+  the step samples its batch from the student first (GKD)."""
 
   import jax
   import numpy as np
@@ -387,9 +398,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True) -> dict[str, floa
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
-  spec = importlib.util.spec_from_file_location("lm", os.path.join(ROOT, "configs", "lm.py"))
-  lm = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(lm)
+  lm = _lm_config_module()
   context = {"context": max(FLAGS.seq_len, lm.STUDENT["context"])}
   task = tasks.get_task("language_model")
   parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
@@ -410,8 +419,13 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True) -> dict[str, floa
   student_apply, teacher_applies = build_applies(
       student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
       input_key=task.input_key)
+  policy = None
+  if on_policy:
+    from distill_jax import generate
+    policy = generate.OnPolicy(student, on_policy["fraction"], on_policy["prompt_len"],
+                               on_policy["max_new_tokens"], eos_id=None, pad_id=0)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
-                                task=task)
+                                task=task, on_policy=policy)
   teacher_vars = {n: t.variables for n, t in teachers.items()}
   variables = init(student, 0)
   objective_params, objective_state = jax.jit(
@@ -448,6 +462,32 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True) -> dict[str, floa
   return {**result, "tokens_per_s": float(np.median(rates))}
 
 
+def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int
+                  ) -> float:
+  """Generated tokens/s of `generate.sample` (KV cache, one compiled scan) for configs/lm.py's
+  model `model_settings` (random weights): `--batch_size` prompts of `prompt_len` tokens,
+  `new_tokens` sampled at temperature 1 (median over `--repeats`)."""
+  import functools
+
+  import jax
+  import numpy as np
+
+  from distill_jax import generate, models
+
+  model = models.build_model("transformer_lm", vocab, **{
+      **model_settings, "context": max(prompt_len + new_tokens, model_settings["context"])})
+  prompts = np.random.default_rng(0).integers(0, vocab, (FLAGS.batch_size, prompt_len))
+  variables = jax.jit(lambda r: model.init(r, prompts[:1], train=False))(jax.random.PRNGKey(0))
+  run = jax.jit(functools.partial(generate.sample, model, max_new_tokens=new_tokens))
+  jax.block_until_ready(run(variables, prompts, rng=jax.random.PRNGKey(1)))  # Compiles.
+  times = []
+  for i in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(variables, prompts, rng=jax.random.PRNGKey(2 + i)))
+    times.append(time.perf_counter() - start)
+  return FLAGS.batch_size * new_tokens / sorted(times)[len(times) // 2]
+
+
 def lm_tables() -> dict:
   """The language-model figures: tokens/s of the student-only and token-KD steps, and the
   step's temporary memory with the token loss chunked and unchunked at a large vocabulary."""
@@ -461,6 +501,21 @@ def lm_tables() -> dict:
   print(f"| student only (token CE) | {alone['tokens_per_s']:.0f} |")
   print(f"| token KD (CE + forward KL, teacher forward) | {distill['tokens_per_s']:.0f} |",
         flush=True)
+  # GKD: every batch (fraction 1) is the student's continuation of each row's first half,
+  # scored by the teacher; tokens/s counts the rows' tokens, as above.
+  half = FLAGS.seq_len // 2
+  gkd = measure_lm({"token_jsd": {"weight": 1.0, "beta": 0.5, "chunk_size": chunk}},
+                   FLAGS.vocab, on_policy={"fraction": 1.0, "prompt_len": half,
+                                           "max_new_tokens": FLAGS.seq_len - half})
+  print(f"| on-policy GKD (student samples {FLAGS.seq_len - half} tokens, teacher scores, "
+        f"JSD) | {gkd['tokens_per_s']:.0f} |", flush=True)
+  lm = _lm_config_module()
+  rates = {name: sampling_rate(settings, FLAGS.vocab, half, FLAGS.seq_len - half)
+           for name, settings in (("student", lm.STUDENT), ("teacher", lm.TEACHER))}
+  print(f"\nsampling (KV cache, temperature 1): {FLAGS.batch_size} prompts of {half} tokens, "
+        f"{FLAGS.seq_len - half} new\n| model | generated tokens/s |\n|---|---|")
+  for name, rate in rates.items():
+    print(f"| {name} | {rate:.0f} |", flush=True)
   memory = {}
   for size in (0, chunk):
     terms = {name: {**settings, "chunk_size": size} for name, settings in kd.items()}
@@ -472,6 +527,9 @@ def lm_tables() -> dict:
   print(f"| chunked ({chunk} positions) | {memory[chunk] / 2**20:.0f} |", flush=True)
   return {"student_tokens_per_s": alone["tokens_per_s"],
           "kd_tokens_per_s": distill["tokens_per_s"],
+          "gkd_tokens_per_s": gkd["tokens_per_s"],
+          "student_sampling_tokens_per_s": rates["student"],
+          "teacher_sampling_tokens_per_s": rates["teacher"],
           "temp_bytes_unchunked": memory[0], "temp_bytes_chunked": memory[chunk]}
 
 
