@@ -130,6 +130,7 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
 
 # ------------------------------------------------------------------ completions as JSON records
 
+# How `token_str` names the special tokens (`data.blackbox.SPECIAL_TOKENS` reads them back).
 SPECIAL_NAMES = {"bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>"}
 
 

@@ -16,6 +16,7 @@ from conftest import ROOT, cli_env, run_cli
 
 from distill_jax import generate
 from distill_jax.config import load_config_file
+from distill_jax.data import blackbox
 from distill_jax.data.text import ByteTokenizer
 from distill_jax.train import loop
 
@@ -122,14 +123,18 @@ def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, 
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert all(r["train/loss/token_sparse_topk_kd"] > 0 for r in rows if "train/loss" in r)
   # The log counts what did not map: of the 36 train records' alternatives, the named
-  # specials (<eos>, <bos>, <pad>); every byte, `bytes:\xNN` pieces included, maps.
+  # specials (<eos>, <bos>, <pad>), and all those of a special token in the text (no text, no
+  # position); every byte, `bytes:\xNN` pieces included, maps.
   train = records[:36]
+  specials = ("<eos>", "<bos>", "<pad>")
   entries = sum(len(a) for r in train for a in r["top_logprobs"])
-  specials = sum(t in ("<eos>", "<bos>", "<pad>") for r in train for a in r["top_logprobs"]
-                 for t in a)
-  cut = sum(len(r["prompt"].encode()) + len(r["completion"].encode()) + 1 > 32 for r in train)
+  unmapped = sum(len(a) if token in specials else sum(t in specials for t in a)
+                 for r in train for token, a in zip(r["tokens"], r["top_logprobs"],
+                                                    strict=True))
+  cut = sum(len(r["prompt"].encode()) + len(b"".join(map(blackbox.token_bytes, r["tokens"])))
+            + 1 > 32 for r in train)
   assert cut == 0, "a row was cut: the counts below would cover fewer alternatives"
-  assert f"36 records, 0 truncated at seq_len; log-probs: {specials} of {entries} " \
+  assert f"36 records, 0 truncated at seq_len; log-probs: {unmapped} of {entries} " \
          "alternatives do not map" in proc.stderr, proc.stderr[-2000:]
   config = load_config_file(f"{LM}:sequence,kd,tiny", {
       "data.train_files": str(out), "teachers.teacher.checkpoint": teacher})

@@ -189,3 +189,21 @@ def test_a_teacher_file_trains_the_student_through_the_cli(tmp_path, role):
     assert "do not map to the student's vocabulary" in proc.stderr
   else:
     assert not any("sparse" in key for key in logged[-1])
+
+
+def test_byte_pieces_and_special_tokens_keep_the_teachers_offsets():
+  """A lone byte of a multi-byte character (`bytes:\\xc3`, U+FFFD in the completion's text)
+  stays one byte, so the next token's log-probs land on its own position; a special token
+  adds no text and maps nothing."""
+  record = {"prompt": "", "completion": "a\ufffdb", "tokens": ["a", "bytes:\\xc3", "<pad>", "b"],
+            "top_logprobs": [{"a": -0.1}, {"bytes:\\xc3": -0.2, "é": -3.0}, {"<pad>": -0.3},
+                             {"b": -0.4}]}
+  assert blackbox._problem(record) is None
+  records = [blackbox.Record(record["prompt"], record["completion"], tuple(record["tokens"]),
+                             tuple(tuple(a.items()) for a in record["top_logprobs"]))]
+  rows, counts = blackbox.build_rows(records, BYTES, seq_len=8)
+  np.testing.assert_array_equal(rows["tokens"][0, :4], [BOS, ord("a"), 0xC3, ord("b")])
+  assert [rows["topk_ids"][0, t, 0] for t in range(3)] == [ord("a"), 0xC3, ord("b")]
+  np.testing.assert_allclose(rows["topk_logprobs"][0, :3, 0], [-0.1, -0.2, -0.4])
+  assert counts == blackbox.MappingCounts(records=1, entries=5, unmapped=2, positions=4,
+                                          empty_positions=1)

@@ -25,7 +25,9 @@ student's vocabulary when it is exactly one student token (for the byte-level st
 byte; otherwise the student's tokenizer encodes it as one token that decodes back to it);
 alternatives that do not map are counted, never silently dropped, and so are teacher tokens
 with no mapped alternative. With a byte-level student, one-byte alternatives map and longer
-ones (whole words of an API's tokenizer, named special tokens) do not. The
+ones (whole words of an API's tokenizer, named special tokens) do not. A special token in
+`tokens` (`<bos>`, `<eos>`, `<pad>`: no text) has no student position; its alternatives count
+as unmapped. The
 rows carry `topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] and `topk_valid` float32
 [L, K] (K = the file's largest k) for `token_sparse_topk_kd`.
 
@@ -47,6 +49,8 @@ from absl import logging
 
 NAME = "jsonl"
 TOPK_KEYS = ("topk_ids", "topk_logprobs", "topk_valid")
+# Token strings that name a special token (scripts/generate.py writes them): no text.
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 
 
 class BlackboxFileError(ValueError):
@@ -81,7 +85,10 @@ class MappingCounts:
 
 def token_bytes(token: str) -> bytes:
   """The bytes a teacher's token string stands for: `bytes:\\xNN...` (how APIs name a piece
-  of a multi-byte UTF-8 character) those bytes, any other string its UTF-8 encoding."""
+  of a multi-byte UTF-8 character) those bytes, a special token's name (`SPECIAL_TOKENS`)
+  none, any other string its UTF-8 encoding."""
+  if token in SPECIAL_TOKENS:
+    return b""
   if token.startswith("bytes:"):
     try:
       return token[len("bytes:"):].encode("latin-1").decode("unicode_escape").encode("latin-1")
@@ -208,7 +215,12 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
   single = functools.lru_cache(maxsize=None)(functools.partial(_single_token, tokenizer))
   for r, record in enumerate(records):
     prompt = np.asarray(tokenizer.encode(record.prompt), np.int32)[:-1]  # BOS + prompt.
-    completion = _body(tokenizer, record.completion)
+    if record.tokens is not None and tokenizer.name == "bytes":
+      # The teacher's exact bytes (a lone `bytes:\\xNN` piece stays one byte, where the
+      # completion's text shows U+FFFD), so its tokens' byte offsets are the student's.
+      completion = np.frombuffer(b"".join(map(token_bytes, record.tokens)), np.uint8)
+    else:
+      completion = _body(tokenizer, record.completion)
     stream = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
     length = min(len(stream) - 1, seq_len)
     counts += MappingCounts(truncated=int(len(stream) - 1 > seq_len))
@@ -226,6 +238,10 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
       prefix += token_bytes(token)
       if position >= length:
         break  # Truncated away (with everything after it).
+      if token in SPECIAL_TOKENS:  # No text, so no student position: nothing maps.
+        counts += MappingCounts(entries=len(alternatives), unmapped=len(alternatives),
+                                positions=1, empty_positions=1)
+        continue
       kept = [(single(text), value) for text, value in alternatives]
       mapped = {}
       for token_id, value in kept:
