@@ -170,18 +170,21 @@ CRD = os.path.join(ROOT, "experiments", "crd_cifar100", "sweep.py")
 
 
 def test_lm_mini_expands_and_every_trial_validates(tmp_path):
-  """The committed lm_mini spec: the teacher (4 epochs), then 7 methods x 2 seeds of 1 epoch,
-  every trial validated; `tiny` keeps the configs' own few steps."""
+  """The committed lm_mini spec: the teacher (4 epochs), then 7 methods and GKD at lambda 0.5
+  and 1.0, x 2 seeds of 1 epoch, every trial validated; `tiny` keeps the configs' own few
+  steps."""
   root = str(tmp_path)
   trials = load_trials(f"{LM_MINI}:2", root)
   assert [t.name for t in trials[:3]] == ["teacher", "ce-s0", "ce-s1"]
-  assert len(trials) == 1 + 7 * 2 and all(t.depends_on == ("teacher",) for t in trials[1:])
+  assert len(trials) == 1 + 9 * 2 and all(t.depends_on == ("teacher",) for t in trials[1:])
   parsed = {t.name: parse_cli(t.config, [state.fill_root(f, root) for f in t.flags])
             for t in trials}
   assert (parsed["teacher"].num_epochs, parsed["teacher"].student.kwargs.num_layers) == (4, 4)
   hidden = parsed["hidden-s1"]
   assert (hidden.seed, hidden.num_epochs, hidden.eval_every_epochs) == (1, 1.0, 1.0)
   assert {"token_fkl", "token_hidden_mse"} <= set(hidden.losses)
+  assert (parsed["gkd-s0"].on_policy.fraction, parsed["gkd1-s1"].on_policy.fraction) == (0.5, 1)
+  assert set(parsed["gkd1-s1"].losses) == {"token_jsd"} and parsed["gkd1-s1"].seed == 1
   assert hidden.teachers.teacher.checkpoint == os.path.join(root, "teacher")
   tiny = load_trials(f"{LM_MINI}:1,tiny", root)[1]
   assert parse_cli(tiny.config, [state.fill_root(f, root) for f in tiny.flags]).num_steps == 6
