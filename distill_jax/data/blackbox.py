@@ -277,10 +277,10 @@ def split_records(data_config: Any, split: str) -> tuple[Record, ...]:
   if eval_files:
     return records if is_train else tuple(r for p in eval_files for r in read_records(p))
   fraction = float(data_config.get("eval_fraction", 0.1))
-  held = min(max(1, round(fraction * len(records))), len(records) - 1)
   if len(records) < 2:
     raise BlackboxFileError(f"{train_files}: one record cannot be split into train and eval "
                             "rows; add records or set config.data.eval_files.")
+  held = min(max(1, round(fraction * len(records))), len(records) - 1)
   return records[:-held] if is_train else records[-held:]
 
 
