@@ -95,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "augment": "none",  # Text is not augmented.
       "train_subset": 0,  # 0: every packed row; N: the first N rows.
       "eval_subset": 64 if tiny else 0,
+      "max_documents": 0,  # 0: every document of a split; N: its first N (large corpora).
   })
   if role in FILE_ROLES:
     # The teacher's outputs, one JSON object per line; the last 10% of records are held out

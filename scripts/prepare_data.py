@@ -7,6 +7,7 @@ Usage:
   python scripts/prepare_data.py cifar10 --data_dir=/data/tfds
   python scripts/prepare_data.py cifar10 cifar100 --data_dir=/data/tfds
   python scripts/prepare_data.py digits --data_dir=/data/tfds   # offline, from scikit-learn
+  python scripts/prepare_data.py tiny_shakespeare lm1b --data_dir=/data/tfds   # text
 
 `--data_dir` defaults to $DISTILL_JAX_DATA_DIR, else ~/.cache/distill_jax/tfds (what
 training uses when the config's `data.data_dir` is unset).
@@ -16,7 +17,9 @@ training builds them by itself on first use anyway). TFDS data sets such as
 cifar10 / cifar100 download their source files, so run this on a machine with
 internet access. Encoding their images (`tfds.features.Image`) needs TensorFlow:
 install it (`pip install tensorflow-cpu`) on the machine that prepares the data;
-the machines that train need neither TensorFlow nor network. Copy the resulting
+the machines that train need neither TensorFlow nor network. The text sets
+`tiny_shakespeare` and `lm1b` (for `configs/lm.py`) need no TensorFlow even here
+(`distill_jax/data/tfds_text.py`). Copy the resulting
 data_dir to the cluster's shared storage and point `data.data_dir` at it.
 """
 
@@ -61,13 +64,15 @@ def prepare(name: str, data_dir: str) -> str:
   """Prepares `name` in `data_dir` (no-op if already there); returns its directory."""
   import tensorflow_datasets as tfds
 
-  from distill_jax.data import embedded
+  from distill_jax.data import embedded, tfds_text
 
   if embedded.is_embedded(name):
     return embedded.ensure_embedded(name, data_dir)
   kwargs = {}
   if _MANUAL_DIR.value:
     kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
+  if name in tfds_text.BUILDERS:  # Text sets: the catalog's builders, without TensorFlow.
+    return tfds_text.prepare(name, data_dir, _FILE_FORMAT.value, **kwargs)
   builder = tfds.builder(name, data_dir=data_dir, file_format=_FILE_FORMAT.value)
   builder.download_and_prepare(**kwargs)
   return os.fspath(builder.data_path)

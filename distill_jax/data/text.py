@@ -228,18 +228,21 @@ class TextInfo:
 
 
 @functools.cache
-def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str) -> Packed:
-  """One split, read and packed once per process (the embedded corpus is ~0.5 MB)."""
+def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str,
+            max_documents: int = 0) -> Packed:
+  """One split, read and packed once per process (the embedded corpus is ~0.5 MB); with
+  `max_documents` = N > 0, only its first N documents (a large corpus on one machine)."""
   builder = _prepared_builder(name, data_dir)
   key = "text" if "text" in builder.info.features else None
   if key is None:
     raise ValueError(f"Data set {name!r} has no 'text' feature (it has "
                      f"{sorted(builder.info.features)}); it is not a text data set.")
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  count = min(len(source), max_documents) if max_documents > 0 else len(source)
   tok = get_tokenizer(tokenizer)
   docs = []
-  for i in range(0, len(source), 1024):
-    for record in source.__getitems__(list(range(i, min(i + 1024, len(source))))):
+  for i in range(0, count, 1024):
+    for record in source.__getitems__(list(range(i, min(i + 1024, count)))):
       text = record[key]
       text = text.tobytes() if isinstance(text, np.ndarray) else text
       docs.append(tok.encode(text) if len(text) else np.zeros(0, np.int32))
@@ -267,8 +270,10 @@ def _packed_records(train_files: str, eval_files: str, eval_fraction: float, tra
 
 def packed_split(data_config: Any, split: str) -> Packed:
   """The packed rows of `split`: with `data.train_subset` / `data.eval_subset` = N > 0 (for the
-  train / eval split), only its first N rows. `data.name='jsonl'` reads a black-box teacher's
-  output file(s) (`data.blackbox`) instead of a TFDS data set."""
+  train / eval split), only its first N rows; with `data.max_documents` = N > 0, the rows packed
+  from the split's first N documents (e.g. lm1b's 30M sentences on one machine).
+  `data.name='jsonl'` reads a black-box teacher's output file(s) (`data.blackbox`) instead of a
+  TFDS data set."""
   tokenizer = _field(data_config, "tokenizer", "bytes")
   if data_config.name == "jsonl":
     def files(key):  # A list or a comma-separated string, as one hashable string.
@@ -280,7 +285,8 @@ def packed_split(data_config: Any, split: str) -> Packed:
                              int(data_config.seq_len), tokenizer)
   else:
     packed = _packed(data_config.name, resolve_data_dir(data_config), split,
-                     int(data_config.seq_len), tokenizer)
+                     int(data_config.seq_len), tokenizer,
+                     int(_field(data_config, "max_documents", 0) or 0))
   subset_key = ("train_subset" if split == _field(data_config, "train_split", "train")
                 else "eval_subset")
   subset = int(_field(data_config, subset_key, 0) or 0)
