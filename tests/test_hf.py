@@ -256,3 +256,24 @@ def test_student_initialised_from_open_weights(data_dir):
   with pytest.raises(ValueError, match=r"tokenizer .*llama/tokenizer.json but the data uses "
                                        r"'bytes'"):
     loop.build_run(config)
+
+
+def test_open_weights_teacher_is_split_over_fsdp_with_the_same_logits(data_dir):
+  """An open-weights teacher on the data=2 x fsdp=4 mesh with `teacher_sharding='fsdp'`: its
+  large arrays are split four ways over `fsdp`, and its logits from the placed variables are
+  still transformers' (the fixture's reference)."""
+  qwen2 = os.path.join(FIXTURES, "qwen2")
+  config = _hf_config(data_dir, qwen2, os.path.join(FIXTURES, "llama"), **{
+      "parallel.mesh": {"data": 2, "fsdp": 4}, "parallel.teacher_sharding": "fsdp",
+      "parallel.min_shard_size": 256})
+  run = loop.build_run(config)
+  placed = run["parallel"].put_teachers(run["teacher_vars"])["teacher"]
+  leaves = jax.tree_util.tree_flatten_with_path(placed)[0]
+  split = {jax.tree_util.keystr(p): x for p, x in leaves if "fsdp" in tuple(x.sharding.spec)}
+  big = {jax.tree_util.keystr(p) for p, x in leaves if x.size >= 256 and max(x.shape) % 4 == 0}
+  assert split and set(split) == big, sorted(big - set(split))
+  for x in split.values():  # Each device holds a quarter of the split axis.
+    assert {s.data.size for s in x.addressable_shards} == {x.size // 4}
+  ref = np.load(os.path.join(qwen2, "reference.npz"), allow_pickle=False)
+  logits = jax.jit(run["teachers"]["teacher"].module.apply)(placed, ref["ids"])
+  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
