@@ -41,6 +41,18 @@ def teacher_dir(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="session")
+def lm_teacher(data_dir, tmp_path_factory):
+  """configs/lm.py:teacher,tiny for 40 steps through the CLI, evaluated every 10 steps: the
+  language-model teacher shared by every test that needs a trained one."""
+  workdir = tmp_path_factory.mktemp("lm") / "teacher"
+  steps_per_epoch = 13559 // 16  # Packed train rows at seq_len 32 // batch size.
+  run_cli([f"--config={os.path.join(ROOT, 'configs', 'lm.py')}:teacher,tiny",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.num_steps=40",
+           f"--config.eval_every_epochs={10.4 / steps_per_epoch}"])
+  return str(workdir)
+
+
 def untrained_teacher(directory, hidden=(16,), seed=3):
   """Exports an untrained MLP as a teacher checkpoint in `directory` (a second teacher whose
   predictions differ from the trained CNN's, at no training cost); returns its teachers entry."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env
 
 from distill_jax import generate
 from distill_jax.config import load_config_file
@@ -25,11 +25,8 @@ SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
 
 
 @pytest.fixture(scope="module")
-def teacher(data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("gen") / "teacher"
-  run_cli([f"--config={LM}:teacher,tiny", f"--workdir={workdir}",
-           f"--config.data.data_dir={data_dir}", "--config.num_steps=4"])
-  return str(workdir)
+def teacher(lm_teacher):
+  return lm_teacher  # A tiny LM teacher trained through the CLI (conftest).
 
 
 def _script(*args, check=True):

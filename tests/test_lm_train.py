@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.special
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import teacher_cache, text
@@ -21,17 +21,6 @@ LM = os.path.join(ROOT, "configs", "lm.py")
 
 def lm_config(role, data_dir, **overrides):
   return load_config_file(f"{LM}:{role},tiny", {"data.data_dir": data_dir, **overrides})
-
-
-@pytest.fixture(scope="module")
-def lm_teacher(data_dir, tmp_path_factory):
-  """configs/lm.py:teacher,tiny for 40 steps through the CLI, evaluated every 10 steps."""
-  workdir = tmp_path_factory.mktemp("lm") / "teacher"
-  steps_per_epoch = 13559 // 16  # Packed train rows at seq_len 32 // batch size.
-  run_cli([f"--config={LM}:teacher,tiny", f"--workdir={workdir}",
-           f"--config.data.data_dir={data_dir}", "--config.num_steps=40",
-           f"--config.eval_every_epochs={10.4 / steps_per_epoch}"])
-  return str(workdir)
 
 
 def test_teacher_learns_the_held_out_text(lm_teacher):
