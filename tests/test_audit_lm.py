@@ -180,3 +180,24 @@ def test_lm_audit_picks_the_true_teacher(lm_zoo, data_dir, tmp_path):
 def test_lm_audit_says_none_without_the_true_teacher(lm_zoo, data_dir, tmp_path):
   result = _lm_audit(lm_zoo, data_dir, tmp_path, "BC")
   assert result["answer"] == "none", result["adjusted_p"]
+
+
+def test_prompts_probe_reads_held_out_rows_or_a_file(data_dir, tmp_path):
+  """Held-out rows: the eval split's first rows, cut to prompt_len; a file: BOS + the bytes of
+  each non-empty line, all cut to the shortest (at most prompt_len)."""
+  from distill_jax.config import load_config_file
+  from distill_jax.data import text
+
+  config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", "lm.py") + ":teacher,tiny",
+      {"data.data_dir": data_dir})
+  rows = lm.prompts_probe(lm.LMProbeContext(config.data, 5, 0, {"prompts": {"prompt_len": 6}}))
+  np.testing.assert_array_equal(rows.tokens, text.packed_split(config.data, "test").tokens[:5, :6])
+  assert rows.info["split"] == "test" and rows.info["num_inputs"] == 5
+  path = tmp_path / "prompts.txt"
+  path.write_text("def f(x):\n\nimport os\nab\u00e9cd\n", encoding="utf-8")
+  got = lm.prompts_probe(lm.LMProbeContext(config.data, 10, 0,
+                                           {"prompts": {"file": str(path), "prompt_len": 8}}))
+  want = [[256, *b"def f("], [256, *b"import"], [256, *"abécd".encode()]]
+  np.testing.assert_array_equal(got.tokens, want)  # "abécd" is 6 bytes: the shortest, 1 + 6.
+  assert got.info["prompt_len"] == 7 and got.info["num_inputs"] == 3
