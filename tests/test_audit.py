@@ -383,14 +383,64 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
   assert "\n" not in err
 
 
-def test_benchmark_sweep_validates(tmp_path):
-  """experiments/audit_digits: 4 teachers, 5 methods x 4 teachers, 2 x 5 controls; every
-  trial's config passes the CLI's own validation."""
+@pytest.mark.parametrize("arg", ["tiny", "cifar10,tiny"])
+def test_benchmark_sweep_validates(arg, tmp_path):
+  """experiments/audit_digits, on the digits and in the CIFAR-10 setting: 4 teachers, 5
+  methods x 4 teachers, 4 two-teacher ensembles, 2 x 5 controls; every trial's config (built
+  by the spec file's own get_config) passes the CLI's own validation; nothing is trained."""
   from conftest import ROOT
 
+  from distill_jax.config import load_config_file
   from distill_jax.sweep import load_trials
 
-  trials = load_trials(os.path.join(ROOT, "experiments", "audit_digits", "sweep.py") + ":tiny",
-                       str(tmp_path))
+  spec = os.path.join(ROOT, "experiments", "audit_digits", "sweep.py")
+  trials = load_trials(f"{spec}:{arg}", str(tmp_path))
   stages = [t.stage for t in trials]
-  assert stages.count("teachers") == 4 and stages.count("students") == 30
+  assert stages.count("teachers") == 4 and stages.count("students") == 34
+  assert all(t.config.startswith(spec + ":") for t in trials)
+  ensembles = [t for t in trials if t.labels.get("method") == "ensemble"]
+  assert len(ensembles) == 4 and all(t.depends_on and len(t.depends_on) == 2 for t in ensembles)
+  first = ensembles[0]
+  config = load_config_file(first.config, dict(first.overrides))
+  assert set(config.teachers) == {"teacher", "teacher2"}
+  assert config.losses.kd.aggregation == "mean"
+  assert [config.teachers[k].checkpoint for k in ("teacher", "teacher2")] == [
+      f"{{ROOT}}/{name}" for name in first.depends_on]
+  assert config.losses.kd.get("teacher") is None  # The target: both teachers' mean.
+  cifar = arg.startswith("cifar10")
+  assert config.data.name == ("cifar10" if cifar else "digits")
+  names = {t.name for t in trials}
+  if cifar:
+    assert {"resnet56a", "resnet56b", "resnet110", "vgg13", "kd-vgg13-s0",
+            "ensemble-resnet56a_vgg13-s0", "alone-wrn16-2-s4"} <= names
+    assert load_config_file(f"{spec}:cifar10,ce,resnet56,cifar10").num_epochs == 240.0
+  else:
+    assert "ensemble-cnn32-64a_mlp256-s0" in names
+
+
+def test_benchmark_table_counts_either_ensemble_teacher():
+  """table.py: an ensemble student's answer is correct if it names either true teacher; a
+  third teacher is a wrong one; controls' accusations are false accusations."""
+  import importlib.util
+
+  from conftest import ROOT
+
+  path = os.path.join(ROOT, "experiments", "audit_digits", "table.py")
+  module_spec = importlib.util.spec_from_file_location("audit_digits_table", path)
+  table = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(table)
+
+  def row(method, teacher, answer, forced, base):
+    return {"method": method, "teacher": teacher, "answer": answer,
+            "effect": {forced: 3.0, "Z": 1.0}, "baseline_real_top1": base,
+            "baseline_spearman": base}
+
+  rows = [row("ensemble", "A_B", "B", "A", "C"), row("ensemble", "A_B", "C", "B", "A"),
+          row("ensemble", "A_B", "none", "C", "B"), row("ensemble", "A_B", "A", "A", "A"),
+          row("kd", "A", "B", "B", "A"), row("alone", None, "none", "A", "A"),
+          row("alone", None, "A", "A", "A")]
+  lines = table.summarise(rows).splitlines()
+  assert lines[2] == ("| ensemble (correct: either teacher) | 4 | 50% | 25% | 25% | 75% | "
+                      "75% | 75% |")
+  assert lines[3] == "| kd | 1 | 0% | 0% | 100% | 0% | 100% | 100% |"
+  assert lines[4].startswith("| controls (false accusations) | 2 | - | 50% | 50% accused")

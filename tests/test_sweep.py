@@ -258,3 +258,18 @@ def test_local_launcher_blocks_dependants_of_a_failed_trial(tmp_path, monkeypatc
   assert state.read_record(root, "student")["blocked_by"] == ["teacher"]
   out = capsys.readouterr().out
   assert "4 trials: 2 done, 1 failed, 1 blocked" in out and "boom" in out
+
+
+def test_spec_that_is_its_own_config_resolves_relative_paths_once(tmp_path, monkeypatch):
+  """A spec without `config` runs itself as the config file: given by a relative path, the
+  trials name it by its absolute path (not the relative path joined to its folder again)."""
+  from distill_jax.sweep.spec import load_spec
+
+  folder = tmp_path / "specs"
+  folder.mkdir()
+  (folder / "own.py").write_text(
+      "from distill_jax import sweep as sw\n\n\n"
+      "def get_sweep(arg=None):\n  return sw.Sweep({'s': sw.seeds(1)})\n")
+  monkeypatch.chdir(tmp_path)
+  _, config = load_spec("specs/own.py:x")
+  assert config == str(folder / "own.py")

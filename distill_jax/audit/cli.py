@@ -33,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
                       "same data, without the candidates.")
   p.add_argument("--probe", default=None,
                  help="Comma-separated probes (default disagreement,synthetic, or synthetic "
-                      "with one candidate; real needs the data set).")
+                      "with one candidate; real needs the data set). A language-model student "
+                      "(its run's task is language_model): prompts, the default.")
   p.add_argument("--primary", default=None,
-                 help="PROBE:SCORE that decides (default: the first probe and spearman).")
+                 help="PROBE:SCORE that decides (default: the first probe and spearman; "
+                      "for a language model, kl_t1).")
   p.add_argument("--out", default="audit", help="Directory of the report (default ./audit).")
   p.add_argument("--num_inputs", type=int, default=256, help="Inputs per probe (default 256).")
   p.add_argument("--seed", type=int, default=0, help="Seed of every random choice.")
@@ -45,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                  help="The data set (default: the student run's config.json, else digits).")
   p.add_argument("--data_dir", default=None, help="TFDS data_dir of the data set.")
   p.add_argument("--set", action="append", default=[], metavar="PROBE.KEY=VALUE",
-                 help="A probe option, e.g. --set=synthetic.steps=400 (repeat for more).")
+                 help="A probe option, e.g. --set=synthetic.steps=400 or "
+                      "--set=prompts.file=prompts.txt (repeat for more).")
   p.add_argument("--verbosity", type=int, default=0, help="1: show tracebacks of errors.")
   return p
 
@@ -67,8 +70,8 @@ def _named(spec: str, flag: str) -> list[tuple[str, str]]:
   return out
 
 
-def _settings(items: list[str]) -> dict[str, dict[str, str]]:
-  from distill_jax.audit import PROBES, AuditError
+def _settings(items: list[str], registry: object) -> dict[str, dict[str, str]]:
+  from distill_jax.audit import AuditError
 
   out: dict[str, dict[str, str]] = {}
   for item in items:
@@ -76,30 +79,63 @@ def _settings(items: list[str]) -> dict[str, dict[str, str]]:
     probe, dot, option = key.partition(".")
     if not sep or not dot:
       raise AuditError(f"--set={item!r}: expected PROBE.KEY=VALUE, e.g. synthetic.steps=400.")
-    PROBES.get(probe)
+    registry.get(probe)
     out.setdefault(probe, {})[option] = value
   return out
 
 
-def _data_config(args: argparse.Namespace) -> object:
-  """The data config: --data, else the student run's config.json, else digits."""
+def _run_config(student: str) -> dict | None:
+  """The student run's config.json (when --student is a run's workdir), else None."""
   import json
 
+  from distill_jax.teachers import resolve_export_dir
+
+  export = resolve_export_dir(student)
+  run_config = os.path.join(os.path.dirname(os.path.abspath(export)), "config.json")
+  if export == student or not os.path.exists(run_config):
+    return None
+  with open(run_config) as f:
+    return json.load(f)
+
+
+def _data_config(args: argparse.Namespace, run_config: dict | None) -> object:
+  """The data config: --data, else the student run's config.json, else digits."""
   import ml_collections
 
   from distill_jax import data as data_lib
-  from distill_jax.teachers import resolve_export_dir
 
-  export = resolve_export_dir(args.student)
-  run_config = os.path.join(os.path.dirname(os.path.abspath(export)), "config.json")
-  if args.data is None and export != args.student and os.path.exists(run_config):
-    with open(run_config) as f:
-      config = ml_collections.ConfigDict(json.load(f)["data"])
+  if args.data is None and run_config is not None:
+    config = ml_collections.ConfigDict(run_config["data"])
   else:
     config = data_lib.default_data_config(args.data or "digits")
   if args.data_dir is not None:
     config.data_dir = args.data_dir
   return config
+
+
+def _lm_audit(args: argparse.Namespace, candidates: list, controls: list,
+              data_config: object) -> dict:
+  """The audit of a language-model student (its run's task is language_model): prompts probe,
+  generation scores (`distill_jax.audit.lm`)."""
+  from distill_jax.audit import load_exported, query_only
+  from distill_jax.audit.lm import DEFAULT_LM_PROBES, LM_PROBES, run_lm_audit
+
+  probes = [p.strip() for p in (args.probe or ",".join(DEFAULT_LM_PROBES)).split(",")
+            if p.strip()]
+  for name in probes:
+    LM_PROBES.get(name)
+  settings = _settings(args.set, LM_PROBES)
+  shape = (8,)  # Token ids [N, L]: the parameters' shapes do not depend on L.
+  student = load_exported(args.student, shape, flag="student")
+
+  def load(entries, flag):
+    return {name: query_only(load_exported(path, shape, name, flag), ndim=3)
+            for name, path in entries}
+
+  return run_lm_audit(student, load(candidates, "candidates"), load(controls, "controls"),
+                      data_config=data_config, probes=probes, primary=args.primary,
+                      num_inputs=args.num_inputs, seed=args.seed, alpha=args.alpha,
+                      probe_settings=settings)
 
 
 def audit(args: argparse.Namespace) -> dict:
@@ -110,16 +146,9 @@ def audit(args: argparse.Namespace) -> dict:
       load_exported,
       query_only,
       run_audit,
-      write_report,
   )
-  from distill_jax.audit.report import summary
 
   candidates, controls = _named(args.candidates, "candidates"), _named(args.controls, "controls")
-  default = "disagreement,synthetic" if len(candidates) > 1 else "synthetic"
-  probes = [p.strip() for p in (args.probe or default).split(",") if p.strip()]
-  settings = _settings(args.set)
-  for name in probes:
-    PROBES.get(name)
   if not os.path.exists(args.student):
     raise AuditError(f"--student: {args.student} does not exist (give a finished run's workdir "
                      "or its model/ export directory).")
@@ -131,8 +160,18 @@ def audit(args: argparse.Namespace) -> dict:
       if not os.path.exists(path):
         raise AuditError(f"--{flag}: {path} does not exist (give a finished run's workdir or "
                          "its model/ export directory).")
-  # The student's run says which data set (and so which input shape) the audit is about.
-  data_config = _data_config(args)
+  # The student's run says which data set (and so which input shape) the audit is about,
+  # and whether the student is a language model (then the audit probes with prompts).
+  run_config = _run_config(args.student)
+  data_config = _data_config(args, run_config)
+  if (run_config or {}).get("task") == "language_model":
+    result = _lm_audit(args, candidates, controls, data_config)
+    return _write(result, args.out)
+  default = "disagreement,synthetic" if len(candidates) > 1 else "synthetic"
+  probes = [p.strip() for p in (args.probe or default).split(",") if p.strip()]
+  for name in probes:
+    PROBES.get(name)
+  settings = _settings(args.set, PROBES)
   info = data_lib.get_info(data_config)
   shape = info.image_shape
   student = load_exported(args.student, shape, flag="student")
@@ -144,7 +183,14 @@ def audit(args: argparse.Namespace) -> dict:
                      input_shape=shape, num_classes=info.num_classes, probes=probes,
                      primary=args.primary, num_inputs=args.num_inputs, seed=args.seed,
                      data_config=data_config, alpha=args.alpha, probe_settings=settings)
-  paths = write_report(result, args.out)
+  return _write(result, args.out)
+
+
+def _write(result: dict, out: str) -> dict:
+  from distill_jax.audit import write_report
+  from distill_jax.audit.report import summary
+
+  paths = write_report(result, out)
   print(summary(result))
   print(f"Report: {paths['md']}, {paths['json']}, {paths['png']}")
   return result

@@ -2,7 +2,8 @@
 
 - `Exported`: a model exported by a run (`WORKDIR/model/` or the export directory itself), with
   its weights: the student must be one, since the data-free probe optimises inputs through it.
-- `QueryOnly`: a model seen only through `fn(images [N, H, W, C]) -> logits [N, K]`: how the
+- `QueryOnly`: a model seen only through `fn(images [N, H, W, C]) -> logits [N, K]` (a language
+  model: `fn(token ids [N, L]) -> logits [N, L, V]`): how the
   audit treats every candidate teacher (an API, another lab's model) and every control. The
   audit never asks it for anything but outputs, and counts the inputs it was asked about.
 """
@@ -46,24 +47,28 @@ class Exported:
 class QueryOnly:
   """A model seen only through its outputs; `queries` counts the inputs it was shown."""
 
-  def __init__(self, name: str, fn: Callable[[np.ndarray], Any]):
+  def __init__(self, name: str, fn: Callable[[np.ndarray], Any], ndim: int = 2):
     self.name = name
     self._fn = fn
+    self.ndim = ndim  # 2: logits [N, K] (images); 3: [N, L, V] (token ids [N, L]).
     self.queries = 0
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     self.queries += len(images)
     logits = np.asarray(self._fn(images), np.float32)
-    if logits.ndim != 2 or len(logits) != len(images):
+    if logits.ndim != self.ndim or len(logits) != len(images) or (
+        self.ndim == 3 and logits.shape[1] != images.shape[1]):
+      want = "[N, num_classes]" if self.ndim == 2 else "[N, L, vocab] for token ids [N, L]"
       raise AuditError(f"Query-only model {self.name!r} returned logits of shape "
-                       f"{logits.shape} for {len(images)} inputs; expected [N, num_classes].")
+                       f"{logits.shape} for inputs of shape {images.shape}; expected {want}.")
     return logits
 
 
-def query_only(model: Exported) -> QueryOnly:
-  """`model` seen only through its outputs (its weights stay inside the closure)."""
-  return QueryOnly(model.name, lambda images: model(images))
+def query_only(model: Exported, ndim: int = 2) -> QueryOnly:
+  """`model` seen only through its outputs (its weights stay inside the closure); `ndim` 3 for
+  a language model (token ids [N, L] -> logits [N, L, V])."""
+  return QueryOnly(model.name, lambda inputs: model(inputs), ndim)
 
 
 def load_exported(path: str, input_shape: tuple[int, ...], name: str | None = None,

@@ -70,25 +70,45 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
   candidates = {name: QueryOnly(name, fn) for name, fn in candidates.items()}
   context = ProbeContext(student, candidates, tuple(input_shape), num_classes, num_inputs, seed,
                          data_config, dict(probe_settings or {}))
-  results: dict[str, dict] = {c: {} for c in candidates}
   per_input: dict[str, dict] = {}
-  comparisons: dict[str, dict] = {}
   probe_info = {}
-  for p_index, probe_name in enumerate(probes):
+  for probe_name in probes:
     probe = context.probe(probe_name)
     probe_info[probe_name] = {"num_inputs": int(len(probe.images)),
                               "labels": probe.labels is not None, **_jsonable(probe.info)}
     student_logits = student(probe.images)
     candidate_logits = {c: fn(probe.images) for c, fn in candidates.items()}
     control_logits = {c: fn(probe.images) for c, fn in controls.items()}
-    for c_index, c in enumerate(candidates):
+    for c in candidates:
       reference = probe.labels
       if reference is None:
         reference = scores.majority_vote([x for o, x in candidate_logits.items() if o != c])
-      model_scores = {
+      per_input.setdefault(c, {})[probe_name] = {
           m: scores.per_input_scores(x, candidate_logits[c], reference, temperatures)
           for m, x in [(student.name, student_logits), *control_logits.items()]}
-      per_input.setdefault(c, {})[probe_name] = model_scores
+  return summarise(per_input, score_list, student=student, controls=list(controls),
+                   probe_info=probe_info, primary=(primary_probe, primary_score),
+                   queries={c: fn.queries for c, fn in candidates.items()}, seed=seed,
+                   alpha=alpha, bootstrap=bootstrap, contrast=contrast, t0=t0)
+
+
+def summarise(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]],
+              score_list: Sequence[scores.Score], *, student: Any, controls: list[str],
+              probe_info: Mapping[str, Any], primary: tuple[str, str],
+              queries: Mapping[str, int], seed: int, alpha: float, bootstrap: int,
+              contrast: bool, t0: float) -> dict[str, Any]:
+  """The calibrated decision and the report's dict from the per-input scores
+  `per_input[candidate][probe][model][score]` ([N] each; model: the student's name and every
+  control's). Shared by image and language-model audits: only how the scores are made differs.
+  """
+  candidates = list(per_input)
+  directions = {s.name: s.higher_is_closer for s in score_list}
+  primary_probe, primary_score = primary
+  results: dict[str, dict] = {c: {} for c in candidates}
+  comparisons: dict[str, dict] = {}
+  for p_index, probe_name in enumerate(probe_info):
+    for c_index, c in enumerate(candidates):
+      model_scores = per_input[c][probe_name]
       table = {}
       for s_index, s in enumerate(score_list):
         values = {m: _nanmean(v[s.name]) for m, v in model_scores.items()}
@@ -102,7 +122,7 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
       results[c][probe_name] = table
   if contrast and len(candidates) >= 2:
     primary_comparisons = _contrasts(per_input, primary_probe, primary_score,
-                                     directions[primary_score], student.name, list(controls),
+                                     directions[primary_score], student.name, controls,
                                      bootstrap, seed)
   else:
     primary_comparisons = {c: comparisons[c][primary_probe][primary_score] for c in candidates}
@@ -110,10 +130,10 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
   return {
       "student": student.name,
       "student_export": getattr(student, "directory", None),
-      "candidates": list(candidates),
-      "controls": list(controls),
+      "candidates": candidates,
+      "controls": controls,
       "num_controls": len(controls),
-      "probes": probe_info,
+      "probes": dict(probe_info),
       "primary": {"probe": primary_probe, "score": primary_score,
                   "higher_is_closer": directions[primary_score],
                   "contrast": bool(contrast and len(candidates) >= 2),
@@ -127,7 +147,7 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
       "adjusted_p": verdict.adjusted,
       "scores": results,
       "score_descriptions": {s.name: s.description for s in score_list},
-      "queries": {c: fn.queries for c, fn in candidates.items()},
+      "queries": dict(queries),
       "seed": seed,
       "bootstrap": bootstrap,
       "seconds": round(time.time() - t0, 1),
@@ -163,10 +183,10 @@ def _contrasts(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np
   return out
 
 
-def _parse_primary(primary: str | None, probes: list[str], directions: Mapping[str, bool]
-                   ) -> tuple[str, str]:
+def _parse_primary(primary: str | None, probes: list[str], directions: Mapping[str, bool],
+                   default_score: str = DEFAULT_SCORE) -> tuple[str, str]:
   if primary is None:
-    return probes[0], DEFAULT_SCORE
+    return probes[0], default_score
   probe, _, score = primary.partition(":")
   if probe not in probes or score not in directions:
     raise AuditError(f"--primary={primary!r}: expected PROBE:SCORE with PROBE one of the "

@@ -200,7 +200,7 @@ def load_spec(spec: str) -> tuple[Sweep, str]:
     sweep = Sweep(stages=sweep)
   elif not isinstance(sweep, Sweep):
     sweep = Sweep(stages={"main": list(sweep)})
-  config = sweep.config or path
+  config = sweep.config or os.path.abspath(path)  # This file (a relative path: from here).
   if not os.path.isabs(config):
     config = os.path.join(os.path.dirname(os.path.abspath(path)), config)
   return sweep, os.path.normpath(config)

@@ -1,6 +1,7 @@
 r"""Audits every student and control of the audit_digits sweep; writes the detection table.
 
-    python experiments/audit_digits/table.py --root=runs/audit_digits [--num_inputs=256]
+    python experiments/audit_digits/table.py --root=runs/audit_digits [--num_inputs=256] \
+        [--data=cifar10 --data_dir=$DATA]
 
 For each distilled student: the audit (probes disagreement, synthetic and real; the default
 decision, disagreement:spearman with the contrast) against the 4 candidate teachers, with the 5
@@ -8,7 +9,9 @@ control students of its architecture; for each control: the same against the oth
 (leave-one-out), where any answer but "none" is a false accusation. Baselines, which always
 name a candidate (no "none"): the candidate with the highest top-1 agreement with the student on
 real held-out data (the natural baseline of Shi et al.), and the candidate with the highest
-Spearman correlation on the disagreement probe without controls. Writes ROOT/audit_table.md and
+Spearman correlation on the disagreement probe without controls. A 2-teacher ensemble student
+has two true teachers: an answer naming either of them counts as correct (the table says so).
+Writes ROOT/audit_table.md and
 ROOT/audit_table.json and prints the table.
 """
 
@@ -41,6 +44,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--root", required=True)
   p.add_argument("--num_inputs", type=int, default=256)
+  p.add_argument("--data", default="digits", choices=sorted(spec.DATASETS),
+                 help="The sweep's data set (its arg's DATA).")
   p.add_argument("--data_dir", default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--table_only", action="store_true",
@@ -51,22 +56,25 @@ def main(argv=None):
       print(summarise(json.load(f)["rows"]))
     return
   t0 = time.time()
-  data_config = data_lib.default_data_config("digits")
+  setting = spec.DATASETS[args.data]
+  data_config = data_lib.default_data_config(args.data)
   data_config.data_dir = args.data_dir
   info = data_lib.get_info(data_config)
   shape = info.image_shape
   teachers = {n: query_only(load_exported(os.path.join(args.root, n), shape, n))
-              for n in spec.TEACHERS}
+              for n in setting["teachers"]}
   controls = {arch: {f"alone-{arch}-s{s}": query_only(load_exported(
       os.path.join(args.root, f"alone-{arch}-s{s}"), shape, f"alone-{arch}-s{s}"))
-      for s in range(spec.CONTROLS)} for arch in spec.STUDENTS}
-  jobs = []  # (name, method, arch, true teacher or None)
+      for s in range(spec.CONTROLS)} for arch in setting["students"]}
+  jobs = []  # (name, method, arch, true teacher(s) joined by '_', or None)
   for path in sorted(glob.glob(os.path.join(args.root, "*", "trial.json"))):
     name = os.path.basename(os.path.dirname(path))
     method = name.split("-")[0]
-    if method in spec.METHODS:
-      teacher = name[len(method) + 1:].rsplit("-s", 1)[0]
-      jobs.append((name, method, spec.METHODS[method][1], teacher))
+    teacher = name[len(method) + 1:].rsplit("-s", 1)[0]
+    if method in setting["methods"]:
+      jobs.append((name, method, setting["methods"][method][1], teacher))
+    elif method == spec.ENSEMBLE:
+      jobs.append((name, method, setting["ensemble_student"], teacher))
   jobs += [(c, "alone", arch, None) for arch in controls for c in controls[arch]]
   rows = []
   for name, method, arch, teacher in jobs:
@@ -93,14 +101,20 @@ def main(argv=None):
   print(table)
 
 
+def true_teachers(row):
+  """The student's true teachers: one, or the two of an ensemble student ('A_B')."""
+  return row["teacher"].split("_") if row["teacher"] else []
+
+
 def forced(row):
   """The audit as a forced multiple choice (no "none"): the largest effect size."""
   return max(row["effect"], key=lambda c: row["effect"][c])
 
 
 def summarise(rows):
-  """Per method: detection accuracy (answer = the true teacher), "none" and wrong-teacher
-  answers; for controls: false accusations (any answer but none). Baselines likewise."""
+  """Per method: detection accuracy (answer = the true teacher; for an ensemble student,
+  either of its two), "none" and wrong-teacher answers; for controls: false accusations (any
+  answer but none). Baselines likewise."""
   by = collections.defaultdict(list)
   for r in rows:
     by[r["method"]].append(r)
@@ -116,13 +130,14 @@ def summarise(rows):
     def pct(k, rs=rs, n=n):
       return f"{100 * k / n:.0f}%"
 
+    label = f"{method} (correct: either teacher)" if method == "ensemble" else method
     lines.append(
-        f"| {method} | {n} | {pct(sum(r['answer'] == r['teacher'] for r in rs))} | "
+        f"| {label} | {n} | {pct(sum(r['answer'] in true_teachers(r) for r in rs))} | "
         f"{pct(sum(r['answer'] == 'none' for r in rs))} | "
-        f"{pct(sum(r['answer'] not in ('none', r['teacher']) for r in rs))} | "
-        f"{pct(sum(forced(r) == r['teacher'] for r in rs))} | "
-        f"{pct(sum(r['baseline_real_top1'] == r['teacher'] for r in rs))} | "
-        f"{pct(sum(r['baseline_spearman'] == r['teacher'] for r in rs))} |")
+        f"{pct(sum(r['answer'] not in ('none', *true_teachers(r)) for r in rs))} | "
+        f"{pct(sum(forced(r) in true_teachers(r) for r in rs))} | "
+        f"{pct(sum(r['baseline_real_top1'] in true_teachers(r) for r in rs))} | "
+        f"{pct(sum(r['baseline_spearman'] in true_teachers(r) for r in rs))} |")
   controls = by.get("alone", [])
   if controls:
     n = len(controls)
