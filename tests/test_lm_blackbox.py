@@ -207,3 +207,34 @@ def test_byte_pieces_and_special_tokens_keep_the_teachers_offsets():
   np.testing.assert_allclose(rows["topk_logprobs"][0, :3, 0], [-0.1, -0.2, -0.4])
   assert counts == blackbox.MappingCounts(records=1, entries=5, unmapped=2, positions=4,
                                           empty_positions=1)
+
+
+def test_teacher_file_batches_resume_and_split_by_process(tmp_path):
+  """A run on a teacher file resumes where it stopped: an iterator restored from another's
+  saved position gives the same next batch, log-probs included, and two processes' halves
+  make up the one-process batch."""
+  import ml_collections
+
+  from distill_jax.data import text
+
+  path = teacher_file(tmp_path / "teacher.jsonl", 60, with_log_probs=True)
+  config = ml_collections.ConfigDict({"name": "jsonl", "train_files": str(path),
+                                      "eval_files": "", "eval_fraction": 0.1,
+                                      "train_split": "train", "eval_split": "test",
+                                      "seq_len": 32, "tokenizer": "bytes"})
+  one = text.train_iterator(config, global_batch_size=8, seed=1)
+  first = [next(one) for _ in range(9)]  # 54 train records: past the first epoch (6 steps).
+  keys = ("tokens", "targets", "mask", "id", *blackbox.TOPK_KEYS)
+  assert set(keys) <= set(first[0]) and first[0]["topk_valid"].sum() > 0
+  halves = [text.train_iterator(config, global_batch_size=8, seed=1, process_index=i,
+                                process_count=2) for i in range(2)]
+  for batch in first[:2]:
+    parts = [next(h) for h in halves]
+    for key in keys:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
+  for step in (3, 7):
+    resumed = text.train_iterator(config, global_batch_size=8, seed=1)
+    resumed.set_state(json.loads(json.dumps({**one.get_state(), "step": step})))
+    batch = next(resumed)
+    for key in keys:
+      np.testing.assert_array_equal(batch[key], first[step][key], err_msg=f"{step} {key}")
