@@ -22,7 +22,9 @@ per-token top-k log-probabilities: CE 0.5 + `token_sparse_topk_kd` 0.5):
         --config.data.train_files=teacher_outputs.jsonl
 
 Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, gkd, sequence,
-blackbox_text, blackbox_topk}. `tiny` shrinks
+blackbox_text, blackbox_topk}; `gkd,warm` first trains the student with CE alone for half the
+run (a stage `warm`, on the corpus), then on-policy for the other half, as GKD starts from a
+supervised student; `sequence,kd` adds token KD from the live teacher. `tiny` shrinks
 the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
 `result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
 teacher-student KL are reported beside it (`final`).
@@ -79,10 +81,10 @@ def hidden_terms(student: dict, teacher: dict) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   role, *options = (arg or "fkl").split(",")
-  allowed = {"tiny", "kd"} if role == "sequence" else {"tiny"}
+  allowed = {"tiny", {"sequence": "kd", "gkd": "warm"}.get(role, "tiny")}
   if role not in ROLES or set(options) - allowed:
     raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
-                     f"{list(ROLES)} (sequence also takes ',kd').")
+                     f"{list(ROLES)} (sequence also takes ',kd', gkd ',warm').")
   tiny = "tiny" in options
   c = base_config()
   c.task = "language_model"
@@ -139,6 +141,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.eval_batch_size = 64
   c.num_epochs = 1.0
+  if "warm" in options:  # Half the run CE alone on the corpus, then the on-policy half.
+    c.stages = ml_collections.ConfigDict({"warm": {
+        "num_epochs": 0.5, "losses": {"token_ce": {"weight": 1.0, **chunk}}}})
+    c.num_epochs = 0.5
   c.eval_every_epochs = 0.25
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -151,4 +157,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_epochs = 0.0
     c.progress_bar = False
     c.eval_samples = 2 if role == "gkd" else 0  # The other tiny runs skip the extra compile.
+    for stage in c.stages.values():
+      stage.num_epochs, stage.num_steps = 0.0, 2
   return c

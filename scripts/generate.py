@@ -16,6 +16,10 @@ Each output line is `{"prompt": str, "completion": str}`; with `--top_logprobs=K
 most likely tokens -> log-probability, at temperature 1): what black-box distillation reads
 (see `distill_jax.generate.completion_records` for how tokens are named). Greedy with
 `--temperature=0`. Reproducible from `--seed`.
+
+`--rows_as_text` needs no model: it writes `--num_prompts` held-out rows whole, each as
+`{"prompt": "", "completion": TEXT}`: the held-out text in the black-box format, to score
+students trained on a teacher's file on the same text as the others (`data.eval_files`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("top_logprobs", 0, "K > 0: also write each token's K most likely tokens.")
 flags.DEFINE_integer("batch_size", 32, "Prompts decoded at once.")
 flags.DEFINE_string("output", None, "The JSON-lines file to write.")
+flags.DEFINE_bool("rows_as_text", False, "No model: write the held-out rows whole as "
+                  "completions of an empty prompt.")
 
 
 class GenerateError(ValueError):
@@ -104,16 +110,44 @@ def run_config(workdir: str | None):
 
 def main(argv: list[str]) -> None:
   del argv
-  if not (FLAGS.workdir or FLAGS.checkpoint) or not FLAGS.output:
+  if not (FLAGS.workdir or FLAGS.checkpoint or FLAGS.rows_as_text) or not FLAGS.output:
     raise app.UsageError("--workdir (or --checkpoint) and --output are required.")
   try:
-    write_completions()
+    write_rows() if FLAGS.rows_as_text else write_completions()
   except Exception as e:  # noqa: BLE001 - named errors become one line; others re-raise.
     from distill_jax.model_io import CheckpointError
 
     if isinstance(e, GenerateError | CheckpointError):
       sys.exit(f"generate: {e}")
     raise
+
+
+def held_out_rows(config) -> list:
+  """The first --num_prompts packed rows of the config's eval split (token ids)."""
+  from distill_jax.data import text
+
+  if config is None:
+    raise GenerateError("Without --prompts the prompts come from the run's data: give "
+                        "--config or a --workdir with a config.json.")
+  return list(text.packed_split(config.data, config.data.get("eval_split", "test")).tokens[
+      :FLAGS.num_prompts])
+
+
+def write_records(records: list[dict]) -> None:
+  with open(FLAGS.output, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_rows() -> None:
+  """--rows_as_text: the held-out rows, decoded, as completions of an empty prompt."""
+  from distill_jax.data import text
+
+  config = run_config(FLAGS.workdir)
+  tokenizer = text.get_tokenizer(config.data.get("tokenizer", "bytes") if config else "bytes")
+  records = [{"prompt": "", "completion": tokenizer.decode(row)} for row in held_out_rows(config)]
+  write_records(records)
+  logging.info("Wrote %d held-out rows to %s.", len(records), FLAGS.output)
 
 
 def write_completions() -> None:
@@ -135,11 +169,7 @@ def write_completions() -> None:
     # [BOS, bytes...]: the prompt's document goes on (no EOS).
     encoded = [tokenizer.encode(p)[:-1] for p in prompts]
   else:
-    if config is None:
-      raise GenerateError("Without --prompts the prompts come from the run's data: give "
-                          "--config or a --workdir with a config.json.")
-    rows = text.packed_split(config.data, config.data.get("eval_split", "test")).tokens
-    encoded = [row[:FLAGS.prompt_len] for row in rows[:FLAGS.num_prompts]]
+    encoded = [row[:FLAGS.prompt_len] for row in held_out_rows(config)]
     prompts = [tokenizer.decode(row) for row in encoded]
   prompt_len = max(len(e) for e in encoded)
   if prompt_len + FLAGS.max_new_tokens > model.context:
@@ -167,9 +197,7 @@ def write_completions() -> None:
           tokenizer, prompts[start:start + len(chunk)], out[0], out[1], prompt_len,
           out[2] if FLAGS.top_logprobs > 0 else None, FLAGS.top_logprobs)
       bar.update(len(chunk))
-  with open(FLAGS.output, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  write_records(records)
   logging.info("Wrote %d completions to %s.", len(records), FLAGS.output)
 
 

@@ -79,13 +79,13 @@ def run_steps(config, num_steps):
   from distill_jax.train import loop
 
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   state = parallel.put_replicated(loop.init_state(config, run))
-  teacher_vars = parallel.put_replicated(run["teacher_vars"])
+  teacher_vars = parallel.put_replicated(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
-                                    seed=config.seed, side_data=run["side_data"]["train"])
+                                    seed=config.seed, side_data=run.side_data["train"])
   for _ in range(num_steps):
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+    state, metrics = run.train_step(state, teacher_vars, parallel.put_batch(next(batches)))
   return jax.device_get(parallel.get(state)), jax.device_get(parallel.get(metrics))
 
 

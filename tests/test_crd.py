@@ -347,18 +347,18 @@ def run_steps(config, num_steps, init=None):
   only, so the modes can start from one, computed once.
   """
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   if init is None:
     init = jax.device_get(loop.init_state(config, run))  # A host copy: the step donates.
   state = parallel.put_replicated(init)
-  teacher_vars = parallel.put_replicated(run["teacher_vars"])
+  teacher_vars = parallel.put_replicated(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
                                     seed=config.seed)
   ids = []
   for _ in range(num_steps):
     batch = next(batches)
     ids.append(np.asarray(batch["id"]))
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(batch))
+    state, metrics = run.train_step(state, teacher_vars, parallel.put_batch(batch))
   return (init, jax.device_get(state), jax.device_get(parallel.get(metrics)),
           np.concatenate(ids))
 

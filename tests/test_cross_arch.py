@@ -114,9 +114,9 @@ def test_every_method_of_a_cross_pair_traces(teacher, student, monkeypatch):
   with config.unlocked():
     config.losses = ml_collections.ConfigDict(union)
   run = loop.build_run(config)
-  names = {t.name for t in run["objective"].terms}
+  names = {t.name for t in run.objective.terms}
   assert {"at_at", "fitnet_fitnet", "ab_pre_ab", "ft_pre_ft", "crd_crd", "vid_vid"} <= names
-  assert run["example"]["contrast_idx"].shape == (4, 16385)
+  assert run.example["contrast_idx"].shape == (4, 16385)
 
 
 # ------------------------------------------------------------------- class-aware negatives

@@ -66,18 +66,18 @@ def test_eval_sums_against_numpy_on_a_padded_batch(config, state):
   batch = dict(batch, image=np.where(real[:, None, None, None], batch["image"],
                                      rng.normal(size=batch["image"].shape).astype(np.float32)),
                label=np.where(real, batch["label"], rng.integers(0, 10, size=64)))
-  logits = np.asarray(run["student_apply"](state.student_variables(), batch, False).logits)
-  teacher_logits = {n: np.asarray(apply(run["teacher_vars"][n], batch, False).logits)
-                    for n, apply in run["teacher_applies"].items()}
+  logits = np.asarray(run.student_apply(state.student_variables(), batch, False).logits)
+  teacher_logits = {n: np.asarray(apply(run.teacher_vars[n], batch, False).logits)
+                    for n, apply in run.teacher_applies.items()}
   want = numpy_sums(logits[real], {n: t[real] for n, t in teacher_logits.items()},
                     batch["label"][real])
   assert 0 < want["agreement/mlp"] < want["count"]  # Teachers that disagree: a real check.
   assert want["kl/ensemble"] < max(want["kl/teacher"], want["kl/mlp"])
   for mode, devices in [("jit", 1), ("pmap", 8)]:
     mode_run = run if mode == "jit" else loop.build_run(with_mode(config, mode, devices))
-    parallel = mode_run["parallel"]
-    got = jax.device_get(parallel.get(mode_run["eval_step"](
-        parallel.put_replicated(state), parallel.put_replicated(mode_run["teacher_vars"]),
+    parallel = mode_run.parallel
+    got = jax.device_get(parallel.get(mode_run.eval_step(
+        parallel.put_replicated(state), parallel.put_replicated(mode_run.teacher_vars),
         parallel.put_batch(batch))))
     assert sorted(got) == sorted(want), mode
     for key, value in want.items():
@@ -90,14 +90,14 @@ def totals(config, state):
   out = {}
   for mode, devices in MODES:
     run = loop.build_run(with_mode(config, mode, devices))
-    parallel = run["parallel"]
-    args = (parallel.put_replicated(state), parallel.put_replicated(run["teacher_vars"]))
+    parallel = run.parallel
+    args = (parallel.put_replicated(state), parallel.put_replicated(run.teacher_vars))
     sums = {}
     for batch in data_lib.eval_batches(config.data, global_batch_size=64):
-      for k, v in jax.device_get(parallel.get(run["eval_step"](
+      for k, v in jax.device_get(parallel.get(run.eval_step(
           *args, parallel.put_batch(batch)))).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-    means = loop.evaluate(parallel, run["eval_step"], *args, config.data, 64)
+    means = loop.evaluate(parallel, run.eval_step, *args, config.data, 64)
     out[(mode, devices)] = (sums, means)
   return out
 

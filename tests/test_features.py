@@ -46,8 +46,8 @@ def test_shape_mismatch_names_both_layers_shapes_and_the_connector(data_dir, tea
     loop.build_run(config)
   # With the connector it builds (and its connector's parameters are in the objective).
   run = loop.build_run(tiny("fitnet", data_dir, **{"teachers.teacher.checkpoint": teacher_dir}))
-  assert run["objective"].student_features == ("stage2",)
-  assert run["objective"].teacher_features("teacher") == ("stage2",)
+  assert run.objective.student_features == ("stage2",)
+  assert run.objective.teacher_features("teacher") == ("stage2",)
 
 
 @register_loss("test_vector_loss")

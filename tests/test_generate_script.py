@@ -136,4 +136,4 @@ def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, 
   config = load_config_file(f"{LM}:sequence,kd,tiny", {
       "data.train_files": str(out), "teachers.teacher.checkpoint": teacher})
   run = loop.build_run(config)
-  assert set(config.losses) == {"token_ce", "token_fkl"} and "teacher" in run["teacher_vars"]
+  assert set(config.losses) == {"token_ce", "token_fkl"} and "teacher" in run.teacher_vars

@@ -49,27 +49,27 @@ def run(data_dir, teacher_dir):
   config = gkd_config(data_dir, teacher_dir)
   built = loop.build_run(config)
   state = jax.device_get(loop.init_state(config, built))
-  batch = next(built["task"].train_iterator(config.data, global_batch_size=config.batch_size,
-                                            seed=config.seed))
+  batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                         seed=config.seed))
   return config, built, state, batch
 
 
 def test_teacher_gets_no_gradient_and_student_a_finite_one(run):
   config, built, state, batch = run
-  on_policy = built["on_policy"]
+  on_policy = built.on_policy
   assert on_policy.fraction == 1.0 and on_policy.prompt_len == PROMPT
 
   def loss(student_params, teacher_vars):
     variables = {"params": student_params, **state.model_state}
     rolled = on_policy(variables, batch, state.rng)
-    teachers = step_lib.teacher_forward(built["teacher_applies"], teacher_vars, rolled)
-    student = built["student_apply"](variables, rolled, True, jax.random.PRNGKey(1))
-    total, _, _ = built["objective"](state.params["objective"], state.objective_state,
+    teachers = step_lib.teacher_forward(built.teacher_applies, teacher_vars, rolled)
+    student = built.student_apply(variables, rolled, True, jax.random.PRNGKey(1))
+    total, _, _ = built.objective(state.params["objective"], state.objective_state,
                                      student, teachers, rolled, 0, jax.random.PRNGKey(2))
     return total
 
   student_grads, teacher_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(
-      state.params["student"], built["teacher_vars"])
+      state.params["student"], built.teacher_vars)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(teacher_grads))
   leaves = [np.asarray(g) for g in jax.tree.leaves(student_grads)]
   assert all(np.all(np.isfinite(g)) for g in leaves)
@@ -86,12 +86,12 @@ def test_step_loss_is_the_jsd_on_the_students_samples(run):
   """One step's loss = generalized JSD (beta 0.5, NumPy) between the student and the teacher
   on the positions that predict the tokens the student sampled with the step's key."""
   config, built, state, batch = run
-  metrics = jax.device_get(built["train_step"](
-      built["parallel"].put_state(state), built["parallel"].put_teachers(built["teacher_vars"]),
-      built["parallel"].put_batch(batch))[1])
+  metrics = jax.device_get(built.train_step(
+      built.parallel.put_state(state), built.parallel.put_teachers(built.teacher_vars),
+      built.parallel.put_batch(batch))[1])
   student_vars = {"params": state.params["student"], **state.model_state}
   _, key = generate.OnPolicy.keys(state.rng)
-  model = built["student"]
+  model = built.student
   tokens, mask = jax.jit(lambda v, p, k: generate.sample(
       model, v, p, max_new_tokens=NEW, rng=k, eos_id=EOS, pad_id=PAD))(
           student_vars, batch["tokens"][:, :PROMPT], key)
@@ -100,7 +100,7 @@ def test_step_loss_is_the_jsd_on_the_students_samples(run):
   rows = np.pad(tokens, ((0, 0), (0, 32 - PROMPT - NEW)), constant_values=PAD)
   # Position i predicts token i + 1: the loss counts positions whose target was generated.
   kept = np.pad(mask[:, 1:], ((0, 0), (0, 32 - PROMPT - NEW + 1))) > 0
-  teacher = built["teachers"]["teacher"]
+  teacher = built.teachers["teacher"]
   log_s = _log_softmax(model.apply(student_vars, rows))
   log_t = _log_softmax(teacher.module.apply(teacher.variables, rows))
   p_s, p_t = np.exp(log_s), np.exp(log_t)
@@ -144,6 +144,38 @@ def test_gkd_trains_through_the_cli(data_dir, teacher_dir, tmp_path):
   assert b"samples/1" in events and b"text" in events
 
 
+def test_warm_start_stage_trains_on_the_corpus_then_the_main_stage_on_policy(run, data_dir,
+                                                                            teacher_dir):
+  """`gkd,warm`: a CE stage on the corpus rows first (no sampling: its loss is the NumPy CE of
+  the batch's own targets), then GKD; the on-policy sampling belongs to the main stage only."""
+  config = load_config_file(f"{LM}:gkd,warm,tiny", {
+      "data.data_dir": data_dir, "teachers.teacher.checkpoint": teacher_dir,
+      "on_policy.fraction": 1.0, "parallel.num_devices": 1})
+  built = loop.build_run(config)
+  assert [(s.name, s.end - s.start) for s in built.stages] == [("warm", 2), ("train", 6)]
+  state = jax.device_get(loop.init_state(config, built))
+  batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                         seed=config.seed))
+  parallel = built.parallel
+  metrics = jax.device_get(built.stages[0].train_step(
+      parallel.put_state(state), parallel.put_teachers(built.teacher_vars),
+      parallel.put_batch(batch))[1])
+  variables = {"params": state.params["student"], **state.model_state}
+  log_p = _log_softmax(built.student.apply(variables, batch["tokens"]))
+  nll = -np.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
+  want = (nll * batch["mask"]).sum() / batch["mask"].sum()
+  assert set(config.stages.warm.losses) == {"token_ce"}
+  np.testing.assert_allclose(metrics["loss/token_ce"], want, rtol=1e-5)
+  # The main stage's step samples: its JSD is on the student's own continuations.
+  main = jax.device_get(built.train_step(
+      parallel.put_state(state), parallel.put_teachers(built.teacher_vars),
+      parallel.put_batch(batch))[1])
+  gkd_alone = run[1]  # The same settings without the warm stage.
+  np.testing.assert_allclose(main["loss"], jax.device_get(gkd_alone.train_step(
+      parallel.put_state(state), parallel.put_teachers(built.teacher_vars),
+      parallel.put_batch(batch))[1])["loss"], rtol=1e-6)
+
+
 def test_bad_settings_name_the_setting(data_dir, teacher_dir):
   with pytest.raises(ConfigError, match=r"on_policy.prompt_len \+ max_new_tokens = 8 \+ 30 "
                                         r"exceeds data.seq_len 32"):
@@ -166,10 +198,10 @@ def test_on_policy_step_on_the_mesh_equals_one_device_and_pmap_runs(run, data_di
     config = gkd_config(data_dir, teacher_dir, **{"optim.name": "sgd", "optim.lr": 0.5,
                                                   **overrides})
     built = loop.build_run(config)
-    parallel = built["parallel"]
+    parallel = built.parallel
     state = jax.device_get(loop.init_state(config, built))
-    new, metrics = built["train_step"](parallel.put_state(state),
-                                       parallel.put_teachers(built["teacher_vars"]),
+    new, metrics = built.train_step(parallel.put_state(state),
+                                       parallel.put_teachers(built.teacher_vars),
                                        parallel.put_batch(batch))
     results.append((parallel.to_host(new).params, jax.device_get(parallel.get(metrics))))
   (one, one_metrics), (mesh, mesh_metrics), (_, pmap_metrics) = results

@@ -246,7 +246,7 @@ def test_student_initialised_from_open_weights(data_dir):
   run = loop.build_run(config)
   state = loop.init_state(config, run)
   ref = np.load(os.path.join(llama, "reference.npz"))
-  logits = run["student"].apply(state.student_variables(), ref["ids"])
+  logits = run.student.apply(state.student_variables(), ref["ids"])
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
   config.student.kwargs.norm_eps = 1e-6
   with pytest.raises(ValueError, match=r"differ from its config.json in \['norm_eps'\]"):
@@ -267,7 +267,7 @@ def test_open_weights_teacher_is_split_over_fsdp_with_the_same_logits(data_dir):
       "parallel.mesh": {"data": 2, "fsdp": 4}, "parallel.teacher_sharding": "fsdp",
       "parallel.min_shard_size": 256})
   run = loop.build_run(config)
-  placed = run["parallel"].put_teachers(run["teacher_vars"])["teacher"]
+  placed = run.parallel.put_teachers(run.teacher_vars)["teacher"]
   leaves = jax.tree_util.tree_flatten_with_path(placed)[0]
   split = {jax.tree_util.keystr(p): x for p, x in leaves if "fsdp" in tuple(x.sharding.spec)}
   big = {jax.tree_util.keystr(p) for p, x in leaves if x.size >= 256 and max(x.shape) % 4 == 0}
@@ -275,5 +275,5 @@ def test_open_weights_teacher_is_split_over_fsdp_with_the_same_logits(data_dir):
   for x in split.values():  # Each device holds a quarter of the split axis.
     assert {s.data.size for s in x.addressable_shards} == {x.size // 4}
   ref = np.load(os.path.join(qwen2, "reference.npz"), allow_pickle=False)
-  logits = jax.jit(run["teachers"]["teacher"].module.apply)(placed, ref["ids"])
+  logits = jax.jit(run.teachers["teacher"].module.apply)(placed, ref["ids"])
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)

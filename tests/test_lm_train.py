@@ -40,14 +40,14 @@ def test_teacher_learns_the_held_out_text(lm_teacher):
 
 def _steps(config, num_steps):
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   init = jax.device_get(loop.init_state(config, run))
   state = parallel.put_state(init)
-  teacher_vars = parallel.put_teachers(run["teacher_vars"])
-  batches = run["task"].train_iterator(config.data, global_batch_size=config.batch_size,
-                                       seed=config.seed, side_data=run["side_data"]["train"])
+  teacher_vars = parallel.put_teachers(run.teacher_vars)
+  batches = run.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                       seed=config.seed, side_data=run.side_data["train"])
   for _ in range(num_steps):
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+    state, metrics = run.train_step(state, teacher_vars, parallel.put_batch(next(batches)))
   return init, parallel.to_host(state), jax.device_get(parallel.get(metrics))
 
 
@@ -109,15 +109,15 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
                                            batch_size=32)["teacher"]
   run = loop.build_run(lm_config("topk", data_dir, **base,
                                  **{"teachers.teacher.cache": directory}))
-  assert run["teacher_vars"]["teacher"] == {}  # No forward: the logits come with the batch.
+  assert run.teacher_vars["teacher"] == {}  # No forward: the logits come with the batch.
   # The reader against NumPy on the live teacher's logits: top 16 exact, the rest spread.
   live = loop.build_run(config)
   ids = np.array([3, 0, 63])
   rows = text.packed_split(config.data, "train").rows(ids)
-  logits = np.asarray(live["teacher_applies"]["teacher"](
-      live["teacher_vars"]["teacher"], rows, False).logits, np.float64)
+  logits = np.asarray(live.teacher_applies["teacher"](
+      live.teacher_vars["teacher"], rows, False).logits, np.float64)
   log_probs = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
-  cached = run["side_data"]["train"][teacher_cache.batch_key("teacher")](0, ids)
+  cached = run.side_data["train"][teacher_cache.batch_key("teacher")](0, ids)
   assert cached.shape == (3, 32, 259)
   top = np.argsort(-log_probs, axis=-1)[..., :16]
   np.testing.assert_allclose(np.take_along_axis(cached, top, -1),

@@ -101,7 +101,7 @@ def test_every_term_moves_the_student(data_dir, teacher_dir, reference):
   config = tiny("all", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                     "parallel.num_devices": 1})
   run = loop.build_run(config)
-  objective = run["stages"][-1].objective
+  objective = run.stages[-1].objective
   names = [t.name for t in objective.terms]
   assert sorted(names) == sorted(EVERY_METHOD)
   batch = next(data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
@@ -109,8 +109,8 @@ def test_every_term_moves_the_student(data_dir, teacher_dir, reference):
   rng = jax.random.PRNGKey(1)
 
   def term_values(student_params):
-    teachers = step_lib.teacher_forward(run["teacher_applies"], run["teacher_vars"], batch)
-    student = run["student_apply"]({"params": student_params, **reference["model_state"]},
+    teachers = step_lib.teacher_forward(run.teacher_applies, run.teacher_vars, batch)
+    student = run.student_apply({"params": student_params, **reference["model_state"]},
                                    batch, True, rng)
     # A step past DKD's warm-up (the weight ramp does not enter the unweighted values).
     _, values, _ = objective(reference["params"]["objective"], reference["objective_state"],

@@ -65,14 +65,14 @@ def test_cached_teachers_train_exactly_like_live_ones(data_dir, teacher_dir, mlp
   params, on one device and on 8 (pmap, the cached logits sharded with the batch)."""
   live_config = two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir)
   live_run = loop.build_run(live_config)
-  assert {n: t.model for n, t in live_run["teachers"].items()} == {"teacher": "cnn",
+  assert {n: t.model for n, t in live_run.teachers.items()} == {"teacher": "cnn",
                                                                      "mlp": "mlp"}
   live_state, live_metrics = run_steps(live_config, 3)
   for mode, devices in [("jit", 1), ("pmap", 8)]:
     config = two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir, cache_dir, **{
         "parallel.mode": mode, "parallel.num_devices": devices})
     run = loop.build_run(config)
-    assert all(v == {} for v in run["teacher_vars"].values())  # No teacher on the device.
+    assert all(v == {} for v in run.teacher_vars.values())  # No teacher on the device.
     state, metrics = run_steps(config, 3)
     np.testing.assert_allclose(metrics["loss"], live_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss/kd"], live_metrics["loss/kd"], rtol=1e-5)
@@ -223,14 +223,14 @@ def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
     config.teachers.big.input_size = (16, 16)
   run = loop.build_run(config)
   batch = next(data_lib.eval_batches(config.data, global_batch_size=32))
-  got = run["teacher_applies"]["big"](run["teacher_vars"]["big"], batch, False).logits
+  got = run.teacher_applies["big"](run.teacher_vars["big"], batch, False).logits
   resized = jax.image.resize(batch["image"], (32, 16, 16, 1), "bilinear")
   np.testing.assert_allclose(got, module.apply(variables, resized, train=False), atol=1e-6)
   _, metrics = run_steps(config, 2)
   assert np.isfinite(metrics["loss/kd"])
   directory = teacher_cache.cache_teachers(config, str(tmp_path / "cache"), names=["big"],
                                            batch_size=64)["big"]
-  reader = teacher_cache.open_cache(directory, run["teachers"]["big"], CLASSIFICATION,
+  reader = teacher_cache.open_cache(directory, run.teachers["big"], CLASSIFICATION,
                                     config.data, seed=config.seed,
                                     splits=("train", "test"))["test"]
   np.testing.assert_allclose(reader(0, batch["id"]), got, atol=1e-5)

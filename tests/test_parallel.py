@@ -32,15 +32,15 @@ def run_layout(config, num_steps, init=None):
   config's initial state, with the main stage's optimizer state); returns (host init, device
   state, device teacher vars, host state, host metrics)."""
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   if init is None:
-    init = jax.device_get(loop.init_state(config, run, run["stages"][-1]))
+    init = jax.device_get(loop.init_state(config, run, run.stages[-1]))
   state = parallel.put_state(init)
-  teacher_vars = parallel.put_teachers(run["teacher_vars"])
+  teacher_vars = parallel.put_teachers(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
                                     seed=config.seed)
   for _ in range(num_steps):
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+    state, metrics = run.train_step(state, teacher_vars, parallel.put_batch(next(batches)))
   return init, state, teacher_vars, parallel.to_host(state), parallel.get(metrics)
 
 

@@ -18,16 +18,16 @@ def train(config, num_steps, init=None, keep=()):
   """(host init, host state, per-step losses, the run) after `num_steps` compiled steps;
   with `keep`, the state is instead {step: host state} at those steps."""
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   if init is None:
     init = jax.device_get(loop.init_state(config, run))
   state = parallel.put_state(init)
-  teacher_vars = parallel.put_teachers(run["teacher_vars"])
+  teacher_vars = parallel.put_teachers(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
                                     seed=config.seed)
   losses, kept = [], {}
   for step in range(1, num_steps + 1):
-    state, metrics = run["train_step"](state, teacher_vars, parallel.put_batch(next(batches)))
+    state, metrics = run.train_step(state, teacher_vars, parallel.put_batch(next(batches)))
     losses.append(float(parallel.get(metrics)["loss"]))
     if step in keep:
       kept[step] = parallel.to_host(state)
@@ -91,17 +91,17 @@ def test_bfloat16_student_and_teacher_train_like_float32(cnn_kd):
   assert not np.allclose(bf16_losses, fp32_losses, rtol=1e-6)  # bf16 did change the numbers.
 
   batch = {"image": jnp.zeros((4, 8, 8, 1)), "label": jnp.zeros((4,), jnp.int32)}
-  jaxpr = str(jax.make_jaxpr(lambda v: run["student_apply"](v, batch, True, None))(
+  jaxpr = str(jax.make_jaxpr(lambda v: run.student_apply(v, batch, True, None))(
       {"params": init.params["student"], **init.model_state}))
   assert "conv_general_dilated" in jaxpr and "bf16[4,8,8,8]" in jaxpr
-  out = run["teacher_applies"]["teacher"](run["teacher_vars"]["teacher"], batch, False)
+  out = run.teacher_applies["teacher"](run.teacher_vars["teacher"], batch, False)
   assert out.logits.dtype == jnp.float32
 
 
 def test_remat_student_gives_the_same_params(cnn_kd):
   config, init, states, _ = cnn_kd
   _, remat, _, run = train(config(**{"student.remat": True}), 3, init)
-  assert run["student"].remat
+  assert run.student.remat
   assert_trees_close(remat.params, states[3].params, 1e-6)
   assert_trees_close(remat.model_state, states[3].model_state, 1e-6)
 

@@ -170,24 +170,83 @@ CRD = os.path.join(ROOT, "experiments", "crd_cifar100", "sweep.py")
 
 
 def test_lm_mini_expands_and_every_trial_validates(tmp_path):
-  """The committed lm_mini spec: the teacher (4 epochs), then 7 methods and GKD at lambda 0.5
-  and 1.0, x 2 seeds of 1 epoch, every trial validated; `tiny` keeps the configs' own few
-  steps."""
+  """The committed lm_mini spec: the teacher (4 epochs); the scripts that write its cache, its
+  completions and the held-out text; 13 students x 2 seeds of 1 epoch, each waiting for what it
+  reads; every trial validated; `tiny` keeps the configs' own few steps; `only=` keeps the
+  students named and the outputs they read."""
   root = str(tmp_path)
   trials = load_trials(f"{LM_MINI}:2", root)
-  assert [t.name for t in trials[:3]] == ["teacher", "ce-s0", "ce-s1"]
-  assert len(trials) == 1 + 9 * 2 and all(t.depends_on == ("teacher",) for t in trials[1:])
+  names = [t.name for t in trials]
+  assert names[:6] == ["teacher", "cache", "completions", "heldout", "ce-s0", "ce-s1"]
+  assert len(trials) == 1 + 3 + 13 * 2
+  deps = {t.name: set(t.depends_on) for t in trials}
+  assert deps["cache"] == deps["completions"] == {"teacher"} and deps["heldout"] == set()
+  assert deps["topk_cache-s1"] == {"cache", "teacher"} and deps["fkl-s0"] == {"teacher"}
+  assert deps["sequence-s0"] == {"completions", "heldout", "teacher"}
+  assert deps["blackbox_topk-s1"] == {"completions", "heldout"}
   parsed = {t.name: parse_cli(t.config, [state.fill_root(f, root) for f in t.flags])
-            for t in trials}
+            for t in trials if not t.script}
   assert (parsed["teacher"].num_epochs, parsed["teacher"].student.kwargs.num_layers) == (4, 4)
   hidden = parsed["hidden-s1"]
   assert (hidden.seed, hidden.num_epochs, hidden.eval_every_epochs) == (1, 1.0, 1.0)
   assert {"token_fkl", "token_hidden_mse"} <= set(hidden.losses)
   assert (parsed["gkd-s0"].on_policy.fraction, parsed["gkd1-s1"].on_policy.fraction) == (0.5, 1)
   assert set(parsed["gkd1-s1"].losses) == {"token_jsd"} and parsed["gkd1-s1"].seed == 1
+  warm = parsed["gkd_warm-s0"]
+  assert (warm.num_epochs, warm.stages.warm.num_epochs, set(warm.stages.warm.losses)) == (
+      0.5, 0.5, {"token_ce"})
   assert hidden.teachers.teacher.checkpoint == os.path.join(root, "teacher")
-  tiny = load_trials(f"{LM_MINI}:1,tiny", root)[1]
+  assert parsed["topk_cache-s0"].teachers.teacher.cache == os.path.join(root, "cache", "teacher")
+  assert parsed["sequence-s1"].data.train_files == os.path.join(root, "completions",
+                                                               "teacher.jsonl")
+  assert parsed["blackbox_topk-s0"].data.eval_files == os.path.join(root, "heldout",
+                                                                   "heldout.jsonl")
+  cache = state.command(root, trials[1])
+  assert cache[1].endswith(os.path.join("scripts", "cache_teacher.py"))
+  assert f"--cache_dir={os.path.join(root, 'cache')}" in cache and "--top_k=16" in cache
+  assert f"--config.teachers.teacher.checkpoint={os.path.join(root, 'teacher')}" in cache
+  tiny = load_trials(f"{LM_MINI}:1,tiny", root)[4]
   assert parse_cli(tiny.config, [state.fill_root(f, root) for f in tiny.flags]).num_steps == 6
+  some = load_trials(f"{LM_MINI}:1,only=gkd_warm-topk_cache", root)
+  assert [t.name for t in some] == ["teacher", "cache", "gkd_warm-s0", "topk_cache-s0"]
+  with pytest.raises(sw.SweepError, match="unknown \\['nope'\\]; known: ce, fkl"):
+    load_trials(f"{LM_MINI}:1,only=nope", root)
+
+
+def test_script_trials_run_in_stages_and_are_done_when_they_exit_0(tmp_path, capsys):
+  """Script trials through the local launcher: a writer's output is read by a later stage's
+  reader (`{ROOT}/writer` waits for it, `{TRIAL}` is each trial's own directory); exit 0 is
+  done (the launcher writes result.json), a failing script is failed and has none."""
+  import argparse
+
+  from distill_jax.sweep.local import LocalLauncher
+
+  spec_dir = tmp_path / "spec"
+  spec_dir.mkdir()
+  (spec_dir / "write.py").write_text(
+      "import sys\nflags = dict(a[2:].split('=', 1) for a in sys.argv[1:])\n"
+      "if flags['text'] == 'fail': sys.exit(4)\n"
+      "open(flags['out'], 'w').write(flags['text'] + open(flags.get('read', '/dev/null')).read())"
+      "\n")
+  trials = expand(sw.Sweep({
+      "first": sw.script("writer", "write.py", {"text": "a", "out": "{TRIAL}/out.txt"})
+      + sw.script("broken", "write.py", {"text": "fail", "out": "{TRIAL}/x"}),
+      "second": sw.script("reader", str(spec_dir / "write.py"), {
+          "text": "b", "read": "{ROOT}/writer/out.txt", "out": "{TRIAL}/out.txt"})}),
+      os.path.join(ROOT, "configs", "digits.py"), spec_dir=str(spec_dir))
+  assert [t.depends_on for t in trials] == [(), (), ("writer",)]
+  root = str(tmp_path / "root")
+  assert LocalLauncher.launch(root, trials, argparse.Namespace(workers=1, grace=1.0)) == 1
+  assert LocalLauncher.states(root, trials) == {"writer": "done", "broken": "failed",
+                                                "reader": "done"}
+  assert open(os.path.join(root, "reader", "out.txt")).read() == "ba"
+  result = json.load(open(os.path.join(root, "reader", "result.json")))
+  assert result["script"] == str(spec_dir / "write.py")
+  assert f"--out={os.path.join(root, 'reader', 'out.txt')}" in result["command"]
+  assert state.read_record(root, "broken")["exit_code"] == 4
+  assert not os.path.exists(os.path.join(root, "broken", "result.json"))
+  with pytest.raises(sw.SweepError, match="no script at"):
+    expand(sw.Sweep({"s": sw.script("x", "missing.py", {})}), str(spec_dir / "c.py"))
 
 
 def test_crd_cifar100_suite_expands_and_every_trial_validates(tmp_path):

@@ -108,14 +108,14 @@ def test_cli_distills_without_touching_the_teacher(data_dir, teacher_dir, tmp_pa
 def test_train_step_does_no_host_transfers(data_dir, teacher_dir):
   config = kd_config(data_dir, teacher_dir)
   run = loop.build_run(config)
-  parallel = run["parallel"]
+  parallel = run.parallel
   state = parallel.put_replicated(loop.init_state(config, run))
-  teacher_vars = parallel.put_replicated(run["teacher_vars"])
+  teacher_vars = parallel.put_replicated(run.teacher_vars)
   batch = parallel.put_batch(next(data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=0)))
-  state, _ = run["train_step"](state, teacher_vars, batch)  # Compile outside the guard.
+  state, _ = run.train_step(state, teacher_vars, batch)  # Compile outside the guard.
   with jax.transfer_guard("disallow"):
-    state, metrics = run["train_step"](state, teacher_vars, batch)
+    state, metrics = run.train_step(state, teacher_vars, batch)
   assert int(jax.device_get(state.step)) == 2
 
 

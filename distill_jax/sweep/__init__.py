@@ -1,7 +1,8 @@
 """Sweeps: a grid of runs from a spec, launched locally or on Slurm, collected into a report.
 
 - `spec.py`: `get_sweep(arg)` specs (points, `product`/`zip`/`seeds`, stages), expansion into
-  trials, validation of every trial's config before anything runs.
+  trials (training runs, or scripts such as generate.py), validation of every trial's
+  config before anything runs.
 - `launch.py`: the launcher registry; `local.py` (subprocesses) and `slurm.py` (job arrays)
   register themselves there, `task.py` runs one trial inside a scheduler's job.
 - `state.py`: the records a sweep leaves on disk (trials.json, trial.json, trial.log).
@@ -22,6 +23,7 @@ from distill_jax.sweep.spec import (
     load_trials,
     named,
     product,
+    script,
     seeds,
     validate_trials,
     with_overrides,
@@ -29,5 +31,5 @@ from distill_jax.sweep.spec import (
 )
 
 __all__ = ["Point", "Sweep", "SweepError", "Trial", "args", "axis", "expand", "fixed",
-           "load_spec", "load_trials", "named", "product", "seeds", "validate_trials",
+           "load_spec", "load_trials", "named", "product", "script", "seeds", "validate_trials",
            "with_overrides", "zip"]

@@ -112,11 +112,9 @@ def _start(root: str, trial: Trial) -> tuple[subprocess.Popen, object]:
 
 
 def _finish(root: str, trial: Trial, code: int) -> None:
-  if code == 0 and state.is_done(root, trial.name):
-    state.write_record(root, trial, "done", exit_code=0)
+  if state.finish(root, trial, code) == "done":
     print(f"[sweep] {trial.name}: done", flush=True)
     return
-  state.write_record(root, trial, "failed", exit_code=code)
   print(f"[sweep] {trial.name}: FAILED (exit code {code}); log tail:\n"
         f"{state.log_tail(root, trial.name, 10)}", flush=True)
 

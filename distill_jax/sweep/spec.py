@@ -22,6 +22,11 @@ in order; a string value may refer to another trial's workdir as `{ROOT}/<trial>
 trial must be in an earlier stage (checked here), so a teacher is trained before the students
 that read its export.
 
+`script` makes a trial that runs a script instead of training, e.g. `scripts/generate.py`
+writing a teacher's completions or `scripts/cache_teacher.py` its cache, for later stages to
+read: `python SCRIPT --KEY=VALUE ...`, with `{TRIAL}` standing for its own directory (where it
+writes). It is done when it exits with 0; the launcher then writes its `result.json`.
+
 `expand` turns the spec into `Trial`s (each with the exact command-line flags it runs with) and
 `validate_trials` parses every trial's command line with the CLI's own parser and runs
 `distill_jax.config.validate` on it, before anything is launched; an error names the trial.
@@ -53,24 +58,28 @@ class Point:
   arg: str = ""
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  script: str = ""  # A script to run instead of training; the overrides are its flags.
 
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
   """One run of the sweep: `python -m distill_jax.main --config=CONFIG --workdir=ROOT/NAME
-  FLAGS...`, with `{ROOT}` in `flags` standing for the sweep's root directory."""
+  FLAGS...`, or with `script`, `python SCRIPT FLAGS...`; `{ROOT}` in `flags` stands for the
+  sweep's root directory and `{TRIAL}` for the trial's own."""
   name: str
   stage: str
-  config: str  # absolute path[:arg]
+  config: str  # absolute path[:arg]; empty for a script trial.
   overrides: Mapping[str, Any]
   labels: Mapping[str, str]
   flags: tuple[str, ...]
   depends_on: tuple[str, ...]
+  script: str = ""  # Absolute path of the script a script trial runs.
 
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "stage": self.stage, "config": self.config,
             "overrides": dict(self.overrides), "labels": dict(self.labels),
-            "flags": list(self.flags), "depends_on": list(self.depends_on)}
+            "flags": list(self.flags), "depends_on": list(self.depends_on),
+            "script": self.script}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +125,14 @@ def fixed(name: str = "", arg: str = "", overrides: Mapping[str, Any] | None = N
   return [Point(name, arg, dict(overrides or {}), dict(labels))]
 
 
+def script(name: str, path: str, flags: Mapping[str, Any], **labels: str) -> list[Point]:
+  """A one-point stage that runs `path` (a script, relative to the spec file or absolute) with
+  `--KEY=VALUE` for each of `flags`, e.g. `script('cache', '../../scripts/cache_teacher.py',
+  {'config': '../../configs/lm.py:topk', 'cache_dir': '{TRIAL}'})`. `{ROOT}/<trial>` in a value
+  is read like an override's (the trial waits for it); `{TRIAL}` is this trial's directory."""
+  return [Point(name, "", dict(flags), dict(labels), script=path)]
+
+
 def seeds(n: int, start: int = 0) -> list[Point]:
   """`n` points setting `seed` to start, start+1, ...: named 's0', 's1', ..., label 'seed'."""
   return axis("seed", range(start, start + n), label="seed", fmt="s{}")
@@ -129,8 +146,12 @@ def _join(points: Sequence[Point]) -> Point:
       raise SweepError(f"Combining {[q.name for q in points]}: {sorted(clash)} set twice.")
     overrides.update(p.overrides)
     labels.update(p.labels)
+  scripts = {p.script for p in points if p.script}
+  if len(scripts) > 1:
+    raise SweepError(f"Combining {[q.name for q in points]}: two scripts {sorted(scripts)}.")
   return Point("-".join(p.name for p in points if p.name),
-               ",".join(p.arg for p in points if p.arg), overrides, labels)
+               ",".join(p.arg for p in points if p.arg), overrides, labels,
+               next(iter(scripts), ""))
 
 
 def product(*axes: Sequence[Point]) -> list[Point]:
@@ -206,12 +227,15 @@ def load_spec(spec: str) -> tuple[Sweep, str]:
   return sweep, os.path.normpath(config)
 
 
-def expand(sweep: Sweep, config_path: str, settings: Sequence[str] = ()) -> list[Trial]:
+def expand(sweep: Sweep, config_path: str, settings: Sequence[str] = (),
+           spec_dir: str = "") -> list[Trial]:
   """The sweep's trials in run order, with checked names and `{ROOT}/<trial>` references.
 
   `settings` ('key=value', e.g. 'data.data_dir=/data') are added to every trial, as typed on
-  the command line (`distill-jax sweep --set=...`).
+  the command line (`distill-jax sweep --set=...`). `spec_dir`: the spec file's directory,
+  which a script trial's relative paths start from (default: the config file's).
   """
+  spec_dir = spec_dir or os.path.dirname(config_path.partition(":")[0])
   common = {}
   for setting in settings:
     key, eq, value = setting.partition("=")
@@ -238,16 +262,38 @@ def expand(sweep: Sweep, config_path: str, settings: Sequence[str] = ()) -> list
                              f"is in {where}; a trial may only read trials of earlier stages.")
           deps.append(ref)
       seen[p.name] = stage
+      deps = tuple(dict.fromkeys(deps))
+      if p.script:
+        trials.append(_script_trial(p, stage, spec_dir, common, deps))
+        continue
       config = f"{config_path}:{p.arg}" if p.arg else config_path
       overrides = {**p.overrides, **common}
       flags = tuple(f"--config.{k}={flag_value(v)}" for k, v in overrides.items())
-      trials.append(Trial(p.name, stage, config, overrides, dict(p.labels), flags,
-                          tuple(dict.fromkeys(deps))))
+      trials.append(Trial(p.name, stage, config, overrides, dict(p.labels), flags, deps))
   return trials
 
 
-def fill_root(text: str, root: str) -> str:
-  return text.replace("{ROOT}", os.path.abspath(root))
+def _script_trial(p: Point, stage: str, spec_dir: str, common: Mapping[str, str],
+                  deps: tuple[str, ...]) -> Trial:
+  """A script point's trial: its flags as `--KEY=VALUE`, a relative `config` flag resolved from
+  the spec's directory, and the sweep's `--set` settings as `--config.KEY=VALUE` when the
+  script takes a config."""
+  path = os.path.normpath(os.path.join(spec_dir, p.script))
+  if not os.path.exists(path):
+    raise SweepError(f"Trial {p.name!r} (stage {stage!r}): no script at {path}.")
+  overrides = dict(p.overrides)
+  if "config" in overrides:
+    config_file, colon, arg = str(overrides["config"]).partition(":")
+    overrides["config"] = os.path.normpath(os.path.join(spec_dir, config_file)) + colon + arg
+    overrides.update({f"config.{k}": v for k, v in common.items()})
+  flags = tuple(f"--{k}={flag_value(v)}" for k, v in overrides.items())
+  return Trial(p.name, stage, "", overrides, dict(p.labels), flags, deps, script=path)
+
+
+def fill_root(text: str, root: str, trial: str = "") -> str:
+  """`text` with `{ROOT}` the sweep's root directory (and `{TRIAL}` that of trial `trial`)."""
+  text = text.replace("{ROOT}", os.path.abspath(root))
+  return text.replace("{TRIAL}", os.path.join(os.path.abspath(root), trial)) if trial else text
 
 
 def parse_cli(config: str, flags: Sequence[str]):
@@ -268,8 +314,14 @@ def trial_error(trial: Trial, root: str) -> str | None:
   checked with `distill_jax.config.validate`."""
   from distill_jax.config import validate
 
+  config, flags = trial.config, [fill_root(f, root, trial.name) for f in trial.flags]
+  if trial.script:  # Its config, if it takes one: the script builds it with the same parser.
+    if "config" not in trial.overrides:
+      return None
+    config = fill_root(str(trial.overrides["config"]), root, trial.name)
+    flags = [f for f in flags if f.startswith("--config.")]
   try:
-    validate(parse_cli(trial.config, [fill_root(f, root) for f in trial.flags]))
+    validate(parse_cli(config, flags))
   except Exception as e:  # noqa: BLE001 - any failure to build the config is the trial's.
     return f"{type(e).__name__}: {e}"
   return None
@@ -291,7 +343,8 @@ def load_trials(spec: str, root: str, validate: bool = True, settings: Sequence[
                 ) -> list[Trial]:
   """`load_spec` + `expand` + (optionally) `validate_trials`."""
   sweep, config_path = load_spec(spec)
-  trials = expand(sweep, config_path, settings)
+  spec_dir = os.path.dirname(os.path.abspath(spec.partition(":")[0]))
+  trials = expand(sweep, config_path, settings, spec_dir)
   if validate:
     validate_trials(trials, root)
   return trials

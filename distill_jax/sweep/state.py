@@ -43,14 +43,28 @@ def read_trials(root: str) -> dict[str, Any]:
 
 def trial_from_json(d: dict[str, Any]) -> Trial:
   return Trial(d["name"], d["stage"], d["config"], d["overrides"], d["labels"],
-               tuple(d["flags"]), tuple(d["depends_on"]))
+               tuple(d["flags"]), tuple(d["depends_on"]), d.get("script", ""))
 
 
 def command(root: str, trial: Trial) -> list[str]:
-  """The trial's command line: the normal CLI in `ROOT/<trial>`."""
+  """The trial's command line: the normal CLI in `ROOT/<trial>`, or its script."""
+  flags = [fill_root(f, root, trial.name) for f in trial.flags]
+  if trial.script:
+    return [sys.executable, trial.script, *flags]
   return [sys.executable, "-m", "distill_jax.main", f"--config={trial.config}",
-          f"--workdir={os.path.join(os.path.abspath(root), trial.name)}",
-          *(fill_root(f, root) for f in trial.flags)]
+          f"--workdir={os.path.join(os.path.abspath(root), trial.name)}", *flags]
+
+
+def finish(root: str, trial: Trial, code: int) -> str:
+  """Records how the trial's attempt ended, 'done' or 'failed', and returns it. A script trial
+  that exits with 0 is done: its `result.json` (the command and the time) is written here; a
+  training run writes its own."""
+  if code == 0 and trial.script:
+    _write_json(os.path.join(root, trial.name, "result.json"),
+                {"script": trial.script, "command": command(root, trial), "ended": time.time()})
+  final = "done" if code == 0 and is_done(root, trial.name) else "failed"
+  write_record(root, trial, final, exit_code=code)
+  return final
 
 
 def environment() -> dict[str, str]:

@@ -50,10 +50,8 @@ def run_task(root: str, stage: str, index: int) -> int:
     code = proc.wait()
   if stopped:
     state.write_record(root, trial, "interrupted", exit_code=code)
-  elif code == 0 and state.is_done(root, trial.name):
-    state.write_record(root, trial, "done", exit_code=0)
   else:
-    state.write_record(root, trial, "failed", exit_code=code)
+    state.finish(root, trial, code)
   print(f"{trial.name}: exit code {code}", flush=True)
   return code
 

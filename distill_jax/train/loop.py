@@ -163,12 +163,42 @@ class Stage:
   train_step: Callable
 
 
-def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything a run is made of, built from the config by `build_run`: what is compiled, what
+  it reads, and how long it runs. The loop, the tests and the tools take what they need from it.
+  """
+
+  task: tasks.Task
+  input_shape: tuple[int, ...]  # One example's input (an image, or a row of token ids).
+  num_classes: int  # The student's outputs (classes, or the vocabulary).
+  parallel: Parallel
+  student: Any  # The student's Flax module.
+  student_init: Any  # Open weights to start the student from (config.student.init), or None.
+  teachers: dict[str, Teacher]
+  teacher_vars: dict[str, Any]  # {} for a teacher read from its cache.
+  example: dict[str, jax.Array]  # An all-zeros global batch of the step's shapes.
+  side_data: dict[str, dict[str, data_lib.SideData]]  # 'train'/'eval': per-example extras.
+  objective: Objective  # Every stage's terms: what the state holds parameters for.
+  durations: Durations
+  stages: list[Stage]
+  student_apply: ApplyFn
+  teacher_applies: dict[str, ApplyFn]
+  on_policy: Any  # A `generate.OnPolicy`, or None.
+  eval_step: Callable
+
+  @property
+  def train_step(self) -> Callable:
+    """The main stage's compiled train step."""
+    return self.stages[-1].train_step
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
   """Builds everything the loop needs from the config; nothing below reads the config."""
   config_lib.validate(config)
   task = tasks.get_task(config.get("task"))  # validate() checked the name.
   task_info = task.info(config.data)
-  info, input_shape = task_info.data, task_info.input_shape
+  input_shape = task_info.input_shape
   cached = [name for name, settings in config.teachers.items() if settings.get("cache")]
   if cached and not task.supports_teacher_cache:
     raise config_lib.ConfigError(
@@ -256,18 +286,16 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     train_step, eval_step = compile_steps(
         parallel, student_apply, teacher_applies, stage_objective, tx, step_offset=start,
         accumulate_steps=accumulate_steps, skip_nonfinite=config.train.on_nonfinite == "skip",
-        task=task, on_policy=on_policy)
+        task=task, on_policy=on_policy if name == "train" else None)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
-  return dict(info=info, task=task, input_shape=input_shape,
-              num_classes=task_info.num_classes, parallel=parallel, student=student,
-              teachers=teachers, student_init=student_init,
-              teacher_vars=teacher_vars, example=example,
-              side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
-              objective=objective, durations=durations, stages=stages, tx=stages[0].tx,
-              student_apply=student_apply, teacher_applies=teacher_applies,
-              train_step=stages[-1].train_step, on_policy=on_policy,
-              eval_step=eval_step)
+  return Run(task=task, input_shape=input_shape, num_classes=task_info.num_classes,
+             parallel=parallel, student=student, student_init=student_init, teachers=teachers,
+             teacher_vars=teacher_vars, example=example,
+             side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
+             objective=objective, durations=durations, stages=stages,
+             student_apply=student_apply, teacher_applies=teacher_applies,
+             on_policy=on_policy, eval_step=eval_step)
 
 
 def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict,
@@ -385,23 +413,23 @@ def trace_objective(objective: Objective, student_apply: ApplyFn,
   return objective(params, state, student, teachers, batch, jnp.zeros((), jnp.int32), rng)
 
 
-def init_state(config: ml_collections.ConfigDict, run: dict[str, Any],
+def init_state(config: ml_collections.ConfigDict, run: Run,
                stage: Stage | None = None) -> TrainState:
   """The initial state, derived from `config.seed` alone, with `stage`'s optimizer state
   (default: the first stage's)."""
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  dummy = jnp.zeros((1, *run["input_shape"]), jnp.float32)
-  variables = jax.jit(lambda r: run["student"].init(r, dummy, train=False))(init_rng)
-  if run.get("student_init") is not None:  # config.student.init: open weights.
+  dummy = jnp.zeros((1, *run.input_shape), jnp.float32)
+  variables = jax.jit(lambda r: run.student.init(r, dummy, train=False))(init_rng)
+  if run.student_init is not None:  # config.student.init: open weights.
     variables = {**variables, "params": jax.tree.map(
-        lambda new, old: jnp.asarray(new, old.dtype), run["student_init"]["params"],
+        lambda new, old: jnp.asarray(new, old.dtype), run.student_init["params"],
         variables["params"])}
   objective_params, objective_state = {}, {}
-  if any(term.is_module for term in run["objective"].terms):
+  if any(term.is_module for term in run.objective.terms):
     objective_params, objective_state = jax.jit(functools.partial(
-        init_objective, run["objective"], run["student_apply"], run["teacher_applies"]))(
-            variables, run["teacher_vars"], run["example"], objective_rng)
-  tx = (stage or run["stages"][0]).tx
+        init_objective, run.objective, run.student_apply, run.teacher_applies))(
+            variables, run.teacher_vars, run.example, objective_rng)
+  tx = (stage or run.stages[0]).tx
   return create_train_state(variables, objective_params, objective_state, tx, state_rng)
 
 
@@ -474,12 +502,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           "same command to resume.") from e
 
 
-def _resume(config: ml_collections.ConfigDict, run: dict[str, Any], checkpointer: Checkpointer,
+def _resume(config: ml_collections.ConfigDict, run: Run, checkpointer: Checkpointer,
             step: int) -> tuple[TrainState, dict, dict]:
   """Restores checkpoint `step`, refusing (before anything is written) a config that differs
   from the checkpoint's unless `config.allow_config_change`, and always one that changes the
   state's structure."""
-  target = init_state(config, run, stage_at(run["stages"], step))
+  target = init_state(config, run, stage_at(run.stages, step))
   try:
     state, data_state, meta = checkpointer.restore(step, target)
   except CheckpointError as e:
@@ -501,145 +529,205 @@ def _resume(config: ml_collections.ConfigDict, run: dict[str, Any], checkpointer
   return state, data_state, meta
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
-           stop: StopSignals, step_callback: Callable[[int, dict], None] | None
-           ) -> dict[str, Any]:
-  """The run proper, in a locked workdir (see `train_and_evaluate`)."""
-  parallel, durations, stages = run["parallel"], run["durations"], run["stages"]
-  task = run["task"]
-  best_key = f"best_{task.headline}"  # 'best_top1' for classification.
-  total_steps = stages[-1].end
-  is_chief = jax.process_index() == 0
-  train_iter = task.train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      side_data=run["side_data"]["train"])
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.keep_checkpoints,
-                              every_steps=durations.checkpoint_every)
-  # What the run has done besides its state; saved in every checkpoint's meta.
-  record = {"history": [], best_key: -1.0 if task.higher_is_better else math.inf,
-            "best_step": 0, "train_seconds": 0.0, "skipped_steps": 0, "consecutive_skips": 0}
-  latest = checkpointer.latest_good_step()
-  if latest is None:
-    state = init_state(config, run)
-  else:
-    state, data_state, saved_meta = _resume(config, run, checkpointer, latest)
-    train_iter.set_state(data_state)
-    record.update(saved_meta.get("record", {}))
-    logging.info("Resumed from %s.", checkpointer.step_dir(latest))
-  if is_chief:
-    write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
-  meta = {"student": config.student.name, "config": config_lib.to_json(config)}
-  guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
-                         record["skipped_steps"], record["consecutive_skips"])
+def _train(config: ml_collections.ConfigDict, workdir: str, run: Run, stop: StopSignals,
+           step_callback: Callable[[int, dict], None] | None) -> dict[str, Any]:
+  """The run proper, in a locked workdir (see `train_and_evaluate`): every stage in turn, from
+  wherever the last checkpoint left off, then the final evaluation and `result.json`."""
+  session = _Session.start(config, workdir, run)
+  try:
+    for stage in run.stages:
+      session.train_stage(stage, stop, step_callback)
+    session.bar.close()
+    return session.finish()
+  finally:
+    session.close()
 
-  teacher_vars = parallel.put_teachers(run["teacher_vars"])
-  state = parallel.put_state(jax.device_get(state))
-  step = int(parallel.get(state).step)
-  writer = MetricWriter(workdir, resume_step=step)
-  logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
-               config.student.name, total_steps,
-               ", ".join(f"{s.name}: {s.end - s.start}" for s in stages),
-               durations.steps_per_epoch, parallel.num_devices, parallel.devices[0].platform,
-               parallel.mode)
 
-  sampler = generate.EvalSampler.from_config(config, run["student"], run["teacher_applies"],
-                                             run["on_policy"])
+@dataclasses.dataclass
+class _Session:
+  """A run under way in its workdir: the state and where it is, and what it reads and writes
+  (data position, checkpoints, metrics, progress). `record` is what the run has done besides its
+  state (eval history, best headline, time, skipped steps); every checkpoint's meta holds it."""
 
-  def eval_now(step):
-    scalars = evaluate(parallel, run["eval_step"], state, teacher_vars, config.data,
-                       config.eval_batch_size, run["side_data"]["eval"], task=task)
-    if sampler is not None:  # Language models: a few samples (and on-policy metrics).
-      texts, extra = sampler(parallel.get(state).student_variables(), parallel.get(teacher_vars),
-                             seed=config.seed)
+  config: ml_collections.ConfigDict
+  workdir: str
+  run: Run
+  state: TrainState
+  step: int
+  record: dict[str, Any]
+  teacher_vars: Any
+  train_iter: Any
+  checkpointer: Checkpointer
+  writer: MetricWriter
+  guard: NonFiniteGuard
+  bar: Progress
+  sampler: Any
+  meta: dict[str, Any]
+  last_saved: int | None
+  seconds_before: float  # Training seconds of the earlier launches of this run.
+  started: float = dataclasses.field(default_factory=time.time)  # This launch's.
+
+  @property
+  def best_key(self) -> str:
+    return f"best_{self.run.task.headline}"  # 'best_top1' for classification.
+
+  @classmethod
+  def start(cls, config: ml_collections.ConfigDict, workdir: str, run: Run) -> _Session:
+    """Resumes from the latest good checkpoint, or starts from `config.seed`."""
+    task, parallel = run.task, run.parallel
+    train_iter = task.train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        side_data=run.side_data["train"])
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                keep=config.keep_checkpoints,
+                                every_steps=run.durations.checkpoint_every)
+    record = {"history": [], f"best_{task.headline}": -1.0 if task.higher_is_better else math.inf,
+              "best_step": 0, "train_seconds": 0.0, "skipped_steps": 0, "consecutive_skips": 0}
+    latest = checkpointer.latest_good_step()
+    if latest is None:
+      state = init_state(config, run)
+    else:
+      state, data_state, saved_meta = _resume(config, run, checkpointer, latest)
+      train_iter.set_state(data_state)
+      record.update(saved_meta.get("record", {}))
+      logging.info("Resumed from %s.", checkpointer.step_dir(latest))
+    is_chief = jax.process_index() == 0
+    if is_chief:
+      write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+    guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
+                           record["skipped_steps"], record["consecutive_skips"])
+    teacher_vars = parallel.put_teachers(run.teacher_vars)
+    state = parallel.put_state(jax.device_get(state))
+    step = int(parallel.get(state).step)
+    writer = MetricWriter(workdir, resume_step=step)
+    total_steps = run.stages[-1].end
+    logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
+                 config.student.name, total_steps,
+                 ", ".join(f"{s.name}: {s.end - s.start}" for s in run.stages),
+                 run.durations.steps_per_epoch, parallel.num_devices,
+                 parallel.devices[0].platform, parallel.mode)
+    sampler = generate.EvalSampler.from_config(config, run.student, run.teacher_applies,
+                                               run.on_policy)
+    return cls(config=config, workdir=workdir, run=run, state=state, step=step, record=record,
+               teacher_vars=teacher_vars, train_iter=train_iter, checkpointer=checkpointer,
+               writer=writer, guard=guard,
+               bar=Progress(total_steps, step, enabled=is_chief,
+                            show_bar=config.progress_bar),
+               sampler=sampler,
+               meta={"student": config.student.name, "config": config_lib.to_json(config)},
+               last_saved=latest, seconds_before=record["train_seconds"])
+
+  def train_stage(self, stage: Stage, stop: StopSignals,
+                  step_callback: Callable[[int, dict], None] | None) -> None:
+    """Runs `stage` from the current step to its end: a step per batch; logs, evals and
+    checkpoints on their schedules; a stop signal ends the run at a checkpointed step."""
+    run, parallel = self.run, self.run.parallel
+    if self.step >= stage.end:
+      return
+    if self.step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
+      host = parallel.to_host(self.state)
+      self.state = parallel.put_state(host.replace(opt_state=stage.tx.init(host.params)))
+    is_main = stage is run.stages[-1]
+    prefix = "train" if is_main else stage.name
+    eval_every, total_steps = run.durations.eval_every, run.stages[-1].end
+    self.bar.stage(prefix)
+    while self.step < stage.end:
+      batch = next(self.train_iter)
+      self.state, metrics = stage.train_step(self.state, self.teacher_vars,
+                                             parallel.put_batch(batch))
+      self.step += 1
+      step = self.step
+      self.bar.step()
+      self.guard.add(step, parallel.get(metrics))
+      if step_callback is not None:
+        step_callback(step, metrics)
+      log = step % run.durations.log_every == 0 or step == stage.end
+      eval_here = is_main and ((eval_every and (step - stage.start) % eval_every == 0)
+                               or step == total_steps)
+      # A signal is acted on at the step where it is first seen, so the step it stops at is the
+      # step it saved (one arriving during this step's logs or eval waits for the next).
+      stopping = stop.requested
+      save = self.checkpointer.should_save(step) or step == stage.end or stopping
+      if not (log or eval_here or save):
+        continue
+      self.guard.check(self.last_saved)  # Nothing non-finite gets past this line.
+      if log:
+        scalars = _host_scalars(parallel.get(metrics))
+        scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
+        self.writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+        self.bar.train(scalars)
+      if eval_here:
+        self.evaluate_and_record()
+      if save:
+        self.save()
+      if stopping:
+        raise Interrupted(stop.signum, step)
+
+  def evaluate(self) -> dict[str, float]:
+    """The eval metrics at the current step (and, for language models, a few samples, with
+    the on-policy metrics), written to the metrics."""
+    run, parallel, config = self.run, self.run.parallel, self.config
+    scalars = evaluate(parallel, run.eval_step, self.state, self.teacher_vars, config.data,
+                       config.eval_batch_size, run.side_data["eval"], task=run.task)
+    if self.sampler is not None:
+      texts, extra = self.sampler(parallel.get(self.state).student_variables(),
+                                  parallel.get(self.teacher_vars), seed=config.seed)
       scalars.update({f"eval/{k}": v for k, v in extra.items()})
       for i, sample_text in enumerate(texts):
-        logging.info("Sample %d at step %d: %r", i, step, sample_text)
-      writer.write_texts(step, {f"samples/{i}": t for i, t in enumerate(texts)})
-    writer.write(step, scalars)
+        logging.info("Sample %d at step %d: %r", i, self.step, sample_text)
+      self.writer.write_texts(self.step, {f"samples/{i}": t for i, t in enumerate(texts)})
+    self.writer.write(self.step, scalars)
     return scalars
 
-  t0, seconds_before = time.time(), record["train_seconds"]
-  last_saved = latest
-  bar = Progress(total_steps, step, enabled=is_chief, show_bar=config.progress_bar)
-  try:
-    for stage in stages:
-      if step >= stage.end:
-        continue
-      if step == stage.start:  # Entering the stage: a fresh optimizer state, as in the recipes.
-        host = parallel.to_host(state)
-        state = parallel.put_state(host.replace(opt_state=stage.tx.init(host.params)))
-      prefix = "train" if stage is stages[-1] else stage.name
-      bar.stage(prefix)
-      while step < stage.end:
-        batch = next(train_iter)
-        state, metrics = stage.train_step(state, teacher_vars, parallel.put_batch(batch))
-        step += 1
-        bar.step()
-        guard.add(step, parallel.get(metrics))
-        if step_callback is not None:
-          step_callback(step, metrics)
-        log = step % durations.log_every == 0 or step == stage.end
-        eval_here = stage is stages[-1] and (
-            (durations.eval_every and (step - stage.start) % durations.eval_every == 0)
-            or step == total_steps)
-        # A signal is acted on at the step where it is first seen, so the step it stops at is
-        # the step it saved (one arriving during this step's logs or eval waits for the next).
-        stopping = stop.requested
-        save = checkpointer.should_save(step) or step == stage.end or stopping
-        if not (log or eval_here or save):
-          continue
-        guard.check(last_saved)  # Nothing non-finite gets past this line.
-        if log:
-          scalars = _host_scalars(parallel.get(metrics))
-          scalars["lr"] = float(stage.schedule(step - 1 - stage.start))
-          writer.write(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
-          bar.train(scalars)
-        if eval_here:
-          scalars = eval_now(step)
-          bar.eval(step, scalars)
-          record["history"].append({"step": step, **scalars})
-          if task.is_better(scalars[f"eval/{task.headline}"], record[best_key]):
-            record[best_key], record["best_step"] = scalars[f"eval/{task.headline}"], step
-        if save:
-          record.update(train_seconds=seconds_before + time.time() - t0,
-                        skipped_steps=guard.skipped, consecutive_skips=guard.consecutive)
-          checkpointer.save(step, parallel.get(state), train_iter.get_state(),
-                            {**meta, "record": record})
-          last_saved = step
-        if stopping:
-          raise Interrupted(stop.signum, step)
-    bar.close()
+  def evaluate_and_record(self) -> None:
+    """`evaluate`, shown, added to the history, and the best headline kept."""
+    task, record = self.run.task, self.record
+    scalars = self.evaluate()
+    self.bar.eval(self.step, scalars)
+    record["history"].append({"step": self.step, **scalars})
+    if task.is_better(scalars[f"eval/{task.headline}"], record[self.best_key]):
+      record[self.best_key], record["best_step"] = scalars[f"eval/{task.headline}"], self.step
 
+  def save(self) -> None:
+    """A checkpoint of the state, the data position and the record at the current step."""
+    self.record.update(train_seconds=self.seconds_before + time.time() - self.started,
+                       skipped_steps=self.guard.skipped,
+                       consecutive_skips=self.guard.consecutive)
+    self.checkpointer.save(self.step, self.run.parallel.get(self.state),
+                           self.train_iter.get_state(), {**self.meta, "record": self.record})
+    self.last_saved = self.step
+
+  def finish(self) -> dict[str, Any]:
+    """The final eval (unless the last step had one), the exported student, `result.json`."""
+    config, run, task, record, step = self.config, self.run, self.run.task, self.record, self.step
     history = record["history"]
-    if history and history[-1]["step"] == step:
-      final = history[-1]
-    else:
-      final = {"step": step, **eval_now(step)}
-    host_state = parallel.to_host(state)
+    final = (history[-1] if history and history[-1]["step"] == step
+             else {"step": step, **self.evaluate()})
+    host_state = run.parallel.to_host(self.state)
     # Every process: the export is a collective save (process 0 writes the files).
-    export_model(os.path.join(workdir, "model"), host_state.student_variables(), {
+    export_model(os.path.join(self.workdir, "model"), host_state.student_variables(), {
         "model": config.student.name, "kwargs": config.student.kwargs.to_dict(),
-        "num_classes": run["num_classes"], "step": step})
-    final_headline = final[f"eval/{task.headline}"]
-    final_is_best = task.is_better(final_headline, record[best_key])
+        "num_classes": run.num_classes, "step": step})
+    headline = final[f"eval/{task.headline}"]
+    final_is_best = task.is_better(headline, record[self.best_key])
     result = {
         "student": config.student.name,
-        "teachers": {n: t.model for n, t in run["teachers"].items()},
+        "teachers": {n: t.model for n, t in run.teachers.items()},
         "losses": sorted(config.losses), "steps": step, "seed": config.seed,
-        "final": final, best_key: final_headline if final_is_best else record[best_key],
+        "final": final, self.best_key: headline if final_is_best else record[self.best_key],
         "best_step": step if final_is_best else record["best_step"],
-        "train_seconds": record["train_seconds"], "skipped_steps": guard.skipped,
+        "train_seconds": record["train_seconds"], "skipped_steps": self.guard.skipped,
     }
-    if is_chief:
-      write_atomic(os.path.join(workdir, "result.json"),
+    if jax.process_index() == 0:
+      write_atomic(os.path.join(self.workdir, "result.json"),
                    json.dumps(result, indent=2, sort_keys=True))
     return result
-  finally:
-    bar.close()
-    writer.close()
-    checkpointer.close()
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+    self.checkpointer.close()
 
 
 def train_generations(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any

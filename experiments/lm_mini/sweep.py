@@ -4,15 +4,23 @@ r"""Token-level distillation of a small language model on the embedded corpus.
     distill-jax report runs/lm_mini --metric=final.eval/perplexity --scale=1 --csv
 
 Stage `teachers`: `configs/lm.py:teacher` (4 layers, width 128, byte-level, Python's
-documentation topics) for 4 epochs, seed 0. Stage `students`: the 2-layer width-64 student of
-`configs/lm.py` trained alone (`ce`) and distilled by forward KL, reverse KL, JSD(0.5), skew
-KL, top-k KD (k 16, from the live teacher) and forward KL plus hidden-state MSE and attention
-KL (`hidden`), and on-policy GKD with lambda 0.5 (`gkd`) and 1.0 (`gkd1`), each with seeds
-0..N-1, all reading the teacher's export.
+documentation topics) for 4 epochs, seed 0. Stage `outputs` (scripts, no training): the
+teacher's top-16 log-probs per token (`cache`, `scripts/cache_teacher.py`), its
+completions of the first 32 tokens of 1800 training rows by 96 tokens with its top-8 log-probs
+per token (`completions`, `scripts/generate.py`), and the held-out rows as text (`heldout`).
+Stage `students`: the 2-layer width-64 student of `configs/lm.py` trained alone (`ce`) and
+distilled by forward KL, reverse KL, JSD(0.5), skew KL, top-k KD (k 16, from the live teacher),
+forward KL plus hidden-state MSE and attention KL (`hidden`), top-k KD from the teacher's cache
+(`topk_cache`), on-policy GKD with lambda 0.5 (`gkd`) and 1.0 (`gkd1`) and after a CE warm
+start (`gkd_warm`: CE for half the run, then GKD lambda 0.5), and from the teacher's file:
+sequence-level KD (`sequence`, CE on its completions) and black-box top-k (`blackbox_topk`,
+its text and top-8 log-probs), each with seeds 0..N-1. The file students are scored on the
+held-out rows written as a file.
 
-Arg: `[SEEDS][,tiny][,epochs=E]`: SEEDS (default 3) seeds per method; `tiny` makes every run a
-few steps (tests); `epochs=E` the students' epochs over the corpus (default 1, as in
-`configs/lm.py`).
+Arg: `[SEEDS][,tiny][,epochs=E][,only=M1-M2]`: SEEDS (default 3) seeds per method; `tiny` makes
+every run a few steps (tests); `epochs=E` the students' epochs over the corpus (default 1, as in
+`configs/lm.py`); `only=` the students of these methods, with the teacher and the outputs they
+read.
 """
 
 from distill_jax import sweep as sw
@@ -20,6 +28,20 @@ from distill_jax import sweep as sw
 CONFIG = "../../configs/lm.py"
 TEACHER_EPOCHS = 4.0
 METHODS = ("ce", "fkl", "rkl", "jsd", "skew", "topk", "hidden")
+# name -> (configs/lm.py arg, overrides): the other students.
+OTHERS = {
+    "topk_cache": ("topk", {"teachers.teacher.cache": "{ROOT}/cache/teacher"}),
+    "gkd": ("gkd", {}),  # Lambda 0.5, the role's default.
+    "gkd1": ("gkd", {"on_policy.fraction": 1.0}),  # Every batch the student's own text.
+    "gkd_warm": ("gkd,warm", {}),
+    "sequence": ("sequence", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
+                              "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
+    "blackbox_topk": ("blackbox_topk", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
+                                        "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
+}
+NO_TEACHER = ("blackbox_topk",)  # Trained on the file alone: no teacher at evaluation either.
+# The teacher's file: 1800 training rows' first 32 tokens continued by 96 (the rows are 128).
+COMPLETIONS = {"num_prompts": 1800, "prompt_len": 32, "max_new_tokens": 96, "top_logprobs": 8}
 
 
 def get_sweep(arg: str | None = None) -> sw.Sweep:
@@ -27,18 +49,40 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
   num_seeds = next((int(o) for o in options if o.isdigit()), 3)
   epochs = next((float(o[len("epochs="):]) for o in options if o.startswith("epochs=")), 1.0)
   tiny = "tiny" in options
+  only = next((o[len("only="):].split("-") for o in options if o.startswith("only=")),
+              [*METHODS, *OTHERS])
+  unknown = set(only) - {*METHODS, *OTHERS}
+  if unknown:
+    raise sw.SweepError(f"lm_mini only={'-'.join(only)}: unknown {sorted(unknown)}; known: "
+                        f"{', '.join([*METHODS, *OTHERS])}.")
   size = sw.fixed(arg="tiny") if tiny else sw.fixed()
-  students = sw.product(sw.args("method", METHODS), sw.seeds(num_seeds), size)
-  # On-policy distillation (GKD, token JSD alone): lambda 0.5 (`gkd`, the role's default)
-  # and 1.0 (`gkd1`: every batch is the student's own continuation).
-  students += sw.product(sw.args("method", {"gkd": "gkd"}), sw.seeds(num_seeds), size)
-  students += sw.with_overrides(sw.product(sw.args("method", {"gkd1": "gkd"}),
-                                           sw.seeds(num_seeds), size),
-                                {"on_policy.fraction": 1.0})
   # One evaluation per epoch (the configs' four per epoch are for curves).
   length = lambda n: {} if tiny else {"num_epochs": n, "eval_every_epochs": 1.0}
-  students = sw.with_overrides(students, {"teachers.teacher.checkpoint": "{ROOT}/teacher",
-                                          **length(epochs)})
+  students = []
+  for name in only:
+    role, overrides = (name, {}) if name in METHODS else OTHERS[name]
+    points = sw.product(sw.args("method", {name: role}), sw.seeds(num_seeds), size)
+    teacher = {} if name in NO_TEACHER else {"teachers.teacher.checkpoint": "{ROOT}/teacher"}
+    students += sw.with_overrides(points, {**overrides, **teacher, **length(epochs)})
+  if "gkd_warm" in only and not tiny:  # Its two halves: the warm stage and the main stage.
+    students = [sw.with_overrides([p], {"num_epochs": epochs / 2,
+                                        "stages.warm.num_epochs": epochs / 2})[0]
+                if p.labels["method"] == "gkd_warm" else p for p in students]
+  outputs = []
+  if "topk_cache" in only:  # Text is never augmented: one cache serves every seed.
+    outputs += sw.script("cache", "../../scripts/cache_teacher.py", {
+        "config": f"{CONFIG}:topk{',tiny' if tiny else ''}", "cache_dir": "{TRIAL}",
+        "top_k": 16, "config.teachers.teacher.checkpoint": "{ROOT}/teacher"})
+  if {"sequence", "blackbox_topk"} & set(only):
+    data = {"config": f"{CONFIG}:teacher{',tiny' if tiny else ''}"}
+    outputs += sw.script("completions", "../../scripts/generate.py", {
+        "workdir": "{ROOT}/teacher", **data, "config.data.eval_split": "train",
+        **({"num_prompts": 64, "prompt_len": 8, "max_new_tokens": 16, "top_logprobs": 4}
+           if tiny else COMPLETIONS),
+        "output": "{TRIAL}/teacher.jsonl"})
+    outputs += sw.script("heldout", "../../scripts/generate.py", {
+        **data, "rows_as_text": True, "num_prompts": 100000, "output": "{TRIAL}/heldout.jsonl"})
   teacher = sw.with_overrides(sw.product(sw.fixed("teacher", "teacher", method="teacher"), size),
                               length(TEACHER_EPOCHS))
-  return sw.Sweep(config=CONFIG, stages={"teachers": teacher, "students": students})
+  stages = {"teachers": teacher, "outputs": outputs, "students": students}
+  return sw.Sweep(config=CONFIG, stages={k: v for k, v in stages.items() if v})
