@@ -83,7 +83,7 @@ def main(argv: Sequence[str]) -> None:
   if not names:
     raise app.UsageError("Name at least one data set, e.g. `prepare_data.py cifar10`.")
   _alias_importlib_resources()
-  from distill_jax.data.pipeline import default_data_dir
+  from distill_jax.data.sources import default_data_dir
 
   data_dir = (os.path.abspath(os.path.expanduser(_DATA_DIR.value)) if _DATA_DIR.value
               else default_data_dir())

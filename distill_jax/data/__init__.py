@@ -3,27 +3,32 @@
 `train_iterator` / `eval_batches` turn a data config into NumPy batches for one
 process; the embedded data sets (`digits`) build themselves into the data_dir on
 first use, anything else is prepared once with `scripts/prepare_data.py`.
+`sources` reads the prepared splits, `transforms` holds the pure NumPy per-example
+transforms (augmentation, normalisation, the counter hash), and `iterators` orders,
+shards and batches the examples with grain.
 """
 
 from distill_jax.data.contrast import class_contrast_indices, train_labels
 from distill_jax.data.embedded import EMBEDDED, ensure_embedded, is_embedded
-from distill_jax.data.pipeline import (
-    AUGMENTATIONS,
-    DATA_DIR_ENV,
-    DataNotPreparedError,
-    DatasetInfo,
+from distill_jax.data.iterators import (
     EvalIterator,
     SideData,
     TrainIterator,
     augment_seed,
+    eval_batches,
+    train_iterator,
+)
+from distill_jax.data.sources import (
+    DATA_DIR_ENV,
+    DataNotPreparedError,
+    DatasetInfo,
     default_data_config,
     default_data_dir,
-    eval_batches,
     get_info,
     resolve_data_dir,
     split_digest,
-    train_iterator,
 )
+from distill_jax.data.transforms import AUGMENTATIONS
 
 __all__ = [
     "AUGMENTATIONS",

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from distill_jax.data.pipeline import _field, _hash, _mix64, _SourceRef
+from distill_jax.data.sources import SourceRef, config_field
+from distill_jax.data.transforms import hash_keys, mix64
 
 POSITIVES = ("self", "same_class")
-_STREAM_CONTRAST = 3  # The pipeline's hash streams 1 and 2 are the shuffle and augmentation.
+_STREAM_CONTRAST = 3  # Streams 1 and 2 are transforms.STREAM_SHUFFLE and STREAM_AUGMENT.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -79,9 +80,9 @@ class ClassContrastIndices:
 
   def __call__(self, epoch: int, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, np.int64)
-    base = _hash(self.seed, _STREAM_CONTRAST, epoch, ids)  # [n]: one stream per example.
+    base = hash_keys(self.seed, _STREAM_CONTRAST, epoch, ids)  # [n]: one stream per example.
     columns = np.arange(self.num_negatives + 1, dtype=np.uint64)
-    bits = _mix64(base[:, None] + (columns + np.uint64(1)) * _GOLDEN)  # [n, 1 + K]
+    bits = mix64(base[:, None] + (columns + np.uint64(1)) * _GOLDEN)  # [n, 1 + K]
     s, c = self.start[ids][:, None], self.count[ids][:, None]
     # Uniform over the other classes: a position among the N - n_c others, skipping the block
     # [s, s + n_c) of the anchor's class in `order`.
@@ -103,7 +104,7 @@ def _below(bits: np.ndarray, bound: np.ndarray) -> np.ndarray:
 def train_labels(data_config: Any, num_examples: int) -> np.ndarray:
   """The labels [num_examples] of the training examples in use (ids 0 .. num_examples - 1 of
   the configured train split), read once (this decodes the split)."""
-  source = _SourceRef.from_config(data_config, _field(data_config, "train_split", "train"))
+  source = SourceRef.from_config(data_config, config_field(data_config, "train_split", "train"))
   chunks = [source.read(np.arange(i, min(i + 4096, num_examples)))[1]
             for i in range(0, num_examples, 4096)]
   return np.concatenate(chunks).astype(np.int64)

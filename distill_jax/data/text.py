@@ -19,10 +19,10 @@ dropped and counted (`Packed.dropped`), never an error; so is a stored document 
 
 Batches (`train_iterator`, `eval_batches`) are dicts of NumPy arrays: `tokens` int32 [b, L],
 `targets` int32 [b, L], `mask` float32 [b, L], `document` int32 [b, L] and `id` int64 [b] (the
-row's index). Train batches follow `pipeline`'s contract: batch s is a pure function of (seed,
+row's index). Train batches follow `iterators`' contract: batch s is a pure function of (seed,
 s, process), epoch e visits the rows in an order hashed from (seed, e), process i of k takes
 rows i*b:(i+1)*b of each global batch, and the position saves as a small dict
-(`pipeline.TrainIterator`). The last eval batch is padded with all-masked rows.
+(`iterators.TrainIterator`). The last eval batch is padded with all-masked rows.
 """
 
 from __future__ import annotations
@@ -39,15 +39,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from distill_jax.data.pipeline import (
-    _STREAM_SHUFFLE,
-    TrainIterator,
-    _field,
-    _hash,
-    _local_batch_size,
-    _prepared_builder,
-    resolve_data_dir,
-)
+from distill_jax.data.iterators import TrainIterator, local_batch_size
+from distill_jax.data.sources import config_field, prepared_builder, resolve_data_dir
+from distill_jax.data.transforms import STREAM_SHUFFLE, hash_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +226,7 @@ def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str,
             max_documents: int = 0) -> Packed:
   """One split, read and packed once per process (the embedded corpus is ~0.5 MB); with
   `max_documents` = N > 0, only its first N documents (a large corpus on one machine)."""
-  builder = _prepared_builder(name, data_dir)
+  builder = prepared_builder(name, data_dir)
   key = "text" if "text" in builder.info.features else None
   if key is None:
     raise ValueError(f"Data set {name!r} has no 'text' feature (it has "
@@ -274,22 +268,22 @@ def packed_split(data_config: Any, split: str) -> Packed:
   from the split's first N documents (e.g. lm1b's 30M sentences on one machine).
   `data.name='jsonl'` reads a black-box teacher's output file(s) (`data.blackbox`) instead of a
   TFDS data set."""
-  tokenizer = _field(data_config, "tokenizer", "bytes")
+  tokenizer = config_field(data_config, "tokenizer", "bytes")
   if data_config.name == "jsonl":
     def files(key):  # A list or a comma-separated string, as one hashable string.
-      value = _field(data_config, key, "") or ""
+      value = config_field(data_config, key, "") or ""
       return value if isinstance(value, str) else ",".join(map(str, value))
     packed = _packed_records(files("train_files"), files("eval_files"),
-                             float(_field(data_config, "eval_fraction", 0.1)),
-                             _field(data_config, "train_split", "train"), split,
+                             float(config_field(data_config, "eval_fraction", 0.1)),
+                             config_field(data_config, "train_split", "train"), split,
                              int(data_config.seq_len), tokenizer)
   else:
     packed = _packed(data_config.name, resolve_data_dir(data_config), split,
                      int(data_config.seq_len), tokenizer,
-                     int(_field(data_config, "max_documents", 0) or 0))
-  subset_key = ("train_subset" if split == _field(data_config, "train_split", "train")
+                     int(config_field(data_config, "max_documents", 0) or 0))
+  subset_key = ("train_subset" if split == config_field(data_config, "train_split", "train")
                 else "eval_subset")
-  subset = int(_field(data_config, subset_key, 0) or 0)
+  subset = int(config_field(data_config, subset_key, 0) or 0)
   if 0 < subset < len(packed):
     cut = {f.name: getattr(packed, f.name)[:subset] for f in dataclasses.fields(packed)
            if isinstance(getattr(packed, f.name), np.ndarray)}
@@ -314,9 +308,10 @@ def rows_digest(data_config: Any, split: str) -> str:
 
 def get_text_info(data_config: Any) -> TextInfo:
   """Describes the configured text data set, packed at `data_config.seq_len`."""
-  splits = (_field(data_config, "train_split", "train"), _field(data_config, "eval_split", "test"))
+  splits = (config_field(data_config, "train_split", "train"),
+            config_field(data_config, "eval_split", "test"))
   packs = {s: packed_split(data_config, s) for s in splits}
-  tok = get_tokenizer(_field(data_config, "tokenizer", "bytes"))
+  tok = get_tokenizer(config_field(data_config, "tokenizer", "bytes"))
   return TextInfo(name=data_config.name, tokenizer=tok.name, vocab_size=tok.vocab_size,
                   seq_len=int(data_config.seq_len),
                   num_examples={s: len(p) for s, p in packs.items()},
@@ -352,7 +347,7 @@ class _RowBatcher:
     return self.num_examples // self.global_batch_size
 
   def epoch_order(self, epoch: int) -> np.ndarray:
-    keys = _hash(self.seed, _STREAM_SHUFFLE, epoch, np.arange(self.num_examples))
+    keys = hash_keys(self.seed, STREAM_SHUFFLE, epoch, np.arange(self.num_examples))
     return np.argsort(keys, kind="stable")
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -374,7 +369,7 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                    side_data: Mapping[str, Any] | None = None) -> TrainIterator:
   """An infinite, deterministic iterator over this process's share of the packed train rows.
   `side_data` {key: fn(epoch, ids)} adds per-row data (a teacher cache's logits) to batches."""
-  split = _field(data_config, "train_split", "train")
+  split = config_field(data_config, "train_split", "train")
   packed = packed_split(data_config, split)
   if len(packed) < global_batch_size:
     raise ValueError(f"global_batch_size={global_batch_size} is larger than the {len(packed)} "
@@ -382,7 +377,7 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                      f"{data_config.seq_len}.")
   batcher = _RowBatcher(packed, _SplitName(data_config.name, split), len(packed),
                         global_batch_size,
-                        _local_batch_size(global_batch_size, process_index, process_count),
+                        local_batch_size(global_batch_size, process_index, process_count),
                         process_index, int(seed), tuple((side_data or {}).items()))
   return TrainIterator(batcher, num_workers=0)
 
@@ -394,9 +389,9 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
   """One ordered pass over the packed rows of an eval split; the last global batch is padded
   with rows whose mask is 0 (tokens PAD, id -1; zeros for `side_data`'s keys, read as
   `fn(0, ids)`), so every batch has one shape."""
-  packed = packed_split(data_config, split or _field(data_config, "eval_split", "test"))
-  b = _local_batch_size(global_batch_size, process_index, process_count)
-  pad = get_tokenizer(_field(data_config, "tokenizer", "bytes")).pad_id
+  packed = packed_split(data_config, split or config_field(data_config, "eval_split", "test"))
+  b = local_batch_size(global_batch_size, process_index, process_count)
+  pad = get_tokenizer(config_field(data_config, "tokenizer", "bytes")).pad_id
   for start in range(0, len(packed), global_batch_size):
     positions = start + process_index * b + np.arange(b, dtype=np.int64)
     real = positions[positions < len(packed)]
