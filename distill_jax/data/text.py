@@ -254,6 +254,8 @@ class Packed:
   num_bytes: int  # UTF-8 bytes of text the kept targets stand for (for bits per byte).
   # Per-row arrays beyond the five (a black-box file's top-k log-probs): {key: [N, ...]}.
   extra: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # What reading the split counted (a black-box file's `MappingCounts.summary`), for result.json.
+  counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -306,6 +308,8 @@ class TextInfo:
   # Per-row arrays the batches carry beyond tokens/targets/mask/document/id: {key: (shape
   # without the row axis, dtype name)}.
   extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+  # {split: Packed.counts} for the splits that counted something (black-box files).
+  counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 @functools.cache
@@ -344,7 +348,8 @@ def _packed_records(train_files: str, eval_files: str, eval_fraction: float, tra
                       split, counts)
   extra = {key: rows.pop(key) for key in blackbox.TOPK_KEYS if key in rows}
   return Packed(**rows, documents=counts.records, dropped=0,
-                num_bytes=text_bytes(rows["targets"], rows["mask"], tok), extra=extra)
+                num_bytes=text_bytes(rows["targets"], rows["mask"], tok), extra=extra,
+                counts=counts.summary())
 
 
 def packed_split(data_config: Any, split: str) -> Packed:
@@ -402,7 +407,8 @@ def get_text_info(data_config: Any) -> TextInfo:
                   documents={s: p.documents for s, p in packs.items()},
                   dropped={s: p.dropped for s, p in packs.items()},
                   num_bytes={s: p.num_bytes for s, p in packs.items()},
-                  extra={k: (v.shape[1:], v.dtype.name) for k, v in packs[splits[0]].extra.items()})
+                  extra={k: (v.shape[1:], v.dtype.name) for k, v in packs[splits[0]].extra.items()},
+                  counts={s: dict(p.counts) for s, p in packs.items() if p.counts})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ class LanguageModel(Task):
   def info(self, data_config: Any) -> TaskInfo:
     info = text.get_text_info(data_config)
     return TaskInfo(info.vocab_size, (info.seq_len,), dict(info.num_examples), info,
-                    dict(info.extra))
+                    dict(info.extra), dict(info.counts))
 
   def train_iterator(self, data_config: Any, **kwargs: Any) -> Any:
     return text.train_iterator(data_config, **kwargs)

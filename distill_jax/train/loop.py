@@ -259,7 +259,7 @@ def build_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         task=task, on_policy=on_policy)
     stages.append(Stage(name, stage_objective, tx, schedule, start, start + steps, train_step))
     start += steps
-  return dict(info=info, task=task, input_shape=input_shape,
+  return dict(info=info, task=task, input_shape=input_shape, data_counts=dict(task_info.counts),
               num_classes=task_info.num_classes, parallel=parallel, student=student,
               teachers=teachers, student_init=student_init,
               teacher_vars=teacher_vars, example=example,
@@ -632,6 +632,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: dict[str, Any],
         "best_step": step if final_is_best else record["best_step"],
         "train_seconds": record["train_seconds"], "skipped_steps": guard.skipped,
     }
+    if run["data_counts"]:  # What reading the data counted (`TaskInfo.counts`).
+      result["data"] = run["data_counts"]
     if is_chief:
       write_atomic(os.path.join(workdir, "result.json"),
                    json.dumps(result, indent=2, sort_keys=True))
