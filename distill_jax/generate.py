@@ -5,10 +5,12 @@
 `prompts` [B, P] int are right-aligned (left-padded): row b's prompt is its last
 `prompt_lengths[b]` tokens (all P when `prompt_lengths` is None); the padding is never attended
 to. The prompt is processed once (prefill), then `max_new_tokens` = N tokens are drawn one at a
-time in a `lax.scan` (fixed shapes, so it compiles once and runs inside a train step too).
-Returns tokens [B, P + N] (the prompts as given, then the samples) and `mask` [B, P + N] float32,
-1 at generated positions up to and including the first `eos_id`, 0 on the prompt and after
-EOS (where the tokens are `pad_id`).
+time in a `lax.while_loop` (fixed shapes, so it compiles once and runs inside a train step
+too) that stops as soon as every row has drawn `eos_id`: the steps it skips would only write
+`pad_id` (the tokens and mask are those of running all N). Returns tokens [B, P + N] (the
+prompts as given, then the samples) and `mask` [B, P + N] float32, 1 at generated positions up
+to and including the first `eos_id`, 0 on the prompt and after EOS (where the tokens are
+`pad_id`).
 
 Sampling per step (the first token from the prefill; no forward is spent on the last token):
 logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
@@ -16,7 +18,9 @@ logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
 all), then a categorical draw with the key `fold_in(rng, step)` (reproducible from `rng`).
 `greedy=True` or `temperature=0` takes the argmax. With `return_logprobs=True` the model's
 log-probabilities at temperature 1 (before any truncation) of each step are returned too,
-[B, N, vocab]: what an API's `top_logprobs` reports.
+[B, N, vocab]: what an API's `top_logprobs` reports (meaningful where `mask` is 1; 0 at the
+steps skipped once every row has ended). `return_steps=True` also returns the number of
+one-token forwards run after the prefill (int32; N - 1 when some row never ends).
 """
 
 from __future__ import annotations
@@ -76,13 +80,13 @@ def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: int,
            rng: jax.Array, prompt_lengths: jax.Array | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
-           pad_id: int = 0, return_logprobs: bool = False) -> Any:
+           pad_id: int = 0, return_logprobs: bool = False, return_steps: bool = False) -> Any:
   """Samples `max_new_tokens` after each prompt; see the module docstring.
 
   `model` is a `TransformerLM` (anything with its `init_cache` and `cache=` call), `variables`
   its variables. Everything but the arrays is static: bind them with `functools.partial`
-  before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32) and, with
-  `return_logprobs`, the log-probs [B, N, V] as a third element.
+  before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32), then with
+  `return_logprobs` the log-probs [B, N, V] and with `return_steps` the forwards run.
   """
   check_settings(max_new_tokens, temperature, top_k, top_p)
   prompts = jnp.asarray(prompts).astype(jnp.int32)
@@ -114,18 +118,35 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
     token, done, out = draw(logits[:, 0], done, t)
     return (token, cache, done), out
 
-  # The first token from the prefill's logits; the scan feeds each token and draws the next,
-  # so no forward is spent on the last token.
+  def running(carry):
+    t, _, _, done, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    t, token, cache, done, outs = carry
+    (token, cache, done), out = step((token, cache, done), t)
+    outs = jax.tree.map(lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, t, 0),
+                        outs, out)
+    return t + 1, token, cache, done, outs
+
+  # The first token from the prefill's logits; the loop feeds each token and draws the next,
+  # so no forward is spent on the last token. Steps never run keep what they would have
+  # written for rows that have ended: `pad_id`, mask 0 (and log-probs 0).
   token, done, first = draw(last, jnp.zeros((batch,), bool), 0)
-  _, rest = jax.lax.scan(step, (token, cache, done), jnp.arange(1, max_new_tokens))
-  new, keep, logprobs = jax.tree.map(
-      lambda a, b: jnp.concatenate([a[None], b], axis=0), first, rest)
+  outs = jax.tree.map(lambda x, fill: jnp.full((max_new_tokens, *x.shape), fill, x.dtype)
+                      .at[0].set(x), first,
+                      (pad_id, False, 0.0 if return_logprobs else None))
+  t, _, _, _, (new, keep, logprobs) = jax.lax.while_loop(
+      running, body, (jnp.int32(1), token, cache, done, outs))
   tokens = jnp.concatenate([prompts, new.T], axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, prompt_len), jnp.float32),
                           keep.T.astype(jnp.float32)], axis=1)
+  out = (tokens, mask)
   if return_logprobs:
-    return tokens, mask, jnp.moveaxis(logprobs, 0, 1)
-  return tokens, mask
+    out += (jnp.moveaxis(logprobs, 0, 1),)
+  if return_steps:
+    out += (t - 1,)
+  return out
 
 
 # ------------------------------------------------------------------ completions as JSON records

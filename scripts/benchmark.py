@@ -464,7 +464,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
 
 def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int
                   ) -> float:
-  """Generated tokens/s of `generate.sample` (KV cache, one compiled scan) for configs/lm.py's
+  """Generated tokens/s of `generate.sample` (KV cache, one compiled loop) for configs/lm.py's
   model `model_settings` (random weights): `--batch_size` prompts of `prompt_len` tokens,
   `new_tokens` sampled at temperature 1 (median over `--repeats`)."""
   import functools

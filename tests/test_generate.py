@@ -165,3 +165,37 @@ def test_eos_ends_the_mask(sampler):
   np.testing.assert_array_equal(tokens[0, :first + 1], greedy[0, :first + 1])
   with pytest.raises(ValueError, match="top_p must be in"):
     generate.check_settings(4, 1.0, 0, 0.0)
+
+
+def test_decoding_stops_once_every_row_has_ended(lm):
+  """With an EOS every row draws early (its embedding, which is also its output row, along
+  the mean final hidden state, so it is likely everywhere), decoding runs only until the last
+  row's EOS, and its tokens, mask and (kept) log-probs are bit for bit those of running all
+  steps: the full decode without EOS, cut after each row's first EOS in NumPy."""
+  model, variables = lm
+  prompts = _tokens(0, 6, 6)
+  table = np.array(variables["params"]["embed"]["embedding"])
+  logits = np.asarray(model.apply(variables, jnp.asarray(_tokens(1, 8, 32)))).reshape(-1, VOCAB)
+  hidden = (logits @ np.linalg.pinv(table.T)).mean(0)  # Mean final hidden state.
+  table[EOS] = 1.2 * hidden / np.linalg.norm(hidden) * np.linalg.norm(table, axis=1).mean()
+  variables = {"params": {**variables["params"], "embed": {"embedding": jnp.asarray(table)}}}
+  new, pad = 16, 258
+
+  def run(eos_id):
+    fn = functools.partial(generate.sample, model, max_new_tokens=new, eos_id=eos_id,
+                           pad_id=pad, return_logprobs=True, return_steps=True)
+    return jax.device_get(jax.jit(fn)(variables, prompts, rng=jax.random.PRNGKey(1)))
+
+  full_tokens, full_mask, full_logprobs, full_steps = run(None)
+  tokens, mask, logprobs, steps = run(EOS)
+  assert full_steps == new - 1 and full_mask[:, 6:].all()
+  ends = np.argmax(full_tokens[:, 6:] == EOS, axis=1)  # Each row's first EOS.
+  assert (full_tokens[:, 6:] == EOS).any(axis=1).all() and ends.max() < new - 1, ends
+  assert len(set(ends.tolist())) > 2  # The rows end at different steps.
+  assert steps == ends.max()  # One forward per step up to the last row's EOS, none after.
+  kept = np.arange(new)[None, :] <= ends[:, None]
+  np.testing.assert_array_equal(mask, np.concatenate([np.zeros((6, 6)), kept], axis=1))
+  np.testing.assert_array_equal(tokens[:, 6:], np.where(kept, full_tokens[:, 6:], pad))
+  np.testing.assert_array_equal(tokens[:, :6], prompts)
+  np.testing.assert_array_equal(logprobs[kept], full_logprobs[kept])
+  assert np.all(logprobs[:, ends.max() + 1:] == 0)  # Steps never run.

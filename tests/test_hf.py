@@ -4,6 +4,7 @@ with the logits transformers computed; their tokenizer gives the ids `tokenizers
 then load gives the same arrays; an HF teacher distils a student through the CLI."""
 
 import json
+import math
 import os
 import shutil
 
@@ -92,6 +93,56 @@ def test_tokenizer_ids_match_tokenizers():
     assert encoded.dtype == np.int32
     assert encoded.tolist() == [0, *ids, 1]
     assert tok.decode(encoded) == string  # Byte-level BPE is lossless.
+
+
+BYTE_TEXTS = ("Hello, world!\n", "Ünïcödé — naïve café", "emoji 😀🎉 and 中文 text",
+              "  spaces\tand\r\nlines  ")
+
+
+def test_byte_lengths_add_up_to_the_utf8_bytes_of_the_text(data_dir):
+  """Bits per byte divide by `byte_lengths` summed over the scored tokens: over the ids of an
+  encoded text (BOS and EOS included, counting 0) they add up to its UTF-8 length, and over
+  a packed corpus's kept targets to the bytes of its documents."""
+  from pydoc_data import topics
+  tok = get_tokenizer(f"hf:{os.path.join(FIXTURES, 'llama')}")
+  lengths = tok.byte_lengths()
+  assert lengths.shape == (320,) and lengths[[0, 1, 2]].tolist() == [0, 0, 0]
+  for string in BYTE_TEXTS:
+    ids = tok.encode(string)
+    assert int(lengths[ids].sum()) == len(string.encode("utf-8")), string
+    assert lengths[ids].max() > 1  # Tokens of several bytes among them.
+  byte_tok = get_tokenizer("bytes")
+  for string in BYTE_TEXTS:
+    assert int(byte_tok.byte_lengths()[byte_tok.encode(string)].sum()) == len(string.encode())
+  config = _hf_config(data_dir, os.path.join(FIXTURES, "qwen2"), os.path.join(FIXTURES, "llama"),
+                      **{"data.eval_subset": 0})
+  info = text.get_text_info(config.data)
+  assert info.num_bytes["train"] + info.num_bytes["test"] == sum(
+      len(t.encode()) for t in topics.topics.values())
+
+
+def test_byte_lengths_of_byte_fallback_pieces():
+  """A SentencePiece-style BPE (Metaspace '▁', `<0xNN>` byte-fallback pieces, as Llama 2 and
+  Mistral ship), built here with `tokenizers`: its pieces' bytes add up to the text's."""
+  import tokenizers
+  from tokenizers import decoders, pre_tokenizers
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+  for piece in ("\u2581", "h", "i", "\u2581h", "\u2581hi", "é"):
+    vocab[piece] = len(vocab)
+  bpe = tokenizers.models.BPE(vocab=vocab, merges=[("\u2581", "h"), ("\u2581h", "i")],
+                              unk_token="<unk>", byte_fallback=True)
+  tok = tokenizers.Tokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  tok.add_special_tokens(["<s>", "</s>"])
+  lengths = text.hf_byte_lengths(json.loads(tok.to_str()), 300)
+  assert lengths.shape == (300,) and lengths[[0, 1, 2, 299]].tolist() == [0, 0, 0, 0]
+  assert lengths[vocab["<0xF0>"]] == 1 and lengths[vocab["\u2581hi"]] == 3
+  for string in ("hi hi!", "hé 😀 x", "Ünï 中"):
+    ids = tok.encode(string).ids
+    assert any(3 <= i < 259 for i in ids)  # Byte-fallback pieces among them.
+    assert int(lengths[ids].sum()) == len(string.encode("utf-8")), string
 
 
 def test_export_then_load_gives_the_same_arrays(tmp_path):
@@ -226,14 +277,19 @@ def test_hf_teacher_distils_a_student_through_the_cli(data_dir, tmp_path):
   config = _hf_config(data_dir, teacher, os.path.join(FIXTURES, "llama"))
   kwargs, variables, tok = hf.load_hf(teacher, "bfloat16")
   module = models.build_model("transformer_lm", tok.vocab_size, **kwargs)
-  nll = count = 0.0
+  byte_lengths = get_tokenizer(config.data.tokenizer).byte_lengths()
+  nll = count = num_bytes = 0.0
   for batch in text.eval_batches(config.data, global_batch_size=64):
     logp = jax.nn.log_softmax(np.asarray(module.apply(variables, batch["tokens"])), -1)
     picked = np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
     nll -= float(np.sum(picked * batch["mask"]))
     count += float(batch["mask"].sum())
-  assert count > 1000
+    num_bytes += float(np.sum(byte_lengths[batch["targets"]] * batch["mask"]))
+  assert count > 1000 and num_bytes > 1.2 * count  # Tokens of several bytes.
   assert final["eval/teacher_ce/teacher"] == pytest.approx(nll / count, rel=1e-2)
+  # Bits per byte: the student's NLL in bits over the bytes its targets decode to.
+  assert final["eval/bits_per_byte"] == pytest.approx(
+      final["eval/ce"] * count / math.log(2) / num_bytes, rel=1e-5)
   assert final["eval/kl/teacher"] > 0 and np.isfinite(final["eval/ce"])
 
 

@@ -181,6 +181,15 @@ def test_a_teacher_file_trains_the_student_through_the_cli(tmp_path, role):
   assert ce[-1] < ce[0] and ce[-1] < math.log(259) - 2.0, ce
   result = json.load(open(workdir / "result.json"))
   assert result["steps"] == 44
+  # What reading the file counted, per split: 360 train and 40 eval records (eval_fraction
+  # 0.1), none cut at seq_len 32; with log-probs each has 12 teacher tokens (the characters
+  # of 'WORD WORD.') of 4 alternatives, of which 'éé' (two bytes) does not map.
+  def counts(records):
+    tokens = 12 * records if role == "blackbox_topk" else 0
+    return {"records": records, "truncated_records": 0, "alternatives": 4 * tokens,
+            "unmapped_alternatives": tokens, "teacher_tokens": tokens,
+            "teacher_tokens_without_mapped_alternative": 0}
+  assert result["data"] == {"train": counts(360), "test": counts(40)}
   logged = [r for r in rows if "train/loss" in r]
   if role == "blackbox_topk":
     kd = [r["train/loss/token_sparse_topk_kd"] for r in logged]

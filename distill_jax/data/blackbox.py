@@ -82,6 +82,13 @@ class MappingCounts:
     return MappingCounts(*(a + b for a, b in zip(dataclasses.astuple(self),
                                                  dataclasses.astuple(other), strict=True)))
 
+  def summary(self) -> dict[str, int]:
+    """The counts by the names a run's `result.json` gives them (under "data", per split)."""
+    return {"records": self.records, "truncated_records": self.truncated,
+            "alternatives": self.entries, "unmapped_alternatives": self.unmapped,
+            "teacher_tokens": self.positions,
+            "teacher_tokens_without_mapped_alternative": self.empty_positions}
+
 
 def token_bytes(token: str) -> bytes:
   """The bytes a teacher's token string stands for: `bytes:\\xNN...` (how APIs name a piece

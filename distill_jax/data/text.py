@@ -2,7 +2,9 @@
 
 Tokens: `ByteTokenizer` maps a document to `[BOS, its UTF-8 bytes..., EOS]` (ids 0..255 are the
 bytes, then BOS 256, EOS 257, PAD 258: a vocabulary of 259). Nothing to download or train, and
-bits per byte follow directly from the loss.
+bits per byte follow directly from the loss. `HfTokenizer` reads a Hugging Face tokenizer.json;
+every tokenizer's `byte_lengths` gives the UTF-8 bytes of text each id stands for, which bits
+per byte divide by.
 
 Packing (`pack`): the documents of a split are concatenated, in stored order, into one stream,
 which is cut into rows of `seq_len` positions. Row r reads the stream's tokens
@@ -33,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +67,10 @@ class ByteTokenizer:
     """The text of the byte tokens among `ids` (special tokens dropped; bad UTF-8 replaced)."""
     ids = np.asarray(ids)
     return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+  def byte_lengths(self) -> np.ndarray:
+    """int32 [vocab_size]: the UTF-8 bytes each id stands for (1 per byte, 0 for BOS/EOS/PAD)."""
+    return (np.arange(self.vocab_size) < 256).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +141,10 @@ class HfTokenizer:
     return _hf_tokenizer(self.path).decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                            skip_special_tokens=True)
 
+  def byte_lengths(self) -> np.ndarray:
+    """int32 [vocab_size]: the UTF-8 bytes of text each id stands for (`hf_byte_lengths`)."""
+    return _hf_byte_lengths(self.path, self.vocab_size)
+
   def fingerprint(self) -> str:
     """The SHA-256 of its tokenizer.json: two tokenizers are the same when these are."""
     with open(self.path, "rb") as f:
@@ -144,6 +155,71 @@ class HfTokenizer:
 def _hf_tokenizer(path: str) -> Any:
   import tokenizers  # Only runs with an open-weights tokenizer need it.
   return tokenizers.Tokenizer.from_file(path)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+  """The character byte-level BPE (GPT-2's `bytes_to_unicode`) writes for each byte -> the
+  byte: printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other
+  68 for U+0100 + their rank among those (so ' ' is 'Ġ' and '\\n' is 'Ċ')."""
+  printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+  others = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _uses(component: Any, kind: str) -> bool:
+  """Whether a tokenizer.json pre-tokenizer/decoder (possibly a `Sequence`) has `kind`."""
+  if not isinstance(component, dict):
+    return False
+  parts = component.get("pretokenizers") or component.get("decoders") or [component]
+  return any(isinstance(p, dict) and p.get("type") == kind for p in parts)
+
+
+def hf_byte_lengths(spec: Mapping[str, Any], vocab_size: int) -> np.ndarray:
+  """int32 [vocab_size]: how many UTF-8 bytes of text each id of a tokenizer.json (`spec`)
+  stands for, so a sum over scored targets is the bytes they predict (bits per byte).
+
+  Special added tokens (BOS, EOS, PAD, chat markers), the model's unknown token and ids past
+  the vocabulary (a padded embedding) count 0; other added tokens their content's bytes. A
+  model piece under a byte-level pre-tokenizer or decoder is one byte per character
+  (`_byte_level_alphabet`: 'Ġ' is the space byte); otherwise a byte-fallback piece `<0xNN>`
+  is one byte and any other piece its UTF-8 with SentencePiece's '▁' read as a space (the one
+  a Metaspace pre-tokenizer prepends to a document then counts one byte not in the text).
+  """
+  model = spec["model"]
+  vocab = model["vocab"]
+  pieces = ({i: entry[0] for i, entry in enumerate(vocab)} if isinstance(vocab, list)
+            else {int(i): piece for piece, i in vocab.items()})
+  byte_level = _uses(spec.get("pre_tokenizer"), "ByteLevel") or _uses(spec.get("decoder"),
+                                                                       "ByteLevel")
+  alphabet = _byte_level_alphabet()
+  prefix = model.get("continuing_subword_prefix") or ""
+  lengths = np.zeros(vocab_size, np.int32)
+  for i, piece in pieces.items():
+    if byte_level:
+      n = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in piece)
+    elif _BYTE_PIECE.fullmatch(piece) and model.get("byte_fallback", True):
+      n = 1
+    else:
+      piece = piece[len(prefix):] if prefix and piece.startswith(prefix) else piece
+      n = len(piece.replace("\u2581", " ").encode("utf-8"))
+    if i < vocab_size and piece != model.get("unk_token"):
+      lengths[i] = n
+  for token in spec.get("added_tokens", []):
+    if token["id"] < vocab_size:
+      lengths[token["id"]] = 0 if token.get("special") else len(token["content"].encode("utf-8"))
+  return lengths
+
+
+@functools.cache
+def _hf_byte_lengths(path: str, vocab_size: int) -> np.ndarray:
+  """`hf_byte_lengths` of the tokenizer.json at `path`, read once per process."""
+  with open(path, encoding="utf-8") as f:
+    lengths = hf_byte_lengths(json.load(f), vocab_size)
+  lengths.setflags(write=False)
+  return lengths
 
 
 TOKENIZERS = {"bytes": ByteTokenizer()}
@@ -169,9 +245,11 @@ class Packed:
   document: np.ndarray  # int32 [N, L]
   documents: int  # Documents packed.
   dropped: int  # Documents dropped (fewer than two tokens).
-  num_bytes: int  # Targets that are text bytes (for bits per byte).
+  num_bytes: int  # UTF-8 bytes of text the kept targets stand for (for bits per byte).
   # Per-row arrays beyond the five (a black-box file's top-k log-probs): {key: [N, ...]}.
   extra: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # What reading the split counted (a black-box file's `MappingCounts.summary`), for result.json.
+  counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -180,6 +258,11 @@ class Packed:
     return {"tokens": self.tokens[ids], "targets": self.targets[ids], "mask": self.mask[ids],
             "document": self.document[ids], "id": np.asarray(ids, np.int64),
             **{key: value[ids] for key, value in self.extra.items()}}
+
+
+def text_bytes(targets: np.ndarray, mask: np.ndarray, tokenizer: Any) -> int:
+  """The UTF-8 bytes of text the kept (`mask` != 0) `targets` stand for (`byte_lengths`)."""
+  return int(np.sum(tokenizer.byte_lengths()[targets][mask.astype(bool)]))
 
 
 def pack(documents: Sequence[np.ndarray], seq_len: int, tokenizer: ByteTokenizer) -> Packed:
@@ -201,7 +284,7 @@ def pack(documents: Sequence[np.ndarray], seq_len: int, tokenizer: ByteTokenizer
   mask = (targets != tokenizer.pad_id) & (targets != tokenizer.bos_id)
   return Packed(tokens=tokens, targets=targets, mask=mask.astype(np.float32),
                 document=doc_index[:-1].reshape(rows, seq_len), documents=len(kept),
-                dropped=dropped, num_bytes=int(np.sum(mask & (targets < 256))))
+                dropped=dropped, num_bytes=text_bytes(targets, mask, tokenizer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +302,8 @@ class TextInfo:
   # Per-row arrays the batches carry beyond tokens/targets/mask/document/id: {key: (shape
   # without the row axis, dtype name)}.
   extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+  # {split: Packed.counts} for the splits that counted something (black-box files).
+  counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 @functools.cache
@@ -256,10 +341,9 @@ def _packed_records(train_files: str, eval_files: str, eval_fraction: float, tra
   blackbox.log_counts(eval_files if eval_files and split != train_split else train_files,
                       split, counts)
   extra = {key: rows.pop(key) for key in blackbox.TOPK_KEYS if key in rows}
-  kept = rows["mask"].astype(bool)
   return Packed(**rows, documents=counts.records, dropped=0,
-                num_bytes=int(np.sum(kept & (rows["targets"] < 256))) if tok.name == "bytes"
-                else int(kept.sum()), extra=extra)
+                num_bytes=text_bytes(rows["targets"], rows["mask"], tok), extra=extra,
+                counts=counts.summary())
 
 
 def packed_split(data_config: Any, split: str) -> Packed:
@@ -287,8 +371,8 @@ def packed_split(data_config: Any, split: str) -> Packed:
   if 0 < subset < len(packed):
     cut = {f.name: getattr(packed, f.name)[:subset] for f in dataclasses.fields(packed)
            if isinstance(getattr(packed, f.name), np.ndarray)}
-    rest = cut["mask"].astype(bool) & (cut["targets"] < 256)
-    packed = dataclasses.replace(packed, **cut, num_bytes=int(rest.sum()),
+    packed = dataclasses.replace(packed, **cut, num_bytes=text_bytes(
+                                     cut["targets"], cut["mask"], get_tokenizer(tokenizer)),
                                  extra={k: v[:subset] for k, v in packed.extra.items()})
   return packed
 
@@ -318,7 +402,8 @@ def get_text_info(data_config: Any) -> TextInfo:
                   documents={s: p.documents for s, p in packs.items()},
                   dropped={s: p.dropped for s, p in packs.items()},
                   num_bytes={s: p.num_bytes for s, p in packs.items()},
-                  extra={k: (v.shape[1:], v.dtype.name) for k, v in packs[splits[0]].extra.items()})
+                  extra={k: (v.shape[1:], v.dtype.name) for k, v in packs[splits[0]].extra.items()},
+                  counts={s: dict(p.counts) for s, p in packs.items() if p.counts})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,10 +473,13 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over the packed rows of an eval split; the last global batch is padded
   with rows whose mask is 0 (tokens PAD, id -1; zeros for `side_data`'s keys, read as
-  `fn(0, ids)`), so every batch has one shape."""
+  `fn(0, ids)`), so every batch has one shape. Eval batches also carry `target_bytes` float32
+  [b, L]: the UTF-8 bytes of text each kept target stands for (the tokenizer's
+  `byte_lengths`; 0 where masked), which bits per byte divide by."""
   packed = packed_split(data_config, split or config_field(data_config, "eval_split", "test"))
   b = local_batch_size(global_batch_size, process_index, process_count)
-  pad = get_tokenizer(config_field(data_config, "tokenizer", "bytes")).pad_id
+  tok = get_tokenizer(config_field(data_config, "tokenizer", "bytes"))
+  pad, byte_lengths = tok.pad_id, tok.byte_lengths()
   for start in range(0, len(packed), global_batch_size):
     positions = start + process_index * b + np.arange(b, dtype=np.int64)
     real = positions[positions < len(packed)]
@@ -404,4 +492,5 @@ def eval_batches(data_config: Any, *, global_batch_size: int, split: str | None 
       batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0),
                                              v.dtype)])
                for k, v in batch.items()}
+    batch["target_bytes"] = (byte_lengths[batch["targets"]] * batch["mask"]).astype(np.float32)
     yield batch

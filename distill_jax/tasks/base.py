@@ -19,7 +19,10 @@ class TaskInfo:
   example's input without the batch axis ((H, W, C) images, (L,) token rows), `num_examples`
   the examples (rows) per split, `data` the data module's own description, `batch_extras` the
   per-example arrays the data's batches carry beyond the task's own keys ({key: (shape without
-  the batch axis, dtype name)}, e.g. a black-box teacher's top-k log-probabilities).
+  the batch axis, dtype name)}, e.g. a black-box teacher's top-k log-probabilities), and
+  `counts` what the data counted while reading it, as JSON ({split: {name: number}}, e.g. a
+  black-box file's records and unmapped alternatives): a run writes it to `result.json` under
+  "data" when there is any.
   """
 
   num_classes: int
@@ -28,6 +31,7 @@ class TaskInfo:
   data: Any
   batch_extras: Mapping[str, tuple[tuple[int, ...], str]] = dataclasses.field(
       default_factory=dict)
+  counts: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
 
 class Task:

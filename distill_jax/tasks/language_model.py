@@ -4,8 +4,9 @@ Batch keys (`data.text`): `tokens` (what the model reads), `targets`, `mask`, `d
 Every metric is a mean over the kept tokens (mask 1), summed over batches and devices first:
 
 - `ce` (nats per token), `perplexity` = exp(ce), `bits_per_byte` = total NLL in bits over the
-  text bytes predicted (byte-level tokens: the NLL of the EOS predictions counts, their
-  positions do not add bytes), `top1` (next-token accuracy);
+  UTF-8 bytes of text the kept targets stand for (eval batches' `target_bytes`, from the
+  tokenizer's `byte_lengths`: one per byte token, a BPE token's decoded bytes; the NLL of the
+  EOS predictions counts, special tokens add no bytes), `top1` (next-token accuracy);
 - per teacher, and for 'ensemble' (the equal-weight mixture) with several: `agreement/NAME`
   (token top-1 agreement with the student), `kl/NAME` (KL(teacher || student) at T = 1, nats
   per token), `teacher_ce/NAME` and `teacher_top1/NAME`.
@@ -46,7 +47,7 @@ class LanguageModel(Task):
   def info(self, data_config: Any) -> TaskInfo:
     info = text.get_text_info(data_config)
     return TaskInfo(info.vocab_size, (info.seq_len,), dict(info.num_examples), info,
-                    dict(info.extra))
+                    dict(info.extra), dict(info.counts))
 
   def train_iterator(self, data_config: Any, **kwargs: Any) -> Any:
     return text.train_iterator(data_config, **kwargs)
@@ -94,7 +95,10 @@ class LanguageModel(Task):
     logp = jax.nn.log_softmax(student.logits.astype(jnp.float32), axis=-1)
     pred = jnp.argmax(logp, axis=-1)
     total = lambda x: jnp.sum(mask * x)
-    sums = {"count": jnp.sum(mask), "num_bytes": total(targets < 256),
+    # Batches without `target_bytes` (not from `text.eval_batches`) count byte-level tokens.
+    target_bytes = batch.get("target_bytes")
+    num_bytes = total(targets < 256) if target_bytes is None else total(target_bytes)
+    sums = {"count": jnp.sum(mask), "num_bytes": num_bytes,
             "ce": total(_nll(logp, targets)), "top1": total(pred == targets)}
     names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
     for name in names:

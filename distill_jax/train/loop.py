@@ -186,6 +186,7 @@ class Run:
   teacher_applies: dict[str, ApplyFn]
   on_policy: Any  # A `generate.OnPolicy`, or None.
   eval_step: Callable
+  data_counts: dict[str, Any]  # What reading the data counted (`TaskInfo.counts`), per split.
 
   @property
   def train_step(self) -> Callable:
@@ -295,7 +296,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
              side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
              objective=objective, durations=durations, stages=stages,
              student_apply=student_apply, teacher_applies=teacher_applies,
-             on_policy=on_policy, eval_step=eval_step)
+             on_policy=on_policy, eval_step=eval_step, data_counts=dict(task_info.counts))
 
 
 def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict,
@@ -719,6 +720,8 @@ class _Session:
         "best_step": step if final_is_best else record["best_step"],
         "train_seconds": record["train_seconds"], "skipped_steps": self.guard.skipped,
     }
+    if run.data_counts:  # E.g. a black-box file's records and unmapped alternatives.
+      result["data"] = run.data_counts
     if jax.process_index() == 0:
       write_atomic(os.path.join(self.workdir, "result.json"),
                    json.dumps(result, indent=2, sort_keys=True))
