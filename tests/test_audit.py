@@ -93,6 +93,46 @@ def test_p_values_are_uniform_under_the_null():
   assert np.mean([a != decision.NONE for a in answers]) <= 0.05 + 0.02
 
 
+def test_combine_is_the_t_test_on_the_oriented_mean():
+  """`combine`: the prediction t-test on each model's equal-weight mean of its scores, each
+  oriented so that higher = closer; the student's SE from its bootstrap means."""
+  rng = np.random.default_rng(4)
+  student, controls = rng.normal(size=3), rng.normal(size=(6, 3))
+  higher = [True, False, True]
+  boot = student + 0.01 * rng.normal(size=(50, 3))
+  got = decision.combine(student, controls, higher, boot)
+  sign = np.array([1.0, -1.0, 1.0])
+  s, c = (sign * student).mean(), (sign * controls).mean(axis=1)
+  t = (s - c.mean()) / (c.std(ddof=1) * np.sqrt(1 + 1 / 6))
+  assert got.t == pytest.approx(t) and got.p_value == pytest.approx(stats.t.sf(t, 5))
+  assert got.student == pytest.approx(s) and got.higher_is_closer
+  assert got.student_se == pytest.approx((sign * boot).mean(axis=1).std(ddof=1))
+  assert np.isnan(decision.combine([np.nan, 0.0, 0.0], controls, higher).p_value)
+
+
+@pytest.mark.parametrize("num_controls", [4, 11])
+def test_combined_p_values_are_uniform_under_the_null(num_controls):
+  """Three scores per model, correlated, on different scales and in both directions, drawn
+  alike for the student and the controls: the combined statistic's p ~ U(0, 1), also in the
+  tail Holm uses (alpha / 4), and the decision over 3 candidates accuses at rate <= alpha. (A
+  mean of scores standardised by the controls' sd fails this: 2-3x too many small p with 4
+  controls.)"""
+  rng = np.random.default_rng(5)
+  scale = np.array([0.05, 2.0, 0.3])
+  corr = np.array([[1.0, 0.6, -0.3], [0.6, 1.0, 0.2], [-0.3, 0.2, 1.0]])
+  cov = corr * np.outer(scale, scale)
+  higher = [True, False, True]
+  x = rng.multivariate_normal([0.4, 1.0, -0.2], cov, size=(4000, num_controls + 1))
+  p = np.array([decision.combine(xi[0], xi[1:], higher).p_value for xi in x])
+  assert stats.kstest(p, "uniform").pvalue > 0.01
+  assert abs(np.mean(p < 0.05) - 0.05) < 0.012
+  assert np.mean(p < 0.0125) < 0.0125 + 0.006
+  draws = rng.multivariate_normal(np.zeros(3), cov, size=(1000, 3, num_controls + 1))
+  answers = [decision.decide({c: decision.combine(d[c, 0], d[c, 1:], higher)
+                              for c in range(3)}).answer for d in draws]
+  assert np.mean([a != decision.NONE for a in answers]) <= 0.05 + 0.02
+
+
 def test_synthetic_logits_true_teacher_is_found_and_only_it(monkeypatch):
   """Logits: K candidates and M controls share the task (a common component); the student is
   the true teacher's logits plus noise. Only the true teacher gets p < 0.05."""
@@ -130,6 +170,28 @@ def test_synthetic_logits_true_teacher_is_found_and_only_it(monkeypatch):
   p = {c: result["primary"]["comparisons"][c]["p_value"] for c in teachers}
   assert p["t2"] < 0.05 and all(p[c] > 0.05 for c in teachers if c != "t2"), p
   assert result["answer"] == "t2"
+  # The combined decision: each model's mean of its Spearman contrast and minus its kl_fit
+  # contrast (lower KL = closer), rebuilt here from the per-score means of the report.
+  combined = run_audit(Fixed("student", student_logits),
+                       {n_: Fixed(n_, x) for n_, x in teachers.items()},
+                       {n_: Fixed(n_, x) for n_, x in controls.items()},
+                       input_shape=(1, 1, 1), num_classes=k, probes=("fixed_test",),
+                       primary="fixed_test:spearman,fixed_test:kl_fit")
+  assert combined["answer"] == "t2"
+  assert combined["primary"]["pairs"] == [["fixed_test", "spearman"], ["fixed_test", "kl_fit"]]
+
+  def statistic(model, c):
+    def contrast(score):
+      value = {o: (combined["scores"][o]["fixed_test"][score]["student"] if model == "student"
+                   else combined["scores"][o]["fixed_test"][score]["controls"][model])
+               for o in teachers}
+      return value[c] - np.mean([v for o, v in value.items() if o != c])
+    return (contrast("spearman") - contrast("kl_fit")) / 2
+
+  for c in teachers:
+    got = combined["primary"]["comparisons"][c]
+    assert got["student"] == pytest.approx(statistic("student", c))
+    assert list(got["controls"].values()) == pytest.approx([statistic(m, c) for m in controls])
   student_as_control = run_audit(Fixed("student", model(1.5)),
                                  {n_: Fixed(n_, x) for n_, x in teachers.items()},
                                  {n_: Fixed(n_, x) for n_, x in controls.items()},
@@ -386,8 +448,9 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
 @pytest.mark.parametrize("arg", ["tiny", "cifar10,tiny"])
 def test_benchmark_sweep_validates(arg, tmp_path):
   """experiments/audit_digits, on the digits and in the CIFAR-10 setting: 4 teachers, 5
-  methods x 4 teachers, 4 two-teacher ensembles, 2 x 5 controls; every trial's config (built
-  by the spec file's own get_config) passes the CLI's own validation; nothing is trained."""
+  methods x 4 teachers, 4 two-teacher ensembles, 2 x 12 controls (`controls=N` changes that);
+  every trial's config (built by the spec file's own get_config) passes the CLI's own
+  validation; nothing is trained."""
   from conftest import ROOT
 
   from distill_jax.config import load_config_file
@@ -396,7 +459,8 @@ def test_benchmark_sweep_validates(arg, tmp_path):
   spec = os.path.join(ROOT, "experiments", "audit_digits", "sweep.py")
   trials = load_trials(f"{spec}:{arg}", str(tmp_path))
   stages = [t.stage for t in trials]
-  assert stages.count("teachers") == 4 and stages.count("students") == 34
+  assert stages.count("teachers") == 4 and stages.count("students") == 48
+  assert len(load_trials(f"{spec}:{arg},controls=5", str(tmp_path))) == 4 + 34
   assert all(t.config.startswith(spec + ":") for t in trials)
   ensembles = [t for t in trials if t.labels.get("method") == "ensemble"]
   assert len(ensembles) == 4 and all(t.depends_on and len(t.depends_on) == 2 for t in ensembles)
@@ -412,7 +476,7 @@ def test_benchmark_sweep_validates(arg, tmp_path):
   names = {t.name for t in trials}
   if cifar:
     assert {"resnet56a", "resnet56b", "resnet110", "vgg13", "kd-vgg13-s0",
-            "ensemble-resnet56a_vgg13-s0", "alone-wrn16-2-s4"} <= names
+            "ensemble-resnet56a_vgg13-s0", "alone-wrn16-2-s11"} <= names
     assert load_config_file(f"{spec}:cifar10,ce,resnet56,cifar10").num_epochs == 240.0
   else:
     assert "ensemble-cnn32-64a_mlp256-s0" in names

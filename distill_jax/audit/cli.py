@@ -1,7 +1,7 @@
 """`distill-jax audit`: argument parsing, loading the models, writing the report.
 
     distill-jax audit --student=WORKDIR_OR_EXPORT --candidates=A,B,C --controls=X,Y
-        [--probe=synthetic,disagreement] [--primary=PROBE:SCORE] [--out=DIR]
+        [--probe=synthetic,disagreement] [--primary=PROBE:SCORE[,...]] [--out=DIR]
 
 Parses its own flags (argparse; `distill_jax.main.run` hands it its argv before absl). Every
 candidate and control is loaded from its export and then seen only through its outputs. Bad
@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
                       "(its run's task is language_model): prompts, the default.")
   p.add_argument("--primary", default=None,
                  help="PROBE:SCORE that decides (default: the first probe and spearman; "
-                      "for a language model, kl_t1).")
+                      "for a language model, kl_t1). Several, comma-separated (e.g. "
+                      "disagreement:spearman,synthetic:spearman): the decision is on their "
+                      "mean, equal weights, so give pairs in one unit.")
   p.add_argument("--out", default="audit", help="Directory of the report (default ./audit).")
   p.add_argument("--num_inputs", type=int, default=256, help="Inputs per probe (default 256).")
   p.add_argument("--seed", type=int, default=0, help="Seed of every random choice.")

@@ -15,6 +15,13 @@ inputs (seeded), so that controls that happen to agree exactly do not give an in
 rank p-value (1 + #controls at least as close) / (M + 1) is reported beside it: it assumes
 nothing about the distribution but can never go below 1 / (M + 1).
 
+Several scores (e.g. one score on several probes) decide as one pre-registered statistic:
+each model's mean of its scores, each oriented so that higher = closer, with equal weights fixed
+in advance (`combine`). A fixed linear combination of jointly normal scores is normal, so the
+same t-test stays exact however the scores are correlated; standardising each score by the
+controls' sd first would let the weights fit the controls' noise and make it anti-conservative
+(in simulation, up to 2-3x the nominal false-accusation rate with 4 controls, 1.5x with 11).
+
 The multiple-choice answer tests every candidate on one pre-specified (probe, score) pair, adjusts
 the K p-values with Holm's method (so the chance of accusing any innocent candidate stays <=
 alpha), and answers the candidate with the largest effect among those whose adjusted p < alpha,
@@ -78,6 +85,23 @@ def compare(student: float, controls: Sequence[float], higher_is_closer: bool,
   p_rank = (1.0 + np.sum(oriented >= s)) / (m + 1.0)
   return Comparison(float(student), tuple(float(c) for c in controls), higher_is_closer,
                     float(effect), float(t), p, float(p_rank), float(student_se))
+
+
+def combine(student: Sequence[float], controls: np.ndarray, higher_is_closer: Sequence[bool],
+            student_bootstrap: np.ndarray | None = None) -> Comparison:
+  """`compare` on the equal-weight mean of J oriented scores: `student` [J], `controls` [M, J],
+  `higher_is_closer` [J]; `student_bootstrap` [B, J] the student's scores on resampled
+  inputs (for its standard error). The comparison's values are the oriented means (higher =
+  closer); a NaN among a model's scores makes its statistic NaN."""
+  sign = np.where(np.asarray(higher_is_closer, bool), 1.0, -1.0)
+  student = float(np.mean(sign * np.asarray(student, np.float64)))
+  controls = (sign * np.asarray(controls, np.float64)).mean(axis=1)
+  se = 0.0
+  if student_bootstrap is not None:
+    boot = (sign * np.asarray(student_bootstrap, np.float64)).mean(axis=1)
+    boot = boot[~np.isnan(boot)]
+    se = float(boot.std(ddof=1)) if len(boot) > 1 else 0.0
+  return compare(student, controls, True, se)
 
 
 def holm(p_values: Mapping[str, float]) -> dict[str, float]:

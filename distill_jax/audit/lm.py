@@ -161,7 +161,8 @@ def run_lm_audit(student: Exported | LogitsFn, candidates: Mapping[str, LogitsFn
       their outputs are used (controls: at least 2, trained on the same data without the
       candidates).
     probes: names in `LM_PROBES` (prompts for the models to continue).
-    primary: `PROBE:SCORE` that decides (default: the first probe and `kl_t1`).
+    primary: `PROBE:SCORE[,PROBE:SCORE...]` that decides (default: the first probe and
+      `kl_t1`; several: their mean, as `run.run_audit`).
     probe_settings: per-probe options; `prompts` takes prompt_len, new_tokens, temperature
       (of the models' sampling) and file (see `prompts_probe`).
     pad_id: the token after the written positions while sampling (default: the data set's
@@ -177,8 +178,8 @@ def run_lm_audit(student: Exported | LogitsFn, candidates: Mapping[str, LogitsFn
   for name in probes:
     LM_PROBES.get(name)
   listed = score_list(temperatures)
-  primary_probe, primary_score = _parse_primary(
-      primary, probes, {s.name: s.higher_is_closer for s in listed}, DEFAULT_LM_SCORE)
+  pairs = _parse_primary(primary, probes, {s.name: s.higher_is_closer for s in listed},
+                         DEFAULT_LM_SCORE)
   if len(controls) < 2:
     raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
                      f"(trained on the same data without the candidates), got {len(controls)}.")
@@ -216,7 +217,7 @@ def run_lm_audit(student: Exported | LogitsFn, candidates: Mapping[str, LogitsFn
                               "generated_tokens": int(options["new_tokens"]) * len(
                                   prompts.tokens)}
   return summarise(per_input, listed, student=_Named(name, student), controls=list(controls),
-                   probe_info=probe_info, primary=(primary_probe, primary_score),
+                   probe_info=probe_info, primary=pairs,
                    queries={c: fn.queries for c, fn in candidates.items()}, seed=seed,
                    alpha=alpha, bootstrap=bootstrap, contrast=contrast, t0=t0)
 

@@ -21,11 +21,23 @@ def _fmt(x: Any, digits: int = 3) -> str:
   return str(x)
 
 
+def _decision_name(result: dict[str, Any], with_probe: bool = False) -> str:
+  """The decision statistic's name: `score` (`probe:score`), or for several pairs `mean of
+  (p1:s1, p2:s2)`."""
+  primary = result["primary"]
+  pairs = primary.get("pairs", [[primary["probe"], primary["score"]]])
+  if len(pairs) > 1:
+    return "mean of (" + ", ".join(f"{p}:{s}" for p, s in pairs) + ")"
+  return f"{primary['probe']}:{primary['score']}" if with_probe else primary["score"]
+
+
 def summary(result: dict[str, Any]) -> str:
   """One paragraph: the answer, how confident, on what evidence."""
   primary = result["primary"]
-  n = result["probes"][primary["probe"]]["num_inputs"]
-  basis = (f"{primary['score']} on {n} {primary['probe']} probe inputs, against "
+  basis = (f"{_decision_name(result)} on "
+           + " and ".join(f"{result['probes'][p]['num_inputs']} {p}"
+                          for p in primary["probe"].split("+"))
+           + " probe inputs, against "
            f"{result['num_controls']} control students; Holm-adjusted over "
            f"{len(result['candidates'])} candidates, alpha {result['alpha']}")
   if result["answer"] == NONE:
@@ -36,8 +48,8 @@ def summary(result: dict[str, Any]) -> str:
             f"controls are at the chosen level ({basis}).{near}")
   c = result["answer"]
   s = primary["comparisons"][c]
-  what = (f"{primary['score']} to it minus its mean to the other candidates"
-          if primary["contrast"] else f"{primary['score']} to it")
+  what = (f"{_decision_name(result)} to it minus its mean to the other candidates"
+          if primary["contrast"] else f"{_decision_name(result)} to it")
   return (f"Answer: {c!r}, confidence {_fmt(result['confidence'])} (1 - adjusted p). The "
           f"student's {what} is {_fmt(s['student'])} against "
           f"{_fmt(float(np.mean(list(s['controls'].values()))))} for the controls (effect "
@@ -57,7 +69,7 @@ def markdown(result: dict[str, Any]) -> str:
            "- Probes: " + "; ".join(f"{p} ({i['num_inputs']} inputs"
                                    f"{', labelled' if i['labels'] else ''})"
                                    for p, i in result["probes"].items()),
-           f"- Decision: {primary['probe']}:{primary['score']} "
+           f"- Decision: {_decision_name(result, with_probe=True)} "
            f"({'higher' if primary['higher_is_closer'] else 'lower'} = closer"
            f"{'; each model: to the candidate minus to the others' if primary['contrast'] else ''}"
            "), one-sided "

@@ -37,7 +37,11 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
     probes: names in `PROBES`; every candidate is scored on each.
     primary: `PROBE:SCORE` that decides (default: the first probe and `spearman`, the most
       reliable on the digits benchmark); fixed before looking, so the decision is one test
-      per candidate. All others are reported too, unadjusted.
+      per candidate. All others are reported too, unadjusted. Several pairs,
+      `P1:S1,P2:S2,...`, decide by one pre-registered statistic: each model's mean over the
+      pairs of its (contrast) score, oriented so that higher = closer, with equal fixed
+      weights (so the pairs should share a unit: one score on several probes). Fixed weights
+      keep the test exact (`decision.combine`); weights fitted to the controls would not.
     num_inputs, seed: inputs per probe; the seed of every random choice (probes, bootstrap).
     data_config: the data set (for the `real` probe).
     alpha: the family-wise false-accusation rate of the decision.
@@ -56,7 +60,7 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
     PROBES.get(name)  # Unknown names fail before any work, listing the known ones.
   score_list = scores.score_names(temperatures)
   directions = {s.name: s.higher_is_closer for s in score_list}
-  primary_probe, primary_score = _parse_primary(primary, probes, directions)
+  pairs = _parse_primary(primary, probes, directions)
   if len(controls) < 2:
     raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
                      f"(trained on the same data without the candidates), got {len(controls)}.")
@@ -87,23 +91,24 @@ def run_audit(student: Exported, candidates: Mapping[str, LogitsFn],
           m: scores.per_input_scores(x, candidate_logits[c], reference, temperatures)
           for m, x in [(student.name, student_logits), *control_logits.items()]}
   return summarise(per_input, score_list, student=student, controls=list(controls),
-                   probe_info=probe_info, primary=(primary_probe, primary_score),
+                   probe_info=probe_info, primary=pairs,
                    queries={c: fn.queries for c, fn in candidates.items()}, seed=seed,
                    alpha=alpha, bootstrap=bootstrap, contrast=contrast, t0=t0)
 
 
 def summarise(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]],
               score_list: Sequence[scores.Score], *, student: Any, controls: list[str],
-              probe_info: Mapping[str, Any], primary: tuple[str, str],
+              probe_info: Mapping[str, Any], primary: Sequence[tuple[str, str]],
               queries: Mapping[str, int], seed: int, alpha: float, bootstrap: int,
               contrast: bool, t0: float) -> dict[str, Any]:
   """The calibrated decision and the report's dict from the per-input scores
   `per_input[candidate][probe][model][score]` ([N] each; model: the student's name and every
   control's). Shared by image and language-model audits: only how the scores are made differs.
+  `primary`: the (probe, score) pairs that decide (one, or several averaged).
   """
   candidates = list(per_input)
   directions = {s.name: s.higher_is_closer for s in score_list}
-  primary_probe, primary_score = primary
+  pairs = [tuple(pair) for pair in primary]
   results: dict[str, dict] = {c: {} for c in candidates}
   comparisons: dict[str, dict] = {}
   for p_index, probe_name in enumerate(probe_info):
@@ -120,11 +125,12 @@ def summarise(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.
         table[s.name] = {**dataclasses.asdict(comparison),
                          "controls": dict(zip(controls, comparison.controls, strict=True))}
       results[c][probe_name] = table
-  if contrast and len(candidates) >= 2:
-    primary_comparisons = _contrasts(per_input, primary_probe, primary_score,
-                                     directions[primary_score], student.name, controls,
-                                     bootstrap, seed)
+  use_contrast = bool(contrast and len(candidates) >= 2)
+  if use_contrast or len(pairs) > 1:
+    primary_comparisons = _primary_comparisons(per_input, pairs, directions, student.name,
+                                               controls, bootstrap, seed, use_contrast)
   else:
+    (primary_probe, primary_score), = pairs
     primary_comparisons = {c: comparisons[c][primary_probe][primary_score] for c in candidates}
   verdict = decision.decide(primary_comparisons, alpha)
   return {
@@ -134,9 +140,12 @@ def summarise(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.
       "controls": controls,
       "num_controls": len(controls),
       "probes": dict(probe_info),
-      "primary": {"probe": primary_probe, "score": primary_score,
-                  "higher_is_closer": directions[primary_score],
-                  "contrast": bool(contrast and len(candidates) >= 2),
+      "primary": {"probe": "+".join(dict.fromkeys(p for p, _ in pairs)),
+                  "score": "+".join(dict.fromkeys(s for _, s in pairs)),
+                  "pairs": [list(pair) for pair in pairs],
+                  # Several pairs: the mean of the oriented scores, so higher = closer.
+                  "higher_is_closer": directions[pairs[0][1]] if len(pairs) == 1 else True,
+                  "contrast": use_contrast,
                   "comparisons": {c: {**dataclasses.asdict(x), "controls": dict(zip(
                       controls, x.controls, strict=True))}
                                   for c, x in primary_comparisons.items()}},
@@ -155,44 +164,67 @@ def summarise(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.
   }
 
 
-def _contrasts(per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]],
-               probe: str, score: str, higher_is_closer: bool, student: str,
-               controls: list[str], bootstrap: int, seed: int
-               ) -> dict[str, decision.Comparison]:
-  """Per candidate c, the comparison of (mean score to c) - (mean over the other candidates of
-  the mean score to them), for the student against the controls. Means, not per-input
-  differences: `mistakes` is defined on different inputs for each candidate. The student's
-  standard error resamples the inputs (seeded) and recomputes the whole contrast."""
+def _primary_comparisons(
+    per_input: Mapping[str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]],
+    pairs: Sequence[tuple[str, str]], directions: Mapping[str, bool], student: str,
+    controls: list[str], bootstrap: int, seed: int, contrast: bool
+) -> dict[str, decision.Comparison]:
+  """Per candidate c, the comparison of the student with the controls on the decision
+  statistic: for one (probe, score) pair, the model's mean score to c minus the mean over the
+  other candidates of its mean score to them (`contrast`; else the mean score to c); for
+  several pairs, the mean over the pairs of that quantity, each oriented so that higher =
+  closer (`decision.combine`). Means, not per-input differences: `mistakes` is defined on
+  different inputs for each candidate. The student's standard error resamples every probe's
+  inputs (seeded, each probe on its own) and recomputes the whole statistic."""
   candidates = list(per_input)
+  probes = list(dict.fromkeys(p for p, _ in pairs))
 
-  def contrast(model: str, c: str, rows: np.ndarray | slice = slice(None)) -> float:
+  def value(model: str, c: str, probe: str, score: str, rows: np.ndarray | slice) -> float:
     own = _nanmean(per_input[c][probe][model][score][rows])
+    if not contrast:
+      return own
     others = [_nanmean(per_input[o][probe][model][score][rows]) for o in candidates if o != c]
     return own - float(np.nanmean(others)) if np.any(~np.isnan(others)) else float("nan")
 
-  n = len(per_input[candidates[0]][probe][student][score])
+  def statistic(model: str, c: str, rows: Mapping[str, np.ndarray | slice]) -> np.ndarray:
+    return np.array([value(model, c, p, s, rows[p]) for p, s in pairs])
+
+  sizes = {p: len(per_input[candidates[0]][p][student][pairs[0][1]]) for p in probes}
   rng = np.random.default_rng((seed, 9973))
-  samples = [rng.integers(0, n, n) for _ in range(min(bootstrap, 200))]
+  samples = [{p: rng.integers(0, sizes[p], sizes[p]) for p in probes}
+             for _ in range(min(bootstrap, 200))]
+  everything = {p: slice(None) for p in probes}
+  higher = [directions[s] for _, s in pairs]
   out = {}
   for c in candidates:
-    boot = np.array([contrast(student, c, rows) for rows in samples])
-    boot = boot[~np.isnan(boot)]
-    se = float(boot.std(ddof=1)) if len(boot) > 1 else 0.0
-    out[c] = decision.compare(contrast(student, c), [contrast(m, c) for m in controls],
-                              higher_is_closer, se)
+    student_value = statistic(student, c, everything)
+    control_values = np.stack([statistic(m, c, everything) for m in controls])
+    boot = np.stack([statistic(student, c, rows) for rows in samples])
+    if len(pairs) == 1:
+      boot = boot[:, 0][~np.isnan(boot[:, 0])]
+      se = float(boot.std(ddof=1)) if len(boot) > 1 else 0.0
+      out[c] = decision.compare(student_value[0], control_values[:, 0], higher[0], se)
+    else:
+      out[c] = decision.combine(student_value, control_values, higher, boot)
   return out
 
 
 def _parse_primary(primary: str | None, probes: list[str], directions: Mapping[str, bool],
-                   default_score: str = DEFAULT_SCORE) -> tuple[str, str]:
+                   default_score: str = DEFAULT_SCORE) -> list[tuple[str, str]]:
+  """`PROBE:SCORE[,PROBE:SCORE...]` (None: the first probe and `default_score`) -> the pairs."""
   if primary is None:
-    return probes[0], default_score
-  probe, _, score = primary.partition(":")
-  if probe not in probes or score not in directions:
-    raise AuditError(f"--primary={primary!r}: expected PROBE:SCORE with PROBE one of the "
-                     f"audit's probes ({', '.join(probes)}) and SCORE one of "
-                     f"{', '.join(directions)}.")
-  return probe, score
+    return [(probes[0], default_score)]
+  pairs = []
+  for item in primary.split(","):
+    probe, _, score = item.strip().partition(":")
+    if probe not in probes or score not in directions:
+      raise AuditError(f"--primary={primary!r}: expected PROBE:SCORE[,PROBE:SCORE...] with "
+                       f"PROBE one of the audit's probes ({', '.join(probes)}) and SCORE one "
+                       f"of {', '.join(directions)}.")
+    pairs.append((probe, score))
+  if len(set(pairs)) < len(pairs):
+    raise AuditError(f"--primary={primary!r}: a PROBE:SCORE pair is listed twice.")
+  return pairs
 
 
 def _nanmean(values: np.ndarray) -> float:

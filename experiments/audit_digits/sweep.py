@@ -14,13 +14,15 @@ alone (CE) with `CONTROLS` seeds: the audit's null. `table.py` audits every stud
 the 4 teachers (and every control against them, its controls being the other controls of its
 architecture) and writes the detection table.
 
-Arg: `[DATA][,SEEDS][,tiny][,epochs=E]`: DATA `digits` (default: the embedded digits,
-configs/digits.py, minutes on a CPU) or `cifar10` (the paper's setting: configs/cifar_kd.py's
-CIFAR-10 recipe, ResNet/VGG teachers and ResNet/WRN students, on a GPU; needs
-`python scripts/prepare_data.py cifar10 --data_dir=$DATA` and `--set=data.data_dir=$DATA`);
-SEEDS (default 1) student seeds per (teacher, method); `tiny` makes every run a few steps
-(tests); `epochs=E` every run's epochs (default: the data set's, 15 or 240); `only=M1-M2`
-only the students of these methods (`ensemble` included), with the teachers and controls.
+Arg: `[DATA][,SEEDS][,tiny][,epochs=E][,only=M1-M2][,controls=N]`: DATA `digits` (default:
+the embedded digits, configs/digits.py, minutes on a CPU) or `cifar10` (the paper's setting:
+configs/cifar_kd.py's CIFAR-10 recipe, ResNet/VGG teachers and ResNet/WRN students, on a GPU;
+needs `python scripts/prepare_data.py cifar10 --data_dir=$DATA` and
+`--set=data.data_dir=$DATA`); SEEDS (default 1) student seeds per (teacher, method); `tiny`
+makes every run a few steps (tests); `epochs=E` every run's epochs (default: the data set's, 15
+or 240); `only=M1-M2` only the students of these methods (`ensemble` included), with the
+teachers and controls; `controls=N` control students per student architecture (default
+`CONTROLS`, 12).
 
 This file is also the sweep's config file (`get_config`): it hands each run to
 configs/digits.py or configs/cifar_kd.py and adds the second teacher of the ensemble students.
@@ -84,7 +86,7 @@ DATASETS = {
         "epochs": 240.0,
     },
 }
-CONTROLS = 5
+CONTROLS = 12  # Control students per student architecture (the arg's `controls=N`).
 ENSEMBLE = "ensemble"  # The method label of the 2-teacher students.
 # Kept for table.py and older readers: the digits setting.
 TEACHERS = DATASETS["digits"]["teachers"]
@@ -144,6 +146,8 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
   epochs = next((float(o[len("epochs="):]) for o in options if o.startswith("epochs=")),
                 setting["epochs"])
   tiny = ",tiny" if "tiny" in options else ""
+  num_controls = next((int(o[len("controls="):]) for o in options
+                       if o.startswith("controls=")), CONTROLS)
   only = next((o[len("only="):].split("-") for o in options if o.startswith("only=")),
               [*setting["methods"], ENSEMBLE])
   unknown = set(only) - {*setting["methods"], ENSEMBLE}
@@ -194,7 +198,7 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
                         **(teacher_overrides("teacher", first_teacher)
                            if data == "digits" else {})},
                        {"role": "control", "method": "alone", "arch": label})
-              for label, (model, _) in students_.items() for seed in range(CONTROLS)]
+              for label, (model, _) in students_.items() for seed in range(num_controls)]
   stages = {"teachers": teachers, "students": [*students, *controls]}
   stages = {k: sw.with_overrides(v, {"num_epochs": epochs}) for k, v in stages.items()}
   return sw.Sweep(stages=stages, config="sweep.py")  # This file: `get_config` above.

@@ -1,18 +1,21 @@
 r"""Audits every student and control of the audit_digits sweep; writes the detection table.
 
     python experiments/audit_digits/table.py --root=runs/audit_digits [--num_inputs=256] \
-        [--data=cifar10 --data_dir=$DATA]
+        [--controls=12] [--data=cifar10 --data_dir=$DATA]
 
 For each distilled student: the audit (probes disagreement, synthetic and real; the default
-decision, disagreement:spearman with the contrast) against the 4 candidate teachers, with the 5
-control students of its architecture; for each control: the same against the other 4 controls
-(leave-one-out), where any answer but "none" is a false accusation. Baselines, which always
+decision, disagreement:spearman with the contrast) against the 4 candidate teachers, with the N
+control students of its architecture (`--controls`, default the sweep's `CONTROLS`: the first N
+seeds); for each control: the same against the other N - 1 controls (leave-one-out), where any
+answer but "none" is a false accusation. Beside it, from the same scores, the decision on the
+combined statistic `COMBINED` (the mean of the Spearman contrasts on the disagreement and the
+synthetic probe; `run_audit`'s several-pair `primary`). Baselines, which always
 name a candidate (no "none"): the candidate with the highest top-1 agreement with the student on
 real held-out data (the natural baseline of Shi et al.), and the candidate with the highest
 Spearman correlation on the disagreement probe without controls. A 2-teacher ensemble student
 has two true teachers: an answer naming either of them counts as correct (the table says so).
 Writes ROOT/audit_table.md and
-ROOT/audit_table.json and prints the table.
+ROOT/audit_table.json (with N other than `CONTROLS`: audit_table_controlsN.*) and prints them.
 """
 
 import argparse
@@ -23,13 +26,21 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from distill_jax import data as data_lib  # noqa: E402
 from distill_jax.audit import load_exported, query_only, run_audit  # noqa: E402
+from distill_jax.audit import run as audit_run  # noqa: E402
+from distill_jax.audit import scores as audit_scores  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep as spec  # noqa: E402
+
+# The second, pre-registered decision statistic (chosen before the 12-control run was looked
+# at): one score in one unit, the default primary's, on both default probes, equal weights.
+COMBINED = (("disagreement", "spearman"), ("synthetic", "spearman"))
 
 
 def final_export(workdir):
@@ -48,12 +59,16 @@ def main(argv=None):
                  help="The sweep's data set (its arg's DATA).")
   p.add_argument("--data_dir", default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--controls", type=int, default=spec.CONTROLS,
+                 help="Control students per architecture: the first N seeds of the sweep's.")
   p.add_argument("--table_only", action="store_true",
                  help="Only re-make the table from ROOT/audit_table.json (no audits).")
   args = p.parse_args(argv)
+  stem = os.path.join(args.root, "audit_table" + (
+      "" if args.controls == spec.CONTROLS else f"_controls{args.controls}"))
   if args.table_only:
-    with open(os.path.join(args.root, "audit_table.json")) as f:
-      print(summarise(json.load(f)["rows"]))
+    with open(stem + ".json") as f:
+      print(tables(json.load(f)["rows"]))
     return
   t0 = time.time()
   setting = spec.DATASETS[args.data]
@@ -65,7 +80,7 @@ def main(argv=None):
               for n in setting["teachers"]}
   controls = {arch: {f"alone-{arch}-s{s}": query_only(load_exported(
       os.path.join(args.root, f"alone-{arch}-s{s}"), shape, f"alone-{arch}-s{s}"))
-      for s in range(spec.CONTROLS)} for arch in setting["students"]}
+      for s in range(args.controls)} for arch in setting["students"]}
   jobs = []  # (name, method, arch, true teacher(s) joined by '_', or None)
   for path in sorted(glob.glob(os.path.join(args.root, "*", "trial.json"))):
     name = os.path.basename(os.path.dirname(path))
@@ -85,20 +100,46 @@ def main(argv=None):
                        num_inputs=args.num_inputs, seed=args.seed, data_config=data_config)
     real_top1 = {c: result["scores"][c]["real"]["top1"]["student"] for c in teachers}
     raw_rho = {c: result["scores"][c]["disagreement"]["spearman"]["student"] for c in teachers}
+    combined = audit_run.summarise(
+        result["_per_input"], audit_scores.score_names(), student=student,
+        controls=result["controls"], probe_info=result["probes"], primary=COMBINED,
+        queries=result["queries"], seed=args.seed, alpha=result["alpha"],
+        bootstrap=result["bootstrap"], contrast=True, t0=time.time())
+    primary = result["primary"]["comparisons"]
     rows.append({"student": name, "method": method, "arch": arch, "teacher": teacher,
                  "answer": result["answer"], "adjusted_p": result["adjusted_p"],
-                 "effect": {c: x["effect"] for c, x in result["primary"]["comparisons"].items()},
+                 "effect": {c: x["effect"] for c, x in primary.items()},
+                 # The sd floor (the student's bootstrap SE) binds where se > the controls' sd.
+                 "student_se": {c: x["student_se"] for c, x in primary.items()},
+                 "control_sd": {c: float(np.std(list(x["controls"].values()), ddof=1))
+                                for c, x in primary.items()},
+                 "answer_combined": combined["answer"],
+                 "adjusted_p_combined": combined["adjusted_p"],
+                 "effect_combined": {c: x["effect"] for c, x in
+                                     combined["primary"]["comparisons"].items()},
                  "baseline_real_top1": max(real_top1, key=real_top1.get),
                  "baseline_spearman": max(raw_rho, key=raw_rho.get)})
-    print(f"{name}: answer {result['answer']} (true {teacher}), baselines "
-          f"{rows[-1]['baseline_real_top1']} / {rows[-1]['baseline_spearman']}", flush=True)
-  table = summarise(rows)
-  with open(os.path.join(args.root, "audit_table.json"), "w") as f:
+    print(f"{name}: answer {result['answer']}, combined {combined['answer']} (true "
+          f"{teacher}), baselines {rows[-1]['baseline_real_top1']} / "
+          f"{rows[-1]['baseline_spearman']}", flush=True)
+  table = tables(rows)
+  with open(stem + ".json", "w") as f:
     json.dump({"rows": rows, "num_inputs": args.num_inputs, "seed": args.seed,
+               "controls": args.controls, "combined": [list(x) for x in COMBINED],
                "seconds": round(time.time() - t0)}, f, indent=2)
-  with open(os.path.join(args.root, "audit_table.md"), "w") as f:
+  with open(stem + ".md", "w") as f:
     f.write(table)
   print(table)
+
+
+def tables(rows):
+  """The table of the default decision and, where the rows have it, of the combined one."""
+  out = summarise(rows)
+  if rows and "answer_combined" in rows[0]:
+    name = " + ".join(f"{p}:{s}" for p, s in COMBINED)
+    out += f"\nCombined decision (mean of {name} contrasts):\n\n" + summarise(
+        rows, suffix="_combined")
+  return out
 
 
 def true_teachers(row):
@@ -111,13 +152,15 @@ def forced(row):
   return max(row["effect"], key=lambda c: row["effect"][c])
 
 
-def summarise(rows):
-  """Per method: detection accuracy (answer = the true teacher; for an ensemble student,
-  either of its two), "none" and wrong-teacher answers; for controls: false accusations (any
+def summarise(rows, suffix=""):
+  """The table of the rows' decision `answer{suffix}` (forced choice: `effect{suffix}`). Per
+  method: detection accuracy (answer = the true teacher; for an ensemble student, either of its
+  two), "none" and wrong-teacher answers; for controls: false accusations (any
   answer but none). Baselines likewise."""
   by = collections.defaultdict(list)
   for r in rows:
-    by[r["method"]].append(r)
+    by[r["method"]].append({**r, "answer": r["answer" + suffix],
+                            "effect": r["effect" + suffix]})
   lines = ["| students | n | audit: correct | audit: none | audit: wrong teacher | "
            "audit forced choice: correct | baseline real top-1: correct | "
            "baseline spearman (no controls): correct |",
