@@ -24,7 +24,8 @@ per-token top-k log-probabilities: CE 0.5 + `token_sparse_topk_kd` 0.5):
 Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, gkd, sequence,
 blackbox_text, blackbox_topk}; `gkd,warm` first trains the student with CE alone for half the
 run (a stage `warm`, on the corpus), then on-policy for the other half, as GKD starts from a
-supervised student; `sequence,kd` adds token KD from the live teacher. `tiny` shrinks
+supervised student (`ce,warm`: the same two stages with CE in both, its control for the
+schedule); `sequence,kd` adds token KD from the live teacher. `tiny` shrinks
 the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
 `result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
 teacher-student KL are reported beside it (`final`).
@@ -81,10 +82,10 @@ def hidden_terms(student: dict, teacher: dict) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   role, *options = (arg or "fkl").split(",")
-  allowed = {"tiny", {"sequence": "kd", "gkd": "warm"}.get(role, "tiny")}
+  allowed = {"tiny", {"sequence": "kd", "gkd": "warm", "ce": "warm"}.get(role, "tiny")}
   if role not in ROLES or set(options) - allowed:
     raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
-                     f"{list(ROLES)} (sequence also takes ',kd', gkd ',warm').")
+                     f"{list(ROLES)} (sequence also takes ',kd'; gkd and ce ',warm').")
   tiny = "tiny" in options
   c = base_config()
   c.task = "language_model"

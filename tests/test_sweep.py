@@ -171,14 +171,14 @@ CRD = os.path.join(ROOT, "experiments", "crd_cifar100", "sweep.py")
 
 def test_lm_mini_expands_and_every_trial_validates(tmp_path):
   """The committed lm_mini spec: the teacher (4 epochs); the scripts that write its cache, its
-  completions and the held-out text; 13 students x 2 seeds of 1 epoch, each waiting for what it
+  completions and the held-out text; 14 students x 2 seeds of 1 epoch, each waiting for what it
   reads; every trial validated; `tiny` keeps the configs' own few steps; `only=` keeps the
   students named and the outputs they read."""
   root = str(tmp_path)
   trials = load_trials(f"{LM_MINI}:2", root)
   names = [t.name for t in trials]
   assert names[:6] == ["teacher", "cache", "completions", "heldout", "ce-s0", "ce-s1"]
-  assert len(trials) == 1 + 3 + 13 * 2
+  assert len(trials) == 1 + 3 + 14 * 2
   deps = {t.name: set(t.depends_on) for t in trials}
   assert deps["cache"] == deps["completions"] == {"teacher"} and deps["heldout"] == set()
   assert deps["topk_cache-s1"] == {"cache", "teacher"} and deps["fkl-s0"] == {"teacher"}
@@ -192,9 +192,12 @@ def test_lm_mini_expands_and_every_trial_validates(tmp_path):
   assert {"token_fkl", "token_hidden_mse"} <= set(hidden.losses)
   assert (parsed["gkd-s0"].on_policy.fraction, parsed["gkd1-s1"].on_policy.fraction) == (0.5, 1)
   assert set(parsed["gkd1-s1"].losses) == {"token_jsd"} and parsed["gkd1-s1"].seed == 1
-  warm = parsed["gkd_warm-s0"]
-  assert (warm.num_epochs, warm.stages.warm.num_epochs, set(warm.stages.warm.losses)) == (
-      0.5, 0.5, {"token_ce"})
+  for name in ("gkd_warm-s0", "ce_warm-s1"):  # GKD after a CE warm start, and its control.
+    warm = parsed[name]
+    assert (warm.num_epochs, warm.stages.warm.num_epochs, set(warm.stages.warm.losses)) == (
+        0.5, 0.5, {"token_ce"})
+  assert set(parsed["ce_warm-s1"].losses) == {"token_ce"}
+  assert parsed["sequence-s0"].num_steps == parsed["blackbox_topk-s1"].num_steps == 105
   assert hidden.teachers.teacher.checkpoint == os.path.join(root, "teacher")
   assert parsed["topk_cache-s0"].teachers.teacher.cache == os.path.join(root, "cache", "teacher")
   assert parsed["sequence-s1"].data.train_files == os.path.join(root, "completions",

@@ -12,7 +12,8 @@ Stage `students`: the 2-layer width-64 student of `configs/lm.py` trained alone 
 distilled by forward KL, reverse KL, JSD(0.5), skew KL, top-k KD (k 16, from the live teacher),
 forward KL plus hidden-state MSE and attention KL (`hidden`), top-k KD from the teacher's cache
 (`topk_cache`), on-policy GKD with lambda 0.5 (`gkd`) and 1.0 (`gkd1`) and after a CE warm
-start (`gkd_warm`: CE for half the run, then GKD lambda 0.5), and from the teacher's file:
+start (`gkd_warm`: CE for half the run, then GKD lambda 0.5; `ce_warm`, its control, CE in
+both halves), and from the teacher's file (as many steps as the others):
 sequence-level KD (`sequence`, CE on its completions) and black-box top-k (`blackbox_topk`,
 its text and top-8 log-probs), each with seeds 0..N-1. The file students are scored on the
 held-out rows written as a file.
@@ -34,6 +35,7 @@ OTHERS = {
     "gkd": ("gkd", {}),  # Lambda 0.5, the role's default.
     "gkd1": ("gkd", {"on_policy.fraction": 1.0}),  # Every batch the student's own text.
     "gkd_warm": ("gkd,warm", {}),
+    "ce_warm": ("ce,warm", {}),  # gkd_warm's control: the same two stages, CE in both.
     "sequence": ("sequence", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
                               "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
     "blackbox_topk": ("blackbox_topk", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
@@ -42,6 +44,18 @@ OTHERS = {
 NO_TEACHER = ("blackbox_topk",)  # Trained on the file alone: no teacher at evaluation either.
 # The teacher's file: 1800 training rows' first 32 tokens continued by 96 (the rows are 128).
 COMPLETIONS = {"num_prompts": 1800, "prompt_len": 32, "max_new_tokens": 96, "top_logprobs": 8}
+CORPUS_STEPS = 105  # One epoch of the corpus' 3360 training rows at batch 32.
+
+
+def retime(method: str, epochs: float) -> dict:
+  """The run length of a student beside `length`'s: the warm-started ones split it in two
+  halves (the CE stage, then the main one); the file students run as many steps as the corpus
+  students (their 1800 records are about half the corpus' rows)."""
+  if method.endswith("_warm"):
+    return {"num_epochs": epochs / 2, "stages.warm.num_epochs": epochs / 2}
+  if method in ("sequence", "blackbox_topk"):
+    return {"num_steps": round(CORPUS_STEPS * epochs)}
+  return {}
 
 
 def get_sweep(arg: str | None = None) -> sw.Sweep:
@@ -64,10 +78,8 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
     points = sw.product(sw.args("method", {name: role}), sw.seeds(num_seeds), size)
     teacher = {} if name in NO_TEACHER else {"teachers.teacher.checkpoint": "{ROOT}/teacher"}
     students += sw.with_overrides(points, {**overrides, **teacher, **length(epochs)})
-  if "gkd_warm" in only and not tiny:  # Its two halves: the warm stage and the main stage.
-    students = [sw.with_overrides([p], {"num_epochs": epochs / 2,
-                                        "stages.warm.num_epochs": epochs / 2})[0]
-                if p.labels["method"] == "gkd_warm" else p for p in students]
+  if not tiny:
+    students = [sw.with_overrides([p], retime(p.labels["method"], epochs))[0] for p in students]
   outputs = []
   if "topk_cache" in only:  # Text is never augmented: one cache serves every seed.
     outputs += sw.script("cache", "../../scripts/cache_teacher.py", {
