@@ -171,14 +171,14 @@ CRD = os.path.join(ROOT, "experiments", "crd_cifar100", "sweep.py")
 
 def test_lm_mini_expands_and_every_trial_validates(tmp_path):
   """The committed lm_mini spec: the teacher (4 epochs); the scripts that write its cache, its
-  completions and the held-out text; 14 students x 2 seeds of 1 epoch, each waiting for what it
+  completions and the held-out text; 15 students x 2 seeds of 1 epoch, each waiting for what it
   reads; every trial validated; `tiny` keeps the configs' own few steps; `only=` keeps the
   students named and the outputs they read."""
   root = str(tmp_path)
   trials = load_trials(f"{LM_MINI}:2", root)
   names = [t.name for t in trials]
   assert names[:6] == ["teacher", "cache", "completions", "heldout", "ce-s0", "ce-s1"]
-  assert len(trials) == 1 + 3 + 14 * 2
+  assert len(trials) == 1 + 3 + 15 * 2
   deps = {t.name: set(t.depends_on) for t in trials}
   assert deps["cache"] == deps["completions"] == {"teacher"} and deps["heldout"] == set()
   assert deps["topk_cache-s1"] == {"cache", "teacher"} and deps["fkl-s0"] == {"teacher"}

@@ -14,9 +14,10 @@ forward KL plus hidden-state MSE and attention KL (`hidden`), top-k KD from the 
 (`topk_cache`), on-policy GKD with lambda 0.5 (`gkd`) and 1.0 (`gkd1`) and after a CE warm
 start (`gkd_warm`: CE for half the run, then GKD lambda 0.5; `ce_warm`, its control, CE in
 both halves), and from the teacher's file (as many steps as the others):
-sequence-level KD (`sequence`, CE on its completions) and black-box top-k (`blackbox_topk`,
-its text and top-8 log-probs), each with seeds 0..N-1. The file students are scored on the
-held-out rows written as a file.
+sequence-level KD (`sequence`, CE on its completions), black-box text only (`blackbox_text`:
+the same training with no teacher at hand, not even at evaluation) and black-box top-k
+(`blackbox_topk`, its text and top-8 log-probs), each with seeds 0..N-1. The file students
+are scored on the held-out rows written as a file.
 
 Arg: `[SEEDS][,tiny][,epochs=E][,only=M1-M2]`: SEEDS (default 3) seeds per method; `tiny` makes
 every run a few steps (tests); `epochs=E` the students' epochs over the corpus (default 1, as in
@@ -38,10 +39,14 @@ OTHERS = {
     "ce_warm": ("ce,warm", {}),  # gkd_warm's control: the same two stages, CE in both.
     "sequence": ("sequence", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
                               "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
+    "blackbox_text": ("blackbox_text", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
+                                        "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
     "blackbox_topk": ("blackbox_topk", {"data.train_files": "{ROOT}/completions/teacher.jsonl",
                                         "data.eval_files": "{ROOT}/heldout/heldout.jsonl"}),
 }
-NO_TEACHER = ("blackbox_topk",)  # Trained on the file alone: no teacher at evaluation either.
+FILE_STUDENTS = ("sequence", "blackbox_text", "blackbox_topk")
+# Trained on the file alone: no teacher at evaluation either.
+NO_TEACHER = ("blackbox_text", "blackbox_topk")
 # The teacher's file: 1800 training rows' first 32 tokens continued by 96 (the rows are 128).
 COMPLETIONS = {"num_prompts": 1800, "prompt_len": 32, "max_new_tokens": 96, "top_logprobs": 8}
 CORPUS_STEPS = 105  # One epoch of the corpus' 3360 training rows at batch 32.
@@ -53,7 +58,7 @@ def retime(method: str, epochs: float) -> dict:
   students (their 1800 records are about half the corpus' rows)."""
   if method.endswith("_warm"):
     return {"num_epochs": epochs / 2, "stages.warm.num_epochs": epochs / 2}
-  if method in ("sequence", "blackbox_topk"):
+  if method in FILE_STUDENTS:
     return {"num_steps": round(CORPUS_STEPS * epochs)}
   return {}
 
@@ -85,7 +90,7 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
     outputs += sw.script("cache", "../../scripts/cache_teacher.py", {
         "config": f"{CONFIG}:topk{',tiny' if tiny else ''}", "cache_dir": "{TRIAL}",
         "top_k": 16, "config.teachers.teacher.checkpoint": "{ROOT}/teacher"})
-  if {"sequence", "blackbox_topk"} & set(only):
+  if set(FILE_STUDENTS) & set(only):
     data = {"config": f"{CONFIG}:teacher{',tiny' if tiny else ''}"}
     outputs += sw.script("completions", "../../scripts/generate.py", {
         "workdir": "{ROOT}/teacher", **data, "config.data.eval_split": "train",
