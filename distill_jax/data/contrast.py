@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from distill_jax.data.sources import SourceRef, config_field
-from distill_jax.data.transforms import hash_keys, mix64
+from distill_jax.data.transforms import GOLDEN, hash_keys, mix64
 
 POSITIVES = ("self", "same_class")
 _STREAM_CONTRAST = 3  # Streams 1 and 2 are transforms.STREAM_SHUFFLE and STREAM_AUGMENT.
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def class_contrast_indices(labels: np.ndarray, num_negatives: int, seed: int,
@@ -82,7 +81,7 @@ class ClassContrastIndices:
     ids = np.asarray(ids, np.int64)
     base = hash_keys(self.seed, _STREAM_CONTRAST, epoch, ids)  # [n]: one stream per example.
     columns = np.arange(self.num_negatives + 1, dtype=np.uint64)
-    bits = mix64(base[:, None] + (columns + np.uint64(1)) * _GOLDEN)  # [n, 1 + K]
+    bits = mix64(base[:, None] + (columns + np.uint64(1)) * np.uint64(GOLDEN))  # [n, 1 + K]
     s, c = self.start[ids][:, None], self.count[ids][:, None]
     # Uniform over the other classes: a position among the N - n_c others, skipping the block
     # [s, s + n_c) of the anchor's class in `order`.

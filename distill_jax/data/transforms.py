@@ -56,7 +56,7 @@ def normalize_images(images: np.ndarray, pixel_max: float, mean: Sequence[float]
   return (images.astype(np.float32) * scale - mean) * inv_std
 
 
-_GOLDEN = 0x9E3779B97F4A7C15
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: the hashes' odd increment.
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -71,7 +71,7 @@ def hash_keys(*keys: int | np.ndarray) -> np.ndarray:
   arrays = [np.atleast_1d(np.asarray(k % 2**64 if isinstance(k, int) else k)).astype(np.uint64)
             for k in keys]
   arrays = np.broadcast_arrays(*arrays)
-  h = np.full(arrays[0].shape, _GOLDEN, np.uint64)
+  h = np.full(arrays[0].shape, GOLDEN, np.uint64)
   for a in arrays:  # 1-D+ arrays: uint64 arithmetic wraps silently, as intended.
-    h = mix64(h ^ (a + np.uint64(_GOLDEN)))
+    h = mix64(h ^ (a + np.uint64(GOLDEN)))
   return h

@@ -95,10 +95,7 @@ class LanguageModel(Task):
     logp = jax.nn.log_softmax(student.logits.astype(jnp.float32), axis=-1)
     pred = jnp.argmax(logp, axis=-1)
     total = lambda x: jnp.sum(mask * x)
-    # Batches without `target_bytes` (not from `text.eval_batches`) count byte-level tokens.
-    target_bytes = batch.get("target_bytes")
-    num_bytes = total(targets < 256) if target_bytes is None else total(target_bytes)
-    sums = {"count": jnp.sum(mask), "num_bytes": num_bytes,
+    sums = {"count": jnp.sum(mask), "num_bytes": total(batch["target_bytes"]),
             "ce": total(_nll(logp, targets)), "top1": total(pred == targets)}
     names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
     for name in names:

@@ -544,6 +544,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: Run, stop: Stop
     session.close()
 
 
+def _best_key(task: tasks.Task) -> str:
+  """The `result.json` key of the best headline: 'best_top1' for classification."""
+  return f"best_{task.headline}"
+
+
 @dataclasses.dataclass
 class _Session:
   """A run under way in its workdir: the state and where it is, and what it reads and writes
@@ -570,7 +575,7 @@ class _Session:
 
   @property
   def best_key(self) -> str:
-    return f"best_{self.run.task.headline}"  # 'best_top1' for classification.
+    return _best_key(self.run.task)
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict, workdir: str, run: Run) -> _Session:
@@ -583,7 +588,7 @@ class _Session:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.keep_checkpoints,
                                 every_steps=run.durations.checkpoint_every)
-    record = {"history": [], f"best_{task.headline}": -1.0 if task.higher_is_better else math.inf,
+    record = {"history": [], _best_key(task): -1.0 if task.higher_is_better else math.inf,
               "best_step": 0, "train_seconds": 0.0, "skipped_steps": 0, "consecutive_skips": 0}
     latest = checkpointer.latest_good_step()
     if latest is None:
