@@ -131,6 +131,12 @@ def test_teacher_tokens_align_with_a_bpe_student_by_offsets(tmp_path):
   assert counts == blackbox.MappingCounts(records=2, entries=11, unmapped=5, positions=5,
                                           empty_positions=2, unaligned=2)
   assert counts.summary()["unaligned_teacher_tokens"] == 2
+  # Cut after one position, 'é' keeps its first piece (0xC3 is that position's target) and
+  # loses the second with the token 0xA9 that holds it, though both tokens start at char 0.
+  rows, counts = blackbox.build_rows(records[1:], student, seq_len=1)
+  np.testing.assert_array_equal(rows["topk_valid"], [[[1, 0]]])
+  assert counts == blackbox.MappingCounts(records=1, truncated=1, entries=2, unmapped=1,
+                                          positions=1)
 
 
 def test_alternatives_merge_by_first_token_and_the_loss_keeps_the_rest():

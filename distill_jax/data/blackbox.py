@@ -18,24 +18,39 @@ records are counted) and padded. The loss mask is 1 only where the target is a c
 token or the final EOS: the student learns to write the completion, not the prompt
 (sequence-level KD, Kim and Rush 2016).
 
-Log-probabilities. Teacher token i starts at a character offset of the completion; its
-log-probabilities apply at the student's position that predicts the first student token of
-that offset (for the byte tokenizer: the token's first byte). An alternative maps to the
-student's vocabulary when it is exactly one student token (for the byte-level student: one
-byte; otherwise the student's tokenizer encodes it as one token that decodes back to it);
-alternatives that do not map are counted, never silently dropped, and so are teacher tokens
-with no mapped alternative. With a byte-level student, one-byte alternatives map and longer
-ones (whole words of an API's tokenizer, named special tokens) do not. A special token in
-`tokens` (`<bos>`, `<eos>`, `<pad>`: no text) has no student position; its alternatives count
-as unmapped. The
-rows carry `topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] and `topk_valid` float32
-[L, K] (K = the file's largest k) for `token_sparse_topk_kd`.
+Log-probabilities. Teacher and student tokens meet at offsets of the completion: the
+student's tokenizer encodes the completion once with offsets (`encode_with_offsets`: bytes
+for the byte-level student, which reads the teacher's exact bytes; characters for an HF
+tokenizer), and teacher token i starts at the offset where its predecessors' bytes end. When
+a student token starts there, teacher token i's log-probabilities apply at the position
+that predicts that student token. When none does (the teacher token starts inside a student
+token, e.g. teacher 'a', 'b' under a student that writes 'ab' as one token: 'b' starts inside
+it), teacher token i has no student position: it is counted (`unaligned`) and nothing of it
+is written. So no position is written twice. A special token in `tokens` (`<bos>`, `<eos>`,
+`<pad>`: no text) has no position either.
+
+Alternatives. Each alternative maps to its first student token: the one the student's
+tokenization of the alternative's text starts with (for the byte-level student, its first
+byte). Alternatives that share a first token add their probabilities (a log-sum-exp of their
+log-probs): as far as its top-k shows it, the teacher's probability that the student's next
+token is that one (prefix marginalisation; each alternative is tokenized on its own). So
+'hello', 'Hi' and 'H' become p(h) and p(H) = p(Hi) + p(H) at the position that predicts the
+first byte, and a position may hold fewer entries than the teacher gave. An alternative with
+no text (a named special token, an empty string; for an HF student, a `bytes:\\xNN` piece
+that is no whole character) does not map. Everything that does not reach the student is
+counted, never silently dropped: the alternatives that do not map (those of a token with no
+position included) and the teacher tokens none of whose alternatives mapped. The rows carry
+`topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] (the summed log-probabilities, not
+renormalised) and `topk_valid` float32 [L, K] (K = the file's largest k) for
+`token_sparse_topk_kd`, whose target keeps the mass the entries leave (1 - their sum) as one
+"any other token" outcome.
 
 Every problem in the file is reported with its line number before anything is trained.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import dataclasses
 import functools
@@ -245,7 +260,7 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
       text: str | bytes = b"".join(pieces)
     else:
       text = record.completion
-    completion, starts = tokenizer.encode_with_offsets(text)
+    completion, offsets = tokenizer.encode_with_offsets(text)
     stream = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
     length = min(len(stream) - 1, seq_len)
     counts += MappingCounts(truncated=int(len(stream) - 1 > seq_len))
@@ -257,20 +272,22 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
     rows["mask"][r, max(first, 0):length] = 1.0
     if not record.top_logprobs:
       continue
-    # Completion tokens j < kept are targets within the row (j = len(completion): the EOS);
-    # a teacher token that starts at or after `cut` lies in one that is not.
-    kept = max(length - first, 0)
-    ends = [*starts.tolist(), len(text)]
-    cut = ends[kept] if kept <= len(completion) else math.inf
+    starts = offsets.tolist()
     student_at = {}  # Offset -> the first student token that starts there.
-    for j, start in enumerate(starts.tolist()):
+    for j, start in enumerate(starts):
       student_at.setdefault(start, j)
     for piece, alternatives, (start, inside) in zip(
         pieces, record.top_logprobs, _teacher_starts(pieces, in_bytes), strict=True):
-      if start >= cut:
+      aligned = bool(piece) and not inside and start in student_at
+      if aligned:
+        j = student_at[start]
+      elif piece:  # Inside a student token: the last one that starts at or before it.
+        j = max(bisect.bisect_right(starts, start) - 1, 0)
+      else:  # No text: where the next student token (or the EOS, j = len(starts)) starts.
+        j = bisect.bisect_left(starts, start)
+      if first + j >= length:
         break  # Truncated away (with everything after it).
-      j = None if inside or not piece else student_at.get(start)
-      if j is None:  # No text, or it starts inside a student token: no student position.
+      if not aligned:  # No text, or it starts inside a student token: no student position.
         counts += MappingCounts(entries=len(alternatives), unmapped=len(alternatives),
                                 positions=1, empty_positions=1, unaligned=int(bool(piece)))
         continue
