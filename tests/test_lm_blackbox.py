@@ -75,17 +75,19 @@ def test_rows_mask_the_prompt_and_map_log_probs_by_hand():
 
 
 def bpe_merging_ab(directory):
-  """A byte-level BPE (the `tokenizers` package, trained offline) whose one merge is 'ab', as
-  the Hugging Face tokenizer.json of a model directory."""
+  """A byte-level BPE (the `tokenizers` package, trained offline) whose merges are 'ab' and
+  ' c' (written 'Ġc'), as the Hugging Face tokenizer.json of a model directory. Its
+  post-processor trims offsets, as RoBERTa's does: 'Ġc' would seem to start after its space."""
   import tokenizers
 
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=True)
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=256 + 3 + 1, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+      vocab_size=256 + 3 + 2, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(["ab"] * 5, trainer=trainer)
+  tok.train_from_iterator(["ab", " c"] * 5, trainer=trainer)
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
   return HfTokenizer.from_dir(str(directory)), tok.token_to_id
@@ -97,10 +99,12 @@ def test_teacher_tokens_align_with_a_bpe_student_by_offsets(tmp_path):
   that predict those; 'b' starts inside 'ab': no position, counted, and nothing of it is
   written (the old rule put it on the position predicting 'c', whose one entry then left
   b's other two alternatives marked valid). The same for the second byte of 'é' (two bytes,
-  two student tokens that start at its one character)."""
+  two student tokens that start at its one character). A teacher's ' c' meets the student's
+  'Ġc' where its space is (the offsets are the tokenizer model's, untrimmed)."""
   student, vocab = bpe_merging_ab(tmp_path / "bpe")
   a, ab, c, x = vocab("a"), vocab("ab"), vocab("c"), vocab("x")
   c3, a9 = vocab("Ã"), vocab("©")  # The byte-level BPE's characters for bytes 0xC3, 0xA9.
+  space, space_c = vocab("Ġ"), vocab("Ġc")
   assert student.encode("abc").tolist() == [student.bos_id, ab, c, student.eos_id]
   records = [
       blackbox.Record("", "abc", ("a", "b", "c"), (
@@ -111,11 +115,15 @@ def test_teacher_tokens_align_with_a_bpe_student_by_offsets(tmp_path):
           # A lone byte is no text the student reads: it does not map; 'é' starts with 0xC3.
           (("bytes:\\xc3", -0.1), ("é", -0.5)),
           (("bytes:\\xa9", -0.01),))),
+      blackbox.Record("", "a c", ("a", " c"), ((("a", -0.1),),
+                                               ((" c", -0.2), (" d", -1.0)))),  # Ġ, d.
   ]
   rows, counts = blackbox.build_rows(records, student, seq_len=4)
   bos, eos, pad = student.bos_id, student.eos_id, student.pad_id
-  np.testing.assert_array_equal(rows["tokens"], [[bos, ab, c, pad], [bos, c3, a9, pad]])
-  np.testing.assert_array_equal(rows["targets"], [[ab, c, eos, pad], [c3, a9, eos, pad]])
+  np.testing.assert_array_equal(rows["tokens"], [[bos, ab, c, pad], [bos, c3, a9, pad],
+                                                 [bos, a, space_c, pad]])
+  np.testing.assert_array_equal(rows["targets"], [[ab, c, eos, pad], [c3, a9, eos, pad],
+                                                  [a, space_c, eos, pad]])
   # Record 0: position 0 predicts 'ab' (teacher token a), position 1 predicts 'c'.
   np.testing.assert_array_equal(rows["topk_valid"][0], [[1, 1, 1], [1, 0, 0], [0, 0, 0],
                                                         [0, 0, 0]])
@@ -127,13 +135,17 @@ def test_teacher_tokens_align_with_a_bpe_student_by_offsets(tmp_path):
   # Record 1: position 0 predicts 0xC3 (where 'é' starts); the second piece has none.
   np.testing.assert_array_equal(rows["topk_valid"][1], [[1, 0, 0], *[[0, 0, 0]] * 3])
   assert rows["topk_ids"][1, 0, 0] == c3 and rows["topk_logprobs"][1, 0, 0] == np.float32(-0.5)
-  # Alternatives 8 + 3; not mapped: b's 3, the lone 0xC3 and the second piece's one.
-  assert counts == blackbox.MappingCounts(records=2, entries=11, unmapped=5, positions=5,
+  # Record 2: 'a' at position 0, ' c' at position 1 ('Ġc' and the 'Ġ' that ' d' starts with).
+  np.testing.assert_array_equal(rows["topk_valid"][2], [[1, 0, 0], [1, 1, 0], *[[0, 0, 0]] * 2])
+  np.testing.assert_array_equal(rows["topk_ids"][2, :2, :2], [[a, 0], [space_c, space]])
+  np.testing.assert_allclose(rows["topk_logprobs"][2, :2, :2], [[-0.1, 0], [-0.2, -1.0]])
+  # Alternatives 8 + 3 + 3; not mapped: b's 3, the lone 0xC3 and the second piece's one.
+  assert counts == blackbox.MappingCounts(records=3, entries=14, unmapped=5, positions=7,
                                           empty_positions=2, unaligned=2)
   assert counts.summary()["unaligned_teacher_tokens"] == 2
   # Cut after one position, 'é' keeps its first piece (0xC3 is that position's target) and
   # loses the second with the token 0xA9 that holds it, though both tokens start at char 0.
-  rows, counts = blackbox.build_rows(records[1:], student, seq_len=1)
+  rows, counts = blackbox.build_rows(records[1:2], student, seq_len=1)
   np.testing.assert_array_equal(rows["topk_valid"], [[[1, 0]]])
   assert counts == blackbox.MappingCounts(records=1, truncated=1, entries=2, unmapped=1,
                                           positions=1)
