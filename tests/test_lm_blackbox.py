@@ -18,7 +18,7 @@ import scipy.special
 from conftest import ROOT, cli_env
 
 from distill_jax.data import blackbox
-from distill_jax.data.text import ByteTokenizer
+from distill_jax.data.text import ByteTokenizer, HfTokenizer
 from distill_jax.losses import tokens
 from distill_jax.outputs import Outputs
 
@@ -36,10 +36,11 @@ def write_jsonl(path, records):
 
 def test_rows_mask_the_prompt_and_map_log_probs_by_hand():
   records = [
-      # Alternatives: "c" maps; "é" (2 bytes) and "zz" (2 tokens) do not.
+      # Alternatives map to their first byte: "c"; "é" (2 bytes) to 0xC3; "zz" to "z".
       blackbox.Record("ab", "cd", ("c", "d"), ((("c", -0.1), ("é", -2.0), ("zz", -3.0)),
                                                (("d", -0.2),))),
-      # A position none of whose alternatives maps. Both records lose their end to seq_len.
+      # "xy" and "xz" share their first byte: one entry with their summed probability.
+      # Both records lose their end to seq_len.
       blackbox.Record("", "xyzw", ("xy", "zw"), ((("xy", -0.5), ("xz", -1.5)),
                                                  (("z", -0.3), ("q", -2.0)))),
       blackbox.Record("p", "q"),  # Text only.
@@ -56,17 +57,133 @@ def test_rows_mask_the_prompt_and_map_log_probs_by_hand():
   np.testing.assert_array_equal(rows["mask"], [[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]])
   assert rows["topk_ids"].shape == (3, 4, 3)
   # Record 0: "c" is predicted at position 2, "d" at 3.
-  np.testing.assert_array_equal(rows["topk_valid"][0], [[0, 0, 0], [0, 0, 0], [1, 0, 0],
+  np.testing.assert_array_equal(rows["topk_valid"][0], [[0, 0, 0], [0, 0, 0], [1, 1, 1],
                                                         [1, 0, 0]])
-  assert rows["topk_ids"][0, 2, 0] == o("c") and rows["topk_ids"][0, 3, 0] == o("d")
-  np.testing.assert_allclose(rows["topk_logprobs"][0, 2:, 0], [-0.1, -0.2])
-  # Record 1: "xy" at position 0 (nothing maps), "zw" at position 2 ("z" and "q" map).
-  assert not rows["topk_valid"][1, 0].any()
+  np.testing.assert_array_equal(rows["topk_ids"][0, 2], [o("c"), 0xC3, o("z")])
+  np.testing.assert_allclose(rows["topk_logprobs"][0, 2], [-0.1, -2.0, -3.0])
+  assert rows["topk_ids"][0, 3, 0] == o("d") and rows["topk_logprobs"][0, 3, 0] == np.float32(-0.2)
+  # Record 1: "xy" at position 0 (one entry, "x"), "zw" at position 2 ("z" and "q").
+  np.testing.assert_array_equal(rows["topk_valid"][1, 0], [1, 0, 0])
+  assert rows["topk_ids"][1, 0, 0] == o("x")
+  np.testing.assert_allclose(rows["topk_logprobs"][1, 0, 0],
+                             math.log(math.exp(-0.5) + math.exp(-1.5)), rtol=1e-6)
   np.testing.assert_array_equal(rows["topk_ids"][1, 2, :2], [o("z"), o("q")])
   np.testing.assert_allclose(rows["topk_logprobs"][1, 2, :2], [-0.3, -2.0])
-  assert not rows["topk_valid"][2].any()
-  assert counts == blackbox.MappingCounts(records=3, truncated=2, entries=8, unmapped=4,
-                                          positions=4, empty_positions=1)
+  assert not rows["topk_valid"][1, [1, 3]].any() and not rows["topk_valid"][2].any()
+  assert counts == blackbox.MappingCounts(records=3, truncated=2, entries=8, unmapped=0,
+                                          positions=4, empty_positions=0, unaligned=0)
+
+
+def bpe_merging_ab(directory):
+  """A byte-level BPE (the `tokenizers` package, trained offline) whose merges are 'ab' and
+  ' c' (written 'Ġc'), as the Hugging Face tokenizer.json of a model directory. Its
+  post-processor trims offsets, as RoBERTa's does: 'Ġc' would seem to start after its space."""
+  import tokenizers
+
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=True)
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=256 + 3 + 2, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["ab", " c"] * 5, trainer=trainer)
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  return HfTokenizer.from_dir(str(directory)), tok.token_to_id
+
+
+def test_teacher_tokens_align_with_a_bpe_student_by_offsets(tmp_path):
+  """Teacher tokens a, b, c against a student that merges 'ab': 'a' starts where the
+  student's 'ab' does and 'c' where its 'c' does, so their log-probs land on the positions
+  that predict those; 'b' starts inside 'ab': no position, counted, and nothing of it is
+  written (the old rule put it on the position predicting 'c', whose one entry then left
+  b's other two alternatives marked valid). The same for the second byte of 'é' (two bytes,
+  two student tokens that start at its one character). A teacher's ' c' meets the student's
+  'Ġc' where its space is (the offsets are the tokenizer model's, untrimmed)."""
+  student, vocab = bpe_merging_ab(tmp_path / "bpe")
+  a, ab, c, x = vocab("a"), vocab("ab"), vocab("c"), vocab("x")
+  c3, a9 = vocab("Ã"), vocab("©")  # The byte-level BPE's characters for bytes 0xC3, 0xA9.
+  space, space_c = vocab("Ġ"), vocab("Ġc")
+  assert student.encode("abc").tolist() == [student.bos_id, ab, c, student.eos_id]
+  records = [
+      blackbox.Record("", "abc", ("a", "b", "c"), (
+          (("a", -0.2), ("ab", -1.0), ("x", -3.0)),
+          (("b", -0.1), ("d", -2.0), ("a", -3.0)),
+          (("c", -0.05), ("cab", -3.5)))),  # The student writes 'cab' as c, ab: with 'c'.
+      blackbox.Record("", "é", ("bytes:\\xc3", "bytes:\\xa9"), (
+          # A lone byte is no text the student reads: it does not map; 'é' starts with 0xC3.
+          (("bytes:\\xc3", -0.1), ("é", -0.5)),
+          (("bytes:\\xa9", -0.01),))),
+      blackbox.Record("", "a c", ("a", " c"), ((("a", -0.1),),
+                                               ((" c", -0.2), (" d", -1.0)))),  # Ġ, d.
+  ]
+  rows, counts = blackbox.build_rows(records, student, seq_len=4)
+  bos, eos, pad = student.bos_id, student.eos_id, student.pad_id
+  np.testing.assert_array_equal(rows["tokens"], [[bos, ab, c, pad], [bos, c3, a9, pad],
+                                                 [bos, a, space_c, pad]])
+  np.testing.assert_array_equal(rows["targets"], [[ab, c, eos, pad], [c3, a9, eos, pad],
+                                                  [a, space_c, eos, pad]])
+  # Record 0: position 0 predicts 'ab' (teacher token a), position 1 predicts 'c'.
+  np.testing.assert_array_equal(rows["topk_valid"][0], [[1, 1, 1], [1, 0, 0], [0, 0, 0],
+                                                        [0, 0, 0]])
+  np.testing.assert_array_equal(rows["topk_ids"][0, 0], [a, ab, x])
+  np.testing.assert_allclose(rows["topk_logprobs"][0, 0], [-0.2, -1.0, -3.0])
+  assert rows["topk_ids"][0, 1, 0] == c
+  np.testing.assert_allclose(rows["topk_logprobs"][0, 1, 0],
+                             math.log(math.exp(-0.05) + math.exp(-3.5)), rtol=1e-6)
+  # Record 1: position 0 predicts 0xC3 (where 'é' starts); the second piece has none.
+  np.testing.assert_array_equal(rows["topk_valid"][1], [[1, 0, 0], *[[0, 0, 0]] * 3])
+  assert rows["topk_ids"][1, 0, 0] == c3 and rows["topk_logprobs"][1, 0, 0] == np.float32(-0.5)
+  # Record 2: 'a' at position 0, ' c' at position 1 ('Ġc' and the 'Ġ' that ' d' starts with).
+  np.testing.assert_array_equal(rows["topk_valid"][2], [[1, 0, 0], [1, 1, 0], *[[0, 0, 0]] * 2])
+  np.testing.assert_array_equal(rows["topk_ids"][2, :2, :2], [[a, 0], [space_c, space]])
+  np.testing.assert_allclose(rows["topk_logprobs"][2, :2, :2], [[-0.1, 0], [-0.2, -1.0]])
+  # Alternatives 8 + 3 + 3; not mapped: b's 3, the lone 0xC3 and the second piece's one.
+  assert counts == blackbox.MappingCounts(records=3, entries=14, unmapped=5, positions=7,
+                                          empty_positions=2, unaligned=2)
+  assert counts.summary()["unaligned_teacher_tokens"] == 2
+  # Cut after one position, 'é' keeps its first piece (0xC3 is that position's target) and
+  # loses the second with the token 0xA9 that holds it, though both tokens start at char 0.
+  rows, counts = blackbox.build_rows(records[1:2], student, seq_len=1)
+  np.testing.assert_array_equal(rows["topk_valid"], [[[1, 0]]])
+  assert counts == blackbox.MappingCounts(records=1, truncated=1, entries=2, unmapped=1,
+                                          positions=1)
+
+
+def test_alternatives_merge_by_first_token_and_the_loss_keeps_the_rest():
+  """A byte student and word alternatives: 'hello', 'Hi' and 'H' land on the position that
+  predicts the first byte as p(h) and p(H) = p(Hi) + p(H). The loss's target is those
+  probabilities and the rest 1 - sum as one outcome; here they sum to more than 1, so the
+  target divides them by their sum (p(h) = 0.87) and the rest is 0. A second record's
+  alternatives sum to 0.88: the rest, 0.12, is the teacher's mass on every other byte."""
+  records = [blackbox.Record("", "hello", ("hello",),
+                             ((("hello", -0.1), ("Hi", -2.5), ("H", -3.0)),)),
+             blackbox.Record("", "Hi", ("Hi",),
+                             ((("Hi", -0.5), ("Hello", -1.5), ("hey", -3.0), ("<eos>", -4.0)),))]
+  rows, counts = blackbox.build_rows(records, BYTES, seq_len=6)
+  h, big_h = ord("h"), ord("H")
+  np.testing.assert_array_equal(rows["topk_ids"][:, 0], [[h, big_h, 0, 0], [big_h, h, 0, 0]])
+  np.testing.assert_array_equal(rows["topk_valid"][:, 0], [[1, 1, 0, 0], [1, 1, 0, 0]])
+  assert not rows["topk_valid"][:, 1:].any()
+  log_p = np.log([[math.exp(-0.1), math.exp(-2.5) + math.exp(-3.0)],
+                  [math.exp(-0.5) + math.exp(-1.5), math.exp(-3.0)]])
+  np.testing.assert_allclose(rows["topk_logprobs"][:, 0, :2], log_p, rtol=1e-6)
+  assert counts == blackbox.MappingCounts(records=2, entries=7, unmapped=1, positions=2)
+  # The loss's targets, by hand: first-byte marginals, over their sum only where it is > 1.
+  p = np.exp(log_p)
+  first = p[0] / p[0].sum()
+  assert abs(first[0] - 0.8728) < 1e-4 and p[0].sum() > 1
+  second, rest = p[1], 1 - p[1].sum()
+  assert abs(rest - 0.1206) < 1e-4
+  logits = np.random.default_rng(3).normal(size=(2, 6, BYTES.vocab_size)).astype(np.float32)
+  q = scipy.special.softmax(logits[:, 0].astype(np.float64), axis=-1)
+  want = [np.sum(first * np.log(first / q[0, [h, big_h]])),
+          np.sum(second * np.log(second / q[1, [big_h, h]]))
+          + rest * np.log(rest / (1 - q[1, [big_h, h]].sum()))]
+  batch = {key: rows[key] for key in ("mask", *blackbox.TOPK_KEYS)}
+  got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(logits), {}, {}), {}, batch)
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
 
 
 def test_sparse_topk_kl_against_numpy():
@@ -77,6 +194,8 @@ def test_sparse_topk_kl_against_numpy():
   log_probs = np.log(rng.dirichlet(np.ones(k + 1), size=(b, length))[..., :k]).astype(np.float32)
   valid = (rng.random((b, length, k)) < 0.7).astype(np.float32)
   valid[0, 1] = 0  # No mapped token: the position does not count.
+  log_probs[1, 2, :2] = np.log([0.7, 0.6])  # Summing to more than 1: divided by the sum.
+  valid[1, 2, :2] = 1
   mask = np.ones((b, length), np.float32)
   mask[1, 4] = 0
   batch = {"topk_ids": ids.astype(np.int32), "topk_logprobs": log_probs, "topk_valid": valid,
@@ -87,22 +206,30 @@ def test_sparse_topk_kl_against_numpy():
       on = valid[i, t] > 0
       if not on.any() or not mask[i, t]:
         continue
-      p = scipy.special.softmax(log_probs[i, t][on].astype(np.float64))
-      q = scipy.special.log_softmax(logits[i, t].astype(np.float64))[ids[i, t][on]]
-      want += np.sum(p * (np.log(p) - q))
+      p = np.exp(log_probs[i, t][on].astype(np.float64))
+      p = p / max(p.sum(), 1.0)
+      q = scipy.special.softmax(logits[i, t].astype(np.float64))
+      q_top = q[ids[i, t][on]]
+      rest, q_rest = 1.0 - p.sum(), 1.0 - q_top.sum()
+      want += np.sum(p * np.log(p / q_top)) + (rest * np.log(rest / q_rest) if rest > 0 else 0)
       count += 1
   student = Outputs(jnp.asarray(logits), {}, {})
   for chunk in (0, 2):
     got = tokens.token_sparse_topk_kd(student, {}, batch, chunk_size=chunk)
     np.testing.assert_allclose(got, want / count, rtol=1e-5)
-  # Zero exactly when the student holds the teacher's renormalised distribution.
-  exact = np.full((1, 1, vocab), -1e9, np.float32)
-  exact[0, 0, [3, 5]] = np.log([0.25, 0.75])
+  # Zero exactly when the student holds the teacher's probabilities on its tokens and the
+  # rest (0.6) on the others, not when it renormalises them over the teacher's tokens.
+  exact = np.log(np.full((1, 1, vocab), 0.6 / (vocab - 2), np.float32))
+  exact[0, 0, [3, 5]] = np.log([0.1, 0.3])
   one = {"topk_ids": np.array([[[3, 5, 0]]], np.int32),
          "topk_logprobs": np.log(np.array([[[0.1, 0.3, 0.2]]], np.float32)),
          "topk_valid": np.array([[[1, 1, 0]]], np.float32)}
   got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(exact), {}, {}), {}, one)
   assert abs(float(got)) < 1e-6
+  renormalised = np.full((1, 1, vocab), -1e9, np.float32)
+  renormalised[0, 0, [3, 5]] = np.log([0.25, 0.75])
+  got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(renormalised), {}, {}), {}, one)
+  assert float(got) > 1.0
   grad = jax.grad(lambda x: tokens.token_sparse_topk_kd(Outputs(x, {}, {}), {}, batch))(
       jnp.asarray(logits))
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
@@ -183,27 +310,27 @@ def test_a_teacher_file_trains_the_student_through_the_cli(tmp_path, role):
   assert result["steps"] == 44
   # What reading the file counted, per split: 360 train and 40 eval records (eval_fraction
   # 0.1), none cut at seq_len 32; with log-probs each has 12 teacher tokens (the characters
-  # of 'WORD WORD.') of 4 alternatives, of which 'éé' (two bytes) does not map.
+  # of 'WORD WORD.') of 4 alternatives, all of which map ('éé' by its first byte).
   def counts(records):
     tokens = 12 * records if role == "blackbox_topk" else 0
     return {"records": records, "truncated_records": 0, "alternatives": 4 * tokens,
-            "unmapped_alternatives": tokens, "teacher_tokens": tokens,
-            "teacher_tokens_without_mapped_alternative": 0}
+            "unmapped_alternatives": 0, "teacher_tokens": tokens,
+            "teacher_tokens_without_mapped_alternative": 0, "unaligned_teacher_tokens": 0}
   assert result["data"] == {"train": counts(360), "test": counts(40)}
   logged = [r for r in rows if "train/loss" in r]
   if role == "blackbox_topk":
     kd = [r["train/loss/token_sparse_topk_kd"] for r in logged]
     assert kd[-1] < kd[0] and kd[0] > 0, kd
-    # The counts of what did not map are reported: here the 'éé' alternatives, every one.
-    assert "do not map to the student's vocabulary" in proc.stderr
+    # The counts of what did not map are reported (here nothing).
+    assert "0 of 17280 alternatives do not map to the student's vocabulary" in proc.stderr
   else:
     assert not any("sparse" in key for key in logged[-1])
 
 
 def test_byte_pieces_and_special_tokens_keep_the_teachers_offsets():
   """A lone byte of a multi-byte character (`bytes:\\xc3`, U+FFFD in the completion's text)
-  stays one byte, so the next token's log-probs land on its own position; a special token
-  adds no text and maps nothing."""
+  stays one byte, so the next token's log-probs land on its own position, and 'é' shares its
+  first byte with it; a special token adds no text and maps nothing."""
   record = {"prompt": "", "completion": "a\ufffdb", "tokens": ["a", "bytes:\\xc3", "<pad>", "b"],
             "top_logprobs": [{"a": -0.1}, {"bytes:\\xc3": -0.2, "é": -3.0}, {"<pad>": -0.3},
                              {"b": -0.4}]}
@@ -213,8 +340,10 @@ def test_byte_pieces_and_special_tokens_keep_the_teachers_offsets():
   rows, counts = blackbox.build_rows(records, BYTES, seq_len=8)
   np.testing.assert_array_equal(rows["tokens"][0, :4], [BOS, ord("a"), 0xC3, ord("b")])
   assert [rows["topk_ids"][0, t, 0] for t in range(3)] == [ord("a"), 0xC3, ord("b")]
-  np.testing.assert_allclose(rows["topk_logprobs"][0, :3, 0], [-0.1, -0.2, -0.4])
-  assert counts == blackbox.MappingCounts(records=1, entries=5, unmapped=2, positions=4,
+  np.testing.assert_allclose(rows["topk_logprobs"][0, :3, 0],
+                             [-0.1, np.logaddexp(-0.2, -3.0), -0.4], rtol=1e-6)
+  np.testing.assert_array_equal(rows["topk_valid"][0, :4].sum(-1), [1, 1, 1, 0])
+  assert counts == blackbox.MappingCounts(records=1, entries=5, unmapped=1, positions=4,
                                           empty_positions=1)
 
 

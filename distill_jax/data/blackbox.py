@@ -18,24 +18,40 @@ records are counted) and padded. The loss mask is 1 only where the target is a c
 token or the final EOS: the student learns to write the completion, not the prompt
 (sequence-level KD, Kim and Rush 2016).
 
-Log-probabilities. Teacher token i starts at a character offset of the completion; its
-log-probabilities apply at the student's position that predicts the first student token of
-that offset (for the byte tokenizer: the token's first byte). An alternative maps to the
-student's vocabulary when it is exactly one student token (for the byte-level student: one
-byte; otherwise the student's tokenizer encodes it as one token that decodes back to it);
-alternatives that do not map are counted, never silently dropped, and so are teacher tokens
-with no mapped alternative. With a byte-level student, one-byte alternatives map and longer
-ones (whole words of an API's tokenizer, named special tokens) do not. A special token in
-`tokens` (`<bos>`, `<eos>`, `<pad>`: no text) has no student position; its alternatives count
-as unmapped. The
-rows carry `topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] and `topk_valid` float32
-[L, K] (K = the file's largest k) for `token_sparse_topk_kd`.
+Log-probabilities. Teacher and student tokens meet at offsets of the completion: the
+student's tokenizer encodes the completion once with offsets (`encode_with_offsets`: bytes
+for the byte-level student, which reads the teacher's exact bytes; characters for an HF
+tokenizer), and teacher token i starts at the offset where its predecessors' bytes end. When
+a student token starts there, teacher token i's log-probabilities apply at the position
+that predicts that student token. When none does (the teacher token starts inside a student
+token, e.g. teacher 'a', 'b' under a student that writes 'ab' as one token: 'b' starts inside
+it), teacher token i has no student position: it is counted (`unaligned`) and nothing of it
+is written. So no position is written twice. A special token in `tokens` (`<bos>`, `<eos>`,
+`<pad>`: no text) has no position either.
+
+Alternatives. Each alternative maps to its first student token: the one the student's
+tokenization of the alternative's text starts with (for the byte-level student, its first
+byte). Alternatives that share a first token add their probabilities (a log-sum-exp of their
+log-probs): as far as its top-k shows it, the teacher's probability that the student's next
+token is that one (prefix marginalisation; each alternative is tokenized on its own). So
+'hello', 'Hi' and 'H' become p(h) and p(H) = p(Hi) + p(H) at the position that predicts the
+first byte, and a position may hold fewer entries than the teacher gave. An alternative with
+no text (a named special token, an empty string; for an HF student, a `bytes:\\xNN` piece
+that is no whole character) does not map. Everything that does not reach the student is
+counted, never silently dropped: the alternatives that do not map (those of a token with no
+position included) and the teacher tokens none of whose alternatives mapped. The rows carry
+`topk_ids` int32 [L, K], `topk_logprobs` float32 [L, K] (the summed log-probabilities, not
+renormalised) and `topk_valid` float32 [L, K] (K = the file's largest k) for
+`token_sparse_topk_kd`, whose target keeps the mass the entries leave (1 - their sum) as one
+"any other token" outcome.
 
 Every problem in the file is reported with its line number before anything is trained.
 """
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import dataclasses
 import functools
 import json
@@ -74,9 +90,10 @@ class MappingCounts:
   records: int = 0
   truncated: int = 0  # Records cut at seq_len.
   entries: int = 0  # (token, log-prob) alternatives in the file's kept positions.
-  unmapped: int = 0  # Alternatives that are not one student token.
+  unmapped: int = 0  # Alternatives with no text or whose teacher token has no position.
   positions: int = 0  # Teacher tokens with log-probabilities, within seq_len.
   empty_positions: int = 0  # Of those, tokens none of whose alternatives mapped.
+  unaligned: int = 0  # Of those, tokens that start inside a student token: no position.
 
   def __add__(self, other: MappingCounts) -> MappingCounts:
     return MappingCounts(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -87,7 +104,8 @@ class MappingCounts:
     return {"records": self.records, "truncated_records": self.truncated,
             "alternatives": self.entries, "unmapped_alternatives": self.unmapped,
             "teacher_tokens": self.positions,
-            "teacher_tokens_without_mapped_alternative": self.empty_positions}
+            "teacher_tokens_without_mapped_alternative": self.empty_positions,
+            "unaligned_teacher_tokens": self.unaligned}
 
 
 def token_bytes(token: str) -> bytes:
@@ -186,22 +204,34 @@ def _body(tokenizer: Any, text: str) -> np.ndarray:
   return np.asarray(tokenizer.encode(text), np.int32)[1:-1]
 
 
-def _single_token(tokenizer: Any, text: str) -> int | None:
-  """The student's id for a teacher token string, if it is exactly one student token."""
-  if tokenizer.name == "bytes":  # One byte (a `bytes:\\xNN` piece of a character included).
-    data = token_bytes(text)
-    return data[0] if len(data) == 1 else None
-  ids = _body(tokenizer, text)
-  if len(ids) == 1 and tokenizer.decode(ids) == text:
-    return int(ids[0])
-  return None
-
-
-def _offset(tokenizer: Any, prefix: bytes) -> int:
-  """Student tokens in the completion before a teacher token that starts after `prefix`."""
+def _first_token(tokenizer: Any, text: str) -> int | None:
+  """The first student token of an alternative's text (the student's tokenization of it
+  starts with this id; for the byte-level student its first byte), or None when it has no
+  text: a named special token, an empty string, or (for a student that reads text, not
+  bytes) a `bytes:\\xNN` piece that is no whole character."""
+  data = token_bytes(text)
   if tokenizer.name == "bytes":
-    return len(prefix)
-  return len(_body(tokenizer, prefix.decode("utf-8", "replace")))
+    return data[0] if data else None
+  try:
+    ids = _body(tokenizer, data.decode("utf-8")) if data else ()
+  except UnicodeDecodeError:
+    return None
+  return int(ids[0]) if len(ids) else None
+
+
+def _teacher_starts(pieces: Sequence[bytes], in_bytes: bool) -> list[tuple[int, bool]]:
+  """Where each teacher token (its bytes, `pieces`) starts in the completion, as
+  (offset, inside): in bytes when `in_bytes`, else in characters of the completion's text
+  (the pieces decoded as one, bad UTF-8 replaced); `inside` when the token starts inside a
+  character (a `bytes:\\xNN` piece after the first), `offset` then that character's."""
+  if in_bytes:
+    return [(int(o), False) for o in np.cumsum([0, *map(len, pieces[:-1])])]
+  decoder = codecs.getincrementaldecoder("utf-8")("replace")
+  starts, chars = [], 0
+  for piece in pieces:
+    starts.append((chars, bool(decoder.getstate()[0])))  # Bytes pending: inside a character.
+    chars += len(decoder.decode(piece))
+  return starts
 
 
 def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
@@ -219,47 +249,61 @@ def build_rows(records: Sequence[Record], tokenizer: Any, seq_len: int
                 topk_logprobs=np.zeros((n, seq_len, k), np.float32),
                 topk_valid=np.zeros((n, seq_len, k), np.float32))
   counts = MappingCounts(records=n)
-  single = functools.lru_cache(maxsize=None)(functools.partial(_single_token, tokenizer))
+  in_bytes = tokenizer.name == "bytes"
+  first_token = functools.lru_cache(maxsize=None)(functools.partial(_first_token, tokenizer))
   for r, record in enumerate(records):
     prompt = np.asarray(tokenizer.encode(record.prompt), np.int32)[:-1]  # BOS + prompt.
-    if record.tokens is not None and tokenizer.name == "bytes":
+    pieces = None if record.tokens is None else [token_bytes(t) for t in record.tokens]
+    if pieces is not None and in_bytes:
       # The teacher's exact bytes (a lone `bytes:\\xNN` piece stays one byte, where the
       # completion's text shows U+FFFD), so its tokens' byte offsets are the student's.
-      completion = np.frombuffer(b"".join(map(token_bytes, record.tokens)), np.uint8)
+      text: str | bytes = b"".join(pieces)
     else:
-      completion = _body(tokenizer, record.completion)
+      text = record.completion
+    completion, offsets = tokenizer.encode_with_offsets(text)
     stream = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
     length = min(len(stream) - 1, seq_len)
     counts += MappingCounts(truncated=int(len(stream) - 1 > seq_len))
     rows["tokens"][r, :length] = stream[:length]
     rows["targets"][r, :length] = stream[1:length + 1]
     rows["document"][r, :length] = 0
-    # Position t predicts stream[t + 1]; the completion starts at stream index len(prompt).
+    # Position t predicts stream[t + 1]: completion token j is predicted at `first + j`.
     first = len(prompt) - 1
     rows["mask"][r, max(first, 0):length] = 1.0
     if not record.top_logprobs:
       continue
-    prefix = b""
-    for token, alternatives in zip(record.tokens, record.top_logprobs, strict=True):
-      position = first + _offset(tokenizer, prefix)
-      prefix += token_bytes(token)
-      if position >= length:
+    starts = offsets.tolist()
+    student_at = {}  # Offset -> the first student token that starts there.
+    for j, start in enumerate(starts):
+      student_at.setdefault(start, j)
+    for piece, alternatives, (start, inside) in zip(
+        pieces, record.top_logprobs, _teacher_starts(pieces, in_bytes), strict=True):
+      aligned = bool(piece) and not inside and start in student_at
+      if aligned:
+        j = student_at[start]
+      elif piece:  # Inside a student token: the last one that starts at or before it.
+        j = max(bisect.bisect_right(starts, start) - 1, 0)
+      else:  # No text: where the next student token (or the EOS, j = len(starts)) starts.
+        j = bisect.bisect_left(starts, start)
+      if first + j >= length:
         break  # Truncated away (with everything after it).
-      if token in SPECIAL_TOKENS:  # No text, so no student position: nothing maps.
+      if not aligned:  # No text, or it starts inside a student token: no student position.
         counts += MappingCounts(entries=len(alternatives), unmapped=len(alternatives),
-                                positions=1, empty_positions=1)
+                                positions=1, empty_positions=1, unaligned=int(bool(piece)))
         continue
-      kept = [(single(text), value) for text, value in alternatives]
-      mapped = {}
-      for token_id, value in kept:
-        if token_id is not None and token_id not in mapped:
-          mapped[token_id] = value
-      counts += MappingCounts(entries=len(kept), unmapped=len(kept) - len(mapped),
-                              positions=1, empty_positions=int(not mapped))
-      for j, (token_id, value) in enumerate(mapped.items()):
-        rows["topk_ids"][r, position, j] = token_id
-        rows["topk_logprobs"][r, position, j] = value
-        rows["topk_valid"][r, position, j] = 1.0
+      mapped: dict[int, list[float]] = {}
+      for alternative, value in alternatives:
+        token_id = first_token(alternative)
+        if token_id is not None:
+          mapped.setdefault(token_id, []).append(value)
+      unmapped = len(alternatives) - sum(map(len, mapped.values()))
+      counts += MappingCounts(entries=len(alternatives), unmapped=unmapped, positions=1,
+                              empty_positions=int(not mapped))
+      for slot, (token_id, values) in enumerate(mapped.items()):
+        # Alternatives that start with the same student token: their probabilities add up.
+        rows["topk_ids"][r, first + j, slot] = token_id
+        rows["topk_logprobs"][r, first + j, slot] = np.logaddexp.reduce(values)
+        rows["topk_valid"][r, first + j, slot] = 1.0
   return rows, counts
 
 
@@ -296,5 +340,6 @@ def log_counts(path_names: str, split: str, counts: MappingCounts) -> None:
   logging.info(
       "Black-box %s (%s): %d records, %d truncated at seq_len; log-probs: %d of %d "
       "alternatives do not map to the student's vocabulary, %d of %d teacher tokens have "
-      "none that maps.", split, path_names, counts.records, counts.truncated, counts.unmapped,
-      counts.entries, counts.empty_positions, counts.positions)
+      "none that maps (%d of them start inside a student token).", split, path_names,
+      counts.records, counts.truncated, counts.unmapped, counts.entries,
+      counts.empty_positions, counts.positions, counts.unaligned)

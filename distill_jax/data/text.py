@@ -63,6 +63,12 @@ class ByteTokenizer:
     return np.concatenate([[self.bos_id], np.frombuffer(data, np.uint8), [self.eos_id]]
                           ).astype(np.int32)
 
+  def encode_with_offsets(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray]:
+    """`text`'s tokens without BOS/EOS, int32 [n], and where each starts in `text`'s UTF-8
+    bytes, int32 [n] (token i is byte i: 0, 1, ..., n - 1)."""
+    ids = self.encode(text)[1:-1]
+    return ids, np.arange(len(ids), dtype=np.int32)
+
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """The text of the byte tokens among `ids` (special tokens dropped; bad UTF-8 replaced)."""
     ids = np.asarray(ids)
@@ -136,6 +142,16 @@ class HfTokenizer:
     ids = _hf_tokenizer(self.path).encode(text, add_special_tokens=False).ids
     return np.asarray([self.bos_id, *ids, self.eos_id], np.int32)
 
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """`text`'s tokens without BOS/EOS, int32 [n] (`encode`'s), and the character of `text`
+    where each starts, int32 [n] (HF `Encoding.offsets`; pieces of one character, as a
+    byte-level BPE cuts an unmerged multi-byte character, share its start). The offsets are
+    the model's, untrimmed: a post-processor's `trim_offsets` would move the start of a token
+    like 'Ġcat' past its space, off the token's first character."""
+    encoding = _hf_untrimmed_tokenizer(self.path).encode(text, add_special_tokens=False)
+    return (np.asarray(encoding.ids, np.int32),
+            np.asarray([start for start, _ in encoding.offsets], np.int32))
+
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """The text of `ids`, special tokens dropped."""
     return _hf_tokenizer(self.path).decode([int(i) for i in np.asarray(ids).reshape(-1)],
@@ -155,6 +171,16 @@ class HfTokenizer:
 def _hf_tokenizer(path: str) -> Any:
   import tokenizers  # Only runs with an open-weights tokenizer need it.
   return tokenizers.Tokenizer.from_file(path)
+
+
+@functools.cache
+def _hf_untrimmed_tokenizer(path: str) -> Any:
+  """The tokenizer at `path` without its post-processor: the same ids without special tokens,
+  and offsets that start where each token's text does (`HfTokenizer.encode_with_offsets`)."""
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_file(path)
+  tok.post_processor = None
+  return tok
 
 
 def _byte_level_alphabet() -> dict[str, int]:

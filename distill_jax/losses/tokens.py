@@ -309,30 +309,51 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
 
 def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
                    topk_ids: jax.Array, topk_valid: jax.Array) -> jax.Array:
-  """KL from a teacher known only by some tokens' log-probabilities (an API's top-k).
+  """KL from a teacher known only by some tokens' probabilities (an API's top-k, mapped to the
+  student's vocabulary) and the mass it leaves to all other tokens.
+
+  The target has the valid entries' tokens and one more outcome, "any other token": p_i =
+  exp(topk_log_probs_i) for the valid entries and the rest r = 1 - sum_i p_i (the teacher's
+  mass beyond its top-k and on alternatives that did not map). Where the p_i sum to more
+  than 1 (rounded log-probs, or alternatives that overlap once mapped) they are divided by
+  their sum and r = 0: nothing is renormalised otherwise, so a teacher that is unsure
+  (r large) asks the student to be unsure too. As `topk_kl`, with the student's q_i of the
+  same tokens and q_rest its mass on every other token (a log-sum-exp):
+
+      sum_i p_i log(p_i / q_i) + r log(r / q_rest)
 
   Args:
     student_log_probs: [..., V] the student's log-softmax.
-    topk_log_probs: [..., k] the teacher's log-probabilities of tokens `topk_ids` [..., k].
+    topk_log_probs: [..., k] the teacher's log-probabilities of tokens `topk_ids` [..., k]
+      (the valid ones distinct).
     topk_valid: [..., k] 1 for the entries that are real (mapped) tokens, 0 for padding.
   Returns:
-    [...] `sum_i p_i log(p_i / q_i)` over the valid entries, with `p` the teacher's
-    probabilities renormalised over them and `q` the student's full-vocabulary probabilities
-    of those tokens. It is >= 0 (the q_i sum to at most 1) and 0 only when the student puts
-    exactly the teacher's renormalised probabilities on those tokens and nothing elsewhere;
-    0 where no entry is valid.
+    [...] the KL: >= 0, 0 only when the student gives each valid token its p_i (and so the
+    other tokens r together); 0 where no entry is valid.
   """
   valid = topk_valid > 0
-  low = jnp.finfo(jnp.float32).min
-  teacher = jax.nn.log_softmax(jnp.where(valid, topk_log_probs.astype(jnp.float32), low), -1)
-  student = jnp.take_along_axis(student_log_probs, topk_ids, axis=-1)
-  return jnp.sum(jnp.where(valid, jnp.exp(teacher) * (teacher - student), 0.0), axis=-1)
+  teacher = jnp.where(valid, topk_log_probs.astype(jnp.float32), -jnp.inf)
+  total = jax.nn.logsumexp(teacher, axis=-1, keepdims=True)  # log sum_i p_i; -inf if none.
+  teacher = teacher - jnp.maximum(total, 0.0)  # Divided by the sum only where it exceeds 1.
+  below = jnp.minimum(total, -jnp.finfo(jnp.float32).tiny)
+  log_rest = jnp.where(total < 0, jnp.log(-jnp.expm1(below)), -jnp.inf)
+  flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+  rows = jnp.arange(flat_ids.shape[0])[:, None]
+  in_topk = jnp.zeros((flat_ids.shape[0], student_log_probs.shape[-1]), bool).at[
+      rows, flat_ids].max(valid.reshape(flat_ids.shape)).reshape(student_log_probs.shape)
+  student_top = jnp.take_along_axis(student_log_probs, topk_ids, axis=-1)
+  student_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, student_log_probs), axis=-1,
+                                  keepdims=True)
+  kl = _kl(jnp.concatenate([teacher, log_rest], axis=-1),
+           jnp.concatenate([student_top, student_rest], axis=-1))
+  return jnp.where(jnp.any(valid, axis=-1), kl, 0.0)
 
 
 @register_loss("token_sparse_topk_kd", uses_teachers=False)
 def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                          batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> jax.Array:
-  """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` against the top-k
+  """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` (the teacher's mapped
+  top-k probabilities plus the rest of its mass as one outcome) against the top-k
   log-probabilities its output file gave per token (`data.blackbox`: batch keys `topk_ids`,
   `topk_logprobs`, `topk_valid` [B, L, k]), mean over the kept positions that have at least
   one mapped token. No live teacher is needed (`teachers` is not read)."""
