@@ -17,28 +17,26 @@ interpreter. Loss terms and models registered in the session (a notebook cell wi
 `@register_loss`) are used by configs that name them; re-running the cell replaces them
 (`distill_jax.registry`). See docs/python_api.md.
 
-One thing only the CLI can do: `config.parallel.cpu_devices` must take effect before JAX
-starts, so from Python set `XLA_FLAGS=--xla_force_host_platform_device_count=N` in the
-environment before importing JAX (or distill_jax) instead.
+`config.parallel.cpu_devices` (the host CPU split into N devices) can only take effect before
+JAX starts its backend: `train` applies it when nothing in the process has used a device yet
+(a fresh notebook kernel), and otherwise raises ConfigError unless the CPU already has N
+devices; `XLA_FLAGS=--xla_force_host_platform_device_count=N` in the environment before
+starting Python always works.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
+import numpy as np
 
-from distill_jax.audit.models import AuditError
+from distill_jax.audit.models import AuditError, Exported
 from distill_jax.config import ConfigError, lists_to_tuples
 from distill_jax.model_io import CheckpointError
 from distill_jax.registry import UnknownNameError
-
-if TYPE_CHECKING:
-  import numpy as np
-
-  from distill_jax.audit.models import Exported
 
 __all__ = ["AuditError", "CheckpointError", "ConfigError", "UnknownNameError", "audit",
            "eval_examples", "evaluate", "get_config", "load_model", "train"]
@@ -89,7 +87,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from distill_jax.train import loop
   from distill_jax.train.parallel import initialize_distributed
   from distill_jax.train.workdir import remove_unless_checkpointed
+  from distill_jax.xla_flags import set_cpu_devices
 
+  cpu_devices = int(config.parallel.get("cpu_devices") or 0)
+  try:
+    set_cpu_devices(cpu_devices)  # Possible until JAX starts its backend in this process.
+  except RuntimeError as e:
+    raise ConfigError(str(e)) from None
   initialize_distributed(config.parallel)  # A no-op unless several processes are configured.
   workdir = os.path.abspath(workdir)
   created = not os.path.exists(workdir)
@@ -154,7 +158,7 @@ def load_model(path: str, input_shape: Sequence[int] | None = None) -> Exported:
   Returns:
     An `Exported`: `model(images [N, H, W, C])` (a language model: `model(token ids [N, L])`)
     -> float32 NumPy logits [N, K] ([N, L, V]), in fixed-size chunks that compile once;
-    `model.meta` (model.json: model, kwargs, num_classes, step), `model.module` and
+    `model.meta` (model.json: model, kwargs, num_classes, input_shape, step), `model.module` and
     `model.variables` (Flax) for anything else.
   Raises:
     CheckpointError: no export at `path`, or one that does not fit its model.json.
@@ -179,8 +183,6 @@ def eval_examples(config: ml_collections.ConfigDict, limit: int | None = None
   """The config's eval split as its evaluation sees it (normalised images, or token rows),
   without padding: {'image' or 'tokens': [N, ...], 'label' or 'targets': ..., 'mask': ...}
   as NumPy, the first `limit` examples (all when None)."""
-  import numpy as np
-
   from distill_jax import tasks
 
   task = tasks.get_task(config.get("task"))
@@ -219,8 +221,10 @@ def audit(student: str, candidates: Sequence[str] | Mapping[str, str],
     out: a directory to write the report to (audit.md, audit.json, a plot), as the CLI does;
       None writes nothing.
   Returns:
-    The audit's result: 'decision' (the accused candidate or 'none'), per-candidate scores and
-    p-values ('candidates'), ... (docs/audit.md); the per-input scores under '_per_input'.
+    The audit's result (docs/audit.md): 'answer' (the accused candidate's name, or 'none'),
+    'confidence', 'primary' (the deciding score of the student and each control, per
+    candidate, with its p-value), 'scores' (every score on every probe), ...; the per-input
+    scores under '_per_input'.
   Raises:
     AuditError (bad input, naming the flag), UnknownNameError (a probe), CheckpointError.
   """

@@ -165,3 +165,26 @@ def test_audit_refuses_bad_input_with_the_clis_messages(teacher_dir, tmp_path):
   with pytest.raises(api.UnknownNameError, match="Unknown probe 'rael'"):
     api.audit(teacher_dir, candidates={"t": teacher_dir},
               controls={"a": teacher_dir, "b": teacher_dir}, probes=["rael"])
+
+
+def test_cpu_devices_in_a_session_whose_backend_has_started(tmp_path, data_dir):
+  """The same split again (a re-run cell) goes on; another one is a ConfigError naming the
+  way out, before anything is written."""
+  import jax
+
+  from distill_jax.xla_flags import set_cpu_devices
+
+  assert len(jax.devices("cpu")) == 8  # conftest's split; the backend has started.
+  set_cpu_devices(8)
+
+  def config(count):
+    return api.get_config(f"{DIGITS}:kd,tiny", {
+        "data.data_dir": data_dir, "parallel.cpu_devices": count,
+        "teachers.teacher.checkpoint": str(tmp_path / "no_teacher")})
+
+  with pytest.raises(api.CheckpointError, match="no_teacher"):  # Past the split: it fits.
+    api.train(config(8), str(tmp_path / "run"))
+  with pytest.raises(api.ConfigError, match="cpu_devices=3 must be applied before JAX starts.*"
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=3"):
+    api.train(config(3), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
