@@ -120,7 +120,8 @@ def evaluate(path: str, config: ml_collections.ConfigDict | None = None) -> dict
     numbers as its `result.json` 'final'.
   Raises:
     CheckpointError: no export at `path`, or one that does not fit the model.
-    ConfigError: no config given and none next to the export.
+    ConfigError: no config given and none next to the export, or the config names a loss
+      that is not registered in this session (a notebook cell's: run the cell first).
   """
   import jax
 
