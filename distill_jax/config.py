@@ -11,6 +11,7 @@ terms' settings, by name), checked by the same `validate`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import json
@@ -346,25 +347,74 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
                      ) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` as the CLI does, then applies dotted-key `overrides`.
 
-  `overrides={'optim.lr': 0.1}` is the programmatic form of `--config.optim.lr=0.1`; an
-  unknown key raises ConfigError listing the keys at that level.
+  `overrides={'optim.lr': 0.1}` is the programmatic form of `--config.optim.lr=0.1`; a whole
+  section may be replaced too (`{'losses': {'ce': {'weight': 1.0}}}`). Returns the config
+  locked (no new keys; values may still be set). Raises ConfigError for a missing file, an
+  `arg` the file's `get_config` refuses, an unknown key (with the CLI's message: the keys at
+  that level and the closest match) or a value of the wrong type.
   """
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("distill_jax_config_file", path)
   if module_spec is None or not os.path.exists(path):
-    raise ConfigError(f"No config file at {path!r}.")
+    raise ConfigError(f"No config file at {path!r} (relative to {os.getcwd()}).")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None) if arg else module.get_config()
+  try:
+    config = module.get_config(arg or None) if arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:  # The file's own check of its arg.
+    raise ConfigError(str(e.args[0] if e.args else e)) from e
   for key, value in (overrides or {}).items():
+    problem = missing_key(config, key)
+    if problem:
+      raise ConfigError(f"overrides[{key!r}]: {problem}")
+    *parents, leaf = key.split(".")
     node = config
-    for part in key.split(".")[:-1]:
-      if part not in node:
-        raise ConfigError(f"Unknown config key {key!r}: {part!r} is not one of {sorted(node)}.")
+    for part in parents:
       node = node[part]
-    leaf = key.split(".")[-1]
-    if leaf not in node:
-      raise ConfigError(f"Unknown config key {key!r}: {leaf!r} is not one of {sorted(node)}.")
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"overrides[{key!r}] = {value!r}: {e}") from e
   config.lock()
   return config
+
+
+def missing_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """Why dotted `key` (e.g. 'optim.lrr') names no setting of `config`, as the CLI says it
+  ("config.optim has no key 'lrr' (did you mean 'lr'?); it has: ..."), or None if it does."""
+  node, path = config, []
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = "config." + ".".join(path) if path else "config"
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      listing = f"; it has: {', '.join(known)}" if known else ""
+      return f"{where} has no key {part!r}{hint}{listing}."
+    node, path = node[part], [*path, part]
+  return None
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a finished (or started) run was trained with: `workdir/config.json`, its JSON
+  lists back to tuples (model kwargs, layer lists), locked. Raises ConfigError naming the file
+  when it is missing or unreadable."""
+  path = os.path.join(os.path.abspath(workdir), "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"No run config at {path}: give a run's workdir (it holds config.json), "
+                      "or pass the config.") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"Unreadable run config {path}: {e}") from e
+  config = ml_collections.ConfigDict(lists_to_tuples(saved))
+  config.lock()
+  return config
+
+
+def lists_to_tuples(x: Any) -> Any:
+  """JSON's lists back to the tuples a config holds (model kwargs must be hashable)."""
+  if isinstance(x, dict):
+    return {k: lists_to_tuples(v) for k, v in x.items()}
+  return tuple(lists_to_tuples(v) for v in x) if isinstance(x, list) else x

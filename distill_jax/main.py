@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import importlib
 import logging as py_logging
 import os
 import re
-import shutil
 import signal
 import sys
 import traceback
@@ -37,6 +35,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
+
+from distill_jax.train.workdir import latest_checkpoint, remove_unless_checkpointed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -204,21 +204,16 @@ def provenance() -> str:
 
 
 def train(config: config_dict.ConfigDict, workdir: str) -> None:
-  """Trains; a start that fails removes the workdir it created, unless it holds a checkpoint."""
+  """Trains (`distill_jax.api.train`: a start that fails removes the workdir it created, unless
+  it holds a checkpoint) and logs the headline."""
+  from distill_jax import api
   from distill_jax.train.logging import quiet_library_logs
-  from distill_jax.train.loop import train_generations
-  from distill_jax.train.parallel import initialize_distributed
 
   quiet_library_logs()
-  initialize_distributed(config.parallel)  # Before any other use of JAX's devices.
   workdir = os.path.abspath(workdir)
   if not os.path.exists(workdir):
-    _created_workdirs.append(workdir)
-  try:
-    result = train_generations(config, workdir)
-  except BaseException:
-    _remove_created_workdirs()
-    raise
+    _created_workdirs.append(workdir)  # For Ctrl-C before the run's own handler is set.
+  result = api.train(config, workdir)
   best = next(k for k in result if k.startswith("best_") and k != "best_step")  # The task's.
   logging.info("Done: eval top-1 %.4f (%s %.4f); results in %s.",
                result["final"]["eval/top1"], best.replace("_", " "), result[best],
@@ -231,16 +226,7 @@ _created_workdirs: list[str] = []  # The workdir this process created, if it did
 def _remove_created_workdirs() -> None:
   """After a failed start: removes the workdir this run created, unless it holds a checkpoint."""
   for workdir in _created_workdirs:
-    if os.path.isdir(workdir) and latest_checkpoint(workdir) is None:
-      shutil.rmtree(workdir, ignore_errors=True)
-
-
-def latest_checkpoint(workdir: str) -> str | None:
-  """The newest complete checkpoint directory under `workdir` (any generation), or None."""
-  found = [p for p in glob.glob(os.path.join(workdir, "**", "checkpoints", "*"), recursive=True)
-           if os.path.basename(p).isdigit()]
-  return max(found, key=lambda p: (os.path.getmtime(p), int(os.path.basename(p))),
-             default=None)
+    remove_unless_checkpointed(workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -315,14 +301,11 @@ def _override_error(argv: list[str], error: Exception) -> str:
     match = re.fullmatch(r"--config\.([\w.]+)(?:=.*)?", arg, re.S)
     if not match or not isinstance(config, config_dict.ConfigDict):
       continue
-    node, path = config, []
-    for part in match.group(1).split("."):
-      if not isinstance(node, config_dict.ConfigDict) or part not in node:
-        where = "config." + ".".join(path) if path else "config"
-        known = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
-        listing = f"; it has: {', '.join(sorted(known))}" if known else ""
-        return (f"{arg}: {where} has no key {part!r}{_did_you_mean(part, known)}{listing}.")
-      node, path = node[part], [*path, part]
+    from distill_jax.config import missing_key
+
+    problem = missing_key(config, match.group(1))
+    if problem:
+      return f"{arg}: {problem}"
   text = str(error)
   if "Traceback (most recent call last)" in text:  # A config file's get_config raised.
     lines = [line for line in text.splitlines() if line.strip()]

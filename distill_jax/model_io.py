@@ -2,7 +2,8 @@
 
 An export directory (a run's `workdir/model/`) holds `variables/` (params and batch stats only;
 the objective's connectors and the optimizer state stay behind) and `model.json` (model name,
-kwargs, number of classes). Teachers, the audit and other runs load from such a directory. A
+kwargs, number of classes, the step and, in exports written since it was added, one example's
+input shape). Teachers, the audit and other runs load from such a directory. A
 leaf module (orbax, no training code), so anything that reads models can import it. Nothing is
 ever unpickled.
 """

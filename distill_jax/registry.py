@@ -4,6 +4,12 @@ A registry maps a name to a callable. Registering a name twice is an error (two
 files silently fighting over one name is a bug), and looking up an unknown name
 raises an error that lists every known name and the closest match, so a typo in
 a config fails at once with the fix in the message.
+
+One exception: a new definition of the *same* function or class (the same
+`__module__` and `__qualname__`) replaces the registered one. That is what
+re-running a notebook cell (or `importlib.reload`) does: it defines the same
+source again as a new object, and after editing the cell the user wants the new
+version. Another function under a taken name is still refused.
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ class Registry:
     self._entries: dict[str, Callable[..., Any]] = {}
 
   def register(self, name: str) -> Callable[[T], T]:
-    """Decorator: `@registry.register('name')` adds the decorated callable."""
+    """Decorator: `@registry.register('name')` adds the decorated callable.
+
+    Raises ValueError when `name` is taken by another callable; a redefinition of the
+    registered one (`_redefines`: a re-run notebook cell, a reloaded module) replaces it.
+    """
 
     def decorator(fn: T) -> T:
-      if name in self._entries:
+      if name in self._entries and not _redefines(fn, self._entries[name]):
         raise ValueError(
             f"{self.kind} {name!r} is already registered (by "
             f"{_where(self._entries[name])}); pick another name.")
@@ -73,3 +83,11 @@ def _where(fn: Callable[..., Any]) -> str:
   module = getattr(fn, "__module__", "?")
   qualname = getattr(fn, "__qualname__", repr(fn))
   return f"{module}.{qualname}"
+
+
+def _redefines(new: Callable[..., Any], old: Callable[..., Any]) -> bool:
+  """Whether `new` is a new definition of `old`: both a function or class (they have a
+  `__qualname__`; an instance does not) with the same module and qualified name."""
+  if not (hasattr(new, "__qualname__") and hasattr(old, "__qualname__")):
+    return False
+  return (new.__module__, new.__qualname__) == (old.__module__, old.__qualname__)

@@ -50,11 +50,17 @@ def apply_cpu_defaults() -> bool:
 def set_cpu_devices(count: int) -> None:
   """Splits the host CPU into `count` XLA devices (`parallel.cpu_devices`; 0: leave as is).
 
-  Raises RuntimeError when JAX's backend is already initialised: the split must be set before.
+  Raises RuntimeError when JAX's backend is already initialised with another number of CPU
+  devices: the split must be set before (the same number again, e.g. a second run in one
+  Python session, is fine).
   """
   if not count:
     return
   if backend_initialised():
+    import jax
+
+    if len(jax.devices("cpu")) == count:
+      return
     raise RuntimeError(f"config.parallel.cpu_devices={count} must be applied before JAX starts "
                        "its backend; run through the CLI, or set XLA_FLAGS="
                        f"{_DEVICE_COUNT}={count} before starting Python.")

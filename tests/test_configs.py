@@ -56,7 +56,7 @@ def test_crd_recipe_is_exact():
 def test_overrides_and_bad_args():
   c = load_config_file(os.path.join(CONFIGS, "digits.py:kd"), {"optim.lr": 0.2})
   assert c.optim.lr == 0.2
-  with pytest.raises(ConfigError, match="'lrr' is not one of"):
+  with pytest.raises(ConfigError, match="config.optim has no key 'lrr' \\(did you mean 'lr'"):
     load_config_file(os.path.join(CONFIGS, "digits.py:kd"), {"optim.lrr": 0.2})
   with pytest.raises(ValueError, match="expected"):
     load_config_file(os.path.join(CONFIGS, "cifar_kd.py:kd,resnet56"))

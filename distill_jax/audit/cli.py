@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 PROG = "distill-jax audit"
 
@@ -55,12 +57,12 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def _named(spec: str, flag: str) -> list[tuple[str, str]]:
-  """'a,NAME=b' -> [(basename(a), a), (NAME, b)]; names must be distinct."""
+def _named(items: Iterable[str], flag: str) -> list[tuple[str, str]]:
+  """['a', 'NAME=b'] -> [(basename(a), a), (NAME, b)]; names must be distinct."""
   from distill_jax.audit import AuditError
 
   out = []
-  for item in filter(None, (s.strip() for s in spec.split(","))):
+  for item in filter(None, (s.strip() for s in items)):
     name, sep, path = item.partition("=")
     if not sep:
       name, path = os.path.basename(os.path.normpath(item)), item
@@ -72,7 +74,8 @@ def _named(spec: str, flag: str) -> list[tuple[str, str]]:
   return out
 
 
-def _settings(items: list[str], registry: object) -> dict[str, dict[str, str]]:
+def _settings(items: list[str]) -> dict[str, dict[str, str]]:
+  """['synthetic.steps=400', ...] -> {'synthetic': {'steps': '400'}, ...}."""
   from distill_jax.audit import AuditError
 
   out: dict[str, dict[str, str]] = {}
@@ -81,7 +84,6 @@ def _settings(items: list[str], registry: object) -> dict[str, dict[str, str]]:
     probe, dot, option = key.partition(".")
     if not sep or not dot:
       raise AuditError(f"--set={item!r}: expected PROBE.KEY=VALUE, e.g. synthetic.steps=400.")
-    registry.get(probe)
     out.setdefault(probe, {})[option] = value
   return out
 
@@ -100,59 +102,68 @@ def _run_config(student: str) -> dict | None:
     return json.load(f)
 
 
-def _data_config(args: argparse.Namespace, run_config: dict | None) -> object:
-  """The data config: --data, else the student run's config.json, else digits."""
+def _data_config(data: str | None, data_dir: str | None, run_config: dict | None) -> object:
+  """The data config: `data` (--data), else the student run's config.json, else digits."""
   import ml_collections
 
   from distill_jax import data as data_lib
 
-  if args.data is None and run_config is not None:
+  if data is None and run_config is not None:
     config = ml_collections.ConfigDict(run_config["data"])
   else:
-    config = data_lib.default_data_config(args.data or "digits")
-  if args.data_dir is not None:
-    config.data_dir = args.data_dir
+    config = data_lib.default_data_config(data or "digits")
+  if data_dir is not None:
+    config.data_dir = data_dir
   return config
 
 
-def _lm_audit(args: argparse.Namespace, candidates: list, controls: list,
-              data_config: object) -> dict:
+def _checked_probes(probes: Sequence[str], settings: Mapping[str, Mapping[str, Any]],
+                    registry: Any) -> None:
+  """Fails on an unknown probe name, among `probes` or the probes `settings` configure."""
+  for name in [*probes, *settings]:
+    registry.get(name)
+
+
+def _lm_audit(student_path: str, candidates: list, controls: list, data_config: object, *,
+              probes: Sequence[str] | None, settings: Mapping[str, Mapping[str, Any]],
+              **options: Any) -> dict:
   """The audit of a language-model student (its run's task is language_model): prompts probe,
   generation scores (`distill_jax.audit.lm`)."""
   from distill_jax.audit import load_exported, query_only
   from distill_jax.audit.lm import DEFAULT_LM_PROBES, LM_PROBES, run_lm_audit
 
-  probes = [p.strip() for p in (args.probe or ",".join(DEFAULT_LM_PROBES)).split(",")
-            if p.strip()]
-  for name in probes:
-    LM_PROBES.get(name)
-  settings = _settings(args.set, LM_PROBES)
+  probes = list(probes or DEFAULT_LM_PROBES)
+  _checked_probes(probes, settings, LM_PROBES)
   shape = (8,)  # Token ids [N, L]: the parameters' shapes do not depend on L.
-  student = load_exported(args.student, shape, flag="student")
+  student = load_exported(student_path, shape, flag="student")
 
   def load(entries, flag):
     return {name: query_only(load_exported(path, shape, name, flag), ndim=3)
             for name, path in entries}
 
   return run_lm_audit(student, load(candidates, "candidates"), load(controls, "controls"),
-                      data_config=data_config, probes=probes, primary=args.primary,
-                      num_inputs=args.num_inputs, seed=args.seed, alpha=args.alpha,
-                      probe_settings=settings)
+                      data_config=data_config, probes=probes, probe_settings=settings,
+                      **options)
 
 
-def audit(args: argparse.Namespace) -> dict:
+def audit_paths(student: str, candidates: Sequence[tuple[str, str]],
+                controls: Sequence[tuple[str, str]], *, probes: Sequence[str] | None = None,
+                primary: str | None = None, num_inputs: int = 256, seed: int = 0,
+                alpha: float = 0.05, data: str | None = None, data_dir: str | None = None,
+                settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+  """The audit of exported models given by path (what `distill-jax audit` runs, without the
+  report): loads the student with its weights and every candidate and control as query-only,
+  picks the probes (image or language model, from the student run's config.json) and returns
+  the result dict (`run_audit`). `candidates`/`controls` are (name, path) pairs; the other
+  arguments are the CLI's flags of the same names (`probes` its --probe, `settings` its --set
+  as {probe: {key: value}}). Raises AuditError (bad input, naming the flag), UnknownNameError
+  (a probe), CheckpointError (an export)."""
   from distill_jax import data as data_lib
-  from distill_jax.audit import (
-      PROBES,
-      AuditError,
-      load_exported,
-      query_only,
-      run_audit,
-  )
+  from distill_jax.audit import PROBES, AuditError, load_exported, query_only, run_audit
 
-  candidates, controls = _named(args.candidates, "candidates"), _named(args.controls, "controls")
-  if not os.path.exists(args.student):
-    raise AuditError(f"--student: {args.student} does not exist (give a finished run's workdir "
+  candidates, controls, settings = list(candidates), list(controls), dict(settings or {})
+  if not os.path.exists(student):
+    raise AuditError(f"--student: {student} does not exist (give a finished run's workdir "
                      "or its model/ export directory).")
   if len(controls) < 2:
     raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
@@ -164,27 +175,35 @@ def audit(args: argparse.Namespace) -> dict:
                          "its model/ export directory).")
   # The student's run says which data set (and so which input shape) the audit is about,
   # and whether the student is a language model (then the audit probes with prompts).
-  run_config = _run_config(args.student)
-  data_config = _data_config(args, run_config)
+  run_config = _run_config(student)
+  data_config = _data_config(data, data_dir, run_config)
+  options = {"primary": primary, "num_inputs": num_inputs, "seed": seed, "alpha": alpha}
   if (run_config or {}).get("task") == "language_model":
-    result = _lm_audit(args, candidates, controls, data_config)
-    return _write(result, args.out)
-  default = "disagreement,synthetic" if len(candidates) > 1 else "synthetic"
-  probes = [p.strip() for p in (args.probe or default).split(",") if p.strip()]
-  for name in probes:
-    PROBES.get(name)
-  settings = _settings(args.set, PROBES)
+    return _lm_audit(student, candidates, controls, data_config, probes=probes,
+                     settings=settings, **options)
+  probes = list(probes or (("disagreement", "synthetic") if len(candidates) > 1 else
+                           ("synthetic",)))
+  _checked_probes(probes, settings, PROBES)
   info = data_lib.get_info(data_config)
   shape = info.image_shape
-  student = load_exported(args.student, shape, flag="student")
+  student_model = load_exported(student, shape, flag="student")
 
   def load(entries, flag):
     return {name: query_only(load_exported(path, shape, name, flag)) for name, path in entries}
 
-  result = run_audit(student, load(candidates, "candidates"), load(controls, "controls"),
-                     input_shape=shape, num_classes=info.num_classes, probes=probes,
-                     primary=args.primary, num_inputs=args.num_inputs, seed=args.seed,
-                     data_config=data_config, alpha=args.alpha, probe_settings=settings)
+  return run_audit(student_model, load(candidates, "candidates"), load(controls, "controls"),
+                   input_shape=shape, num_classes=info.num_classes, probes=probes,
+                   data_config=data_config, probe_settings=settings, **options)
+
+
+def audit(args: argparse.Namespace) -> dict:
+  """`distill-jax audit` with parsed flags: the audit, its report written to --out."""
+  probes = [p.strip() for p in args.probe.split(",") if p.strip()] if args.probe else None
+  result = audit_paths(args.student, _named(args.candidates.split(","), "candidates"),
+                       _named(args.controls.split(","), "controls"), probes=probes,
+                       primary=args.primary, num_inputs=args.num_inputs, seed=args.seed,
+                       alpha=args.alpha, data=args.data, data_dir=args.data_dir,
+                       settings=_settings(args.set))
   return _write(result, args.out)
 
 

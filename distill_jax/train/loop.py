@@ -714,7 +714,7 @@ class _Session:
     # Every process: the export is a collective save (process 0 writes the files).
     export_model(os.path.join(self.workdir, "model"), host_state.student_variables(), {
         "model": config.student.name, "kwargs": config.student.kwargs.to_dict(),
-        "num_classes": run.num_classes, "step": step})
+        "num_classes": run.num_classes, "input_shape": list(run.input_shape), "step": step})
     headline = final[f"eval/{task.headline}"]
     final_is_best = task.is_better(headline, record[self.best_key])
     result = {

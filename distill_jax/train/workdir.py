@@ -8,8 +8,10 @@ A lock held from another host cannot be checked from here: the message says how 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import socket
 
 from absl import logging
@@ -118,3 +120,19 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+  """The newest complete checkpoint directory under `workdir` (any generation), or None."""
+  found = [p for p in glob.glob(os.path.join(workdir, "**", "checkpoints", "*"), recursive=True)
+           if os.path.basename(p).isdigit()]
+  return max(found, key=lambda p: (os.path.getmtime(p), int(os.path.basename(p))),
+             default=None)
+
+
+def remove_unless_checkpointed(workdir: str) -> None:
+  """Removes `workdir` unless it holds a checkpoint: after a failed start of a run that created
+  it, so a mistake leaves nothing behind (a run that got as far as a checkpoint stays
+  resumable)."""
+  if os.path.isdir(workdir) and latest_checkpoint(workdir) is None:
+    shutil.rmtree(workdir, ignore_errors=True)
