@@ -37,6 +37,17 @@ from distill_jax.train.metrics import WRITERS, Opening, Writer
 RUN_IDS_FILE = "trackers.json"  # In the workdir: {writer name: its tracker run's id}.
 
 
+class TrackerError(ValueError):
+  """A tracker's store could not be opened or written (a login, a URI, the network): the CLI
+  shows it in one line. The workdir stays resumable, and a rerun sends the store what it
+  lacks."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(getattr(error, "message", None) or error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 @dataclasses.dataclass(frozen=True)
 class Requirement:
   """The package a writer needs (`module`) and the extra of distill-jax that installs it."""
@@ -149,16 +160,20 @@ class WandbWriter(Tracker):
       store_run_id(workdir, "wandb", run_id)
     directory = s.get("dir") or os.environ.get("WANDB_DIR") or workdir
     os.makedirs(directory, exist_ok=True)
-    self._run = wandb.init(
-        id=run_id, resume="allow", dir=directory, project=s.get("project") or None,
-        entity=s.get("entity") or None, mode=s.get("mode") or None,
-        name=s.get("name") or os.path.basename(workdir), group=s.get("group") or None,
-        tags=list(s.get("tags") or ()) or None, config=dict(opening.run_config),
-        allow_val_change=True)
+    try:
+      self._run = wandb.init(
+          id=run_id, resume="allow", dir=directory, project=s.get("project") or None,
+          entity=s.get("entity") or None, mode=s.get("mode") or None,
+          name=s.get("name") or os.path.basename(workdir), group=s.get("group") or None,
+          tags=list(s.get("tags") or ()) or None, config=dict(opening.run_config),
+          allow_val_change=True)
+    except Exception as e:  # noqa: BLE001  (wandb's errors have no common base)
+      raise TrackerError(f"W&B could not start run {run_id} (config.log.wandb, WANDB_*): "
+                         f"{_first_line(e)}") from e
     settings = self._run.settings
     if settings.mode == "disabled":
       floor = -1
-    elif settings._offline:  # What this run's earlier offline launches wrote.
+    elif settings.mode in ("offline", "dryrun"):  # What this run's earlier launches wrote.
       floor = max((wandb_last_step(path) for path in glob.glob(
           os.path.join(settings.wandb_dir, "offline-run-*", f"run-{run_id}.wandb"))
           if os.path.abspath(path) != os.path.abspath(settings.sync_file)), default=-1)
@@ -181,6 +196,8 @@ def wandb_records(path: str) -> Iterator[bytes]:
   4 last). Ends at the first torn or corrupt chunk (a launch killed before a flush)."""
   with open(path, "rb") as f:
     data = f.read()
+  if len(data) < 7:  # Killed before its header was written.
+    return
   if data[:4] != b":W&B":
     raise ValueError(f"{path} is not a W&B run file")
   block, pos, parts = 32768, 7, []
@@ -267,7 +284,8 @@ class MlflowWriter(Tracker):
       held = {(key, m.step) for key in run.data.metrics
               for m in client.get_metric_history(self._run_id, key)}
     except MlflowException as e:
-      raise RuntimeError(f"MLflow at {uri}: {str(e.message).splitlines()[0]}") from e
+      raise TrackerError(f"MLflow at {uri}: {_first_line(e)}") from e
+    self._uri = uri
     self._start(-1, held, opening.history)
 
   @staticmethod
@@ -302,10 +320,16 @@ class MlflowWriter(Tracker):
 
   def _log(self, step: int, scalars: Mapping[str, float]) -> None:
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
     now = int(time.time() * 1000)
-    self._client.log_batch(self._run_id, metrics=[Metric(k, v, now, step)
-                                                  for k, v in scalars.items()])
+    try:
+      self._client.log_batch(self._run_id, metrics=[Metric(k, v, now, step)
+                                                    for k, v in scalars.items()])
+    except MlflowException as e:  # After the client's own retries.
+      raise TrackerError(f"MLflow at {self._uri} took no metrics at step {step}: "
+                         f"{_first_line(e)}. The workdir is intact: rerun the same command "
+                         "to resume (MLflow then gets the steps it lacks).") from e
 
   def close(self, completed: bool = True) -> None:
     self._client.set_terminated(self._run_id, "FINISHED" if completed else "KILLED")
