@@ -27,6 +27,7 @@ from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
 from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, MESH_AXES, MODES, TEACHER_SHARDINGS
 from distill_jax.objective import build_objective
+from distill_jax.train.metrics import check_writers
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
       # > 0: split the host CPU into this many XLA devices (set by the CLI before JAX starts).
       "cpu_devices": 0})
   c.progress_bar = True
+  # Where metrics go (train/metrics.py, train/trackers.py): 'jsonl' (WORKDIR/metrics.jsonl,
+  # always), 'tensorboard' (WORKDIR/tb), 'wandb', 'mlflow' (optional extras). Empty tracker
+  # settings leave the choice to the library and its environment variables (WANDB_MODE,
+  # WANDB_PROJECT, MLFLOW_TRACKING_URI, ...). README's "Experiment trackers" says more.
+  c.log = ml_collections.ConfigDict({
+      "writers": ("jsonl", "tensorboard"),
+      "wandb": {"project": "", "entity": "", "mode": "", "name": "", "group": "", "tags": (),
+                "dir": ""},
+      "mlflow": {"tracking_uri": "", "experiment": "", "run_name": ""}})
   # Born-again networks: > 1 runs that many distillations in a row in WORKDIR/gen0, gen1, ...;
   # generation g > 0 distills the student's architecture from generation g - 1 (one teacher,
   # named 'teacher', replaces config.teachers), with the same loss terms.
@@ -299,6 +309,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("data.augment", config.data.augment, ("none", "crop", "crop_flip"))
   if "train" in config:
     _check_choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS)
+  if "log" in config:
+    try:
+      check_writers(list(config.log.writers), config.log.to_dict())
+    except ValueError as e:
+      raise ConfigError(f"config.log.writers: {e}") from e
   check_ranges(config)
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_steps to a positive number.")

@@ -448,9 +448,10 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 # Settings whose change on resume is not a change of the run (where it runs, how it shows):
 # these keys, and every key under these prefixes (the devices and processes a run is laid out
-# on: a restore reshards the same state onto any layout, and a relaunch gets a new port).
+# on: a restore reshards the same state onto any layout, and a relaunch gets a new port; where
+# metrics go: a tracker added on resume is sent the metrics so far).
 IGNORED_CHANGES = ("allow_config_change", "progress_bar", "data.data_dir")
-IGNORED_PREFIXES = ("parallel.",)
+IGNORED_PREFIXES = ("parallel.", "log.")
 
 
 def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) -> list[str]:
@@ -572,6 +573,7 @@ class _Session:
   last_saved: int | None
   seconds_before: float  # Training seconds of the earlier launches of this run.
   started: float = dataclasses.field(default_factory=time.time)  # This launch's.
+  completed: bool = False  # `finish` wrote result.json.
 
   @property
   def best_key(self) -> str:
@@ -606,7 +608,9 @@ class _Session:
     teacher_vars = parallel.put_teachers(run.teacher_vars)
     state = parallel.put_state(jax.device_get(state))
     step = int(parallel.get(state).step)
-    writer = MetricWriter(workdir, resume_step=step)
+    writer = MetricWriter(workdir, resume_step=step, writers=config.log.writers,
+                          settings=config.log.to_dict(),
+                          run_config=json.loads(config_lib.to_json(config)))
     total_steps = run.stages[-1].end
     logging.info("Training %s for %d steps (%s; %d per epoch) on %d %s device(s), mode %s.",
                  config.student.name, total_steps,
@@ -730,11 +734,12 @@ class _Session:
     if jax.process_index() == 0:
       write_atomic(os.path.join(self.workdir, "result.json"),
                    json.dumps(result, indent=2, sort_keys=True))
+    self.completed = True
     return result
 
   def close(self) -> None:
     self.bar.close()
-    self.writer.close()
+    self.writer.close(completed=self.completed)
     self.checkpointer.close()
 
 
