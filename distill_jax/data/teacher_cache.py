@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
+from distill_jax.data import batch_keys
 from distill_jax.outputs import Outputs
 
 FORMAT = 1
@@ -50,9 +51,17 @@ class CacheError(ValueError):
   """A teacher cache is missing, corrupt or stale; the message names the file and the reason."""
 
 
+KEY_PREFIX = "teacher_logits/"
+# Cached logits describe the data's rows: after an on-policy rollout they would score tokens
+# the batch no longer holds.
+batch_keys.declare(
+    KEY_PREFIX, what="teacher {name!r}'s logits cached for the data's rows, not for the "
+    "student's samples", fix="run that teacher live (unset config.teachers.{name}.cache)")
+
+
 def batch_key(teacher: str) -> str:
   """The batch key under which teacher `teacher`'s cached logits reach the step."""
-  return f"teacher_logits/{teacher}"
+  return f"{KEY_PREFIX}{teacher}"
 
 
 def cached_apply(teacher: str):

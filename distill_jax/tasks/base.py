@@ -43,12 +43,17 @@ class Task:
     higher_is_better: whether a larger headline is better.
     supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches
       (the task then defines `input_fingerprint`).
+    rollout_keys: the task's batch keys that stay valid when the on-policy step replaces the
+      rows by the student's samples (the rollout rewrites them, or they describe the row, not
+      its tokens). Every other key must be declared in `data.batch_keys`; a run refuses a
+      rollout over a key that would not follow the samples.
   """
 
   input_key: str = "image"
   headline: str = "top1"
   higher_is_better: bool = True
   supports_teacher_cache: bool = False
+  rollout_keys: tuple[str, ...] = ()
 
   def info(self, data_config: Any) -> TaskInfo:
     raise NotImplementedError

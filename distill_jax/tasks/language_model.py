@@ -43,6 +43,8 @@ class LanguageModel(Task):
   headline: str = "perplexity"
   higher_is_better: bool = False
   supports_teacher_cache: bool = True
+  # The on-policy rollout rewrites tokens, targets, mask and document; id names the row.
+  rollout_keys: tuple[str, ...] = ("tokens", "targets", "mask", "document", "id")
 
   def info(self, data_config: Any) -> TaskInfo:
     info = text.get_text_info(data_config)

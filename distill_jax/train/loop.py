@@ -26,7 +26,7 @@ from absl import logging
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import generate, models, optim, tasks
-from distill_jax.data import teacher_cache, text
+from distill_jax.data import batch_keys, teacher_cache, text
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.model_io import CheckpointError, export_model
 from distill_jax.objective import Objective, build_objective
@@ -268,6 +268,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
           int(input_shape[0]))
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
+  if on_policy is not None:  # Side data must follow the samples (data.batch_keys).
+    stale = batch_keys.rollout_problems(example, task.rollout_keys)
+    if stale:
+      raise config_lib.ConfigError(
+          f"config.on_policy.fraction={on_policy.fraction} replaces the rows by the student's "
+          "samples, but these batch keys would still describe the original rows: "
+          + "; ".join(stale) + ".")
   accumulate_steps = int(config.optim.get("accumulate_steps", 1))
   parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0

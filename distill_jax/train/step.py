@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from distill_jax.data import batch_keys
 from distill_jax.features import ApplyFn
 from distill_jax.objective import Objective
 from distill_jax.outputs import Outputs
@@ -99,9 +100,17 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   `on_policy` (a `generate.OnPolicy`, language models): first, with its probability, the
   batch becomes the student's own continuations of its rows' prompts (sampled from the
   current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`),
-  which the teachers then score and the objective compares on the generated tokens.
+  which the teachers then score and the objective compares on the generated tokens. A batch
+  key that would not follow the samples (`data.batch_keys`: a teacher cache, a black-box
+  file's top-k, an undeclared key) is refused here, at trace time (`build_run` refuses the
+  config before).
   """
   if on_policy is not None:
+    stale = batch_keys.rollout_problems(batch, task.rollout_keys)
+    if stale:
+      raise ValueError("The on-policy step replaces the rows by the student's samples, but "
+                       "these batch keys would still describe the original rows: "
+                       + "; ".join(stale) + ".")
     batch = on_policy({"params": state.params["student"], **state.model_state}, batch,
                       state.rng, axis_name)
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
