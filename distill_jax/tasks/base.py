@@ -78,6 +78,14 @@ class Task:
     example's logits shape} for the teachers read from a cache."""
     raise NotImplementedError
 
+  def loss_weight(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+    """How much a (micro-)batch weighs in a mean over a bigger batch: what its losses average
+    over, summed (traced). Gradient accumulation weighs micro-batch j's gradients and metrics
+    by `loss_weight_j / sum_j loss_weight_j`, so that means over it equal the big batch's.
+    None (the default, classification): every micro-batch weighs alike (as many examples)."""
+    del batch
+    return None
+
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Scalars logged beside the loss for one (micro-)batch (traced, in the step)."""

@@ -79,6 +79,10 @@ class LanguageModel(Task):
       batch[key] = jnp.zeros((batch_size, *shape), jnp.float32)
     return batch
 
+  def loss_weight(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The kept tokens, `sum(mask)`: every token term is a mean over them."""
+    return jnp.sum(batch["mask"].astype(jnp.float32))
+
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Next-token `top1` and, with teachers, token `agreement` with their ensemble."""
