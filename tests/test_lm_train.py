@@ -161,17 +161,25 @@ def _log_softmax(x):
 
 
 @pytest.fixture(scope="module")
-def uneven_kd(data_dir, tmp_path_factory):
-  """configs/lm.py:fkl,tiny (token_ce + token_fkl, chunked) from an untrained teacher (weights
-  x4: far from uniform), a batch whose micro-batch 0 of 2 (the even rows, `step._split`) keeps
-  4 tokens per row, 7 times fewer than micro-batch 1, and the big-batch step's parameters."""
+def untrained_lm_teacher(data_dir, tmp_path_factory):
+  """configs/lm.py's tiny teacher, untrained (weights x4: far from uniform), exported: for
+  tests that need a teacher's numbers, not a good one."""
   directory = str(tmp_path_factory.mktemp("lm_untrained"))
   kwargs = lm_config("teacher", data_dir).student.kwargs.to_dict()
   module = build_model("transformer_lm", 259, **kwargs)
   variables = module.init(jax.random.PRNGKey(7), np.zeros((1, 32), np.int32))
   export_model(directory, jax.tree.map(lambda x: 4.0 * x, variables),
                {"model": "transformer_lm", "kwargs": kwargs, "num_classes": 259, "step": 0})
-  base = {**KD_BASE, "teachers.teacher.checkpoint": directory, "parallel.num_devices": 1}
+  return directory
+
+
+@pytest.fixture(scope="module")
+def uneven_kd(data_dir, untrained_lm_teacher):
+  """configs/lm.py:fkl,tiny (token_ce + token_fkl, chunked) from the untrained teacher, a
+  batch whose micro-batch 0 of 2 (the even rows, `step._split`) keeps 4 tokens per row, 7
+  times fewer than micro-batch 1, and the big-batch step's parameters."""
+  base = {**KD_BASE, "teachers.teacher.checkpoint": untrained_lm_teacher,
+          "parallel.num_devices": 1}
   config = lm_config("fkl", data_dir, **base)
   run = loop.build_run(config)
   init = jax.device_get(loop.init_state(config, run))
@@ -220,3 +228,24 @@ def test_accumulation_with_uneven_masks_is_the_big_batch_step(uneven_kd, layout)
                                                    jax.tree.leaves(init.params["student"]),
                                                    strict=True))
   assert moved > 1e-3
+
+
+def test_a_top_k_cache_is_refused_to_a_term_with_a_larger_k(data_dir, untrained_lm_teacher,
+                                                            tmp_path):
+  """A cache of the teacher's top 4 tokens per position, read by token_topk_kd with k = 16:
+  beyond the 4 the cache holds only an even spread of the rest, so the run is refused before
+  anything is compiled, naming the term, both k and the fixes; k = 4 reads it."""
+  base = {"teachers.teacher.checkpoint": untrained_lm_teacher, "data.train_subset": 32,
+          "parallel.num_devices": 1}
+  directory = teacher_cache.cache_teachers(lm_config("topk", data_dir, **base), str(tmp_path),
+                                           top_k=4, batch_size=32)["teacher"]
+  cached = {**base, "teachers.teacher.cache": directory}
+  with pytest.raises(ConfigError) as error:
+    loop.build_run(lm_config("topk", data_dir, **cached))
+  assert str(error.value) == (
+      f"Loss term 'token_topk_kd' (token_topk_kd) reads teacher 'teacher''s top k=16 tokens, "
+      f"but its cache {directory!r} holds only its top 4 (the rest is an even spread of the "
+      "remaining mass): set losses.token_topk_kd.k <= 4, or rebuild the cache with "
+      "scripts/cache_teacher.py --top_k=16 (or 0: all logits).")
+  run = loop.build_run(lm_config("topk", data_dir, **cached, **{"losses.token_topk_kd.k": 4}))
+  assert run.side_data["train"][teacher_cache.batch_key("teacher")].top_k == 4
