@@ -233,7 +233,10 @@ class OnPolicy:
     """The batch with each row replaced by its prompt and the student's sample (no gradient).
 
     tokens [B, L]: the first `prompt_len` tokens, the N sampled ones, then `pad_id`; targets:
-    the next token; mask: 1 where the target is a generated token (up to and including EOS).
+    the next token; mask: 1 where the target is a generated token (up to and including EOS);
+    document: the prompt's last document on the kept generated tokens, -1 after. Every other
+    key is passed through as it is, so it must not describe the original tokens: the step
+    refuses those that would (`data.batch_keys`, `Task.rollout_keys`).
     """
     tokens, mask = sample(self.model, jax.lax.stop_gradient(variables),
                           batch["tokens"][:, :self.prompt_len],

@@ -1,7 +1,8 @@
 """On-policy distillation (GKD): the teacher gets no gradient and the student a finite one
 through the sampled batch; the step's loss equals sampling with the step's key, the teacher's
 forward and a NumPy generalized JSD on the generated tokens; configs/lm.py:gkd,tiny trains
-through the CLI; bad settings are refused naming the setting."""
+through the CLI; bad settings are refused naming the setting, and so is side data that cannot
+follow the student's samples (a teacher cache, an undeclared batch key)."""
 
 import json
 import os
@@ -14,9 +15,10 @@ from conftest import ROOT, run_cli
 
 from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
-from distill_jax.data import text
+from distill_jax.data import batch_keys, blackbox, teacher_cache, text
 from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
+from distill_jax.tasks import get_task
 from distill_jax.teachers import init_shapes
 from distill_jax.train import loop
 from distill_jax.train import step as step_lib
@@ -210,3 +212,57 @@ def test_on_policy_step_on_the_mesh_equals_one_device_and_pmap_runs(run, data_di
     np.testing.assert_allclose(b, a, atol=1e-6)
   assert pmap_metrics["loss"] != one_metrics["loss"]
   np.testing.assert_allclose(pmap_metrics["loss"], one_metrics["loss"], rtol=0.2)
+
+
+def test_side_data_declares_whether_it_follows_the_samples():
+  """The rollout keeps the task's own keys; a key declared to follow the tokens passes; a
+  teacher cache's logits, a black-box file's top-k and a key nobody declared are refused
+  (the safe default), grouped by reason."""
+  task_keys = get_task("language_model").rollout_keys
+  assert blackbox.TOPK_KEYS  # Imported: the module that adds the keys declares them.
+  assert set(task_keys) == {"tokens", "targets", "mask", "document", "id"}
+  batch_keys.declare("test_row_weight", what="a weight per row", follows_tokens=True)
+  assert batch_keys.rollout_problems([*task_keys, "test_row_weight"], task_keys) == []
+  problems = batch_keys.rollout_problems(
+      [*task_keys, "test_row_weight", "teacher_logits/big", "test_new_key", "topk_ids",
+       "topk_valid", "target_bytes", "contrast_idx"], task_keys)
+  assert len(problems) == 5, problems
+  assert problems[0].startswith("contrast_idx (CRD's memory-bank rows")
+  assert problems[1] == ("target_bytes (the UTF-8 bytes of the data's targets)")
+  assert problems[2] == ("teacher_logits/big (teacher 'big''s logits cached for the data's "
+                         "rows, not for the student's samples; run that teacher live (unset "
+                         "config.teachers.big.cache))")
+  assert problems[3].startswith("test_new_key (undeclared: the module that adds it must say")
+  assert problems[4].startswith("topk_ids, topk_valid (a black-box teacher's top-k")
+  with pytest.raises(ValueError, match="already declared"):
+    batch_keys.declare("test_row_weight", what="a weight per row", follows_tokens=False)
+
+
+def test_a_teacher_cache_is_refused_on_policy(data_dir, teacher_dir, tmp_path):
+  """A per-token cache holds the teacher's logits for the data's rows; on-policy batches hold
+  the student's samples instead, so `build_run` refuses the combination, naming the key and
+  the fix (off-policy, the same cache is accepted)."""
+  subset = {"data.train_subset": 32}
+  directory = teacher_cache.cache_teachers(gkd_config(data_dir, teacher_dir, **subset),
+                                           str(tmp_path), top_k=8, batch_size=32)["teacher"]
+  cached = {**subset, "teachers.teacher.cache": directory}
+  built = loop.build_run(gkd_config(data_dir, teacher_dir, **cached,
+                                    **{"on_policy.fraction": 0.0}))
+  assert built.on_policy is None and "teacher_logits/teacher" in built.example
+  with pytest.raises(ConfigError) as error:
+    loop.build_run(gkd_config(data_dir, teacher_dir, **cached, **{"on_policy.fraction": 0.5}))
+  assert str(error.value) == (
+      "config.on_policy.fraction=0.5 replaces the rows by the student's samples, but these "
+      "batch keys would still describe the original rows: teacher_logits/teacher (teacher "
+      "'teacher''s logits cached for the data's rows, not for the student's samples; run that "
+      "teacher live (unset config.teachers.teacher.cache)).")
+
+
+def test_the_on_policy_step_refuses_an_undeclared_batch_key(run):
+  """The compiled step checks too (at trace time), for callers that bypass `build_run`."""
+  _, built, state, batch = run
+  parallel = built.parallel
+  with pytest.raises(ValueError, match=r"would still describe the original rows: "
+                                       r"test_extra_key \(undeclared"):
+    built.train_step(parallel.put_state(state), parallel.put_teachers(built.teacher_vars),
+                     parallel.put_batch({**batch, "test_extra_key": batch["mask"]}))

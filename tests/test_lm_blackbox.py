@@ -1,8 +1,8 @@
 """Black-box teachers: a JSONL file of a teacher's outputs as training data (data.blackbox).
 
 Rows and log-probability mapping against hand-computed arrays, the sparse top-k KL against
-NumPy, every kind of malformed line refused by number, and a text-only and a top-k file each
-training a student through the CLI."""
+NumPy, every kind of malformed line refused by number, a text-only and a top-k file each
+training a student through the CLI, and a top-k file refused on-policy."""
 
 import json
 import math
@@ -17,6 +17,7 @@ import pytest
 import scipy.special
 from conftest import ROOT, cli_env
 
+from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data import blackbox
 from distill_jax.data.text import ByteTokenizer, HfTokenizer
 from distill_jax.losses import tokens
@@ -376,3 +377,26 @@ def test_teacher_file_batches_resume_and_split_by_process(tmp_path):
     batch = next(resumed)
     for key in keys:
       np.testing.assert_array_equal(batch[key], first[step][key], err_msg=f"{step} {key}")
+
+
+def test_a_top_k_file_is_refused_on_policy(tmp_path):
+  """A file's top-k log-probabilities are for the file's tokens: with on_policy.fraction > 0
+  the rows would be the student's samples, which no file scores, so `build_run` refuses,
+  naming the keys; a text-only file (no side data) is accepted on-policy."""
+  from distill_jax.train import loop
+
+  settings = {"on_policy.fraction": 1.0, "parallel.num_devices": 1}
+  path = teacher_file(tmp_path / "topk.jsonl", 40, with_log_probs=True)
+  with pytest.raises(ConfigError) as error:
+    loop.build_run(load_config_file(f"{LM}:blackbox_topk,tiny",
+                                    {"data.train_files": path, **settings}))
+  assert str(error.value) == (
+      "config.on_policy.fraction=1.0 replaces the rows by the student's samples, but these "
+      "batch keys would still describe the original rows: topk_ids, topk_logprobs, topk_valid "
+      "(a black-box teacher's top-k log-probabilities for the file's tokens, which no teacher "
+      "can give for the student's samples; train on the file's text (on_policy.fraction=0), "
+      "or distill on-policy from a live teacher).")
+  path = teacher_file(tmp_path / "text.jsonl", 40, with_log_probs=False)
+  built = loop.build_run(load_config_file(f"{LM}:blackbox_text,tiny",
+                                          {"data.train_files": path, **settings}))
+  assert built.on_policy.fraction == 1.0

@@ -1,6 +1,7 @@
 """Language models end to end: a tiny teacher trained through the CLI on the embedded corpus
 learns (held-out loss falls), a token-KD step gives the single-device result on the 8-device
-mesh, and a per-token teacher cache trains as the live teacher does."""
+mesh, gradient accumulation over micro-batches with uneven masks is the big-batch step, and a
+per-token teacher cache trains as the live teacher does."""
 
 import json
 import math
@@ -14,6 +15,8 @@ from conftest import ROOT
 
 from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import teacher_cache, text
+from distill_jax.model_io import export_model
+from distill_jax.models import build_model
 from distill_jax.train import loop
 
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -150,3 +153,99 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   with pytest.raises(teacher_cache.CacheError, match=r"seq_len: cache has 32, this run has 16"):
     loop.build_run(lm_config("topk", data_dir, **base, **{
         "teachers.teacher.cache": directory, "data.seq_len": 16}))
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  return x - scipy.special.logsumexp(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def untrained_lm_teacher(data_dir, tmp_path_factory):
+  """configs/lm.py's tiny teacher, untrained (weights x4: far from uniform), exported: for
+  tests that need a teacher's numbers, not a good one."""
+  directory = str(tmp_path_factory.mktemp("lm_untrained"))
+  kwargs = lm_config("teacher", data_dir).student.kwargs.to_dict()
+  module = build_model("transformer_lm", 259, **kwargs)
+  variables = module.init(jax.random.PRNGKey(7), np.zeros((1, 32), np.int32))
+  export_model(directory, jax.tree.map(lambda x: 4.0 * x, variables),
+               {"model": "transformer_lm", "kwargs": kwargs, "num_classes": 259, "step": 0})
+  return directory
+
+
+@pytest.fixture(scope="module")
+def uneven_kd(data_dir, untrained_lm_teacher):
+  """configs/lm.py:fkl,tiny (token_ce + token_fkl, chunked) from the untrained teacher, a
+  batch whose micro-batch 0 of 2 (the even rows, `step._split`) keeps 4 tokens per row, 7
+  times fewer than micro-batch 1, and the big-batch step's parameters."""
+  base = {**KD_BASE, "teachers.teacher.checkpoint": untrained_lm_teacher,
+          "parallel.num_devices": 1}
+  config = lm_config("fkl", data_dir, **base)
+  run = loop.build_run(config)
+  init = jax.device_get(loop.init_state(config, run))
+  batch = next(run.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                       seed=config.seed))
+  batch["mask"][0::2, 4:] = 0.0
+  assert batch["mask"][1::2].sum() > 7 * batch["mask"][0::2].sum() > 0
+
+  def step(**overrides):
+    built = loop.build_run(lm_config("fkl", data_dir, **{**base, **overrides}))
+    parallel = built.parallel
+    new, metrics = built.train_step(parallel.put_state(init),
+                                    parallel.put_teachers(built.teacher_vars),
+                                    parallel.put_batch(batch))
+    return parallel.to_host(new).params, jax.device_get(parallel.get(metrics))
+
+  return run, init, batch, step, step()[0]
+
+
+@pytest.mark.parametrize("layout", [{}, {"parallel.mode": "pmap", "parallel.num_devices": 0}],
+                         ids=["one", "pmap8"])
+def test_accumulation_with_uneven_masks_is_the_big_batch_step(uneven_kd, layout):
+  """Accumulating 2 micro-batches whose kept tokens differ 7-fold: the step's loss terms are
+  the NumPy token means over the whole batch, and its update is the big-batch step's (SGD:
+  equal parameters are equal gradients); on one device and under pmap (each device's share
+  of a micro-batch). Averaging the two micro-batch means instead weighs micro-batch 0's few
+  tokens 7 times too much."""
+  run, init, batch, step, big_params = uneven_kd
+  acc_params, acc = step(**{"optim.accumulate_steps": 2, **layout})
+  # NumPy: the token means over the whole batch at the initial parameters.
+  student = run.student.apply({"params": init.params["student"], **init.model_state},
+                              batch["tokens"])
+  teacher = run.teachers["teacher"]
+  log_s = _log_softmax(student)
+  log_t = _log_softmax(teacher.module.apply(teacher.variables, batch["tokens"]))
+  kept = batch["mask"] > 0
+  ce = -np.take_along_axis(log_s, batch["targets"][..., None], -1)[..., 0][kept].mean()
+  fkl = (np.exp(log_t) * (log_t - log_s)).sum(-1)[kept].mean()
+  np.testing.assert_allclose(np.mean(acc["loss/token_ce"]), ce, rtol=1e-5)
+  np.testing.assert_allclose(np.mean(acc["loss/token_fkl"]), fkl, rtol=1e-5)
+  np.testing.assert_allclose(np.mean(acc["loss"]), 0.5 * ce + 0.5 * fkl, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(big_params)[0],
+                          jax.tree.leaves(acc_params), strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(big_params["student"]),
+                                                   jax.tree.leaves(init.params["student"]),
+                                                   strict=True))
+  assert moved > 1e-3
+
+
+def test_a_top_k_cache_is_refused_to_a_term_with_a_larger_k(data_dir, untrained_lm_teacher,
+                                                            tmp_path):
+  """A cache of the teacher's top 4 tokens per position, read by token_topk_kd with k = 16:
+  beyond the 4 the cache holds only an even spread of the rest, so the run is refused before
+  anything is compiled, naming the term, both k and the fixes; k = 4 reads it."""
+  base = {"teachers.teacher.checkpoint": untrained_lm_teacher, "data.train_subset": 32,
+          "parallel.num_devices": 1}
+  directory = teacher_cache.cache_teachers(lm_config("topk", data_dir, **base), str(tmp_path),
+                                           top_k=4, batch_size=32)["teacher"]
+  cached = {**base, "teachers.teacher.cache": directory}
+  with pytest.raises(ConfigError) as error:
+    loop.build_run(lm_config("topk", data_dir, **cached))
+  assert str(error.value) == (
+      f"Loss term 'token_topk_kd' (token_topk_kd) reads teacher 'teacher''s top k=16 tokens, "
+      f"but its cache {directory!r} holds only its top 4 (the rest is an even spread of the "
+      "remaining mass): set losses.token_topk_kd.k <= 4, or rebuild the cache with "
+      "scripts/cache_teacher.py --top_k=16 (or 0: all logits).")
+  run = loop.build_run(lm_config("topk", data_dir, **cached, **{"losses.token_topk_kd.k": 4}))
+  assert run.side_data["train"][teacher_cache.batch_key("teacher")].top_k == 4

@@ -63,8 +63,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from distill_jax.data import batch_keys
+
 NAME = "jsonl"
 TOPK_KEYS = ("topk_ids", "topk_logprobs", "topk_valid")
+for _key in TOPK_KEYS:  # The file's log-probabilities are for its own tokens, not a sample's.
+  batch_keys.declare(
+      _key, what="a black-box teacher's top-k log-probabilities for the file's tokens, which "
+      "no teacher can give for the student's samples", fix="train on the file's text "
+      "(on_policy.fraction=0), or distill on-policy from a live teacher")
 # Token strings that name a special token (scripts/generate.py writes them): no text.
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 

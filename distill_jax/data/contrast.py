@@ -27,10 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from distill_jax.data import batch_keys
 from distill_jax.data.sources import SourceRef, config_field
 from distill_jax.data.transforms import GOLDEN, hash_keys, mix64
 
 POSITIVES = ("self", "same_class")
+batch_keys.declare("contrast_idx", what="CRD's memory-bank rows drawn from the data's labels, "
+                   "which a sample has none of")
 _STREAM_CONTRAST = 3  # Streams 1 and 2 are transforms.STREAM_SHUFFLE and STREAM_AUGMENT.
 
 

@@ -15,15 +15,16 @@ augmented) and the eval split and writes, per teacher, a directory:
 A record holds the teacher's logits at T = 1 (float32 or float16) or, with `top_k = k`, its k
 largest log-probabilities, their classes and the log of the remaining probability mass (per
 token, for text), which reading spreads evenly over the other classes (so the tempered
-distribution is approximate; `top_k = 0` is exact; top-k KD with the same k reads exactly the
-live teacher's top k and remaining mass). Records are fixed-size NumPy structs: nothing is
-unpickled.
+distribution is approximate; `top_k = 0` is exact; top-k KD with the same k, or a smaller one,
+reads exactly the live teacher's top k and remaining mass, and a run refuses a larger k:
+`train.loop.check_cache_top_k`). Records are fixed-size NumPy structs: nothing is unpickled.
 
 A run reads a cache with `config.teachers.NAME.cache = CACHE/NAME`: the pipeline adds
 `batch['teacher_logits/NAME']` and the teacher's forward becomes a read of that key, in the
 same compiled step. The run refuses the cache, saying why, when it was made from another
 teacher checkpoint (SHA-256 of the variables), another data set or split content, or other
-augmentation or normalisation settings than the run's.
+augmentation or normalisation settings than the run's; and on-policy (`data.batch_keys`: the
+cached logits describe the data's rows, not the student's samples).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
+from distill_jax.data import batch_keys
 from distill_jax.outputs import Outputs
 
 FORMAT = 1
@@ -50,9 +52,17 @@ class CacheError(ValueError):
   """A teacher cache is missing, corrupt or stale; the message names the file and the reason."""
 
 
+KEY_PREFIX = "teacher_logits/"
+# Cached logits describe the data's rows: after an on-policy rollout they would score tokens
+# the batch no longer holds.
+batch_keys.declare(
+    KEY_PREFIX, what="teacher {name!r}'s logits cached for the data's rows, not for the "
+    "student's samples", fix="run that teacher live (unset config.teachers.{name}.cache)")
+
+
 def batch_key(teacher: str) -> str:
   """The batch key under which teacher `teacher`'s cached logits reach the step."""
-  return f"teacher_logits/{teacher}"
+  return f"{KEY_PREFIX}{teacher}"
 
 
 def cached_apply(teacher: str):
@@ -215,6 +225,12 @@ class CacheReader:
     self.output_shape, self.record_dtype = tuple(output_shape), record_dtype
     self._reader: Any = None
     self._table: np.ndarray | None = None
+
+  @property
+  def top_k(self) -> int:
+    """The teacher's most likely classes each record holds (0: all its logits)."""
+    names = self.record_dtype.names or ()
+    return int(self.record_dtype["index"].shape[-1]) if "index" in names else 0
 
   def _open(self) -> Any:
     if self._reader is None:

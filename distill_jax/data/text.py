@@ -42,9 +42,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from distill_jax.data import batch_keys
 from distill_jax.data.iterators import TrainIterator, local_batch_size
 from distill_jax.data.sources import config_field, prepared_builder, resolve_data_dir
 from distill_jax.data.transforms import STREAM_SHUFFLE, hash_keys
+
+# Eval batches' bytes per kept target (`eval_batches`): they count the data's targets.
+batch_keys.declare("target_bytes", what="the UTF-8 bytes of the data's targets")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -280,7 +280,9 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
   The teacher is live (its logits are cut to top-k at `temperature` per chunk) or a top-k cache
   whose outputs carry the features `topk_log_probs` [B, L, k'], `topk_indices` [B, L, k'] and
   `topk_log_rest` [B, L] (at the temperature it was written with; `k` is then k'). One teacher:
-  a top-k view does not mix across teachers.
+  a top-k view does not mix across teachers. A teacher read from a `data.teacher_cache` with
+  `top_k = k'` gives exactly its top k <= k' tokens and their remaining mass; a larger `k` would
+  read the cache's even spread of the rest as the teacher's, so a run refuses it.
   """
   check_teacher(teachers, teacher)
   if teacher is None and len(teachers) != 1:
@@ -305,6 +307,11 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
   return masked_mean(chunked_per_token(per_token, arrays, chunk_size), batch.get("mask"))
+
+
+# The setting that says how many of the teacher's most likely tokens the term reads: a teacher
+# read from a top-k cache must hold at least that many (`train.loop.check_cache_top_k`).
+token_topk_kd.teacher_top_k = "k"
 
 
 def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,

@@ -43,12 +43,17 @@ class Task:
     higher_is_better: whether a larger headline is better.
     supports_teacher_cache: whether teachers can be read from `data.teacher_cache` caches
       (the task then defines `input_fingerprint`).
+    rollout_keys: the task's batch keys that stay valid when the on-policy step replaces the
+      rows by the student's samples (the rollout rewrites them, or they describe the row, not
+      its tokens). Every other key must be declared in `data.batch_keys`; a run refuses a
+      rollout over a key that would not follow the samples.
   """
 
   input_key: str = "image"
   headline: str = "top1"
   higher_is_better: bool = True
   supports_teacher_cache: bool = False
+  rollout_keys: tuple[str, ...] = ()
 
   def info(self, data_config: Any) -> TaskInfo:
     raise NotImplementedError
@@ -72,6 +77,14 @@ class Task:
     """An all-zeros batch of the shapes the step sees, with `cached_logits` {batch key: one
     example's logits shape} for the teachers read from a cache."""
     raise NotImplementedError
+
+  def loss_weight(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+    """How much a (micro-)batch weighs in a mean over a bigger batch: what its losses average
+    over, summed (traced). Gradient accumulation weighs micro-batch j's gradients and metrics
+    by `loss_weight_j / sum_j loss_weight_j`, so that means over it equal the big batch's.
+    None (the default, classification): every micro-batch weighs alike (as many examples)."""
+    del batch
+    return None
 
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -43,6 +43,8 @@ class LanguageModel(Task):
   headline: str = "perplexity"
   higher_is_better: bool = False
   supports_teacher_cache: bool = True
+  # The on-policy rollout rewrites tokens, targets, mask and document; id names the row.
+  rollout_keys: tuple[str, ...] = ("tokens", "targets", "mask", "document", "id")
 
   def info(self, data_config: Any) -> TaskInfo:
     info = text.get_text_info(data_config)
@@ -76,6 +78,10 @@ class LanguageModel(Task):
     for key, shape in (cached_logits or {}).items():
       batch[key] = jnp.zeros((batch_size, *shape), jnp.float32)
     return batch
+
+  def loss_weight(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The kept tokens, `sum(mask)`: every token term is a mean over them."""
+    return jnp.sum(batch["mask"].astype(jnp.float32))
 
   def train_metrics(self, student: Outputs, teachers: Mapping[str, Outputs],
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -26,7 +26,7 @@ from absl import logging
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import generate, models, optim, tasks
-from distill_jax.data import teacher_cache, text
+from distill_jax.data import batch_keys, teacher_cache, text
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.model_io import CheckpointError, export_model
 from distill_jax.objective import Objective, build_objective
@@ -244,6 +244,9 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   objectives = [build_objective(losses, list(teachers), context, durations.steps_per_epoch)
                 for _, losses, _ in specs]
   objective = union_objective(objectives)
+  check_cache_top_k(objective, tuple(teachers),
+                    {name: (readers[splits[0]].top_k, config.teachers[name].cache)
+                     for name, readers in caches.items()})
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
       student_dtype=config.get("dtype", "float32"), input_key=task.input_key)
@@ -268,6 +271,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
           int(input_shape[0]))
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
+  if on_policy is not None:  # Side data must follow the samples (data.batch_keys).
+    stale = batch_keys.rollout_problems(example, task.rollout_keys)
+    if stale:
+      raise config_lib.ConfigError(
+          f"config.on_policy.fraction={on_policy.fraction} replaces the rows by the student's "
+          "samples, but these batch keys would still describe the original rows: "
+          + "; ".join(stale) + ".")
   accumulate_steps = int(config.optim.get("accumulate_steps", 1))
   parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0
@@ -320,6 +330,30 @@ def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict
   train_side_data["contrast_idx"] = data_lib.class_contrast_indices(
       data_lib.train_labels(config.data, num_train), fn.num_negatives, config.seed, fn.positive)
   example["contrast_idx"] = jnp.zeros((config.batch_size, fn.num_negatives + 1), jnp.int32)
+
+
+def check_cache_top_k(objective: Objective, teacher_names: tuple[str, ...],
+                      caches: dict[str, tuple[int, str]]) -> None:
+  """Refuses a term that reads more of a cached teacher's most likely tokens than its cache
+  holds: beyond the cache's k the rest of the mass is spread evenly, so the term would
+  silently read another teacher. `caches`: {teacher: (its cache's top_k, 0 for all logits; its
+  directory)} for the teachers of `teacher_names` that are read from a cache. A loss says
+  which of its settings is that number with the attribute `teacher_top_k` (`token_topk_kd`:
+  'k')."""
+  for term in objective.terms:
+    setting = getattr(term.fn, "teacher_top_k", None)
+    if setting is None:
+      continue
+    k = int(term.hparams[setting])
+    for name in (n for n in term.teachers_used(teacher_names) if n in caches):
+      stored, directory = caches[name]
+      if stored and k > stored:
+        raise config_lib.ConfigError(
+            f"Loss term {term.name!r} ({term.loss}) reads teacher {name!r}'s top {setting}={k} "
+            f"tokens, but its cache {directory!r} holds only its top {stored} (the rest is an "
+            f"even spread of the remaining mass): set losses.{term.name}.{setting} <= {stored}, "
+            f"or rebuild the cache with scripts/cache_teacher.py --top_k={k} (or 0: all "
+            "logits).")
 
 
 def union_objective(objectives: list[Objective]) -> Objective:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from distill_jax.data import batch_keys
 from distill_jax.features import ApplyFn
 from distill_jax.objective import Objective
 from distill_jax.outputs import Outputs
@@ -75,6 +76,22 @@ def _split(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
           for key, x in batch.items()}
 
 
+def _micro_mean(tree: Any, weights: jax.Array | None) -> Any:
+  """The mean over the leading (micro-batch) axis of every leaf of `tree`: with `weights` [k]
+  (each micro-batch's `Task.loss_weight`), `sum_j w_j x_j / max(sum_j w_j, 1)`, which for a
+  mean over kept tokens is the mean over the whole batch's kept tokens (see `train_step`);
+  without, the plain mean (equal micro-batches of examples)."""
+  if weights is None:
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+  total = jnp.maximum(jnp.sum(weights), 1.0)
+
+  def mean(x):
+    w = weights.reshape(-1, *(1,) * (x.ndim - 1)).astype(x.dtype)
+    return jnp.sum(w * x, axis=0) / total.astype(x.dtype)
+
+  return jax.tree.map(mean, tree)
+
+
 def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
@@ -90,18 +107,34 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   with `skip_nonfinite` such an update is dropped (the step and RNG still advance).
 
   `accumulate_steps = k > 1` splits the batch into k micro-batches and runs forward (teachers
-  included) and backward on one at a time in a `lax.scan`, averaging their gradients and
-  metrics: for terms that are means over examples this is the big-batch step with ~1/k of the
-  activation memory. BatchNorm normalises each micro-batch with its own statistics and updates
-  its running averages k times per step (as k smaller steps would); terms that relate the
-  examples of a batch (SP, RKD, CC, CRD's normaliser) relate those of a micro-batch.
+  included) and backward on one at a time in a `lax.scan`, then averages their gradients and
+  metrics weighted by each micro-batch's share of what the batch's losses average over
+  (`Task.loss_weight`: a language model's kept tokens, `sum(mask)`; for classification every
+  micro-batch weighs alike, its examples). So a term that is a mean over the batch's examples
+  or over its kept tokens (mask 0/1) gives the big-batch loss, gradients and update, with ~1/k
+  of the activation memory, however unevenly the masks (EOS, prompts, padding) fall on the
+  micro-batches: every `token_*` term but `token_sparse_topk_kd` (whose mean is over the kept
+  positions that the file gave log-probabilities for), and every classification term of
+  per-example means. Not exact: terms that relate the examples of a batch (SP, RKD, CC, CRD's
+  normaliser relate those of a micro-batch); a per-example mean in a language model's
+  objective (weighted by tokens, not examples); BatchNorm, which normalises each micro-batch
+  with its own statistics and updates its running averages k times per step (as k smaller
+  steps would).
 
   `on_policy` (a `generate.OnPolicy`, language models): first, with its probability, the
   batch becomes the student's own continuations of its rows' prompts (sampled from the
   current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`),
-  which the teachers then score and the objective compares on the generated tokens.
+  which the teachers then score and the objective compares on the generated tokens. A batch
+  key that would not follow the samples (`data.batch_keys`: a teacher cache, a black-box
+  file's top-k, an undeclared key) is refused here, at trace time (`build_run` refuses the
+  config before).
   """
   if on_policy is not None:
+    stale = batch_keys.rollout_problems(batch, task.rollout_keys)
+    if stale:
+      raise ValueError("The on-policy step replaces the rows by the student's samples, but "
+                       "these batch keys would still describe the original rows: "
+                       + "; ".join(stale) + ".")
     batch = on_policy({"params": state.params["student"], **state.model_state}, batch,
                       state.rng, axis_name)
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
@@ -133,18 +166,22 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
     metrics = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items()},
                **task.train_metrics(student, teachers, micro_batch)}
-    return (new_model_state, new_objective_state), (grads, metrics)
+    # What the micro-batch weighs in the step's mean: the global one's, as the loss sees it.
+    weight = task.loss_weight(micro_batch) if accumulate_steps > 1 else None
+    if weight is not None and axis_name is not None:
+      weight = jax.lax.psum(weight, axis_name)
+    return (new_model_state, new_objective_state), (grads, metrics, weight)
 
   carry = (state.model_state, state.objective_state)
   if accumulate_steps == 1:
-    (model_state, objective_state), (grads, metrics) = micro_step(
+    (model_state, objective_state), (grads, metrics, _) = micro_step(
         carry, (batch, model_rng, loss_rng))
   else:
     keys = lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(
         jnp.arange(accumulate_steps))
-    (model_state, objective_state), (grads, metrics) = jax.lax.scan(
+    (model_state, objective_state), (grads, metrics, weights) = jax.lax.scan(
         micro_step, carry, (_split(batch, accumulate_steps), keys(model_rng), keys(loss_rng)))
-    grads, metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), (grads, metrics))
+    grads, metrics = _micro_mean((grads, metrics), weights)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
