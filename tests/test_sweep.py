@@ -81,6 +81,10 @@ def test_digits_mini_expands_with_overrides_applied(tmp_path):
       ["ce"], (16, 32), 1)
   assert by_name["kd-cnn16-32-s0"].labels == {"method": "kd", "student": "cnn16-32",
                                               "seed": "0"}
+  # Every student trains with the crop, 'kd' and 'alone' too (digits.py's MLP roles drop it).
+  augments = {t.name: parse_cli(t.config, [state.fill_root(f, root) for f in t.flags]).data.augment
+              for t in trials[1:]}
+  assert set(augments.values()) == {"crop"}, augments
 
 
 def test_invalid_trial_is_named_before_anything_runs(tmp_path, capsys):
@@ -387,7 +391,8 @@ def test_readme_sweep_example_trains_one_student(tmp_path):
   (spec_dir / "sweep.py").write_text(  # The README's spec lives one folder below the root.
       code.replace('"../configs/digits.py"', repr(os.path.join(ROOT, "configs", "digits.py"))))
   trials = load_trials(str(spec_dir / "sweep.py"), str(tmp_path / "root"))
-  students = {t.labels["method"]: parse_cli(t.config, t.flags).student
-              for t in trials if t.stage == "students"}
-  assert sorted(students) == ["alone", "crd", "kd"]
-  assert {(s.name, tuple(s.kwargs.widths)) for s in students.values()} == {("cnn", (16, 32))}
+  configs = {t.labels["method"]: parse_cli(t.config, t.flags)
+             for t in trials if t.stage == "students"}
+  assert sorted(configs) == ["alone", "crd", "kd"]
+  assert {(c.student.name, tuple(c.student.kwargs.widths), c.data.augment)
+          for c in configs.values()} == {("cnn", (16, 32), "crop")}
