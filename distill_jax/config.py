@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict({"on_nonfinite": "stop", "max_consecutive_skips": 10})
   # Resuming with a config that differs from the checkpoint's is refused unless this is True
   # (then the differences are logged); a change of the state's structure is always refused.
+  # The resumed run follows the new config's LR schedule (a longer num_steps stretches a
+  # cosine: the LR jumps up at the restored step, and the log gives both values).
   c.allow_config_change = False
   return c
 

@@ -6,8 +6,8 @@ Runs on the embedded digits (offline, a few minutes on 2 CPU cores), through the
     python scripts/quickstart.py --workdir=runs/quickstart --seeds=3
 
 Every run lives in its own workdir under --workdir and resumes from its checkpoints, so an
-interrupted quickstart picks up where it stopped. The table (mean ± std over seeds) is printed
-and written to WORKDIR/table.md, the eval curves of seed 0's runs to WORKDIR/curves.png; the
+interrupted quickstart picks up where it stopped. The table (mean ± sample std over seeds) is
+printed and written to WORKDIR/table.md, the eval curves of seed 0's runs to WORKDIR/curves.png; the
 per-run results are in each run's result.json. `--update_readme` also writes the table into
 README.md between its quickstart-table markers (tests/test_quickstart.py checks that the README
 holds what this script writes).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -57,8 +56,24 @@ def _run(role: str, workdir: str, **overrides) -> dict:
 
 
 def _cell(values: list[float]) -> str:
-  values = 100 * np.asarray(values)
-  return f"{values.mean():6.2f} ± {values.std():4.2f}" if len(values) > 1 else f"{values[0]:6.2f}"
+  """Fractions [n] as a table cell in %: 'mean ± sample std' (ddof=1), or the one value."""
+  from distill_jax.sweep.report import stats
+
+  mean, std, n = stats([100 * float(v) for v in values])
+  return f"{mean:6.2f} ± {std:4.2f}" if n > 1 else f"{mean:6.2f}"
+
+
+def verdict(regime: str, alone: list[float], kd: list[float]) -> str:
+  """Whether KD helped in `regime`: its mean top-1 gain over the student alone (fractions per
+  seed in, points out), against the larger of the two rows' sample stds (ddof=1)."""
+  from distill_jax.sweep.report import stats
+
+  (mean_alone, std_alone, _), (mean_kd, std_kd, _) = stats(alone), stats(kd)
+  gain, noise = 100 * (mean_kd - mean_alone), 100 * max(std_alone, std_kd)
+  word = ("KD helped" if gain > noise else
+          "KD did not clearly help (within seed noise)" if gain > 0 else "KD did not help")
+  return (f"- {regime}: {word}: {gain:+.2f} points of top-1 over the student alone "
+          f"(larger seed std {noise:.2f}).")
 
 
 # Two regimes: all training labels, and few labels (the teacher still saw all of them), where
@@ -78,8 +93,8 @@ def main(argv: list[str]) -> None:
   teacher = _run("teacher", teacher_dir)
   n = FLAGS.seeds
   lines = [f"Embedded digits (297 test images); teacher {teacher['student']} trained on all "
-           f"1500 train images; top-1 and top-1 agreement with the teacher in %, mean ± std "
-           f"over {n} student seed(s).", "",
+           f"1500 train images; top-1 and top-1 agreement with the teacher in %, mean ± sample "
+           f"std over {n} student seed(s).", "",
            "| model | student's data | top-1 (%) | agreement (%) |", "|---|---|---|---|",
            f"| teacher ({teacher['student']}) | all 1500 train images | "
            f"{_cell([teacher['final']['eval/top1']])} | — |"]
@@ -95,13 +110,8 @@ def main(argv: list[str]) -> None:
       agree = [r["final"]["eval/agreement/teacher"] for r in rows[name]]
       model = rows[name][0]["student"]
       lines.append(f"| {name} ({model}) | {regime} | {_cell(top1)} | {_cell(agree)} |")
-    alone = [r["final"]["eval/top1"] for r in rows["student alone"]]
-    kd = [r["final"]["eval/top1"] for r in rows["student + KD"]]
-    gain, noise = 100 * (np.mean(kd) - np.mean(alone)), 100 * max(np.std(alone), np.std(kd))
-    verdict = ("KD helped" if gain > noise else
-               "KD did not clearly help (within seed noise)" if gain > 0 else "KD did not help")
-    verdicts.append(f"- {regime}: {verdict}: {gain:+.2f} points of top-1 over the student alone "
-                    f"(larger seed std {noise:.2f}).")
+    verdicts.append(verdict(regime, [r["final"]["eval/top1"] for r in rows["student alone"]],
+                            [r["final"]["eval/top1"] for r in rows["student + KD"]]))
   table = "\n".join(lines + [""] + verdicts)
   print("\n" + table)
   with open(os.path.join(root, "table.md"), "w") as f:

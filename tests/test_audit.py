@@ -480,6 +480,11 @@ def test_benchmark_sweep_validates(arg, tmp_path):
     assert load_config_file(f"{spec}:cifar10,ce,resnet56,cifar10").num_epochs == 240.0
   else:
     assert "ensemble-cnn32-64a_mlp256-s0" in names
+    # Controls and distilled students of an architecture train alike (digits.py's MLP roles
+    # drop the crop; the benchmark keeps it for every student).
+    augments = {(t.labels["arch"], load_config_file(t.config, dict(t.overrides)).data.augment)
+                for t in trials if t.stage == "students"}
+    assert augments == {("mlp", "crop"), ("cnn", "crop")}
 
 
 def test_benchmark_table_counts_either_ensemble_teacher():

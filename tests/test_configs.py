@@ -20,7 +20,8 @@ def _config_module(name):
 
 
 ARGS = {
-    "digits.py": ["teacher", "student", "kd", "kd,tiny", "all", "all,tiny",
+    "digits.py": ["teacher", "student", "kd", "kd,tiny", "all", "all,tiny", "teacher,val",
+                  "student,val,tiny",
                   *_config_module("digits.py").METHODS],
     "cifar_kd.py": ["ce,resnet56", "kd,resnet32x4,resnet8x4", "kd,wrn_40_2,wrn_16_2",
                     "kd,vgg13,vgg8,cifar10", "ce,resnet110,tiny",
@@ -62,6 +63,29 @@ def test_overrides_and_bad_args():
     load_config_file(os.path.join(CONFIGS, "cifar_kd.py:kd,resnet56"))
   with pytest.raises(ConfigError, match="No config file"):
     load_config_file(os.path.join(CONFIGS, "nope.py"))
+
+
+def test_digits_recipe_is_the_tuned_one():
+  """configs/digits.py's recipe as its tuning chose it: the MLP student (alone and with KD)
+  without crop, the CNNs (teacher, the methods' students) with it; `val` trains on
+  train[:1200] and evaluates on train[1200:] without the teacher; its sweep is the grid."""
+  load = lambda arg: load_config_file(os.path.join(CONFIGS, f"digits.py:{arg}"))
+  augment = {arg: (load(arg).student.name, load(arg).data.augment)
+             for arg in ("teacher", "student", "kd", "crd", "fsp", "all")}
+  assert augment == {"teacher": ("cnn", "crop"), "student": ("mlp", "none"),
+                     "kd": ("mlp", "none"), "crd": ("cnn", "crop"), "fsp": ("cnn", "crop"),
+                     "all": ("cnn", "crop")}
+  for role in ("teacher", "student"):
+    c = load(f"{role},val")
+    assert (c.data.train_split, c.data.eval_split) == ("train[:1200]", "train[1200:]")
+    assert not c.teachers and (c.optim.lr, c.num_epochs) == (0.05, 30.0)
+  with pytest.raises(ValueError, match="'val' tunes a model alone"):
+    load("kd,val")
+  points = _config_module("digits.py").get_sweep().stages["tune"]
+  assert len(points) == 2 * 3 * 2 + 2 * 2 * 3 * 2  # teacher + student x 2 regimes.
+  assert {(p.arg, p.overrides["data.augment"], p.overrides["optim.lr"]) for p in points} == {
+      (f"{role},val", a, lr) for role in ("teacher", "student") for a in ("none", "crop")
+      for lr in (0.02, 0.05, 0.1)}
 
 
 def test_method_recipes_match_the_crd_and_dkd_papers():

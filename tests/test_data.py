@@ -218,6 +218,37 @@ def test_train_subset_limits_examples(cfg):
   assert set(np.concatenate([b["id"] for b in _take(other, 3)]).tolist()) == set(range(300))
 
 
+def test_train_can_be_sliced_into_train_and_held_out(cfg):
+  """TFDS slices of the train split, `train[:1200]` to train and `train[1200:]` to evaluate
+  (configs/digits.py's `val`): their sizes in get_info (a run's step count comes from there),
+  disjoint examples in stored order, checked against scikit-learn's digits."""
+  from sklearn.datasets import load_digits
+
+  config = _config(cfg, train_split="train[:1200]", eval_split="train[1200:]", augment="none")
+  assert data.get_info(config).num_examples == {
+      "train": 1500, "test": 297, "train[:1200]": 1200, "train[1200:]": 300}
+  digits = load_digits()
+  stored = np.random.default_rng(0).permutation(1797)[:1500]  # The train split's order.
+  held = list(data.eval_batches(config, global_batch_size=128))
+  mask = np.concatenate([b["mask"] for b in held]) == 1
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in held])[mask],
+                                digits.target[stored[1200:]])
+  images = np.concatenate([b["image"] for b in held])[mask]
+  info = data.get_info(config)
+  np.testing.assert_allclose((images * info.std[0] + info.mean[0]) * 16,
+                             digits.images[stored[1200:], :, :, None], atol=1e-4)
+  train = data.train_iterator(config, global_batch_size=100, seed=0)
+  assert (train.num_examples, train.steps_per_epoch) == (1200, 12)
+  batches = _take(train, 12)
+  ids = np.concatenate([b["id"] for b in batches])
+  assert sorted(ids.tolist()) == list(range(1200))
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]),
+                                digits.target[stored[ids]])
+  with pytest.raises(ValueError, match=r"data.eval_split='train\[1200:' is not a split of "
+                     r"'digits' \(\['test', 'train'\]\) or a TFDS slice of one"):
+    data.get_info(_config(cfg, eval_split="train[1200:"))
+
+
 def test_missing_tfds_data_set_says_how_to_prepare(tmp_path):
   config = data.default_data_config("cifar10")
   config.data_dir = str(tmp_path)

@@ -445,3 +445,43 @@ def test_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
     with pytest.raises(WorkdirLockedError, match=f"PID {os.getpid()} on this host"):
       WorkdirLock(str(tmp_path)).acquire()
   assert not os.path.exists(lock.path)
+
+
+def test_extending_num_steps_follows_the_longer_schedule_and_says_so(env, tmp_path, caplog):
+  """A cosine run of 4 steps resumed with num_steps=8: its 5th step uses the 8-step cosine's
+  LR at step 4, lr/2 (not the ~0 the 4-step schedule ends at), and the log says so. The LR
+  the optimizer really applies is measured: plain SGD (no momentum, no weight decay) moves
+  the params by -lr * grad, so the first resumed update, divided by that of a copy resumed
+  with a constant LR of 1 (same state, same batch, same grad), is the LR itself."""
+  def config(**overrides):
+    return load_config_file(env["config"], {
+        "data.data_dir": env["data_dir"], "num_steps": 4, "parallel.num_devices": 1,
+        "optim.momentum": 0.0, "optim.weight_decay": 0.0, "keep_checkpoints": 10,
+        **overrides})
+
+  base = str(tmp_path / "base")
+  loop.train_and_evaluate(config(), base)
+  longer, unit = str(tmp_path / "longer"), str(tmp_path / "unit")
+  shutil.copytree(base, longer)
+  shutil.copytree(base, unit)
+  with caplog.at_level("WARNING"):
+    loop.train_and_evaluate(config(num_steps=8, allow_config_change=True), longer)
+  loop.train_and_evaluate(config(num_steps=5, allow_config_change=True, **{
+      "optim.schedule": "constant", "optim.lr": 1.0}), unit)
+
+  def update(workdir):
+    states = dict(saved_states(workdir))
+    return [np.asarray(b, np.float64) - np.asarray(a, np.float64) for a, b in zip(
+        jax.tree.leaves(states[4]["params"]), jax.tree.leaves(states[5]["params"]), strict=True)]
+
+  lr, total = 0.05, 8
+  expected = lr * 0.5 * (1 + np.cos(np.pi * 4 / total))  # optax's cosine at count 4 of 8.
+  old = lr * 0.5 * (1 + np.cos(np.pi * min(4, 4) / 4))  # The 4-step cosine: 0 from step 4.
+  x, y = (np.concatenate([u.ravel() for u in update(w)]) for w in (longer, unit))
+  assert np.abs(y).max() > 0
+  # Least squares of x = lr * y: float32 params leave each element's ratio off by ~1e-3.
+  np.testing.assert_allclose(x @ y / (y @ y), expected, rtol=1e-4)
+  logged = [json.loads(line) for line in open(os.path.join(longer, "metrics.jsonl"))]
+  assert [r["train/lr"] for r in logged if r["step"] == 5] == [pytest.approx(expected)]
+  assert (f"The learning rate jumps at step 5: {old:.6g} under the checkpoint's schedule "
+          f"(over 4 steps), {expected:.6g} under this config's (over 8 steps)") in caplog.text

@@ -81,6 +81,10 @@ def test_digits_mini_expands_with_overrides_applied(tmp_path):
       ["ce"], (16, 32), 1)
   assert by_name["kd-cnn16-32-s0"].labels == {"method": "kd", "student": "cnn16-32",
                                               "seed": "0"}
+  # Every student trains with the crop, 'kd' and 'alone' too (digits.py's MLP roles drop it).
+  augments = {t.name: parse_cli(t.config, [state.fill_root(f, root) for f in t.flags]).data.augment
+              for t in trials[1:]}
+  assert set(augments.values()) == {"crop"}, augments
 
 
 def test_invalid_trial_is_named_before_anything_runs(tmp_path, capsys):
@@ -335,3 +339,60 @@ def test_spec_that_is_its_own_config_resolves_relative_paths_once(tmp_path, monk
   monkeypatch.chdir(tmp_path)
   _, config = load_spec("specs/own.py:x")
   assert config == str(folder / "own.py")
+
+
+def _write_config(root, trial, student, kwargs, teachers):
+  """A trial's config.json with only what `report` reads: the student and the teachers."""
+  config = {"student": {"name": student, "kwargs": kwargs},
+            "teachers": {name: {"model": model, "kwargs": kw, "checkpoint": ckpt}
+                         for name, (model, kw, ckpt) in teachers.items()}}
+  with open(os.path.join(root, trial, "config.json"), "w") as f:
+    json.dump(config, f)
+
+
+def test_report_warns_when_rows_differ_in_student_or_teacher(tmp_path, capsys):
+  """The README's old example: KD on an MLP beside CRD on a CNN. `report` names the rows and
+  the models of each; a column whose rows share the student and teacher gets no warning."""
+  root = str(tmp_path / "sweep")
+  cnn = ("cnn", {"widths": [32, 64]}, os.path.join(root, "teacher"))
+  trials = {("kd", "p", 0): ("mlp", {"hidden": [32]}, {"teacher": cnn}),
+            ("crd", "p", 0): ("cnn", {"widths": [16, 32]}, {"teacher": cnn}),
+            ("alone", "p", 0): ("mlp", {"hidden": [32]}, {}),
+            ("kd", "q", 0): ("mlp", {"hidden": [32]}, {"teacher": cnn}),
+            ("crd", "q", 0): ("mlp", {"hidden": [32]}, {"teacher": (*cnn[:2], "/elsewhere")}),
+            ("kd", "r", 0): ("cnn", {"widths": [16, 32]}, {"teacher": cnn}),
+            ("kd", "r", 1): ("cnn", {"widths": [16, 32]}, {"teacher": cnn}),
+            ("alone", "r", 0): ("cnn", {"widths": [16, 32]}, {"teacher": cnn})}
+  _fake_sweep(root, dict.fromkeys(trials, 0.9))
+  for (method, pair, seed), model in trials.items():
+    _write_config(root, f"{method}-{pair}-s{seed}", *model)
+  assert report.main([root, "--rows=method", "--cols=pair", "--baseline=alone"]) == 0
+  out = capsys.readouterr().out
+  warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+  assert warnings == [
+      "WARNING: column 'p' compares rows with different student models: "
+      "mlp(hidden=(32,)) in kd, alone; cnn(widths=(16, 32)) in crd. "
+      "Their difference is not the method's alone.",
+      "WARNING: column 'q' compares rows with different teachers: "
+      "teacher=cnn(widths=(32, 64)) from teacher in kd; "
+      "teacher=cnn(widths=(32, 64)) from /elsewhere in crd. "
+      "Their difference is not the method's alone."], out
+  assert "\n".join(warnings) in open(os.path.join(root, "report.md")).read()
+
+
+def test_readme_sweep_example_trains_one_student(tmp_path):
+  """The README's sweep example, run as a spec: it validates, and every student trial (KD, CRD,
+  the student alone) trains the same student model, so its report compares methods."""
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  code = next(block for block in readme.split("```python\n")[1:]
+              if "def get_sweep" in block).split("```")[0]
+  spec_dir = tmp_path / "spec"
+  spec_dir.mkdir()
+  (spec_dir / "sweep.py").write_text(  # The README's spec lives one folder below the root.
+      code.replace('"../configs/digits.py"', repr(os.path.join(ROOT, "configs", "digits.py"))))
+  trials = load_trials(str(spec_dir / "sweep.py"), str(tmp_path / "root"))
+  configs = {t.labels["method"]: parse_cli(t.config, t.flags)
+             for t in trials if t.stage == "students"}
+  assert sorted(configs) == ["alone", "crd", "kd"]
+  assert {(c.student.name, tuple(c.student.kwargs.widths), c.data.augment)
+          for c in configs.values()} == {("cnn", (16, 32), "crop")}

@@ -65,7 +65,9 @@ class DatasetInfo:
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]  # (H, W, C) of the batches.
-  num_examples: dict[str, int]  # Per split, as stored (before `train_subset`).
+  # Per split, as stored (before `train_subset`), and the config's train and eval splits when
+  # they are TFDS slices of a stored one ('train[:1200]', 'train[1200:]').
+  num_examples: dict[str, int]
   mean: tuple[float, ...]  # Per channel, of pixels scaled to [0, 1].
   std: tuple[float, ...]
   pixel_max: float = 255.0  # Raw pixels are divided by this before normalising.
@@ -78,6 +80,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
       "name": name,
       # None -> $DISTILL_JAX_DATA_DIR, else ~/.cache/distill_jax/tfds.
       "data_dir": ml_collections.config_dict.placeholder(str),
+      # A stored split, or a TFDS slice of one: 'train[:1200]' to train and 'train[1200:]' to
+      # evaluate tunes a recipe on held-out train images, never on the test split.
       "train_split": "train",
       "eval_split": "test",
       # A flipped digit is another symbol (or none), so digits only crop.
@@ -123,7 +127,7 @@ def get_info(data_config: Any) -> DatasetInfo:
       name=name,
       num_classes=int(num_classes),
       image_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-      num_examples={str(k): int(v.num_examples) for k, v in builder.info.splits.items()},
+      num_examples=_split_sizes(builder, data_config),
       mean=mean,
       std=std,
       pixel_max=pixel_max,
@@ -223,6 +227,23 @@ def _read(source: Any, ids: np.ndarray, image_key: str,
     images = images[..., None]
   labels = np.asarray([r[label_key] for r in records], dtype=np.int32)
   return images, labels
+
+
+def _split_sizes(builder: tfds.core.DatasetBuilder, data_config: Any) -> dict[str, int]:
+  """Examples per stored split, plus the configured train/eval splits when they are slices."""
+  sizes = {str(k): int(v.num_examples) for k, v in builder.info.splits.items()}
+  for key in ("train_split", "eval_split"):
+    split = config_field(data_config, key, None)
+    if split is None or split in sizes:
+      continue
+    try:
+      sizes[split] = int(builder.info.splits[split].num_examples)
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+          f"data.{key}={split!r} is not a split of {data_config.name!r} ({sorted(sizes)}) or a "
+          f"TFDS slice of one, e.g. 'train[:1200]' or 'train[80%:]': "
+          f"{str(e).splitlines()[0]}") from None
+  return sizes
 
 
 def config_field(config: Any, name: str, default: Any) -> Any:

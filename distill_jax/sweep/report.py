@@ -8,6 +8,10 @@ and their number n; with `--expected=FILE` the paper's number and the gap (ours 
 `--baseline=ROW` the difference from that row in the same column and that difference in units
 of its standard error (sqrt(s1²/n1 + s2²/n2)), so a reader sees at once whether a method's gain
 is larger than the seeds' noise. Cells with failed, unfinished or no trials are listed.
+Rows are only comparable when they train the same student from the same teacher: each finished
+trial's `config.json` names them, and a WARNING line (printed and in report.md) names the rows
+of a column whose student models (name and kwargs) or teachers (model, kwargs, checkpoint)
+differ, e.g. KD on an MLP beside CRD on a CNN.
 
 Writes ROOT/report.md (and prints it), ROOT/report.csv with `--csv`, and with `--png`
 ROOT/report.png (bars with error bars, paper numbers as markers) and ROOT/curves.png (each
@@ -94,12 +98,63 @@ def collect(root: str, rows: Sequence[str], cols: Sequence[str], over: Sequence[
       with open(os.path.join(root, t["name"], "result.json")) as f:
         cell["values"].append(scale * metric_of(json.load(f), metric))
       cell["trials"].append(t["name"])
+      models = trial_models(root, t["name"])
+      if models is not None:
+        cell.setdefault("students", set()).add(models[0])
+        cell.setdefault("teachers", set()).add(models[1])
     else:
       cell["other"].setdefault(s, []).append(t["name"])
   row_keys = list(dict.fromkeys(k[0] for k in cells))
   col_keys = list(dict.fromkeys(k[1] for k in cells))
   return {"cells": cells, "row_keys": row_keys, "col_keys": col_keys, "skipped": skipped,
           "stage": stage}
+
+
+def _model_text(name: str, kwargs: dict[str, Any]) -> str:
+  """'mlp' and {'hidden': [32]} -> 'mlp(hidden=(32,))' (JSON lists shown as tuples)."""
+  def value(v: Any) -> Any:
+    return tuple(value(x) for x in v) if isinstance(v, list) else v
+  return f"{name}({', '.join(f'{k}={value(v)!r}' for k, v in sorted(kwargs.items()))})"
+
+
+def trial_models(root: str, name: str) -> tuple[str, str] | None:
+  """(student, teachers) of a finished trial, as text, from its `config.json`: the student's
+  model and kwargs; each teacher's name, model, kwargs and checkpoint ('' without teachers).
+  None for a trial without a config.json (a script trial)."""
+  path = os.path.join(root, name, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  student = config.get("student") or {}
+  teachers = []
+  for key, t in sorted((config.get("teachers") or {}).items()):
+    checkpoint = t.get("checkpoint") or ""
+    if checkpoint and os.path.abspath(checkpoint).startswith(os.path.abspath(root) + os.sep):
+      checkpoint = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
+    teachers.append(f"{key}={_model_text(t.get('model', '?'), t.get('kwargs') or {})}"
+                    + (f" from {checkpoint}" if checkpoint else ""))
+  return _model_text(student.get("name", "?"), student.get("kwargs") or {}), ", ".join(teachers)
+
+
+def model_warnings(data: dict[str, Any]) -> list[str]:
+  """WARNING lines for each column whose rows train different student models, or distil from
+  different teachers (rows without teachers aside), naming the rows of each model."""
+  lines = []
+  for col in data["col_keys"]:
+    where = f"column '{'/'.join(col)}'" if col else "the table"
+    for kind, what in (("students", "student models"), ("teachers", "teachers")):
+      rows_of: dict[str, list[str]] = {}
+      for row in data["row_keys"]:
+        cell = data["cells"].get((row, col))
+        for model in sorted((cell or {}).get(kind, ())):
+          if model:  # '' : a row without teachers compares with any.
+            rows_of.setdefault(model, []).append("/".join(row))
+      if len(rows_of) > 1:
+        groups = "; ".join(f"{model} in {', '.join(rows)}" for model, rows in rows_of.items())
+        lines.append(f"WARNING: {where} compares rows with different {what}: {groups}. "
+                     "Their difference is not the method's alone.")
+  return lines
 
 
 def match_expected(records: list[dict[str, str]], names: Sequence[str], key: Key
@@ -160,9 +215,10 @@ def markdown(records: list[dict[str, Any]], data: dict[str, Any], rows: Sequence
              cols: Sequence[str], metric: str, baseline: str | None) -> str:
   col_names = ["/".join(c) for c in data["col_keys"]]
   by_cell = {(r["row"], r["col"]): r for r in records}
+  warnings = model_warnings(data)
   lines = [f"{metric} (mean ± sample std over n seeds"
            + (f"; Δ vs '{baseline}' in the same column and Δ in standard errors" if baseline
-              else "") + ")", "",
+              else "") + ")", "", *warnings, *([""] if warnings else []),
            f"| {'/'.join(rows)} \\ {'/'.join(cols)} | " + " | ".join(col_names) + " |",
            "|---" * (len(col_names) + 1) + "|"]
   for row in data["row_keys"]:

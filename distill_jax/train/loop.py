@@ -69,6 +69,55 @@ class NonFiniteLossError(FloatingPointError):
   """A step's loss or update became NaN or infinite; the message names the step and terms."""
 
 
+def stage_schedules(config: ml_collections.ConfigDict, durations: Durations
+                    ) -> list[tuple[str, int, optax.Schedule]]:
+  """(name, steps, learning-rate schedule of the stage's own step) of every stage, in the order
+  they run: `config.stages` (constant LR: their `lr`, else optim.lr), then 'train' (optim's
+  schedule over the run's total steps)."""
+  plans = []
+  for name, stage_config in config.stages.items():
+    steps = (int(stage_config.num_steps) if stage_config.get("num_steps", 0) > 0 else
+             int(round(stage_config.num_epochs * durations.steps_per_epoch)))
+    plans.append((name, steps, optax.constant_schedule(
+        float(stage_config.get("lr", 0.0) or config.optim.lr))))
+  steps = durations.total_steps
+  plans.append(("train", steps,
+                optim.make_schedule(config.optim, durations.steps_per_epoch, steps)))
+  return plans
+
+
+def lr_at(config: ml_collections.ConfigDict, durations: Durations, step: int) -> float:
+  """The learning rate of the step after global step `step` (the optimizer's count is `step`
+  minus its stage's start) under `config`'s schedules; 0 past the last stage."""
+  start = 0
+  for _, steps, schedule in stage_schedules(config, durations):
+    if step < start + steps:
+      return float(schedule(step - start))
+    start += steps
+  return 0.0
+
+
+def lr_jump(saved_json: str | None, config: ml_collections.ConfigDict, durations: Durations,
+            step: int) -> str | None:
+  """When resuming at `step` with a config whose schedule differs from the checkpoint's (e.g. a
+  larger num_steps, which stretches a cosine over the longer run), a message with the next
+  step's learning rate under each; None when they agree."""
+  if not saved_json:
+    return None
+  saved = ml_collections.ConfigDict(json.loads(saved_json))
+  saved_durations = dataclasses.replace(durations, total_steps=(
+      int(saved.num_steps) if saved.num_steps > 0
+      else int(round(saved.num_epochs * durations.steps_per_epoch))))
+  old, new = lr_at(saved, saved_durations, step), lr_at(config, durations, step)
+  if math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):
+    return None
+  return (f"The learning rate jumps at step {step + 1}: {old:.6g} under the checkpoint's "
+          f"schedule (over {saved_durations.total_steps} steps), {new:.6g} under this "
+          f"config's (over {durations.total_steps} steps). The run follows this config's "
+          "schedule from here, as if it had been set from the start; it does not continue the "
+          "checkpoint's decay.")
+
+
 def _host_scalars(metrics: Any) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -281,15 +330,9 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   accumulate_steps = int(config.optim.get("accumulate_steps", 1))
   parallel.check_batch_size(config.batch_size // accumulate_steps)
   stages, start = [], 0
-  for (name, _, trainable), stage_objective in zip(specs, objectives, strict=True):
-    if name == "train":
-      steps = durations.total_steps
-      schedule = optim.make_schedule(config.optim, durations.steps_per_epoch, steps)
-    else:
-      stage_config = config.stages[name]
-      steps = (int(stage_config.num_steps) if stage_config.get("num_steps", 0) > 0 else
-               int(round(stage_config.num_epochs * durations.steps_per_epoch)))
-      schedule = optax.constant_schedule(float(stage_config.get("lr", 0.0) or config.optim.lr))
+  plans = stage_schedules(config, durations)
+  for (name, _, trainable), stage_objective, (_, steps, schedule) in zip(
+      specs, objectives, plans, strict=True):
     tx = optim.freeze_all_but(optim.make_optimizer(config.optim, schedule),
                               train_student=trainable == "all",
                               train_terms={t.name: tuple(getattr(t.fn, "frozen_params", ()))
@@ -562,6 +605,9 @@ def _resume(config: ml_collections.ConfigDict, run: Run, checkpointer: Checkpoin
         "--config.allow_config_change=True to continue with the new values.")
   for change in changes:
     logging.warning("Resuming with a changed setting: %s", change)
+  jump = lr_jump(meta.get("config"), config, run.durations, step) if changes else None
+  if jump:
+    logging.warning(jump)
   return state, data_state, meta
 
 

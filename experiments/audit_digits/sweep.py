@@ -161,7 +161,11 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
 
   def student_overrides(label):
     model, kwargs = students_[label]
-    return {"student.name": model, "student.kwargs": kwargs}
+    # Digits: every student (distilled or control, MLP or CNN) with the crop the benchmark was
+    # run with; digits.py's MLP roles ('kd', 'student') now drop it, which would set the CNN
+    # controls apart from the CNN students they are the null for.
+    crop = {"data.augment": "crop"} if data == "digits" else {}
+    return {"student.name": model, "student.kwargs": kwargs, **crop}
 
   def teacher_overrides(key, teacher):
     model, kwargs, _ = teachers_[teacher]

@@ -32,7 +32,9 @@ def get_sweep(arg: str | None = None) -> sw.Sweep:
   size = sw.fixed(arg="tiny") if "tiny" in options else sw.fixed()
   students = []
   for column, (widths, methods) in STUDENTS.items():
-    model = {"student.name": "cnn", "student.kwargs": {"widths": widths}}
+    # 'kd' and 'alone' start from digits.py's MLP-student configs, whose recipe drops the crop:
+    # the CNN students all keep the teacher's crop, so every row of a column trains alike.
+    model = {"student.name": "cnn", "student.kwargs": {"widths": widths}, "data.augment": "crop"}
     students += sw.product(
         sw.args("method", {**{m: m for m in methods}, "alone": "student"}),
         sw.fixed(column, overrides=model, student=column), sw.seeds(num_seeds), size)

@@ -1,5 +1,5 @@
 r"""Multi-teacher KD on the embedded digits: an ensemble of 3 teachers vs the best single teacher
-vs the student alone, mean ± std over student seeds, as a table.
+vs the student alone, mean ± sample std over student seeds, as a table.
 
     python experiments/multi_teacher_digits/run.py --workdir=runs/multi_teacher_digits --seeds=3
 
@@ -74,15 +74,17 @@ def _pct(values: list[float]) -> np.ndarray:
 
 
 def _cell(values: list[float]) -> str:
+  """Fractions [n] as a table cell in %: 'mean ± sample std' (ddof=1), or the one value."""
   values = _pct(values)
-  return f"{values.mean():6.2f} ± {values.std():4.2f}" if len(values) > 1 else f"{values[0]:6.2f}"
+  return (f"{values.mean():6.2f} ± {values.std(ddof=1):4.2f}" if len(values) > 1
+          else f"{values[0]:6.2f}")
 
 
 def _compare(a: list[float], b: list[float]) -> str:
   """How the mean top-1 of seeds `a` compares with `b`: the gain in points, the larger seed
-  std of the two, and whether the gain exceeds it (as in scripts/quickstart.py)."""
+  (sample) std of the two, and whether the gain exceeds it (as in scripts/quickstart.py)."""
   gain = _pct(a).mean() - _pct(b).mean()
-  noise = max(_pct(a).std(), _pct(b).std())
+  noise = max(_pct(a).std(ddof=1), _pct(b).std(ddof=1)) if min(len(a), len(b)) > 1 else 0.0
   if len(a) < 2:
     word = "one seed, no noise estimate"
   else:
@@ -141,7 +143,7 @@ def main(argv: list[str]) -> None:
   lines = [f"Embedded digits (297 test images). Teachers trained once (seed 0) on all 1500 train "
            f"images; the student is an MLP with one hidden layer of 32. Top-1, and top-1 "
            f"agreement with the teachers' ensemble (the mean of their probabilities), in %; "
-           f"students: mean ± std over {n} seed(s).", "",
+           f"students: mean ± sample std over {n} seed(s).", "",
            "| model | student's data | top-1 (%) | agreement with ensemble (%) |",
            "|---|---|---|---|"]
   for name in TEACHERS:
