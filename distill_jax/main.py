@@ -244,14 +244,17 @@ def latest_checkpoint(workdir: str) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-  logging.info("%s", provenance())
+  # Which installation runs: a training run's first log line; a listing command's output is
+  # its listing alone (the line shows with --verbosity=1).
+  is_command = len(argv) > 1
+  (logging.debug if is_command else logging.info)("%s", provenance())
   for module in FLAGS.imports:
     try:
       importlib.import_module(module)
     except ImportError as e:
       raise UsageError(f"--imports names {module!r}, which cannot be imported ({e}); run "
                        "from the folder that holds it or put its package on PYTHONPATH.") from e
-  if len(argv) > 1:
+  if is_command:
     if argv[1] not in COMMANDS:
       raise UsageError(f"Unknown command {argv[1]!r}"
                        f"{_did_you_mean(argv[1], list(COMMANDS))}; the commands are "

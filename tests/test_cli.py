@@ -165,3 +165,13 @@ def test_nothing_refers_to_files_outside_the_project():
   found = [f for f in files if os.path.isfile(os.path.join(ROOT, f))
            and outside.search(open(os.path.join(ROOT, f), errors="ignore").read())]
   assert files and not found
+
+
+@pytest.mark.parametrize("command, entry", [("models", "resnet20"), ("losses", "kd (function)")])
+def test_a_listing_is_its_output_alone(command, entry):
+  """`distill-jax models` / `losses` print their listing and log nothing after it (where
+  distill_jax came from shows with --verbosity=1)."""
+  proc = cli(command)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert (proc.returncode, stderr) == (0, ""), stderr
+  assert entry in stdout
