@@ -335,3 +335,25 @@ def test_spec_that_is_its_own_config_resolves_relative_paths_once(tmp_path, monk
   monkeypatch.chdir(tmp_path)
   _, config = load_spec("specs/own.py:x")
   assert config == str(folder / "own.py")
+
+
+def test_slurm_launcher_without_sbatch_says_so_in_one_line(tmp_path):
+  """PATH stripped of every folder holding `sbatch`: one line naming it and --launcher=local,
+  exit 2, nothing written."""
+  import subprocess
+  import sys
+
+  path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                         if d and not os.path.exists(os.path.join(d, "sbatch")))
+  env = {**os.environ, "PATH": path,
+         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+  root = tmp_path / "root"
+  proc = subprocess.run([sys.executable, "-m", "distill_jax.main", "sweep",
+                         f"--config={DIGITS_MINI}", f"--workdir={root}", "--launcher=slurm"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("Error: --launcher=slurm needs Slurm's "
+                                                 "`sbatch`, which was not found on PATH"), lines
+  assert "--launcher=local" in lines[0]
+  assert not root.exists()
