@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from distill_jax import models, optim, tasks
+from distill_jax.config_cli import switch_models
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
 from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, MESH_AXES, MODES, TEACHER_SHARDINGS
@@ -256,6 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   import_modules(config)
   _check_name("task", config.get("task") or tasks.DEFAULT_TASK, tasks.TASKS)
   _check_name("student.name", config.student.name, models.MODELS)
+  _check_kwargs("student", config.student.name, config.student.get("kwargs"))
   for name, teacher in config.teachers.items():
     for key in ("model", "checkpoint"):
       if key not in teacher:
@@ -266,6 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"{list(TEACHER_KEYS)}.")
     if teacher.model != "hf":  # 'hf': an open-weights directory (teachers.HF_MODEL).
       _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
+      _check_kwargs(f"teachers.{name}", teacher.model, teacher.get("kwargs"))
     _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)
   try:
     build_objective(config.losses, list(config.teachers))
@@ -337,6 +340,19 @@ def _check_name(key: str, name: Any, registry: Any) -> None:
     raise ConfigError(f"config.{key}: {registry.unknown_message(name)}")
 
 
+def _check_kwargs(key: str, model: str, kwargs: Any) -> None:
+  """Every key of `config.KEY.kwargs` is one that `model` takes (`models.model_kwargs`)."""
+  takes = models.model_kwargs(model)
+  unknown = sorted(set(kwargs or {}) - set(takes or {}))
+  if takes is None or not unknown:
+    return
+  listing = ", ".join(f"{k}={v!r}" for k, v in takes.items()) or "none"
+  raise ConfigError(
+      f"config.{key}.kwargs has {', '.join(map(repr, unknown))}, which model {model!r} does "
+      f"not take; it takes: {listing}. Drop {', '.join(unknown)} (a model's kwargs are its "
+      f"own: `distill-jax models` lists each model's).")
+
+
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
   if value not in choices:
     raise ConfigError(f"config.{key} is {value!r}; choose one of {list(choices)}.")
@@ -347,7 +363,8 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
   """Loads `path/to/config.py[:arg]` as the CLI does, then applies dotted-key `overrides`.
 
   `overrides={'optim.lr': 0.1}` is the programmatic form of `--config.optim.lr=0.1`; an
-  unknown key raises ConfigError listing the keys at that level.
+  unknown key raises ConfigError listing the keys at that level. A model named anew brings its
+  own kwargs, as on the command line (`switch_models`).
   """
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("distill_jax_config_file", path)
@@ -356,6 +373,7 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(arg or None) if arg else module.get_config()
+  switch_models(config, overrides or {})
   for key, value in (overrides or {}).items():
     node = config
     for part in key.split(".")[:-1]:
@@ -368,3 +386,4 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
     node[leaf] = value
   config.lock()
   return config
+

@@ -36,12 +36,12 @@ import traceback
 from collections.abc import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
+
+from distill_jax import config_cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file, optionally with ':ARG' (see configs/).",
-    lock_config=True)
+config_cli.define_config_flag(FLAGS)  # --config and its --config.KEY=VALUE overrides.
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and result.json.")
 flags.DEFINE_list("imports", [], "Modules to import first (e.g. yours, registering losses).")
 flags.DEFINE_string("out", "curves.png", "For `plot`: the PNG file to write.")
@@ -91,7 +91,8 @@ def losses_command(args: list[str]) -> None:
   print(describe_losses())
 
 
-@command("models", "distill-jax models [--imports=MODULE,...]", "every registered model")
+@command("models", "distill-jax models [--imports=MODULE,...]",
+         "every registered model with the kwargs it takes (config.student.kwargs) and defaults")
 def models_command(args: list[str]) -> None:
   _no_args("models", args)
   print(describe_models())
@@ -185,9 +186,18 @@ def describe_losses() -> str:
 
 
 def describe_models() -> str:
-  from distill_jax.models import MODELS
+  """Every registered model: name, first doc line, and the kwargs it takes with their defaults
+  (what `config.student.kwargs` / `config.teachers.NAME.kwargs` may set)."""
+  from distill_jax.models import MODELS, model_kwargs
 
-  return "\n".join(MODELS.names())
+  lines = []
+  for name in MODELS.names():
+    doc = " ".join((MODELS.get(name).__doc__ or "").strip().split("\n\n")[0].split())
+    kwargs = model_kwargs(name)
+    listing = ("(not known)" if kwargs is None else
+               ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)")
+    lines.append(f"{name}: {doc}\n    kwargs: {listing}")
+  return "\n".join(lines)
 
 
 def provenance() -> str:
@@ -312,20 +322,29 @@ def _override_error(argv: list[str], error: Exception) -> str:
 
     try:
       config = load_config_file(spec)
+      config_cli.switch_models(config, config_cli.model_names(argv))
     except Exception:  # noqa: BLE001  (then the message below names the error as it is)
       config = None
   for arg in argv[1:]:
     match = re.fullmatch(r"--config\.([\w.]+)(?:=.*)?", arg, re.S)
     if not match or not isinstance(config, config_dict.ConfigDict):
       continue
-    node, path = config, []
+    node, path, parent = config, [], None
     for part in match.group(1).split("."):
       if not isinstance(node, config_dict.ConfigDict) or part not in node:
         where = "config." + ".".join(path) if path else "config"
         known = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
         listing = f"; it has: {', '.join(sorted(known))}" if known else ""
-        return (f"{arg}: {where} has no key {part!r}{_did_you_mean(part, known)}{listing}.")
-      node, path = node[part], [*path, part]
+        model = None
+        if path[-1:] == ["kwargs"]:  # The model as the command line names it, else the file.
+          section, names = ".".join(path[:-1]), config_cli.model_names(argv)
+          model = names.get(f"{section}.name", names.get(f"{section}.model")) or parent.get(
+              "name", parent.get("model"))
+        whose = (f" (the kwargs of model {model!r}; `distill-jax models` lists each model's)"
+                 if isinstance(model, str) else "")
+        return (f"{arg}: {where} has no key {part!r}{_did_you_mean(part, known)}{listing}"
+                f"{whose}.")
+      node, path, parent = node[part], [*path, part], node
   text = str(error)
   if "Traceback (most recent call last)" in text:  # A config file's get_config raised.
     lines = [line for line in text.splitlines() if line.strip()]
@@ -349,14 +368,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   if spec is not None and not os.path.isfile(spec.partition(":")[0]):
     _fail(f"--config={spec}: no config file {spec.partition(':')[0]!r} (relative to "
           f"{os.getcwd()}).", USAGE_EXIT)
+  helpfull = "--helpfull" in argv
   try:
-    return FLAGS(argv)
-  except SystemExit:  # absl's --helpfull printed the help and exits 1; help is no error.
-    if "--helpfull" in argv:
-      sys.exit(0)
-    raise
+    parsed = FLAGS([arg for arg in argv if arg != "--helpfull"])
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     _fail(_override_error(argv, e), USAGE_EXIT)
+  if helpfull:  # absl's help of every flag, then every key of the config as its flag.
+    app.usage(shorthelp=False, writeto_stdout=True)
+    print("\n" + (config_cli.config_flags_help(FLAGS.config, spec) if spec else
+                  "Add --config=FILE.py[:ARG] to list the keys of that config as "
+                  "--config.KEY flags with their values."))
+    sys.exit(0)
+  return parsed
 
 
 def _exit_code(error: BaseException) -> int | None:
