@@ -357,3 +357,27 @@ def test_slurm_launcher_without_sbatch_says_so_in_one_line(tmp_path):
                                                  "`sbatch`, which was not found on PATH"), lines
   assert "--launcher=local" in lines[0]
   assert not root.exists()
+
+
+def test_a_data_set_that_is_not_prepared_is_refused_once_before_launch(tmp_path, monkeypatch,
+                                                                       capsys):
+  """The CRD suite's CIFAR-100 with data.data_dir empty (the default folder, empty here) or a
+  folder without it: one line naming the data set, the folder and prepare_data.py, however many
+  trials read it; nothing written."""
+  monkeypatch.setenv("DISTILL_JAX_DATA_DIR", str(tmp_path / "default"))
+  root = tmp_path / "root"
+  assert cli.sweep_main([f"--config={CRD}:seeds=1", f"--workdir={root}", "--dry_run"]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"Invalid sweep: Data set 'cifar100' is not prepared in data_dir "
+                             f"'{tmp_path / 'default'}' (no ")
+  assert "`python scripts/prepare_data.py cifar100 --data_dir=DIR`" in lines[0]
+  assert "207 trial(s) read it (data.data_dir is empty: the default)" in lines[0]
+  other = tmp_path / "other"
+  other.mkdir()
+  assert cli.sweep_main([f"--config={CRD}:seeds=1", f"--workdir={root}",
+                         f"--set=data.data_dir={other}"]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and f"not prepared in data_dir '{other}'" in lines[0], lines
+  assert "207 trial(s) read it, e.g. 'teacher-" in lines[0]
+  assert not root.exists() and os.listdir(other) == []
