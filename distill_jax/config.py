@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.imports = ()  # Modules to import first, e.g. ('my_pkg.my_losses',) to register losses.
   c.data = default_data_config("digits")
-  # remat: recompute the student's blocks in the backward pass (less memory, same numbers).
+  # kwargs: the model's own constructor settings (`distill-jax models` lists each model's with
+  # its defaults; `--config.student.name=X` brings X's). remat: recompute the student's blocks
+  # in the backward pass (less memory, same numbers).
   c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}, "remat": False})
   # The student's compute dtype: 'bfloat16' runs its forward and backward in bf16 with
   # float32 params, optimizer state, softmaxes and loss reductions (features.make_apply).
