@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from distill_jax import models, optim, tasks
+from distill_jax.config_cli import switch_models
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
 from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, MESH_AXES, MODES, TEACHER_SHARDINGS
@@ -43,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.imports = ()  # Modules to import first, e.g. ('my_pkg.my_losses',) to register losses.
   c.data = default_data_config("digits")
-  # remat: recompute the student's blocks in the backward pass (less memory, same numbers).
+  # kwargs: the model's own constructor settings (`distill-jax models` lists each model's with
+  # its defaults; `--config.student.name=X` brings X's). remat: recompute the student's blocks
+  # in the backward pass (less memory, same numbers).
   c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}, "remat": False})
   # The student's compute dtype: 'bfloat16' runs its forward and backward in bf16 with
   # float32 params, optimizer state, softmaxes and loss reductions (features.make_apply).
@@ -269,6 +272,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   import_modules(config)
   _check_name("task", config.get("task") or tasks.DEFAULT_TASK, tasks.TASKS)
   _check_name("student.name", config.student.name, models.MODELS)
+  _check_kwargs("student", config.student.name, config.student.get("kwargs"))
   for name, teacher in config.teachers.items():
     for key in ("model", "checkpoint"):
       if key not in teacher:
@@ -279,6 +283,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"{list(TEACHER_KEYS)}.")
     if teacher.model != "hf":  # 'hf': an open-weights directory (teachers.HF_MODEL).
       _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
+      _check_kwargs(f"teachers.{name}", teacher.model, teacher.get("kwargs"))
     _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)
   try:
     build_objective(config.losses, list(config.teachers))
@@ -355,6 +360,19 @@ def _check_name(key: str, name: Any, registry: Any) -> None:
     raise ConfigError(f"config.{key}: {registry.unknown_message(name)}")
 
 
+def _check_kwargs(key: str, model: str, kwargs: Any) -> None:
+  """Every key of `config.KEY.kwargs` is one that `model` takes (`models.model_kwargs`)."""
+  takes = models.model_kwargs(model)
+  unknown = sorted(set(kwargs or {}) - set(takes or {}))
+  if takes is None or not unknown:
+    return
+  listing = ", ".join(f"{k}={v!r}" for k, v in takes.items()) or "none"
+  raise ConfigError(
+      f"config.{key}.kwargs has {', '.join(map(repr, unknown))}, which model {model!r} does "
+      f"not take; it takes: {listing}. Drop {', '.join(unknown)} (a model's kwargs are its "
+      f"own: `distill-jax models` lists each model's).")
+
+
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
   if value not in choices:
     raise ConfigError(f"config.{key} is {value!r}; choose one of {list(choices)}.")
@@ -368,7 +386,8 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
   section may be replaced too (`{'losses': {'ce': {'weight': 1.0}}}`). Returns the config
   locked (no new keys; values may still be set). Raises ConfigError for a missing file, an
   `arg` the file's `get_config` refuses, an unknown key (with the CLI's message: the keys at
-  that level and the closest match) or a value of the wrong type.
+  that level and the closest match) or a value of the wrong type. A model named anew brings
+  its own kwargs, as on the command line (`switch_models`).
   """
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("distill_jax_config_file", path)
@@ -380,6 +399,7 @@ def load_config_file(spec: str, overrides: dict[str, Any] | None = None
     config = module.get_config(arg or None) if arg else module.get_config()
   except (ValueError, KeyError, TypeError) as e:  # The file's own check of its arg.
     raise ConfigError(str(e.args[0] if e.args else e)) from e
+  switch_models(config, overrides or {})
   for key, value in (overrides or {}).items():
     problem = missing_key(config, key)
     if problem:

@@ -34,14 +34,13 @@ import traceback
 from collections.abc import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 
+from distill_jax import config_cli
 from distill_jax.train.workdir import latest_checkpoint, remove_unless_checkpointed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file, optionally with ':ARG' (see configs/).",
-    lock_config=True)
+config_cli.define_config_flag(FLAGS)  # --config and its --config.KEY=VALUE overrides.
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and result.json.")
 flags.DEFINE_list("imports", [], "Modules to import first (e.g. yours, registering losses).")
 flags.DEFINE_string("out", "curves.png", "For `plot`: the PNG file to write.")
@@ -91,7 +90,8 @@ def losses_command(args: list[str]) -> None:
   print(describe_losses())
 
 
-@command("models", "distill-jax models [--imports=MODULE,...]", "every registered model")
+@command("models", "distill-jax models [--imports=MODULE,...]",
+         "every registered model with the kwargs it takes (config.student.kwargs) and defaults")
 def models_command(args: list[str]) -> None:
   _no_args("models", args)
   print(describe_models())
@@ -185,9 +185,18 @@ def describe_losses() -> str:
 
 
 def describe_models() -> str:
-  from distill_jax.models import MODELS
+  """Every registered model: name, first doc line, and the kwargs it takes with their defaults
+  (what `config.student.kwargs` / `config.teachers.NAME.kwargs` may set)."""
+  from distill_jax.models import MODELS, model_kwargs
 
-  return "\n".join(MODELS.names())
+  lines = []
+  for name in MODELS.names():
+    doc = " ".join((MODELS.get(name).__doc__ or "").strip().split("\n\n")[0].split())
+    kwargs = model_kwargs(name)
+    listing = ("(not known)" if kwargs is None else
+               ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)")
+    lines.append(f"{name}: {doc}\n    kwargs: {listing}")
+  return "\n".join(lines)
 
 
 def provenance() -> str:
@@ -230,14 +239,17 @@ def _remove_created_workdirs() -> None:
 
 
 def main(argv: list[str]) -> None:
-  logging.info("%s", provenance())
+  # Which installation runs: a training run's first log line; a listing command's output is
+  # its listing alone (the line shows with --verbosity=1).
+  is_command = len(argv) > 1
+  (logging.debug if is_command else logging.info)("%s", provenance())
   for module in FLAGS.imports:
     try:
       importlib.import_module(module)
     except ImportError as e:
       raise UsageError(f"--imports names {module!r}, which cannot be imported ({e}); run "
                        "from the folder that holds it or put its package on PYTHONPATH.") from e
-  if len(argv) > 1:
+  if is_command:
     if argv[1] not in COMMANDS:
       raise UsageError(f"Unknown command {argv[1]!r}"
                        f"{_did_you_mean(argv[1], list(COMMANDS))}; the commands are "
@@ -260,6 +272,23 @@ HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "-?")
 def _did_you_mean(name: str, known: list[str]) -> str:
   close = difflib.get_close_matches(name, known, n=1)
   return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _kwargs_owner(argv: list[str], config: config_dict.ConfigDict, key: str) -> str:
+  """' (the kwargs of model X; ...)' when dotted `key` fails right below a section's `kwargs`:
+  the model as the command line names it, else as the config file does; '' otherwise."""
+  node, path, parent = config, [], None
+  for part in key.split("."):
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      break
+    node, path, parent = node[part], [*path, part], node
+  if path[-1:] != ["kwargs"]:
+    return ""
+  section, names = ".".join(path[:-1]), config_cli.model_names(argv)
+  model = names.get(f"{section}.name", names.get(f"{section}.model")) or parent.get(
+      "name", parent.get("model"))
+  return (f" (the kwargs of model {model!r}; `distill-jax models` lists each model's)"
+          if isinstance(model, str) else "")
 
 
 def _verbose() -> bool:
@@ -295,6 +324,7 @@ def _override_error(argv: list[str], error: Exception) -> str:
 
     try:
       config = load_config_file(spec)
+      config_cli.switch_models(config, config_cli.model_names(argv))
     except Exception:  # noqa: BLE001  (then the message below names the error as it is)
       config = None
   for arg in argv[1:]:
@@ -305,7 +335,7 @@ def _override_error(argv: list[str], error: Exception) -> str:
 
     problem = missing_key(config, match.group(1))
     if problem:
-      return f"{arg}: {problem}"
+      return f"{arg}: {problem[:-1]}{_kwargs_owner(argv, config, match.group(1))}."
   text = str(error)
   if "Traceback (most recent call last)" in text:  # A config file's get_config raised.
     lines = [line for line in text.splitlines() if line.strip()]
@@ -329,14 +359,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   if spec is not None and not os.path.isfile(spec.partition(":")[0]):
     _fail(f"--config={spec}: no config file {spec.partition(':')[0]!r} (relative to "
           f"{os.getcwd()}).", USAGE_EXIT)
+  helpfull = "--helpfull" in argv
   try:
-    return FLAGS(argv)
-  except SystemExit:  # absl's --helpfull printed the help and exits 1; help is no error.
-    if "--helpfull" in argv:
-      sys.exit(0)
-    raise
+    parsed = FLAGS([arg for arg in argv if arg != "--helpfull"])
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     _fail(_override_error(argv, e), USAGE_EXIT)
+  if helpfull:  # absl's help of every flag, then every key of the config as its flag.
+    app.usage(shorthelp=False, writeto_stdout=True)
+    print("\n" + (config_cli.config_flags_help(FLAGS.config, spec) if spec else
+                  "Add --config=FILE.py[:ARG] to list the keys of that config as "
+                  "--config.KEY flags with their values."))
+    sys.exit(0)
+  return parsed
 
 
 def _exit_code(error: BaseException) -> int | None:

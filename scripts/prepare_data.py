@@ -21,6 +21,11 @@ the machines that train need neither TensorFlow nor network. The text sets
 `tiny_shakespeare` and `lm1b` (for `configs/lm.py`) need no TensorFlow even here
 (`distill_jax/data/tfds_text.py`). Copy the resulting
 data_dir to the cluster's shared storage and point `data.data_dir` at it.
+
+Before anything is written, every host a data set downloads from is tried once (through
+$HTTPS_PROXY / $HTTP_PROXY when set, as the download would go), `--connect_timeout` seconds at
+most: without network the script ends in seconds with one line naming the host and the error,
+instead of TFDS retrying each download for minutes.
 """
 
 from __future__ import annotations
@@ -45,6 +50,59 @@ _FILE_FORMAT = flags.DEFINE_string(
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None,
     "For data sets whose files must be downloaded by hand (e.g. imagenet2012): where they are.")
+_CONNECT_TIMEOUT = flags.DEFINE_float(
+    "connect_timeout", 10.0,
+    "Seconds to wait for each download host (tried once, before anything is written).")
+
+
+def unreachable(name: str, urls: Sequence[str], timeout: float) -> str | None:
+  """Why `name`'s downloads cannot start (one line), or None: each URL's host (or the proxy
+  the environment sets for its scheme, as `requests` would use) is connected to once, within
+  `timeout` seconds, name resolution included."""
+  import socket
+  import threading
+  import urllib.parse
+  import urllib.request
+
+  proxies = urllib.request.getproxies()
+  for host, port, scheme in sorted({(u.hostname, u.port or (443 if u.scheme == "https" else 80),
+                                     u.scheme) for u in map(urllib.parse.urlsplit, urls)
+                                    if u.hostname}):
+    proxy = None if urllib.request.proxy_bypass(host) else proxies.get(scheme)
+    target = urllib.parse.urlsplit(proxy if "//" in proxy else f"//{proxy}") if proxy else None
+    address = (target.hostname, target.port or 80) if target else (host, port)
+    outcome: list[BaseException | None] = []
+
+    def connect(address: tuple[str, int] = address, outcome: list = outcome) -> None:
+      try:
+        socket.create_connection(address, timeout=timeout).close()
+        outcome.append(None)
+      except OSError as e:
+        outcome.append(e)
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout.
+    thread.start()
+    thread.join(timeout + 1)
+    error = outcome[0] if outcome else TimeoutError(f"no answer within {timeout:g} s")
+    if error is not None:
+      via = f" through the proxy {address[0]}:{address[1]} (${scheme.upper()}_PROXY)" if proxy \
+          else ""
+      return (f"{name} downloads from {host}:{port}, which cannot be reached{via}: "
+              f"{type(error).__name__}: {error}. Prepare it on a machine with internet access "
+              "and copy the data_dir here (nothing was written).")
+  return None
+
+
+def download_urls(name: str, data_dir: str) -> list[str]:
+  """The URLs TFDS will download `name` from (its registered checksums); none for an embedded
+  set, or with --manual_dir (the files are at hand)."""
+  import tensorflow_datasets as tfds
+
+  from distill_jax.data import embedded
+
+  if embedded.is_embedded(name) or _MANUAL_DIR.value:
+    return []
+  return list(tfds.builder(name, data_dir=data_dir).url_infos or {})
 
 
 def _alias_importlib_resources() -> None:
@@ -87,6 +145,10 @@ def main(argv: Sequence[str]) -> None:
 
   data_dir = (os.path.abspath(os.path.expanduser(_DATA_DIR.value)) if _DATA_DIR.value
               else default_data_dir())
+  for name in names:  # Every download host first: offline, one line in seconds.
+    problem = unreachable(name, download_urls(name, data_dir), _CONNECT_TIMEOUT.value)
+    if problem:
+      sys.exit(f"Error: {problem}")
   for name in names:
     start = time.time()
     logging.info("Preparing %s in %s ...", name, data_dir)

@@ -117,12 +117,17 @@ def run_cli(args, *, cwd=ROOT, env=None, timeout=600, check=True, program=None):
   """`python -m distill_jax.main ARGS` (or `program ARGS`, e.g. the `distill-jax` console
   script) in a subprocess that runs this checkout (`cli_env`), asserting so from its log
   (`assert_runs_checkout`); with `check`, fails the test with the run's stderr if it does not
-  exit 0."""
+  exit 0. The absl sub-commands (`models`, `losses`, `plot`) log where distill_jax came from
+  only at --verbosity=1 (their output is theirs alone), so that flag is added for them; `audit`
+  and the other argparse commands print it themselves."""
   import subprocess
   import sys
 
   program = program or [sys.executable, "-m", "distill_jax.main"]
-  proc = subprocess.run([*program, *map(str, args)],
+  args = [*map(str, args)]
+  if args[:1] in (["models"], ["losses"], ["plot"]):
+    args.append("--verbosity=1")
+  proc = subprocess.run([*program, *args],
                         capture_output=True, text=True, env=env or cli_env(), cwd=cwd,
                         timeout=timeout)
   if check:

@@ -10,6 +10,7 @@ created does not exist afterwards.
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +43,18 @@ ERRORS = {
     "unprepared data set": (["--config.data.name=cifar10", "--config.data.data_dir={tmp}/empty"],
                             1, "python scripts/prepare_data.py cifar10 --data_dir={tmp}/empty"),
     "no config file": (["--config=configs/no_such.py"], 2, "no config file 'configs/no_such.py'"),
+    # A model named anew brings its own kwargs: the run gets as far as the teacher's checkpoint.
+    "student model override": (["--config.student.name=cnn",
+                                "--config.student.kwargs.widths=8,16",
+                                "--config.teachers.teacher.checkpoint={tmp}/no_teacher"], 1,
+                               "{tmp}/no_teacher"),
+    "teacher model override": (["--config.teachers.teacher.model=mlp",
+                                "--config.teachers.teacher.checkpoint={tmp}/no_teacher"], 1,
+                               "{tmp}/no_teacher"),
+    "old model's kwarg": (["--config.student.name=cnn", "--config.student.kwargs.hidden=64"], 2,
+                          "--config.student.kwargs.hidden=64: config.student.kwargs has no key "
+                          "'hidden'; it has: widths (the kwargs of model 'cnn'; `distill-jax "
+                          "models` lists each model's)."),
     "unknown command": (["lossess"], 2, "Unknown command 'lossess' (did you mean 'losses'?)"),
 }
 
@@ -73,6 +86,48 @@ def test_user_error_is_one_line(name, error_runs):
   assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
   assert want_text.format(tmp=tmp) in lines[0]
   assert not os.path.exists(workdir)  # The failed start removed the workdir it created.
+
+
+def test_helpfull_lists_every_config_key_as_a_flag_with_its_value():
+  """With --config, --helpfull ends with every key of that config (overrides applied) as
+  `--config.KEY=VALUE`; every leaf of the config is there, once."""
+  from distill_jax.config import load_config_file
+
+  proc = cli(f"--config={DIGITS}:kd", "--config.optim.lr=0.125", "--helpfull")
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr
+  assert "--workdir" in stdout and "--imports" in stdout  # absl's flags first.
+  _, keys_part = stdout.split(f"The keys of --config={DIGITS}:kd, each a flag ")
+  listed = [line.strip() for line in keys_part.splitlines() if line.startswith("  --config.")]
+  for line in ("--config.optim.lr=0.125", "--config.student.name=mlp",
+               "--config.student.kwargs.hidden='(32,)'", "--config.losses.kd.temperature=4.0",
+               "--config.teachers.teacher.cache=None", "--config.progress_bar=true"):
+    assert line in listed, line
+
+  def leaves(tree, prefix):
+    if isinstance(tree, dict) and tree:
+      return [k for key, value in tree.items() for k in leaves(value, f"{prefix}.{key}")]
+    return [prefix]
+
+  keys = leaves(load_config_file(f"{DIGITS}:kd").to_dict(), "--config")
+  assert sorted(line.split("=", 1)[0] for line in listed) == sorted(keys)
+
+
+def test_the_open_weights_doc_command_parses():
+  """docs/open_weights.md's teacher command, with `None` for the BOS id, parses as the CLI
+  parses it (no model directory needed): bos_id None, the teacher an 'hf' one."""
+  text = open(os.path.join(ROOT, "docs", "open_weights.md")).read()
+  block = re.search(r"## A teacher from a directory\n\n```bash\n(.*?)```", text, re.S).group(1)
+  args = shlex.split(block, comments=True)  # Bash's reading: continuations joined, comments cut.
+  assert args[0] == "distill-jax" and "--config.student.kwargs.bos_id=None" in args
+  args = args[1:]
+  code = ("import sys; from distill_jax import main; main.parse_flags(sys.argv); c = main.FLAGS"
+          ".config; print(c.student.kwargs.bos_id, c.teachers.teacher.model, "
+          "c.teachers.teacher.dtype, c.data.tokenizer)")
+  proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                        env=ENV, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["None", "hf", "bfloat16", "hf:/models/Qwen2.5-0.5B"]
 
 
 def test_verbosity_shows_the_traceback_and_an_existing_workdir_stays(tmp_path):
@@ -165,3 +220,13 @@ def test_nothing_refers_to_files_outside_the_project():
   found = [f for f in files if os.path.isfile(os.path.join(ROOT, f))
            and outside.search(open(os.path.join(ROOT, f), errors="ignore").read())]
   assert files and not found
+
+
+@pytest.mark.parametrize("command, entry", [("models", "resnet20"), ("losses", "kd (function)")])
+def test_a_listing_is_its_output_alone(command, entry):
+  """`distill-jax models` / `losses` print their listing and log nothing after it (where
+  distill_jax came from shows with --verbosity=1)."""
+  proc = cli(command)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert (proc.returncode, stderr) == (0, ""), stderr
+  assert entry in stdout

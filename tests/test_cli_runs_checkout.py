@@ -10,7 +10,7 @@ from conftest import ROOT, assert_runs_checkout, cli_env, run_cli
 
 def test_cli_subprocess_runs_this_checkout(tmp_path):
   proc = run_cli(["models"], cwd=tmp_path)  # Asserts the checkout itself; from any folder.
-  assert "resnet20" in proc.stdout.split()
+  assert "resnet20:" in proc.stdout.split()
 
 
 def test_the_check_fails_when_another_copy_is_imported(tmp_path):

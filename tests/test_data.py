@@ -278,3 +278,34 @@ def test_worker_processes_give_the_same_batches(cfg):
       _assert_batches_equal(w, g)
   finally:
     iterator.close()
+
+
+def test_prepare_data_without_network_ends_in_seconds_with_one_line(tmp_path):
+  """The download host unreachable (here: the proxy, a closed port on 127.0.0.1, so the test
+  is the same with or without internet): one line naming the host and the error, exit 1,
+  within seconds rather than TFDS's minutes of retries, and nothing written."""
+  import socket
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT, cli_env
+
+  with socket.socket() as s:  # A port nothing listens on.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proxy = f"http://127.0.0.1:{port}"
+  env = {**cli_env(), **{k: proxy for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                             "http_proxy")}, "NO_PROXY": "", "no_proxy": ""}
+  start = time.time()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"),
+                         "cifar10", f"--data_dir={tmp_path / 'data'}", "--connect_timeout=2"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=100)
+  assert time.time() - start < 60
+  assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(
+      f"Error: cifar10 downloads from www.cs.toronto.edu:443, which cannot be reached through "
+      f"the proxy 127.0.0.1:{port} ($HTTPS_PROXY): ConnectionRefusedError: ")
+  assert not (tmp_path / "data").exists()

@@ -115,3 +115,22 @@ def _leaves(tree):
   import jax
 
   return jax.tree.leaves(tree)
+
+
+def test_the_readme_imports_example_runs_as_written(tmp_path):
+  """README's `--imports=my_losses` example, exactly: its my_losses.py written to a temporary
+  folder, and its command line run there (the console script, from that folder)."""
+  import shlex
+
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  module = re.search(r"```python\n(# my_losses.py, in the folder you run distill-jax from\n"
+                     r".*?)```", readme, re.S).group(1)
+  line = re.search(r"```bash\n(distill-jax losses --imports=my_losses[^\n]*)\n```", readme)
+  (tmp_path / "my_losses.py").write_text(module)
+  args = shlex.split(line.group(1), comments=True)
+  assert args[:2] == ["distill-jax", "losses"]
+  listing = run_cli(args[1:], tmp_path)
+  assert listing.returncode == 0, listing.stderr[-2000:]
+  assert ("logit_l1 (function): Mean absolute difference between the student's and the "
+          "teacher's logits.\n    teacher=None") in listing.stdout
+  assert "kd (function)" in listing.stdout

@@ -137,3 +137,25 @@ def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, 
       "data.train_files": str(out), "teachers.teacher.checkpoint": teacher})
   run = loop.build_run(config)
   assert set(config.losses) == {"token_ce", "token_fkl"} and "teacher" in run.teacher_vars
+
+
+def test_the_log_holds_the_scripts_lines_not_orbaxs(tmp_path):
+  """An untrained tiny transformer_lm export: loading it (orbax) logs nothing of the
+  library's; the script's own line stays."""
+  from distill_jax.model_io import export_model
+  from distill_jax.models import build_model
+
+  kwargs = {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16, "bos_id": 256}
+  model = build_model("transformer_lm", 259, **kwargs)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 16), np.int32), train=False)
+  export_model(str(tmp_path / "model"), variables, {"model": "transformer_lm",
+                                                     "kwargs": kwargs, "num_classes": 259,
+                                                     "step": 0})
+  (tmp_path / "p.txt").write_text("ab\n")
+  out = tmp_path / "out.jsonl"
+  proc = _script(f"--checkpoint={tmp_path / 'model'}", f"--prompts={tmp_path / 'p.txt'}",
+                 "--max_new_tokens=2", f"--output={out}")
+  assert len(out.read_text().splitlines()) == 1
+  lines = proc.stderr.splitlines()
+  assert not [line for line in lines if "orbax" in line or "checkpoint" in line.lower()], lines
+  assert [line for line in lines if "Wrote 1 completions to" in line]

@@ -396,3 +396,49 @@ def test_readme_sweep_example_trains_one_student(tmp_path):
   assert sorted(configs) == ["alone", "crd", "kd"]
   assert {(c.student.name, tuple(c.student.kwargs.widths), c.data.augment)
           for c in configs.values()} == {("cnn", (16, 32), "crop")}
+
+
+def test_slurm_launcher_without_sbatch_says_so_in_one_line(tmp_path):
+  """PATH stripped of every folder holding `sbatch`: one line naming it and --launcher=local,
+  exit 2, nothing written."""
+  import subprocess
+  import sys
+
+  path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                         if d and not os.path.exists(os.path.join(d, "sbatch")))
+  env = {**os.environ, "PATH": path,
+         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+  root = tmp_path / "root"
+  proc = subprocess.run([sys.executable, "-m", "distill_jax.main", "sweep",
+                         f"--config={DIGITS_MINI}", f"--workdir={root}", "--launcher=slurm"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("Error: --launcher=slurm needs Slurm's "
+                                                 "`sbatch`, which was not found on PATH"), lines
+  assert "--launcher=local" in lines[0]
+  assert not root.exists()
+
+
+def test_a_data_set_that_is_not_prepared_is_refused_once_before_launch(tmp_path, monkeypatch,
+                                                                       capsys):
+  """The CRD suite's CIFAR-100 with data.data_dir empty (the default folder, empty here) or a
+  folder without it: one line naming the data set, the folder and prepare_data.py, however many
+  trials read it; nothing written."""
+  monkeypatch.setenv("DISTILL_JAX_DATA_DIR", str(tmp_path / "default"))
+  root = tmp_path / "root"
+  assert cli.sweep_main([f"--config={CRD}:seeds=1", f"--workdir={root}", "--dry_run"]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"Invalid sweep: Data set 'cifar100' is not prepared in data_dir "
+                             f"'{tmp_path / 'default'}' (no ")
+  assert "`python scripts/prepare_data.py cifar100 --data_dir=DIR`" in lines[0]
+  assert "207 trial(s) read it (data.data_dir is empty: the default)" in lines[0]
+  other = tmp_path / "other"
+  other.mkdir()
+  assert cli.sweep_main([f"--config={CRD}:seeds=1", f"--workdir={root}",
+                         f"--set=data.data_dir={other}"]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and f"not prepared in data_dir '{other}'" in lines[0], lines
+  assert "207 trial(s) read it, e.g. 'teacher-" in lines[0]
+  assert not root.exists() and os.listdir(other) == []

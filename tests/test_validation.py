@@ -91,3 +91,29 @@ def test_cli_exits_non_zero_with_one_line_and_no_workdir(tmp_path):
   assert "config.optim.lr is 0.0; it must be a number > 0" in proc.stderr.splitlines()[-1]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists() and not (tmp_path / "tfds").exists()  # Nothing built or trained.
+
+
+def test_a_models_kwargs_are_its_own():
+  """`model_kwargs`: the fields a model's factory lets a config set, with their defaults (not
+  the framework's, not those the factory fixes); validate() refuses kwargs of another model,
+  naming them and what the model takes; naming a model anew (as on the command line) brings
+  its own kwargs, which the overrides then set."""
+  from distill_jax.config import load_config_file
+  from distill_jax.models import model_kwargs
+
+  assert model_kwargs("cnn") == {"widths": (32, 64)}
+  assert model_kwargs("resnet20") == {}  # depth and widths are resnet20's own.
+  assert model_kwargs("wrn_16_1") == {"dropout_rate": 0.0}
+  assert model_kwargs("transformer_lm")["bos_id"] is None
+  config = load_config_file(f"{DIGITS}:kd,tiny")
+  with config.unlocked():
+    config.student.name = "cnn"  # Still the mlp's kwargs {'hidden': (32,)}.
+  with pytest.raises(ConfigError, match=r"^config.student.kwargs has 'hidden', which model 'cnn' "
+                     r"does not take; it takes: widths=\(32, 64\). Drop hidden "):
+    config_lib.validate(config)
+  config = load_config_file(f"{DIGITS}:kd,tiny", {"student.name": "cnn",
+                                                  "student.kwargs.widths": (8, 16),
+                                                  "teachers.teacher.model": "mlp"})
+  assert config.student.kwargs.to_dict() == {"widths": (8, 16)}
+  assert config.teachers.teacher.kwargs.to_dict() == {"hidden": (64,)}
+  config_lib.validate(config)

@@ -277,6 +277,24 @@ def _normalization(data_config: Any, channels: int
   return pixel_max, mean, std
 
 
+def unprepared(name: str, data_dir: str) -> str | None:
+  """Why the TFDS data set `name` cannot be read from `data_dir` as it is, in one line, or None:
+  a TFDS set must have been prepared there (`scripts/prepare_data.py`); an embedded set builds
+  itself, and other names are not TFDS's. For checks before a launch (sweeps): nothing is
+  built or read but TFDS's metadata."""
+  if embedded.is_embedded(name):
+    return None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    return None  # Not a TFDS set (e.g. the 'jsonl' of black-box text): its reader checks it.
+  if builder.is_prepared():
+    return None
+  return (f"Data set {name!r} is not prepared in data_dir {data_dir!r} (no {builder.data_path}):"
+          f" prepare it once with `python scripts/prepare_data.py {name} --data_dir=DIR` (on a "
+          "machine with internet access) and point data.data_dir at DIR")
+
+
 def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """The TFDS builder of a prepared, random-access copy of `name` in `data_dir`.
 

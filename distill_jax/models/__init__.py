@@ -24,6 +24,7 @@ like the PyTorch code whose numbers we compare against.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -90,6 +91,40 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   name raises `distill_jax.registry.UnknownNameError`, whose message lists the known models.
   """
   return MODELS.get(name)(num_classes, **kwargs)
+
+
+# Fields every built-in model has that the framework sets, never a config's `kwargs`: the head
+# size (from the data), the pmap axis, and `remat` (config.student.remat).
+FRAMEWORK_FIELDS = ("num_classes", "bn_axis_name", "remat", "parent", "name")
+
+
+def model_kwargs(name: str) -> dict[str, Any] | None:
+  """The keyword arguments model `name` takes (a config's `student.kwargs` or
+  `teachers.NAME.kwargs`), with the defaults it is built with when they are not given.
+
+  Read from the module its factory returns (a dataclass): its fields, less the framework's
+  (`FRAMEWORK_FIELDS`) and those the factory fixes itself (e.g. resnet20's `depth`, which it
+  passes already). None when that cannot be told: a factory that needs arguments or returns
+  something other than a dataclass module.
+  """
+  factory = MODELS.get(name)
+  try:
+    module = factory(1)
+  except TypeError:
+    return None
+  if not dataclasses.is_dataclass(module):
+    return None
+  kwargs = {}
+  for field in dataclasses.fields(module):
+    if field.name in FRAMEWORK_FIELDS:
+      continue
+    value = getattr(module, field.name)
+    try:
+      factory(1, **{field.name: value})
+    except TypeError:  # "got multiple values for keyword argument": the factory sets it.
+      continue
+    kwargs[field.name] = value
+  return kwargs
 
 
 def num_params(params: Any) -> int:

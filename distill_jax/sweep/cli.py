@@ -47,6 +47,11 @@ def sweep_main(argv: list[str]) -> int:
     return status_main(argv[1:])
   args = sweep_parser().parse_args(argv)
   root = os.path.abspath(args.workdir)
+  launcher = load_launchers().get(args.launcher)
+  problem = None if args.dry_run else getattr(launcher, "unavailable", lambda _: None)(args)
+  if problem:
+    print(f"Error: {problem}", file=sys.stderr)
+    return 2
   t0 = time.time()
   try:
     trials = load_trials(args.config, root, settings=args.set)
@@ -59,7 +64,6 @@ def sweep_main(argv: list[str]) -> int:
       print(f"{t.stage}/{t.name}: {' '.join(state.command(root, t)[1:])}")
     return 0
   state.write_trials(root, args.config, trials, launcher=args.launcher)
-  launcher = load_launchers().get(args.launcher)
   code = launcher.launch(root, trials, args)
   print(f"[sweep] {args.launcher} launcher exited after {time.time() - t0:.0f}s", flush=True)
   return code

@@ -5,7 +5,9 @@ A launcher is a class registered with `@LAUNCHERS.register('name')` that has
 - `launch(root, trials, args) -> int`: runs (or submits) the trials that are not done, in stage
   order, in `ROOT/<trial>`; returns the exit code for the `sweep` command;
 - `states(root, trials) -> {name: state}`: every trial's state (see `state.STATES`), for
-  `distill-jax sweep status`.
+  `distill-jax sweep status`;
+- optionally `unavailable(args) -> str | None`: why it cannot launch on this machine (e.g. no
+  `sbatch` on PATH), checked before anything is validated or written.
 Trials' records on disk (`state.py`) are shared, so `report` reads any launcher's sweep.
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,16 @@ class SlurmLauncher:
     group.add_argument("--wait", action="store_true",
                        help="Wait for every job to end, then print the summary.")
     group.add_argument("--poll", type=float, default=10.0, help="Seconds between polls (--wait).")
+
+  @staticmethod
+  def unavailable(args) -> str | None:
+    """Why the sweep cannot be submitted from here: Slurm's `sbatch` is not on PATH."""
+    del args
+    if shutil.which("sbatch") is None:
+      return ("--launcher=slurm needs Slurm's `sbatch`, which was not found on PATH: submit "
+              "from a Slurm login node, or use --launcher=local to run the trials on this "
+              "machine.")
+    return None
 
   @staticmethod
   def launch(root: str, trials: Sequence[Trial], args) -> int:

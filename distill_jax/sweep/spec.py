@@ -193,15 +193,13 @@ def _fill(value: Any, fill: Mapping[str, str]) -> Any:
 
 
 def flag_value(value: Any) -> str:
-  """`value` as the CLI's `--config.key=` parser reads it back (ml_collections config_flags)."""
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, str):
-    return value
-  if isinstance(value, (int, float, tuple, list, dict)) or value is None:
-    return repr(tuple(value) if isinstance(value, list) else value)
-  raise SweepError(f"Override value {value!r} ({type(value).__name__}) cannot be passed on "
-                   "the command line; use str, int, float, bool, tuple or dict.")
+  """`value` as the CLI's `--config.key=` parser reads it back (`config_cli.flag_value`)."""
+  from distill_jax import config_cli
+
+  try:
+    return config_cli.flag_value(value)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
 
 
 def load_spec(spec: str) -> tuple[Sweep, str]:
@@ -299,12 +297,12 @@ def fill_root(text: str, root: str, trial: str = "") -> str:
 def parse_cli(config: str, flags: Sequence[str]):
   """The config exactly as `distill-jax --config=CONFIG FLAGS...` builds it (same parser)."""
   from absl import flags as absl_flags
-  from ml_collections import config_flags
+
+  from distill_jax.config_cli import define_config_flag
 
   argv = ["distill-jax", f"--config={config}", *flags]
   values = absl_flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
+  define_config_flag(values, argv)
   values(argv)
   return values.config
 
@@ -312,31 +310,63 @@ def parse_cli(config: str, flags: Sequence[str]):
 def trial_error(trial: Trial, root: str) -> str | None:
   """Why `trial`'s config is invalid (None if it is valid): built with the CLI's parser and
   checked with `distill_jax.config.validate`."""
+  return _checked_config(trial, root)[1]
+
+
+def _checked_config(trial: Trial, root: str) -> tuple[Any, str | None]:
+  """(the trial's config, None) when valid, (None, why) when not; (None, None) for a script
+  trial that takes no config."""
   from distill_jax.config import validate
 
   config, flags = trial.config, [fill_root(f, root, trial.name) for f in trial.flags]
   if trial.script:  # Its config, if it takes one: the script builds it with the same parser.
     if "config" not in trial.overrides:
-      return None
+      return None, None
     config = fill_root(str(trial.overrides["config"]), root, trial.name)
     flags = [f for f in flags if f.startswith("--config.")]
   try:
-    validate(parse_cli(config, flags))
+    parsed = parse_cli(config, flags)
+    validate(parsed)
   except Exception as e:  # noqa: BLE001 - any failure to build the config is the trial's.
-    return f"{type(e).__name__}: {e}"
+    return None, f"{type(e).__name__}: {e}"
+  return parsed, None
+
+
+def data_error(configs: Sequence[tuple[Trial, Any]]) -> str | None:
+  """Why the trials cannot read their data (None if they can), checked once per data set and
+  data_dir however many trials share it: a TFDS set must be prepared in the data_dir before
+  the launch (an embedded one builds itself)."""
+  from distill_jax.data import sources
+
+  users: dict[tuple[str, str], list[Trial]] = {}
+  for trial, config in configs:
+    place = (config.data.name, sources.resolve_data_dir(config.data))
+    users.setdefault(place, []).append(trial)
+  for (name, data_dir), trials in users.items():
+    problem = sources.unprepared(name, data_dir)
+    if problem:
+      empty = not any(getattr(c.data, "data_dir", None) for t, c in configs if t in trials)
+      default = " (data.data_dir is empty: the default)" if empty else ""
+      return (f"{problem}, e.g. with --set=data.data_dir=DIR; {len(trials)} trial(s) read it"
+              f"{default}, e.g. {trials[0].name!r}.")
   return None
 
 
 def validate_trials(trials: Sequence[Trial], root: str, show: int = 5) -> None:
-  """Builds and validates every trial's config before any runs; raises SweepError naming the
-  invalid trials (the first `show` with their errors)."""
-  errors = [(t, e) for t in trials if (e := trial_error(t, root)) is not None]
+  """Builds and validates every trial's config before any runs, then checks once per data set
+  that its data is there; raises SweepError naming the invalid trials (the first `show` with
+  their errors) or the missing data set."""
+  checked = [(t, *_checked_config(t, root)) for t in trials]
+  errors = [(t, e) for t, _, e in checked if e is not None]
   if errors:
     lines = [f"Trial {t.name!r} (stage {t.stage!r}, --config={t.config} {' '.join(t.flags)}): "
              f"{e}" for t, e in errors[:show]]
     more = f"\n... and {len(errors) - show} more." if len(errors) > show else ""
     raise SweepError(f"{len(errors)} of {len(trials)} trials are invalid:\n" + "\n".join(lines)
                      + more)
+  problem = data_error([(t, c) for t, c, _ in checked if c is not None])
+  if problem:
+    raise SweepError(problem)
 
 
 def load_trials(spec: str, root: str, validate: bool = True, settings: Sequence[str] = ()

@@ -549,6 +549,24 @@ def config_changes(saved_json: str | None, config: ml_collections.ConfigDict) ->
           and not k.startswith(IGNORED_PREFIXES)]
 
 
+def state_mismatch(step_dir: str, saved_json: str, config: ml_collections.ConfigDict,
+                   changes: list[str], show: int = 6) -> str:
+  """Why the checkpoint in `step_dir` cannot be resumed with `config`, in one line: the model
+  it was saved from and the one the config asks for (or, the same model, other parameter
+  shapes), the first `show` changed settings, and what to do."""
+  old = (json.loads(saved_json).get("student") or {}).get("name")
+  new = config.student.name
+  more = f"; and {len(changes) - show} more" if len(changes) > show else ""
+  changed = f" (changed: {'; '.join(changes[:show])}{more})"
+  if old and old != new:
+    return (f"The checkpoint in {step_dir} was saved from model {old!r} and the config asks "
+            f"for {new!r}{changed}: use another --workdir for {new!r}, or the same model "
+            f"(--config.student.name={old}).")
+  return (f"The checkpoint in {step_dir} was saved with other parameter shapes than this "
+          f"config builds{changed}: use another --workdir for the new config, or the settings "
+          "it was saved with.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        step_callback: Callable[[int, dict], None] | None = None
                        ) -> dict[str, Any]:
@@ -590,13 +608,12 @@ def _resume(config: ml_collections.ConfigDict, run: Run, checkpointer: Checkpoin
   try:
     state, data_state, meta = checkpointer.restore(step, target)
   except CheckpointError as e:
-    changes = config_changes(checkpointer.read_meta(step).get("config"), config)
+    saved = checkpointer.read_meta(step).get("config")
+    changes = config_changes(saved, config)
     if not changes:
       raise
-    raise config_lib.ConfigError(
-        f"{checkpointer.step_dir(step)} was written with another config, and its state does "
-        f"not fit this one ({e.__cause__ or e}). Changed: {'; '.join(changes)}. Use another "
-        "--workdir for the new config.") from e
+    raise config_lib.ConfigError(state_mismatch(checkpointer.step_dir(step), saved, config,
+                                                changes)) from e  # The library's text: -v.
   changes = config_changes(meta.get("config"), config)
   if changes and not config.get("allow_config_change", False):
     raise config_lib.ConfigError(
