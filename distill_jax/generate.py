@@ -3,8 +3,13 @@
     tokens, mask = sample(model, variables, prompts, max_new_tokens=32, rng=key)
 
 `prompts` [B, P] int are right-aligned (left-padded): row b's prompt is its last
-`prompt_lengths[b]` tokens (all P when `prompt_lengths` is None); the padding is never attended
-to. The prompt is processed once (prefill), then `max_new_tokens` = N tokens are drawn one at a
+`prompt_lengths[b]` tokens (all P when `prompt_lengths` is None), the positions before it hold
+`pad_id` and are never attended to. Right-padded prompts would decode from their padding:
+`check_prompts` refuses them, which `sample` runs itself on concrete (host) arrays; under
+`jax.jit` the prompts are traced and cannot be read, so call `check_prompts` on the host before
+the compiled call (as `scripts/generate.py` does).
+
+The prompt is processed once (prefill), then `max_new_tokens` = N tokens are drawn one at a
 time in a `lax.while_loop` (fixed shapes, so it compiles once and runs inside a train step
 too) that stops as soon as every row has drawn `eos_id`: the steps it skips would only write
 `pad_id` (the tokens and mask are those of running all N). Returns tokens [B, P + N] (the
@@ -32,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -77,6 +83,37 @@ def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {top_p}.")
 
 
+def check_prompts(prompts: Any, prompt_lengths: Any, pad_id: int = 0) -> None:
+  """Raises ValueError unless `prompts` [B, P] are left-padded for `prompt_lengths` [B]: every
+  length in [1, P], and in row b the P - prompt_lengths[b] positions before its prompt hold
+  `pad_id` (a right-padded row has its prompt there instead). Reads the arrays on the host:
+  for concrete arrays only (a traced one, under `jax.jit`, is not checked)."""
+  if prompt_lengths is None or any(isinstance(x, jax.core.Tracer)
+                                   for x in (prompts, prompt_lengths)):
+    return
+  prompts, lengths = np.asarray(prompts), np.asarray(prompt_lengths)
+  batch, prompt_len = prompts.shape
+  if lengths.shape != (batch,):
+    raise ValueError(f"prompt_lengths has shape {lengths.shape}; the prompts [{batch}, "
+                     f"{prompt_len}] need one length per row, ({batch},).")
+  out_of_range = np.flatnonzero((lengths < 1) | (lengths > prompt_len))
+  if out_of_range.size:
+    b = int(out_of_range[0])
+    raise ValueError(f"prompt_lengths[{b}] = {int(lengths[b])}: each prompt has 1 to "
+                     f"{prompt_len} tokens (the prompts' width; BOS counts).")
+  before = np.arange(prompt_len)[None, :] < (prompt_len - lengths)[:, None]
+  wrong = before & (prompts != pad_id)
+  rows = np.flatnonzero(wrong.any(axis=1))
+  if rows.size:
+    b = int(rows[0])
+    pos = int(np.argmax(wrong[b]))
+    raise ValueError(
+        f"Prompt row {b} has prompt_lengths[{b}] = {int(lengths[b])} of {prompt_len} positions, "
+        f"but position {pos}, before its prompt, holds token {int(prompts[b, pos])}, not "
+        f"pad_id {pad_id} ({rows.size} such row(s)): left-pad (right-align) the prompts, row "
+        "b's prompt in its last prompt_lengths[b] positions and pad_id before it.")
+
+
 def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: int,
            rng: jax.Array, prompt_lengths: jax.Array | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
@@ -87,8 +124,11 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
   its variables. Everything but the arrays is static: bind them with `functools.partial`
   before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32), then with
   `return_logprobs` the log-probs [B, N, V] and with `return_steps` the forwards run.
+  Concrete prompts with `prompt_lengths` must be left-padded with `pad_id` (`check_prompts`
+  raises otherwise); traced ones (under jit) are the caller's to check.
   """
   check_settings(max_new_tokens, temperature, top_k, top_p)
+  check_prompts(prompts, prompt_lengths, pad_id)
   prompts = jnp.asarray(prompts).astype(jnp.int32)
   batch, prompt_len = prompts.shape
   if prompt_len < 1:
@@ -177,8 +217,6 @@ def completion_records(tokenizer: Any, prompts: list[str], tokens: Any, mask: An
   `token_str`) and `"top_logprobs"` (per completion token, the K most likely tokens at that
   position -> their log-probabilities, most likely first). The completion is the generated
   tokens up to EOS; `tokens` leave EOS out, so their bytes join to the completion."""
-  import numpy as np
-
   tokens, mask = np.asarray(tokens), np.asarray(mask)
   records = []
   for b, prompt in enumerate(prompts):
@@ -330,8 +368,6 @@ class EvalSampler:
   def from_config(config: Any, student: Any, teacher_applies: Any, on_policy: Any
                   ) -> EvalSampler | None:
     """None unless the student can decode and `config.eval_samples` > 0."""
-    import numpy as np
-
     from distill_jax.data import text
 
     count = int(config.get("eval_samples", 0) or 0)

@@ -194,6 +194,7 @@ def write_completions() -> None:
       lengths = np.ones(FLAGS.batch_size, np.int32)
       for i, ids in enumerate(chunk):  # Left-padded: every prompt ends at the same column.
         batch[i, prompt_len - len(ids):], lengths[i] = ids, len(ids)
+      generate.check_prompts(batch, lengths, tokenizer.pad_id)  # The jitted sample cannot.
       out = jax.device_get(sample(variables, batch, rng=jax.random.fold_in(rng, start),
                                   prompt_lengths=lengths))
       records += generate.completion_records(

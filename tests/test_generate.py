@@ -110,6 +110,31 @@ def test_greedy_equals_argmax_of_the_full_forward_and_padding_is_ignored(lm, sam
   np.testing.assert_array_equal(same, tokens)  # Temperature 0 is greedy.
 
 
+def test_right_padded_prompts_are_refused_and_left_padded_ones_decode(lm, sampler):
+  """Concrete prompts with `prompt_lengths` must be left-padded with pad_id: a right-padded row
+  (its prompt first, then padding) would decode from its padding, so it is refused, naming
+  the row; the left-padded batch decodes eagerly exactly as the jitted sampler does."""
+  model, variables = lm
+  left = _tokens(6, 2, 6)
+  left[1, :2] = 0
+  lengths = np.array([6, 4])
+  right = left.copy()
+  right[1] = np.concatenate([left[1, 2:], [0, 0]])  # The same 4 tokens, padded on the right.
+  run = functools.partial(generate.sample, model, variables, max_new_tokens=8, greedy=True,
+                          rng=jax.random.PRNGKey(0), prompt_lengths=lengths)
+  with pytest.raises(ValueError, match=r"Prompt row 1 has prompt_lengths\[1\] = 4 of 6 .*"
+                                       r"left-pad \(right-align\) the prompts"):
+    run(right)
+  with pytest.raises(ValueError, match=r"Prompt row 1 .*not pad_id 7"):
+    generate.check_prompts(left, lengths, pad_id=7)  # Padding must be pad_id.
+  with pytest.raises(ValueError, match=r"prompt_lengths\[0\] = 7: each prompt has 1 to 6"):
+    generate.check_prompts(left, np.array([7, 4]))
+  tokens, mask = jax.device_get(run(left))
+  want, want_mask = sampler(left, lengths=lengths, max_new_tokens=8, greedy=True)
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(mask, want_mask)
+
+
 def test_seeds_reproduce_and_top_k1_and_tiny_top_p_are_greedy(sampler):
   prompts = _tokens(7, 4, 4)
   a, _ = sampler(prompts, rng=1, max_new_tokens=12)

@@ -279,3 +279,160 @@ def test_attention_kl_matches_reference_and_refuses_other_head_counts():
   with pytest.raises(ValueError, match=r"layer 'a' of shape \(2, 2, 6, 6\).*layer 'b' of shape "
                                        r"\(2, 4, 6, 6\)"):
     loss(outs(s, "a"), {"t": outs(probs(4), "b")}, {"mask": jnp.asarray(mask)})
+
+
+# ---------------------------------------------------------------- non-finite inputs at padding
+BAD = (np.nan, np.inf, -np.inf)
+
+
+def _poisoned(x, dropped, bad):
+  """A copy of `x` [B, L, ...] holding `bad` at the dropped positions `dropped` [B, L]."""
+  x = np.array(x, np.float64)
+  x[dropped] = bad
+  return x
+
+
+@pytest.mark.parametrize("name,hparams",
+                         CASES + [(n, {**h, "chunk_size": 4}) for n, h in CHUNKED])
+def test_nonfinite_logits_at_dropped_tokens_change_neither_value_nor_gradient(name, hparams):
+  """NaN or inf logits of the student and the teacher at masked positions (what a model may
+  give at padding) give exactly the loss and gradient of finite ones: the gradient is finite,
+  and 0 at the masked positions (a `where` after the math would leave it NaN)."""
+  s, (t,), targets, mask = _data(11)
+  dropped = mask == 0
+  value, grad = _call(name, s, [t], targets, mask, grad=True, **hparams)
+  grad = np.asarray(grad)
+  assert np.all(grad[dropped] == 0) and np.abs(grad[~dropped]).max() > 1e-3
+  for bad in BAD:
+    got, got_grad = _call(name, _poisoned(s, dropped, bad), [_poisoned(t, dropped, bad)],
+                          targets, mask, grad=True, **hparams)
+    np.testing.assert_array_equal(got, value, err_msg=f"{bad} at padding")
+    np.testing.assert_array_equal(got_grad, grad, err_msg=f"{bad} at padding")
+
+
+def _value_and_grads(fn, *args):
+  """`fn`'s value and its gradients w.r.t. every argument, jitted, as NumPy."""
+  value, grads = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
+  return np.asarray(value), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def _same_with_bad_values(fn, arrays, dropped, poison):
+  """Checks `fn(*arrays)` against `fn` of the arrays with NaN/inf at the dropped positions
+  (for the arrays whose index is in `poison`): same value and gradients, all finite, and the
+  gradients of the poisoned arrays 0 at the dropped positions (the student's, the first, not
+  0 elsewhere; a teacher's are 0 everywhere, under stop_gradient)."""
+  value, grads = _value_and_grads(fn, *arrays)
+  assert np.isfinite(value) and value > 0
+  assert np.abs(grads[0][~dropped]).max() > 1e-4
+  for i in poison:
+    assert np.all(grads[i][dropped] == 0)
+  for bad in BAD:
+    bad_arrays = [jnp.asarray(_poisoned(x, dropped, bad), x.dtype) if i in poison else x
+                  for i, x in enumerate(arrays)]
+    got, got_grads = _value_and_grads(fn, *bad_arrays)
+    np.testing.assert_array_equal(got, value, err_msg=f"{bad} at padding")
+    for g, want in zip(got_grads, grads, strict=True):
+      np.testing.assert_array_equal(g, want, err_msg=f"{bad} at padding")
+
+
+def _padded_batch(seed):
+  s, (t,), targets, mask = _data(seed)
+  batch = {"targets": jnp.asarray(targets), "mask": jnp.asarray(mask)}
+  return jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), batch, mask == 0
+
+
+def test_nonfinite_topk_cache_at_dropped_tokens():
+  """The same for a top-k cache's features (what `token_topk_kd` reads instead of logits)."""
+  s, t, batch, dropped = _padded_batch(12)
+  top, idx, rest = jax.jit(token_losses.teacher_topk, static_argnums=1)(t, 5)
+
+  def cached(student, top, rest):
+    features = {token_losses.TOPK_LOG_PROBS: top, token_losses.TOPK_INDICES: idx,
+                token_losses.TOPK_LOG_REST: rest}
+    return LOSSES.get("token_topk_kd")(Outputs(student, {}, {}),
+                                       {"t": Outputs(None, features, {})}, batch, k=5,
+                                       chunk_size=4)
+
+  _same_with_bad_values(cached, [s, top, rest], dropped, (0, 1, 2))
+
+
+def test_nonfinite_blackbox_log_probs_at_dropped_tokens():
+  """The same for a black-box file's top-k log-probabilities (batch keys)."""
+  s, _, batch, dropped = _padded_batch(13)
+  rng = np.random.default_rng(13)
+  ids, valid = rng.integers(0, V, size=(B, L, 3)), (rng.random((B, L, 3)) > 0.2)
+
+  def blackbox(student, log_probs):
+    file_batch = {**batch, "topk_ids": jnp.asarray(ids), "topk_logprobs": log_probs,
+                  "topk_valid": jnp.asarray(valid, jnp.float32)}
+    return LOSSES.get("token_sparse_topk_kd")(Outputs(student, {}, {}), {}, file_batch)
+
+  log_probs = jnp.asarray(-rng.random((B, L, 3)) * 3, jnp.float32)
+  _same_with_bad_values(blackbox, [s, log_probs], dropped, (0, 1))
+
+
+def test_nonfinite_hidden_states_at_dropped_tokens():
+  """The same for hidden states through a connector: its kernel's gradient sums over every
+  row, so a NaN row would reach it unless zeroed before the connector."""
+  _, _, batch, dropped = _padded_batch(14)
+  rng = np.random.default_rng(14)
+  hidden = LOSSES.get("token_hidden_mse")(student_layers=("h",), teacher_layers=("g",))
+  hs = jnp.asarray(rng.normal(size=(B, L, 6)), jnp.float32)
+  ht = jnp.asarray(rng.normal(size=(B, L, 10)), jnp.float32)
+  variables = jax.jit(hidden.init)(jax.random.PRNGKey(0), Outputs(None, {"h": hs}, {}),
+                                   {"t": Outputs(None, {"g": ht}, {})}, batch)
+
+  def hidden_mse(student, teacher, kernel):
+    return hidden.apply({"params": {"connector0": {"kernel": kernel}}},
+                        Outputs(None, {"h": student}, {}),
+                        {"t": Outputs(None, {"g": teacher}, {})}, batch)
+
+  _same_with_bad_values(hidden_mse, [hs, ht, variables["params"]["connector0"]["kernel"]],
+                        dropped, (0, 1))
+
+
+def test_nonfinite_attention_at_dropped_query_tokens():
+  """The same for attention probabilities [B, H, L(query), L(key)], masked by query."""
+  _, _, batch, dropped = _padded_batch(15)
+  rng = np.random.default_rng(15)
+  causal = np.tril(np.ones((L, L), bool))
+
+  def probs():
+    x = np.where(causal, rng.normal(size=(B, 2, L, L)), -np.inf)
+    return jnp.asarray(np.exp(_logsoftmax(x)), jnp.float32)
+
+  def attention(student, teacher):
+    return LOSSES.get("token_attention_kl")(Outputs(None, {"a": student}, {}),
+                                            {"t": Outputs(None, {"b": teacher}, {})}, batch,
+                                            student_layers="a", teacher_layers="b")
+
+  query_dropped = np.broadcast_to(dropped[:, None, :, None], (B, 2, L, L))
+  _same_with_bad_values(attention, [probs(), probs()], query_dropped, (0, 1))
+
+
+def test_language_model_eval_sums_drop_nonfinite_logits_at_padding():
+  """The LM eval sums (CE, top-1, bytes, per-teacher agreement/KL/CE) over the kept tokens,
+  against NumPy, when the student's and teacher's logits at padding are NaN or inf."""
+  from distill_jax.tasks.language_model import LanguageModel
+
+  s, (t,), targets, mask = _data(16)
+  dropped = mask == 0
+  nbytes = np.random.default_rng(16).integers(1, 4, size=(B, L))
+  ls, lt = _logsoftmax(s.astype(np.float32)), _logsoftmax(t.astype(np.float32))
+  pred, t_pred = ls.argmax(-1), lt.argmax(-1)
+  nll = lambda logp: -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  keep = lambda x: np.sum(np.where(dropped, 0, x))
+  want = {"count": mask.sum(), "num_bytes": keep(nbytes), "ce": keep(nll(ls)),
+          "top1": keep(pred == targets), "agreement/t": keep(t_pred == pred),
+          "kl/t": keep(_kl(lt, ls)), "teacher_ce/t": keep(nll(lt)),
+          "teacher_top1/t": keep(t_pred == targets)}
+  sums = jax.jit(LanguageModel().eval_sums)
+  for bad in BAD:
+    batch = {"targets": jnp.asarray(targets), "mask": jnp.asarray(mask),
+             "target_bytes": jnp.asarray(nbytes)}
+    got = sums(Outputs(jnp.asarray(_poisoned(s, dropped, bad), jnp.float32), {}, {}),
+               {"t": Outputs(jnp.asarray(_poisoned(t, dropped, bad), jnp.float32), {}, {})},
+               batch)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=f"{key}, {bad} at padding")

@@ -422,3 +422,24 @@ def test_registered_hyperparameters_and_config():
                    "reverse_kl": {"temperature": 2.0}, "gjsd": {"beta": 0.9}}, ["t"])
   with pytest.raises(ObjectiveError, match="gama"):
     build_objective({"dkd": {"gama": 1.0}}, ["t"])
+
+
+@pytest.mark.parametrize("name", ("ce", "kd", *NAMES))
+def test_nonfinite_logits_of_padded_examples_change_neither_value_nor_gradient(name):
+  """NaN or inf logits (student and teacher) in the rows the batch's `mask` drops give exactly
+  the value and gradient of finite ones: finite, and 0 for those rows (dropping the per-example
+  value after the math would leave 0 * NaN in the gradient)."""
+  fn = _jit("ce", static=("label_smoothing",)) if name == "ce" else {"kd": KD, **FNS}[name]
+  s, t, labels = _random((8, 10), seed=45)
+  mask = np.array([1, 0, 1, 1, 0, 1, 0, 1], np.float32)
+  batch = {"label": labels, "mask": mask}
+  value = float(fn(_outputs(s), {"t": _outputs(t)}, batch))
+  grad, _ = _grads(fn, s, t, batch)
+  assert np.all(grad[mask == 0] == 0) and np.abs(grad).max() > 1e-3
+  for bad in (np.nan, np.inf, -np.inf):
+    s_bad, t_bad = s.copy(), t.copy()
+    s_bad[mask == 0], t_bad[mask == 0] = bad, bad
+    got = float(fn(_outputs(s_bad), {"t": _outputs(t_bad)}, batch))
+    got_grad, _ = _grads(fn, s_bad, t_bad, batch)
+    np.testing.assert_array_equal(got, value, err_msg=f"{bad} in padded rows")
+    np.testing.assert_array_equal(got_grad, grad, err_msg=f"{bad} in padded rows")

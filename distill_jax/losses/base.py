@@ -123,8 +123,43 @@ def example_weights(batch: Mapping[str, jax.Array], logits: jax.Array) -> jax.Ar
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean of per-example `values` [B] under `weights` [B]; 0 for an all-padding batch."""
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  """Mean of per-example `values` [B] under `weights` [B]; 0 for an all-padding batch.
+
+  Values of weight 0 are dropped with a `where` (not multiplied by 0), so a NaN or inf there
+  cannot poison the value. Their gradient is another matter: see `zero_dropped`.
+  """
+  kept = jnp.where(weights > 0, values * weights, 0.0)
+  return jnp.sum(kept) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _mask_like(mask: jax.Array, x: jax.Array) -> jax.Array:
+  """`mask` ([B] or [B, L]) with trailing unit axes, to broadcast over `x` [B, ..., *]."""
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def zero_dropped(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """`x` [B, ...] with every entry at a dropped position (`mask` 0) replaced by 0.
+
+  `mask` ([B] per example or [B, L] per token, or any shape that broadcasts against the
+  leading axes of `x` once trailing unit axes are added: [B, 1, L] for [B, H, L, L]) says
+  which positions count; None keeps all. Integer arrays (token ids) are returned as they are.
+
+  Why on the input: a loss that drops positions after computing them, `where(mask, f(x), 0)`,
+  has the right value but a NaN gradient when `f(x)` is NaN or inf there (the gradient of the
+  dropped branch is 0 * NaN), e.g. the logits a model gives at padding. Zeroing `x` first makes
+  every value computed from it finite, and the gradient with respect to the dropped entries is
+  exactly 0. One elementwise `where`, which XLA fuses into the first op that reads `x`.
+  """
+  if mask is None or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jnp.where(_mask_like(mask, x) > 0, x, jnp.zeros((), x.dtype))
+
+
+def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Sum of `values` [B] or [B, L] times `mask` (same leading shape) over the kept positions
+  (mask > 0); a NaN or inf at a dropped position is dropped, not multiplied by 0 (NaN)."""
+  weights = _mask_like(mask.astype(jnp.float32), values)
+  return jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -134,16 +169,21 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
   of `values`, so for [B, L] values the result is the sum over kept tokens divided by their
   number (not a mean of per-sequence means), and for [B] it is `weighted_mean`. Dropped
   positions are replaced by 0 (not multiplied by it), so a padding value that is NaN or inf
-  cannot poison the mean; an all-dropped batch gives 0.
+  cannot poison the mean; an all-dropped batch gives 0. The gradient through a NaN value is
+  still NaN: a loss zeroes its inputs at dropped positions first (`zero_dropped`).
   """
   if mask is None:
     weights = jnp.ones(values.shape, jnp.float32)
   else:
-    weights = mask.astype(jnp.float32)
-    weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim)),
-                               values.shape)
-  values = jnp.where(weights > 0, values, 0.0)
+    weights = jnp.broadcast_to(_mask_like(mask.astype(jnp.float32), values), values.shape)
   return weighted_mean(values.reshape(-1), weights.reshape(-1))
+
+
+def dropped_outputs(outputs: Mapping[str, Outputs], mask: jax.Array | None
+                    ) -> dict[str, Outputs]:
+  """Each model's `Outputs` with its logits zeroed at the dropped positions (`zero_dropped`)."""
+  return {name: o._replace(logits=None if o.logits is None else zero_dropped(o.logits, mask))
+          for name, o in outputs.items()}
 
 
 AGGREGATIONS = ("mean", "weighted", "entropy", "true_label")

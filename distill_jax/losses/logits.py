@@ -16,12 +16,14 @@ import optax
 
 from distill_jax.losses.base import (
     check_teacher,
+    dropped_outputs,
     example_weights,
     masked_mean,
     register_loss,
     teacher_log_probs,
     teacher_weights,
     weighted_mean,
+    zero_dropped,
 )
 from distill_jax.outputs import Outputs
 
@@ -44,12 +46,20 @@ def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array
   return masked_mean(values, batch.get("mask"))
 
 
+def _student_logits(student: Outputs, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The student's logits [B, ..., K], zeroed at the positions the batch's `mask` drops
+  (`base.zero_dropped`): a NaN or inf there (padding) then gives a finite value and a zero
+  gradient, where dropping the per-example value alone would leave a NaN gradient."""
+  return zero_dropped(student.logits, batch.get("mask"))
+
+
 def _teacher_logits(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
                     teacher: str | None, aggregation: str,
                     weights: tuple[float, ...]) -> jax.Array:
   """Logits [B, ..., K] of the named teacher, or the teachers' logits averaged with the per-example
   weights of `aggregation` (`base.teacher_weights`)."""
   check_teacher(teachers, teacher)
+  teachers = dropped_outputs(teachers, batch.get("mask"))
   if teacher is not None:
     return teachers[teacher].logits
   stacked = jnp.stack([t.logits for t in teachers.values()])
@@ -63,8 +73,8 @@ def _target_log_probs(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.A
   """The (gradient-stopped) target distribution of every divergence term: `teacher_log_probs`
   with the term's teacher and aggregation settings."""
   return jax.lax.stop_gradient(teacher_log_probs(
-      teachers, temperature, teacher, aggregation=aggregation, weights=weights,
-      labels=batch.get("label")))
+      dropped_outputs(teachers, batch.get("mask")), temperature, teacher,
+      aggregation=aggregation, weights=weights, labels=batch.get("label")))
 
 
 @register_loss("ce", uses_teachers=False)
@@ -75,7 +85,7 @@ def cross_entropy(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapp
   `label_smoothing` mixes the one-hot target with the uniform distribution (0: plain CE).
   """
   del teachers
-  logits = student.logits
+  logits = _student_logits(student, batch)
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(batch["label"], num_classes, dtype=logits.dtype)
   if label_smoothing:
@@ -109,7 +119,7 @@ def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
   (per-example confidence; see `base.teacher_weights`).
   """
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
-  per_example = kd_divergence(student.logits, target, temperature)
+  per_example = kd_divergence(_student_logits(student, batch), target, temperature)
   return weighted_mean(per_example, example_weights(batch, student.logits))
 
 
@@ -171,7 +181,8 @@ def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
   `teacher_weights` as in `kd`: with several teachers the target is their mixture at T.
   """
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
-  tckd, nckd = dkd_divergences(student.logits, target, batch["label"], temperature)
+  tckd, nckd = dkd_divergences(_student_logits(student, batch), target, batch["label"],
+                               temperature)
   return _masked_mean(alpha * tckd + beta * nckd, batch)
 
 
@@ -188,7 +199,7 @@ def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   """
   target = jax.lax.stop_gradient(
       _teacher_logits(teachers, batch, teacher, aggregation, teacher_weights))
-  diff = student.logits - target.astype(student.logits.dtype)
+  diff = _student_logits(student, batch) - target.astype(student.logits.dtype)
   return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), batch)
 
 
@@ -204,7 +215,7 @@ def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
   `teacher_weights`). `T^2` as in `kd`.
   """
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
-  student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
+  student_logp = jax.nn.log_softmax(_student_logits(student, batch) / temperature, axis=-1)
   return _masked_mean(temperature**2 * _kl(student_logp, target), batch)
 
 
@@ -244,5 +255,5 @@ def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, 
   `teacher_weights` as in `kd`.
   """
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
-  student_logp = jax.nn.log_softmax(student.logits / temperature, axis=-1)
+  student_logp = jax.nn.log_softmax(_student_logits(student, batch) / temperature, axis=-1)
   return _masked_mean(generalized_jsd(student_logp, target, beta), batch)

@@ -11,7 +11,10 @@ widths differ) and `token_attention_kl` (attention probabilities, MiniLM).
 Shapes: logits [B, L, V]; the batch carries `targets` [B, L] (the next token of each position)
 and `mask` [B, L] (1 where a position's loss counts, 0 for padding and document ends). Every
 term is the mean over the kept tokens (`base.masked_mean`): the sum over kept tokens divided by
-their number, so long and short sequences weigh each token alike.
+their number, so long and short sequences weigh each token alike. Every input (the student's
+and the teachers' logits, a cache's top-k, hidden states, attention) is zeroed at the dropped
+positions before any math reads it (`base.zero_dropped`), so what a model puts there (NaN or
+inf at padding) changes neither the value nor the gradient, which is 0 there.
 
 Chunking: with `chunk_size = C > 0` the per-token values are computed C positions at a time in
 a `lax.scan` whose body is rematerialised (`jax.checkpoint`), so the float32 log-softmaxes,
@@ -44,6 +47,7 @@ from distill_jax.losses.base import (
   register_loss,
   shape_mismatch,
   teacher_log_probs,
+  zero_dropped,
 )
 from distill_jax.losses.logits import _kl, generalized_jsd
 from distill_jax.outputs import Outputs
@@ -52,14 +56,24 @@ from distill_jax.outputs import Outputs
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"
 
 
-def chunked_per_token(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: int) -> jax.Array:
+def chunked_per_token(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: int,
+                      mask: jax.Array | None = None) -> jax.Array:
   """Per-token values [B, L] of `fn`, computed `chunk_size` positions at a time.
 
   `arrays` is a pytree of arrays laid out [B, L, ...]; `fn` maps the same pytree with every
   leaf cut to [B, C, ...] (a run of C positions) to values [B, C]. Each chunk's forward is
   recomputed in the backward pass (`jax.checkpoint`), so only one chunk's intermediates are
   alive at a time. `chunk_size <= 0` or `>= L`: one call on the whole arrays.
+
+  With `mask` [B, L] (1 kept, 0 dropped), `fn` sees every float leaf zeroed at the dropped
+  positions (`base.zero_dropped`, per chunk, fused into `fn`'s first read: no extra pass over
+  the logits), so a NaN or inf there (a model's logits at padding) gives finite values and a
+  gradient of exactly 0 at those positions, not the NaN of `where(mask, f(NaN), 0)`. The
+  values at dropped positions are then those of zero inputs, for `masked_mean` to drop.
   """
+  if mask is not None:
+    arrays, inner = (arrays, mask), fn
+    fn = lambda pair: inner(jax.tree.map(lambda x: zero_dropped(x, pair[1]), pair[0]))
   length = jax.tree.leaves(arrays)[0].shape[1]
   if chunk_size <= 0 or chunk_size >= length:
     return fn(arrays)
@@ -79,6 +93,14 @@ def chunked_per_token(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: i
     tail = jax.tree.map(lambda x: x[:, num_chunks * chunk_size:], arrays)
     values = jnp.concatenate([values, jax.checkpoint(fn)(tail)], axis=1)
   return values
+
+
+def token_mean(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: int,
+               mask: jax.Array | None) -> jax.Array:
+  """The mean over the kept tokens (`masked_mean`) of `fn`'s per-token values, computed in
+  chunks on inputs zeroed at the dropped positions (`chunked_per_token` with `mask`): the
+  reduction of every token-level divergence."""
+  return masked_mean(chunked_per_token(fn, arrays, chunk_size, mask), mask)
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -115,7 +137,7 @@ def _divergence_term(divergence: Callable[[jax.Array, jax.Array], jax.Array],
     student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32) / temperature, -1)
     return divergence(student_logp, target)
 
-  return masked_mean(chunked_per_token(per_token, arrays, chunk_size), batch.get("mask"))
+  return token_mean(per_token, arrays, chunk_size, batch.get("mask"))
 
 
 def _check_vocab(student: Outputs, teachers: Mapping[str, Outputs]) -> None:
@@ -139,9 +161,8 @@ def token_ce(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[s
     logp = jax.nn.log_softmax(chunk["logits"].astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, chunk["targets"][..., None], axis=-1)[..., 0]
 
-  values = chunked_per_token(per_token, {"logits": student.logits, "targets": batch["targets"]},
-                             chunk_size)
-  return masked_mean(values, batch.get("mask"))
+  return token_mean(per_token, {"logits": student.logits, "targets": batch["targets"]},
+                    chunk_size, batch.get("mask"))
 
 
 @register_loss("token_fkl")
@@ -306,7 +327,7 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32) / temperature, -1)
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
-  return masked_mean(chunked_per_token(per_token, arrays, chunk_size), batch.get("mask"))
+  return token_mean(per_token, arrays, chunk_size, batch.get("mask"))
 
 
 # The setting that says how many of the teacher's most likely tokens the term reads: a teacher
@@ -381,7 +402,7 @@ def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
   has_teacher = jnp.any(batch["topk_valid"] > 0, axis=-1).astype(jnp.float32)
   mask = batch.get("mask")
   mask = has_teacher if mask is None else mask * has_teacher
-  return masked_mean(chunked_per_token(per_token, arrays, chunk_size), mask)
+  return token_mean(per_token, arrays, chunk_size, mask)
 
 
 # ------------------------------------------------------------------ hidden states, attention
@@ -408,15 +429,19 @@ class TokenHiddenMSE(nn.Module):
                batch: Mapping[str, jax.Array]) -> jax.Array:
     s_names, t_names = layer_tuple(self.student_layers), layer_tuple(self.teacher_layers)
     pairs = feature_pairs(student, teachers, s_names, t_names, self.teacher)
+    mask = batch.get("mask")
     total = jnp.zeros((), jnp.float32)
     for i, ((s, t), s_name, t_name) in enumerate(zip(pairs, s_names, t_names, strict=True)):
       if s.ndim != 3 or s.shape[:2] != t.shape[:2]:
         raise shape_mismatch("token_hidden_mse", s_name, s.shape, t_name, t.shape,
                              "Compare hidden states [batch, length, width] of the same rows.")
+      # Zeroed at dropped positions before the connector too: its kernel's gradient sums
+      # over every row, and a NaN row there would reach it as 0 * NaN.
+      s, t = zero_dropped(s, mask), zero_dropped(t, mask)
       if s.shape[-1] != t.shape[-1]:
         s = nn.Dense(t.shape[-1], use_bias=False, name=f"connector{i}")(s)
       per_token = jnp.mean(jnp.square(s.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
-      total = total + masked_mean(per_token, batch.get("mask"))
+      total = total + masked_mean(per_token, mask)
     return total
 
 
@@ -435,6 +460,8 @@ def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
   """
   s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
+  mask = batch.get("mask")
+  query_mask = None if mask is None else mask[:, None]  # [B, 1, L]: over heads and keys.
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
     if s.ndim != 4 or s.shape != t.shape:
@@ -442,7 +469,8 @@ def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
                            "Compare attention probabilities [batch, heads, length, length] "
                            "of layers with as many heads (or a student with the teacher's "
                            "number of heads).")
+    s, t = zero_dropped(s, query_mask), zero_dropped(t, query_mask)
     log_t = jnp.log(jnp.where(t > 0, t, 1.0)) + jnp.where(t > 0, 0.0, -jnp.inf)
     per_head = _kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
-    total = total + masked_mean(jnp.mean(per_head, axis=1), batch.get("mask"))
+    total = total + masked_mean(jnp.mean(per_head, axis=1), mask)
   return total

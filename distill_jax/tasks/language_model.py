@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.data import text
-from distill_jax.losses.base import masked_mean, teacher_log_probs
+from distill_jax.losses.base import masked_mean, masked_sum, teacher_log_probs
 from distill_jax.losses.logits import _kl
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task, TaskInfo
@@ -100,7 +100,7 @@ class LanguageModel(Task):
     targets = batch["targets"]
     logp = jax.nn.log_softmax(student.logits.astype(jnp.float32), axis=-1)
     pred = jnp.argmax(logp, axis=-1)
-    total = lambda x: jnp.sum(mask * x)
+    total = lambda x: masked_sum(x, mask)  # Drops a NaN at padding (mask * NaN is NaN).
     sums = {"count": jnp.sum(mask), "num_bytes": total(batch["target_bytes"]),
             "ce": total(_nll(logp, targets)), "top1": total(pred == targets)}
     names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
