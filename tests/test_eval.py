@@ -116,3 +116,28 @@ def test_eval_on_8_devices_equals_one_device(totals, mode, devices):
                                atol=1e-6, err_msg=key)
   assert 0 < ref_means["eval/top1"] <= ref_means["eval/top5"] <= 1
   assert ref_means["eval/teacher_top1/teacher"] > 0.5  # The trained CNN teacher.
+
+
+def test_eval_sums_drop_nonfinite_logits_of_padded_rows():
+  """A NaN or inf in the student's or a teacher's logits of a padded row (mask 0) leaves every
+  sum as NumPy computes it over the real rows (a `mask * x` sum would be NaN)."""
+  from distill_jax.outputs import Outputs
+  from distill_jax.tasks.classification import Classification
+
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(6, 10)).astype(np.float32)
+  teacher = {"teacher": rng.normal(size=(6, 10)).astype(np.float32),
+             "mlp": rng.normal(size=(6, 10)).astype(np.float32)}
+  labels = rng.integers(0, 10, size=6)
+  real = np.array([1, 1, 0, 1, 0, 1], bool)
+  want = numpy_sums(logits[real], {n: t[real] for n, t in teacher.items()}, labels[real])
+  for bad in (np.nan, np.inf):
+    poisoned = lambda x: np.where(real[:, None], x, bad).astype(np.float32)  # noqa: B023
+    got = jax.jit(Classification().eval_sums)(
+        Outputs(poisoned(logits), {}, {}),
+        {n: Outputs(poisoned(t), {}, {}) for n, t in teacher.items()},
+        {"label": labels, "mask": real.astype(np.float32)})
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+      np.testing.assert_allclose(float(got[key]), value, rtol=2e-5, atol=1e-5,
+                                 err_msg=f"{bad} {key}")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax import data as data_lib
-from distill_jax.losses.base import teacher_log_probs
+from distill_jax.losses.base import masked_sum, teacher_log_probs
 from distill_jax.losses.logits import kd_divergence
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task, TaskInfo
@@ -77,7 +77,8 @@ class Classification(Task):
 
   def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
                 batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Correct top-1/top-5, CE, and fidelity to the teachers, summed over the masked batch.
+    """Correct top-1/top-5, CE, and fidelity to the teachers, summed over the masked batch
+    (`masked_sum`: a NaN or inf in a padded row is dropped, never multiplied by 0).
 
     Fidelity (top-1, agreement, KL at T = 1) is reported per teacher and, with several, for
     'ensemble': the equal-weight mixture of their probabilities, whatever aggregation the loss
@@ -91,9 +92,9 @@ class Classification(Task):
     in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
     sums = {
         "count": jnp.sum(mask),
-        "top1": jnp.sum(mask * (_top1(logits) == labels)),
-        "top5": jnp.sum(mask * in_top5),
-        "ce": -jnp.sum(mask * jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]),
+        "top1": masked_sum(_top1(logits) == labels, mask),
+        "top5": masked_sum(in_top5, mask),
+        "ce": -masked_sum(jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0], mask),
     }
     targets = dict(teachers)
     if len(teachers) > 1:
@@ -101,7 +102,7 @@ class Classification(Task):
     for name in targets:
       t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
       t_pred = jnp.argmax(t_logp, axis=-1)
-      sums[f"teacher_top1/{name}"] = jnp.sum(mask * (t_pred == labels))
-      sums[f"agreement/{name}"] = jnp.sum(mask * (t_pred == _top1(logits)))
-      sums[f"kl/{name}"] = jnp.sum(mask * kd_divergence(logits, t_logp, temperature=1.0))
+      sums[f"teacher_top1/{name}"] = masked_sum(t_pred == labels, mask)
+      sums[f"agreement/{name}"] = masked_sum(t_pred == _top1(logits), mask)
+      sums[f"kl/{name}"] = masked_sum(kd_divergence(logits, t_logp, temperature=1.0), mask)
     return sums
