@@ -248,6 +248,19 @@ def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
 NORM_EPS = 1e-12
 
 
+def kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """`KL(p || q) = sum_k p_k (log p_k - log q_k)` over the last axis, from log-probabilities.
+
+  Shapes [..., K] -> [...]. Terms with `p_k == 0` contribute 0 (the limit of `p log p`), and
+  the guard sits on the difference, so neither the value nor the gradient is NaN there even
+  when `log p_k` or `log q_k` is -inf.
+  """
+  p = jnp.exp(log_p)
+  keep = p > 0
+  diff = jnp.where(keep, log_p - jnp.where(keep, log_q, 0.0), 0.0)
+  return jnp.sum(p * diff, axis=-1)
+
+
 def layer_tuple(layers: str | Sequence[str]) -> tuple[str, ...]:
   """A term's layer setting (one name or several) as a tuple of names."""
   return (layers,) if isinstance(layers, str) else tuple(layers)

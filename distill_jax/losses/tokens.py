@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from distill_jax.losses.base import (
   check_teacher,
   feature_pairs,
+  kl,
   layer_tuple,
   masked_mean,
   register_loss,
@@ -49,7 +50,7 @@ from distill_jax.losses.base import (
   teacher_log_probs,
   zero_dropped,
 )
-from distill_jax.losses.logits import _kl, generalized_jsd
+from distill_jax.losses.logits import generalized_jsd
 from distill_jax.outputs import Outputs
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
@@ -175,7 +176,7 @@ def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   the student spreads its mass over everything the teacher deems likely. `T^2` as in `kd`.
   """
   scale = temperature**2
-  return _divergence_term(lambda s, t: scale * _kl(t, s), student, teachers, batch, temperature,
+  return _divergence_term(lambda s, t: scale * kl(t, s), student, teachers, batch, temperature,
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
@@ -190,7 +191,7 @@ def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   modes instead of covering its tails.
   """
   scale = temperature**2
-  return _divergence_term(lambda s, t: scale * _kl(s, t), student, teachers, batch, temperature,
+  return _divergence_term(lambda s, t: scale * kl(s, t), student, teachers, batch, temperature,
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
@@ -218,9 +219,9 @@ def skew_kl(log_p: jax.Array, log_q: jax.Array, alpha: float) -> jax.Array:
   `KL(p || q)`, and for `alpha > 0` the value is bounded by `log(1 / alpha)`.
   """
   if alpha == 0.0:
-    return _kl(log_p, log_q)
+    return kl(log_p, log_q)
   log_m = jnp.logaddexp(math.log(alpha) + log_p, math.log1p(-alpha) + log_q)
-  return _kl(log_p, log_m)
+  return kl(log_p, log_m)
 
 
 @register_loss("token_skew_kl")
@@ -275,7 +276,7 @@ def topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array, topk_indice
   student_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, student_log_probs), axis=-1)
   teacher = jnp.concatenate([topk_log_probs, log_rest[..., None]], axis=-1)
   student = jnp.concatenate([student_top, student_rest[..., None]], axis=-1)
-  return _kl(teacher, student)
+  return kl(teacher, student)
 
 
 def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
@@ -372,9 +373,9 @@ def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
   student_top = jnp.take_along_axis(student_log_probs, topk_ids, axis=-1)
   student_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, student_log_probs), axis=-1,
                                   keepdims=True)
-  kl = _kl(jnp.concatenate([teacher, log_rest], axis=-1),
-           jnp.concatenate([student_top, student_rest], axis=-1))
-  return jnp.where(jnp.any(valid, axis=-1), kl, 0.0)
+  values = kl(jnp.concatenate([teacher, log_rest], axis=-1),
+              jnp.concatenate([student_top, student_rest], axis=-1))
+  return jnp.where(jnp.any(valid, axis=-1), values, 0.0)
 
 
 @register_loss("token_sparse_topk_kd", uses_teachers=False)
@@ -471,6 +472,6 @@ def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
                            "number of heads).")
     s, t = zero_dropped(s, query_mask), zero_dropped(t, query_mask)
     log_t = jnp.log(jnp.where(t > 0, t, 1.0)) + jnp.where(t > 0, 0.0, -jnp.inf)
-    per_head = _kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
+    per_head = kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
     total = total + masked_mean(jnp.mean(per_head, axis=1), mask)
   return total
