@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
+from distill_jax.layout import resolve_mesh
 from distill_jax.train import loop
-from distill_jax.train.parallel import Parallel, fsdp_spec, resolve_mesh
+from distill_jax.train.parallel import Parallel, fsdp_spec
 
 CNN_STUDENT = {"student.name": "cnn", "student.kwargs": {"widths": (8, 16)}}
 # name -> overrides. The teacher is configs/digits.py's CNN (32, 64): its stage1/stage2 kernels

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from distill_jax.losses.base import (
+    TEACHER_WEIGHTS,
+    TEMPERATURE,
     check_teacher,
     dropped_outputs,
     example_weights,
@@ -27,6 +29,7 @@ from distill_jax.losses.base import (
     zero_dropped,
 )
 from distill_jax.outputs import Outputs
+from distill_jax.rules import FRACTION, NON_NEGATIVE, UNIT_INTERVAL, Rule
 
 
 def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -65,7 +68,8 @@ def _target_log_probs(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.A
       aggregation=aggregation, weights=weights, labels=batch.get("label")))
 
 
-@register_loss("ce", uses_teachers=False)
+@register_loss("ce", uses_teachers=False,
+               ranges={"label_smoothing": (FRACTION, "the label smoothing")})
 def cross_entropy(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
                   *, label_smoothing: float = 0.0) -> jax.Array:
   """Cross-entropy of the student's logits [B, K] with the integer labels [B]; batch mean.
@@ -93,7 +97,7 @@ def kd_divergence(student_logits: jax.Array, teacher_log_probs: jax.Array,
   return temperature**2 * kl(teacher_log_probs, student_logp)
 
 
-@register_loss("kd")
+@register_loss("kd", ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
                            batch: Mapping[str, jax.Array], *, temperature: float = 4.0,
                            teacher: str | None = None, aggregation: str = "mean",
@@ -148,7 +152,10 @@ def dkd_divergences(student_logits: jax.Array, teacher_log_probs: jax.Array, lab
   return temperature**2 * tckd, temperature**2 * nckd
 
 
-@register_loss("dkd")
+@register_loss("dkd", ranges={
+    "alpha": (NON_NEGATIVE, "the weight of the target-class part"),
+    "beta": (NON_NEGATIVE, "the weight of the non-target part"),
+    "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
                  batch: Mapping[str, jax.Array], *, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, teacher: str | None = None, aggregation: str = "mean",
@@ -174,7 +181,7 @@ def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
   return _masked_mean(alpha * tckd + beta * nckd, batch)
 
 
-@register_loss("logit_mse")
+@register_loss("logit_mse", ranges={"teacher_weights": TEACHER_WEIGHTS})
 def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, teacher: str | None = None, aggregation: str = "mean",
               teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -191,7 +198,8 @@ def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), batch)
 
 
-@register_loss("reverse_kl")
+@register_loss("reverse_kl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
                batch: Mapping[str, jax.Array], *, temperature: float = 1.0,
                teacher: str | None = None, aggregation: str = "mean",
@@ -205,6 +213,10 @@ def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   student_logp = jax.nn.log_softmax(_student_logits(student, batch) / temperature, axis=-1)
   return _masked_mean(temperature**2 * kl(student_logp, target), batch)
+
+
+# gjsd's and token_jsd's beta (see `generalized_jsd`).
+JSD_BETA: Rule = (UNIT_INTERVAL, "the mixture weight: 0 is forward KL, 1 reverse KL")
 
 
 def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
@@ -228,7 +240,8 @@ def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
   return beta * kl(teacher_log_probs, log_m) + (1.0 - beta) * kl(student_log_probs, log_m)
 
 
-@register_loss("gjsd")
+@register_loss("gjsd", ranges={
+    "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array], *,
          beta: float = 0.5, temperature: float = 1.0, teacher: str | None = None,
          aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:

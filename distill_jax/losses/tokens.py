@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
+  TEACHER_WEIGHTS,
+  TEMPERATURE,
   check_teacher,
   feature_pairs,
   kl,
@@ -50,8 +52,9 @@ from distill_jax.losses.base import (
   teacher_log_probs,
   zero_dropped,
 )
-from distill_jax.losses.logits import generalized_jsd
+from distill_jax.losses.logits import JSD_BETA, generalized_jsd
 from distill_jax.outputs import Outputs
+from distill_jax.rules import FRACTION
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"
@@ -166,7 +169,8 @@ def token_ce(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[s
                     chunk_size, batch.get("mask"))
 
 
-@register_loss("token_fkl")
+@register_loss("token_fkl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
               aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -180,7 +184,8 @@ def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_rkl")
+@register_loss("token_rkl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
               aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -195,7 +200,8 @@ def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_jsd")
+@register_loss("token_jsd", ranges={
+  "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_jsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 0,
               teacher: str | None = None, aggregation: str = "mean",
@@ -224,7 +230,9 @@ def skew_kl(log_p: jax.Array, log_q: jax.Array, alpha: float) -> jax.Array:
   return kl(log_p, log_m)
 
 
-@register_loss("token_skew_kl")
+@register_loss("token_skew_kl", ranges={
+  "alpha": (FRACTION, "the skew: the share of the first distribution in the mixture"),
+  "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_skew_kl(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, alpha: float = 0.1, reverse: bool = False,
                   temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
@@ -292,7 +300,7 @@ def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
   return top, idx, log_rest
 
 
-@register_loss("token_topk_kd")
+@register_loss("token_topk_kd", ranges={"temperature": TEMPERATURE})
 def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, k: int = 8, temperature: float = 1.0,
                   chunk_size: int = 0, teacher: str | None = None) -> jax.Array:
