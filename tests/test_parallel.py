@@ -154,6 +154,29 @@ def test_bad_meshes_are_named(mesh, message):
     resolve_mesh(mesh, 8)
 
 
+@pytest.mark.parametrize("parallel", [
+    {"parallel.mesh": {"data": -1, "fsdp": -1}},
+    {"parallel.mesh": {"data": -1, "fsdp": 0}},
+    {"parallel.mesh": {"data": 2, "model": 2}},
+    {"parallel.mesh": {"data": -1, "fsdp": 2}, "parallel.mode": "pmap"},
+    {"parallel.teacher_sharding": "sharded"},
+    {"parallel.mode": "spmd"},
+])
+def test_validation_and_parallel_refuse_a_bad_layout_with_one_message(parallel):
+  """The layout's rules are written once (layout.py): validate() refuses what needs no devices
+  with the very message `Parallel` gives for the same settings."""
+  from distill_jax.config import validate
+
+  config = tiny("kd", "unused", **parallel)
+  with pytest.raises(ConfigError) as validated:
+    validate(config)
+  p = config.parallel
+  with pytest.raises(ConfigError) as built:
+    Parallel(p.mode, 8, p.mesh.to_dict(), teacher_sharding=p.teacher_sharding)
+  assert str(validated.value) == str(built.value)
+  assert str(validated.value).startswith("config.parallel.")
+
+
 def test_mesh_sizes_resolve():
   assert resolve_mesh({"data": -1, "fsdp": 4}, 8) == {"data": 2, "fsdp": 4}
   assert resolve_mesh(None, 8) == {"data": 8, "fsdp": 1}
