@@ -4,19 +4,17 @@ Config files in `configs/` are Python: `get_config(arg) -> ConfigDict`, starting
 `base_config()`. `validate(config)` checks every name (model, loss, data set, optimizer,
 schedule, parallel mode) and every loss hyper-parameter before anything is built or compiled,
 so a typo fails in a second with a message that lists what is allowed. Every numeric setting
-has its allowed range declared once, in `SETTING_RANGES` (and `LOSS_SETTING_RANGES` for the loss
-terms' settings, by name), checked by the same `validate`.
+has its allowed range declared once: the run's in `SETTING_RANGES` here, a loss term's beside
+its loss (`register_loss(..., ranges=...)`) and the objective's (`objective.TERM_RANGES`), all
+checked by the same `validate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import importlib.util
 import json
-import math
-import numbers
 import os
 from typing import Any
 
@@ -26,14 +24,19 @@ from distill_jax import models, optim, tasks
 from distill_jax.config_cli import switch_models
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
-from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, MESH_AXES, MODES, TEACHER_SHARDINGS
-from distill_jax.objective import build_objective
+from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, check_layout
+from distill_jax.objective import build_objective, term_ranges
+from distill_jax.rules import (
+  FRACTION,
+  NON_NEGATIVE,
+  NON_NEGATIVE_INT,
+  POSITIVE,
+  POSITIVE_INT,
+  ConfigError,
+  Rule,
+  check_range,
+)
 from distill_jax.train.metrics import check_writers
-
-
-class ConfigError(ValueError):
-  """The config is invalid; the message says which key and what is allowed."""
-
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -113,47 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-@dataclasses.dataclass(frozen=True)
-class Range:
-  """The allowed values of a numeric setting: `low`/`high` bounds (None: unbounded), each
-  closed (`>=`) or open (`>`), and whether it must be an integer."""
-
-  low: float | None = None
-  high: float | None = None
-  low_open: bool = False
-  high_open: bool = False
-  integer: bool = False
-
-  def allows(self, value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      return False
-    if self.integer and value != int(value) or math.isnan(value):
-      return False
-    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-      return False
-    return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-  def __str__(self) -> str:
-    kind = "an integer" if self.integer else "a number"
-    if self.low is not None and self.high is not None:
-      return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, "
-              f"{self.high:g}{')' if self.high_open else ']'}")
-    if self.low is not None:
-      return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
-    if self.high is not None:
-      return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
-    return kind
-
-
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-POSITIVE_INT = Range(1, integer=True)
-NON_NEGATIVE_INT = Range(0, integer=True)
-FRACTION = Range(0, 1, high_open=True)
-
 # Every numeric run setting with its allowed range (dotted key -> (range, meaning)); `validate`
 # checks them all, so each range is declared once, here.
-SETTING_RANGES: dict[str, tuple[Range, str]] = {
+SETTING_RANGES: dict[str, Rule] = {
     "seed": (NON_NEGATIVE_INT, "the seed every RNG derives from"),
     "optim.lr": (POSITIVE, "the peak learning rate"),
     "optim.momentum": (FRACTION, "SGD momentum (0: none)"),
@@ -178,61 +143,36 @@ SETTING_RANGES: dict[str, tuple[Range, str]] = {
     "train.max_consecutive_skips": (POSITIVE_INT, "non-finite steps skipped in a row before "
                                     "the run stops"),
 }
-# The ranges of loss-term settings, by name, for every term of every loss (and stage) that
-# has a setting of that name; element-wise for sequences.
-LOSS_SETTING_RANGES: dict[str, tuple[Range, str]] = {
-    "weight": (NON_NEGATIVE, "the term's weight in the objective"),
-    "warmup_steps": (NON_NEGATIVE_INT, "the weight's linear warm-up"),
-    "warmup_epochs": (NON_NEGATIVE, "the weight's linear warm-up"),
-    "temperature": (POSITIVE, "the softmax temperature"),
-    "nce_temperature": (POSITIVE, "the NCE temperature"),
-    "layer_weights": (NON_NEGATIVE, "each layer's weight"),
-    "teacher_weights": (NON_NEGATIVE, "each teacher's weight"),
-    "distance_weight": (NON_NEGATIVE, "the distance loss's weight"),
-    "angle_weight": (NON_NEGATIVE, "the angle loss's weight"),
-    "alpha": (NON_NEGATIVE, "the weight of the target-class part"),
-    "beta": (NON_NEGATIVE, "the weight of the non-target part / the mixture weight"),
-    "label_smoothing": (FRACTION, "the label smoothing"),
-    "num_negatives": (POSITIVE_INT, "negatives per example"),
-    "feat_dim": (POSITIVE_INT, "the embedding size"),
-    "embed_dim": (POSITIVE_INT, "the embedding size"),
-    "eps": (POSITIVE, "the numerical floor"),
-}
-STAGE_SETTING_RANGES: dict[str, tuple[Range, str]] = {
+STAGE_SETTING_RANGES: dict[str, Rule] = {
     "num_epochs": (NON_NEGATIVE, "the stage's length in epochs"),
     "num_steps": (NON_NEGATIVE_INT, "the stage's length in steps"),
     "lr": (NON_NEGATIVE, "the stage's learning rate (0: optim.lr)"),
 }
 
 
-def _check_range(key: str, value: Any, rule: tuple[Range, str]) -> None:
-  allowed, meaning = rule
-  values = value if isinstance(value, (list, tuple)) else (value,)
-  for v in values:
-    if not allowed.allows(v):
-      raise ConfigError(f"config.{key} is {value!r}; it must be {allowed} ({meaning}).")
-
-
 def check_ranges(config: ml_collections.ConfigDict) -> None:
-  """Checks every setting of `SETTING_RANGES` and every loss/stage setting with a range."""
+  """Checks every setting of `SETTING_RANGES`, every stage setting of `STAGE_SETTING_RANGES`
+  and every loss term's settings: the objective's (`objective.TERM_RANGES`: weight, warm-up)
+  and those its loss declares beside itself (`register_loss(..., ranges=...)`)."""
   for key, rule in SETTING_RANGES.items():
     node: Any = config
     for part in key.split("."):
       node = node.get(part) if hasattr(node, "get") else None
     if node is not None:
-      _check_range(key, node, rule)
+      check_range(key, node, rule)
   sections = [("losses", config.losses)] + [
       (f"stages.{name}.losses", stage.get("losses", {})) for name, stage in
       config.stages.items()]
   for prefix, losses in sections:
     for term, settings in losses.items():
+      rules = term_ranges((settings or {}).get("loss", term))
       for key, value in (settings or {}).items():
-        if key in LOSS_SETTING_RANGES:
-          _check_range(f"{prefix}.{term}.{key}", value, LOSS_SETTING_RANGES[key])
+        if key in rules:
+          check_range(f"{prefix}.{term}.{key}", value, rules[key])
   for name, stage in config.stages.items():
     for key, rule in STAGE_SETTING_RANGES.items():
       if stage.get(key) is not None:
-        _check_range(f"stages.{name}.{key}", stage[key], rule)
+        check_range(f"stages.{name}.{key}", stage[key], rule)
 
 
 TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size", "dtype")
@@ -306,7 +246,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.stages.{name}.losses: {e}") from e
   _check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
-  _check_choice("parallel.mode", config.parallel.mode, MODES)
   _check_parallel(config)
   _check_choice("dtype", config.get("dtype", "float32"), DTYPES)
   k = config.optim.get("accumulate_steps", 1)
@@ -335,20 +274,10 @@ def parallel_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _check_parallel(config: ml_collections.ConfigDict) -> None:
-  """The mesh's axes and sizes (their product is checked against the devices when built)."""
+  """The layout's rules that need no devices (`layout.check_layout`); the mesh's product is
+  checked against the devices when `Parallel` is built."""
   layout = parallel_layout(config)
-  unknown = sorted(set(layout["mesh"]) - set(MESH_AXES))
-  if unknown:
-    raise ConfigError(f"config.parallel.mesh has unknown axes {unknown}; the axes are "
-                      f"{list(MESH_AXES)}, e.g. {{'data': -1, 'fsdp': 2}}.")
-  for axis, size in layout["mesh"].items():
-    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-      raise ConfigError(f"config.parallel.mesh.{axis} is {size!r}; give a positive integer "
-                        "or -1 (the devices the other axes leave).")
-  _check_choice("parallel.teacher_sharding", layout["teacher_sharding"], TEACHER_SHARDINGS)
-  if config.parallel.mode == "pmap" and layout["mesh"].get("fsdp", 1) not in (1,):
-    raise ConfigError(f"config.parallel.mesh {layout['mesh']}: pmap is data parallel only; "
-                      "use parallel.mode='jit' to shard over 'fsdp' (or set fsdp to 1).")
+  check_layout(config.parallel.mode, layout["mesh"], layout["teacher_sharding"])
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -169,15 +169,18 @@ Every flag, including every --config.KEY of a config: distill-jax --config=FILE.
 
 
 def describe_losses() -> str:
-  """Every registered loss term: name, kind, hyper-parameters with defaults, first doc line."""
+  """Every registered loss term: name, kind, first doc line, hyper-parameters with defaults and
+  the ranges the loss declares (`register_loss(..., ranges=...)`)."""
   from distill_jax.losses import LOSSES, loss_hparams
-  from distill_jax.losses.base import REQUIRED, is_module_loss
+  from distill_jax.losses.base import REQUIRED, is_module_loss, loss_ranges
 
   lines = []
   for name in LOSSES.names():
     fn = LOSSES.get(name)
-    hparams = ", ".join(f"{k}={'<required>' if v is REQUIRED else repr(v)}"
-                        for k, v in loss_hparams(fn).items())
+    ranges = loss_ranges(fn)
+    hparams = ", ".join(
+        f"{k}={'<required>' if v is REQUIRED else repr(v)}"
+        + (f" ({ranges[k][0]})" if k in ranges else "") for k, v in loss_hparams(fn).items())
     kind = "module" if is_module_loss(fn) else "function"
     doc = (fn.__doc__ or "").strip().splitlines()
     lines.append(f"{name} ({kind}): {doc[0] if doc else ''}\n    {hparams or '(none)'}")

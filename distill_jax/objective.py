@@ -35,11 +35,19 @@ from distill_jax.losses.base import (
     TEACHER_LAYER_HPARAMS,
     is_module_loss,
     layer_names,
+    loss_ranges,
 )
 from distill_jax.outputs import Outputs
+from distill_jax.rules import NON_NEGATIVE, NON_NEGATIVE_INT, Rule
 
 # Keys of a term's config that belong to the objective, not to the loss function.
 TERM_KEYS = ("loss", "weight", "warmup_steps", "warmup_epochs")
+# The allowed values of the objective's numeric term keys (config validation checks them).
+TERM_RANGES: dict[str, Rule] = {
+    "weight": (NON_NEGATIVE, "the term's weight in the objective"),
+    "warmup_steps": (NON_NEGATIVE_INT, "the weight's linear warm-up"),
+    "warmup_epochs": (NON_NEGATIVE, "the weight's linear warm-up"),
+}
 
 
 class ObjectiveError(ValueError):
@@ -179,6 +187,14 @@ def build_objective(losses_config: Mapping[str, Any], teacher_names: list[str],
     raise ObjectiveError(f"Loss term(s) {needy} distill from a teacher, but config.teachers "
                          "is empty. Add a teacher, or keep only 'ce' to train without one.")
   return objective
+
+
+def term_ranges(loss: str) -> dict[str, Rule]:
+  """The ranges of a term's settings: the objective's (`TERM_RANGES`) and those the registered
+  loss `loss` declares (`register_loss(..., ranges=...)`); only the former for an unknown loss
+  (the objective refuses that name itself)."""
+  declared = loss_ranges(LOSSES.get(loss)) if loss in LOSSES else {}
+  return {**TERM_RANGES, **declared}
 
 
 def _build_term(name: str, settings: dict[str, Any], teacher_names: list[str],

@@ -162,27 +162,48 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
       "id": rng.permutation(FLAGS.num_examples)[:FLAGS.batch_size].astype(np.int32),
       **{key: rng.normal(size=(FLAGS.batch_size, *k)).astype(np.float32)
          for key, k in logit_keys.items()}})
-  start = time.perf_counter()
-  train_step = train_step.lower(state, teacher_vars, batch).compile()
-  compile_s = time.perf_counter() - start
-  memory = train_step.memory_analysis()
   device = parallel.devices[0]
   teacher_bytes = sum(s.data.nbytes for x in jax.tree.leaves(teacher_vars)
                       for s in x.addressable_shards if s.device == device)
+  timed = compile_and_time(train_step, state, teacher_vars, batch, FLAGS.batch_size)
+  return {"examples_per_s": timed["per_s"], "compile_s": timed["compile_s"],
+          "argument_bytes": timed["argument_bytes"], "temp_bytes": timed["temp_bytes"],
+          "teacher_bytes": int(teacher_bytes)}
+
+
+def compile_and_time(train_step, state, teacher_vars, batch, items_per_step: int,
+                     time_it: bool = True) -> dict[str, float]:
+  """Compiles `train_step` for these arguments and times it: the one loop of every step figure.
+
+  Returns `compile_s` (lowering and compiling), XLA's memory analysis of the compiled step per
+  device (`argument_bytes`, `temp_bytes`; -1 where the backend gives none) and, with `time_it`,
+  `per_s`: `items_per_step` (examples, or tokens) per second, the median over --repeats windows
+  of --steps steps, after --warmup untimed steps. The state is carried from step to step as
+  in training (its buffers are donated).
+  """
+  import jax
+  import numpy as np
+
+  start = time.perf_counter()
+  compiled = train_step.lower(state, teacher_vars, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  result = {"compile_s": compile_s,
+            "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
+            "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1))}
+  if not time_it:
+    return result
   for _ in range(FLAGS.warmup):
-    state, metrics = train_step(state, teacher_vars, batch)
+    state, metrics = compiled(state, teacher_vars, batch)
   jax.block_until_ready(state)
   rates = []
   for _ in range(FLAGS.repeats):
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
-      state, metrics = train_step(state, teacher_vars, batch)
+      state, metrics = compiled(state, teacher_vars, batch)
     jax.block_until_ready((state, metrics))
-    rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
-  return {"examples_per_s": float(np.median(rates)), "compile_s": compile_s,
-          "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
-          "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
-          "teacher_bytes": int(teacher_bytes)}
+    rates.append(FLAGS.steps * items_per_step / (time.perf_counter() - start))
+  return {**result, "per_s": float(np.median(rates))}
 
 
 def teacher_forward_rate() -> float:
@@ -442,24 +463,10 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
       "mask": np.ones(tokens[:, 1:].shape, np.float32),
       "document": np.zeros(tokens[:, 1:].shape, np.int32),
       "id": np.arange(FLAGS.batch_size, dtype=np.int32)})
-  start = time.perf_counter()
-  train_step = train_step.lower(state, teacher_vars, batch).compile()
-  compile_s = time.perf_counter() - start
-  memory = train_step.memory_analysis()
-  result = {"compile_s": compile_s, "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1))}
-  if not time_it:
-    return result
-  for _ in range(FLAGS.warmup):
-    state, metrics = train_step(state, teacher_vars, batch)
-  jax.block_until_ready(state)
-  rates = []
-  for _ in range(FLAGS.repeats):
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      state, metrics = train_step(state, teacher_vars, batch)
-    jax.block_until_ready((state, metrics))
-    rates.append(FLAGS.steps * FLAGS.batch_size * FLAGS.seq_len / (time.perf_counter() - start))
-  return {**result, "tokens_per_s": float(np.median(rates))}
+  timed = compile_and_time(train_step, state, teacher_vars, batch,
+                           FLAGS.batch_size * FLAGS.seq_len, time_it=time_it)
+  result = {"compile_s": timed["compile_s"], "temp_bytes": timed["temp_bytes"]}
+  return {**result, "tokens_per_s": timed["per_s"]} if time_it else result
 
 
 def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int

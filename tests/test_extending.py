@@ -111,6 +111,37 @@ def test_resume_across_a_stage_boundary(tmp_path, data_dir, teacher_dir):
     np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_a_user_losss_declared_range_is_enforced(tmp_path):
+  """The doc's cosine_logits declares `eps > 0` beside itself: validation refuses eps = 0 for
+  that term (in `losses` and in a stage), naming the setting and the range, before any build;
+  `distill-jax losses` lists the range beside the default."""
+  import pytest
+
+  from distill_jax.config import ConfigError, load_config_file, validate
+  from distill_jax.main import describe_losses
+
+  doc_files(tmp_path)
+  sys.path.insert(0, str(tmp_path))
+  try:
+    config = load_config_file(str(tmp_path / "my_config.py"))
+    validate(config)
+    with config.unlocked():
+      config.losses.cosine_logits.eps = 0.0
+    with pytest.raises(ConfigError) as info:
+      validate(config)
+    assert str(info.value) == ("config.losses.cosine_logits.eps is 0.0; it must be a number "
+                               "> 0 (the norms' floor).")
+    with config.unlocked():
+      config.losses.cosine_logits.eps = 1e-6
+      config.stages.hint.losses.cos = {"loss": "cosine_logits", "eps": -1.0}
+    with pytest.raises(ConfigError, match=r"^config.stages.hint.losses.cos.eps is -1.0; it "
+                       r"must be a number > 0 \(the norms' floor\)\.$"):
+      validate(config)
+    assert "eps=1e-08 (a number > 0)" in describe_losses()
+  finally:
+    sys.path.remove(str(tmp_path))
+
+
 def _leaves(tree):
   import jax
 

@@ -170,3 +170,37 @@ def test_multi_teacher_kd_aggregations_match_numpy(aggregation):
   one = KD(_outputs(s), {"t": _outputs(ts[0])}, {"label": labels}, temperature=2.0,
            aggregation=aggregation, teacher_weights=fixed[:1])
   np.testing.assert_allclose(one, kd_reference(s, ts[0], 2.0), rtol=2e-5)
+
+
+def test_kl_is_shared_from_base_and_matches_numpy():
+  """`base.kl`, the KL every logit and token loss (and the LM task's metric) uses: the NumPy
+  sum over the last axis, with 0 * log 0 = 0 where p has zeros."""
+  from distill_jax.losses.base import kl
+
+  rng = np.random.default_rng(0)
+  p = scipy.special.softmax(rng.normal(size=(3, 4, 7)), axis=-1)
+  q = scipy.special.softmax(rng.normal(size=(3, 4, 7)), axis=-1)
+  p[0, 0, :3] = 0.0
+  p[0, 0] /= p[0, 0].sum()
+  with np.errstate(divide="ignore"):
+    log_p = np.log(p)
+  want = np.sum(scipy.special.xlogy(p, p) - p * np.log(q), axis=-1)
+  got = kl(jnp.asarray(log_p, jnp.float32), jnp.asarray(np.log(q), jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_private_name_is_imported_across_loss_modules():
+  """Shared math lives public in `losses/base.py`: no module imports a `_name` from
+  `distill_jax.losses.*` (a private helper used elsewhere is a shared one in disguise)."""
+  import ast
+  import pathlib
+
+  root = pathlib.Path(losses.__file__).parent.parent
+  found = []
+  for path in root.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+          "distill_jax.losses"):
+        found += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
+                  if a.name.startswith("_")]
+  assert not found, found

@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
+from distill_jax.layout import resolve_mesh
 from distill_jax.train import loop
-from distill_jax.train.parallel import Parallel, fsdp_spec, resolve_mesh
+from distill_jax.train.parallel import Parallel, fsdp_spec
 
 CNN_STUDENT = {"student.name": "cnn", "student.kwargs": {"widths": (8, 16)}}
 # name -> overrides. The teacher is configs/digits.py's CNN (32, 64): its stage1/stage2 kernels
@@ -151,6 +152,29 @@ def test_fsdp_rule():
 def test_bad_meshes_are_named(mesh, message):
   with pytest.raises(ConfigError, match=message):
     resolve_mesh(mesh, 8)
+
+
+@pytest.mark.parametrize("parallel", [
+    {"parallel.mesh": {"data": -1, "fsdp": -1}},
+    {"parallel.mesh": {"data": -1, "fsdp": 0}},
+    {"parallel.mesh": {"data": 2, "model": 2}},
+    {"parallel.mesh": {"data": -1, "fsdp": 2}, "parallel.mode": "pmap"},
+    {"parallel.teacher_sharding": "sharded"},
+    {"parallel.mode": "spmd"},
+])
+def test_validation_and_parallel_refuse_a_bad_layout_with_one_message(parallel):
+  """The layout's rules are written once (layout.py): validate() refuses what needs no devices
+  with the very message `Parallel` gives for the same settings."""
+  from distill_jax.config import validate
+
+  config = tiny("kd", "unused", **parallel)
+  with pytest.raises(ConfigError) as validated:
+    validate(config)
+  p = config.parallel
+  with pytest.raises(ConfigError) as built:
+    Parallel(p.mode, 8, p.mesh.to_dict(), teacher_sharding=p.teacher_sharding)
+  assert str(validated.value) == str(built.value)
+  assert str(validated.value).startswith("config.parallel.")
 
 
 def test_mesh_sizes_resolve():

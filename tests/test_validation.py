@@ -1,5 +1,7 @@
-"""Every numeric setting has a range (declared once, in config.py); a value outside it fails
-before anything is built or written, with one message naming the setting and the range."""
+"""Every numeric setting has a range, declared once beside what it governs (a run setting in
+config.py, a loss's hyper-parameter beside the loss, a term's weight in objective.py); a value
+outside it fails before anything is built or written, with one message naming the setting and
+the range."""
 
 import os
 import subprocess
@@ -9,6 +11,7 @@ import pytest
 from conftest import DIGITS, ROOT, tiny
 
 from distill_jax import config as config_lib
+from distill_jax import rules
 from distill_jax.config import ConfigError
 from distill_jax.train import loop
 
@@ -70,12 +73,70 @@ def test_every_range_is_checked_and_the_defaults_pass():
       node[leaf] = old
 
 
+def _kd_config(**overrides):
+  """A KD config (digits:kd,tiny) with `overrides`, for validate() only (nothing is built)."""
+  from distill_jax.config import load_config_file
+
+  return load_config_file(f"{DIGITS}:kd,tiny", overrides)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5])
+def test_a_losses_own_range_is_checked_for_that_loss_only(beta):
+  """gjsd's beta is a mixture weight in [0, 1]; dkd's beta (a weight of any size) is not bound
+  by it: each loss declares its ranges beside itself, keyed by its own settings."""
+  config = _kd_config(losses={"ce": {"weight": 1.0}, "mix": {"loss": "gjsd", "beta": beta}})
+  with pytest.raises(ConfigError) as info:
+    config_lib.validate(config)
+  assert str(info.value) == (f"config.losses.mix.beta is {beta!r}; it must be a number in "
+                             "[0, 1] (the mixture weight: 0 is forward KL, 1 reverse KL).")
+  config_lib.validate(_kd_config(losses={"ce": {"weight": 1.0}, "dkd": {"beta": 8.0}}))
+  with pytest.raises(ConfigError, match=r"^config.losses.dkd.beta is -1.0; it must be a "
+                     r"number >= 0 \(the weight of the non-target part\)\.$"):
+    config_lib.validate(_kd_config(losses={"ce": {"weight": 1.0}, "dkd": {"beta": -1.0}}))
+
+
+def test_a_stage_terms_ranges_are_checked():
+  config = _kd_config(stages={"warm": {"num_steps": 2, "losses": {
+      "jsd": {"loss": "gjsd", "beta": 2.0}}}})
+  with pytest.raises(ConfigError, match=r"^config.stages.warm.losses.jsd.beta is 2.0; it must "
+                     r"be a number in \[0, 1\]"):
+    config_lib.validate(config)
+
+
+def test_every_builtin_losss_defaults_lie_in_its_declared_ranges():
+  """A declared range names a setting the loss takes and allows the loss's default."""
+  from distill_jax.losses import LOSSES, loss_hparams
+  from distill_jax.losses.base import REQUIRED, loss_ranges
+
+  declared = 0
+  for name in LOSSES.names():
+    fn, hparams = LOSSES.get(name), loss_hparams(LOSSES.get(name))
+    for key, (allowed, meaning) in loss_ranges(fn).items():
+      declared += 1
+      assert key in hparams and meaning, (name, key)
+      default = hparams[key]
+      for v in (default if isinstance(default, tuple) else (default,)):
+        assert default is REQUIRED or allowed.allows(v), (name, key, default)
+  assert declared >= 35  # Every loss that takes temperature, eps, teacher_weights, ...
+
+
+def test_a_range_for_a_setting_the_loss_lacks_is_refused_at_registration():
+  from distill_jax.losses import register_loss
+
+  with pytest.raises(ValueError, match=r"register_loss\('typo_loss'\) declares ranges for "
+                     r"\['temprature'\], which the loss does not take; its hyper-parameters "
+                     r"are \['temperature'\]"):
+    @register_loss("typo_loss", ranges={"temprature": (rules.POSITIVE, "the temperature")})
+    def typo_loss(student, teachers, batch, *, temperature: float = 1.0):
+      return 0.0
+
+
 def test_range_text_and_membership():
-  r = config_lib.Range(0, 1, high_open=True)
+  r = rules.Range(0, 1, high_open=True)
   assert str(r) == "a number in [0, 1)" and r.allows(0) and not r.allows(1)
-  assert not config_lib.POSITIVE.allows(0) and config_lib.POSITIVE.allows(1e-9)
-  assert not config_lib.POSITIVE_INT.allows(1.5) and not config_lib.POSITIVE_INT.allows(True)
-  assert not config_lib.NON_NEGATIVE.allows("1")
+  assert not rules.POSITIVE.allows(0) and rules.POSITIVE.allows(1e-9)
+  assert not rules.POSITIVE_INT.allows(1.5) and not rules.POSITIVE_INT.allows(True)
+  assert not rules.NON_NEGATIVE.allows("1")
 
 
 def test_cli_exits_non_zero_with_one_line_and_no_workdir(tmp_path):

@@ -13,22 +13,45 @@ import jax.numpy as jnp
 
 from distill_jax.outputs import Outputs
 from distill_jax.registry import Registry
+from distill_jax.rules import NON_NEGATIVE, POSITIVE, Rule
 
 LOSSES = Registry("loss")
 
 
-def register_loss(name: str, *, uses_teachers: bool = True) -> Callable[[Callable], Callable]:
+def register_loss(name: str, *, uses_teachers: bool = True,
+                  ranges: Mapping[str, Rule] | None = None) -> Callable[[Callable], Callable]:
   """Decorator: registers a loss term under `name`.
 
   `uses_teachers=False` marks a term that needs no teacher (e.g. cross-entropy), so a config
-  that distills with no teacher is refused before anything is built.
+  that distills with no teacher is refused before anything is built. `ranges` maps a
+  hyper-parameter of the loss to its rule `(Range, meaning)` (`distill_jax.rules`), e.g.
+  `{'beta': (Range(0, 1), 'the mixture weight')}`: config validation refuses a value outside
+  it (every element of a sequence), naming the term, the setting and the range, before
+  anything is built. A range for a setting the loss does not take is refused here.
   """
 
   def decorator(fn: Callable) -> Callable:
+    declared = dict(ranges or {})
+    unknown = sorted(set(declared) - set(loss_hparams(fn)))
+    if unknown:
+      raise ValueError(f"register_loss({name!r}) declares ranges for {unknown}, which the loss "
+                       f"does not take; its hyper-parameters are {sorted(loss_hparams(fn))}.")
     fn.uses_teachers = uses_teachers
+    fn.setting_ranges = declared
     return LOSSES.register(name)(fn)
 
   return decorator
+
+
+def loss_ranges(fn: Any) -> dict[str, Rule]:
+  """The ranges a registered loss declared (`register_loss(..., ranges=...)`); {} for none."""
+  return dict(getattr(fn, "setting_ranges", {}))
+
+
+# The rules of settings that several losses take with one meaning.
+TEMPERATURE: Rule = (POSITIVE, "the softmax temperature")
+TEACHER_WEIGHTS: Rule = (NON_NEGATIVE, "each teacher's weight")
+EPS: Rule = (POSITIVE, "the numerical floor")
 
 
 # Settings the objective fills in from the run, never from the config: the number of training
@@ -246,6 +269,19 @@ def teacher_log_probs(teachers: Mapping[str, Outputs], temperature: float,
 # The floor of a norm before dividing by it, as PyTorch's `F.normalize` (x / max(||x||, eps)),
 # which the reference implementations of AT, SP, RKD (angles), NST, VID/AB and CRD use.
 NORM_EPS = 1e-12
+
+
+def kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """`KL(p || q) = sum_k p_k (log p_k - log q_k)` over the last axis, from log-probabilities.
+
+  Shapes [..., K] -> [...]. Terms with `p_k == 0` contribute 0 (the limit of `p log p`), and
+  the guard sits on the difference, so neither the value nor the gradient is NaN there even
+  when `log p_k` or `log q_k` is -inf.
+  """
+  p = jnp.exp(log_p)
+  keep = p > 0
+  diff = jnp.where(keep, log_p - jnp.where(keep, log_q, 0.0), 0.0)
+  return jnp.sum(p * diff, axis=-1)
 
 
 def layer_tuple(layers: str | Sequence[str]) -> tuple[str, ...]:

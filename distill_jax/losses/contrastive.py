@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from distill_jax.initializers import dense_kernel_init
 from distill_jax.losses.base import (
+  EPS,
   example_weights,
   feature_pairs,
   l2_normalize,
@@ -26,6 +27,7 @@ from distill_jax.losses.base import (
   shape_mismatch,
 )
 from distill_jax.outputs import Outputs
+from distill_jax.rules import POSITIVE, POSITIVE_INT
 
 # Above this ratio of bank rows to sampled rows per example, `contrast_logits` gathers the
 # sampled rows ([B, K+1, D], as the reference does) instead of scoring the whole bank
@@ -132,7 +134,10 @@ def momentum_update(memory: jax.Array, ids: jax.Array, embeddings: jax.Array, mo
   return memory.at[jnp.where(keep, ids, num_rows)].set(updated, mode="drop")
 
 
-@register_loss("crd")
+@register_loss("crd", ranges={
+    "feat_dim": (POSITIVE_INT, "the embedding size"),
+    "num_negatives": (POSITIVE_INT, "negatives per example"),
+    "nce_temperature": (POSITIVE, "the NCE temperature"), "eps": EPS})
 class CRD(nn.Module):
   """CRD (Tian et al., ICLR 2020): NCE contrast of student and teacher embeddings.
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
+    EPS,
     NORM_EPS,
     avg_pool_to,
     example_weights,
@@ -43,6 +44,7 @@ from distill_jax.losses.base import (
     weighted_mean,
 )
 from distill_jax.outputs import Outputs
+from distill_jax.rules import NON_NEGATIVE
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -309,7 +311,9 @@ def rkd_losses(s: jax.Array, t: jax.Array, w: Weights = None, eps: float = 1e-12
   return dist, angle
 
 
-@register_loss("rkd")
+@register_loss("rkd", ranges={
+    "distance_weight": (NON_NEGATIVE, "the distance loss's weight"),
+    "angle_weight": (NON_NEGATIVE, "the angle loss's weight"), "eps": EPS})
 def relational_kd(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, student_layer: str = "pool",
                   teacher_layer: str = "pool", distance_weight: float = 25.0,
@@ -371,7 +375,7 @@ def pkt_divergence(s: jax.Array, t: jax.Array, w: Weights = None,
   return jnp.sum(terms * w[:, None] * w[None, :]) / jnp.maximum(n * n, 1.0)
 
 
-@register_loss("pkt")
+@register_loss("pkt", ranges={"eps": EPS})
 def probabilistic_kt(student: Outputs, teachers: Mapping[str, Outputs],
                      batch: Mapping[str, jax.Array], *, student_layer: str = "pool",
                      teacher_layer: str = "pool", eps: float = 1e-7,

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from distill_jax.connectors import CONNECTORS, Connector
 from distill_jax.initializers import dense_kernel_init
 from distill_jax.losses.base import (
+  EPS,
   avg_pool_to,
   example_weights,
   feature_pairs,
@@ -51,6 +52,7 @@ from distill_jax.losses.base import (
   weighted_mean,
 )
 from distill_jax.outputs import Outputs
+from distill_jax.rules import NON_NEGATIVE, POSITIVE_INT
 
 Batch = Mapping[str, jax.Array]
 
@@ -314,7 +316,7 @@ class _VIDRegressor(nn.Module):
     return dense(self.out, "conv2")(x)
 
 
-@register_loss("vid")
+@register_loss("vid", ranges={"eps": EPS})
 class VID(nn.Module):
   """Variational Information Distillation (Ahn et al., CVPR 2019); summed over layer pairs.
 
@@ -367,7 +369,7 @@ class VID(nn.Module):
 # ------------------------------------------------------------------------------------------ AB
 
 
-@register_loss("ab")
+@register_loss("ab", ranges={"layer_weights": (NON_NEGATIVE, "each layer's weight")})
 class ActivationBoundaries(nn.Module):
   """Activation Boundaries (Heo et al., AAAI 2019), as the CRD code's `ABLoss`:
 
@@ -605,7 +607,7 @@ class FactorTransferParaphraser(FactorTransfer):
 # ------------------------------------------------------------------------------------------ CC
 
 
-@register_loss("cc")
+@register_loss("cc", ranges={"embed_dim": (POSITIVE_INT, "the embedding size")})
 class CorrelationCongruence(nn.Module):
   """Correlation Congruence (Peng et al., ICCV 2019).
 

@@ -15,9 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from distill_jax.losses.base import (
+    TEACHER_WEIGHTS,
+    TEMPERATURE,
     check_teacher,
     dropped_outputs,
     example_weights,
+    kl,
     masked_mean,
     register_loss,
     teacher_log_probs,
@@ -26,19 +29,7 @@ from distill_jax.losses.base import (
     zero_dropped,
 )
 from distill_jax.outputs import Outputs
-
-
-def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """`KL(p || q) = sum_k p_k (log p_k - log q_k)` over the last axis, from log-probabilities.
-
-  Shapes [..., K] -> [...]. Terms with `p_k == 0` contribute 0 (the limit of `p log p`), and
-  the guard sits on the difference, so neither the value nor the gradient is NaN there even
-  when `log p_k` or `log q_k` is -inf.
-  """
-  p = jnp.exp(log_p)
-  keep = p > 0
-  diff = jnp.where(keep, log_p - jnp.where(keep, log_q, 0.0), 0.0)
-  return jnp.sum(p * diff, axis=-1)
+from distill_jax.rules import FRACTION, NON_NEGATIVE, UNIT_INTERVAL, Rule
 
 
 def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -77,7 +68,8 @@ def _target_log_probs(teachers: Mapping[str, Outputs], batch: Mapping[str, jax.A
       aggregation=aggregation, weights=weights, labels=batch.get("label")))
 
 
-@register_loss("ce", uses_teachers=False)
+@register_loss("ce", uses_teachers=False,
+               ranges={"label_smoothing": (FRACTION, "the label smoothing")})
 def cross_entropy(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
                   *, label_smoothing: float = 0.0) -> jax.Array:
   """Cross-entropy of the student's logits [B, K] with the integer labels [B]; batch mean.
@@ -102,10 +94,10 @@ def kd_divergence(student_logits: jax.Array, teacher_log_probs: jax.Array,
   terms where the teacher's probability is exactly 0 contribute 0, as in the limit.
   """
   student_logp = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  return temperature**2 * _kl(teacher_log_probs, student_logp)
+  return temperature**2 * kl(teacher_log_probs, student_logp)
 
 
-@register_loss("kd")
+@register_loss("kd", ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def knowledge_distillation(student: Outputs, teachers: Mapping[str, Outputs],
                            batch: Mapping[str, jax.Array], *, temperature: float = 4.0,
                            teacher: str | None = None, aggregation: str = "mean",
@@ -155,12 +147,15 @@ def dkd_divergences(student_logits: jax.Array, teacher_log_probs: jax.Array, lab
   student_logp = jax.nn.log_softmax(student_logits / temperature, axis=-1)
   student_binary, student_nt = _target_split(student_logp, labels)
   teacher_binary, teacher_nt = _target_split(teacher_log_probs, labels)
-  tckd = _kl(teacher_binary, student_binary)
-  nckd = _kl(teacher_nt, student_nt)
+  tckd = kl(teacher_binary, student_binary)
+  nckd = kl(teacher_nt, student_nt)
   return temperature**2 * tckd, temperature**2 * nckd
 
 
-@register_loss("dkd")
+@register_loss("dkd", ranges={
+    "alpha": (NON_NEGATIVE, "the weight of the target-class part"),
+    "beta": (NON_NEGATIVE, "the weight of the non-target part"),
+    "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
                  batch: Mapping[str, jax.Array], *, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, teacher: str | None = None, aggregation: str = "mean",
@@ -186,7 +181,7 @@ def decoupled_kd(student: Outputs, teachers: Mapping[str, Outputs],
   return _masked_mean(alpha * tckd + beta * nckd, batch)
 
 
-@register_loss("logit_mse")
+@register_loss("logit_mse", ranges={"teacher_weights": TEACHER_WEIGHTS})
 def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, teacher: str | None = None, aggregation: str = "mean",
               teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -203,7 +198,8 @@ def logit_mse(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), batch)
 
 
-@register_loss("reverse_kl")
+@register_loss("reverse_kl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
                batch: Mapping[str, jax.Array], *, temperature: float = 1.0,
                teacher: str | None = None, aggregation: str = "mean",
@@ -216,7 +212,11 @@ def reverse_kl(student: Outputs, teachers: Mapping[str, Outputs],
   """
   target = _target_log_probs(teachers, batch, temperature, teacher, aggregation, teacher_weights)
   student_logp = jax.nn.log_softmax(_student_logits(student, batch) / temperature, axis=-1)
-  return _masked_mean(temperature**2 * _kl(student_logp, target), batch)
+  return _masked_mean(temperature**2 * kl(student_logp, target), batch)
+
+
+# gjsd's and token_jsd's beta (see `generalized_jsd`).
+JSD_BETA: Rule = (UNIT_INTERVAL, "the mixture weight: 0 is forward KL, 1 reverse KL")
 
 
 def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
@@ -232,15 +232,16 @@ def generalized_jsd(student_log_probs: jax.Array, teacher_log_probs: jax.Array,
   if not 0.0 <= beta <= 1.0:
     raise ValueError(f"gjsd needs 0 <= beta <= 1, got {beta}.")
   if beta == 0.0:
-    return _kl(teacher_log_probs, student_log_probs)
+    return kl(teacher_log_probs, student_log_probs)
   if beta == 1.0:
-    return _kl(student_log_probs, teacher_log_probs)
+    return kl(student_log_probs, teacher_log_probs)
   log_m = jnp.logaddexp(math.log(beta) + teacher_log_probs,
                         math.log1p(-beta) + student_log_probs)
-  return beta * _kl(teacher_log_probs, log_m) + (1.0 - beta) * _kl(student_log_probs, log_m)
+  return beta * kl(teacher_log_probs, log_m) + (1.0 - beta) * kl(student_log_probs, log_m)
 
 
-@register_loss("gjsd")
+@register_loss("gjsd", ranges={
+    "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def gjsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array], *,
          beta: float = 0.5, temperature: float = 1.0, teacher: str | None = None,
          aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:

@@ -40,8 +40,11 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
+  TEACHER_WEIGHTS,
+  TEMPERATURE,
   check_teacher,
   feature_pairs,
+  kl,
   layer_tuple,
   masked_mean,
   register_loss,
@@ -49,8 +52,9 @@ from distill_jax.losses.base import (
   teacher_log_probs,
   zero_dropped,
 )
-from distill_jax.losses.logits import _kl, generalized_jsd
+from distill_jax.losses.logits import JSD_BETA, generalized_jsd
 from distill_jax.outputs import Outputs
+from distill_jax.rules import FRACTION
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"
@@ -165,7 +169,8 @@ def token_ce(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[s
                     chunk_size, batch.get("mask"))
 
 
-@register_loss("token_fkl")
+@register_loss("token_fkl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
               aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -175,11 +180,12 @@ def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   the student spreads its mass over everything the teacher deems likely. `T^2` as in `kd`.
   """
   scale = temperature**2
-  return _divergence_term(lambda s, t: scale * _kl(t, s), student, teachers, batch, temperature,
+  return _divergence_term(lambda s, t: scale * kl(t, s), student, teachers, batch, temperature,
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_rkl")
+@register_loss("token_rkl",
+               ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
               aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
@@ -190,11 +196,12 @@ def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
   modes instead of covering its tails.
   """
   scale = temperature**2
-  return _divergence_term(lambda s, t: scale * _kl(s, t), student, teachers, batch, temperature,
+  return _divergence_term(lambda s, t: scale * kl(s, t), student, teachers, batch, temperature,
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_jsd")
+@register_loss("token_jsd", ranges={
+  "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_jsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 0,
               teacher: str | None = None, aggregation: str = "mean",
@@ -218,12 +225,14 @@ def skew_kl(log_p: jax.Array, log_q: jax.Array, alpha: float) -> jax.Array:
   `KL(p || q)`, and for `alpha > 0` the value is bounded by `log(1 / alpha)`.
   """
   if alpha == 0.0:
-    return _kl(log_p, log_q)
+    return kl(log_p, log_q)
   log_m = jnp.logaddexp(math.log(alpha) + log_p, math.log1p(-alpha) + log_q)
-  return _kl(log_p, log_m)
+  return kl(log_p, log_m)
 
 
-@register_loss("token_skew_kl")
+@register_loss("token_skew_kl", ranges={
+  "alpha": (FRACTION, "the skew: the share of the first distribution in the mixture"),
+  "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_skew_kl(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, alpha: float = 0.1, reverse: bool = False,
                   temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
@@ -275,7 +284,7 @@ def topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array, topk_indice
   student_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, student_log_probs), axis=-1)
   teacher = jnp.concatenate([topk_log_probs, log_rest[..., None]], axis=-1)
   student = jnp.concatenate([student_top, student_rest[..., None]], axis=-1)
-  return _kl(teacher, student)
+  return kl(teacher, student)
 
 
 def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
@@ -291,7 +300,7 @@ def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
   return top, idx, log_rest
 
 
-@register_loss("token_topk_kd")
+@register_loss("token_topk_kd", ranges={"temperature": TEMPERATURE})
 def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, k: int = 8, temperature: float = 1.0,
                   chunk_size: int = 0, teacher: str | None = None) -> jax.Array:
@@ -372,9 +381,9 @@ def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
   student_top = jnp.take_along_axis(student_log_probs, topk_ids, axis=-1)
   student_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, student_log_probs), axis=-1,
                                   keepdims=True)
-  kl = _kl(jnp.concatenate([teacher, log_rest], axis=-1),
-           jnp.concatenate([student_top, student_rest], axis=-1))
-  return jnp.where(jnp.any(valid, axis=-1), kl, 0.0)
+  values = kl(jnp.concatenate([teacher, log_rest], axis=-1),
+              jnp.concatenate([student_top, student_rest], axis=-1))
+  return jnp.where(jnp.any(valid, axis=-1), values, 0.0)
 
 
 @register_loss("token_sparse_topk_kd", uses_teachers=False)
@@ -471,6 +480,6 @@ def token_attention_kl(student: Outputs, teachers: Mapping[str, Outputs],
                            "number of heads).")
     s, t = zero_dropped(s, query_mask), zero_dropped(t, query_mask)
     log_t = jnp.log(jnp.where(t > 0, t, 1.0)) + jnp.where(t > 0, 0.0, -jnp.inf)
-    per_head = _kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
+    per_head = kl(log_t.astype(jnp.float32), jnp.log(jnp.maximum(s, floor)).astype(jnp.float32))
     total = total + masked_mean(jnp.mean(per_head, axis=1), mask)
   return total

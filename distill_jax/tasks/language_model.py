@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.data import text
-from distill_jax.losses.base import masked_mean, masked_sum, teacher_log_probs
-from distill_jax.losses.logits import _kl
+from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task, TaskInfo
 
@@ -107,7 +106,7 @@ class LanguageModel(Task):
     for name in names:
       t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
       sums[f"agreement/{name}"] = total(jnp.argmax(t_logp, axis=-1) == pred)
-      sums[f"kl/{name}"] = total(_kl(t_logp, logp))
+      sums[f"kl/{name}"] = total(kl(t_logp, logp))
       sums[f"teacher_ce/{name}"] = total(_nll(t_logp, targets))
       sums[f"teacher_top1/{name}"] = total(jnp.argmax(t_logp, axis=-1) == targets)
     return sums

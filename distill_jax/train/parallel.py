@@ -36,53 +36,14 @@ from distill_jax.layout import (
     BATCH_AXES,
     DEFAULT_MIN_SHARD_SIZE,
     MESH_AXES,
-    MODES,
-    TEACHER_SHARDINGS,
+    check_layout,
+    resolve_mesh,
 )
+from distill_jax.rules import ConfigError
 from distill_jax.train import step as step_lib
 from distill_jax.xla_flags import set_cpu_devices
 
 PMAP_AXIS = "batch"
-
-
-def _config_error(message: str) -> Exception:
-  from distill_jax.config import ConfigError  # config imports this module: import late.
-
-  return ConfigError(message)
-
-
-def resolve_mesh(mesh: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
-  """`parallel.mesh` with its -1 resolved: {'data': n, 'fsdp': m}, n * m == num_devices.
-
-  Raises ConfigError naming the setting when an axis is unknown, a size is not a positive
-  integer or -1, more than one axis is -1, or the sizes do not multiply to the device count.
-  """
-  given = dict(mesh or {})
-  unknown = sorted(set(given) - set(MESH_AXES))
-  if unknown:
-    raise _config_error(f"config.parallel.mesh has unknown axes {unknown}; the axes are "
-                        f"{list(MESH_AXES)}, e.g. {{'data': -1, 'fsdp': 2}}.")
-  sizes = {axis: given.get(axis, -1 if axis == "data" else 1) for axis in MESH_AXES}
-  for axis, size in sizes.items():
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-        size < 1 and size != -1):
-      raise _config_error(f"config.parallel.mesh.{axis} is {size!r}; give a positive integer "
-                          "or -1 (the devices the other axes leave).")
-  free = [axis for axis, size in sizes.items() if size == -1]
-  if len(free) > 1:
-    raise _config_error(f"config.parallel.mesh: only one axis may be -1, got {free}.")
-  fixed = math.prod(size for size in sizes.values() if size != -1)
-  if free:
-    if num_devices % fixed:
-      raise _config_error(
-          f"config.parallel.mesh {dict(given)}: the fixed axes take {fixed} devices, which does "
-          f"not divide the {num_devices} devices in use; choose sizes that divide it.")
-    sizes[free[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise _config_error(
-        f"config.parallel.mesh {dict(given)} has {fixed} devices but {num_devices} are in use; "
-        "make the sizes multiply to the device count (or set one axis to -1).")
-  return {axis: int(size) for axis, size in sizes.items()}
 
 
 def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
@@ -118,15 +79,15 @@ def initialize_distributed(settings: Mapping[str, Any]) -> bool:
               "heartbeat_timeout_seconds": int(settings.get("heartbeat_timeout_seconds", 100))}
   if coordinator:
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise _config_error(
+      raise ConfigError(
           f"config.parallel.coordinator is {coordinator!r}: also set parallel.num_processes "
           f"(>= 1, got {num_processes}) and parallel.process_id (0..num_processes - 1, got "
           f"{process_id}), one process_id per process.")
     jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
     return num_processes > 1
   if num_processes > 1 or process_id >= 0:
-    raise _config_error("config.parallel.num_processes/process_id need "
-                        "parallel.coordinator='host:port' (the address of process 0).")
+    raise ConfigError("config.parallel.num_processes/process_id need "
+                      "parallel.coordinator='host:port' (the address of process 0).")
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
     jax.distributed.initialize(**timeouts)  # JAX reads Slurm's variables itself.
     return True
@@ -144,10 +105,10 @@ def select_devices(num_devices: int) -> list[jax.Device]:
     return devices
   processes = jax.process_count()
   if num_devices > len(devices):
-    raise _config_error(f"config.parallel.num_devices={num_devices}, but only {len(devices)} "
-                        f"devices are visible ({devices[0].platform}).")
+    raise ConfigError(f"config.parallel.num_devices={num_devices}, but only {len(devices)} "
+                      f"devices are visible ({devices[0].platform}).")
   if num_devices % processes:
-    raise _config_error(
+    raise ConfigError(
         f"config.parallel.num_devices={num_devices} does not split over the {processes} "
         f"processes: every process must take the same number of its devices; use a multiple "
         f"of {processes} (or 0 for all).")
@@ -165,7 +126,7 @@ class Parallel:
   Args:
     mode: 'jit' or 'pmap'.
     num_devices: devices to use (0: all).
-    mesh: axis sizes, {'data': -1, 'fsdp': 1} by default (see `resolve_mesh`).
+    mesh: axis sizes, {'data': -1, 'fsdp': 1} by default (see `layout.resolve_mesh`).
     min_shard_size: arrays with fewer elements stay replicated under 'fsdp'.
     teacher_sharding: 'replicated', or 'fsdp' to shard the teachers by the same rule.
   """
@@ -174,21 +135,13 @@ class Parallel:
                mesh: Mapping[str, int] | None = None,
                min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
                teacher_sharding: str = "replicated"):
-    if mode not in MODES:
-      raise _config_error(f"config.parallel.mode is {mode!r}; choose one of {list(MODES)}.")
-    if teacher_sharding not in TEACHER_SHARDINGS:
-      raise _config_error(f"config.parallel.teacher_sharding is {teacher_sharding!r}; choose "
-                          f"one of {list(TEACHER_SHARDINGS)}.")
+    check_layout(mode, mesh, teacher_sharding)
     if min_shard_size < 0:
-      raise _config_error(f"config.parallel.min_shard_size must be >= 0, got {min_shard_size}.")
+      raise ConfigError(f"config.parallel.min_shard_size must be >= 0, got {min_shard_size}.")
     devices = select_devices(num_devices)
     self.mode = mode
     self.devices = devices
     self.axis_sizes = resolve_mesh(mesh, len(devices))
-    if mode == "pmap" and self.axis_sizes["fsdp"] > 1:
-      raise _config_error(
-          f"config.parallel.mesh {self.axis_sizes}: pmap is data parallel only; use "
-          "parallel.mode='jit' to shard over 'fsdp' (or set fsdp to 1).")
     self.min_shard_size = int(min_shard_size)
     self.teacher_sharding = teacher_sharding
     shape = tuple(self.axis_sizes[a] for a in MESH_AXES)
@@ -211,8 +164,8 @@ class Parallel:
 
   def check_batch_size(self, global_batch_size: int) -> None:
     if global_batch_size % self.num_devices:
-      raise _config_error(f"The batch size {global_batch_size} does not split evenly over "
-                          f"{self.num_devices} devices; pick a multiple of {self.num_devices}.")
+      raise ConfigError(f"The batch size {global_batch_size} does not split evenly over "
+                        f"{self.num_devices} devices; pick a multiple of {self.num_devices}.")
 
   # -- layouts ------------------------------------------------------------------------------
 
