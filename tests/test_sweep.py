@@ -442,3 +442,26 @@ def test_a_data_set_that_is_not_prepared_is_refused_once_before_launch(tmp_path,
   assert len(lines) == 1 and f"not prepared in data_dir '{other}'" in lines[0], lines
   assert "207 trial(s) read it, e.g. 'teacher-" in lines[0]
   assert not root.exists() and os.listdir(other) == []
+
+
+def test_report_leaves_out_trials_whose_result_lacks_the_metric(tmp_path, capsys):
+  """A done trial without the metric (agreement with a teacher, for a student trained from a
+  file) is left out by name, not a KeyError; a metric that no trial has is one line, exit 2."""
+  root = str(tmp_path / "sweep")
+  _fake_sweep(root, {("kd", "p", 0): 0.7, ("kd", "p", 1): 0.8, ("file", "p", 0): 0.6})
+  for name, agreement in (("kd-p-s0", 0.5), ("kd-p-s1", 0.7)):
+    path = os.path.join(root, name, "result.json")
+    with open(path) as f:
+      result = json.load(f)
+    result["final"]["eval/agreement/teacher"] = agreement
+    with open(path, "w") as f:
+      json.dump(result, f)
+  metric = "--metric=final.eval/agreement/teacher"
+  assert report.main([root, "--rows=method", "--cols=pair", metric, "--scale=1"]) == 0
+  out = capsys.readouterr().out
+  assert "0.60 ± 0.14 (n=2)" in out  # Sample std of 0.5 and 0.7.
+  assert "Left out (done, but result.json has no final.eval/agreement/teacher): file-p-s0" in out
+  assert report.main([root, "--rows=method", "--cols=pair", "--metric=final.eval/top9"]) == 2
+  assert capsys.readouterr().out.splitlines() == [
+      "report: no finished trial's result.json has 'final.eval/top9' (--metric: a section and "
+      "a key of result.json, e.g. final.eval/top1)."]

@@ -78,7 +78,7 @@ def collect(root: str, rows: Sequence[str], cols: Sequence[str], over: Sequence[
   stage = stage or info["stages"][-1]
   trials = [t for t in info["trials"] if t["stage"] == stage]
   trials = [t for t in trials if all(t["labels"].get(k) == v for k, v in (where or {}).items())]
-  cells, skipped = {}, []
+  cells, skipped, lacking = {}, [], []
   for t in trials:
     labels = t["labels"]
     if any(k not in labels for k in (*rows, *cols)):
@@ -96,7 +96,12 @@ def collect(root: str, rows: Sequence[str], cols: Sequence[str], over: Sequence[
     s = state.trial_state(root, t["name"])
     if s == "done":
       with open(os.path.join(root, t["name"], "result.json")) as f:
-        cell["values"].append(scale * metric_of(json.load(f), metric))
+        result = json.load(f)
+      try:
+        cell["values"].append(scale * metric_of(result, metric))
+      except (KeyError, TypeError):  # E.g. agreement with a teacher, for a run without one.
+        lacking.append(t["name"])
+        continue
       cell["trials"].append(t["name"])
       models = trial_models(root, t["name"])
       if models is not None:
@@ -107,7 +112,7 @@ def collect(root: str, rows: Sequence[str], cols: Sequence[str], over: Sequence[
   row_keys = list(dict.fromkeys(k[0] for k in cells))
   col_keys = list(dict.fromkeys(k[1] for k in cells))
   return {"cells": cells, "row_keys": row_keys, "col_keys": col_keys, "skipped": skipped,
-          "stage": stage}
+          "lacking": lacking, "stage": stage}
 
 
 def _model_text(name: str, kwargs: dict[str, Any]) -> str:
@@ -236,6 +241,9 @@ def markdown(records: list[dict[str, Any]], data: dict[str, Any], rows: Sequence
     lines += ["", f"— : not in the sweep ({absent} cells)."]
   if data["skipped"]:
     lines += ["", f"Left out (labels lack {[*rows, *cols]}): {', '.join(data['skipped'])}"]
+  if data.get("lacking"):
+    lines += ["", f"Left out (done, but result.json has no {metric}): "
+                  f"{', '.join(data['lacking'])}"]
   return "\n".join(lines) + "\n"
 
 
@@ -376,6 +384,10 @@ def main(argv: list[str]) -> int:
     return 2
   if not data["cells"]:
     print(f"report: no trials of stage {data['stage']!r} have the labels {rows + cols}.")
+    return 2
+  if data["lacking"] and not any(c["values"] for c in data["cells"].values()):
+    print(f"report: no finished trial's result.json has {args.metric!r} (--metric: a section "
+          "and a key of result.json, e.g. final.eval/top1).")
     return 2
   records = table(data, rows, cols, expected, args.baseline)
   text = markdown(records, data, rows, cols, args.metric, args.baseline)
