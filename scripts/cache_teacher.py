@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
   from distill_jax.config import ConfigError, validate
   from distill_jax.data.teacher_cache import CacheError, cache_teachers
   from distill_jax.model_io import CheckpointError
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()
   try:
