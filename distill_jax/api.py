@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from distill_jax.audit.models import AuditError, Exported
+from distill_jax.audit.subjects import AuditError, Exported
 from distill_jax.config import ConfigError, lists_to_tuples
 from distill_jax.model_io import CheckpointError
 from distill_jax.registry import UnknownNameError
@@ -166,7 +166,7 @@ def load_model(path: str, input_shape: Sequence[int] | None = None) -> Exported:
     ConfigError: no `input_shape` known (give it).
   """
   from distill_jax import tasks
-  from distill_jax.audit.models import load_exported
+  from distill_jax.audit.subjects import load_exported
   from distill_jax.model_io import read_model_meta
 
   directory = _export_dir(path)

@@ -219,7 +219,7 @@ def train(config: config_dict.ConfigDict, workdir: str) -> None:
   """Trains (`distill_jax.api.train`: a start that fails removes the workdir it created, unless
   it holds a checkpoint) and logs the headline."""
   from distill_jax import api
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()
   workdir = os.path.abspath(workdir)

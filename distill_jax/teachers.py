@@ -15,13 +15,16 @@ unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward'
 
 Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with the same
 tokenizer.json>'`, the student's too): `check_tokenizers` refuses a run that pairs two.
+
+`cache_teachers` runs a config's teachers once over its data and writes their output caches
+(`data.teacher_cache`; the command line is `scripts/cache_teacher.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -152,3 +155,41 @@ def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,
                   input_shape: tuple[int, ...]) -> dict[str, Teacher]:
   return {name: load_teacher(name, settings, num_classes, input_shape)
           for name, settings in teachers_config.items()}
+
+
+def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), top_k: int = 0,
+                   dtype: str = "float32", batch_size: int = 256, progress_bar: bool = False
+                   ) -> dict[str, str]:
+  """Writes `cache_dir/NAME` (`data.teacher_cache`) for each of the run config's teachers
+  (default: all of them), on the config's train and eval splits with its data settings and
+  seed. Returns {name: dir}. `scripts/cache_teacher.py` is its command line.
+
+  It lives here, not in the data layer, because it reads a whole run config and builds the
+  task and the teachers; the cache module itself knows only records and fingerprints.
+  """
+  from tqdm import tqdm
+
+  from distill_jax import tasks
+  from distill_jax.data.teacher_cache import CacheError, num_slots, write_cache
+
+  task = tasks.get_task(config.get("task"))
+  info = task.info(config.data)
+  names = list(names) or list(config.teachers)
+  unknown = sorted(set(names) - set(config.teachers))
+  if unknown:
+    raise CacheError(f"No teacher(s) {unknown} in the config; it has {sorted(config.teachers)}.")
+  splits = (config.data.train_split, config.data.eval_split)
+  train = task.input_fingerprint(config.data, splits[0], config.seed, augmented=True)
+  per_teacher = (num_slots(train) * train["num_examples"]
+                 + info.num_examples[splits[1]])
+  written = {}
+  with tqdm(total=per_teacher * len(names), disable=not progress_bar, unit="ex",
+            desc="cache") as bar:
+    for name in names:
+      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.input_shape)
+      directory = os.path.join(cache_dir, name)
+      write_cache(directory, teacher, task, config.data, seed=config.seed, splits=splits,
+                  batch_size=batch_size, top_k=top_k, dtype=dtype,
+                  checkpoint=teacher.checkpoint, progress=bar.update)
+      written[name] = directory
+  return written

@@ -546,7 +546,7 @@ def main(argv: list[str]) -> None:
 
   import jax
 
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
   if FLAGS.task == "lm":

@@ -1,5 +1,6 @@
 r"""Writes every teacher's logits per example once, so training reads them instead of running
-the teachers (see `distill_jax/data/teacher_cache.py`).
+the teachers (`distill_jax.teachers.cache_teachers`; the cache's format is described in
+`distill_jax/data/teacher_cache.py`).
 
 Takes the same config and overrides as the run that will use the cache, so the data, its
 augmentation and the teachers' checkpoints are the run's:
@@ -48,9 +49,10 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.cache_dir is None:
     raise app.UsageError("--config and --cache_dir are required.")
   from distill_jax.config import ConfigError, validate
-  from distill_jax.data.teacher_cache import CacheError, cache_teachers
+  from distill_jax.data.teacher_cache import CacheError
   from distill_jax.model_io import CheckpointError
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.teachers import cache_teachers
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()
   try:

@@ -110,7 +110,7 @@ def run_config(workdir: str | None):
 
 def main(argv: list[str]) -> None:
   del argv
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()  # Orbax's INFO lines while the model loads; warnings still show.
   if not (FLAGS.workdir or FLAGS.checkpoint or FLAGS.rows_as_text) or not FLAGS.output:

@@ -85,7 +85,7 @@ REGIMES = (("all 1500 train images", {}),
 
 def main(argv: list[str]) -> None:
   del argv
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()
   root = os.path.abspath(FLAGS.workdir)

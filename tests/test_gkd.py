@@ -15,11 +15,11 @@ from conftest import ROOT, run_cli
 
 from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
-from distill_jax.data import batch_keys, blackbox, teacher_cache, text
+from distill_jax.data import batch_keys, blackbox, text
 from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
-from distill_jax.teachers import init_shapes
+from distill_jax.teachers import cache_teachers, init_shapes
 from distill_jax.train import loop
 from distill_jax.train import step as step_lib
 
@@ -243,7 +243,7 @@ def test_a_teacher_cache_is_refused_on_policy(data_dir, teacher_dir, tmp_path):
   the student's samples instead, so `build_run` refuses the combination, naming the key and
   the fix (off-policy, the same cache is accepted)."""
   subset = {"data.train_subset": 32}
-  directory = teacher_cache.cache_teachers(gkd_config(data_dir, teacher_dir, **subset),
+  directory = cache_teachers(gkd_config(data_dir, teacher_dir, **subset),
                                            str(tmp_path), top_k=8, batch_size=32)["teacher"]
   cached = {**subset, "teachers.teacher.cache": directory}
   built = loop.build_run(gkd_config(data_dir, teacher_dir, **cached,

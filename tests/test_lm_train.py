@@ -17,6 +17,7 @@ from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import teacher_cache, text
 from distill_jax.model_io import export_model
 from distill_jax.models import build_model
+from distill_jax.teachers import cache_teachers
 from distill_jax.train import loop
 
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -117,7 +118,7 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   base = {"teachers.teacher.checkpoint": lm_teacher, "data.train_subset": 64,
           "parallel.num_devices": 1}
   config = lm_config("topk", data_dir, **base)
-  directory = teacher_cache.cache_teachers(config, str(tmp_path), top_k=16,
+  directory = cache_teachers(config, str(tmp_path), top_k=16,
                                            batch_size=32)["teacher"]
   run = loop.build_run(lm_config("topk", data_dir, **base,
                                  **{"teachers.teacher.cache": directory}))
@@ -237,7 +238,7 @@ def test_a_top_k_cache_is_refused_to_a_term_with_a_larger_k(data_dir, untrained_
   anything is compiled, naming the term, both k and the fixes; k = 4 reads it."""
   base = {"teachers.teacher.checkpoint": untrained_lm_teacher, "data.train_subset": 32,
           "parallel.num_devices": 1}
-  directory = teacher_cache.cache_teachers(lm_config("topk", data_dir, **base), str(tmp_path),
+  directory = cache_teachers(lm_config("topk", data_dir, **base), str(tmp_path),
                                            top_k=4, batch_size=32)["teacher"]
   cached = {**base, "teachers.teacher.cache": directory}
   with pytest.raises(ConfigError) as error:

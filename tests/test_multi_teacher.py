@@ -19,7 +19,7 @@ from distill_jax.data.teacher_cache import CacheError
 from distill_jax.model_io import CheckpointError, export_model, read_model_meta
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
-from distill_jax.teachers import load_teacher
+from distill_jax.teachers import cache_teachers, load_teacher
 from distill_jax.train import loop
 
 CLASSIFICATION = get_task("classification")
@@ -54,7 +54,7 @@ def two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir, cache_dir=None, *
 def cache_dir(data_dir, teacher_dir, mlp_teacher_dir, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("cache"))
   config = two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir)
-  written = teacher_cache.cache_teachers(config, directory, batch_size=100)
+  written = cache_teachers(config, directory, batch_size=100)
   assert sorted(written) == ["mlp", "teacher"]
   return directory
 
@@ -99,7 +99,7 @@ def test_cache_holds_the_teachers_forward_per_augmented_slot(data_dir, teacher_d
   config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                    "data.augment": "crop", "data.augment_period": 2,
                                    "data.augment_seed": 11})
-  directory = teacher_cache.cache_teachers(config, str(tmp_path), batch_size=128)["teacher"]
+  directory = cache_teachers(config, str(tmp_path), batch_size=128)["teacher"]
   info = data_lib.get_info(config.data)
   teacher = load_teacher("teacher", config.teachers.teacher, info.num_classes, info.image_shape)
   readers = teacher_cache.open_cache(directory, teacher, CLASSIFICATION, config.data,
@@ -195,7 +195,7 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
     loop.build_run(config)
   # Caching needs repeated inputs; a feature term cannot use a logits-only cache.
   with pytest.raises(CacheError, match="augment_period=0"):
-    teacher_cache.cache_teachers(tiny("kd", data_dir, **{
+    cache_teachers(tiny("kd", data_dir, **{
         "teachers.teacher.checkpoint": teacher_dir, "data.augment": "crop"}), str(tmp_path))
   at = tiny("at", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                "data.augment": "none",
@@ -228,7 +228,7 @@ def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
   np.testing.assert_allclose(got, module.apply(variables, resized, train=False), atol=1e-6)
   _, metrics = run_steps(config, 2)
   assert np.isfinite(metrics["loss/kd"])
-  directory = teacher_cache.cache_teachers(config, str(tmp_path / "cache"), names=["big"],
+  directory = cache_teachers(config, str(tmp_path / "cache"), names=["big"],
                                            batch_size=64)["big"]
   reader = teacher_cache.open_cache(directory, run.teachers["big"], CLASSIFICATION,
                                     config.data, seed=config.seed,

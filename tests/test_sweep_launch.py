@@ -225,3 +225,22 @@ def test_slurm_launcher_job_arrays(tmp_path, data_dir, slurm):
                           env=_env(SLURM_CONF=slurm["SLURM_CONF"]), cwd=ROOT)
   assert "== broken: failed (exit code" in status.stdout and "/nonexistent/t" in status.stdout
   assert os.path.exists(os.path.join(root, "slurm", "students-1.out"))
+
+
+def test_slurm_batch_script_runs_the_trial_module(tmp_path):
+  """The sbatch script's `python -m MODULE` is the module that runs one trial (no Slurm needed):
+  it exists, and without arguments it prints its own usage line."""
+  import argparse
+  import re
+
+  from distill_jax.sweep.slurm import SlurmLauncher, batch_script
+
+  parser = argparse.ArgumentParser()
+  SlurmLauncher.add_flags(parser)
+  script = batch_script(str(tmp_path), "students", 2, parser.parse_args([]))
+  module = re.search(r" -m (\S+) ", script).group(1)
+  assert module == "distill_jax.sweep.trial"
+  proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                        env=_env(), cwd=ROOT, timeout=120)
+  assert proc.returncode == 1
+  assert f"usage: python -m {module} ROOT STAGE INDEX" in proc.stderr

@@ -12,10 +12,10 @@ See docs/audit.md.
 """
 
 from distill_jax.audit.decision import NONE, Comparison, Decision, compare, decide, holm
-from distill_jax.audit.models import AuditError, Exported, QueryOnly, load_exported, query_only
 from distill_jax.audit.probes import PROBES, Probe, ProbeContext, register_probe, synthesize
 from distill_jax.audit.report import write_report
 from distill_jax.audit.run import run_audit
+from distill_jax.audit.subjects import AuditError, Exported, QueryOnly, load_exported, query_only
 
 __all__ = [
     "NONE",

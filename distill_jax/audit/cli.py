@@ -223,7 +223,7 @@ def main(argv: list[str], banner: str = "") -> int:
   args = parser().parse_args(argv)
   if banner:
     print(banner, file=sys.stderr, flush=True)
-  from distill_jax.audit.models import AuditError
+  from distill_jax.audit.subjects import AuditError
   from distill_jax.data.sources import DataNotPreparedError
   from distill_jax.model_io import CheckpointError
   from distill_jax.registry import UnknownNameError

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from distill_jax.audit import scores
-from distill_jax.audit.models import AuditError, Exported, QueryOnly
 from distill_jax.audit.run import _jsonable, _parse_primary, summarise
+from distill_jax.audit.subjects import AuditError, Exported, QueryOnly
 from distill_jax.registry import Registry
 
 LM_PROBES = Registry("language-model probe")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.audit.models import AuditError, Exported
+from distill_jax.audit.subjects import AuditError, Exported
 from distill_jax.registry import Registry
 
 PROBES = Registry("probe")

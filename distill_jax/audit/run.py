@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from distill_jax.audit import decision, scores
-from distill_jax.audit.models import AuditError, Exported, QueryOnly
 from distill_jax.audit.probes import PROBES, ProbeContext
+from distill_jax.audit.subjects import AuditError, Exported, QueryOnly
 
 DEFAULT_PROBES = ("disagreement", "synthetic")
 DEFAULT_SCORE = "spearman"

@@ -6,8 +6,8 @@ text rows - its outputs are a function of the example alone, and running it ever
 wasted work (with 4 ResNet-56 teachers, most of a KD step). The cache knows no task: the
 config's task gives the inputs (its iterators), what decides them (`Task.input_fingerprint`)
 and the shape of one example's logits (`[K]` for an image, `[L, V]` for a row of L tokens).
-`scripts/cache_teacher.py` runs every teacher once over the train split (P times when
-augmented) and the eval split and writes, per teacher, a directory:
+`scripts/cache_teacher.py` (`teachers.cache_teachers`) runs every teacher once over the train
+split (P times when augmented) and the eval split and writes, per teacher, a directory:
 
     CACHE/NAME/cache.json            what was cached, and from what (the fingerprints)
     CACHE/NAME/SPLIT.array_record    one record per (slot, example id), at slot * n + id
@@ -320,36 +320,3 @@ def open_cache(directory: str, teacher: Any, task: Any, data_config: Any, *, see
     raise CacheError(f"Teacher {teacher.name!r}: refusing the stale cache {directory!r}:\n  - "
                      + "\n  - ".join(problems) + hint)
   return readers
-
-
-def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), top_k: int = 0,
-                   dtype: str = "float32", batch_size: int = 256, progress_bar: bool = False
-                   ) -> dict[str, str]:
-  """Writes `cache_dir/NAME` for each of the run config's teachers (default: all of them), on
-  the config's train and eval splits with its data settings and seed. Returns {name: dir}."""
-  from tqdm import tqdm
-
-  from distill_jax import tasks
-  from distill_jax.teachers import load_teacher
-
-  task = tasks.get_task(config.get("task"))
-  info = task.info(config.data)
-  names = list(names) or list(config.teachers)
-  unknown = sorted(set(names) - set(config.teachers))
-  if unknown:
-    raise CacheError(f"No teacher(s) {unknown} in the config; it has {sorted(config.teachers)}.")
-  splits = (config.data.train_split, config.data.eval_split)
-  train = task.input_fingerprint(config.data, splits[0], config.seed, augmented=True)
-  per_teacher = (num_slots(train) * train["num_examples"]
-                 + info.num_examples[splits[1]])
-  written = {}
-  with tqdm(total=per_teacher * len(names), disable=not progress_bar, unit="ex",
-            desc="cache") as bar:
-    for name in names:
-      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.input_shape)
-      directory = os.path.join(cache_dir, name)
-      write_cache(directory, teacher, task, config.data, seed=config.seed, splits=splits,
-                  batch_size=batch_size, top_k=top_k, dtype=dtype,
-                  checkpoint=teacher.checkpoint, progress=bar.update)
-      written[name] = directory
-  return written

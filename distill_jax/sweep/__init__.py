@@ -4,7 +4,7 @@
   trials (training runs, or scripts such as generate.py), validation of every trial's
   config before anything runs.
 - `launch.py`: the launcher registry; `local.py` (subprocesses) and `slurm.py` (job arrays)
-  register themselves there, `task.py` runs one trial inside a scheduler's job.
+  register themselves there, `trial.py` runs one trial inside a scheduler's job.
 - `state.py`: the records a sweep leaves on disk (trials.json, trial.json, trial.log).
 - `report.py`: every trial's result.json -> mean ± std tables, paper gaps, figures.
 - `cli.py`: the `sweep`, `sweep status` and `report` sub-commands.

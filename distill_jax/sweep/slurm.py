@@ -4,7 +4,7 @@
 order, each later stage with `--dependency=afterany:<previous stage's job>`, so the students
 start when the teachers have ended (a student whose teacher failed is recorded as `blocked`).
 Array task i of a stage runs the stage's i-th trial of `ROOT/trials.json` through
-`python -m distill_jax.sweep.task`, which records its exit code and appends the trial's output
+`python -m distill_jax.sweep.trial`, which records its exit code and appends the trial's output
 to `ROOT/<trial>/trial.log`; Slurm's own output per task is `ROOT/slurm/<stage>-<i>.out`.
 With `--wait` the command waits for the jobs and prints the summary; otherwise it returns at
 once and `distill-jax sweep status ROOT` tells pending/running/done/failed from `squeue` and
@@ -130,7 +130,7 @@ def batch_script(root: str, stage: str, num_trials: int, args) -> str:
   env = state.environment()
   lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options),
            f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}",
-           f"exec {shlex.quote(sys.executable)} -m distill_jax.sweep.task "
+           f"exec {shlex.quote(sys.executable)} -m distill_jax.sweep.trial "
            f"{shlex.quote(root)} {shlex.quote(stage)} \"$SLURM_ARRAY_TASK_ID\""]
   return "\n".join(lines) + "\n"
 

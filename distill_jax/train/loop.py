@@ -33,7 +33,7 @@ from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, check_tokenizers, init_shapes, load_teachers
 from distill_jax.train import step as step_lib
 from distill_jax.train.checkpoint import Checkpointer, write_atomic
-from distill_jax.train.logging import Progress
+from distill_jax.train.console import Progress
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.signals import Interrupted, StopSignals

@@ -95,7 +95,7 @@ def _compare(a: list[float], b: list[float]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  from distill_jax.train.logging import quiet_library_logs
+  from distill_jax.train.console import quiet_library_logs
 
   unknown = sorted(set(FLAGS.regimes) - set(REGIMES))
   if unknown:

@@ -1,4 +1,4 @@
-"""One trial of a sweep inside a scheduler's job: `python -m distill_jax.sweep.task ROOT STAGE I`.
+"""One trial of a sweep inside a scheduler's job: `python -m distill_jax.sweep.trial ROOT STAGE I`.
 
 Runs the I-th trial of STAGE in `ROOT/trials.json` (skipped if done, `blocked` if a trial it
 reads is not done), appends its output to `ROOT/<trial>/trial.log`, records its exit code in
@@ -17,7 +17,7 @@ import sys
 from distill_jax.sweep import state
 
 
-def run_task(root: str, stage: str, index: int) -> int:
+def run_trial(root: str, stage: str, index: int) -> int:
   trials = [state.trial_from_json(t) for t in state.read_trials(root)["trials"]]
   trial = [t for t in trials if t.stage == stage][index]
   if state.is_done(root, trial.name):
@@ -58,5 +58,5 @@ def run_task(root: str, stage: str, index: int) -> int:
 
 if __name__ == "__main__":
   if len(sys.argv) != 4:
-    sys.exit("usage: python -m distill_jax.sweep.task ROOT STAGE INDEX")
-  sys.exit(run_task(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit("usage: python -m distill_jax.sweep.trial ROOT STAGE INDEX")
+  sys.exit(run_trial(sys.argv[1], sys.argv[2], int(sys.argv[3])))
