@@ -450,17 +450,25 @@ def test_benchmark_sweep_validates(arg, tmp_path):
   """experiments/audit_digits, on the digits and in the CIFAR-10 setting: 4 teachers, 5
   methods x 4 teachers, 4 two-teacher ensembles, 2 x 12 controls (`controls=N` changes that);
   every trial's config (built by the spec file's own get_config) passes the CLI's own
-  validation; nothing is trained."""
+  validation; nothing is trained. CIFAR-10 is not prepared here, so its sweep is refused for
+  that alone: the configs are checked first, and the data once for all 52 trials."""
   from conftest import ROOT
 
   from distill_jax.config import load_config_file
   from distill_jax.sweep import load_trials
+  from distill_jax.sweep.spec import SweepError, validate_trials
 
   spec = os.path.join(ROOT, "experiments", "audit_digits", "sweep.py")
-  trials = load_trials(f"{spec}:{arg}", str(tmp_path))
+  cifar = arg.startswith("cifar10")
+  trials = load_trials(f"{spec}:{arg}", str(tmp_path), validate=not cifar)
+  if cifar:
+    with pytest.raises(SweepError) as refused:
+      validate_trials(trials, str(tmp_path))
+    assert str(refused.value).startswith("Data set 'cifar10' is not prepared in data_dir ")
+    assert "52 trial(s) read it" in str(refused.value)
   stages = [t.stage for t in trials]
   assert stages.count("teachers") == 4 and stages.count("students") == 48
-  assert len(load_trials(f"{spec}:{arg},controls=5", str(tmp_path))) == 4 + 34
+  assert len(load_trials(f"{spec}:{arg},controls=5", str(tmp_path), validate=False)) == 4 + 34
   assert all(t.config.startswith(spec + ":") for t in trials)
   ensembles = [t for t in trials if t.labels.get("method") == "ensemble"]
   assert len(ensembles) == 4 and all(t.depends_on and len(t.depends_on) == 2 for t in ensembles)
@@ -471,7 +479,6 @@ def test_benchmark_sweep_validates(arg, tmp_path):
   assert [config.teachers[k].checkpoint for k in ("teacher", "teacher2")] == [
       f"{{ROOT}}/{name}" for name in first.depends_on]
   assert config.losses.kd.get("teacher") is None  # The target: both teachers' mean.
-  cifar = arg.startswith("cifar10")
   assert config.data.name == ("cifar10" if cifar else "digits")
   names = {t.name for t in trials}
   if cifar:
