@@ -127,6 +127,7 @@ def evaluate(path: str, config: ml_collections.ConfigDict | None = None) -> dict
 
   from distill_jax.model_io import load_model_variables, read_model_meta
   from distill_jax.train import loop
+  from distill_jax.train.build import build_run, init_state
 
   directory = _export_dir(path)
   meta = read_model_meta(directory)
@@ -136,8 +137,8 @@ def evaluate(path: str, config: ml_collections.ConfigDict | None = None) -> dict
   config.student.kwargs = lists_to_tuples(meta.get("kwargs") or {})
   if config.student.get("init"):  # Open weights to start from: the export replaces them.
     config.student.init = ""
-  run = loop.build_run(config)
-  state = loop.init_state(config, run)
+  run = build_run(config)
+  state = init_state(config, run)
   variables = load_model_variables(directory, state.student_variables())
   state = state.replace(params={**state.params, "student": variables["params"]},
                         model_state={k: v for k, v in variables.items() if k != "params"})

@@ -118,7 +118,7 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
   from distill_jax.data import teacher_cache
   from distill_jax.objective import build_objective
   from distill_jax.teachers import Teacher
-  from distill_jax.train.loop import build_applies, compile_steps, example_batch, init_objective
+  from distill_jax.train.compiled import build_applies, compile_steps, example_batch, init_objective
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
@@ -415,7 +415,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   from distill_jax import models, tasks
   from distill_jax.objective import build_objective
   from distill_jax.teachers import Teacher
-  from distill_jax.train.loop import build_applies, compile_steps, init_objective
+  from distill_jax.train.compiled import build_applies, compile_steps, init_objective
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 

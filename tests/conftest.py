@@ -76,11 +76,11 @@ def run_steps(config, num_steps):
   import jax
 
   from distill_jax import data as data_lib
-  from distill_jax.train import loop
+  from distill_jax.train.build import build_run, init_state
 
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
-  state = parallel.put_replicated(loop.init_state(config, run))
+  state = parallel.put_replicated(init_state(config, run))
   teacher_vars = parallel.put_replicated(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
                                     seed=config.seed, side_data=run.side_data["train"])

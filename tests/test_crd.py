@@ -22,7 +22,7 @@ from distill_jax import losses
 from distill_jax.losses import contrastive
 from distill_jax.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
-from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
 
 CRD = losses.LOSSES.get("crd")
 
@@ -343,13 +343,13 @@ def crd_config(data_dir, teacher_dir, mode, num_devices):
 def run_steps(config, num_steps, init=None):
   """(initial state, final state as on the devices, metrics, the batches' ids).
 
-  `init` (a host state) replaces `loop.init_state`: the initial state depends on the seed
+  `init` (a host state) replaces `init_state`: the initial state depends on the seed
   only, so the modes can start from one, computed once.
   """
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
   if init is None:
-    init = jax.device_get(loop.init_state(config, run))  # A host copy: the step donates.
+    init = jax.device_get(init_state(config, run))  # A host copy: the step donates.
   state = parallel.put_replicated(init)
   teacher_vars = parallel.put_replicated(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,

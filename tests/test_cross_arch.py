@@ -22,7 +22,7 @@ from distill_jax.data import contrast
 from distill_jax.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 from distill_jax.teachers import Teacher, init_shapes
-from distill_jax.train import loop
+from distill_jax.train import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_KD = os.path.join(ROOT, "configs", "cifar_kd.py")
@@ -99,9 +99,9 @@ def test_every_method_of_a_cross_pair_traces(teacher, student, monkeypatch):
   """One abstract trace per pair (build_run's eval_shape of the objective, CIFAR-100 shapes) of
   the union of every method's terms (main stage and pre-training stages), each term with the
   settings its own recipe gives it for this pair: what each recipe's run traces first."""
-  monkeypatch.setattr(loop.data_lib, "get_info", lambda _: INFO)
-  monkeypatch.setattr(loop.data_lib, "train_labels", lambda _, n: np.arange(n) % 100)
-  monkeypatch.setattr(loop, "load_teachers", _abstract_teachers)
+  monkeypatch.setattr(data_lib, "get_info", lambda _: INFO)
+  monkeypatch.setattr(data_lib, "train_labels", lambda _, n: np.arange(n) % 100)
+  monkeypatch.setattr(build, "load_teachers", _abstract_teachers)
   union = {"ce": {"weight": 1.0}}
   for method in METHODS:
     c = _load(f"{method},{teacher},{student}")
@@ -113,7 +113,7 @@ def test_every_method_of_a_cross_pair_traces(teacher, student, monkeypatch):
                                              "parallel.num_devices": 1})
   with config.unlocked():
     config.losses = ml_collections.ConfigDict(union)
-  run = loop.build_run(config)
+  run = build.build_run(config)
   names = {t.name for t in run.objective.terms}
   assert {"at_at", "fitnet_fitnet", "ab_pre_ab", "ft_pre_ft", "crd_crd", "vid_vid"} <= names
   assert run.example["contrast_idx"].shape == (4, 16385)
@@ -202,7 +202,7 @@ def test_the_run_feeds_class_negatives_through_the_batches(data_dir):
   objective = build_objective({"crd": {"num_negatives": 50, "negatives": "other_class"}},
                               ["teacher"], {"num_examples": 1500})
   side, example = {}, {}
-  loop.add_contrast_indices(objective, config, 1500, side, example)
+  build.add_contrast_indices(objective, config, 1500, side, example)
   assert example["contrast_idx"].shape == (config.batch_size, 51)
   labels = data_lib.train_labels(config.data, 1500)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,

@@ -10,6 +10,7 @@ from conftest import run_steps, tiny, untrained_teacher
 
 from distill_jax import data as data_lib
 from distill_jax.train import loop
+from distill_jax.train.build import build_run
 
 MODES = [("jit", 1), ("jit", 8), ("pmap", 8)]
 
@@ -58,7 +59,7 @@ def numpy_sums(logits, teacher_logits, labels):
 def test_eval_sums_against_numpy_on_a_padded_batch(config, state):
   """The last eval batch (297 = 4 x 64 + 41: 23 padded rows), its padded rows filled with
   real-looking images and labels: they must not count in any sum."""
-  run = loop.build_run(config)
+  run = build_run(config)
   *_, batch = data_lib.eval_batches(config.data, global_batch_size=64)
   real = batch["mask"].astype(bool)
   assert real.sum() == 41
@@ -74,7 +75,7 @@ def test_eval_sums_against_numpy_on_a_padded_batch(config, state):
   assert 0 < want["agreement/mlp"] < want["count"]  # Teachers that disagree: a real check.
   assert want["kl/ensemble"] < max(want["kl/teacher"], want["kl/mlp"])
   for mode, devices in [("jit", 1), ("pmap", 8)]:
-    mode_run = run if mode == "jit" else loop.build_run(with_mode(config, mode, devices))
+    mode_run = run if mode == "jit" else build_run(with_mode(config, mode, devices))
     parallel = mode_run.parallel
     got = jax.device_get(parallel.get(mode_run.eval_step(
         parallel.put_replicated(state), parallel.put_replicated(mode_run.teacher_vars),
@@ -89,7 +90,7 @@ def totals(config, state):
   """For each mode: the eval sums over the whole eval split, and `loop.evaluate`'s means."""
   out = {}
   for mode, devices in MODES:
-    run = loop.build_run(with_mode(config, mode, devices))
+    run = build_run(with_mode(config, mode, devices))
     parallel = run.parallel
     args = (parallel.put_replicated(state), parallel.put_replicated(run.teacher_vars))
     sums = {}

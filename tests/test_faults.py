@@ -28,6 +28,8 @@ from conftest import ROOT
 
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
+from distill_jax.train.guard import NonFiniteLossError
 from distill_jax.train.signals import Interrupted
 from distill_jax.train.workdir import WorkdirLock, WorkdirLockedError
 
@@ -362,12 +364,12 @@ def test_skipped_updates_keep_the_state_finite_and_stop_after_n(env, tmp_path):
       "train.max_consecutive_skips": 3, "optim.schedule": "constant",
       "parallel.num_devices": 1})
   flags = []
-  with pytest.raises(loop.NonFiniteLossError, match=r"step 3: .*\(3 skipped steps in a row\)"):
+  with pytest.raises(NonFiniteLossError, match=r"step 3: .*\(3 skipped steps in a row\)"):
     loop.train_and_evaluate(config, str(tmp_path), step_callback=lambda s, m: flags.append(
         int(jax.device_get(m["nonfinite"]))))
   assert flags and all(flags)  # Every step's update was non-finite...
-  run = loop.build_run(config)
-  init = jax.device_get(loop.init_state(config, run))
+  run = build_run(config)
+  init = jax.device_get(init_state(config, run))
   assert checkpoint_steps(str(tmp_path)) == [1, 2]
   for step, state in saved_states(str(tmp_path)):  # ...and none reached a checkpoint.
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))

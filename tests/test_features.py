@@ -12,6 +12,8 @@ from distill_jax.losses import register_loss
 from distill_jax.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 from distill_jax.train import loop
+from distill_jax.train.build import build_run
+from distill_jax.train.guard import NonFiniteLossError
 
 
 def test_module_paths_tap_the_same_values_as_sown_names():
@@ -34,7 +36,7 @@ def test_unknown_feature_fails_before_training_listing_tappable_ones(data_dir, t
   config = tiny("at", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                    "losses.at.student_layers": ("stage1", "stage9")})
   with pytest.raises(FeatureError, match=r"no feature\(s\) \['stage9'\].*stage2_conv"):
-    loop.build_run(config)
+    build_run(config)
 
 
 def test_shape_mismatch_names_both_layers_shapes_and_the_connector(data_dir, teacher_dir):
@@ -43,9 +45,9 @@ def test_shape_mismatch_names_both_layers_shapes_and_the_connector(data_dir, tea
   with config.unlocked():
     config.losses.fitnet.connector = "identity"
   with pytest.raises(ObjectiveError, match=r"fitnet.*'stage2'.*32\).*'stage2'.*64\).*conv1x1_bn"):
-    loop.build_run(config)
+    build_run(config)
   # With the connector it builds (and its connector's parameters are in the objective).
-  run = loop.build_run(tiny("fitnet", data_dir, **{"teachers.teacher.checkpoint": teacher_dir}))
+  run = build_run(tiny("fitnet", data_dir, **{"teachers.teacher.checkpoint": teacher_dir}))
   assert run.objective.student_features == ("stage2",)
   assert run.objective.teacher_features("teacher") == ("stage2",)
 
@@ -71,7 +73,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_term(data_dir, tmp_path):
   config = tiny("teacher", data_dir)
   with config.unlocked():
     config.losses.bad = {"loss": "test_nan_loss", "weight": 1.0}
-  with pytest.raises(loop.NonFiniteLossError, match=r"step 1: .*loss/bad=nan"):
+  with pytest.raises(NonFiniteLossError, match=r"step 1: .*loss/bad=nan"):
     loop.train_and_evaluate(config, str(tmp_path))
 
 
@@ -81,9 +83,9 @@ def test_function_terms_are_checked_before_training(data_dir, teacher_dir):
                                    "losses.at.student_layers": ("stage1", "stage2"),
                                    "losses.at.teacher_layers": ("stage2", "stage2")})
   with pytest.raises(ObjectiveError, match=r"'at'.*'stage1'.*'stage2'"):
-    loop.build_run(config)
+    build_run(config)
   config = tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir})
   with config.unlocked():
     config.losses.kd.aggregation = "median"
   with pytest.raises(ObjectiveError, match="Unknown aggregation 'median'"):
-    loop.build_run(config)
+    build_run(config)

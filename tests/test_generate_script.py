@@ -18,7 +18,7 @@ from distill_jax import generate
 from distill_jax.config import load_config_file
 from distill_jax.data import blackbox
 from distill_jax.data.text import ByteTokenizer
-from distill_jax.train import loop
+from distill_jax.train.build import build_run
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
@@ -135,7 +135,7 @@ def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, 
          "alternatives do not map" in proc.stderr, proc.stderr[-2000:]
   config = load_config_file(f"{LM}:sequence,kd,tiny", {
       "data.train_files": str(out), "teachers.teacher.checkpoint": teacher})
-  run = loop.build_run(config)
+  run = build_run(config)
   assert set(config.losses) == {"token_ce", "token_fkl"} and "teacher" in run.teacher_vars
 
 

@@ -20,8 +20,8 @@ from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
 from distill_jax.teachers import cache_teachers, init_shapes
-from distill_jax.train import loop
 from distill_jax.train import step as step_lib
+from distill_jax.train.build import build_run, init_state
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 TEACHER = {"num_layers": 2, "width": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
@@ -49,8 +49,8 @@ def gkd_config(data_dir, teacher_dir, **overrides):
 @pytest.fixture(scope="module")
 def run(data_dir, teacher_dir):
   config = gkd_config(data_dir, teacher_dir)
-  built = loop.build_run(config)
-  state = jax.device_get(loop.init_state(config, built))
+  built = build_run(config)
+  state = jax.device_get(init_state(config, built))
   batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
                                          seed=config.seed))
   return config, built, state, batch
@@ -153,9 +153,9 @@ def test_warm_start_stage_trains_on_the_corpus_then_the_main_stage_on_policy(run
   config = load_config_file(f"{LM}:gkd,warm,tiny", {
       "data.data_dir": data_dir, "teachers.teacher.checkpoint": teacher_dir,
       "on_policy.fraction": 1.0, "parallel.num_devices": 1})
-  built = loop.build_run(config)
+  built = build_run(config)
   assert [(s.name, s.end - s.start) for s in built.stages] == [("warm", 2), ("train", 6)]
-  state = jax.device_get(loop.init_state(config, built))
+  state = jax.device_get(init_state(config, built))
   batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
                                          seed=config.seed))
   parallel = built.parallel
@@ -181,9 +181,9 @@ def test_warm_start_stage_trains_on_the_corpus_then_the_main_stage_on_policy(run
 def test_bad_settings_name_the_setting(data_dir, teacher_dir):
   with pytest.raises(ConfigError, match=r"on_policy.prompt_len \+ max_new_tokens = 8 \+ 30 "
                                         r"exceeds data.seq_len 32"):
-    loop.build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.max_new_tokens": 30}))
+    build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.max_new_tokens": 30}))
   with pytest.raises(ConfigError, match=r"on_policy.fraction must be in \[0, 1\], got 1.5"):
-    loop.build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.fraction": 1.5}))
+    build_run(gkd_config(data_dir, teacher_dir, **{"on_policy.fraction": 1.5}))
 
 
 def test_on_policy_step_on_the_mesh_equals_one_device_and_pmap_runs(run, data_dir,
@@ -199,9 +199,9 @@ def test_on_policy_step_on_the_mesh_equals_one_device_and_pmap_runs(run, data_di
                     {"parallel.mode": "pmap", "parallel.num_devices": 0}):
     config = gkd_config(data_dir, teacher_dir, **{"optim.name": "sgd", "optim.lr": 0.5,
                                                   **overrides})
-    built = loop.build_run(config)
+    built = build_run(config)
     parallel = built.parallel
-    state = jax.device_get(loop.init_state(config, built))
+    state = jax.device_get(init_state(config, built))
     new, metrics = built.train_step(parallel.put_state(state),
                                        parallel.put_teachers(built.teacher_vars),
                                        parallel.put_batch(batch))
@@ -246,11 +246,11 @@ def test_a_teacher_cache_is_refused_on_policy(data_dir, teacher_dir, tmp_path):
   directory = cache_teachers(gkd_config(data_dir, teacher_dir, **subset),
                                            str(tmp_path), top_k=8, batch_size=32)["teacher"]
   cached = {**subset, "teachers.teacher.cache": directory}
-  built = loop.build_run(gkd_config(data_dir, teacher_dir, **cached,
-                                    **{"on_policy.fraction": 0.0}))
+  built = build_run(gkd_config(data_dir, teacher_dir, **cached,
+                               **{"on_policy.fraction": 0.0}))
   assert built.on_policy is None and "teacher_logits/teacher" in built.example
   with pytest.raises(ConfigError) as error:
-    loop.build_run(gkd_config(data_dir, teacher_dir, **cached, **{"on_policy.fraction": 0.5}))
+    build_run(gkd_config(data_dir, teacher_dir, **cached, **{"on_policy.fraction": 0.5}))
   assert str(error.value) == (
       "config.on_policy.fraction=0.5 replaces the rows by the student's samples, but these "
       "batch keys would still describe the original rows: teacher_logits/teacher (teacher "

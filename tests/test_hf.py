@@ -21,7 +21,7 @@ from distill_jax.data.text import HfTokenizer, get_tokenizer
 from distill_jax.model_io import CheckpointError
 from distill_jax.models import hf
 from distill_jax.models.transformer import rope_frequencies
-from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 NAMES = ("llama", "qwen2", "mistral")
@@ -253,10 +253,10 @@ def test_tokenizer_mismatch_is_refused_naming_both(data_dir, tmp_path):
   json.dump(spec, open(other / "tokenizer.json", "w"))
   config = _hf_config(data_dir, teacher, str(other))
   with pytest.raises(CheckpointError, match=rf"{teacher}/tokenizer.json.*{other}/tokenizer"):
-    loop.build_run(config)
+    build_run(config)
   config = _hf_config(data_dir, teacher, str(other), **{"data.tokenizer": "bytes"})
   with pytest.raises(CheckpointError, match=r"320 tokens.*tokenizer has 259"):
-    loop.build_run(config)
+    build_run(config)
 
 
 def test_hf_teacher_distils_a_student_through_the_cli(data_dir, tmp_path):
@@ -299,19 +299,19 @@ def test_student_initialised_from_open_weights(data_dir):
   llama = os.path.join(FIXTURES, "llama")
   config = _hf_config(data_dir, os.path.join(FIXTURES, "qwen2"), llama)
   config.student = hf.student_config(llama)
-  run = loop.build_run(config)
-  state = loop.init_state(config, run)
+  run = build_run(config)
+  state = init_state(config, run)
   ref = np.load(os.path.join(llama, "reference.npz"))
   logits = run.student.apply(state.student_variables(), ref["ids"])
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
   config.student.kwargs.norm_eps = 1e-6
   with pytest.raises(ValueError, match=r"differ from its config.json in \['norm_eps'\]"):
-    loop.build_run(config)
+    build_run(config)
   config.student.kwargs.norm_eps = 1e-5
   config.data.tokenizer = "bytes"
   with pytest.raises(ValueError, match=r"tokenizer .*llama/tokenizer.json but the data uses "
                                        r"'bytes'"):
-    loop.build_run(config)
+    build_run(config)
 
 
 def test_open_weights_teacher_is_split_over_fsdp_with_the_same_logits(data_dir):
@@ -322,7 +322,7 @@ def test_open_weights_teacher_is_split_over_fsdp_with_the_same_logits(data_dir):
   config = _hf_config(data_dir, qwen2, os.path.join(FIXTURES, "llama"), **{
       "parallel.mesh": {"data": 2, "fsdp": 4}, "parallel.teacher_sharding": "fsdp",
       "parallel.min_shard_size": 256})
-  run = loop.build_run(config)
+  run = build_run(config)
   placed = run.parallel.put_teachers(run.teacher_vars)["teacher"]
   leaves = jax.tree_util.tree_flatten_with_path(placed)[0]
   split = {jax.tree_util.keystr(p): x for p, x in leaves if "fsdp" in tuple(x.sharding.spec)}

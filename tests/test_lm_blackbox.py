@@ -383,13 +383,13 @@ def test_a_top_k_file_is_refused_on_policy(tmp_path):
   """A file's top-k log-probabilities are for the file's tokens: with on_policy.fraction > 0
   the rows would be the student's samples, which no file scores, so `build_run` refuses,
   naming the keys; a text-only file (no side data) is accepted on-policy."""
-  from distill_jax.train import loop
+  from distill_jax.train.build import build_run
 
   settings = {"on_policy.fraction": 1.0, "parallel.num_devices": 1}
   path = teacher_file(tmp_path / "topk.jsonl", 40, with_log_probs=True)
   with pytest.raises(ConfigError) as error:
-    loop.build_run(load_config_file(f"{LM}:blackbox_topk,tiny",
-                                    {"data.train_files": path, **settings}))
+    build_run(load_config_file(f"{LM}:blackbox_topk,tiny",
+                               {"data.train_files": path, **settings}))
   assert str(error.value) == (
       "config.on_policy.fraction=1.0 replaces the rows by the student's samples, but these "
       "batch keys would still describe the original rows: topk_ids, topk_logprobs, topk_valid "
@@ -397,6 +397,6 @@ def test_a_top_k_file_is_refused_on_policy(tmp_path):
       "can give for the student's samples; train on the file's text (on_policy.fraction=0), "
       "or distill on-policy from a live teacher).")
   path = teacher_file(tmp_path / "text.jsonl", 40, with_log_probs=False)
-  built = loop.build_run(load_config_file(f"{LM}:blackbox_text,tiny",
-                                          {"data.train_files": path, **settings}))
+  built = build_run(load_config_file(f"{LM}:blackbox_text,tiny",
+                                     {"data.train_files": path, **settings}))
   assert built.on_policy.fraction == 1.0

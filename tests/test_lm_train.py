@@ -18,7 +18,7 @@ from distill_jax.data import teacher_cache, text
 from distill_jax.model_io import export_model
 from distill_jax.models import build_model
 from distill_jax.teachers import cache_teachers
-from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 
@@ -52,9 +52,9 @@ def test_teacher_learns_the_held_out_text(lm_teacher, data_dir):
 
 
 def _steps(config, num_steps):
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
-  init = jax.device_get(loop.init_state(config, run))
+  init = jax.device_get(init_state(config, run))
   state = parallel.put_state(init)
   teacher_vars = parallel.put_teachers(run.teacher_vars)
   batches = run.task.train_iterator(config.data, global_batch_size=config.batch_size,
@@ -107,7 +107,7 @@ def test_unknown_task_and_too_long_rows_are_refused(data_dir):
     validate(lm_config("teacher", data_dir, task="lm"))
   config = lm_config("teacher", data_dir, **{"data.seq_len": 48})
   with pytest.raises(ValueError, match="48 tokens is longer than the model's context of 32"):
-    loop.build_run(config)
+    build_run(config)
 
 
 def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path):
@@ -120,11 +120,11 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   config = lm_config("topk", data_dir, **base)
   directory = cache_teachers(config, str(tmp_path), top_k=16,
                                            batch_size=32)["teacher"]
-  run = loop.build_run(lm_config("topk", data_dir, **base,
-                                 **{"teachers.teacher.cache": directory}))
+  run = build_run(lm_config("topk", data_dir, **base,
+                            **{"teachers.teacher.cache": directory}))
   assert run.teacher_vars["teacher"] == {}  # No forward: the logits come with the batch.
   # The reader against NumPy on the live teacher's logits: top 16 exact, the rest spread.
-  live = loop.build_run(config)
+  live = build_run(config)
   ids = np.array([3, 0, 63])
   rows = text.packed_split(config.data, "train").rows(ids)
   logits = np.asarray(live.teacher_applies["teacher"](
@@ -152,7 +152,7 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   assert live_metrics["loss/token_topk_kd"] > 0
   # Other rows (another length) than the cache's: refused, naming the difference.
   with pytest.raises(teacher_cache.CacheError, match=r"seq_len: cache has 32, this run has 16"):
-    loop.build_run(lm_config("topk", data_dir, **base, **{
+    build_run(lm_config("topk", data_dir, **base, **{
         "teachers.teacher.cache": directory, "data.seq_len": 16}))
 
 
@@ -182,15 +182,15 @@ def uneven_kd(data_dir, untrained_lm_teacher):
   base = {**KD_BASE, "teachers.teacher.checkpoint": untrained_lm_teacher,
           "parallel.num_devices": 1}
   config = lm_config("fkl", data_dir, **base)
-  run = loop.build_run(config)
-  init = jax.device_get(loop.init_state(config, run))
+  run = build_run(config)
+  init = jax.device_get(init_state(config, run))
   batch = next(run.task.train_iterator(config.data, global_batch_size=config.batch_size,
                                        seed=config.seed))
   batch["mask"][0::2, 4:] = 0.0
   assert batch["mask"][1::2].sum() > 7 * batch["mask"][0::2].sum() > 0
 
   def step(**overrides):
-    built = loop.build_run(lm_config("fkl", data_dir, **{**base, **overrides}))
+    built = build_run(lm_config("fkl", data_dir, **{**base, **overrides}))
     parallel = built.parallel
     new, metrics = built.train_step(parallel.put_state(init),
                                     parallel.put_teachers(built.teacher_vars),
@@ -242,11 +242,11 @@ def test_a_top_k_cache_is_refused_to_a_term_with_a_larger_k(data_dir, untrained_
                                            top_k=4, batch_size=32)["teacher"]
   cached = {**base, "teachers.teacher.cache": directory}
   with pytest.raises(ConfigError) as error:
-    loop.build_run(lm_config("topk", data_dir, **cached))
+    build_run(lm_config("topk", data_dir, **cached))
   assert str(error.value) == (
       f"Loss term 'token_topk_kd' (token_topk_kd) reads teacher 'teacher''s top k=16 tokens, "
       f"but its cache {directory!r} holds only its top 4 (the rest is an even spread of the "
       "remaining mass): set losses.token_topk_kd.k <= 4, or rebuild the cache with "
       "scripts/cache_teacher.py --top_k=16 (or 0: all logits).")
-  run = loop.build_run(lm_config("topk", data_dir, **cached, **{"losses.token_topk_kd.k": 4}))
+  run = build_run(lm_config("topk", data_dir, **cached, **{"losses.token_topk_kd.k": 4}))
   assert run.side_data["train"][teacher_cache.batch_key("teacher")].top_k == 4

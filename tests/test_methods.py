@@ -16,6 +16,7 @@ from distill_jax import data as data_lib
 from distill_jax.losses import LOSSES
 from distill_jax.train import loop
 from distill_jax.train import step as step_lib
+from distill_jax.train.build import build_run
 
 EVERY_METHOD = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp",
                 "nst", "crd", "dkd", "logit_mse", "reverse_kl", "gjsd"]
@@ -100,7 +101,7 @@ def test_every_term_moves_the_student(data_dir, teacher_dir, reference):
   function of the 18 term values of the main stage, at the CLI run's last state."""
   config = tiny("all", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
                                     "parallel.num_devices": 1})
-  run = loop.build_run(config)
+  run = build_run(config)
   objective = run.stages[-1].objective
   names = [t.name for t in objective.terms]
   assert sorted(names) == sorted(EVERY_METHOD)

@@ -21,6 +21,7 @@ from distill_jax.models import build_model
 from distill_jax.tasks import get_task
 from distill_jax.teachers import cache_teachers, load_teacher
 from distill_jax.train import loop
+from distill_jax.train.build import build_run
 
 CLASSIFICATION = get_task("classification")
 
@@ -64,14 +65,14 @@ def test_cached_teachers_train_exactly_like_live_ones(data_dir, teacher_dir, mlp
   """Two teachers of different architectures: 3 steps from the cache give the live loss and
   params, on one device and on 8 (pmap, the cached logits sharded with the batch)."""
   live_config = two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir)
-  live_run = loop.build_run(live_config)
+  live_run = build_run(live_config)
   assert {n: t.model for n, t in live_run.teachers.items()} == {"teacher": "cnn",
                                                                      "mlp": "mlp"}
   live_state, live_metrics = run_steps(live_config, 3)
   for mode, devices in [("jit", 1), ("pmap", 8)]:
     config = two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir, cache_dir, **{
         "parallel.mode": mode, "parallel.num_devices": devices})
-    run = loop.build_run(config)
+    run = build_run(config)
     assert all(v == {} for v in run.teacher_vars.values())  # No teacher on the device.
     state, metrics = run_steps(config, 3)
     np.testing.assert_allclose(metrics["loss"], live_metrics["loss"], rtol=1e-5)
@@ -154,8 +155,8 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
                                                              mlp_teacher_dir, cache_dir,
                                                              tmp_path):
   def build(**overrides):
-    return loop.build_run(two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir, cache_dir,
-                                             **overrides))
+    return build_run(two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir, cache_dir,
+                                        **overrides))
 
   # Another teacher checkpoint: same architecture, other weights.
   info = data_lib.get_info(two_teacher_config(data_dir, teacher_dir, mlp_teacher_dir).data)
@@ -177,12 +178,12 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
   with config.unlocked():
     config.teachers.teacher.cache = os.path.join(cache_dir, "mlp")
   with pytest.raises(CacheError, match="teacher 'teacher' is cnn"):
-    loop.build_run(config)
+    build_run(config)
   # Missing, and corrupt.
   with config.unlocked():
     config.teachers.teacher.cache = str(tmp_path / "nowhere")
   with pytest.raises(CacheError, match="no teacher cache at .*nowhere"):
-    loop.build_run(config)
+    build_run(config)
   broken = tmp_path / "broken"
   os.makedirs(broken)
   for name in os.listdir(os.path.join(cache_dir, "teacher")):
@@ -192,7 +193,7 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
   with config.unlocked():
     config.teachers.teacher.cache = str(broken)
   with pytest.raises(CacheError, match="train.array_record"):
-    loop.build_run(config)
+    build_run(config)
   # Caching needs repeated inputs; a feature term cannot use a logits-only cache.
   with pytest.raises(CacheError, match="augment_period=0"):
     cache_teachers(tiny("kd", data_dir, **{
@@ -201,7 +202,7 @@ def test_stale_or_broken_caches_are_refused_with_the_reason(data_dir, teacher_di
                                "data.augment": "none",
                                "teachers.teacher.cache": os.path.join(cache_dir, "teacher")})
   with pytest.raises(ConfigError, match=r"holds logits only.*\['at'\]"):
-    loop.build_run(at)
+    build_run(at)
 
 
 def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
@@ -218,10 +219,10 @@ def test_teacher_at_another_input_size(data_dir, teacher_dir, tmp_path):
     config.teachers.big = {"model": "mlp", "kwargs": {"hidden": (32,)}, "checkpoint": big_dir,
                            "cache": None, "input_size": None}
   with pytest.raises(CheckpointError, match=r"teachers.big.input_size=\(H, W\)"):
-    loop.build_run(config)
+    build_run(config)
   with config.unlocked():
     config.teachers.big.input_size = (16, 16)
-  run = loop.build_run(config)
+  run = build_run(config)
   batch = next(data_lib.eval_batches(config.data, global_batch_size=32))
   got = run.teacher_applies["big"](run.teacher_vars["big"], batch, False).logits
   resized = jax.image.resize(batch["image"], (32, 16, 16, 1), "bilinear")

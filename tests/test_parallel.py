@@ -11,6 +11,7 @@ from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
 from distill_jax.layout import resolve_mesh
 from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
 from distill_jax.train.parallel import Parallel, fsdp_spec
 
 CNN_STUDENT = {"student.name": "cnn", "student.kwargs": {"widths": (8, 16)}}
@@ -32,10 +33,10 @@ def run_layout(config, num_steps, init=None):
   """`num_steps` compiled steps of the main stage from the host state `init` (default: the
   config's initial state, with the main stage's optimizer state); returns (host init, device
   state, device teacher vars, host state, host metrics)."""
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
   if init is None:
-    init = jax.device_get(loop.init_state(config, run, run.stages[-1]))
+    init = jax.device_get(init_state(config, run, run.stages[-1]))
   state = parallel.put_state(init)
   teacher_vars = parallel.put_teachers(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,

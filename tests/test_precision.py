@@ -8,7 +8,7 @@ from conftest import tiny
 
 from distill_jax import data as data_lib
 from distill_jax.config import ConfigError
-from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
 
 CNN_STUDENT = {"student.name": "cnn", "student.kwargs": {"widths": (8, 16)},
                "parallel.num_devices": 1}
@@ -17,10 +17,10 @@ CNN_STUDENT = {"student.name": "cnn", "student.kwargs": {"widths": (8, 16)},
 def train(config, num_steps, init=None, keep=()):
   """(host init, host state, per-step losses, the run) after `num_steps` compiled steps;
   with `keep`, the state is instead {step: host state} at those steps."""
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
   if init is None:
-    init = jax.device_get(loop.init_state(config, run))
+    init = jax.device_get(init_state(config, run))
   state = parallel.put_state(init)
   teacher_vars = parallel.put_teachers(run.teacher_vars)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,
@@ -114,5 +114,5 @@ def test_remat_student_gives_the_same_params(cnn_kd):
 ])
 def test_bad_precision_settings_are_named(data_dir, teacher_dir, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    loop.build_run(tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
-                                           **overrides}))
+    build_run(tiny("kd", data_dir, **{"teachers.teacher.checkpoint": teacher_dir,
+                                      **overrides}))

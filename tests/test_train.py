@@ -16,6 +16,8 @@ from distill_jax.config import ConfigError
 from distill_jax.model_io import CheckpointError
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
+from distill_jax.train.build import build_run, init_state
+from distill_jax.train.guard import NonFiniteLossError
 
 
 def exported(workdir):
@@ -107,9 +109,9 @@ def test_cli_distills_without_touching_the_teacher(data_dir, teacher_dir, tmp_pa
 
 def test_train_step_does_no_host_transfers(data_dir, teacher_dir):
   config = kd_config(data_dir, teacher_dir)
-  run = loop.build_run(config)
+  run = build_run(config)
   parallel = run.parallel
-  state = parallel.put_replicated(loop.init_state(config, run))
+  state = parallel.put_replicated(init_state(config, run))
   teacher_vars = parallel.put_replicated(run.teacher_vars)
   batch = parallel.put_batch(next(data_lib.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=0)))
@@ -147,18 +149,18 @@ def test_unknown_loss_hparam_lists_the_known_ones(data_dir, teacher_dir, tmp_pat
 def test_teacher_checkpoint_problems_name_the_file(data_dir, teacher_dir, tmp_path):
   missing = kd_config(data_dir, str(tmp_path / "nowhere"))
   with pytest.raises(CheckpointError, match="nowhere.*model.json"):
-    loop.build_run(missing)
+    build_run(missing)
   # A teacher saved from a different architecture: the checkpoint says what it holds.
   wrong_model = kd_config(data_dir, teacher_dir, **{"teachers.teacher.model": "mlp",
                                                      "teachers.teacher.kwargs": {}})
   with pytest.raises(CheckpointError, match="saved from cnn"):
-    loop.build_run(wrong_model)
+    build_run(wrong_model)
   # Same model name, different widths: the first mismatching parameter is named.
   wrong_shape = kd_config(data_dir, teacher_dir,
                           **{"teachers.teacher.kwargs": {"widths": (32, 48)}})
   mismatch = r"parameter \S*stage2\S* has shape \(.*64,?\) in the file but the model expects"
   with pytest.raises(CheckpointError, match=mismatch + r" \(.*48,?\)"):
-    loop.build_run(wrong_shape)
+    build_run(wrong_shape)
 
 
 def test_corrupt_resume_checkpoint_names_the_file(data_dir, teacher_dir, tmp_path):
@@ -176,7 +178,7 @@ def test_corrupt_resume_checkpoint_names_the_file(data_dir, teacher_dir, tmp_pat
 
 def test_non_finite_loss_stops_the_run_naming_the_step(data_dir, teacher_dir, tmp_path):
   config = kd_config(data_dir, teacher_dir, **{"optim.lr": 1e30, "optim.schedule": "constant"})
-  with pytest.raises(loop.NonFiniteLossError, match=r"step \d"):
+  with pytest.raises(NonFiniteLossError, match=r"step \d"):
     loop.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "3")
 
@@ -199,3 +201,22 @@ def test_born_again_generations_chain_teachers(data_dir, teacher_dir, tmp_path):
   # gen1's teacher is gen0's exported student: their eval agreement is what gen1 reports.
   assert result["final"]["eval/teacher_top1/teacher"] == pytest.approx(
       json.load(open(tmp_path / "gen0" / "result.json"))["final"]["eval/top1"])
+
+
+def test_the_session_reads_no_config():
+  """train/loop.py (the session, the resume checks, born-again chains) reads no config key:
+  `build_run` (train/build.py) takes what the session needs onto the `Run` once. The config
+  only passes through to `build_run` and `generation_configs`, never read here."""
+  import ast
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "distill_jax", "train", "loop.py")
+  tree = ast.parse(open(path).read())
+  reads = [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+           if isinstance(node, ast.Attribute | ast.Subscript)
+           and isinstance(node.value, ast.Name) and "config" in node.value.id
+           and node.value.id != "config_lib"]
+  reads += [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "config_lib" and node.attr != "ConfigError"]
+  assert reads == []

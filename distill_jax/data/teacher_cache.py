@@ -17,7 +17,7 @@ largest log-probabilities, their classes and the log of the remaining probabilit
 token, for text), which reading spreads evenly over the other classes (so the tempered
 distribution is approximate; `top_k = 0` is exact; top-k KD with the same k, or a smaller one,
 reads exactly the live teacher's top k and remaining mass, and a run refuses a larger k:
-`train.loop.check_cache_top_k`). Records are fixed-size NumPy structs: nothing is unpickled.
+`train.build.check_cache_top_k`). Records are fixed-size NumPy structs: nothing is unpickled.
 
 A run reads a cache with `config.teachers.NAME.cache = CACHE/NAME`: the pipeline adds
 `batch['teacher_logits/NAME']` and the teacher's forward becomes a read of that key, in the

@@ -340,7 +340,7 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
 
 
 # The setting that says how many of the teacher's most likely tokens the term reads: a teacher
-# read from a top-k cache must hold at least that many (`train.loop.check_cache_top_k`).
+# read from a top-k cache must hold at least that many (`train.build.check_cache_top_k`).
 token_topk_kd.teacher_top_k = "k"
 
 

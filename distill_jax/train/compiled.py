@@ -1,0 +1,103 @@
+"""An objective's program, from plain objects (no config): the student's and teachers'
+forwards that tap what it compares, its initialisation and abstract trace, and the compiled
+train and eval steps.
+
+`train.build.build_run` assembles a run from these; benchmarks and tests that build their own
+pieces call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax import config as config_lib
+from distill_jax import tasks
+from distill_jax.data import teacher_cache
+from distill_jax.features import ApplyFn, check_features, list_features, make_apply
+from distill_jax.objective import Objective
+from distill_jax.teachers import Teacher, init_shapes
+from distill_jax.train import step as step_lib
+from distill_jax.train.parallel import Parallel
+
+
+def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
+                  objective: Objective, input_shape: tuple[int, ...],
+                  cached: tuple[str, ...] = (), student_dtype: str | None = None,
+                  input_key: str = "image") -> tuple[ApplyFn, dict[str, ApplyFn]]:
+  """The student's and teachers' forwards, tapping what the objective compares.
+
+  `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
+  `features.make_apply`): params and optimizer state stay float32.
+
+  Every requested feature is checked against the model's tappable features first; an unknown
+  name fails with the list of what can be tapped. A `cached` teacher's forward reads its
+  logits from the batch, so no term may ask for its features.
+  """
+  student_vars = init_shapes(student, input_shape)
+  check_features(f"Student {student_name}", objective.student_features,
+                 list_features(student, student_vars, input_shape))
+  for name, teacher in teachers.items():
+    wanted = objective.teacher_features(name)
+    if name in cached and wanted:
+      users = [t.name for t in objective.terms if t.teacher_features.get(name)]
+      raise config_lib.ConfigError(
+          f"Teacher {name!r} is read from its cache (config.teachers.{name}.cache), which "
+          f"holds logits only, but loss term(s) {users} compare its features {list(wanted)}. "
+          f"Run it live (unset config.teachers.{name}.cache) or drop those terms.")
+    check_features(f"Teacher {name!r} ({teacher.model})", wanted,
+                   list_features(teacher.module, teacher.variables,
+                                 teacher.input_shape(input_shape)))
+  return (make_apply(student, input_key=input_key, features=objective.student_features,
+                     dtype=student_dtype),
+          {name: teacher_cache.cached_apply(name) if name in cached else
+           make_apply(t.module, input_key=input_key, features=objective.teacher_features(name),
+                      input_size=t.input_size, dtype=t.dtype)
+           for name, t in teachers.items()})
+
+
+def compile_steps(parallel: Parallel, student_apply: ApplyFn,
+                  teacher_applies: dict[str, ApplyFn], objective: Objective,
+                  tx: Any, step_offset: int = 0, accumulate_steps: int = 1,
+                  skip_nonfinite: bool = False, task: tasks.Task = step_lib.CLASSIFICATION,
+                  on_policy: Any = None) -> tuple[Callable, Callable]:
+  """The compiled (train_step, eval_step) of the forwards and the objective, for `task`
+  (with `on_policy`, a `generate.OnPolicy`, the train step samples on-policy batches)."""
+  static = dict(student_apply=student_apply, teacher_applies=teacher_applies, task=task)
+  policy = {"on_policy": on_policy} if on_policy is not None else {}
+  return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
+                                      accumulate_steps=accumulate_steps,
+                                      skip_nonfinite=skip_nonfinite, **policy, **static),
+          parallel.compile_eval_step(**static))
+
+
+def example_batch(image_shape: tuple[int, ...], batch_size: int,
+                  cached_logits: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, jax.Array]:
+  """An all-zeros classification batch of the shapes the step sees, with `cached_logits`
+  {batch key: one example's logits shape} for the teachers read from a cache
+  (`tasks.Task.example_batch` for any task)."""
+  return step_lib.CLASSIFICATION.example_batch(image_shape, batch_size, cached_logits)
+
+
+def init_objective(objective: Objective, student_apply: ApplyFn,
+                   teacher_applies: dict[str, ApplyFn], student_vars: Any, teacher_vars: Any,
+                   batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, Any]:
+  """The objective's initial (params, state), from the forwards on an example batch."""
+  student = student_apply(student_vars, batch, False)
+  teachers = {n: apply(teacher_vars[n], batch, False) for n, apply in teacher_applies.items()}
+  return objective.init(rng, student, teachers, batch)
+
+
+def trace_objective(objective: Objective, student_apply: ApplyFn,
+                    teacher_applies: dict[str, ApplyFn], student_vars: Any, teacher_vars: Any,
+                    batch: dict[str, jax.Array], rng: jax.Array) -> Any:
+  """Initialises the objective and evaluates it once (for `jax.eval_shape`: checks only)."""
+  params, state = init_objective(objective, student_apply, teacher_applies, student_vars,
+                                 teacher_vars, batch, rng)
+  student = student_apply(student_vars, batch, False)
+  teachers = {n: apply(teacher_vars[n], batch, False) for n, apply in teacher_applies.items()}
+  return objective(params, state, student, teachers, batch, jnp.zeros((), jnp.int32), rng)
