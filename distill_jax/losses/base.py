@@ -151,8 +151,7 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   Values of weight 0 are dropped with a `where` (not multiplied by 0), so a NaN or inf there
   cannot poison the value. Their gradient is another matter: see `zero_dropped`.
   """
-  kept = jnp.where(weights > 0, values * weights, 0.0)
-  return jnp.sum(kept) / jnp.maximum(jnp.sum(weights), 1.0)
+  return masked_sum(values, weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _mask_like(mask: jax.Array, x: jax.Array) -> jax.Array:
