@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from distill_jax import data
-from distill_jax.data import embedded
+from distill_jax.data import digits
 from distill_jax.registry import UnknownNameError
 
 BATCH = 256  # 1500 // 256 = 5 steps per epoch, so a few steps cross an epoch boundary.
@@ -74,14 +74,14 @@ def test_unknown_embedded_name(data_dir):
 
 def test_concurrent_builds_build_once(tmp_path, monkeypatch):
   builds = []
-  build = embedded.Digits.download_and_prepare
+  build = digits.Digits.download_and_prepare
 
   def counting_build(self, *args, **kwargs):
     builds.append(1)
     time.sleep(0.2)  # Widen the window in which the other threads arrive.
     return build(self, *args, **kwargs)
 
-  monkeypatch.setattr(embedded.Digits, "download_and_prepare", counting_build)
+  monkeypatch.setattr(digits.Digits, "download_and_prepare", counting_build)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     paths = list(pool.map(lambda _: data.ensure_embedded("digits", tmp_path), range(4)))
   assert len(set(paths)) == 1 and len(builds) == 1
