@@ -87,7 +87,6 @@ def pack(documents: Sequence[np.ndarray], seq_len: int, tokenizer: ByteTokenizer
                 dropped=dropped, num_bytes=text_bytes(targets, mask, tokenizer))
 
 
-
 @functools.cache
 def _packed(name: str, data_dir: str, split: str, seq_len: int, tokenizer: str,
             max_documents: int = 0) -> Packed:
