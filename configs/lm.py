@@ -35,7 +35,7 @@ import ml_collections
 
 from distill_jax.config import base_config, teacher_config
 
-# Byte-level tokens: BOS is 256 (data.text.ByteTokenizer); attention stays inside documents.
+# Byte-level tokens: BOS is 256 (models.tokenizers.ByteTokenizer); attention stays inside documents.
 TEACHER = {"num_layers": 4, "width": 128, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 384,
            "context": 128, "bos_id": 256}
 STUDENT = {"num_layers": 2, "width": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 192,
@@ -56,7 +56,7 @@ METHODS = {
     "gkd": {"token_jsd": {"weight": 1.0, "beta": 0.5}},  # Alone: CE on own samples is moot.
 }
 # Roles that learn from what a teacher wrote (a JSONL file, `data.name='jsonl'`,
-# distill_jax/data/blackbox.py) rather than from its live logits.
+# distill_jax/data/text/blackbox.py) rather than from its live logits.
 FILE_ROLES = {
     "sequence": {},  # Sequence-level KD: CE on a local teacher's samples (scripts/generate.py).
     "blackbox_text": {},  # An API's text only: the same, with no teacher at hand.

@@ -191,7 +191,7 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
 
 # ------------------------------------------------------------------ completions as JSON records
 
-# How `token_str` names the special tokens (`data.blackbox.SPECIAL_TOKENS` reads them back).
+# How `token_str` names the special tokens (`data.text.blackbox.SPECIAL_TOKENS` reads them back).
 SPECIAL_NAMES = {"bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>"}
 
 
@@ -368,15 +368,16 @@ class EvalSampler:
   def from_config(config: Any, student: Any, teacher_applies: Any, on_policy: Any
                   ) -> EvalSampler | None:
     """None unless the student can decode and `config.eval_samples` > 0."""
-    from distill_jax.data import text
+    from distill_jax.data.text import packing
+    from distill_jax.models import tokenizers
 
     count = int(config.get("eval_samples", 0) or 0)
     settings = config.get("on_policy")
     if count <= 0 or settings is None or not hasattr(student, "init_cache"):
       return None
-    rows = text.packed_split(config.data, config.data.eval_split).tokens[:count]
+    rows = packing.packed_split(config.data, config.data.eval_split).tokens[:count]
     return EvalSampler(student, teacher_applies,
-                       text.get_tokenizer(config.data.get("tokenizer", "bytes")),
+                       tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")),
                        np.asarray(rows[:, :int(settings.prompt_len)], np.int32),
                        int(settings.max_new_tokens), float(settings.get("temperature", 1.0)),
                        int(settings.get("top_k", 0)), on_policy is not None)

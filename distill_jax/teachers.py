@@ -136,7 +136,7 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) ->
 def check_tokenizers(teachers: Mapping[str, Teacher], data_tokenizer: str | None) -> None:
   """Raises unless every open-weights teacher's tokenizer is the data's (`data.tokenizer`,
   which the student reads): token-level distillation compares one vocabulary."""
-  from distill_jax.data.text import HfTokenizer, get_tokenizer
+  from distill_jax.models.tokenizers import HfTokenizer, get_tokenizer
   data_tokenizer = data_tokenizer or "bytes"
   for name, teacher in teachers.items():
     if teacher.tokenizer is None:

@@ -127,12 +127,12 @@ def main(argv: list[str]) -> None:
 
 def held_out_rows(config) -> list:
   """The first --num_prompts packed rows of the config's eval split (token ids)."""
-  from distill_jax.data import text
+  from distill_jax.data.text import packing
 
   if config is None:
     raise GenerateError("Without --prompts the prompts come from the run's data: give "
                         "--config or a --workdir with a config.json.")
-  return list(text.packed_split(config.data, config.data.get("eval_split", "test")).tokens[
+  return list(packing.packed_split(config.data, config.data.get("eval_split", "test")).tokens[
       :FLAGS.num_prompts])
 
 
@@ -144,10 +144,10 @@ def write_records(records: list[dict]) -> None:
 
 def write_rows() -> None:
   """--rows_as_text: the held-out rows, decoded, as completions of an empty prompt."""
-  from distill_jax.data import text
+  from distill_jax.models import tokenizers
 
   config = run_config(FLAGS.workdir)
-  tokenizer = text.get_tokenizer(config.data.get("tokenizer", "bytes") if config else "bytes")
+  tokenizer = tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes") if config else "bytes")
   records = [{"prompt": "", "completion": tokenizer.decode(row)} for row in held_out_rows(config)]
   write_records(records)
   logging.info("Wrote %d held-out rows to %s.", len(records), FLAGS.output)
@@ -161,12 +161,12 @@ def write_completions() -> None:
   from tqdm import tqdm
 
   from distill_jax import generate
-  from distill_jax.data import text
+  from distill_jax.models import tokenizers
 
   generate.check_settings(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   model, variables = load_model(FLAGS.workdir, FLAGS.checkpoint)
   config = run_config(FLAGS.workdir)
-  tokenizer = text.get_tokenizer(config.data.get("tokenizer", "bytes") if config else "bytes")
+  tokenizer = tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes") if config else "bytes")
   if FLAGS.prompts:
     prompts = read_prompts(FLAGS.prompts)
     # [BOS, bytes...]: the prompt's document goes on (no EOS).

@@ -12,14 +12,14 @@ Usage:
 `--data_dir` defaults to $DISTILL_JAX_DATA_DIR, else ~/.cache/distill_jax/tfds (what
 training uses when the config's `data.data_dir` is unset).
 
-Embedded data sets (`digits`) build offline from packages already installed (and
+Embedded data sets (`digits`, `pydoc_topics`) build offline from packages already installed (and
 training builds them by itself on first use anyway). TFDS data sets such as
 cifar10 / cifar100 download their source files, so run this on a machine with
 internet access. Encoding their images (`tfds.features.Image`) needs TensorFlow:
 install it (`pip install tensorflow-cpu`) on the machine that prepares the data;
 the machines that train need neither TensorFlow nor network. The text sets
 `tiny_shakespeare` and `lm1b` (for `configs/lm.py`) need no TensorFlow even here
-(`distill_jax/data/tfds_text.py`). Copy the resulting
+(`distill_jax/data/text/catalog.py`). Copy the resulting
 data_dir to the cluster's shared storage and point `data.data_dir` at it.
 
 Before anything is written, every host a data set downloads from is tried once (through
@@ -122,15 +122,16 @@ def prepare(name: str, data_dir: str) -> str:
   """Prepares `name` in `data_dir` (no-op if already there); returns its directory."""
   import tensorflow_datasets as tfds
 
-  from distill_jax.data import embedded, tfds_text
+  from distill_jax.data import embedded
+  from distill_jax.data.text import catalog
 
   if embedded.is_embedded(name):
     return embedded.ensure_embedded(name, data_dir)
   kwargs = {}
   if _MANUAL_DIR.value:
     kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
-  if name in tfds_text.BUILDERS:  # Text sets: the catalog's builders, without TensorFlow.
-    return tfds_text.prepare(name, data_dir, _FILE_FORMAT.value, **kwargs)
+  if name in catalog.BUILDERS:  # Text sets: the catalog's builders, without TensorFlow.
+    return catalog.prepare(name, data_dir, _FILE_FORMAT.value, **kwargs)
   builder = tfds.builder(name, data_dir=data_dir, file_format=_FILE_FORMAT.value)
   builder.download_and_prepare(**kwargs)
   return os.fspath(builder.data_path)

@@ -117,14 +117,14 @@ def lm_zoo(data_dir, tmp_path_factory):
   a student distilled from A by token KD (forward KL to A's softmax, no labels); 3 controls of
   the student's architecture trained alone on the same rows (seeds 10-12)."""
   from distill_jax.config import load_config_file
-  from distill_jax.data import text
+  from distill_jax.data.text import packing
   from distill_jax.models import build_model
 
   root = tmp_path_factory.mktemp("lm_zoo")
   config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "configs", "lm.py") + ":teacher,tiny",
       {"data.data_dir": data_dir})
-  packed = text.packed_split(config.data, "train")
+  packed = packing.packed_split(config.data, "train")
   tokens, mask = packed.tokens[:ROWS], packed.mask[:ROWS]
   onehot = np.eye(259, dtype=np.float32)[packed.targets[:ROWS]]
   teacher, student = (build_model("transformer_lm", 259, **k) for k in (TEACHER, STUDENT))
@@ -186,13 +186,14 @@ def test_prompts_probe_reads_held_out_rows_or_a_file(data_dir, tmp_path):
   """Held-out rows: the eval split's first rows, cut to prompt_len; a file: BOS + the bytes of
   each non-empty line, all cut to the shortest (at most prompt_len)."""
   from distill_jax.config import load_config_file
-  from distill_jax.data import text
+  from distill_jax.data.text import packing
 
   config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "configs", "lm.py") + ":teacher,tiny",
       {"data.data_dir": data_dir})
   rows = lm.prompts_probe(lm.LMProbeContext(config.data, 5, 0, {"prompts": {"prompt_len": 6}}))
-  np.testing.assert_array_equal(rows.tokens, text.packed_split(config.data, "test").tokens[:5, :6])
+  np.testing.assert_array_equal(rows.tokens,
+                                packing.packed_split(config.data, "test").tokens[:5, :6])
   assert rows.info["split"] == "test" and rows.info["num_inputs"] == 5
   path = tmp_path / "prompts.txt"
   path.write_text("def f(x):\n\nimport os\nab\u00e9cd\n", encoding="utf-8")

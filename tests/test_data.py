@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from distill_jax import data
-from distill_jax.data import embedded
+from distill_jax.data import digits
 from distill_jax.registry import UnknownNameError
 
 BATCH = 256  # 1500 // 256 = 5 steps per epoch, so a few steps cross an epoch boundary.
@@ -50,7 +50,7 @@ def test_digits_builds_with_real_data(cfg, data_dir):
   assert info.image_shape == (8, 8, 1)
 
   from sklearn.datasets import load_digits
-  digits = load_digits()
+  sklearn_digits = load_digits()
   seen = []
   for split in ("train", "test"):
     source = tfds.data_source("digits", split=split, data_dir=data_dir, download=False)
@@ -59,8 +59,8 @@ def test_digits_builds_with_real_data(cfg, data_dir):
     ids = np.array([e["id"] for e in examples])
     assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
     assert images.min() == 0 and images.max() == 16
-    np.testing.assert_array_equal(images[..., 0], digits.images[ids])
-    np.testing.assert_array_equal([e["label"] for e in examples], digits.target[ids])
+    np.testing.assert_array_equal(images[..., 0], sklearn_digits.images[ids])
+    np.testing.assert_array_equal([e["label"] for e in examples], sklearn_digits.target[ids])
     seen.append(ids)
   assert sorted(np.concatenate(seen)) == list(range(1797))
   # The split is the fixed permutation of seed 0, stored in that order.
@@ -72,16 +72,35 @@ def test_unknown_embedded_name(data_dir):
     data.ensure_embedded("digitz", data_dir)
 
 
+def test_embedded_sets_register_on_import_and_keep_their_directories(tmp_path):
+  """Each embedded set lives in its own module; importing any module of the data package
+  (as scripts/prepare_data.py imports `embedded` alone) registers all of them, and every
+  builder keeps the name and version that make its directory, so data prepared before a
+  module moved (and the teacher caches keyed to it) is still found."""
+  import subprocess
+  import sys
+
+  listed = subprocess.run(
+      [sys.executable, "-c", "from distill_jax.data import embedded; "
+       "print(','.join(sorted(embedded.EMBEDDED.names())))"],
+      capture_output=True, text=True, check=True)
+  assert listed.stdout.strip() == "digits,pydoc_topics"
+  for name in ("digits", "pydoc_topics"):
+    builder = data.EMBEDDED.get(name)(data_dir=str(tmp_path), file_format="array_record")
+    assert (builder.name, str(builder.version)) == (name, "1.0.0")
+    assert os.fspath(builder.data_path) == os.path.join(tmp_path, name, "1.0.0")
+
+
 def test_concurrent_builds_build_once(tmp_path, monkeypatch):
   builds = []
-  build = embedded.Digits.download_and_prepare
+  build = digits.Digits.download_and_prepare
 
   def counting_build(self, *args, **kwargs):
     builds.append(1)
     time.sleep(0.2)  # Widen the window in which the other threads arrive.
     return build(self, *args, **kwargs)
 
-  monkeypatch.setattr(embedded.Digits, "download_and_prepare", counting_build)
+  monkeypatch.setattr(digits.Digits, "download_and_prepare", counting_build)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     paths = list(pool.map(lambda _: data.ensure_embedded("digits", tmp_path), range(4)))
   assert len(set(paths)) == 1 and len(builds) == 1

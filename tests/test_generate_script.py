@@ -16,8 +16,8 @@ from conftest import ROOT, cli_env
 
 from distill_jax import generate
 from distill_jax.config import load_config_file
-from distill_jax.data import blackbox
-from distill_jax.data.text import ByteTokenizer
+from distill_jax.data.text import blackbox
+from distill_jax.models.tokenizers import ByteTokenizer
 from distill_jax.train.build import build_run
 
 LM = os.path.join(ROOT, "configs", "lm.py")

@@ -15,7 +15,8 @@ from conftest import ROOT, run_cli
 
 from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
-from distill_jax.data import batch_keys, blackbox, text
+from distill_jax.data import batch_keys
+from distill_jax.data.text import blackbox, packing
 from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
@@ -130,7 +131,7 @@ def test_gkd_trains_through_the_cli(data_dir, teacher_dir, tmp_path):
   config = gkd_config(data_dir, teacher_dir)
   student = build_model("transformer_lm", 259, **config.student.kwargs)
   variables = load_model_variables(str(workdir / "model"), init_shapes(student, (32,)))
-  prompts = text.packed_split(config.data, "test").tokens[:2, :PROMPT]
+  prompts = packing.packed_split(config.data, "test").tokens[:2, :PROMPT]
   tokens, mask = generate.sample(student, variables, prompts, max_new_tokens=NEW,
                                  rng=jax.random.PRNGKey(0), eos_id=EOS, pad_id=PAD)
   tokens, mask = np.asarray(tokens), np.asarray(mask)

@@ -16,10 +16,11 @@ from conftest import ROOT, run_cli
 
 from distill_jax import models
 from distill_jax.config import load_config_file
-from distill_jax.data import text
-from distill_jax.data.text import HfTokenizer, get_tokenizer
+from distill_jax.data.text import batches
+from distill_jax.data.text import info as text_info
 from distill_jax.model_io import CheckpointError
 from distill_jax.models import hf
+from distill_jax.models.tokenizers import HfTokenizer, get_tokenizer, hf_byte_lengths
 from distill_jax.models.transformer import rope_frequencies
 from distill_jax.train.build import build_run, init_state
 
@@ -116,7 +117,7 @@ def test_byte_lengths_add_up_to_the_utf8_bytes_of_the_text(data_dir):
     assert int(byte_tok.byte_lengths()[byte_tok.encode(string)].sum()) == len(string.encode())
   config = _hf_config(data_dir, os.path.join(FIXTURES, "qwen2"), os.path.join(FIXTURES, "llama"),
                       **{"data.eval_subset": 0})
-  info = text.get_text_info(config.data)
+  info = text_info.get_text_info(config.data)
   assert info.num_bytes["train"] + info.num_bytes["test"] == sum(
       len(t.encode()) for t in topics.topics.values())
 
@@ -136,7 +137,7 @@ def test_byte_lengths_of_byte_fallback_pieces():
   tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                    decoders.Fuse()])
   tok.add_special_tokens(["<s>", "</s>"])
-  lengths = text.hf_byte_lengths(json.loads(tok.to_str()), 300)
+  lengths = hf_byte_lengths(json.loads(tok.to_str()), 300)
   assert lengths.shape == (300,) and lengths[[0, 1, 2, 299]].tolist() == [0, 0, 0, 0]
   assert lengths[vocab["<0xF0>"]] == 1 and lengths[vocab["\u2581hi"]] == 3
   for string in ("hi hi!", "hé 😀 x", "Ünï 中"):
@@ -279,7 +280,7 @@ def test_hf_teacher_distils_a_student_through_the_cli(data_dir, tmp_path):
   module = models.build_model("transformer_lm", tok.vocab_size, **kwargs)
   byte_lengths = get_tokenizer(config.data.tokenizer).byte_lengths()
   nll = count = num_bytes = 0.0
-  for batch in text.eval_batches(config.data, global_batch_size=64):
+  for batch in batches.eval_batches(config.data, global_batch_size=64):
     logp = jax.nn.log_softmax(np.asarray(module.apply(variables, batch["tokens"])), -1)
     picked = np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
     nll -= float(np.sum(picked * batch["mask"]))

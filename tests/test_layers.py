@@ -16,10 +16,6 @@ DOC = os.path.join(ROOT, "docs", "architecture.md")
 # Known imports against the order: (importer, imported module) -> why, and what would fix it.
 # It may only shrink: an entry that no longer breaks the order fails the test below.
 ALLOWED = {
-    # load_hf/export_hf read and write a Hugging Face directory's tokenizer.json with the data
-    # layer's HfTokenizer. Fix: the tokenizers (ByteTokenizer, HfTokenizer, get_tokenizer)
-    # move to a leaf module that data/text.py re-uses (issue 28).
-    ("distill_jax.models.hf", "distill_jax.data.text"),
     # config.validate checks config.log.writers against the metric writers' registry
     # (train/metrics.py, which the optional trackers extend). Fix: the writers' registry and
     # its check move below config, or validate asks for them through a hook (issue 28).

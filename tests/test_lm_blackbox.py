@@ -1,4 +1,4 @@
-"""Black-box teachers: a JSONL file of a teacher's outputs as training data (data.blackbox).
+"""Black-box teachers: a JSONL file of a teacher's outputs as training data (data.text.blackbox).
 
 Rows and log-probability mapping against hand-computed arrays, the sparse top-k KL against
 NumPy, every kind of malformed line refused by number, a text-only and a top-k file each
@@ -18,9 +18,9 @@ import scipy.special
 from conftest import ROOT, cli_env
 
 from distill_jax.config import ConfigError, load_config_file
-from distill_jax.data import blackbox
-from distill_jax.data.text import ByteTokenizer, HfTokenizer
+from distill_jax.data.text import blackbox
 from distill_jax.losses import tokens
+from distill_jax.models.tokenizers import ByteTokenizer, HfTokenizer
 from distill_jax.outputs import Outputs
 
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -354,25 +354,25 @@ def test_teacher_file_batches_resume_and_split_by_process(tmp_path):
   make up the one-process batch."""
   import ml_collections
 
-  from distill_jax.data import text
+  from distill_jax.data.text import batches
 
   path = teacher_file(tmp_path / "teacher.jsonl", 60, with_log_probs=True)
   config = ml_collections.ConfigDict({"name": "jsonl", "train_files": str(path),
                                       "eval_files": "", "eval_fraction": 0.1,
                                       "train_split": "train", "eval_split": "test",
                                       "seq_len": 32, "tokenizer": "bytes"})
-  one = text.train_iterator(config, global_batch_size=8, seed=1)
+  one = batches.train_iterator(config, global_batch_size=8, seed=1)
   first = [next(one) for _ in range(9)]  # 54 train records: past the first epoch (6 steps).
   keys = ("tokens", "targets", "mask", "id", *blackbox.TOPK_KEYS)
   assert set(keys) <= set(first[0]) and first[0]["topk_valid"].sum() > 0
-  halves = [text.train_iterator(config, global_batch_size=8, seed=1, process_index=i,
+  halves = [batches.train_iterator(config, global_batch_size=8, seed=1, process_index=i,
                                 process_count=2) for i in range(2)]
   for batch in first[:2]:
     parts = [next(h) for h in halves]
     for key in keys:
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
   for step in (3, 7):
-    resumed = text.train_iterator(config, global_batch_size=8, seed=1)
+    resumed = batches.train_iterator(config, global_batch_size=8, seed=1)
     resumed.set_state(json.loads(json.dumps({**one.get_state(), "step": step})))
     batch = next(resumed)
     for key in keys:

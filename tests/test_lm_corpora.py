@@ -11,9 +11,10 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import ROOT, run_cli
 
-from distill_jax.data import text, tfds_text
+from distill_jax.data.text import catalog, packing
+from distill_jax.models import tokenizers
 
-TOK = text.ByteTokenizer()
+TOK = tokenizers.ByteTokenizer()
 # Shakespeare-like text with multi-byte characters, so characters and bytes differ.
 LINES = ["First Citizen:", "Before we proceed any further, hear me speak.", "",
          "All:", "Speak, speak.", "MENENIUS: Thou rascal, that art worst in blood — señor…"]
@@ -33,18 +34,18 @@ def text_data_dir(tmp_path_factory):
   (root / "input.txt").write_text(SHAKESPEARE)
   extracted = root / "lm1b_extracted"
   for name, lines in LM1B.items():
-    path = extracted / tfds_text.LM1B_TOP / name
+    path = extracted / catalog.LM1B_TOP / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f" {line} \n" for line in lines))  # Stripped when read.
-  urls = {tfds_text.TINY_SHAKESPEARE_URL: str(root / "input.txt"),
-          tfds_text.LM1B_URL: str(extracted)}
+  urls = {catalog.TINY_SHAKESPEARE_URL: str(root / "input.txt"),
+          catalog.LM1B_URL: str(extracted)}
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(tfds.download.DownloadManager, "download", lambda self, url: urls[url])
     mp.setattr(tfds.download.DownloadManager, "download_and_extract",
                lambda self, url: urls[url])
     data_dir = str(root / "tfds")
     for name in ("tiny_shakespeare", "lm1b"):
-      tfds_text.prepare(name, data_dir)
+      catalog.prepare(name, data_dir)
   return data_dir
 
 
@@ -64,7 +65,7 @@ def test_tiny_shakespeare_is_read_by_name_with_tfds_splits(text_data_dir):
   builder = tfds.builder("tiny_shakespeare", data_dir=text_data_dir)
   assert str(builder.version) == "1.0.0" and set(builder.info.splits) == set(expected)
   for split, document in expected.items():
-    packed = text.packed_split(data_config("tiny_shakespeare", text_data_dir), split)
+    packed = packing.packed_split(data_config("tiny_shakespeare", text_data_dir), split)
     stream = TOK.encode(document)  # One document per split.
     assert packed.documents == 1 and packed.num_bytes == len(document.encode())
     np.testing.assert_array_equal(packed.tokens.reshape(-1)[:len(stream) - 1], stream[:-1])
@@ -73,17 +74,17 @@ def test_tiny_shakespeare_is_read_by_name_with_tfds_splits(text_data_dir):
 
 def test_lm1b_sentences_are_documents_and_max_documents_caps_them(text_data_dir):
   train = [line for name, lines in LM1B.items() if "heldout" not in name for line in lines]
-  packed = text.packed_split(data_config("lm1b", text_data_dir), "train")
+  packed = packing.packed_split(data_config("lm1b", text_data_dir), "train")
   assert packed.documents == len(train) == 5
   assert packed.num_bytes == sum(len(line.encode()) for line in train)
-  first = text.packed_split(data_config("lm1b", text_data_dir, max_documents=2), "train")
+  first = packing.packed_split(data_config("lm1b", text_data_dir, max_documents=2), "train")
   assert first.documents == 2
   stored = [r["text"].decode() for r in
             tfds.data_source("lm1b", split="train", data_dir=text_data_dir, download=False)]
   assert sorted(stored) == sorted(train)  # The same sentences, in TFDS's stored order.
   stream = np.concatenate([TOK.encode(s) for s in stored[:2]])
   np.testing.assert_array_equal(first.tokens.reshape(-1)[:len(stream) - 1], stream[:-1])
-  assert text.packed_split(data_config("lm1b", text_data_dir), "test").documents == 2
+  assert packing.packed_split(data_config("lm1b", text_data_dir), "test").documents == 2
 
 
 def test_a_language_model_trains_on_tiny_shakespeare_by_name(text_data_dir, tmp_path):

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from distill_jax.data import text
+from distill_jax.data.text import batches, packing
+from distill_jax.data.text import info as text_info
+from distill_jax.models import tokenizers
 
-TOK = text.ByteTokenizer()
+TOK = tokenizers.ByteTokenizer()
 
 
 def test_byte_tokenizer_round_trips_utf8():
@@ -21,7 +23,7 @@ def test_byte_tokenizer_round_trips_utf8():
 def test_pack_covers_every_pair_once_with_masks_and_boundaries():
   docs = [TOK.encode("hello"), TOK.encode(""), np.zeros(0, np.int32), TOK.encode("ab"),
           np.asarray([TOK.bos_id], np.int32), TOK.encode("xyz")]
-  packed = text.pack(docs, 4, TOK)
+  packed = packing.pack(docs, 4, TOK)
   kept = [d for d in docs if len(d) >= 2]
   assert packed.dropped == 2 and packed.documents == len(kept) == 4
   stream = np.concatenate(kept)
@@ -45,7 +47,7 @@ def test_pack_covers_every_pair_once_with_masks_and_boundaries():
 
 def test_pack_with_nothing_to_pack_says_so():
   with pytest.raises(ValueError, match="all 2 have fewer than two tokens"):
-    text.pack([np.zeros(1, np.int32), np.zeros(0, np.int32)], 8, TOK)
+    packing.pack([np.zeros(1, np.int32), np.zeros(0, np.int32)], 8, TOK)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def corpus(data_dir):
 def test_embedded_corpus_has_a_held_out_split(corpus):
   from pydoc_data import topics
 
-  info = text.get_text_info(corpus)
+  info = text_info.get_text_info(corpus)
   assert info.vocab_size == 259 and info.seq_len == 32
   assert info.documents == {"train": len(topics.topics) - 8, "test": 8}
   assert info.dropped == {"train": 0, "test": 0}
@@ -73,15 +75,15 @@ def test_embedded_corpus_has_a_held_out_split(corpus):
 
 
 def test_train_batches_are_deterministic_split_by_process_and_resumable(corpus):
-  one = text.train_iterator(corpus, global_batch_size=8, seed=3)
+  one = batches.train_iterator(corpus, global_batch_size=8, seed=3)
   first = [next(one) for _ in range(3)]
-  halves = [text.train_iterator(corpus, global_batch_size=8, seed=3, process_index=i,
+  halves = [batches.train_iterator(corpus, global_batch_size=8, seed=3, process_index=i,
                                 process_count=2) for i in range(2)]
   for batch in first:
     parts = [next(h) for h in halves]
     for key in ("tokens", "targets", "mask", "document", "id"):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
-  resumed = text.train_iterator(corpus, global_batch_size=8, seed=3)
+  resumed = batches.train_iterator(corpus, global_batch_size=8, seed=3)
   resumed.set_state({**one.get_state(), "step": 2})
   np.testing.assert_array_equal(next(resumed)["tokens"], first[2]["tokens"])
   assert not np.array_equal(first[0]["tokens"], first[1]["tokens"])
@@ -90,10 +92,10 @@ def test_train_batches_are_deterministic_split_by_process_and_resumable(corpus):
 
 def test_eval_pass_covers_the_split_once_and_pads(corpus):
   config = ml_collections.ConfigDict({**corpus.to_dict(), "eval_subset": 70})
-  batches = list(text.eval_batches(config, global_batch_size=32))
-  assert len(batches) == 3
-  ids = np.concatenate([b["id"] for b in batches])
+  passes = list(batches.eval_batches(config, global_batch_size=32))
+  assert len(passes) == 3
+  ids = np.concatenate([b["id"] for b in passes])
   np.testing.assert_array_equal(ids[:70], np.arange(70))
-  assert np.all(ids[70:] == -1) and np.all(batches[-1]["mask"][6:] == 0)
-  full = text.packed_split(corpus, "test")
-  np.testing.assert_array_equal(batches[1]["tokens"], full.tokens[32:64])
+  assert np.all(ids[70:] == -1) and np.all(passes[-1]["mask"][6:] == 0)
+  full = packing.packed_split(corpus, "test")
+  np.testing.assert_array_equal(passes[1]["tokens"], full.tokens[32:64])

@@ -14,7 +14,8 @@ import scipy.special
 from conftest import ROOT
 
 from distill_jax.config import ConfigError, load_config_file, validate
-from distill_jax.data import teacher_cache, text
+from distill_jax.data import teacher_cache
+from distill_jax.data.text import batches, packing
 from distill_jax.model_io import export_model
 from distill_jax.models import build_model
 from distill_jax.teachers import cache_teachers
@@ -41,7 +42,7 @@ def test_teacher_learns_the_held_out_text(lm_teacher, data_dir):
   # Bits per byte: the NLL in bits over the kept targets that are bytes (ids < 256; the EOS
   # predictions are scored but stand for no text).
   count = num_bytes = 0
-  for batch in text.eval_batches(lm_config("teacher", data_dir).data, global_batch_size=64):
+  for batch in batches.eval_batches(lm_config("teacher", data_dir).data, global_batch_size=64):
     kept = batch["mask"] > 0
     count += int(kept.sum())
     num_bytes += int(np.sum(kept & (batch["targets"] < 256)))
@@ -126,7 +127,7 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   # The reader against NumPy on the live teacher's logits: top 16 exact, the rest spread.
   live = build_run(config)
   ids = np.array([3, 0, 63])
-  rows = text.packed_split(config.data, "train").rows(ids)
+  rows = packing.packed_split(config.data, "train").rows(ids)
   logits = np.asarray(live.teacher_applies["teacher"](
       live.teacher_vars["teacher"], rows, False).logits, np.float64)
   log_probs = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)

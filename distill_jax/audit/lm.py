@@ -72,7 +72,8 @@ def prompts_probe(context: LMProbeContext) -> Prompts:
   eval split), or, with option `file`, one prompt per non-empty line of that UTF-8 file
   (encoded with the data set's tokenizer, BOS first; all cut to the shortest prompt's length,
   at most `prompt_len`, so every row starts generating at the same position)."""
-  from distill_jax.data import text
+  from distill_jax.data.text import packing
+  from distill_jax.models import tokenizers
 
   prompt_len = context.option("prompts", "prompt_len", PROMPTS_DEFAULTS["prompt_len"])
   path = context.option("prompts", "file", "")
@@ -80,7 +81,7 @@ def prompts_probe(context: LMProbeContext) -> Prompts:
     raise AuditError("The prompts probe needs the student's data config (its tokenizer and "
                      "held-out rows): audit a run's workdir, whose config.json names them.")
   if path:
-    tokenizer = text.get_tokenizer(context.data_config.get("tokenizer", "bytes"))
+    tokenizer = tokenizers.get_tokenizer(context.data_config.get("tokenizer", "bytes"))
     with open(path, encoding="utf-8") as f:
       lines = [line.rstrip("\n") for line in f if line.strip()][:context.num_inputs]
     if not lines:
@@ -91,7 +92,7 @@ def prompts_probe(context: LMProbeContext) -> Prompts:
     info = {"file": path, "prompt_len": int(length)}
   else:
     split = context.data_config.get("eval_split") or "test"
-    packed = text.packed_split(context.data_config, split)
+    packed = packing.packed_split(context.data_config, split)
     tokens = np.asarray(packed.tokens[:context.num_inputs, :prompt_len], np.int32)
     info = {"data": context.data_config.name, "split": split, "prompt_len": int(prompt_len)}
   return Prompts("prompts", tokens, {**info, "num_inputs": int(len(tokens))})
@@ -171,7 +172,7 @@ def run_lm_audit(student: Exported | LogitsFn, candidates: Mapping[str, LogitsFn
   Returns:
     The same JSON-able dict as `run.run_audit` (see `report.write_report`).
   """
-  from distill_jax.data import text
+  from distill_jax.models import tokenizers
 
   t0 = time.time()
   probes = list(probes)
@@ -191,7 +192,7 @@ def run_lm_audit(student: Exported | LogitsFn, candidates: Mapping[str, LogitsFn
     raise AuditError(f"Names used twice among the student, candidates and controls: "
                      f"{sorted(overlap)}; every model needs its own name.")
   if pad_id is None:
-    pad_id = (text.get_tokenizer(data_config.get("tokenizer", "bytes")).pad_id
+    pad_id = (tokenizers.get_tokenizer(data_config.get("tokenizer", "bytes")).pad_id
               if data_config is not None else 0)
   candidates = {c: QueryOnly(c, fn, ndim=3) for c, fn in candidates.items()}
   models = {name: QueryOnly(name, student, ndim=3),

@@ -1,13 +1,19 @@
 """Data: TFDS sources (ArrayRecord, random access, no TensorFlow) + grain pipelines.
 
 `train_iterator` / `eval_batches` turn a data config into NumPy batches for one
-process; the embedded data sets (`digits`) build themselves into the data_dir on
-first use, anything else is prepared once with `scripts/prepare_data.py`.
+process; the embedded data sets (`digits`, `pydoc_topics`) build themselves into the
+data_dir on first use, anything else is prepared once with `scripts/prepare_data.py`.
 `sources` reads the prepared splits, `transforms` holds the pure NumPy per-example
 transforms (augmentation, normalisation, the counter hash), and `iterators` orders,
-shards and batches the examples with grain.
+shards and batches the examples with grain. Text for language models is the package
+`text/`.
+
+A new embedded data set is one module that registers its TFDS builder with
+`@EMBEDDED.register(name)` (`embedded.py`), imported below so that it is known wherever
+this package is.
 """
 
+from distill_jax.data import digits  # noqa: F401  (registers `digits` with EMBEDDED)
 from distill_jax.data.contrast import class_contrast_indices, train_labels
 from distill_jax.data.embedded import EMBEDDED, ensure_embedded, is_embedded
 from distill_jax.data.iterators import (
@@ -28,6 +34,7 @@ from distill_jax.data.sources import (
     resolve_data_dir,
     split_digest,
 )
+from distill_jax.data.text import corpus  # noqa: F401  (registers `pydoc_topics`)
 from distill_jax.data.transforms import AUGMENTATIONS
 
 __all__ = [

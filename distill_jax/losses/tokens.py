@@ -391,7 +391,7 @@ def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                          batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> jax.Array:
   """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` (the teacher's mapped
   top-k probabilities plus the rest of its mass as one outcome) against the top-k
-  log-probabilities its output file gave per token (`data.blackbox`: batch keys `topk_ids`,
+  log-probabilities its output file gave per token (`data.text.blackbox`: batch keys `topk_ids`,
   `topk_logprobs`, `topk_valid` [B, L, k]), mean over the kept positions that have at least
   one mapped token. No live teacher is needed (`teachers` is not read)."""
   del teachers

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from distill_jax.data.text import HfTokenizer
+from distill_jax.models.tokenizers import HfTokenizer
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
              "qwen2": "Qwen2ForCausalLM"}

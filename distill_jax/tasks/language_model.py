@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from distill_jax.data import text
+from distill_jax.data.text import batches, packing
+from distill_jax.data.text import info as text_info
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task, TaskInfo
@@ -46,25 +47,25 @@ class LanguageModel(Task):
   rollout_keys: tuple[str, ...] = ("tokens", "targets", "mask", "document", "id")
 
   def info(self, data_config: Any) -> TaskInfo:
-    info = text.get_text_info(data_config)
+    info = text_info.get_text_info(data_config)
     return TaskInfo(info.vocab_size, (info.seq_len,), dict(info.num_examples), info,
                     dict(info.extra), dict(info.counts))
 
   def train_iterator(self, data_config: Any, **kwargs: Any) -> Any:
-    return text.train_iterator(data_config, **kwargs)
+    return batches.train_iterator(data_config, **kwargs)
 
   def eval_batches(self, data_config: Any, **kwargs: Any) -> Any:
-    return text.eval_batches(data_config, **kwargs)
+    return batches.eval_batches(data_config, **kwargs)
 
   def input_fingerprint(self, data_config: Any, split: str, seed: int, augmented: bool
                         ) -> dict[str, Any]:
     """The packed rows' content (SHA-256), their length and tokenizer; text is never
     augmented, so the seed and `augmented` do not matter."""
     del seed, augmented
-    info = text.get_text_info(data_config)
+    info = text_info.get_text_info(data_config)
     return {"data": data_config.name, "split": split,
-            "num_examples": len(text.packed_split(data_config, split)),
-            "sha256": text.rows_digest(data_config, split), "seq_len": info.seq_len,
+            "num_examples": len(packing.packed_split(data_config, split)),
+            "sha256": packing.rows_digest(data_config, split), "seq_len": info.seq_len,
             "tokenizer": info.tokenizer, "augment": "none"}
 
   def example_batch(self, input_shape: tuple[int, ...], batch_size: int,

@@ -24,8 +24,9 @@ import optax
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import generate, models, optim, tasks
-from distill_jax.data import batch_keys, teacher_cache, text
+from distill_jax.data import batch_keys, teacher_cache
 from distill_jax.features import ApplyFn
+from distill_jax.models import tokenizers
 from distill_jax.objective import Objective, build_objective
 from distill_jax.teachers import Teacher, check_tokenizers, init_shapes, load_teachers
 from distill_jax.train.compiled import build_applies, compile_steps, init_objective, trace_objective
@@ -323,7 +324,7 @@ def _on_policy(config: ml_collections.ConfigDict, task: tasks.Task, student: Any
     return None
   try:
     on_policy = generate.on_policy_from_config(
-        config.on_policy, student, text.get_tokenizer(config.data.get("tokenizer", "bytes")),
+        config.on_policy, student, tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")),
         int(input_shape[0]))
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None

@@ -1,6 +1,6 @@
 """TFDS text data sets (`tiny_shakespeare`, `lm1b`) prepared without TensorFlow.
 
-Training reads any prepared TFDS data set with a `text` feature by name (`data/text.py`), and
+Training reads any prepared TFDS data set with a `text` feature by name (`packing.py`), and
 reading needs no TensorFlow. The catalog's builders for these two sets, though, read their
 downloaded files through `tf.io.gfile`, so preparing them would need TensorFlow only for that.
 The builders here are the catalog's own classes (same name, version, features, splits and
