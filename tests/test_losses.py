@@ -8,7 +8,7 @@ import scipy.special
 from jax.test_util import check_grads
 
 from distill_jax import losses
-from distill_jax.objective import ObjectiveError, build_objective
+from distill_jax.losses.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 
 
