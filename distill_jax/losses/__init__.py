@@ -14,6 +14,12 @@ Add a loss in any importable file:
       ...
 
 and name that file in the config: `config.imports = ['my_pkg.my_losses']`.
+
+Beside the losses: `objective` (the config's weighted sum of terms: `build_objective`) and
+`connectors` (the trainable maps that module terms use). The modules, by kind of loss:
+`logits`, `features` (feature maps), `relations` (between a batch's examples), `hints`,
+`factor_transfer`, `contrastive`; for language models `tokens`, `token_topk`, `token_layers`,
+all reduced per token by `chunking`. Shared helpers are in `base`.
 """
 
 from distill_jax.losses import (
