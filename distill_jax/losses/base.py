@@ -1,4 +1,13 @@
-"""The loss registry and the helpers every loss term shares."""
+"""The loss registry and the helpers that loss terms share.
+
+What more than one loss module needs lives here, public and documented: the registry
+(`register_loss`, `loss_hparams`, `loss_ranges`), teachers' outputs and their aggregation
+(`teacher_outputs`, `teacher_log_probs`), masks (`masked_mean`, `zero_dropped`), feature pairs
+and their shape checks (`feature_pairs`, `named_feature_pairs`, `match_spatial`,
+`check_same_batch`, `check_vocab`) and array math (`kl`, `l2_normalize`, `avg_pool_to`,
+`at_least_float32`, `precise_einsum`, `per_example_mean`). A helper that one module uses stays
+there, private.
+"""
 
 from __future__ import annotations
 
@@ -356,11 +365,6 @@ def precise_einsum(spec: str, *operands: jax.Array) -> jax.Array:
 def per_example_mean(x: jax.Array) -> jax.Array:
   """Mean over every axis but the first: [B, ...] -> [B]."""
   return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
-
-
-def per_example_sum(x: jax.Array) -> jax.Array:
-  """Sum over every axis but the first: [B, ...] -> [B]."""
-  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
 def layer_tuple(layers: str | Sequence[str]) -> tuple[str, ...]:

@@ -39,7 +39,6 @@ from distill_jax.losses.base import (
   match_spatial,
   named_feature_pairs,
   per_example_mean,
-  per_example_sum,
   register_loss,
   shape_mismatch,
   weighted_mean,
@@ -51,6 +50,11 @@ from distill_jax.rules import NON_NEGATIVE
 Batch = Mapping[str, jax.Array]
 
 # ---------------------------------------------------------------------------- pure array math
+
+
+def per_example_sum(x: jax.Array) -> jax.Array:
+  """Sum over every axis but the first: [B, ...] -> [B]."""
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
 def hint_mse(regressed: jax.Array, target: jax.Array) -> jax.Array:
