@@ -42,7 +42,8 @@ METHODS = {
     "fitnet_hint": ({"fitnet": {"weight": 100.0}}, 1.0, {"fitnet": {}}),
     "at": ({"at": {"weight": 1000.0}}, 1.0, None),
     "sp": ({"sp": {"weight": 3000.0}}, 1.0, None),
-    # CC and FT at the CRD code's weights use that code's forms of the losses (see hints.py).
+    # CC and FT at the CRD code's weights use that code's forms of the losses (see
+    # losses/relations.py and losses/factor_transfer.py).
     "cc": ({"cc": {"weight": 0.02, "form": "repdistiller"}}, 1.0, None),
     "vid": ({"vid": {"weight": 1.0}}, 1.0, None),
     "rkd": ({"rkd": {"weight": 1.0}}, 1.0, None),

@@ -25,7 +25,7 @@ from distill_jax.config_cli import switch_models
 from distill_jax.data import default_data_config
 from distill_jax.features import DTYPES
 from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, check_layout
-from distill_jax.objective import build_objective, term_ranges
+from distill_jax.losses.objective import build_objective, term_ranges
 from distill_jax.rules import (
   FRACTION,
   NON_NEGATIVE,

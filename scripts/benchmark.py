@@ -116,7 +116,7 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
 
   from distill_jax import models
   from distill_jax.data import teacher_cache
-  from distill_jax.objective import build_objective
+  from distill_jax.losses.objective import build_objective
   from distill_jax.teachers import Teacher
   from distill_jax.train.compiled import build_applies, compile_steps, example_batch, init_objective
   from distill_jax.train.parallel import Parallel
@@ -413,7 +413,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   import optax
 
   from distill_jax import models, tasks
-  from distill_jax.objective import build_objective
+  from distill_jax.losses.objective import build_objective
   from distill_jax.teachers import Teacher
   from distill_jax.train.compiled import build_applies, compile_steps, init_objective
   from distill_jax.train.parallel import Parallel

@@ -19,7 +19,7 @@ from distill_jax import data as data_lib
 from distill_jax import losses, models
 from distill_jax.config import load_config_file, validate
 from distill_jax.data import contrast
-from distill_jax.objective import ObjectiveError, build_objective
+from distill_jax.losses.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 from distill_jax.teachers import Teacher, init_shapes
 from distill_jax.train import build

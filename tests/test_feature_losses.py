@@ -14,7 +14,9 @@ from jax.test_util import check_grads
 
 from distill_jax import losses
 from distill_jax.losses import features as F
-from distill_jax.objective import ObjectiveError, build_objective
+from distill_jax.losses import relations as R
+from distill_jax.losses.base import avg_pool_to
+from distill_jax.losses.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 
 NAMES = ("at", "sp", "rkd", "pkt", "nst", "fsp")
@@ -253,8 +255,8 @@ def test_at_pool_to_smaller_refuses_maps_larger_on_different_axes():
 def test_core_array_functions_match_numpy():
   rng = np.random.default_rng(10)
   x = rng.normal(size=(5, 7))
-  core = jax.jit(lambda v, m: (F.pairwise_distances(v), F.angle_matrix(v),
-                               F.pkt_probabilities(v), F.avg_pool_to(m, (2, 3)),
+  core = jax.jit(lambda v, m: (R.pairwise_distances(v), R.angle_matrix(v),
+                               R.pkt_probabilities(v), avg_pool_to(m, (2, 3)),
                                F.fsp_matrix(m, m[:, ::2, ::2, :2])))
   maps = rng.normal(size=(2, 4, 6, 3))
   dist, angles, probs, pooled, fsp = core(jnp.asarray(x, jnp.float32),

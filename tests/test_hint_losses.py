@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from distill_jax.losses import LOSSES, hints, loss_hparams
-from distill_jax.objective import ObjectiveError, build_objective
+from distill_jax.losses import LOSSES, hints, loss_hparams, relations
+from distill_jax.losses.base import l2_normalize, layer_tuple
+from distill_jax.losses.factor_transfer import ft_distance, ft_factor
+from distill_jax.losses.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
 
 FITNET, VID, AB, FT, FT_PARA, CC = (LOSSES.get(n) for n in (
@@ -485,10 +487,10 @@ def test_ft_pure_functions():
   def parts(f):
     out = {}
     for form in ("paper", "repdistiller"):
-      u = hints.ft_factor(f, form)
-      out[form] = (u, hints.ft_factor(3.0 * f, form), hints.ft_distance(u, u, form, 2.0),
-                   jax.grad(lambda x, form=form: hints.ft_distance(x, x, form, 2.0).sum())(u))
-    out["zero"] = jax.grad(lambda x: hints.l2_normalize(x).sum())(jnp.zeros((2, 5)))
+      u = ft_factor(f, form)
+      out[form] = (u, ft_factor(3.0 * f, form), ft_distance(u, u, form, 2.0),
+                   jax.grad(lambda x, form=form: ft_distance(x, x, form, 2.0).sum())(u))
+    out["zero"] = jax.grad(lambda x: l2_normalize(x).sum())(jnp.zeros((2, 5)))
     return out
 
   out = parts(f)
@@ -550,7 +552,7 @@ def test_cc_taylor_kernel_approaches_the_gaussian_rbf():
   e = rng.normal(size=(5, 4))
   e /= np.linalg.norm(e, axis=1, keepdims=True)
   exact = np.exp(-0.4 * np.sum((e[:, None] - e[None]) ** 2, axis=-1))
-  approx = hints.rbf_taylor_kernel(jnp.asarray(e, jnp.float32), 0.4, 12)
+  approx = relations.rbf_taylor_kernel(jnp.asarray(e, jnp.float32), 0.4, 12)
   np.testing.assert_allclose(approx, exact, rtol=1e-5)
 
 
@@ -629,7 +631,7 @@ def test_objective_end_to_end(name, settings):
   hp = loss_hparams(LOSSES.get(name))
   for key in ("student_layer", "student_layers"):
     if key in hp:
-      assert set(hints.layer_tuple(hp[key])) <= set(objective.student_features)
+      assert set(layer_tuple(hp[key])) <= set(objective.student_features)
   params, state = _jit(objective.init)(_key(0), student, teachers, batch)
   has_stats = "batch_stats" in state[name]
 

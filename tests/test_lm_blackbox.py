@@ -19,7 +19,7 @@ from conftest import ROOT, cli_env
 
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data.text import blackbox
-from distill_jax.losses import tokens
+from distill_jax.losses import token_topk
 from distill_jax.models.tokenizers import ByteTokenizer, HfTokenizer
 from distill_jax.outputs import Outputs
 
@@ -183,7 +183,7 @@ def test_alternatives_merge_by_first_token_and_the_loss_keeps_the_rest():
           np.sum(second * np.log(second / q[1, [big_h, h]]))
           + rest * np.log(rest / (1 - q[1, [big_h, h]].sum()))]
   batch = {key: rows[key] for key in ("mask", *blackbox.TOPK_KEYS)}
-  got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(logits), {}, {}), {}, batch)
+  got = token_topk.token_sparse_topk_kd(Outputs(jnp.asarray(logits), {}, {}), {}, batch)
   np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
 
 
@@ -216,7 +216,7 @@ def test_sparse_topk_kl_against_numpy():
       count += 1
   student = Outputs(jnp.asarray(logits), {}, {})
   for chunk in (0, 2):
-    got = tokens.token_sparse_topk_kd(student, {}, batch, chunk_size=chunk)
+    got = token_topk.token_sparse_topk_kd(student, {}, batch, chunk_size=chunk)
     np.testing.assert_allclose(got, want / count, rtol=1e-5)
   # Zero exactly when the student holds the teacher's probabilities on its tokens and the
   # rest (0.6) on the others, not when it renormalises them over the teacher's tokens.
@@ -225,13 +225,13 @@ def test_sparse_topk_kl_against_numpy():
   one = {"topk_ids": np.array([[[3, 5, 0]]], np.int32),
          "topk_logprobs": np.log(np.array([[[0.1, 0.3, 0.2]]], np.float32)),
          "topk_valid": np.array([[[1, 1, 0]]], np.float32)}
-  got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(exact), {}, {}), {}, one)
+  got = token_topk.token_sparse_topk_kd(Outputs(jnp.asarray(exact), {}, {}), {}, one)
   assert abs(float(got)) < 1e-6
   renormalised = np.full((1, 1, vocab), -1e9, np.float32)
   renormalised[0, 0, [3, 5]] = np.log([0.25, 0.75])
-  got = tokens.token_sparse_topk_kd(Outputs(jnp.asarray(renormalised), {}, {}), {}, one)
+  got = token_topk.token_sparse_topk_kd(Outputs(jnp.asarray(renormalised), {}, {}), {}, one)
   assert float(got) > 1.0
-  grad = jax.grad(lambda x: tokens.token_sparse_topk_kd(Outputs(x, {}, {}), {}, batch))(
+  grad = jax.grad(lambda x: token_topk.token_sparse_topk_kd(Outputs(x, {}, {}), {}, batch))(
       jnp.asarray(logits))
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
 

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.losses import LOSSES
-from distill_jax.losses import tokens as token_losses
+from distill_jax.losses import LOSSES, token_topk
 from distill_jax.losses.base import masked_mean
 from distill_jax.outputs import Outputs
 
@@ -192,10 +191,10 @@ def test_topk_with_full_vocabulary_equals_forward_kl():
 def test_topk_from_cached_features_equals_live_teacher():
   """A teacher that provides only its top-k view (as a cache does) gives the live value."""
   s, (t,), targets, mask = _data(5)
-  top, idx, rest = jax.jit(token_losses.teacher_topk, static_argnums=1)(
+  top, idx, rest = jax.jit(token_topk.teacher_topk, static_argnums=1)(
       jnp.asarray(t, jnp.float32), 5)
-  cached = Outputs(None, {token_losses.TOPK_LOG_PROBS: top, token_losses.TOPK_INDICES: idx,
-                          token_losses.TOPK_LOG_REST: rest}, {})
+  cached = Outputs(None, {token_topk.TOPK_LOG_PROBS: top, token_topk.TOPK_INDICES: idx,
+                          token_topk.TOPK_LOG_REST: rest}, {})
   batch = {"targets": jnp.asarray(targets), "mask": jnp.asarray(mask)}
   got = jax.jit(functools.partial(LOSSES.get("token_topk_kd"), k=5, chunk_size=4))(
       Outputs(jnp.asarray(s, jnp.float32), {}, {}), {"t": cached}, batch)
@@ -344,11 +343,11 @@ def _padded_batch(seed):
 def test_nonfinite_topk_cache_at_dropped_tokens():
   """The same for a top-k cache's features (what `token_topk_kd` reads instead of logits)."""
   s, t, batch, dropped = _padded_batch(12)
-  top, idx, rest = jax.jit(token_losses.teacher_topk, static_argnums=1)(t, 5)
+  top, idx, rest = jax.jit(token_topk.teacher_topk, static_argnums=1)(t, 5)
 
   def cached(student, top, rest):
-    features = {token_losses.TOPK_LOG_PROBS: top, token_losses.TOPK_INDICES: idx,
-                token_losses.TOPK_LOG_REST: rest}
+    features = {token_topk.TOPK_LOG_PROBS: top, token_topk.TOPK_INDICES: idx,
+                token_topk.TOPK_LOG_REST: rest}
     return LOSSES.get("token_topk_kd")(Outputs(student, {}, {}),
                                        {"t": Outputs(None, features, {})}, batch, k=5,
                                        chunk_size=4)

@@ -1,7 +1,7 @@
 """Every numeric setting has a range, declared once beside what it governs (a run setting in
-config.py, a loss's hyper-parameter beside the loss, a term's weight in objective.py); a value
-outside it fails before anything is built or written, with one message naming the setting and
-the range."""
+config.py, a loss's hyper-parameter beside the loss, a term's weight in losses/objective.py); a
+value outside it fails before anything is built or written, with one message naming the setting
+and the range."""
 
 import os
 import subprocess

@@ -14,14 +14,24 @@ Add a loss in any importable file:
       ...
 
 and name that file in the config: `config.imports = ['my_pkg.my_losses']`.
+
+Beside the losses: `objective` (the config's weighted sum of terms: `build_objective`) and
+`connectors` (the trainable maps that module terms use). The modules, by kind of loss:
+`logits`, `features` (feature maps), `relations` (between a batch's examples), `hints`,
+`factor_transfer`, `contrastive`; for language models `tokens`, `token_topk`, `token_layers`,
+all reduced per token by `chunking`. Shared helpers are in `base`.
 """
 
 from distill_jax.losses import (
     contrastive,  # noqa: F401  (registers crd)
-    features,  # noqa: F401  (registers at, sp, rkd, pkt, nst, fsp)
-    hints,  # noqa: F401  (registers fitnet, vid, ab, ft, ft_paraphraser, cc)
+    factor_transfer,  # noqa: F401  (registers ft, ft_paraphraser)
+    features,  # noqa: F401  (registers at, nst, fsp)
+    hints,  # noqa: F401  (registers fitnet, vid, ab)
     logits,  # noqa: F401  (registers ce, kd, dkd, logit_mse, reverse_kl, gjsd)
-    tokens,  # noqa: F401  (registers token_ce, token_fkl, token_rkl, token_jsd, ...)
+    relations,  # noqa: F401  (registers sp, rkd, pkt, cc)
+    token_layers,  # noqa: F401  (registers token_hidden_mse, token_attention_kl)
+    token_topk,  # noqa: F401  (registers token_topk_kd, token_sparse_topk_kd)
+    tokens,  # noqa: F401  (registers token_ce, token_fkl, token_rkl, token_jsd, token_skew_kl)
 )
 from distill_jax.losses.base import LOSSES, loss_hparams, register_loss
 

@@ -1,4 +1,13 @@
-"""The loss registry and the helpers every loss term shares."""
+"""The loss registry and the helpers that loss terms share.
+
+What more than one loss module needs lives here, public and documented: the registry
+(`register_loss`, `loss_hparams`, `loss_ranges`), teachers' outputs and their aggregation
+(`teacher_outputs`, `teacher_log_probs`), masks (`masked_mean`, `zero_dropped`), feature pairs
+and their shape checks (`feature_pairs`, `named_feature_pairs`, `match_spatial`,
+`check_same_batch`, `check_vocab`) and array math (`kl`, `l2_normalize`, `avg_pool_to`,
+`at_least_float32`, `precise_einsum`, `per_example_mean`). A helper that one module uses stays
+there, private.
+"""
 
 from __future__ import annotations
 
@@ -135,6 +144,65 @@ def shape_mismatch(term: str, s_layer: str, s_shape: Sequence[int], t_layer: str
   return ValueError(
       f"Loss term {term!r} compares student layer {s_layer!r} of shape {tuple(s_shape)} with "
       f"teacher layer {t_layer!r} of shape {tuple(t_shape)}, which do not match. {fix}")
+
+
+def named_feature_pairs(term: str, student: Outputs, teachers: Mapping[str, Outputs],
+                        student_layers: str | Sequence[str], teacher_layers: str | Sequence[str],
+                        teacher: str | None) -> list[tuple[str, jax.Array, str, jax.Array]]:
+  """[(student layer, its feature, teacher layer, its feature)] for the paired layer names,
+  the teacher's feature under stop_gradient (`feature_pairs`). Refuses a pair whose batch
+  sizes or ranks differ, naming `term`, both layers and their shapes."""
+  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
+  pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
+  out = []
+  for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
+    if s.shape[0] != t.shape[0] or s.ndim != t.ndim:
+      raise shape_mismatch(term, s_name, s.shape, t_name, t.shape,
+                           "Compare features of the same batch and rank ([B, H, W, C] with "
+                           "[B, H, W, C], or [B, D] with [B, D]).")
+    out.append((s_name, s, t_name, t))
+  return out
+
+
+def check_same_batch(term: str, s_name: str, s: jax.Array, t_name: str, t: jax.Array) -> None:
+  """Refuses a student feature `s` and a teacher feature `t` of different batch sizes (their
+  leading axes), naming `term`, both layers and their shapes."""
+  if s.shape[:1] != t.shape[:1]:
+    raise shape_mismatch(term, s_name, s.shape, t_name, t.shape,
+                         fix="Student and teacher features must come from the same batch "
+                             "(equal leading batch axis).")
+
+
+def match_spatial(term: str, s_name: str, s: jax.Array, t_name: str,
+                  t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two [B, H, W, C] maps at one spatial size: the larger average-pooled to the smaller's
+  (`avg_pool_to`; the CRD code's VID and FT). Equal sizes pass as they are; sizes that are not
+  whole multiples of each other (or other ranks of unequal size) are refused, naming `term`,
+  both layers and their shapes."""
+  if s.shape[1:-1] == t.shape[1:-1]:
+    return s, t
+  if s.ndim == 4:
+    (sh, sw), (th, tw) = s.shape[1:3], t.shape[1:3]
+    if sh >= th and sw >= tw and sh % th == 0 and sw % tw == 0:
+      return avg_pool_to(s, (th, tw)), t
+    if th >= sh and tw >= sw and th % sh == 0 and tw % sw == 0:
+      return s, avg_pool_to(t, (sh, sw))
+  raise shape_mismatch(
+      term, s_name, s.shape, t_name, t.shape,
+      "Spatial sizes must be equal, or one a whole multiple of the other (the larger map is "
+      "then average-pooled): pick student and teacher layers of compatible resolution.")
+
+
+def check_vocab(student: Outputs, teachers: Mapping[str, Outputs]) -> None:
+  """Raises unless every teacher's vocabulary (last axis of its logits) is the student's: the
+  token-level divergences compare distributions over one vocabulary."""
+  size = student.logits.shape[-1]
+  for name, t in teachers.items():
+    if t.logits is not None and t.logits.shape[-1] != size:
+      raise ValueError(
+          f"Teacher {name!r} predicts over a vocabulary of {t.logits.shape[-1]} tokens and the "
+          f"student over {size}: token-level distillation needs one vocabulary (the same "
+          "tokenizer for both models).")
 
 
 def example_weights(batch: Mapping[str, jax.Array], logits: jax.Array) -> jax.Array:
@@ -281,6 +349,22 @@ def kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
   keep = p > 0
   diff = jnp.where(keep, log_p - jnp.where(keep, log_q, 0.0), 0.0)
   return jnp.sum(p * diff, axis=-1)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """`x` in at least float32 (bf16/fp16 features are promoted, float64 stays)."""
+  return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
+
+def precise_einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  """`jnp.einsum` at `Precision.HIGHEST`: no bf16/TF32 passes on accelerators, for the
+  feature losses' contractions (Gram, similarity and kernel matrices)."""
+  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+def per_example_mean(x: jax.Array) -> jax.Array:
+  """Mean over every axis but the first: [B, ...] -> [B]."""
+  return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
 
 
 def layer_tuple(layers: str | Sequence[str]) -> tuple[str, ...]:

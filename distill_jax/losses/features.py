@@ -1,27 +1,23 @@
-"""Parameter-free losses on intermediate features and on the relations between examples.
+"""Parameter-free losses that compare feature maps through a summary of each map.
 
 Registered here (weights are those of the CRD paper's code, RepDistiller, on CIFAR-100, used
 beside `ce` of weight 1 and no `kd`):
 
 - `at`: Attention Transfer (Zagoruyko & Komodakis, ICLR 2017), weight 1000.
-- `sp`: Similarity-Preserving KD (Tung & Mori, ICCV 2019), weight 3000.
-- `rkd`: Relational KD, distance + angle (Park et al., CVPR 2019), weight 1.
-- `pkt`: Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018), weight 30000.
 - `nst`: Neuron Selectivity Transfer (Huang & Wang, 2017), weight 50.
 - `fsp`: Flow of Solution Procedure (Yim et al., CVPR 2017), weight 50 (in RepDistiller, only in
   a 30-epoch pre-training stage of the student's feature layers, see `fsp`).
 
-None has trainable parameters, so each is a pure function. Feature maps are [B, H, W, C]
-(channels last; any [B, *spatial, C] works); embeddings [B, D]. The core math lives in small
-array functions (`attention_map`, `similarity_matrix`, `rkd_losses`, `pkt_divergence`,
-`nst_mmd`, `fsp_matrix`) that the tests check against NumPy. Everything is computed in at least
-float32, and every contraction at `Precision.HIGHEST` (no bf16/TF32 passes on accelerators).
+The losses on the relations between examples (SP, RKD, PKT, CC) are in relations.py.
 
-The batch `mask` (1 real, 0 padding) is honoured by all six: the per-example ones (AT, NST,
-FSP) take the masked batch mean; for the relational ones (SP, RKD, PKT) padded examples are
-dropped from every relation, so the value equals the unmasked loss on the real examples alone.
-Relations are taken within the batch the loss sees: under pmap, each device's shard; under
-jit over a sharded batch, the global batch.
+None has trainable parameters, so each is a pure function. Feature maps are [B, H, W, C]
+(channels last; any [B, *spatial, C] works). The core math lives in small array functions
+(`attention_map`, `adaptive_avg_pool`, `nst_mmd`, `fsp_matrix`) that the tests check against
+NumPy. Everything is computed in at least float32, and every contraction at
+`Precision.HIGHEST` (no bf16/TF32 passes on accelerators).
+
+The batch `mask` (1 real, 0 padding) is honoured by all three: each takes the masked batch
+mean of its per-example values.
 """
 
 from __future__ import annotations
@@ -32,57 +28,25 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.base import (
-    EPS,
     NORM_EPS,
+    at_least_float32,
     avg_pool_to,
+    check_same_batch,
     example_weights,
     feature_pairs,
     l2_normalize,
     layer_tuple,
+    precise_einsum,
     register_loss,
     shape_mismatch,
     weighted_mean,
 )
 from distill_jax.outputs import Outputs
-from distill_jax.rules import NON_NEGATIVE
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-Weights = jax.Array | None
-
 
 # ---------------------------------------------------------------------------- shared helpers
-
-
-def _float(x: jax.Array) -> jax.Array:
-  """`x` in at least float32 (bf16/fp16 features are promoted, float64 stays)."""
-  return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
-
-
-def _flat(x: jax.Array) -> jax.Array:
-  """[B, ...] -> [B, D] in at least float32."""
-  x = _float(x)
-  return x.reshape(x.shape[0], -1)
-
-
-def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, *operands, precision=HIGHEST)
-
-
-def _weights(batch: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
-  """Per-example weights [B] (the batch mask, or ones) in x's float dtype."""
-  return example_weights(batch, _float(x))
-
-
-def _sum_weights(w: Weights, size: int, dtype: jnp.dtype) -> jax.Array:
-  return jnp.asarray(size, dtype) if w is None else jnp.sum(w)
-
-
-def _check_batch(term: str, s_name: str, s: jax.Array, t_name: str, t: jax.Array) -> None:
-  if s.shape[:1] != t.shape[:1]:
-    raise shape_mismatch(term, s_name, s.shape, t_name, t.shape,
-                         fix="Student and teacher features must come from the same batch "
-                             "(equal leading batch axis).")
 
 
 def _check_map(term: str, side: str, name: str, x: jax.Array) -> None:
@@ -124,7 +88,7 @@ def attention_map(f: jax.Array, p: float = 2.0, eps: float = NORM_EPS) -> jax.Ar
   """
   if p <= 0:
     raise ValueError(f"attention transfer needs p > 0, got p={p}.")
-  a = jnp.abs(_float(f))
+  a = jnp.abs(at_least_float32(f))
   a = a ** int(p) if float(p).is_integer() else a ** p
   a = jnp.mean(a, axis=-1).reshape(f.shape[0], -1)
   return l2_normalize(a, axis=-1, eps=eps)
@@ -137,7 +101,7 @@ def adaptive_avg_pool(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
   - 1: non-overlapping windows of S / O when O divides S, overlapping ones otherwise. Done as one
   averaging matrix [O, S] per axis.
   """
-  x = _float(x)
+  x = at_least_float32(x)
   for axis, (size, out) in enumerate(zip(x.shape[1:-1], spatial, strict=True), 1):
     if size == out:
       continue
@@ -180,7 +144,7 @@ def attention_transfer(student: Outputs, teachers: Mapping[str, Outputs],
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
-    _check_batch("at", s_name, s, t_name, t)
+    check_same_batch("at", s_name, s, t_name, t)
     _check_map("at", "student", s_name, s)
     _check_map("at", "teacher", t_name, t)
     s_size, t_size = tuple(s.shape[1:-1]), tuple(t.shape[1:-1])
@@ -196,204 +160,9 @@ def attention_transfer(student: Outputs, teachers: Mapping[str, Outputs],
               "layers of equal spatial resolution (their channels may differ), or set "
               "pool_to_smaller=True to average-pool the larger map to the smaller one (it "
               "must then be at least as large on every axis).")
-    total = total + weighted_mean(at_divergence(s, t, p), _weights(batch, s))
+    weights = example_weights(batch, at_least_float32(s))
+    total = total + weighted_mean(at_divergence(s, t, p), weights)
   return total
-
-
-# ---------------------------------------------------------------------------------------- SP
-
-
-def similarity_matrix(f: jax.Array, w: Weights = None, eps: float = NORM_EPS) -> jax.Array:
-  """SP's batch similarity [B, B]: `G = F F^T` (F = f flattened per example), rows L2-normalised.
-
-  With weights `w` [B] (the mask), padded examples' rows of F are zeroed first, so their rows
-  and columns of G are 0 and the other rows' norms ignore them.
-  """
-  x = _flat(f)
-  if w is not None:
-    x = x * w[:, None].astype(x.dtype)
-  return l2_normalize(_einsum("id,jd->ij", x, x), axis=-1, eps=eps)
-
-
-def sp_divergence(f_s: jax.Array, f_t: jax.Array, w: Weights = None) -> jax.Array:
-  """`||G_s - G_t||_F^2 / n^2` (n = B, or the number of real examples under weights `w`)."""
-  diff = similarity_matrix(f_s, w) - similarity_matrix(f_t, w)
-  n = _sum_weights(w, f_s.shape[0], diff.dtype)
-  return jnp.sum(jnp.square(diff)) / jnp.maximum(n * n, 1.0)
-
-
-@register_loss("sp")
-def similarity_preserving(student: Outputs, teachers: Mapping[str, Outputs],
-                          batch: Mapping[str, jax.Array], *,
-                          student_layers: str | Sequence[str] = ("stage3",),
-                          teacher_layers: str | Sequence[str] = ("stage3",),
-                          teacher: str | None = None) -> jax.Array:
-  """Similarity-Preserving KD (Tung & Mori, ICCV 2019), summed over the layer pairs.
-
-  For features [B, ...] flattened to F [B, D] (D may differ between student and teacher):
-  `G = row_normalize(F F^T)` [B, B] and the loss `||G_s - G_t||_F^2 / B^2`. Default layer: the
-  last stage's map before pooling (RepDistiller's `feat[-2]`); CRD-recipe weight 3000. The mask
-  is honoured: padded examples are left out of G and B counts the real ones (a relational loss,
-  so the value is that of the real examples alone).
-  """
-  s_names, t_names = layer_tuple(student_layers), layer_tuple(teacher_layers)
-  pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
-  total = jnp.zeros((), jnp.float32)
-  for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
-    _check_batch("sp", s_name, s, t_name, t)
-    w = _weights(batch, s) if batch.get("mask") is not None else None
-    total = total + sp_divergence(s, t, w)
-  return total
-
-
-# --------------------------------------------------------------------------------------- RKD
-
-
-def smooth_l1(x: jax.Array, beta: float = 1.0) -> jax.Array:
-  """Elementwise smooth L1 (Huber) of a difference: `0.5 x^2 / beta` if |x| < beta, else
-  `|x| - 0.5 beta` (PyTorch's `smooth_l1_loss`, beta 1 by default)."""
-  ax = jnp.abs(x)
-  return jnp.where(ax < beta, 0.5 * jnp.square(x) / beta, ax - 0.5 * beta)
-
-
-def pairwise_distances(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Euclidean distances [B, B] between the rows of x [B, D]; 0 on the diagonal.
-
-  Off the diagonal the squared distance is clamped at `eps` from below (distances >= sqrt(eps)),
-  as RepDistiller's `pdist`. Computed from the differences (not |a|^2 + |b|^2 - 2ab, which
-  cancels catastrophically for large features).
-  """
-  diff = x[:, None, :] - x[None, :, :]
-  sq = jnp.sum(jnp.square(diff), axis=-1)
-  eye = jnp.eye(x.shape[0], dtype=bool)
-  return jnp.where(eye, 0.0, jnp.sqrt(jnp.maximum(sq, eps)))
-
-
-def normalized_distances(x: jax.Array, w: Weights = None, eps: float = 1e-12) -> jax.Array:
-  """Pairwise distances [B, B] divided by their mean over the (real) off-diagonal pairs."""
-  d = pairwise_distances(x, eps)
-  off = 1.0 - jnp.eye(x.shape[0], dtype=d.dtype)
-  pw = off if w is None else off * w[:, None] * w[None, :]
-  count = jnp.sum(pw)
-  mean = jnp.sum(pw * d) / jnp.where(count > 0, count, 1.0)
-  return d / jnp.where(mean > 0, mean, 1.0)
-
-
-def angle_matrix(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-  """Cosines [B, B, B] of the angles of all triplets: `A[j, i, k] = <e_ji, e_jk>` with
-  `e_ji = (x_i - x_j) / max(||x_i - x_j||, eps)`, i.e. the angle at anchor j between x_i and x_k.
-
-  Degenerate triplets (i = j or k = j) have a zero difference vector and a cosine of 0.
-  """
-  e = l2_normalize(x[None, :, :] - x[:, None, :], axis=-1, eps=eps)  # e[j, i] = x_i - x_j.
-  return _einsum("jid,jkd->jik", e, e)
-
-
-def rkd_losses(s: jax.Array, t: jax.Array, w: Weights = None, eps: float = 1e-12,
-               beta: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """RKD's `(distance loss, angle loss)` between embeddings s [B, D_s] and t [B, D_t].
-
-  distance: `mean_{i,j} smooth_l1(d_s[i,j] / mu_s - d_t[i,j] / mu_t)` over all B^2 pairs, the
-  diagonal included (it is 0), `mu` the mean distance over the off-diagonal pairs;
-  angle: `mean_{j,i,k} smooth_l1(A_s - A_t)` over all B^3 triplets (see `angle_matrix`).
-  Both means as RepDistiller's `smooth_l1_loss` (reduction 'mean'). With weights `w` [B] the
-  pairs and triplets of padded examples are left out and n = sum(w) replaces B.
-  """
-  s, t = _flat(s), _flat(t)
-  n = _sum_weights(w, s.shape[0], s.dtype)
-  dist = smooth_l1(normalized_distances(s, w, eps) - normalized_distances(t, w, eps), beta)
-  angle = smooth_l1(angle_matrix(s, eps) - angle_matrix(t, eps), beta)
-  if w is None:
-    return jnp.mean(dist), jnp.mean(angle)
-  pair = w[:, None] * w[None, :]
-  dist = jnp.sum(pair * dist) / jnp.maximum(n**2, 1.0)
-  angle = jnp.sum(pair[:, :, None] * w[None, None, :] * angle) / jnp.maximum(n**3, 1.0)
-  return dist, angle
-
-
-@register_loss("rkd", ranges={
-    "distance_weight": (NON_NEGATIVE, "the distance loss's weight"),
-    "angle_weight": (NON_NEGATIVE, "the angle loss's weight"), "eps": EPS})
-def relational_kd(student: Outputs, teachers: Mapping[str, Outputs],
-                  batch: Mapping[str, jax.Array], *, student_layer: str = "pool",
-                  teacher_layer: str = "pool", distance_weight: float = 25.0,
-                  angle_weight: float = 50.0, eps: float = 1e-12, smooth_l1_beta: float = 1.0,
-                  teacher: str | None = None) -> jax.Array:
-  """Relational KD (Park et al., CVPR 2019): `distance_weight * L_dist + angle_weight * L_angle`.
-
-  On embeddings [B, D_s] / [B, D_t] (default the pre-logit 'pool' vectors, RepDistiller's
-  `feat[-1]`; other features are flattened per example; D may differ):
-  L_dist = Huber between the pairwise-distance matrices, each divided by its mean over the
-  off-diagonal pairs; L_angle = Huber between the [B, B, B] cosines of the angles of all
-  triplets (anchor j: between x_i - x_j and x_k - x_j). Huber is smooth L1 with
-  `smooth_l1_beta` = 1, mean over all B^2 pairs / B^3 triplets (see `rkd_losses`).
-  `eps` = 1e-12 clamps squared distances from below and floors the norms of the difference
-  vectors, as RepDistiller. Weights 25 / 50 inside, CRD-recipe term weight 1. The mask is
-  honoured: padded examples are left out of every pair and triplet.
-  """
-  ((s, t),) = feature_pairs(student, teachers, student_layer, teacher_layer, teacher)
-  _check_batch("rkd", student_layer, s, teacher_layer, t)
-  w = _weights(batch, s) if batch.get("mask") is not None else None
-  dist, angle = rkd_losses(s, t, w, eps, smooth_l1_beta)
-  return distance_weight * dist + angle_weight * angle
-
-
-# --------------------------------------------------------------------------------------- PKT
-
-
-def pkt_probabilities(x: jax.Array, w: Weights = None, eps: float = 1e-7) -> jax.Array:
-  """PKT's conditional probabilities [B, B] from embeddings x [B, D].
-
-  `x_i / (||x_i|| + eps)`, cosine similarities clipped to [-1, 1] (rounding only), shifted to
-  `(S + 1) / 2` in [0, 1] and divided by their row sums: `P[i, j] = p(j | i)`. With weights `w`,
-  padded examples' columns are zeroed before the row normalisation.
-  """
-  x = _flat(x)
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)  # Finite grad at 0.
-  x = x / (norm + eps)
-  sim = (jnp.clip(_einsum("id,jd->ij", x, x), -1.0, 1.0) + 1.0) / 2.0
-  if w is not None:
-    sim = sim * w[None, :]
-  rows = jnp.sum(sim, axis=-1, keepdims=True)
-  return sim / jnp.where(rows > 0, rows, 1.0)
-
-
-def pkt_divergence(s: jax.Array, t: jax.Array, w: Weights = None,
-                   eps: float = 1e-7) -> jax.Array:
-  """`mean_{i,j} P_t[i,j] * log((P_t[i,j] + eps) / (P_s[i,j] + eps))` over all B^2 entries.
-
-  This is RepDistiller's (and the PKT authors' code's) `torch.mean` over the whole matrix, i.e.
-  the mean over rows of `KL(P_t[i] || P_s[i])` divided once more by B, with eps = 1e-7 inside
-  the log. With weights `w` the padded rows and columns are left out and B = sum(w).
-  """
-  p_s, p_t = pkt_probabilities(s, w, eps), pkt_probabilities(t, w, eps)
-  terms = p_t * (jnp.log(p_t + eps) - jnp.log(p_s + eps))
-  if w is None:
-    return jnp.mean(terms)
-  n = jnp.sum(w)
-  return jnp.sum(terms * w[:, None] * w[None, :]) / jnp.maximum(n * n, 1.0)
-
-
-@register_loss("pkt", ranges={"eps": EPS})
-def probabilistic_kt(student: Outputs, teachers: Mapping[str, Outputs],
-                     batch: Mapping[str, jax.Array], *, student_layer: str = "pool",
-                     teacher_layer: str = "pool", eps: float = 1e-7,
-                     teacher: str | None = None) -> jax.Array:
-  """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018) with the cosine kernel.
-
-  On embeddings [B, D_s] / [B, D_t] (default 'pool', RepDistiller's `feat[-1]`; D may
-  differ): L2-normalise, cosine-similarity matrices shifted to [0, 1] by `(S + 1) / 2`,
-  row-normalised into conditional probabilities P, and the loss
-  `mean_{i,j} P_t log((P_t + eps) / (P_s + eps))` over all B^2 entries, eps = 1e-7, exactly as
-  RepDistiller (`torch.mean`, so it is the row-mean of KL(P_t || P_s) divided by B); see
-  `pkt_divergence`. CRD-recipe weight 30000. The mask is honoured: padded examples are left
-  out of the kernels and the mean.
-  """
-  ((s, t),) = feature_pairs(student, teachers, student_layer, teacher_layer, teacher)
-  _check_batch("pkt", student_layer, s, teacher_layer, t)
-  w = _weights(batch, s) if batch.get("mask") is not None else None
-  return pkt_divergence(s, t, w, eps)
 
 
 # --------------------------------------------------------------------------------------- NST
@@ -409,13 +178,13 @@ def nst_mmd(f_s: jax.Array, f_t: jax.Array, degree: int = 2, c: float = 0.0,
   """
 
   def channels(f: jax.Array) -> jax.Array:
-    f = _float(f)
+    f = at_least_float32(f)
     return l2_normalize(f.reshape(f.shape[0], -1, f.shape[-1]), axis=1, eps=eps)  # [B, P, C]
 
   s, t = channels(f_s), channels(f_t)
 
   def kernel_mean(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.mean((_einsum("bpi,bpj->bij", a, b) + c) ** degree, axis=(1, 2))
+    return jnp.mean((precise_einsum("bpi,bpj->bij", a, b) + c) ** degree, axis=(1, 2))
 
   return kernel_mean(t, t) + kernel_mean(s, s) - 2.0 * kernel_mean(s, t)
 
@@ -443,7 +212,7 @@ def neuron_selectivity_transfer(student: Outputs, teachers: Mapping[str, Outputs
   pairs = feature_pairs(student, teachers, s_names, t_names, teacher)
   total = jnp.zeros((), jnp.float32)
   for (s, t), s_name, t_name in zip(pairs, s_names, t_names, strict=True):
-    _check_batch("nst", s_name, s, t_name, t)
+    check_same_batch("nst", s_name, s, t_name, t)
     _check_map("nst", "student", s_name, s)
     _check_map("nst", "teacher", t_name, t)
     spatial = common_spatial(s.shape[1:-1], t.shape[1:-1])
@@ -453,7 +222,7 @@ def neuron_selectivity_transfer(student: Outputs, teachers: Mapping[str, Outputs
           fix="NST pools the larger map to the smaller, which needs an integer ratio of the "
               "spatial sizes: choose layers whose resolutions divide each other.")
     mmd = nst_mmd(avg_pool_to(s, spatial), avg_pool_to(t, spatial), degree, c)
-    total = total + weighted_mean(mmd, _weights(batch, s))
+    total = total + weighted_mean(mmd, example_weights(batch, at_least_float32(s)))
   return total
 
 
@@ -468,10 +237,10 @@ def fsp_matrix(f1: jax.Array, f2: jax.Array) -> jax.Array:
   if spatial is None:
     raise ValueError(f"FSP cannot pair maps of spatial sizes {tuple(f1.shape[1:-1])} and "
                      f"{tuple(f2.shape[1:-1])}: the ratio must be an integer.")
-  a, b = avg_pool_to(_float(f1), spatial), avg_pool_to(_float(f2), spatial)
+  a, b = avg_pool_to(at_least_float32(f1), spatial), avg_pool_to(at_least_float32(f2), spatial)
   a = a.reshape(a.shape[0], -1, a.shape[-1])
   b = b.reshape(b.shape[0], -1, b.shape[-1])
-  return _einsum("bpi,bpj->bij", a, b) / a.shape[1]
+  return precise_einsum("bpi,bpj->bij", a, b) / a.shape[1]
 
 
 @register_loss("fsp")
@@ -500,7 +269,7 @@ def flow_of_solution_procedure(student: Outputs, teachers: Mapping[str, Outputs]
                      f"as many teacher layers, got {s_names} and {t_names}.")
   feats = feature_pairs(student, teachers, s_names, t_names, teacher)
   for (s, t), s_name, t_name in zip(feats, s_names, t_names, strict=True):
-    _check_batch("fsp", s_name, s, t_name, t)
+    check_same_batch("fsp", s_name, s, t_name, t)
     _check_map("fsp", "student", s_name, s)
     _check_map("fsp", "teacher", t_name, t)
     if s.shape[-1] != t.shape[-1]:
@@ -518,11 +287,10 @@ def flow_of_solution_procedure(student: Outputs, teachers: Mapping[str, Outputs]
             f"Loss term 'fsp' pairs {who} layers {names[i]!r} of shape {tuple(a.shape)} and "
             f"{names[i + 1]!r} of shape {tuple(b.shape)}, whose spatial sizes are not integer "
             "multiples of each other; choose layers whose resolutions divide each other.")
-  w = _weights(batch, feats[0][0])
+  w = example_weights(batch, at_least_float32(feats[0][0]))
   total = jnp.zeros((), jnp.float32)
   for i in range(len(feats) - 1):
     g_s = fsp_matrix(feats[i][0], feats[i + 1][0])
     g_t = fsp_matrix(feats[i][1], feats[i + 1][1])
     total = total + weighted_mean(jnp.mean(jnp.square(g_s - g_t), axis=(1, 2)), w)
   return total
-

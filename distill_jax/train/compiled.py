@@ -18,7 +18,7 @@ from distill_jax import config as config_lib
 from distill_jax import tasks
 from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
-from distill_jax.objective import Objective
+from distill_jax.losses.objective import Objective
 from distill_jax.teachers import Teacher, init_shapes
 from distill_jax.train import step as step_lib
 from distill_jax.train.parallel import Parallel

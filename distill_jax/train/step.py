@@ -20,7 +20,7 @@ import optax
 
 from distill_jax.data import batch_keys
 from distill_jax.features import ApplyFn
-from distill_jax.objective import Objective
+from distill_jax.losses.objective import Objective
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task
 from distill_jax.tasks.classification import Classification

@@ -27,14 +27,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import LOSSES, loss_hparams
 from distill_jax.losses.base import (
     CONTEXT_HPARAMS,
+    LOSSES,
     REQUIRED,
     STUDENT_LAYER_HPARAMS,
     TEACHER_LAYER_HPARAMS,
     is_module_loss,
     layer_names,
+    loss_hparams,
     loss_ranges,
 )
 from distill_jax.outputs import Outputs
