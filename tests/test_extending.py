@@ -117,8 +117,8 @@ def test_a_user_losss_declared_range_is_enforced(tmp_path):
   `distill-jax losses` lists the range beside the default."""
   import pytest
 
+  from distill_jax.commands import describe_losses
   from distill_jax.config import ConfigError, load_config_file, validate
-  from distill_jax.main import describe_losses
 
   doc_files(tmp_path)
   sys.path.insert(0, str(tmp_path))
