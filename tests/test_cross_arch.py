@@ -202,7 +202,7 @@ def test_the_run_feeds_class_negatives_through_the_batches(data_dir):
   objective = build_objective({"crd": {"num_negatives": 50, "negatives": "other_class"}},
                               ["teacher"], {"num_examples": 1500})
   side, example = {}, {}
-  build.add_contrast_indices(objective, config, 1500, side, example)
+  build.add_side_data(objective, config, 1500, side, example)
   assert example["contrast_idx"].shape == (config.batch_size, 51)
   labels = data_lib.train_labels(config.data, 1500)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data import batch_keys, blackbox, text
 from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
+from distill_jax.tasks.language_model import generate
+from distill_jax.tasks.language_model.on_policy import OnPolicy
 from distill_jax.teachers import cache_teachers, init_shapes
 from distill_jax.train import step as step_lib
 from distill_jax.train.build import build_run, init_state
@@ -92,7 +93,7 @@ def test_step_loss_is_the_jsd_on_the_students_samples(run):
       built.parallel.put_state(state), built.parallel.put_teachers(built.teacher_vars),
       built.parallel.put_batch(batch))[1])
   student_vars = {"params": state.params["student"], **state.model_state}
-  _, key = generate.OnPolicy.keys(state.rng)
+  _, key = OnPolicy.keys(state.rng)
   model = built.student
   tokens, mask = jax.jit(lambda v, p, k: generate.sample(
       model, v, p, max_new_tokens=NEW, rng=k, eos_id=EOS, pad_id=PAD))(

@@ -8,7 +8,7 @@ transforms (augmentation, normalisation, the counter hash), and `iterators` orde
 shards and batches the examples with grain.
 """
 
-from distill_jax.data.contrast import class_contrast_indices, train_labels
+from distill_jax.data.contrast import build_side_data, class_contrast_indices, train_labels
 from distill_jax.data.embedded import EMBEDDED, ensure_embedded, is_embedded
 from distill_jax.data.iterators import (
     EvalIterator,
@@ -40,6 +40,7 @@ __all__ = [
     "SideData",
     "TrainIterator",
     "augment_seed",
+    "build_side_data",
     "class_contrast_indices",
     "default_data_config",
     "default_data_dir",

@@ -10,7 +10,7 @@ step, objective, teachers, parallel layer and loop call it and know no task.
 """
 
 from distill_jax.registry import Registry
-from distill_jax.tasks.base import Task, TaskInfo
+from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.classification import Classification
 from distill_jax.tasks.language_model import LanguageModel
 
@@ -25,4 +25,4 @@ def get_task(name: str | None) -> Task:
   return TASKS.get(name or DEFAULT_TASK)
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "TaskInfo", "get_task"]
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "TaskExtras", "TaskInfo", "get_task"]
