@@ -17,7 +17,7 @@ from test_crd import np_crd
 
 from distill_jax import data as data_lib
 from distill_jax import losses, models
-from distill_jax.config import load_config_file, validate
+from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import contrast
 from distill_jax.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
@@ -192,6 +192,29 @@ def test_crd_with_class_negatives_matches_numpy_and_needs_the_indices():
   objective = build_objective({"crd": {"negatives": "random"}}, ["t"], {"num_examples": n})
   with pytest.raises(ObjectiveError, match="negatives='random' is not one of"):
     objective.init(jax.random.PRNGKey(0), _outputs(f_s), {"t": _outputs(f_t)}, batch)
+
+
+def test_side_data_is_declared_by_the_loss_and_built_once_per_key():
+  """CRD declares `contrast_idx` only with negatives='other_class' (`side_data`); two terms
+  that declare one key differently, or a sampling setting that is not allowed, are refused
+  naming the terms before any data is read."""
+  crd = lambda **kw: {"loss": "crd", "negatives": "other_class", **kw}
+  uniform = build_objective({"crd": {}}, ["t"], {"num_examples": 10})
+  [need] = build_objective({"crd": crd(num_negatives=5)}, ["t"],
+                           {"num_examples": 10}).terms[0].fn.side_data()
+  assert (need.key, need.shape, need.dtype) == ("contrast_idx", (6,), "int32")
+  assert uniform.terms[0].fn.side_data() == ()
+  side, example = {}, {}
+  build.add_side_data(uniform, None, 10, side, example)  # Nothing declared: nothing read.
+  assert side == {} and example == {}
+  two = build_objective({"a": crd(num_negatives=5), "b": crd(num_negatives=7)}, ["t"],
+                        {"num_examples": 10})
+  with pytest.raises(ConfigError, match=r"Loss terms \['a', 'b'\] read batch key "
+                     r"'contrast_idx' with different settings"):
+    build.add_side_data(two, None, 10, {}, {})
+  bad = build_objective({"c": crd(positive="nearest")}, ["t"], {"num_examples": 10})
+  with pytest.raises(ConfigError, match=r"Loss term 'c': crd positive='nearest' is not one"):
+    build.add_side_data(bad, None, 10, {}, {})
 
 
 def test_the_run_feeds_class_negatives_through_the_batches(data_dir):

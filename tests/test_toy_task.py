@@ -4,8 +4,8 @@ lower is better; no labels anywhere). `register()` adds the task and its two los
 registries; a config file written to the test's folder calls it, so the CLI subprocesses that
 train a teacher and distill a student know them, and nothing outside this file is edited.
 
-The numbers: both runs' held-out MSE is under a fifth of the variance of the held-out targets (what
-the best constant prediction scores), computed here with NumPy from the data itself;
+The numbers: both runs' held-out MSE is under a fifth of the variance of the held-out targets
+(what the best constant prediction scores), computed here with NumPy from the data itself;
 `result.json` tracks the task's own headline (`best_mse`, `eval/mse`), not top-1."""
 
 import dataclasses
