@@ -208,7 +208,8 @@ def import_modules(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first invalid setting. Imports `config.imports` first."""
+  """Raises ConfigError on the first invalid setting. Imports `config.imports` first; the
+  task's own settings are its `Task.validate`'s (e.g. classification's `data.augment`)."""
   import_modules(config)
   _check_name("task", config.get("task") or tasks.DEFAULT_TASK, tasks.TASKS)
   _check_name("student.name", config.student.name, models.MODELS)
