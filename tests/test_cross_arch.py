@@ -100,7 +100,7 @@ def test_every_method_of_a_cross_pair_traces(teacher, student, monkeypatch):
   the union of every method's terms (main stage and pre-training stages), each term with the
   settings its own recipe gives it for this pair: what each recipe's run traces first."""
   monkeypatch.setattr(data_lib, "get_info", lambda _: INFO)
-  monkeypatch.setattr(data_lib, "train_labels", lambda _, n: np.arange(n) % 100)
+  monkeypatch.setattr(contrast, "train_labels", lambda _, n: np.arange(n) % 100)
   monkeypatch.setattr(build, "load_teachers", _abstract_teachers)
   union = {"ce": {"weight": 1.0}}
   for method in METHODS:

@@ -59,7 +59,7 @@ def run(data_dir, teacher_dir):
 
 def test_teacher_gets_no_gradient_and_student_a_finite_one(run):
   config, built, state, batch = run
-  on_policy = built.on_policy
+  on_policy = built.extras.on_policy
   assert on_policy.fraction == 1.0 and on_policy.prompt_len == PROMPT
 
   def loss(student_params, teacher_vars):
@@ -249,7 +249,7 @@ def test_a_teacher_cache_is_refused_on_policy(data_dir, teacher_dir, tmp_path):
   cached = {**subset, "teachers.teacher.cache": directory}
   built = build_run(gkd_config(data_dir, teacher_dir, **cached,
                                **{"on_policy.fraction": 0.0}))
-  assert built.on_policy is None and "teacher_logits/teacher" in built.example
+  assert built.extras.on_policy is None and "teacher_logits/teacher" in built.example
   with pytest.raises(ConfigError) as error:
     build_run(gkd_config(data_dir, teacher_dir, **cached, **{"on_policy.fraction": 0.5}))
   assert str(error.value) == (
