@@ -218,7 +218,7 @@ class _Session:
                        settings.eval_batch_size, run.side_data["eval"], task=run.task)
     if run.extras.sampler is not None:
       texts, extra = run.extras.sampler(parallel.get(self.state).student_variables(),
-                                 parallel.get(self.teacher_vars), seed=settings.seed)
+                                        parallel.get(self.teacher_vars), seed=settings.seed)
       scalars.update({f"eval/{k}": v for k, v in extra.items()})
       for i, sample_text in enumerate(texts):
         logging.info("Sample %d at step %d: %r", i, self.step, sample_text)
