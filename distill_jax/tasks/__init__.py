@@ -2,10 +2,11 @@
 
 A task owns the input spec and example batch, the batch keys, the key a model reads, the
 data iterators, the train and eval metrics, and the headline metric of `result.json`, and
-through its hooks its own config checks, what it requires of teachers and what a run needs
-beyond the generic pieces (`Task.validate`, `check_teachers`, `build_extras`); the step,
-objective, teachers, parallel layer and loop call it and know no task. A task from outside
-the package registers itself in `TASKS` from a module the config imports.
+through its hooks its own config checks, the weights the student starts from, what it
+requires of teachers and what a run needs beyond the generic pieces (`Task.validate`,
+`student_init`, `check_teachers`, `build_extras`); the step, objective, teachers, parallel
+layer and loop call it and know no task. A task from outside the package registers itself
+in `TASKS` from a module the config imports.
 
 - `classification` (default): images [B, H, W, C] and labels [B]; top-1/top-5, CE, fidelity.
 - `language_model` (a package: the task, sampling, on-policy rollout, eval samples): packed

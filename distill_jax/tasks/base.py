@@ -39,13 +39,11 @@ class TaskInfo:
 class TaskExtras:
   """What a run needs beyond the generic pieces, built by `Task.build_extras` (None: nothing).
 
-  `student_init` is open weights ({'params': ...}) the student starts from instead of its seed's
-  initialisation; `on_policy` is applied by the main stage's train step to each batch first
+  `on_policy` is applied by the main stage's train step to each batch first
   (`on_policy(variables, batch, rng, axis_name) -> batch`, static: hashable); `sampler` runs
   at each evaluation (`sampler(student_vars, teacher_vars, seed) -> (texts, metrics)`).
   """
 
-  student_init: Any = None
   on_policy: Any = None
   sampler: Any = None
 
@@ -56,9 +54,9 @@ class Task:
   A new task subclasses this, sets the attributes below and implements `info`, the iterators,
   `example_batch`, `train_metrics` and `eval_sums` (and `input_fingerprint` with a teacher
   cache); it is registered with `tasks.TASKS.register(name)(instance)` and chosen by
-  `config.task`. Three hooks do nothing by default: `validate` (its own config checks),
-  `check_teachers` (what it requires of loaded teachers) and `build_extras` (what a run
-  needs beyond the generic pieces).
+  `config.task`. Four hooks do nothing by default: `validate` (its own config checks),
+  `student_init` (weights the student starts from), `check_teachers` (what it requires of
+  loaded teachers) and `build_extras` (what a run needs beyond the generic pieces).
 
   Attributes:
     input_key: the batch key a model reads.
@@ -82,6 +80,13 @@ class Task:
     """Raises `rules.ConfigError` (one line, naming the setting) on a setting of `config` that
     this task cannot run; `config.validate` calls it after the generic checks. Default: none."""
     del config
+
+  def student_init(self, config: Any) -> Any:
+    """Weights ({'params': ...}) the student starts from instead of its seed's initialisation,
+    or None (the default); raises on weights that do not fit the student's settings. Called
+    right after the student is built, before the teachers are loaded."""
+    del config
+    return None
 
   def check_teachers(self, teachers: Mapping[str, Any], config: Any) -> None:
     """Raises when the loaded `teachers` ({name: `teachers.Teacher`}) cannot teach under

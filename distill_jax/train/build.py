@@ -174,6 +174,7 @@ class Run:
   num_classes: int  # The student's outputs (classes, or the vocabulary).
   parallel: Parallel
   student: Any  # The student's Flax module.
+  student_init: Any  # Weights the student starts from (`Task.student_init`), or None.
   teachers: dict[str, Teacher]
   teacher_vars: dict[str, Any]  # {} for a teacher read from its cache.
   example: dict[str, jax.Array]  # An all-zeros global batch of the step's shapes.
@@ -207,6 +208,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size)
   student = _build_student(config, task_info.num_classes, parallel)
+  student_init = task.student_init(config)  # E.g. open weights (config.student.init).
   teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
   task.check_teachers(teachers, config)
   splits = (config.data.train_split, config.data.eval_split)
@@ -240,7 +242,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   stages, eval_step = _build_stages(config, task, parallel, specs, objectives, durations,
                                     student_apply, teacher_applies, extras.on_policy)
   return Run(task=task, input_shape=input_shape, num_classes=task_info.num_classes,
-             parallel=parallel, student=student, teachers=teachers,
+             parallel=parallel, student=student, student_init=student_init, teachers=teachers,
              teacher_vars=teacher_vars, example=example,
              side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
              objective=objective, durations=durations, stages=stages,
@@ -260,8 +262,8 @@ def _check_cache_support(config: ml_collections.ConfigDict, task: tasks.Task) ->
 
 def _build_student(config: ml_collections.ConfigDict, num_classes: int, parallel: Parallel
                    ) -> Any:
-  """The student's Flax module (the task's `build_extras` may give open weights to start
-  it from)."""
+  """The student's Flax module (the task's `student_init` may give weights to start it
+  from)."""
   remat = {"remat": True} if config.student.get("remat", False) else {}
   return models.build_model(config.student.name, num_classes,
                             bn_axis_name=parallel.bn_axis_name, **remat, **config.student.kwargs)
@@ -401,9 +403,9 @@ def init_state(config: ml_collections.ConfigDict | RunSettings, run: Run,
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   dummy = jnp.zeros((1, *run.input_shape), jnp.float32)
   variables = jax.jit(lambda r: run.student.init(r, dummy, train=False))(init_rng)
-  if run.extras.student_init is not None:  # The task's open weights (config.student.init).
+  if run.student_init is not None:  # The task's (open weights: config.student.init).
     variables = {**variables, "params": jax.tree.map(
-        lambda new, old: jnp.asarray(new, old.dtype), run.extras.student_init["params"],
+        lambda new, old: jnp.asarray(new, old.dtype), run.student_init["params"],
         variables["params"])}
   objective_params, objective_state = {}, {}
   if any(term.is_module for term in run.objective.terms):

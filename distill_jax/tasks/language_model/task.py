@@ -13,10 +13,10 @@ Every metric is a mean over the kept tokens (mask 1), summed over batches and de
 
 The headline is the held-out perplexity (lower is better).
 
-Its hooks: `check_teachers` refuses open-weights teachers whose tokenizer is not the data's
-(`check_tokenizers`); `build_extras` loads the student's open weights (`config.student.init`),
-builds the on-policy rollout (`config.on_policy`, `on_policy.OnPolicy`) and the samples shown
-at each evaluation (`eval_sampler.EvalSampler`).
+Its hooks: `student_init` loads the student's open weights (`config.student.init`);
+`check_teachers` refuses open-weights teachers whose tokenizer is not the data's
+(`check_tokenizers`); `build_extras` builds the on-policy rollout (`config.on_policy`,
+`on_policy.OnPolicy`) and the samples shown at each evaluation (`eval_sampler.EvalSampler`).
 """
 
 from __future__ import annotations
@@ -59,19 +59,21 @@ class LanguageModel(Task):
     """Every open-weights teacher's tokenizer is the data's (`check_tokenizers`)."""
     check_tokenizers(teachers, config.data.get("tokenizer"))
 
+  def student_init(self, config: Any) -> Any:
+    """The open weights of `config.student.init` (models.hf.student_config), else None."""
+    if not config.student.get("init"):
+      return None
+    from distill_jax.models import hf  # safetensors and tokenizers load only when used.
+    return hf.load_student_init(config.student.init, config.student.name,
+                                config.student.kwargs, config.data.get("tokenizer") or "bytes")
+
   def build_extras(self, config: Any, student: Any, *, example: Mapping[str, jax.Array],
                    teacher_applies: Mapping[str, Any]) -> TaskExtras:
-    """The student's open weights (`config.student.init`, else None), the on-policy rollout
-    (`config.on_policy`, else None) and the eval samples (`config.eval_samples`, else None)."""
-    student_init = None
-    if config.student.get("init"):  # Open weights to start from (models.hf.student_config).
-      from distill_jax.models import hf  # safetensors and tokenizers load only when used.
-      student_init = hf.load_student_init(config.student.init, config.student.name,
-                                          config.student.kwargs,
-                                          config.data.get("tokenizer") or "bytes")
+    """The on-policy rollout (`config.on_policy`, else None) and the eval samples
+    (`config.eval_samples`, else None)."""
     on_policy = self._on_policy(config, student, example)
     sampler = EvalSampler.from_config(config, student, teacher_applies, on_policy)
-    return TaskExtras(student_init=student_init, on_policy=on_policy, sampler=sampler)
+    return TaskExtras(on_policy=on_policy, sampler=sampler)
 
   def _on_policy(self, config: Any, student: Any, example: Mapping[str, jax.Array]) -> Any:
     """The `OnPolicy` of `config.on_policy` (None without), refusing batch keys that would not
