@@ -95,7 +95,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "train_split": "train", "eval_split": "test",
       "tokenizer": "bytes",
       "seq_len": 32 if tiny else 128,
-      "augment": "none",  # Text is not augmented.
       "train_subset": 0,  # 0: every packed row; N: the first N rows.
       "eval_subset": 64 if tiny else 0,
       "max_documents": 0,  # 0: every document of a split; N: its first N (large corpora).

@@ -208,7 +208,8 @@ def import_modules(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first invalid setting. Imports `config.imports` first."""
+  """Raises ConfigError on the first invalid setting. Imports `config.imports` first; the
+  task's own settings are its `Task.validate`'s (e.g. classification's `data.augment`)."""
   import_modules(config)
   _check_name("task", config.get("task") or tasks.DEFAULT_TASK, tasks.TASKS)
   _check_name("student.name", config.student.name, models.MODELS)
@@ -252,7 +253,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(k, int) or k < 1 or config.batch_size % k:
     raise ConfigError(f"config.optim.accumulate_steps is {k!r}; give a positive integer that "
                       f"divides batch_size {config.batch_size}.")
-  _check_choice("data.augment", config.data.augment, ("none", "crop", "crop_flip"))
+  tasks.get_task(config.get("task")).validate(config)  # The task's own checks.
   if "train" in config:
     _check_choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS)
   if "log" in config:

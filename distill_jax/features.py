@@ -66,14 +66,15 @@ def _cast(tree: Any, dtype: Any) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_apply(module: nn.Module, *, input_key: str = "image", features: Sequence[str] = (),
+def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (),
                input_size: Sequence[int] | None = None, dtype: str | None = None) -> ApplyFn:
-  """Returns the pure forward of `module` on `batch[input_key]`, tapping `features`.
+  """Returns the pure forward of `module` on `batch[input_key]` (the task's `input_key`:
+  'image', 'tokens', ...), tapping `features`.
 
-  `input_size=(H, W)` resizes the images (bilinear, antialiased when shrinking) before the
-  forward: a teacher trained at another resolution than the student's data. `dtype` (one of
-  `DTYPES`; None or 'float32': as the variables are) is the compute dtype: see the module
-  docstring.
+  `input_size=(H, W)` (an option for image inputs [B, H, W, C]) resizes the images
+  (bilinear, antialiased when shrinking) before the forward: a teacher trained at another
+  resolution than the student's data. `dtype` (one of `DTYPES`; None or 'float32': as the
+  variables are) is the compute dtype: see the module docstring.
   """
   if dtype not in (None, *DTYPES):
     raise ValueError(f"Unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}.")

@@ -58,8 +58,9 @@ def train(config: config_dict.ConfigDict, workdir: str) -> None:
     _created_workdirs.append(workdir)  # For Ctrl-C before the run's own handler is set.
   result = api.train(config, workdir)
   best = next(k for k in result if k.startswith("best_") and k != "best_step")  # The task's.
-  logging.info("Done: eval top-1 %.4f (%s %.4f); results in %s.",
-               result["final"]["eval/top1"], best.replace("_", " "), result[best],
+  headline = best[len("best_"):]  # The task's headline metric, e.g. top1 or perplexity.
+  logging.info("Done: eval %s %.4f (best %s %.4f); results in %s.", headline,
+               result["final"][f"eval/{headline}"], headline, result[best],
                os.path.join(workdir, "result.json"))
 
 

@@ -14,7 +14,8 @@ unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward'
                                               dtype='bfloat16')}
 
 Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with the same
-tokenizer.json>'`, the student's too): `check_tokenizers` refuses a run that pairs two.
+tokenizer.json>'`, the student's too): the language-model task's `check_teachers`
+(`tasks.language_model.check_tokenizers`) refuses a run that pairs two.
 
 `cache_teachers` runs a config's teachers once over its data and writes their output caches
 (`data.teacher_cache`; the command line is `scripts/cache_teacher.py`).
@@ -131,24 +132,6 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) ->
   module = models.build_model("transformer_lm", tokenizer.vocab_size, **kwargs)
   return Teacher(name, "transformer_lm", module, variables, kwargs, directory, None, dtype,
                  tokenizer.path)
-
-
-def check_tokenizers(teachers: Mapping[str, Teacher], data_tokenizer: str | None) -> None:
-  """Raises unless every open-weights teacher's tokenizer is the data's (`data.tokenizer`,
-  which the student reads): token-level distillation compares one vocabulary."""
-  from distill_jax.models.tokenizers import HfTokenizer, get_tokenizer
-  data_tokenizer = data_tokenizer or "bytes"
-  for name, teacher in teachers.items():
-    if teacher.tokenizer is None:
-      continue
-    ours = get_tokenizer(data_tokenizer)
-    if not (isinstance(ours, HfTokenizer) and
-            ours.fingerprint() == HfTokenizer.from_dir(teacher.tokenizer).fingerprint()):
-      raise CheckpointError(
-          f"Teacher {name!r} uses the tokenizer {teacher.tokenizer} but the data and the "
-          f"student use {getattr(ours, 'path', data_tokenizer)!r} (config.data.tokenizer="
-          f"{data_tokenizer!r}); they must be the same file: set --config.data.tokenizer="
-          f"hf:{os.path.dirname(teacher.tokenizer)}.")
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,

@@ -114,11 +114,11 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
   import numpy as np
   import optax
 
-  from distill_jax import models
+  from distill_jax import models, tasks
   from distill_jax.data import teacher_cache
   from distill_jax.losses.objective import build_objective
   from distill_jax.teachers import Teacher
-  from distill_jax.train.compiled import build_applies, compile_steps, example_batch, init_objective
+  from distill_jax.train.compiled import build_applies, compile_steps, init_objective
   from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
@@ -141,16 +141,18 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
     teachers = {}
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   cached_names = tuple(teachers) if cached else ()
+  task = tasks.get_task("classification")
   student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
-                                                 shape, cached=cached_names,
+                                                 shape, task.input_key, cached=cached_names,
                                                  student_dtype=FLAGS.dtype)
-  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
+                                task=task)
   teacher_vars = {n: {} if cached else t.variables for n, t in teachers.items()}
   logit_keys = {teacher_cache.batch_key(n): (FLAGS.num_classes,) for n in cached_names}
   variables = init(student, 0)
   objective_params, objective_state = jax.jit(functools.partial(
       init_objective, objective, student_apply, teacher_applies))(
-          variables, teacher_vars, example_batch(shape, FLAGS.batch_size, logit_keys),
+          variables, teacher_vars, task.example_batch(shape, FLAGS.batch_size, logit_keys),
           jax.random.PRNGKey(3))
   state = parallel.put_state(create_train_state(
       variables, objective_params, objective_state, tx, jax.random.PRNGKey(2)))
@@ -218,8 +220,8 @@ def teacher_forward_rate() -> float:
   teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)
   variables = jax.jit(lambda r: teacher.init(r, np.zeros((1, *shape), np.float32)))(
       jax.random.PRNGKey(1))
-  apply = jax.jit(lambda v, x: make_apply(teacher, dtype=FLAGS.dtype)(v, {"image": x}, False)
-                  .logits)
+  forward = make_apply(teacher, input_key="image", dtype=FLAGS.dtype)
+  apply = jax.jit(lambda v, x: forward(v, {"image": x}, False).logits)
   x = np.random.default_rng(0).normal(size=(FLAGS.batch_size, *shape)).astype(np.float32)
   for _ in range(1 + FLAGS.warmup):
     jax.block_until_ready(apply(variables, x))
@@ -442,8 +444,8 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
       input_key=task.input_key)
   policy = None
   if on_policy:
-    from distill_jax import generate
-    policy = generate.OnPolicy(student, on_policy["fraction"], on_policy["prompt_len"],
+    from distill_jax.tasks.language_model.on_policy import OnPolicy
+    policy = OnPolicy(student, on_policy["fraction"], on_policy["prompt_len"],
                                on_policy["max_new_tokens"], eos_id=None, pad_id=0)
   train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
                                 task=task, on_policy=policy)
@@ -479,7 +481,8 @@ def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens:
   import jax
   import numpy as np
 
-  from distill_jax import generate, models
+  from distill_jax import models
+  from distill_jax.tasks.language_model import generate
 
   model = models.build_model("transformer_lm", vocab, **{
       **model_settings, "context": max(prompt_len + new_tokens, model_settings["context"])})

@@ -12,10 +12,10 @@ export directory). Prompts come from `--prompts=FILE` (one per line, or JSON lin
 `config.json`, or `--config` with overrides, e.g. `--config.data.data_dir`).
 
 Each output line is `{"prompt": str, "completion": str}`; with `--top_logprobs=K > 0` also
-`"tokens"` (one string per completion token) and `"top_logprobs"` (per completion token, the K
-most likely tokens -> log-probability, at temperature 1): what black-box distillation reads
-(see `distill_jax.generate.completion_records` for how tokens are named). Greedy with
-`--temperature=0`. Reproducible from `--seed`.
+`"tokens"` (one string per completion token) and `"top_logprobs"` (per completion token, the K most
+likely tokens -> log-probability, at temperature 1): what black-box distillation reads (see
+`distill_jax.tasks.language_model.generate.completion_records` for how tokens are named). Greedy
+with `--temperature=0`. Reproducible from `--seed`.
 
 `--rows_as_text` needs no model: it writes `--num_prompts` held-out rows whole, each as
 `{"prompt": "", "completion": TEXT}`: the held-out text in the black-box format, to score
@@ -160,8 +160,8 @@ def write_completions() -> None:
   import numpy as np
   from tqdm import tqdm
 
-  from distill_jax import generate
   from distill_jax.models import tokenizers
+  from distill_jax.tasks.language_model import generate
 
   generate.check_settings(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   model, variables = load_model(FLAGS.workdir, FLAGS.checkpoint)

@@ -17,7 +17,7 @@ from test_crd import np_crd
 
 from distill_jax import data as data_lib
 from distill_jax import losses, models
-from distill_jax.config import load_config_file, validate
+from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import contrast
 from distill_jax.losses.objective import ObjectiveError, build_objective
 from distill_jax.outputs import Outputs
@@ -100,7 +100,7 @@ def test_every_method_of_a_cross_pair_traces(teacher, student, monkeypatch):
   the union of every method's terms (main stage and pre-training stages), each term with the
   settings its own recipe gives it for this pair: what each recipe's run traces first."""
   monkeypatch.setattr(data_lib, "get_info", lambda _: INFO)
-  monkeypatch.setattr(data_lib, "train_labels", lambda _, n: np.arange(n) % 100)
+  monkeypatch.setattr(contrast, "train_labels", lambda _, n: np.arange(n) % 100)
   monkeypatch.setattr(build, "load_teachers", _abstract_teachers)
   union = {"ce": {"weight": 1.0}}
   for method in METHODS:
@@ -194,6 +194,29 @@ def test_crd_with_class_negatives_matches_numpy_and_needs_the_indices():
     objective.init(jax.random.PRNGKey(0), _outputs(f_s), {"t": _outputs(f_t)}, batch)
 
 
+def test_side_data_is_declared_by_the_loss_and_built_once_per_key():
+  """CRD declares `contrast_idx` only with negatives='other_class' (`side_data`); two terms
+  that declare one key differently, or a sampling setting that is not allowed, are refused
+  naming the terms before any data is read."""
+  crd = lambda **kw: {"loss": "crd", "negatives": "other_class", **kw}
+  uniform = build_objective({"crd": {}}, ["t"], {"num_examples": 10})
+  [need] = build_objective({"crd": crd(num_negatives=5)}, ["t"],
+                           {"num_examples": 10}).terms[0].fn.side_data()
+  assert (need.key, need.shape, need.dtype) == ("contrast_idx", (6,), "int32")
+  assert uniform.terms[0].fn.side_data() == ()
+  side, example = {}, {}
+  build.add_side_data(uniform, None, 10, side, example)  # Nothing declared: nothing read.
+  assert side == {} and example == {}
+  two = build_objective({"a": crd(num_negatives=5), "b": crd(num_negatives=7)}, ["t"],
+                        {"num_examples": 10})
+  with pytest.raises(ConfigError, match=r"Loss terms \['a', 'b'\] read batch key "
+                     r"'contrast_idx' with different settings"):
+    build.add_side_data(two, None, 10, {}, {})
+  bad = build_objective({"c": crd(positive="nearest")}, ["t"], {"num_examples": 10})
+  with pytest.raises(ConfigError, match=r"Loss term 'c': crd positive='nearest' is not one"):
+    build.add_side_data(bad, None, 10, {}, {})
+
+
 def test_the_run_feeds_class_negatives_through_the_batches(data_dir):
   """build_run's wiring on the embedded digits: the train batches carry contrast_idx whose
   negatives all have another label than their anchor, and column 0 is the example's id."""
@@ -202,7 +225,7 @@ def test_the_run_feeds_class_negatives_through_the_batches(data_dir):
   objective = build_objective({"crd": {"num_negatives": 50, "negatives": "other_class"}},
                               ["teacher"], {"num_examples": 1500})
   side, example = {}, {}
-  build.add_contrast_indices(objective, config, 1500, side, example)
+  build.add_side_data(objective, config, 1500, side, example)
   assert example["contrast_idx"].shape == (config.batch_size, 51)
   labels = data_lib.train_labels(config.data, 1500)
   batches = data_lib.train_iterator(config.data, global_batch_size=config.batch_size,

@@ -98,7 +98,7 @@ def totals(config, state):
       for k, v in jax.device_get(parallel.get(run.eval_step(
           *args, parallel.put_batch(batch)))).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-    means = loop.evaluate(parallel, run.eval_step, *args, config.data, 64)
+    means = loop.evaluate(parallel, run.eval_step, *args, config.data, 64, task=run.task)
     out[(mode, devices)] = (sums, means)
   return out
 

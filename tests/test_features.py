@@ -22,7 +22,8 @@ def test_module_paths_tap_the_same_values_as_sown_names():
   available = list_features(model, variables, (32, 32, 3))
   assert available["stage2"] == (16, 16, 32) and available["pool"] == (64,)
   assert available["stage2_block0/conv2"] == (16, 16, 32)
-  apply = make_apply(model, features=("stage3", "stage3_block0", "stage3_block0/conv1"))
+  apply = make_apply(model, input_key="image",
+                     features=("stage3", "stage3_block0", "stage3_block0/conv1"))
   image = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   out = jax.jit(lambda v, x: apply(v, {"image": x}, False))(variables, image)
   assert set(out.features) == {"stage3", "stage3_block0", "stage3_block0/conv1"}

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import generate
 from distill_jax.models import build_model
+from distill_jax.tasks.language_model import generate
 
 VOCAB, BOS, EOS = 259, 256, 257
 SIZES = dict(num_layers=2, width=32, num_heads=4, num_kv_heads=2, mlp_dim=64, context=32,

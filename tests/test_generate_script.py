@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli_env
 
-from distill_jax import generate
 from distill_jax.config import load_config_file
 from distill_jax.data.text import blackbox
 from distill_jax.models.tokenizers import ByteTokenizer
+from distill_jax.tasks.language_model import generate
 from distill_jax.train.build import build_run
 
 LM = os.path.join(ROOT, "configs", "lm.py")

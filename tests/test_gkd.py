@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from distill_jax import generate
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data import batch_keys
 from distill_jax.data.text import blackbox, packing
 from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
+from distill_jax.tasks.language_model import generate
+from distill_jax.tasks.language_model.on_policy import OnPolicy
 from distill_jax.teachers import cache_teachers, init_shapes
 from distill_jax.train import step as step_lib
 from distill_jax.train.build import build_run, init_state
@@ -59,7 +60,7 @@ def run(data_dir, teacher_dir):
 
 def test_teacher_gets_no_gradient_and_student_a_finite_one(run):
   config, built, state, batch = run
-  on_policy = built.on_policy
+  on_policy = built.extras.on_policy
   assert on_policy.fraction == 1.0 and on_policy.prompt_len == PROMPT
 
   def loss(student_params, teacher_vars):
@@ -93,7 +94,7 @@ def test_step_loss_is_the_jsd_on_the_students_samples(run):
       built.parallel.put_state(state), built.parallel.put_teachers(built.teacher_vars),
       built.parallel.put_batch(batch))[1])
   student_vars = {"params": state.params["student"], **state.model_state}
-  _, key = generate.OnPolicy.keys(state.rng)
+  _, key = OnPolicy.keys(state.rng)
   model = built.student
   tokens, mask = jax.jit(lambda v, p, k: generate.sample(
       model, v, p, max_new_tokens=NEW, rng=k, eos_id=EOS, pad_id=PAD))(
@@ -249,7 +250,7 @@ def test_a_teacher_cache_is_refused_on_policy(data_dir, teacher_dir, tmp_path):
   cached = {**subset, "teachers.teacher.cache": directory}
   built = build_run(gkd_config(data_dir, teacher_dir, **cached,
                                **{"on_policy.fraction": 0.0}))
-  assert built.on_policy is None and "teacher_logits/teacher" in built.example
+  assert built.extras.on_policy is None and "teacher_logits/teacher" in built.example
   with pytest.raises(ConfigError) as error:
     build_run(gkd_config(data_dir, teacher_dir, **cached, **{"on_policy.fraction": 0.5}))
   assert str(error.value) == (

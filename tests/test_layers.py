@@ -113,3 +113,11 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path):
   known = {"distill_jax.train.loop", "distill_jax.data.text", "distill_jax.train.console"}
   assert imports("distill_jax.train.x", str(source), known) == known
   assert part("distill_jax.train.loop") == "train" and part("distill_jax") == "distill_jax"
+
+
+def test_the_step_imports_no_task():
+  """The pure step takes its task from every caller: it imports the task interface alone, so
+  no data pipeline (tfds, grain) comes with it."""
+  names = module_names()
+  found = imports("distill_jax.train.step", names["distill_jax.train.step"], set(names))
+  assert {m for m in found if m.startswith("distill_jax.tasks")} == {"distill_jax.tasks.base"}

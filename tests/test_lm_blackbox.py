@@ -399,4 +399,4 @@ def test_a_top_k_file_is_refused_on_policy(tmp_path):
   path = teacher_file(tmp_path / "text.jsonl", 40, with_log_probs=False)
   built = build_run(load_config_file(f"{LM}:blackbox_text,tiny",
                                      {"data.train_files": path, **settings}))
-  assert built.on_policy.fraction == 1.0
+  assert built.extras.on_policy.fraction == 1.0

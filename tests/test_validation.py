@@ -178,3 +178,15 @@ def test_a_models_kwargs_are_its_own():
   assert config.student.kwargs.to_dict() == {"widths": (8, 16)}
   assert config.teachers.teacher.kwargs.to_dict() == {"hidden": (64,)}
   config_lib.validate(config)
+
+
+def test_the_task_checks_its_own_settings():
+  """`data.augment` is the classification task's setting (`Task.validate`): a classification
+  config with an unknown augmentation is refused naming it; a language-model config has none
+  and passes."""
+  config = tiny("kd", "/nonexistent", **{"data.augment": "rotate"})
+  with pytest.raises(ConfigError, match=r"config.data.augment is 'rotate'; choose one of \["):
+    config_lib.validate(config)
+  lm = config_lib.load_config_file(os.path.join(ROOT, "configs", "lm.py:teacher,tiny"))
+  assert "augment" not in lm.data
+  config_lib.validate(lm)

@@ -14,7 +14,7 @@ this package is.
 """
 
 from distill_jax.data import digits  # noqa: F401  (registers `digits` with EMBEDDED)
-from distill_jax.data.contrast import class_contrast_indices, train_labels
+from distill_jax.data.contrast import build_side_data, class_contrast_indices, train_labels
 from distill_jax.data.embedded import EMBEDDED, ensure_embedded, is_embedded
 from distill_jax.data.iterators import (
     EvalIterator,
@@ -47,6 +47,7 @@ __all__ = [
     "SideData",
     "TrainIterator",
     "augment_seed",
+    "build_side_data",
     "class_contrast_indices",
     "default_data_config",
     "default_data_dir",

@@ -1,9 +1,9 @@
 """Which batch keys stay valid when a step replaces a batch's tokens (on-policy rollout).
 
-The on-policy step (`generate.OnPolicy`) replaces each row by the student's own continuation
-of its prompt. A key that describes the original row's tokens - a teacher's logits cached for
-the data's rows, a black-box file's top-k log-probabilities, the bytes of each target - would
-then describe text the batch no longer holds, and a loss that reads it would train on a wrong
+The on-policy step (`tasks.language_model.on_policy.OnPolicy`) replaces each row by the student's
+own continuation of its prompt. A key that describes the original row's tokens - a teacher's logits
+cached for the data's rows, a black-box file's top-k log-probabilities, the bytes of each target -
+would then describe text the batch no longer holds, and a loss that reads it would train on a wrong
 signal without a word. So every key of a train batch says whether it follows the tokens:
 
 - the task's own keys that the rollout rewrites or that describe the row rather than its

@@ -23,6 +23,7 @@ processes).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -110,3 +111,25 @@ def train_labels(data_config: Any, num_examples: int) -> np.ndarray:
   chunks = [source.read(np.arange(i, min(i + 4096, num_examples)))[1]
             for i in range(0, num_examples, 4096)]
   return np.concatenate(chunks).astype(np.int64)
+
+
+def _class_contrast_side_data(data_config: Any, num_examples: int, seed: int, *,
+                              num_negatives: int, positive: str) -> ClassContrastIndices:
+  """`class_contrast_indices` over the labels of the training examples in use."""
+  return class_contrast_indices(train_labels(data_config, num_examples), num_negatives, seed,
+                                positive)
+
+
+# A loss's declared side data (`losses.base.SideDataNeed.builder`) -> what builds it from
+# (data config, training examples in use, seed, **the declaration's settings).
+SIDE_DATA_BUILDERS = {"class_contrast_indices": _class_contrast_side_data}
+
+
+def build_side_data(builder: str, settings: Mapping[str, Any], data_config: Any,
+                    num_examples: int, seed: int) -> Any:
+  """The side data (`fn(epoch, ids) -> array [n, ...]`) that `builder` makes for the training
+  examples 0 .. num_examples - 1 under `seed`; raises ValueError for an unknown builder."""
+  if builder not in SIDE_DATA_BUILDERS:
+    raise ValueError(f"Unknown side-data builder {builder!r}; the data builds "
+                     f"{sorted(SIDE_DATA_BUILDERS)}.")
+  return SIDE_DATA_BUILDERS[builder](data_config, num_examples, seed, **settings)

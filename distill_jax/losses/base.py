@@ -52,6 +52,31 @@ def register_loss(name: str, *, uses_teachers: bool = True,
   return decorator
 
 
+@dataclasses.dataclass(frozen=True)
+class SideDataNeed:
+  """A per-example array a loss term reads from the batch beyond the task's own keys, which
+  the data layer builds once before training and adds to every train batch
+  (`data.build_side_data`; the key must be declared in `data.batch_keys`).
+
+  A loss declares what it needs with a method `side_data(self) -> tuple[SideDataNeed, ...]` (CRD:
+  `contrast_idx` with negatives='other_class'); the run asks every term and builds each key
+  once, so terms that read one key must declare it alike.
+
+  Attributes:
+    key: the batch key, e.g. 'contrast_idx'.
+    builder: the name of the data layer's builder (`data.SIDE_DATA_BUILDERS`).
+    settings: the builder's keyword arguments beyond the data, as sorted (name, value) pairs.
+    shape: one example's array shape (without the batch axis), for the example batch.
+    dtype: its dtype's name.
+  """
+
+  key: str
+  builder: str
+  settings: tuple[tuple[str, Any], ...]
+  shape: tuple[int, ...]
+  dtype: str = "int32"
+
+
 def loss_ranges(fn: Any) -> dict[str, Rule]:
   """The ranges a registered loss declared (`register_loss(..., ranges=...)`); {} for none."""
   return dict(getattr(fn, "setting_ranges", {}))

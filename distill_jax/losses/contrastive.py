@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from distill_jax.initializers import dense_kernel_init
 from distill_jax.losses.base import (
   EPS,
+  SideDataNeed,
   example_weights,
   feature_pairs,
   l2_normalize,
@@ -186,6 +187,17 @@ class CRD(nn.Module):
   num_examples: int = 0
   negatives: str = "uniform"
   positive: str = "self"
+
+  def side_data(self) -> tuple[SideDataNeed, ...]:
+    """With negatives='other_class': `contrast_idx` int32 [1 + num_negatives] per example,
+    drawn from the labels (`data.class_contrast_indices`); raises ValueError naming a
+    sampling setting that is not allowed. Otherwise nothing."""
+    if self.negatives != "other_class":
+      return ()
+    self.check_sampling()
+    return (SideDataNeed("contrast_idx", "class_contrast_indices",
+                     (("num_negatives", self.num_negatives), ("positive", self.positive)),
+                     (self.num_negatives + 1,), "int32"),)
 
   def check_sampling(self) -> None:
     """Raises a ValueError naming the setting if `negatives` / `positive` are not allowed."""

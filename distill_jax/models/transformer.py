@@ -18,9 +18,10 @@ Input: token ids [B, L] (any numeric dtype; cast to int32, so the framework's fl
 inputs work) with `L <= context`; a longer sequence is refused with both numbers. Output:
 float32 logits [B, L, vocab].
 
-Decoding (`distill_jax.generate`): `init_cache` makes an explicit key/value cache pytree that
-`__call__(tokens, cache=cache)` takes and returns updated, so a prompt is processed once and
-each new token costs one position's forward (the logits equal the full forward's).
+Decoding (`distill_jax.tasks.language_model.generate`): `init_cache` makes an explicit key/value
+cache pytree that `__call__(tokens, cache=cache)` takes and returns updated, so a prompt is
+processed once and each new token costs one position's forward (the logits equal the full
+forward's).
 
 Features (the framework's mechanism: `sow` into 'intermediates', tapped by name or path):
 `hidden0` (the embeddings) and `hidden{i}` (the residual stream after block i, i = 1..

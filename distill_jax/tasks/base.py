@@ -1,4 +1,5 @@
-"""The task interface: what the step and the loop ask of a kind of problem."""
+"""The task interface: what the config check, the run's build, the step and the loop ask of a
+kind of problem."""
 
 from __future__ import annotations
 
@@ -34,8 +35,28 @@ class TaskInfo:
   counts: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskExtras:
+  """What a run needs beyond the generic pieces, built by `Task.build_extras` (None: nothing).
+
+  `on_policy` is applied by the main stage's train step to each batch first
+  (`on_policy(variables, batch, rng, axis_name) -> batch`, static: hashable); `sampler` runs
+  at each evaluation (`sampler(student_vars, teacher_vars, seed) -> (texts, metrics)`).
+  """
+
+  on_policy: Any = None
+  sampler: Any = None
+
+
 class Task:
   """A kind of problem. Subclasses are stateless frozen dataclasses (static in the step).
+
+  A new task subclasses this, sets the attributes below and implements `info`, the iterators,
+  `example_batch`, `train_metrics` and `eval_sums` (and `input_fingerprint` with a teacher
+  cache); it is registered with `tasks.TASKS.register(name)(instance)` and chosen by
+  `config.task`. Four hooks do nothing by default: `validate` (its own config checks),
+  `student_init` (weights the student starts from), `check_teachers` (what it requires of
+  loaded teachers) and `build_extras` (what a run needs beyond the generic pieces).
 
   Attributes:
     input_key: the batch key a model reads.
@@ -54,6 +75,31 @@ class Task:
   higher_is_better: bool = True
   supports_teacher_cache: bool = False
   rollout_keys: tuple[str, ...] = ()
+
+  def validate(self, config: Any) -> None:
+    """Raises `rules.ConfigError` (one line, naming the setting) on a setting of `config` that
+    this task cannot run; `config.validate` calls it after the generic checks. Default: none."""
+    del config
+
+  def student_init(self, config: Any) -> Any:
+    """Weights ({'params': ...}) the student starts from instead of its seed's initialisation,
+    or None (the default); raises on weights that do not fit the student's settings. Called
+    right after the student is built, before the teachers are loaded."""
+    del config
+    return None
+
+  def check_teachers(self, teachers: Mapping[str, Any], config: Any) -> None:
+    """Raises when the loaded `teachers` ({name: `teachers.Teacher`}) cannot teach under
+    `config` (e.g. a language model's tokenizers differ). Default: any teacher fits."""
+    del teachers, config
+
+  def build_extras(self, config: Any, student: Any, *, example: Mapping[str, jax.Array],
+                   teacher_applies: Mapping[str, Any]) -> TaskExtras:
+    """What a run needs beyond the generic pieces (`TaskExtras`), from `config`, the student's
+    module, the all-zeros global batch `example` and the teachers' forwards; raises
+    `rules.ConfigError` on a setting that does not fit. Default: nothing."""
+    del config, student, example, teacher_applies
+    return TaskExtras()
 
   def info(self, data_config: Any) -> TaskInfo:
     raise NotImplementedError

@@ -13,6 +13,7 @@ from distill_jax import data as data_lib
 from distill_jax.losses.base import masked_sum, teacher_log_probs
 from distill_jax.losses.logits import kd_divergence
 from distill_jax.outputs import Outputs
+from distill_jax.rules import ConfigError
 from distill_jax.tasks.base import Task, TaskInfo
 
 
@@ -28,6 +29,14 @@ class Classification(Task):
   headline: str = "top1"
   higher_is_better: bool = True
   supports_teacher_cache: bool = True
+
+  def validate(self, config: Any) -> None:
+    """`data.augment` (how the training images are augmented) is one of the data's
+    `AUGMENTATIONS`."""
+    augment = config.data.get("augment", "none")
+    if augment not in data_lib.AUGMENTATIONS:
+      raise ConfigError(f"config.data.augment is {augment!r}; choose one of "
+                        f"{list(data_lib.AUGMENTATIONS)}.")
 
   def info(self, data_config: Any) -> TaskInfo:
     info = data_lib.get_info(data_config)

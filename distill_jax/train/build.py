@@ -23,12 +23,11 @@ import optax
 
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
-from distill_jax import generate, models, optim, tasks
-from distill_jax.data import batch_keys, teacher_cache
+from distill_jax import models, optim, tasks
+from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn
 from distill_jax.losses.objective import Objective, build_objective
-from distill_jax.models import tokenizers
-from distill_jax.teachers import Teacher, check_tokenizers, init_shapes, load_teachers
+from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train.compiled import build_applies, compile_steps, init_objective, trace_objective
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.state import TrainState, create_train_state
@@ -175,7 +174,7 @@ class Run:
   num_classes: int  # The student's outputs (classes, or the vocabulary).
   parallel: Parallel
   student: Any  # The student's Flax module.
-  student_init: Any  # Open weights to start the student from (config.student.init), or None.
+  student_init: Any  # Weights the student starts from (`Task.student_init`), or None.
   teachers: dict[str, Teacher]
   teacher_vars: dict[str, Any]  # {} for a teacher read from its cache.
   example: dict[str, jax.Array]  # An all-zeros global batch of the step's shapes.
@@ -185,10 +184,9 @@ class Run:
   stages: list[Stage]
   student_apply: ApplyFn
   teacher_applies: dict[str, ApplyFn]
-  on_policy: Any  # A `generate.OnPolicy`, or None.
+  extras: tasks.TaskExtras  # The task's own: open weights, on-policy rollout, eval samples.
   eval_step: Callable
   data_counts: dict[str, Any]  # What reading the data counted (`TaskInfo.counts`), per split.
-  sampler: Any  # A `generate.EvalSampler` (a few samples at each eval), or None.
   settings: RunSettings
 
   @property
@@ -209,9 +207,10 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
                       **config_lib.parallel_layout(config))
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size)
-  student, student_init = _build_student(config, task_info.num_classes, parallel)
+  student = _build_student(config, task_info.num_classes, parallel)
+  student_init = task.student_init(config)  # E.g. open weights (config.student.init).
   teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
-  check_tokenizers(teachers, config.data.get("tokenizer"))
+  task.check_teachers(teachers, config)
   splits = (config.data.train_split, config.data.eval_split)
   caches = _open_caches(config, teachers, task, splits)
   teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
@@ -232,25 +231,23 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
       student_dtype=config.get("dtype", "float32"), input_key=task.input_key)
   example = _example(config, task, task_info, {
       teacher_cache.batch_key(n): readers[splits[0]].output_shape for n, readers in caches.items()})
-  add_contrast_indices(objective, config, num_train, side_data[splits[0]], example)
+  add_side_data(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,
   # before anything is compiled or trained.
   jax.eval_shape(functools.partial(trace_objective, objective, student_apply, teacher_applies),
                  init_shapes(student, input_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
-  on_policy = _on_policy(config, task, student, input_shape, example)
+  extras = task.build_extras(config, student, example=example, teacher_applies=teacher_applies)
   stages, eval_step = _build_stages(config, task, parallel, specs, objectives, durations,
-                                    student_apply, teacher_applies, on_policy)
+                                    student_apply, teacher_applies, extras.on_policy)
   return Run(task=task, input_shape=input_shape, num_classes=task_info.num_classes,
              parallel=parallel, student=student, student_init=student_init, teachers=teachers,
              teacher_vars=teacher_vars, example=example,
              side_data={"train": side_data[splits[0]], "eval": side_data[splits[1]]},
              objective=objective, durations=durations, stages=stages,
-             student_apply=student_apply, teacher_applies=teacher_applies,
-             on_policy=on_policy, eval_step=eval_step, data_counts=dict(task_info.counts),
-             sampler=generate.EvalSampler.from_config(config, student, teacher_applies,
-                                                      on_policy),
+             student_apply=student_apply, teacher_applies=teacher_applies, extras=extras,
+             eval_step=eval_step, data_counts=dict(task_info.counts),
              settings=RunSettings.from_config(config))
 
 
@@ -264,20 +261,12 @@ def _check_cache_support(config: ml_collections.ConfigDict, task: tasks.Task) ->
 
 
 def _build_student(config: ml_collections.ConfigDict, num_classes: int, parallel: Parallel
-                   ) -> tuple[Any, Any]:
-  """(the student's Flax module, the open weights it starts from (config.student.init) or
-  None)."""
+                   ) -> Any:
+  """The student's Flax module (the task's `student_init` may give weights to start it
+  from)."""
   remat = {"remat": True} if config.student.get("remat", False) else {}
-  student = models.build_model(config.student.name, num_classes,
-                               bn_axis_name=parallel.bn_axis_name, **remat,
-                               **config.student.kwargs)
-  student_init = None
-  if config.student.get("init"):  # Open weights to start from (models.hf.student_config).
-    from distill_jax.models import hf
-    student_init = hf.load_student_init(config.student.init, config.student.name,
-                                        config.student.kwargs, config.data.get("tokenizer")
-                                        or "bytes")
-  return student, student_init
+  return models.build_model(config.student.name, num_classes,
+                            bn_axis_name=parallel.bn_axis_name, **remat, **config.student.kwargs)
 
 
 def _open_caches(config: ml_collections.ConfigDict, teachers: dict[str, Teacher],
@@ -316,28 +305,6 @@ def _example(config: ml_collections.ConfigDict, task: tasks.Task, task_info: Any
   return example
 
 
-def _on_policy(config: ml_collections.ConfigDict, task: tasks.Task, student: Any,
-               input_shape: tuple[int, ...], example: dict[str, jax.Array]) -> Any:
-  """The `generate.OnPolicy` of `config.on_policy` (None without), refusing batch keys that
-  would not follow the student's samples (`data.batch_keys`)."""
-  if config.get("on_policy") is None:
-    return None
-  try:
-    on_policy = generate.on_policy_from_config(
-        config.on_policy, student, tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")),
-        int(input_shape[0]))
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  if on_policy is not None:
-    stale = batch_keys.rollout_problems(example, task.rollout_keys)
-    if stale:
-      raise config_lib.ConfigError(
-          f"config.on_policy.fraction={on_policy.fraction} replaces the rows by the student's "
-          "samples, but these batch keys would still describe the original rows: "
-          + "; ".join(stale) + ".")
-  return on_policy
-
-
 def _build_stages(config: ml_collections.ConfigDict, task: tasks.Task, parallel: Parallel,
                   specs: list[tuple[str, Any, str]], objectives: list[Objective],
                   durations: Durations, student_apply: ApplyFn,
@@ -364,27 +331,32 @@ def _build_stages(config: ml_collections.ConfigDict, task: tasks.Task, parallel:
   return stages, eval_step
 
 
-def add_contrast_indices(objective: Objective, config: ml_collections.ConfigDict,
-                         num_train: int, train_side_data: dict[str, data_lib.SideData],
-                         example: dict[str, jax.Array]) -> None:
-  """For a term that reads per-example contrast ids from the data (`crd` with
-  negatives='other_class'), adds `contrast_idx` to the train batches (drawn from the labels,
-  per seed) and to the example batch."""
-  terms = [t for t in objective.terms if getattr(t.fn, "negatives", None) == "other_class"]
-  if not terms:
-    return
-  if len({(t.fn.num_negatives, t.fn.positive) for t in terms}) > 1:
-    raise config_lib.ConfigError(
-        f"Loss terms {[t.name for t in terms]} draw negatives from other classes with "
-        "different num_negatives/positive; the batch carries one contrast_idx for all.")
-  fn = terms[0].fn
-  try:
-    fn.check_sampling()
-  except ValueError as e:
-    raise config_lib.ConfigError(f"Loss term {terms[0].name!r}: {e}") from None
-  train_side_data["contrast_idx"] = data_lib.class_contrast_indices(
-      data_lib.train_labels(config.data, num_train), fn.num_negatives, config.seed, fn.positive)
-  example["contrast_idx"] = jnp.zeros((config.batch_size, fn.num_negatives + 1), jnp.int32)
+def add_side_data(objective: Objective, config: ml_collections.ConfigDict, num_train: int,
+                  train_side_data: dict[str, data_lib.SideData],
+                  example: dict[str, jax.Array]) -> None:
+  """Adds the per-example data that the objective's terms declare (a loss's `side_data()`,
+  `losses.base.SideDataNeed`; e.g. `crd` with negatives='other_class' reads `contrast_idx`,
+  drawn from the labels per seed) to the train batches and to the example batch. Terms that
+  read one batch key must declare it alike: the batch carries one array per key."""
+  needs: dict[str, tuple[Any, list[str]]] = {}
+  for term in objective.terms:
+    declare = getattr(term.fn, "side_data", None)
+    try:
+      declared = declare() if declare is not None else ()
+    except ValueError as e:
+      raise config_lib.ConfigError(f"Loss term {term.name!r}: {e}") from None
+    for need in declared:
+      first, names = needs.setdefault(need.key, (need, []))
+      names.append(term.name)
+      if need != first:
+        raise config_lib.ConfigError(
+            f"Loss terms {names} read batch key {need.key!r} with different settings "
+            f"({dict(first.settings)} vs {dict(need.settings)}); the batch carries one "
+            f"{need.key} for all.")
+  for key, (need, _) in needs.items():
+    train_side_data[key] = data_lib.build_side_data(
+        need.builder, dict(need.settings), config.data, num_train, config.seed)
+    example[key] = jnp.zeros((config.batch_size, *need.shape), need.dtype)
 
 
 def check_cache_top_k(objective: Objective, teacher_names: tuple[str, ...],
@@ -431,7 +403,7 @@ def init_state(config: ml_collections.ConfigDict | RunSettings, run: Run,
   init_rng, objective_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   dummy = jnp.zeros((1, *run.input_shape), jnp.float32)
   variables = jax.jit(lambda r: run.student.init(r, dummy, train=False))(init_rng)
-  if run.student_init is not None:  # config.student.init: open weights.
+  if run.student_init is not None:  # The task's (open weights: config.student.init).
     variables = {**variables, "params": jax.tree.map(
         lambda new, old: jnp.asarray(new, old.dtype), run.student_init["params"],
         variables["params"])}

@@ -20,15 +20,15 @@ from distill_jax.data import teacher_cache
 from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.losses.objective import Objective
 from distill_jax.teachers import Teacher, init_shapes
-from distill_jax.train import step as step_lib
 from distill_jax.train.parallel import Parallel
 
 
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
-                  cached: tuple[str, ...] = (), student_dtype: str | None = None,
-                  input_key: str = "image") -> tuple[ApplyFn, dict[str, ApplyFn]]:
-  """The student's and teachers' forwards, tapping what the objective compares.
+                  input_key: str, cached: tuple[str, ...] = (),
+                  student_dtype: str | None = None) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+  """The student's and teachers' forwards on `batch[input_key]` (the task's `input_key`),
+  tapping what the objective compares.
 
   `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
   `features.make_apply`): params and optimizer state stay float32.
@@ -61,26 +61,18 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,
                   teacher_applies: dict[str, ApplyFn], objective: Objective,
-                  tx: Any, step_offset: int = 0, accumulate_steps: int = 1,
-                  skip_nonfinite: bool = False, task: tasks.Task = step_lib.CLASSIFICATION,
+                  tx: Any, *, task: tasks.Task, step_offset: int = 0,
+                  accumulate_steps: int = 1, skip_nonfinite: bool = False,
                   on_policy: Any = None) -> tuple[Callable, Callable]:
   """The compiled (train_step, eval_step) of the forwards and the objective, for `task`
-  (with `on_policy`, a `generate.OnPolicy`, the train step samples on-policy batches)."""
+  (with `on_policy`, e.g. the language model's `OnPolicy`, the train step first replaces
+  the batch by what it returns)."""
   static = dict(student_apply=student_apply, teacher_applies=teacher_applies, task=task)
   policy = {"on_policy": on_policy} if on_policy is not None else {}
   return (parallel.compile_train_step(objective=objective, tx=tx, step_offset=step_offset,
                                       accumulate_steps=accumulate_steps,
                                       skip_nonfinite=skip_nonfinite, **policy, **static),
           parallel.compile_eval_step(**static))
-
-
-def example_batch(image_shape: tuple[int, ...], batch_size: int,
-                  cached_logits: dict[str, tuple[int, ...]] | None = None
-                  ) -> dict[str, jax.Array]:
-  """An all-zeros classification batch of the shapes the step sees, with `cached_logits`
-  {batch key: one example's logits shape} for the teachers read from a cache
-  (`tasks.Task.example_batch` for any task)."""
-  return step_lib.CLASSIFICATION.example_batch(image_shape, batch_size, cached_logits)
 
 
 def init_objective(objective: Objective, student_apply: ApplyFn,

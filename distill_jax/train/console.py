@@ -100,11 +100,19 @@ def quiet_library_logs() -> None:
   sys.unraisablehook = _log_unraisable
 
 
-def eval_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
-  """One evaluation as one line: step, top-1, top-5, CE and the agreement with each teacher
-  (with several teachers also with their ensemble), e.g.
+# The metrics `eval_line` names in its own words; another task's headline is shown first.
+_SHOWN = ("top1", "top5", "ce", "perplexity", "bits_per_byte")
+
+
+def eval_line(step: int, total_steps: int, scalars: dict[str, float],
+              headline: str = "top1") -> str:
+  """One evaluation as one line: step, the task's `headline` (unless shown below), top-1,
+  top-5, CE (perplexity and bits per byte) and the agreement with each teacher (with several
+  teachers also with their ensemble), the metrics the task has, e.g.
   `eval @ 460/4600: top-1 93.27%  top-5 99.66%  CE 0.2512  agreement teacher 94.61%`."""
-  parts = [f"top-1 {100 * scalars['eval/top1']:.2f}%"]
+  parts = [] if headline in _SHOWN else [f"{headline} {scalars[f'eval/{headline}']:.4f}"]
+  if "eval/top1" in scalars:
+    parts.append(f"top-1 {100 * scalars['eval/top1']:.2f}%")
   if "eval/top5" in scalars:
     parts.append(f"top-5 {100 * scalars['eval/top5']:.2f}%")
   if "eval/ce" in scalars:
@@ -124,8 +132,10 @@ class Progress:
   (so they are not skewed by it), and average over the whole run since, evaluation included.
   """
 
-  def __init__(self, total_steps: int, step: int, *, enabled: bool, show_bar: bool):
+  def __init__(self, total_steps: int, step: int, *, enabled: bool, show_bar: bool,
+               headline: str = "top1"):
     self.total, self.enabled, self.show_bar = total_steps, enabled, enabled and show_bar
+    self.headline = headline  # The task's headline eval metric (`Task.headline`).
     self.bar = tqdm(total=total_steps, initial=step, disable=not self.show_bar, desc="train",
                     unit="step", dynamic_ncols=True, smoothing=0)
     self.postfix: dict[str, str] = {}
@@ -142,20 +152,25 @@ class Progress:
     self.bar.update(1)
 
   def train(self, scalars: dict[str, float]) -> None:
-    """A logged train step's metrics (`loss`, `top1`): shown on the bar."""
-    self.postfix.update(loss=f"{scalars['loss']:.4f}", top1=f"{scalars['top1']:.3f}")
+    """A logged train step's metrics (`loss`, and `top1` where the task has it): shown on the
+    bar."""
+    self.postfix["loss"] = f"{scalars['loss']:.4f}"
+    if "top1" in scalars:
+      self.postfix["top1"] = f"{scalars['top1']:.3f}"
     self.bar.set_postfix(self.postfix, refresh=False)
 
   def eval(self, step: int, scalars: dict[str, float]) -> None:
-    """An evaluation: its line printed (above the bar), its top-1/agreement on the bar."""
+    """An evaluation: its line printed (above the bar), its top-1 (where the task has it, else
+    its headline) and agreement on the bar."""
     if not self.enabled:
       return
-    self.postfix["eval"] = f"{scalars['eval/top1']:.3f}"
+    shown = "eval/top1" if "eval/top1" in scalars else f"eval/{self.headline}"
+    self.postfix["eval"] = f"{scalars[shown]:.3f}"
     agreement = [v for k, v in scalars.items() if k.startswith("eval/agreement/")]
     if agreement:
       self.postfix["agree"] = f"{scalars.get('eval/agreement/ensemble', agreement[0]):.3f}"
     self.bar.set_postfix(self.postfix, refresh=False)
-    line = eval_line(step, self.total, scalars)
+    line = eval_line(step, self.total, scalars, self.headline)
     if self.show_bar:
       self.bar.write(line, file=sys.stderr)
     else:

@@ -26,7 +26,6 @@ from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import tasks
 from distill_jax.model_io import CheckpointError, export_model
-from distill_jax.train import step as step_lib
 from distill_jax.train.build import Run, Stage, build_run, generation_configs, init_state, lr_jump
 from distill_jax.train.checkpoint import Checkpointer, write_atomic
 from distill_jax.train.console import Progress
@@ -161,7 +160,7 @@ class _Session:
                teacher_vars=teacher_vars, train_iter=train_iter, checkpointer=checkpointer,
                writer=writer, guard=guard,
                bar=Progress(total_steps, step, enabled=is_chief,
-                            show_bar=settings.progress_bar),
+                            show_bar=settings.progress_bar, headline=run.task.headline),
                meta={"student": settings.student_name, "config": settings.config_json},
                last_saved=latest, seconds_before=record["train_seconds"])
 
@@ -217,9 +216,9 @@ class _Session:
     run, parallel, settings = self.run, self.run.parallel, self.run.settings
     scalars = evaluate(parallel, run.eval_step, self.state, self.teacher_vars, settings.data,
                        settings.eval_batch_size, run.side_data["eval"], task=run.task)
-    if run.sampler is not None:
-      texts, extra = run.sampler(parallel.get(self.state).student_variables(),
-                                 parallel.get(self.teacher_vars), seed=settings.seed)
+    if run.extras.sampler is not None:
+      texts, extra = run.extras.sampler(parallel.get(self.state).student_variables(),
+                                        parallel.get(self.teacher_vars), seed=settings.seed)
       scalars.update({f"eval/{k}": v for k, v in extra.items()})
       for i, sample_text in enumerate(texts):
         logging.info("Sample %d at step %d: %r", i, self.step, sample_text)
@@ -283,8 +282,8 @@ class _Session:
 
 def evaluate(parallel: Parallel, eval_step: Callable, state: Any, teacher_vars: Any,
              data_config: Any, batch_size: int,
-             side_data: dict[str, data_lib.SideData] | None = None,
-             task: tasks.Task = step_lib.CLASSIFICATION) -> dict[str, float]:
+             side_data: dict[str, data_lib.SideData] | None = None, *,
+             task: tasks.Task) -> dict[str, float]:
   """The task's eval metrics on the eval split (classification: top-1/top-5/CE of the student
   and fidelity to each teacher)."""
   totals: dict[str, float] = {}

@@ -23,11 +23,7 @@ from distill_jax.features import ApplyFn
 from distill_jax.losses.objective import Objective
 from distill_jax.outputs import Outputs
 from distill_jax.tasks.base import Task
-from distill_jax.tasks.classification import Classification
 from distill_jax.train.state import TrainState
-
-# The task when a caller names none: what the steps computed before tasks existed.
-CLASSIFICATION = Classification()
 
 
 def teacher_forward(teacher_applies: Mapping[str, ApplyFn], teacher_vars: Mapping[str, Any],
@@ -96,8 +92,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
                *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
                objective: Objective, tx: optax.GradientTransformation,
                axis_name: str | None = None, step_offset: int = 0, accumulate_steps: int = 1,
-               skip_nonfinite: bool = False, task: Task = CLASSIFICATION,
-               on_policy: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = False, task: Task, on_policy: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update of the student (and the objective's parameters).
 
   `state.step` counts steps over all stages; the objective sees the step within its stage
@@ -121,13 +117,12 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   with its own statistics and updates its running averages k times per step (as k smaller
   steps would).
 
-  `on_policy` (a `generate.OnPolicy`, language models): first, with its probability, the
-  batch becomes the student's own continuations of its rows' prompts (sampled from the
-  current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`),
-  which the teachers then score and the objective compares on the generated tokens. A batch
-  key that would not follow the samples (`data.batch_keys`: a teacher cache, a black-box
-  file's top-k, an undeclared key) is refused here, at trace time (`build_run` refuses the
-  config before).
+  `on_policy` (the language model's `OnPolicy`, from `Task.build_extras`): first, with its
+  probability, the batch becomes the student's own continuations of its rows' prompts (sampled from
+  the current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`), which
+  the teachers then score and the objective compares on the generated tokens. A batch key that would
+  not follow the samples (`data.batch_keys`: a teacher cache, a black-box file's top-k, an
+  undeclared key) is refused here, at trace time (`build_run` refuses the config before).
   """
   if on_policy is not None:
     stale = batch_keys.rollout_problems(batch, task.rollout_keys)
@@ -203,7 +198,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
 
 def eval_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mapping[str, jax.Array],
               *, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn],
-              axis_name: str | None = None, task: Task = CLASSIFICATION) -> dict[str, jax.Array]:
+              task: Task, axis_name: str | None = None) -> dict[str, jax.Array]:
   """The task's metric sums over the (masked) batch (`Task.eval_sums`; for classification:
   correct top-1/top-5, CE, and fidelity to each teacher and their ensemble). Returns sums,
   not means, so the host can add batches (and devices) and divide once."""

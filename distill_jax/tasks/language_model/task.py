@@ -12,23 +12,35 @@ Every metric is a mean over the kept tokens (mask 1), summed over batches and de
   per token), `teacher_ce/NAME` and `teacher_top1/NAME`.
 
 The headline is the held-out perplexity (lower is better).
+
+Its hooks: `student_init` loads the student's open weights (`config.student.init`);
+`check_teachers` refuses open-weights teachers whose tokenizer is not the data's
+(`check_tokenizers`); `build_extras` builds the on-policy rollout (`config.on_policy`,
+`on_policy.OnPolicy`) and the samples shown at each evaluation (`eval_sampler.EvalSampler`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from distill_jax.data import batch_keys
 from distill_jax.data.text import batches, packing
 from distill_jax.data.text import info as text_info
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
+from distill_jax.model_io import CheckpointError
+from distill_jax.models import tokenizers
 from distill_jax.outputs import Outputs
-from distill_jax.tasks.base import Task, TaskInfo
+from distill_jax.rules import ConfigError
+from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
+from distill_jax.tasks.language_model.eval_sampler import EvalSampler
+from distill_jax.tasks.language_model.on_policy import on_policy_from_config
 
 
 def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -45,6 +57,47 @@ class LanguageModel(Task):
   supports_teacher_cache: bool = True
   # The on-policy rollout rewrites tokens, targets, mask and document; id names the row.
   rollout_keys: tuple[str, ...] = ("tokens", "targets", "mask", "document", "id")
+
+  def check_teachers(self, teachers: Mapping[str, Any], config: Any) -> None:
+    """Every open-weights teacher's tokenizer is the data's (`check_tokenizers`)."""
+    check_tokenizers(teachers, config.data.get("tokenizer"))
+
+  def student_init(self, config: Any) -> Any:
+    """The open weights of `config.student.init` (models.hf.student_config), else None."""
+    if not config.student.get("init"):
+      return None
+    from distill_jax.models import hf  # safetensors and tokenizers load only when used.
+    return hf.load_student_init(config.student.init, config.student.name,
+                                config.student.kwargs, config.data.get("tokenizer") or "bytes")
+
+  def build_extras(self, config: Any, student: Any, *, example: Mapping[str, jax.Array],
+                   teacher_applies: Mapping[str, Any]) -> TaskExtras:
+    """The on-policy rollout (`config.on_policy`, else None) and the eval samples
+    (`config.eval_samples`, else None)."""
+    on_policy = self._on_policy(config, student, example)
+    sampler = EvalSampler.from_config(config, student, teacher_applies, on_policy)
+    return TaskExtras(on_policy=on_policy, sampler=sampler)
+
+  def _on_policy(self, config: Any, student: Any, example: Mapping[str, jax.Array]) -> Any:
+    """The `OnPolicy` of `config.on_policy` (None without), refusing batch keys that would not
+    follow the student's samples (`data.batch_keys`)."""
+    if config.get("on_policy") is None:
+      return None
+    seq_len = int(example[self.input_key].shape[1])
+    try:
+      on_policy = on_policy_from_config(
+          config.on_policy, student,
+          tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")), seq_len)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    if on_policy is not None:
+      stale = batch_keys.rollout_problems(example, self.rollout_keys)
+      if stale:
+        raise ConfigError(
+            f"config.on_policy.fraction={on_policy.fraction} replaces the rows by the "
+            "student's samples, but these batch keys would still describe the original rows: "
+            + "; ".join(stale) + ".")
+    return on_policy
 
   def info(self, data_config: Any) -> TaskInfo:
     info = text_info.get_text_info(data_config)
@@ -119,3 +172,21 @@ class LanguageModel(Task):
     means["perplexity"] = math.exp(min(means["ce"], 700.0))
     means["bits_per_byte"] = totals["ce"] / math.log(2) / max(num_bytes, 1.0)
     return means
+
+
+def check_tokenizers(teachers: Mapping[str, Any], data_tokenizer: str | None) -> None:
+  """Raises unless every open-weights teacher's tokenizer (`Teacher.tokenizer`: its
+  tokenizer.json, None for the others) is the data's (`data.tokenizer`, which the student
+  reads): token-level distillation compares one vocabulary."""
+  data_tokenizer = data_tokenizer or "bytes"
+  for name, teacher in teachers.items():
+    if teacher.tokenizer is None:
+      continue
+    ours = tokenizers.get_tokenizer(data_tokenizer)
+    if not (isinstance(ours, tokenizers.HfTokenizer) and
+            ours.fingerprint() == tokenizers.HfTokenizer.from_dir(teacher.tokenizer).fingerprint()):
+      raise CheckpointError(
+          f"Teacher {name!r} uses the tokenizer {teacher.tokenizer} but the data and the "
+          f"student use {getattr(ours, 'path', data_tokenizer)!r} (config.data.tokenizer="
+          f"{data_tokenizer!r}); they must be the same file: set --config.data.tokenizer="
+          f"hf:{os.path.dirname(teacher.tokenizer)}.")

@@ -1,0 +1,116 @@
+"""On-policy distillation (GKD): the student continues each row's prompt and the teachers
+score its own text (`OnPolicy`, built from `config.on_policy` by `on_policy_from_config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.tasks.language_model.generate import check_settings, sample
+
+ON_POLICY_SALT = 0x6B64  # fold_in(state.rng, this): the on-policy keys, apart from the others.
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+  """On-policy distillation (GKD, Agarwal et al., ICLR 2024): with probability `fraction` per
+  batch, each row's first `prompt_len` tokens are continued by `max_new_tokens` tokens that
+  the student samples (`temperature`, `top_k`), and the batch becomes those sequences, with
+  the loss mask on the generated tokens only; the teachers then score the student's own text.
+
+  Built from `config.on_policy` (`from_config`); `model` is the student's module. Static (a
+  hashable argument of the compiled step).
+  """
+
+  model: Any
+  fraction: float
+  prompt_len: int
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  @staticmethod
+  def keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the key of the per-batch coin, the sampling key) the step draws from its RNG."""
+    coin, draw = jax.random.split(jax.random.fold_in(rng, ON_POLICY_SALT))
+    return coin, draw
+
+  def rollout(self, variables: Any, batch: Mapping[str, jax.Array], key: jax.Array
+              ) -> dict[str, jax.Array]:
+    """The batch with each row replaced by its prompt and the student's sample (no gradient).
+
+    tokens [B, L]: the first `prompt_len` tokens, the N sampled ones, then `pad_id`; targets:
+    the next token; mask: 1 where the target is a generated token (up to and including EOS);
+    document: the prompt's last document on the kept generated tokens, -1 after. Every other
+    key is passed through as it is, so it must not describe the original tokens: the step
+    refuses those that would (`data.batch_keys`, `Task.rollout_keys`).
+    """
+    tokens, mask = sample(self.model, jax.lax.stop_gradient(variables),
+                          batch["tokens"][:, :self.prompt_len],
+                          max_new_tokens=self.max_new_tokens, rng=key,
+                          temperature=self.temperature, top_k=self.top_k, eos_id=self.eos_id,
+                          pad_id=self.pad_id)
+    tokens, mask = jax.lax.stop_gradient((tokens, mask))
+    batch_size, length = batch["tokens"].shape
+    rest = length - tokens.shape[1]
+    tokens = jnp.pad(tokens, ((0, 0), (0, rest)), constant_values=self.pad_id)
+    mask = jnp.pad(mask, ((0, 0), (0, rest)))
+    out = dict(batch)
+    out["tokens"] = tokens.astype(batch["tokens"].dtype)
+    out["targets"] = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)),
+                             constant_values=self.pad_id).astype(batch["targets"].dtype)
+    out["mask"] = jnp.pad(mask[:, 1:], ((0, 0), (0, 1))).astype(batch["mask"].dtype)
+    if "document" in batch:
+      last = batch["document"][:, self.prompt_len - 1:self.prompt_len]
+      generated = jnp.arange(length)[None, :] >= self.prompt_len
+      out["document"] = jnp.where(generated, jnp.where(mask > 0, last, -1),
+                                  batch["document"]).astype(batch["document"].dtype)
+    return out
+
+  def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+               axis_name: str | None = None) -> dict[str, jax.Array]:
+    """With probability `fraction` (a coin from `rng`, inside the compiled step) the
+    `rollout` of the batch, else the batch as it is.
+
+    Under pmap (`axis_name`) every device tosses the same coin but samples with its own key
+    (the device index folded in): the same key on each device's rows would draw the same
+    random numbers for row i of every device. So pmap's samples are not one device's (jit on
+    a mesh samples the global batch and gives exactly the single-device samples).
+    """
+    coin, draw = self.keys(rng)
+    if axis_name is not None:
+      draw = jax.random.fold_in(draw, jax.lax.axis_index(axis_name))
+    use = jax.random.uniform(coin) < self.fraction
+    batch = dict(batch)
+    return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw), lambda b: b, batch)
+
+
+def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: int
+                          ) -> OnPolicy | None:
+  """The `OnPolicy` of `config.on_policy` (None when absent or `fraction` is 0); raises
+  ValueError naming the setting that does not fit."""
+  if settings is None or float(settings.get("fraction", 0.0)) == 0.0:
+    return None
+  fraction = float(settings.fraction)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config.on_policy.fraction must be in [0, 1], got {fraction}.")
+  prompt_len, new = int(settings.prompt_len), int(settings.max_new_tokens)
+  if prompt_len < 1 or new < 1:
+    raise ValueError(f"config.on_policy.prompt_len ({prompt_len}) and max_new_tokens ({new}) "
+                     "must be positive.")
+  if prompt_len + new > seq_len:
+    raise ValueError(f"config.on_policy.prompt_len + max_new_tokens = {prompt_len} + {new} "
+                     f"exceeds data.seq_len {seq_len}: the samples must fit in the rows.")
+  temperature, top_k = float(settings.get("temperature", 1.0)), int(settings.get("top_k", 0))
+  check_settings(new, temperature, top_k, 1.0)
+  if not hasattr(model, "init_cache"):
+    raise ValueError(f"config.on_policy needs a student that can decode (transformer_lm), not "
+                     f"{type(model).__name__}.")
+  return OnPolicy(model, fraction, prompt_len, new, temperature, top_k,
+                  getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", 0))
