@@ -15,7 +15,7 @@ round. Mistakes raise the project's exceptions with the one-line message the CLI
 (`ConfigError`, `CheckpointError`, `AuditError`, `UnknownNameError`); nothing exits the
 interpreter. Loss terms and models registered in the session (a notebook cell with
 `@register_loss`) are used by configs that name them; re-running the cell replaces them
-(`distill_jax.registry`). See docs/python_api.md.
+(`distill_jax.common.registry`). See docs/python_api.md.
 
 `config.parallel.cpu_devices` (the host CPU split into N devices) can only take effect before
 JAX starts its backend: `train` applies it when nothing in the process has used a device yet
@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 
 from distill_jax.audit.subjects import AuditError, Exported
+from distill_jax.common.model_io import CheckpointError
+from distill_jax.common.registry import UnknownNameError
 from distill_jax.config import ConfigError, lists_to_tuples
-from distill_jax.model_io import CheckpointError
-from distill_jax.registry import UnknownNameError
 
 __all__ = ["AuditError", "CheckpointError", "ConfigError", "UnknownNameError", "audit",
            "eval_examples", "evaluate", "get_config", "load_model", "train"]
@@ -84,10 +84,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ConfigError, CheckpointError (a teacher's export), UnknownNameError, and the loop's own
     errors (a non-finite loss, a locked workdir) with the messages the CLI prints.
   """
+  from distill_jax.common.xla_flags import set_cpu_devices
   from distill_jax.train import loop
   from distill_jax.train.parallel import initialize_distributed
   from distill_jax.train.workdir import remove_unless_checkpointed
-  from distill_jax.xla_flags import set_cpu_devices
 
   cpu_devices = int(config.parallel.get("cpu_devices") or 0)
   try:
@@ -125,7 +125,7 @@ def evaluate(path: str, config: ml_collections.ConfigDict | None = None) -> dict
   """
   import jax
 
-  from distill_jax.model_io import load_model_variables, read_model_meta
+  from distill_jax.common.model_io import load_model_variables, read_model_meta
   from distill_jax.train import loop
   from distill_jax.train.build import build_run, init_state
 
@@ -168,7 +168,7 @@ def load_model(path: str, input_shape: Sequence[int] | None = None) -> Exported:
   """
   from distill_jax import tasks
   from distill_jax.audit.subjects import load_exported
-  from distill_jax.model_io import read_model_meta
+  from distill_jax.common.model_io import read_model_meta
 
   directory = _export_dir(path)
   meta = read_model_meta(directory)

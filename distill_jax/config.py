@@ -21,12 +21,8 @@ from typing import Any
 import ml_collections
 
 from distill_jax import models, optim, tasks
-from distill_jax.config_cli import switch_models
-from distill_jax.data import default_data_config
-from distill_jax.features import DTYPES
-from distill_jax.layout import DEFAULT_MIN_SHARD_SIZE, check_layout
-from distill_jax.losses.objective import build_objective, term_ranges
-from distill_jax.rules import (
+from distill_jax.common.layout import DEFAULT_MIN_SHARD_SIZE, check_layout
+from distill_jax.common.rules import (
   FRACTION,
   NON_NEGATIVE,
   NON_NEGATIVE_INT,
@@ -36,6 +32,10 @@ from distill_jax.rules import (
   Rule,
   check_range,
 )
+from distill_jax.config_cli import switch_models
+from distill_jax.data import default_data_config
+from distill_jax.losses.objective import build_objective, term_ranges
+from distill_jax.models.forward import DTYPES
 from distill_jax.train.metrics import check_writers
 
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   # in the backward pass (less memory, same numbers).
   c.student = ml_collections.ConfigDict({"name": "cnn", "kwargs": {}, "remat": False})
   # The student's compute dtype: 'bfloat16' runs its forward and backward in bf16 with
-  # float32 params, optimizer state, softmaxes and loss reductions (features.make_apply).
+  # float32 params, optimizer state, softmaxes and loss reductions (models.forward.make_apply).
   # Each teacher has its own (config.teachers.NAME.dtype).
   c.dtype = "float32"
   # name -> teacher_config(model, kwargs, checkpoint, cache): see `teacher_config`.

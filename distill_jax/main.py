@@ -210,10 +210,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _exit_code(error: BaseException) -> int | None:
   """The exit code of a user error (one line, no traceback), None for anything else (a bug)."""
+  from distill_jax.common.model_io import CheckpointError
+  from distill_jax.common.registry import UnknownNameError
   from distill_jax.config import ConfigError
   from distill_jax.data.teacher_cache import CacheError
-  from distill_jax.model_io import CheckpointError
-  from distill_jax.registry import UnknownNameError
   from distill_jax.train.workdir import WorkdirLockedError, WorkdirWriteError
 
   if isinstance(error, UsageError | ConfigError | UnknownNameError):

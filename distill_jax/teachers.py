@@ -32,7 +32,7 @@ import jax
 from absl import logging
 
 from distill_jax import models
-from distill_jax.model_io import CheckpointError, load_model_variables, read_model_meta
+from distill_jax.common.model_io import CheckpointError, load_model_variables, read_model_meta
 
 HF_MODEL = "hf"  # config.teachers.NAME.model of an open-weights (Hugging Face) teacher.
 

@@ -10,7 +10,7 @@ Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
 checkpoint is needed. Each figure is the median over --repeats timed windows of --steps steps,
 after --warmup steps (compilation excluded). The XLA:CPU convolution flags of
-`distill_jax/xla_flags.py` apply by default (`DISTILL_JAX_CPU_FLAGS=0` to compare without;
+`distill_jax/common/xla_flags.py` apply by default (`DISTILL_JAX_CPU_FLAGS=0` to compare without;
 see docs/references.md for what they do).
 
 `--scaling` runs one row per layout, each in its own process (forced CPU devices are fixed when
@@ -69,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _set_xla_flags() -> None:
-  from distill_jax.xla_flags import CPU_CONV_FLAGS, apply_cpu_defaults, set_cpu_devices
+  from distill_jax.common.xla_flags import CPU_CONV_FLAGS, apply_cpu_defaults, set_cpu_devices
 
   apply_cpu_defaults()
   if FLAGS.xla_fast_cpu_convs and CPU_CONV_FLAGS not in os.environ.get("XLA_FLAGS", ""):
@@ -214,7 +214,7 @@ def teacher_forward_rate() -> float:
   import numpy as np
 
   from distill_jax import models
-  from distill_jax.features import make_apply
+  from distill_jax.models.forward import make_apply
 
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
   teacher = models.build_model(FLAGS.teacher, FLAGS.num_classes)

@@ -48,9 +48,9 @@ def main(argv: list[str]) -> None:
   del argv
   if FLAGS.config is None or FLAGS.cache_dir is None:
     raise app.UsageError("--config and --cache_dir are required.")
+  from distill_jax.common.model_io import CheckpointError
   from distill_jax.config import ConfigError, validate
   from distill_jax.data.teacher_cache import CacheError
-  from distill_jax.model_io import CheckpointError
   from distill_jax.teachers import cache_teachers
   from distill_jax.train.console import quiet_library_logs
 

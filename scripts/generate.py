@@ -83,7 +83,7 @@ def read_prompts(path: str) -> list[str]:
 def load_model(workdir: str | None, checkpoint: str | None):
   """(module, variables) of the exported model of a run or an export directory."""
   from distill_jax import models
-  from distill_jax.model_io import load_model_variables, read_model_meta
+  from distill_jax.common.model_io import load_model_variables, read_model_meta
   from distill_jax.teachers import init_shapes, resolve_export_dir
 
   directory = resolve_export_dir(checkpoint or workdir)
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
   try:
     write_rows() if FLAGS.rows_as_text else write_completions()
   except Exception as e:  # noqa: BLE001 - named errors become one line; others re-raise.
-    from distill_jax.model_io import CheckpointError
+    from distill_jax.common.model_io import CheckpointError
 
     if isinstance(e, GenerateError | CheckpointError):
       sys.exit(f"generate: {e}")

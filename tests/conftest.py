@@ -59,7 +59,7 @@ def untrained_teacher(directory, hidden=(16,), seed=3):
   import jax
   import numpy as np
 
-  from distill_jax.model_io import export_model
+  from distill_jax.common.model_io import export_model
   from distill_jax.models import build_model
 
   module = build_model("mlp", 10, hidden=hidden)

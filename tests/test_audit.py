@@ -244,7 +244,7 @@ def _fit(module, variables, x, y, temperature, steps):
 
 
 def _export(directory, hidden, variables):
-  from distill_jax.model_io import export_model
+  from distill_jax.common.model_io import export_model
 
   export_model(str(directory), variables, {"model": "mlp", "kwargs": {"hidden": list(hidden)},
                                            "num_classes": 10, "step": 0})

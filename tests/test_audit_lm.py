@@ -101,7 +101,7 @@ def _fit(module, variables, tokens, targets, mask, steps):
 
 def _export(root, name, kwargs, variables, data_config):
   """A run-like workdir: `model/` export and a config.json naming the task and the data."""
-  from distill_jax.model_io import export_model
+  from distill_jax.common.model_io import export_model
 
   workdir = root / name
   export_model(str(workdir / "model"), variables, {

@@ -19,9 +19,9 @@ from jax.test_util import check_grads
 
 from distill_jax import data as data_lib
 from distill_jax import losses
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import contrastive
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 from distill_jax.train.build import build_run, init_state
 
 CRD = losses.LOSSES.get("crd")

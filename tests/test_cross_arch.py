@@ -17,10 +17,10 @@ from test_crd import np_crd
 
 from distill_jax import data as data_lib
 from distill_jax import losses, models
+from distill_jax.common.outputs import Outputs
 from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import contrast
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 from distill_jax.teachers import Teacher, init_shapes
 from distill_jax.train import build
 

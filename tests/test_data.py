@@ -10,8 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from distill_jax import data
+from distill_jax.common.registry import UnknownNameError
 from distill_jax.data import digits
-from distill_jax.registry import UnknownNameError
 
 BATCH = 256  # 1500 // 256 = 5 steps per epoch, so a few steps cross an epoch boundary.
 

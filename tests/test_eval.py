@@ -122,7 +122,7 @@ def test_eval_on_8_devices_equals_one_device(totals, mode, devices):
 def test_eval_sums_drop_nonfinite_logits_of_padded_rows():
   """A NaN or inf in the student's or a teacher's logits of a padded row (mask 0) leaves every
   sum as NumPy computes it over the real rows (a `mask * x` sum would be NaN)."""
-  from distill_jax.outputs import Outputs
+  from distill_jax.common.outputs import Outputs
   from distill_jax.tasks.classification import Classification
 
   rng = np.random.default_rng(1)

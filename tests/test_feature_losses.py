@@ -13,11 +13,11 @@ import scipy.special
 from jax.test_util import check_grads
 
 from distill_jax import losses
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import features as F
 from distill_jax.losses import relations as R
 from distill_jax.losses.base import avg_pool_to
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 
 NAMES = ("at", "sp", "rkd", "pkt", "nst", "fsp")
 

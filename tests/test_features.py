@@ -7,10 +7,10 @@ import pytest
 from conftest import tiny
 
 from distill_jax import models
-from distill_jax.features import FeatureError, list_features, make_apply
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import register_loss
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
+from distill_jax.models.forward import FeatureError, list_features, make_apply
 from distill_jax.train import loop
 from distill_jax.train.build import build_run
 from distill_jax.train.guard import NonFiniteLossError

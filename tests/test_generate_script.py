@@ -46,7 +46,7 @@ def test_greedy_completions_and_top_logprobs(teacher, tmp_path):
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["prompt"] for r in records] == prompts
   # The same prompts through generate.sample in-process (greedy).
-  from distill_jax.model_io import load_model_variables, read_model_meta
+  from distill_jax.common.model_io import load_model_variables, read_model_meta
   from distill_jax.models import build_model
   from distill_jax.teachers import init_shapes
 
@@ -142,7 +142,7 @@ def test_a_generated_file_is_a_teacher_for_sequence_level_and_top_k_kd(teacher, 
 def test_the_log_holds_the_scripts_lines_not_orbaxs(tmp_path):
   """An untrained tiny transformer_lm export: loading it (orbax) logs nothing of the
   library's; the script's own line stays."""
-  from distill_jax.model_io import export_model
+  from distill_jax.common.model_io import export_model
   from distill_jax.models import build_model
 
   kwargs = {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16, "bos_id": 256}

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
+from distill_jax.common.model_io import export_model, load_model_variables
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data import batch_keys
 from distill_jax.data.text import blackbox, packing
-from distill_jax.model_io import export_model, load_model_variables
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
 from distill_jax.tasks.language_model import generate

@@ -15,10 +15,10 @@ import pytest
 from conftest import ROOT, run_cli
 
 from distill_jax import models
+from distill_jax.common.model_io import CheckpointError
 from distill_jax.config import load_config_file
 from distill_jax.data.text import batches
 from distill_jax.data.text import info as text_info
-from distill_jax.model_io import CheckpointError
 from distill_jax.models import hf
 from distill_jax.models.tokenizers import HfTokenizer, get_tokenizer, hf_byte_lengths
 from distill_jax.models.transformer import rope_frequencies

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import LOSSES, hints, loss_hparams, relations
 from distill_jax.losses.base import l2_normalize, layer_tuple
 from distill_jax.losses.factor_transfer import ft_distance, ft_factor
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 
 FITNET, VID, AB, FT, FT_PARA, CC = (LOSSES.get(n) for n in (
     "fitnet", "vid", "ab", "ft", "ft_paraphraser", "cc"))

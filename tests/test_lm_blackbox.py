@@ -17,11 +17,11 @@ import pytest
 import scipy.special
 from conftest import ROOT, cli_env
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.config import ConfigError, load_config_file
 from distill_jax.data.text import blackbox
 from distill_jax.losses import token_topk
 from distill_jax.models.tokenizers import ByteTokenizer, HfTokenizer
-from distill_jax.outputs import Outputs
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 BYTES = ByteTokenizer()

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import LOSSES, token_topk
 from distill_jax.losses.base import masked_mean
-from distill_jax.outputs import Outputs
 
 B, L, V = 2, 11, 13
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.features import list_features, make_apply
 from distill_jax.models import build_model
+from distill_jax.models.forward import list_features, make_apply
 
 VOCAB, CONTEXT, BOS = 259, 32, 256
 SIZES = dict(num_layers=2, width=32, num_heads=4, num_kv_heads=2, mlp_dim=64, context=CONTEXT,

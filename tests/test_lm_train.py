@@ -13,10 +13,10 @@ import pytest
 import scipy.special
 from conftest import ROOT
 
+from distill_jax.common.model_io import export_model
 from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data import teacher_cache
 from distill_jax.data.text import batches, packing
-from distill_jax.model_io import export_model
 from distill_jax.models import build_model
 from distill_jax.teachers import cache_teachers
 from distill_jax.train.build import build_run, init_state

@@ -8,9 +8,9 @@ import scipy.special
 from jax.test_util import check_grads
 
 from distill_jax import losses
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses import logits as logit_losses
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 
 NAMES = ("dkd", "logit_mse", "reverse_kl", "gjsd")
 

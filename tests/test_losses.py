@@ -8,8 +8,8 @@ import scipy.special
 from jax.test_util import check_grads
 
 from distill_jax import losses
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.objective import ObjectiveError, build_objective
-from distill_jax.outputs import Outputs
 
 
 def _outputs(logits):

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill_jax.common.registry import UnknownNameError
 from distill_jax.models import MODELS, build_model, num_params
 from distill_jax.models.resnet_cifar import CifarResNet
 from distill_jax.models.wrn import WideResNet
-from distill_jax.registry import UnknownNameError
 
 # Trainable parameters with a 100-class head, from the CRD paper code (REFERENCES.md).
 CRD_PARAMS = {

@@ -13,10 +13,10 @@ import scipy.special
 from conftest import run_steps, tiny
 
 from distill_jax import data as data_lib
+from distill_jax.common.model_io import CheckpointError, export_model, read_model_meta
 from distill_jax.config import ConfigError
 from distill_jax.data import teacher_cache
 from distill_jax.data.teacher_cache import CacheError
-from distill_jax.model_io import CheckpointError, export_model, read_model_meta
 from distill_jax.models import build_model
 from distill_jax.tasks import get_task
 from distill_jax.teachers import cache_teachers, load_teacher

@@ -8,8 +8,8 @@ from conftest import tiny
 from jax.sharding import PartitionSpec as P
 
 from distill_jax import data as data_lib
+from distill_jax.common.layout import resolve_mesh
 from distill_jax.config import ConfigError
-from distill_jax.layout import resolve_mesh
 from distill_jax.train import loop
 from distill_jax.train.build import build_run, init_state
 from distill_jax.train.parallel import Parallel, fsdp_spec
@@ -164,7 +164,7 @@ def test_bad_meshes_are_named(mesh, message):
     {"parallel.mode": "spmd"},
 ])
 def test_validation_and_parallel_refuse_a_bad_layout_with_one_message(parallel):
-  """The layout's rules are written once (layout.py): validate() refuses what needs no devices
+  """The layout's rules are written once (common/layout.py): validate() refuses what needs no devices
   with the very message `Parallel` gives for the same settings."""
   from distill_jax.config import validate
 

@@ -172,7 +172,7 @@ def test_cpu_devices_in_a_session_whose_backend_has_started(tmp_path, data_dir):
   way out, before anything is written."""
   import jax
 
-  from distill_jax.xla_flags import set_cpu_devices
+  from distill_jax.common.xla_flags import set_cpu_devices
 
   assert len(jax.devices("cpu")) == 8  # conftest's split; the backend has started.
   set_cpu_devices(8)

@@ -3,7 +3,7 @@ another function under a taken name is refused, naming the one that holds it."""
 
 import pytest
 
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 CELL = '''
 @registry.register("scaled")

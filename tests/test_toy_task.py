@@ -22,10 +22,10 @@ import numpy as np
 from conftest import ROOT, cli_env, run_cli
 
 from distill_jax import data as data_lib
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import ConfigError
 from distill_jax.losses import register_loss
 from distill_jax.losses.base import LOSSES, masked_sum, teacher_outputs
-from distill_jax.outputs import Outputs
-from distill_jax.rules import ConfigError
 from distill_jax.tasks import TASKS, Task, TaskInfo
 
 TASK = "toy_mean_intensity"

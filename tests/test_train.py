@@ -12,8 +12,8 @@ import scipy.special
 from conftest import run_digits_cli, tiny
 
 from distill_jax import data as data_lib
+from distill_jax.common.model_io import CheckpointError
 from distill_jax.config import ConfigError
-from distill_jax.model_io import CheckpointError
 from distill_jax.teachers import load_teacher
 from distill_jax.train import loop
 from distill_jax.train.build import build_run, init_state

@@ -11,7 +11,7 @@ import pytest
 from conftest import DIGITS, ROOT, tiny
 
 from distill_jax import config as config_lib
-from distill_jax import rules
+from distill_jax.common import rules
 from distill_jax.config import ConfigError
 from distill_jax.train import loop
 

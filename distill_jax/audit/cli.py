@@ -224,9 +224,9 @@ def main(argv: list[str], banner: str = "") -> int:
   if banner:
     print(banner, file=sys.stderr, flush=True)
   from distill_jax.audit.subjects import AuditError
+  from distill_jax.common.model_io import CheckpointError
+  from distill_jax.common.registry import UnknownNameError
   from distill_jax.data.sources import DataNotPreparedError
-  from distill_jax.model_io import CheckpointError
-  from distill_jax.registry import UnknownNameError
 
   try:
     audit(args)

@@ -32,7 +32,7 @@ import numpy as np
 from distill_jax.audit import scores
 from distill_jax.audit.run import _jsonable, _parse_primary, summarise
 from distill_jax.audit.subjects import AuditError, Exported, QueryOnly
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 LM_PROBES = Registry("language-model probe")
 register_lm_probe = LM_PROBES.register

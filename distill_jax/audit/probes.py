@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from distill_jax.audit.subjects import AuditError, Exported
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 PROBES = Registry("probe")
 register_probe = PROBES.register

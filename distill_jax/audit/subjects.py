@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from distill_jax import models
-from distill_jax.model_io import load_model_variables, read_model_meta
+from distill_jax.common.model_io import load_model_variables, read_model_meta
 from distill_jax.teachers import init_shapes, resolve_export_dir
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from absl import logging
 
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 # Builders of the embedded data sets, by user-facing name.
 EMBEDDED = Registry("embedded data set")

@@ -39,8 +39,8 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.data import batch_keys
-from distill_jax.outputs import Outputs
 
 FORMAT = 1
 META_FILE = "cache.json"
@@ -162,7 +162,7 @@ def write_cache(directory: str, teacher: Any, task: Any, data_config: Any, *, se
   last, so an interrupted write leaves no cache that a run would accept. Returns the cache's
   metadata.
   """
-  from distill_jax.features import make_apply  # The forward the run would use.
+  from distill_jax.models.forward import make_apply  # The forward the run would use.
 
   info = task.info(data_config)
   if not 0 <= top_k < info.num_classes:

@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.outputs import Outputs
-from distill_jax.registry import Registry
-from distill_jax.rules import NON_NEGATIVE, POSITIVE, Rule
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.registry import Registry
+from distill_jax.common.rules import NON_NEGATIVE, POSITIVE, Rule
 
 LOSSES = Registry("loss")
 
@@ -33,7 +33,7 @@ def register_loss(name: str, *, uses_teachers: bool = True,
 
   `uses_teachers=False` marks a term that needs no teacher (e.g. cross-entropy), so a config
   that distills with no teacher is refused before anything is built. `ranges` maps a
-  hyper-parameter of the loss to its rule `(Range, meaning)` (`distill_jax.rules`), e.g.
+  hyper-parameter of the loss to its rule `(Range, meaning)` (`distill_jax.common.rules`), e.g.
   `{'beta': (Range(0, 1), 'the mixture weight')}`: config validation refuses a value outside
   it (every element of a sequence), naming the term, the setting and the range, before
   anything is built. A range for a setting the loss does not take is refused here.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from distill_jax.initializers import conv_kernel_init, dense_kernel_init
+from distill_jax.common.initializers import conv_kernel_init, dense_kernel_init
 
 CONNECTORS = ("identity", "conv1x1_bn", "linear", "mlp")
 

@@ -17,7 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.initializers import dense_kernel_init
+from distill_jax.common.initializers import dense_kernel_init
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import POSITIVE, POSITIVE_INT
 from distill_jax.losses.base import (
   EPS,
   SideDataNeed,
@@ -27,8 +29,6 @@ from distill_jax.losses.base import (
   register_loss,
   shape_mismatch,
 )
-from distill_jax.outputs import Outputs
-from distill_jax.rules import POSITIVE, POSITIVE_INT
 
 # Above this ratio of bank rows to sampled rows per example, `contrast_logits` gathers the
 # sampled rows ([B, K+1, D], as the reference does) instead of scoring the whole bank

@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.initializers import dense_kernel_init
+from distill_jax.common.initializers import dense_kernel_init
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import (
   example_weights,
   l2_normalize,
@@ -40,7 +41,6 @@ from distill_jax.losses.base import (
   shape_mismatch,
   weighted_mean,
 )
-from distill_jax.outputs import Outputs
 
 Batch = Mapping[str, jax.Array]
 

@@ -27,21 +27,21 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import (
-    NORM_EPS,
-    at_least_float32,
-    avg_pool_to,
-    check_same_batch,
-    example_weights,
-    feature_pairs,
-    l2_normalize,
-    layer_tuple,
-    precise_einsum,
-    register_loss,
-    shape_mismatch,
-    weighted_mean,
+  NORM_EPS,
+  at_least_float32,
+  avg_pool_to,
+  check_same_batch,
+  example_weights,
+  feature_pairs,
+  l2_normalize,
+  layer_tuple,
+  precise_einsum,
+  register_loss,
+  shape_mismatch,
+  weighted_mean,
 )
-from distill_jax.outputs import Outputs
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -32,7 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.initializers import dense_kernel_init
+from distill_jax.common.initializers import dense_kernel_init
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import NON_NEGATIVE
 from distill_jax.losses.base import (
   EPS,
   example_weights,
@@ -44,8 +46,6 @@ from distill_jax.losses.base import (
   weighted_mean,
 )
 from distill_jax.losses.connectors import CONNECTORS, Connector
-from distill_jax.outputs import Outputs
-from distill_jax.rules import NON_NEGATIVE
 
 Batch = Mapping[str, jax.Array]
 

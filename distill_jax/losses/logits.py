@@ -14,22 +14,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import FRACTION, NON_NEGATIVE, UNIT_INTERVAL, Rule
 from distill_jax.losses.base import (
-    TEACHER_WEIGHTS,
-    TEMPERATURE,
-    check_teacher,
-    dropped_outputs,
-    example_weights,
-    kl,
-    masked_mean,
-    register_loss,
-    teacher_log_probs,
-    teacher_weights,
-    weighted_mean,
-    zero_dropped,
+  TEACHER_WEIGHTS,
+  TEMPERATURE,
+  check_teacher,
+  dropped_outputs,
+  example_weights,
+  kl,
+  masked_mean,
+  register_loss,
+  teacher_log_probs,
+  teacher_weights,
+  weighted_mean,
+  zero_dropped,
 )
-from distill_jax.outputs import Outputs
-from distill_jax.rules import FRACTION, NON_NEGATIVE, UNIT_INTERVAL, Rule
 
 
 def _masked_mean(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -27,19 +27,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import NON_NEGATIVE, NON_NEGATIVE_INT, Rule
 from distill_jax.losses.base import (
-    CONTEXT_HPARAMS,
-    LOSSES,
-    REQUIRED,
-    STUDENT_LAYER_HPARAMS,
-    TEACHER_LAYER_HPARAMS,
-    is_module_loss,
-    layer_names,
-    loss_hparams,
-    loss_ranges,
+  CONTEXT_HPARAMS,
+  LOSSES,
+  REQUIRED,
+  STUDENT_LAYER_HPARAMS,
+  TEACHER_LAYER_HPARAMS,
+  is_module_loss,
+  layer_names,
+  loss_hparams,
+  loss_ranges,
 )
-from distill_jax.outputs import Outputs
-from distill_jax.rules import NON_NEGATIVE, NON_NEGATIVE_INT, Rule
 
 # Keys of a term's config that belong to the objective, not to the loss function.
 TERM_KEYS = ("loss", "weight", "warmup_steps", "warmup_epochs")

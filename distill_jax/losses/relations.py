@@ -33,22 +33,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import NON_NEGATIVE, POSITIVE_INT
 from distill_jax.losses.base import (
-    EPS,
-    NORM_EPS,
-    at_least_float32,
-    check_same_batch,
-    example_weights,
-    feature_pairs,
-    l2_normalize,
-    layer_tuple,
-    precise_einsum,
-    register_loss,
-    shape_mismatch,
+  EPS,
+  NORM_EPS,
+  at_least_float32,
+  check_same_batch,
+  example_weights,
+  feature_pairs,
+  l2_normalize,
+  layer_tuple,
+  precise_einsum,
+  register_loss,
+  shape_mismatch,
 )
 from distill_jax.losses.connectors import Connector
-from distill_jax.outputs import Outputs
-from distill_jax.rules import NON_NEGATIVE, POSITIVE_INT
 
 Weights = jax.Array | None
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import (
   feature_pairs,
   kl,
@@ -24,7 +25,6 @@ from distill_jax.losses.base import (
   shape_mismatch,
   zero_dropped,
 )
-from distill_jax.outputs import Outputs
 
 
 @register_loss("token_hidden_mse")

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import TEMPERATURE, check_teacher, check_vocab, kl, register_loss
 from distill_jax.losses.chunking import token_mean
-from distill_jax.outputs import Outputs
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"

@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import FRACTION
 from distill_jax.losses.base import (
   TEACHER_WEIGHTS,
   TEMPERATURE,
@@ -44,8 +46,6 @@ from distill_jax.losses.base import (
 )
 from distill_jax.losses.chunking import token_mean
 from distill_jax.losses.logits import JSD_BETA, generalized_jsd
-from distill_jax.outputs import Outputs
-from distill_jax.rules import FRACTION
 
 
 def _token_rows(x: jax.Array) -> jax.Array:

@@ -32,8 +32,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from distill_jax.initializers import conv_kernel_init
-from distill_jax.registry import Registry
+from distill_jax.common.initializers import conv_kernel_init
+from distill_jax.common.registry import Registry
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -88,7 +88,7 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """Builds the registered model `name` with a `num_classes`-way head.
 
   Extra keyword arguments go to the model's factory (e.g. `bn_axis_name`, `widths`). An unknown
-  name raises `distill_jax.registry.UnknownNameError`, whose message lists the known models.
+  name raises `distill_jax.common.registry.UnknownNameError`, whose message lists the known models.
   """
   return MODELS.get(name)(num_classes, **kwargs)
 

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.initializers import dense_kernel_init
+from distill_jax.common.initializers import dense_kernel_init
 from distill_jax.models import (
     batch_norm,
     conv,

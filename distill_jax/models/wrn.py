@@ -25,7 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from distill_jax.initializers import dense_kernel_init
+from distill_jax.common.initializers import dense_kernel_init
 from distill_jax.models import (
     batch_norm,
     conv,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 LAUNCHERS = Registry("launcher")
 BUILT_IN = ("distill_jax.sweep.local", "distill_jax.sweep.slurm")

@@ -14,7 +14,7 @@ in `TASKS` from a module the config imports.
   token top-1 agreement with the teachers, teacher-student KL.
 """
 
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.classification import Classification
 from distill_jax.tasks.language_model import LanguageModel

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from distill_jax.outputs import Outputs
+from distill_jax.common.outputs import Outputs
 
 
 @dataclasses.dataclass(frozen=True)

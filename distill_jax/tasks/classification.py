@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax import data as data_lib
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import ConfigError
 from distill_jax.losses.base import masked_sum, teacher_log_probs
 from distill_jax.losses.logits import kd_divergence
-from distill_jax.outputs import Outputs
-from distill_jax.rules import ConfigError
 from distill_jax.tasks.base import Task, TaskInfo
 
 

@@ -25,8 +25,8 @@ from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import models, optim, tasks
 from distill_jax.data import teacher_cache
-from distill_jax.features import ApplyFn
 from distill_jax.losses.objective import Objective, build_objective
+from distill_jax.models.forward import ApplyFn
 from distill_jax.teachers import Teacher, init_shapes, load_teachers
 from distill_jax.train.compiled import build_applies, compile_steps, init_objective, trace_objective
 from distill_jax.train.parallel import Parallel

@@ -4,7 +4,7 @@ A run's `workdir/checkpoints/<step>/` holds three items: `state` (the TrainState
 train iterator's position, JSON) and `meta` (JSON: model name, config fingerprint). A
 restarted run restores the latest one and sees exactly the batches it would have seen.
 
-`workdir/model/` is the exported student (`distill_jax.model_io`). Nothing is ever unpickled.
+`workdir/model/` is the exported student (`distill_jax.common.model_io`). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from distill_jax.model_io import CheckpointError, abstract, leaves_with_paths, path_str
+from distill_jax.common.model_io import CheckpointError, abstract, leaves_with_paths, path_str
 
 CHECKSUMS = "checksums.json"
 ORBAX_COMMIT = "commit_success.txt"  # Orbax's marker of a finished save.

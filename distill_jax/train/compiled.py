@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from distill_jax import config as config_lib
 from distill_jax import tasks
 from distill_jax.data import teacher_cache
-from distill_jax.features import ApplyFn, check_features, list_features, make_apply
 from distill_jax.losses.objective import Objective
+from distill_jax.models.forward import ApplyFn, check_features, list_features, make_apply
 from distill_jax.teachers import Teacher, init_shapes
 from distill_jax.train.parallel import Parallel
 
@@ -31,7 +31,7 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
   tapping what the objective compares.
 
   `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
-  `features.make_apply`): params and optimizer state stay float32.
+  `models.forward.make_apply`): params and optimizer state stay float32.
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its

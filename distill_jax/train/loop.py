@@ -25,7 +25,7 @@ from absl import logging
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import tasks
-from distill_jax.model_io import CheckpointError, export_model
+from distill_jax.common.model_io import CheckpointError, export_model
 from distill_jax.train.build import Run, Stage, build_run, generation_configs, init_state, lr_jump
 from distill_jax.train.checkpoint import Checkpointer, write_atomic
 from distill_jax.train.console import Progress

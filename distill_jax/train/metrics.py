@@ -24,7 +24,7 @@ import jax
 from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from distill_jax.registry import Registry
+from distill_jax.common.registry import Registry
 
 
 def truncate_jsonl(path: str, step: int) -> list[dict[str, Any]]:

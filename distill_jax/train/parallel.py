@@ -32,16 +32,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from distill_jax.layout import (
-    BATCH_AXES,
-    DEFAULT_MIN_SHARD_SIZE,
-    MESH_AXES,
-    check_layout,
-    resolve_mesh,
+from distill_jax.common.layout import (
+  BATCH_AXES,
+  DEFAULT_MIN_SHARD_SIZE,
+  MESH_AXES,
+  check_layout,
+  resolve_mesh,
 )
-from distill_jax.rules import ConfigError
+from distill_jax.common.rules import ConfigError
+from distill_jax.common.xla_flags import set_cpu_devices
 from distill_jax.train import step as step_lib
-from distill_jax.xla_flags import set_cpu_devices
 
 PMAP_AXIS = "batch"
 
@@ -61,7 +61,7 @@ def initialize_distributed(settings: Mapping[str, Any]) -> bool:
   """Joins a multi-process run (`jax.distributed.initialize`); call it before any other JAX use.
 
   First splits the host CPU into `cpu_devices` XLA devices when that is set (> 0; see
-  `distill_jax.xla_flags.set_cpu_devices`), which also has to happen before JAX starts.
+  `distill_jax.common.xla_flags.set_cpu_devices`), which also has to happen before JAX starts.
 
   From `config.parallel`: `coordinator` ('host:port' of process 0), `num_processes` and
   `process_id`; when `coordinator` is empty, from the launcher's environment (a Slurm step with

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.data import batch_keys
-from distill_jax.features import ApplyFn
 from distill_jax.losses.objective import Objective
-from distill_jax.outputs import Outputs
+from distill_jax.models.forward import ApplyFn
 from distill_jax.tasks.base import Task
 from distill_jax.train.state import TrainState
 

@@ -30,14 +30,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.model_io import CheckpointError
+from distill_jax.common.outputs import Outputs
+from distill_jax.common.rules import ConfigError
 from distill_jax.data import batch_keys
 from distill_jax.data.text import batches, packing
 from distill_jax.data.text import info as text_info
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
-from distill_jax.model_io import CheckpointError
 from distill_jax.models import tokenizers
-from distill_jax.outputs import Outputs
-from distill_jax.rules import ConfigError
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.language_model.eval_sampler import EvalSampler
 from distill_jax.tasks.language_model.on_policy import on_policy_from_config

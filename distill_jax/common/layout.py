@@ -12,7 +12,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from distill_jax.rules import ConfigError
+from distill_jax.common.rules import ConfigError
 
 MODES = ("jit", "pmap")  # parallel.mode
 MESH_AXES = ("data", "fsdp")  # parallel.mesh's axes, in mesh order

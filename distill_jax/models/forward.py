@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.outputs import Outputs
+from distill_jax.common.outputs import Outputs
 
 ApplyFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], bool, jax.Array | None], Outputs]
 
