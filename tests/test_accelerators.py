@@ -178,3 +178,19 @@ def test_slurm_trial_that_asked_for_gpus_stops_on_the_cpu(tmp_path, data_dir):
       f"slurm launcher's --gpus_per_task), but JAX found only the CPU (jax {jax.__version__} on "
       "cpu: 1 device (1 process); a CPU-only jaxlib?)"), last
   assert not os.path.exists(os.path.join(root, "teacher", "checkpoints"))
+
+
+def test_resuming_with_allow_cpu_or_a_backend_is_no_config_change(data_dir):
+  """Where a run runs is not what it trains: a checkpoint saved before these settings existed
+  (or with other values) resumes without `allow_config_change`."""
+  from distill_jax.config import to_json
+  from distill_jax.train.loop import config_changes
+
+  config = tiny("teacher", data_dir)
+  old = json.loads(to_json(config))
+  del old["allow_cpu"], old["parallel"]["backend"]  # An older checkpoint's config.
+  config.allow_cpu, config.parallel.backend = True, "gpu"
+  assert config_changes(json.dumps(old), to_json(config)) == []
+  config.optim.lr = 0.5  # A real change is still named beside them.
+  assert config_changes(json.dumps(old), to_json(config)) == [
+      f"optim.lr: {old['optim']['lr']!r} -> 0.5"]
