@@ -82,8 +82,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     and 'step'), 'best_<headline>' and 'best_step', 'steps', 'train_seconds', ...
   Raises:
     ConfigError, CheckpointError (a teacher's export), UnknownNameError, and the loop's own
-    errors (a non-finite loss, a locked workdir) with the messages the CLI prints.
+    errors (a non-finite loss, a locked workdir) with the messages the CLI prints. A config or
+    launcher that asked for accelerators (`parallel.backend`, a mesh larger than the host, a
+    launcher's GPUs) on a host where JAX finds only the CPU raises ConfigError before anything
+    is built, unless `config.allow_cpu` (`distill_jax.common.backend`).
   """
+  from distill_jax.common import backend
   from distill_jax.common.xla_flags import set_cpu_devices
   from distill_jax.train import loop
   from distill_jax.train.parallel import initialize_distributed
@@ -95,6 +99,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   except RuntimeError as e:
     raise ConfigError(str(e)) from None
   initialize_distributed(config.parallel)  # A no-op unless several processes are configured.
+  found = backend.environment()
+  if not config.get("allow_cpu", False):
+    refusal = backend.cpu_refusal(found, config.parallel, os.environ)
+    if refusal:
+      raise ConfigError(refusal)
   workdir = os.path.abspath(workdir)
   created = not os.path.exists(workdir)
   try:

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from distill_jax import models, optim, tasks
+from distill_jax.common.backend import check_backend_setting
 from distill_jax.common.layout import DEFAULT_MIN_SHARD_SIZE, check_layout
 from distill_jax.common.rules import (
   FRACTION,
@@ -89,7 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
       "coordinator": "", "num_processes": 0, "process_id": -1,
       "init_timeout_seconds": 300, "heartbeat_timeout_seconds": 100,
       # > 0: split the host CPU into this many XLA devices (set by the CLI before JAX starts).
-      "cpu_devices": 0})
+      "cpu_devices": 0,
+      # 'gpu' or 'tpu': the run needs that backend and stops if JAX finds another (a CPU
+      # unless allow_cpu); '': whatever JAX finds (common/backend.py).
+      "backend": ""})
   c.progress_bar = True
   # Where metrics go (train/metrics.py, train/trackers.py): 'jsonl' (WORKDIR/metrics.jsonl,
   # always), 'tensorboard' (WORKDIR/tb), 'wandb', 'mlflow' (optional extras). Empty tracker
@@ -113,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The resumed run follows the new config's LR schedule (a longer num_steps stretches a
   # cosine: the LR jumps up at the restored step, and the log gives both values).
   c.allow_config_change = False
+  # A run that asked for accelerators (parallel.backend, a mesh larger than the host, a
+  # launcher's GPUs) but finds only a CPU stops with the fix; True runs on the CPU anyway.
+  c.allow_cpu = False
   return c
 
 
@@ -275,10 +282,12 @@ def parallel_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _check_parallel(config: ml_collections.ConfigDict) -> None:
-  """The layout's rules that need no devices (`layout.check_layout`); the mesh's product is
-  checked against the devices when `Parallel` is built."""
+  """The layout's rules that need no devices (`layout.check_layout`) and the backend's name;
+  the mesh's product is checked against the devices when `Parallel` is built, and the backend
+  against the one found when the run starts (`common.backend.cpu_refusal`)."""
   layout = parallel_layout(config)
   check_layout(config.parallel.mode, layout["mesh"], layout["teacher_sharding"])
+  check_backend_setting(config.parallel.get("backend", ""))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -56,6 +56,13 @@ ERRORS = {
                           "'hidden'; it has: widths (the kwargs of model 'cnn'; `distill-jax "
                           "models` lists each model's)."),
     "unknown command": (["lossess"], 2, "Unknown command 'lossess' (did you mean 'losses'?)"),
+    # Accelerators asked for on this CPU (one device here): stopped before anything is built.
+    "gpu config on a cpu": (["--config.parallel.backend=gpu"], 2,
+                            "config.parallel.backend='gpu' asks for a GPU, but JAX found only "
+                            "the CPU (jax "),
+    "mesh larger than the host": (["--config.parallel.mesh.data=4"], 2,
+                                  "config.parallel.mesh {{'data': 4, 'fsdp': 1}} asks for 4 "
+                                  "devices, but JAX found only the CPU (jax "),
 }
 
 

@@ -1,5 +1,6 @@
 """The shared vocabulary every layer may use: registries (`registry`), what a forward returns
 (`outputs`), weight initialisers, the rules settings are checked with (`rules`), what
-`config.parallel` may say (`layout`), exported models on disk (`model_io`) and the XLA flags
-set before any JAX backend starts (`xla_flags`). It imports nothing else of distill_jax.
+`config.parallel` may say (`layout`), exported models on disk (`model_io`), the XLA flags
+set before any JAX backend starts (`xla_flags`) and the backend a run found (`backend`). It
+imports nothing else of distill_jax.
 """

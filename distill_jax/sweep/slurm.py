@@ -12,6 +12,11 @@ the trials' records (no `sacct`, which needs Slurm's accounting database).
 
 A trial with `--nodes`/`--tasks_per_node` > 1 is one multi-process run: the task starts it with
 `srun`, and each process reads its place in the layout from Slurm's variables.
+
+With `--gpus_per_task` > 0 the batch script exports `DISTILL_JAX_GPUS_PER_TASK`
+(`common.backend.GPUS_ENV`), which the trial's run inherits: a run that then finds JAX on the
+CPU (a CPU-only jaxlib in the jobs' environment) fails at once, naming the fix, instead of
+training on the node's CPU (`--config.allow_cpu=True` in the trial's flags runs it anyway).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from distill_jax.common.backend import GPUS_ENV
 from distill_jax.sweep import state
 from distill_jax.sweep.launch import LAUNCHERS
 from distill_jax.sweep.spec import Trial
@@ -128,8 +134,11 @@ def batch_script(root: str, stage: str, num_trials: int, args) -> str:
     options.append(f"--mem={args.mem}")
   options += shlex.split(args.sbatch_args)
   env = state.environment()
+  # The GPUs asked for reach the run: one that finds only a CPU (a CPU-only jaxlib in the
+  # jobs' environment) stops with the fix instead of training on the node's CPU.
+  gpus = [f"export {GPUS_ENV}={args.gpus_per_task}"] if args.gpus_per_task else []
   lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options),
-           f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}",
+           f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}", *gpus,
            f"exec {shlex.quote(sys.executable)} -m distill_jax.sweep.trial "
            f"{shlex.quote(root)} {shlex.quote(stage)} \"$SLURM_ARRAY_TASK_ID\""]
   return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@ reads is not done), appends its output to `ROOT/<trial>/trial.log`, records its 
 `ROOT/<trial>/trial.json` and exits with it. Under Slurm with more than one task in the job the
 run is started with `srun` (one process per task; each finds its place from Slurm's variables).
 SIGTERM (Slurm's time limit or `scancel`) is passed on to the run and recorded as `interrupted`.
+The run inherits the job's environment, `DISTILL_JAX_GPUS_PER_TASK` from the batch script too
+(the slurm launcher's `--gpus_per_task`): a run that finds only a CPU then stops with the fix.
 """
 
 from __future__ import annotations

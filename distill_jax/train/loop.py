@@ -25,6 +25,7 @@ from absl import logging
 from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import tasks
+from distill_jax.common.backend import describe, environment
 from distill_jax.common.model_io import CheckpointError, export_model
 from distill_jax.train.build import Run, Stage, build_run, generation_configs, init_state, lr_jump
 from distill_jax.train.checkpoint import Checkpointer, write_atomic
@@ -59,6 +60,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = os.path.abspath(workdir)
   run = build_run(config)  # Validates the config first; writes nothing.
+  # The run's first line (after the CLI's provenance): what JAX runs on. Logged once the
+  # config is valid, so a run refused at its start shows its `Error:` line alone.
+  logging.info("%s", describe(environment()))
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignals() as stop:
     try:
@@ -265,6 +269,7 @@ class _Session:
         "final": final, self.best_key: headline if final_is_best else record[self.best_key],
         "best_step": step if final_is_best else record["best_step"],
         "train_seconds": record["train_seconds"], "skipped_steps": self.guard.skipped,
+        "environment": environment(),  # What this launch ran on (jax, backend, devices).
     }
     if run.data_counts:  # E.g. a black-box file's records and unmapped alternatives.
       result["data"] = run.data_counts
@@ -339,7 +344,7 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 # these keys, and every key under these prefixes (the devices and processes a run is laid out
 # on: a restore reshards the same state onto any layout, and a relaunch gets a new port; where
 # metrics go: a tracker added on resume is sent the metrics so far).
-IGNORED_CHANGES = ("allow_config_change", "progress_bar", "data.data_dir")
+IGNORED_CHANGES = ("allow_config_change", "allow_cpu", "progress_bar", "data.data_dir")
 IGNORED_PREFIXES = ("parallel.", "log.")
 
 
