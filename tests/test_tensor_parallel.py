@@ -281,3 +281,28 @@ def test_open_weights_teacher_split_over_tensor_and_fsdp_gives_transformers_logi
   ref = np.load(os.path.join(qwen2, "reference.npz"), allow_pickle=False)
   logits = jax.jit(run.teachers["teacher"].module.apply)(placed, ref["ids"])
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_on_policy_step_with_a_tensor_axis_equals_one_device(data_dir, lm_teacher_dir):
+  """GKD (configs/lm.py:gkd: the student samples every batch's continuations with its KV
+  cache inside the step, then generalized JSD against the live teacher): one step on
+  data=4 x tensor=2 draws the same samples as on one device (same loss, same parameters)."""
+  results = []
+  for overrides in ({"parallel.num_devices": 1},
+                    {"parallel.mesh": {"data": 4, "fsdp": 1, "tensor": 2}}):
+    config = load_config_file(f"{LM}:gkd,tiny", {
+        "data.data_dir": data_dir, "data.tokenizer": f"hf:{LLAMA}",
+        "teachers.teacher.checkpoint": lm_teacher_dir, "optim.name": "sgd", "optim.lr": 0.5,
+        "on_policy.fraction": 1.0, **overrides})
+    config.student.kwargs = STUDENT
+    config.teachers.teacher.kwargs = TEACHER
+    results.append(run_steps(config, 1, results[0][0] if results else None))
+  (_, _, _, one, one_metrics), (_, state, _, got, got_metrics) = results
+  assert _spec(state.params["student"]["block0"]["attn"]["query"]["kernel"]) == (
+      None, "tensor", None)
+  np.testing.assert_allclose(got_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+  assert one_metrics["loss/token_jsd"] > 0.01
+  for (path, want), value in zip(jax.tree_util.tree_flatten_with_path(one.params)[0],
+                                 jax.tree.leaves(got.params), strict=True):
+    np.testing.assert_allclose(value, want, atol=1e-6, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
