@@ -5,10 +5,11 @@ Both modes run the same `train_step` / `eval_step` body:
   come from `parallel.mesh` (`{'data': -1, 'fsdp': 1, 'tensor': 1}`: -1 takes the devices the
   other axes leave). The batch is split over data x fsdp (a tensor group sees whole rows).
   Every array of the train state (params, batch stats, optimizer state) is placed by two
-  rules, composed in `array_spec`:
+  rules, composed in `fsdp_spec(..., tensor_dim)`:
   - tensor: the student's and teachers' models declare, beside the model, which axis of which
     parameter goes on 'tensor' (`tensor_rules(size)`, e.g. `models.transformer.TENSOR_RULES`,
-    Megatron's split); the optimizer's moments follow their parameter. `declare_models` reads
+    Megatron's split; `tensor_dim` matches a leaf's path against them); the optimizer's
+    moments follow their parameter. `declare_models` reads
     them; a model without rules refuses a tensor axis > 1 (it would only repeat its compute).
   - FSDP (`fsdp_spec`): another dimension, the largest that the 'fsdp' size divides, is split
     over 'fsdp' when the array has at least `min_shard_size` elements; smaller arrays are not.
@@ -190,7 +191,8 @@ class Parallel:
   Args:
     mode: 'jit' or 'pmap'.
     num_devices: devices to use (0: all).
-    mesh: axis sizes, {'data': -1, 'fsdp': 1} by default (see `layout.resolve_mesh`).
+    mesh: axis sizes, {'data': -1, 'fsdp': 1, 'tensor': 1} by default (see
+      `layout.resolve_mesh`).
     min_shard_size: arrays with fewer elements stay replicated under 'fsdp'.
     teacher_sharding: 'replicated', or 'fsdp' to shard the teachers by the same rule (over
       'tensor' the teachers follow their models' rules either way).
