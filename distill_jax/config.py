@@ -81,9 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   # Devices (num_devices 0: all) and their mesh: the batch is split over data x fsdp; state
   # arrays of at least min_shard_size elements are split over fsdp (train/parallel.py), the
-  # teachers too with teacher_sharding='fsdp'. One axis may be -1: the devices left.
+  # teachers too with teacher_sharding='fsdp'; tensor > 1 splits the student's and the live
+  # teachers' layers by their model's rules (Megatron-style; transformer_lm only, jit only).
+  # One axis may be -1: the devices left.
   c.parallel = ml_collections.ConfigDict({
-      "mode": "jit", "num_devices": 0, "mesh": {"data": -1, "fsdp": 1},
+      "mode": "jit", "num_devices": 0, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
       "min_shard_size": DEFAULT_MIN_SHARD_SIZE, "teacher_sharding": "replicated",
       # Several processes (hosts): process 0's 'host:port', the count and this one's id
       # (train/parallel.py:initialize_distributed); empty: from Slurm, or one process.
@@ -276,7 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def parallel_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `Parallel` layout settings of `config.parallel` (defaults for keys a config lacks)."""
   p = config.parallel
-  return {"mesh": dict(p.get("mesh", None) or {"data": -1, "fsdp": 1}),
+  return {"mesh": dict(p.get("mesh", None) or {"data": -1, "fsdp": 1, "tensor": 1}),
           "min_shard_size": int(p.get("min_shard_size", DEFAULT_MIN_SHARD_SIZE)),
           "teacher_sharding": p.get("teacher_sharding", "replicated")}
 

@@ -17,6 +17,11 @@ Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with
 tokenizer.json>'`, the student's too): the language-model task's `check_teachers`
 (`tasks.language_model.check_tokenizers`) refuses a run that pairs two.
 
+Placement (`train/parallel.py`): a live teacher follows its model's tensor-parallel rules over
+the mesh's `tensor` axis (`parallel.mesh.tensor > 1`; transformer_lm's Megatron split, so an
+open-weights teacher whose layers do not fit one device can run), and
+`parallel.teacher_sharding` ('replicated' or 'fsdp') says whether it is split over `fsdp` too.
+
 `cache_teachers` runs a config's teachers once over its data and writes their output caches
 (`data.teacher_cache`; the command line is `scripts/cache_teacher.py`).
 """

@@ -51,7 +51,8 @@ flags.DEFINE_list("teacher_counts", [], "Also time KD from this many teachers ea
                   "1,2,4), averaging their probabilities: live, and read from their cache.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both models.")
 flags.DEFINE_bool("remat", False, "nn.remat the student's blocks.")
-flags.DEFINE_string("mesh", "", "jit mesh, e.g. 'data=2,fsdp=4' (default: all on data).")
+flags.DEFINE_string("mesh", "", "jit mesh, e.g. 'data=2,fsdp=4' or 'data=2,tensor=4' "
+                    "(default: all on data).")
 flags.DEFINE_enum("teacher_sharding", "replicated", ["replicated", "fsdp"], "Teacher layout.")
 flags.DEFINE_bool("scaling", False, "Print the scaling table (one subprocess per row).")
 flags.DEFINE_bool("row", False, "Internal: time one layout and print it as JSON.")
@@ -141,6 +142,7 @@ def measure(losses: dict, num_teachers: int = 1, cached: bool = False) -> dict[s
     teachers = {}
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   cached_names = tuple(teachers) if cached else ()
+  parallel.declare_models(student, {n: t.module for n, t in teachers.items() if not cached})
   task = tasks.get_task("classification")
   student_apply, teacher_applies = build_applies(student, FLAGS.student, teachers, objective,
                                                  shape, task.input_key, cached=cached_names,
@@ -439,6 +441,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   if not objective.needs_teachers:
     teachers = {}
   tx = optax.adamw(1e-3)
+  parallel.declare_models(student, {n: t.module for n, t in teachers.items()})  # --mesh tensor=
   student_apply, teacher_applies = build_applies(
       student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
       input_key=task.input_key)

@@ -164,8 +164,8 @@ def test_bad_meshes_are_named(mesh, message):
     {"parallel.mode": "spmd"},
 ])
 def test_validation_and_parallel_refuse_a_bad_layout_with_one_message(parallel):
-  """The layout's rules are written once (common/layout.py): validate() refuses what needs no devices
-  with the very message `Parallel` gives for the same settings."""
+  """The layout's rules are written once (common/layout.py): validate() refuses what needs no
+  devices with the very message `Parallel` gives for the same settings."""
   from distill_jax.config import validate
 
   config = tiny("kd", "unused", **parallel)
@@ -179,9 +179,9 @@ def test_validation_and_parallel_refuse_a_bad_layout_with_one_message(parallel):
 
 
 def test_mesh_sizes_resolve():
-  assert resolve_mesh({"data": -1, "fsdp": 4}, 8) == {"data": 2, "fsdp": 4}
-  assert resolve_mesh(None, 8) == {"data": 8, "fsdp": 1}
-  assert resolve_mesh({"fsdp": 2}, 8) == {"data": 4, "fsdp": 2}
+  assert resolve_mesh({"data": -1, "fsdp": 4}, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert resolve_mesh(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert resolve_mesh({"fsdp": 2}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
   with pytest.raises(ConfigError, match="pmap is data parallel only"):
     Parallel("pmap", 8, {"data": -1, "fsdp": 2})
   with pytest.raises(ConfigError, match="teacher_sharding"):

@@ -4,6 +4,11 @@ A leaf module, shared by the config's validation (`config.py`) and the layer tha
 layout (`train/parallel.py`), so the config never imports training code. The mesh's rules live
 here once: `check_layout` (what can be checked without devices, called by `validate`) and
 `resolve_mesh` (the sizes against the devices in use, called by `Parallel`).
+
+Three mesh axes, in mesh order: `data` and `fsdp` split the batch; `fsdp` also splits the state
+arrays (the FSDP rule); `tensor` splits the arrays a model's tensor-parallel rules name (Megatron
+style, declared beside the model: `models.transformer.TENSOR_RULES`) and holds whole batch rows.
+`tensor` is last, so a tensor group is neighbouring devices (one host's, on GPUs its NVLink).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from collections.abc import Mapping
 from distill_jax.common.rules import ConfigError
 
 MODES = ("jit", "pmap")  # parallel.mode
-MESH_AXES = ("data", "fsdp")  # parallel.mesh's axes, in mesh order
-BATCH_AXES = ("data", "fsdp")  # The batch is split over both.
+MESH_AXES = ("data", "fsdp", "tensor")  # parallel.mesh's axes, in mesh order
+BATCH_AXES = ("data", "fsdp")  # The batch is split over both (every tensor group sees whole rows).
+MODEL_AXES = ("fsdp", "tensor")  # What pmap cannot split: it is data parallel only.
 TEACHER_SHARDINGS = ("fsdp", "replicated")  # parallel.teacher_sharding
 DEFAULT_MIN_SHARD_SIZE = 4096  # Elements: a 3x3x32x16 conv kernel and up are split over fsdp.
 
@@ -48,7 +54,7 @@ def check_layout(mode: str, mesh: Mapping[str, int] | None,
   """Checks the layout settings that need no devices; returns `mesh_sizes(mesh)`.
 
   Raises ConfigError for an unknown mode or teacher sharding, a bad mesh (`mesh_sizes`), or a
-  pmap layout whose mesh gives 'fsdp' anything but 1 (pmap is data parallel only).
+  pmap layout whose mesh gives 'fsdp' or 'tensor' anything but 1 (pmap is data parallel only).
   """
   if mode not in MODES:
     raise ConfigError(f"config.parallel.mode is {mode!r}; choose one of {list(MODES)}.")
@@ -56,14 +62,17 @@ def check_layout(mode: str, mesh: Mapping[str, int] | None,
   if teacher_sharding not in TEACHER_SHARDINGS:
     raise ConfigError(f"config.parallel.teacher_sharding is {teacher_sharding!r}; choose "
                       f"one of {list(TEACHER_SHARDINGS)}.")
-  if mode == "pmap" and sizes["fsdp"] != 1:
+  split = [axis for axis in MODEL_AXES if sizes[axis] != 1]
+  if mode == "pmap" and split:
     raise ConfigError(f"config.parallel.mesh {dict(mesh or {})}: pmap is data parallel only; "
-                      "use parallel.mode='jit' to shard over 'fsdp' (or set fsdp to 1).")
+                      f"use parallel.mode='jit' to shard over {split} (or set "
+                      f"{' and '.join(split)} to 1).")
   return sizes
 
 
 def resolve_mesh(mesh: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
-  """`parallel.mesh` with its -1 resolved: {'data': n, 'fsdp': m}, n * m == num_devices.
+  """`parallel.mesh` with its -1 resolved: {'data': n, 'fsdp': m, 'tensor': t},
+  n * m * t == num_devices.
 
   Raises ConfigError naming the setting for a bad mesh (`mesh_sizes`) or sizes that do not
   multiply to the device count.

@@ -29,6 +29,10 @@ num_layers), each [B, L, width], and per block `block{i-1}/attn/probs`, the atte
 probabilities [B, num_heads, L, L]. Modules: `embed`, `block0`.. (each `attn_norm`, `attn`
 with `query`, `key`, `value`, `out`; `mlp_norm`, `mlp` with `gate`, `up`, `down`),
 `final_norm`, and `head` when untied.
+
+Tensor parallelism (the mesh's `tensor` axis, `train/parallel.py`): `TENSOR_RULES` below says
+which axis of each parameter is split over it, Megatron-style, and `TransformerLM.tensor_rules`
+checks that the model's sizes split.
 """
 
 from __future__ import annotations
@@ -46,6 +50,24 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 ROPE_SCALINGS = ("linear", "llama3")
+
+# Megatron-style tensor parallelism (Shoeybi et al. 2019): parameter path (a regular expression
+# matched against the end of the '/'-joined path in the model's variables) -> the axis of the
+# array split over the mesh's `tensor` axis. Each device of a tensor group holds whole
+# attention heads and whole MLP hidden units: q/k/v (and their biases) and gate/up split by
+# their outputs, out and down by their inputs, so each block's two halves end in one
+# reduction over the group; the embedding and the head split by vocabulary. What is not listed
+# (the RMSNorm scales, over the width) is whole on every device of the group.
+TENSOR_RULES: tuple[tuple[str, int], ...] = (
+    (r"embed/embedding", 0),  # [vocab, width]
+    (r"attn/(query|key|value)/kernel", 1),  # [width, heads, head_dim]
+    (r"attn/(query|key|value)/bias", 0),  # [heads, head_dim]
+    (r"attn/out/kernel", 0),  # [heads, head_dim, width]
+    (r"mlp/(gate|up)/kernel", 1),  # [width, mlp_dim]
+    (r"mlp/down/kernel", 0),  # [mlp_dim, width]
+    (r"head/kernel", 1),  # [width, vocab]
+)
+VOCAB_RULES = (r"embed/embedding", r"head/kernel")  # The rules that split the vocabulary.
 
 
 def rope_frequencies(dim: int, base: float = 10000.0, scaling: Any = None) -> jax.Array:
@@ -231,6 +253,28 @@ class TransformerLM(nn.Module):
     if self.num_layers < 1 or self.context < 1:
       raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
                        f"({self.context}) must be positive.")
+
+  def tensor_rules(self, size: int) -> tuple[tuple[str, int], ...]:
+    """`TENSOR_RULES` for a `tensor` mesh axis of `size` devices (see the table).
+
+    Raises ValueError naming the sizes when `num_heads`, `num_kv_heads` (grouped-query
+    attention keeps whole key/value heads on each device) or the MLP width do not split into
+    `size`. A vocabulary that does not split (the byte tokenizer's 259) leaves the embedding
+    and head whole over `tensor` rather than failing: Megatron pads the vocabulary instead,
+    which would change the checkpoint's shapes.
+    """
+    kv, mlp_dim = self.num_kv_heads or self.num_heads, self.mlp_dim or 4 * self.width
+    for name, value in (("num_heads", self.num_heads), ("num_kv_heads", kv),
+                        ("mlp_dim", mlp_dim)):
+      if value % size:
+        raise ValueError(
+            f"transformer_lm: {name} {value} does not split over a tensor axis of {size} "
+            "devices (each device holds whole attention heads, key/value heads and MLP "
+            f"units); choose a tensor size that divides num_heads {self.num_heads}, "
+            f"num_kv_heads {kv} and mlp_dim {mlp_dim}.")
+    if self.num_classes % size:
+      return tuple(rule for rule in TENSOR_RULES if rule[0] not in VOCAB_RULES)
+    return TENSOR_RULES
 
   def init_cache(self, batch: int, length: int, valid: jax.Array | None = None,
                  dtype: Any = jnp.float32) -> dict[str, Any]:

@@ -213,6 +213,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   task.check_teachers(teachers, config)
   splits = (config.data.train_split, config.data.eval_split)
   caches = _open_caches(config, teachers, task, splits)
+  # The models' tensor-parallel rules (a live teacher's too; a cached one runs no forward).
+  parallel.declare_models(student, {n: t.module for n, t in teachers.items() if n not in caches})
   teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
   side_data = {split: {teacher_cache.batch_key(n): readers[split]
                        for n, readers in caches.items()} for split in splits}

@@ -1,13 +1,20 @@
 """Compiles the one step function for the devices at hand: `jit` on a mesh, or `pmap`.
 
 Both modes run the same `train_step` / `eval_step` body:
-- 'jit': one `jax.jit` with shardings on a 2-D `Mesh(('data', 'fsdp'))` whose sizes come from
-  `parallel.mesh` (`{'data': -1, 'fsdp': 1}`: -1 takes the devices the other axes leave). The
-  batch is split over data x fsdp. Every array of the train state (params, batch stats,
-  optimizer state) is sharded over 'fsdp' by one rule, `fsdp_spec`: its largest dimension that
-  the 'fsdp' size divides, when the array has at least `min_shard_size` elements; smaller
-  arrays are replicated. The teachers' variables follow the same rule when
-  `teacher_sharding='fsdp'` and are replicated when 'replicated', so a big teacher can be split
+- 'jit': one `jax.jit` with shardings on a 3-D `Mesh(('data', 'fsdp', 'tensor'))` whose sizes
+  come from `parallel.mesh` (`{'data': -1, 'fsdp': 1, 'tensor': 1}`: -1 takes the devices the
+  other axes leave). The batch is split over data x fsdp (a tensor group sees whole rows).
+  Every array of the train state (params, batch stats, optimizer state) is placed by two
+  rules, composed in `fsdp_spec(..., tensor_dim)`:
+  - tensor: the student's and teachers' models declare, beside the model, which axis of which
+    parameter goes on 'tensor' (`tensor_rules(size)`, e.g. `models.transformer.TENSOR_RULES`,
+    Megatron's split; `tensor_dim` matches a leaf's path against them); the optimizer's
+    moments follow their parameter. `declare_models` reads
+    them; a model without rules refuses a tensor axis > 1 (it would only repeat its compute).
+  - FSDP (`fsdp_spec`): another dimension, the largest that the 'fsdp' size divides, is split
+    over 'fsdp' when the array has at least `min_shard_size` elements; smaller arrays are not.
+  The teachers' variables follow their tensor rules always, and the FSDP rule when
+  `teacher_sharding='fsdp'` ('replicated': whole over 'fsdp'), so a big teacher can be split
   while a small student stays whole. XLA inserts the all-gathers and reductions; one device is
   simply a mesh of one.
 - 'pmap': plain `jax.pmap` over the same devices (data parallel only) with `axis_name='batch'`;
@@ -24,7 +31,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,17 +52,74 @@ from distill_jax.common.xla_flags import set_cpu_devices
 from distill_jax.train import step as step_lib
 
 PMAP_AXIS = "batch"
+STUDENT = "student"  # The state's key of the student's parameters (and of their moments).
+
+TensorRules = Sequence[tuple[str, int]]  # (path pattern, axis on 'tensor'): a model's rules.
 
 
-def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
+def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int,
+              tensor_dim: int | None = None) -> P:
   """The FSDP rule: split the largest dimension that `axis_size` divides over 'fsdp', when the
-  array has at least `min_size` elements; otherwise (or when no dimension divides) replicate."""
-  if axis_size <= 1 or math.prod(shape) < min_size:
-    return P()
-  for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
-    if shape[dim] % axis_size == 0:
-      return P(*(("fsdp" if d == dim else None) for d in range(len(shape))))
-  return P()
+  array has at least `min_size` elements; otherwise (or when no dimension divides) replicate.
+
+  `tensor_dim`: a dimension already split over 'tensor' (a model's tensor rule); it stays so,
+  and FSDP takes another one, so an array can be split over both axes.
+  """
+  names: list[str | None] = [None] * len(shape)
+  if tensor_dim is not None:
+    names[tensor_dim] = "tensor"
+  if axis_size > 1 and math.prod(shape) >= min_size:
+    for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+      if dim != tensor_dim and shape[dim] % axis_size == 0:
+        names[dim] = "fsdp"
+        break
+  return P(*names) if any(names) else P()
+
+
+def tensor_dim(path: str, shape: tuple[int, ...], rules: TensorRules, size: int
+               ) -> int | None:
+  """The dimension of the array at `path` (its '/'-joined path inside a model's variables)
+  that a model's tensor rules split over 'tensor' (the first rule whose pattern matches the
+  end of the path), or None (whole over 'tensor': no rule, or a tensor size of 1).
+
+  Raises ConfigError when the rule's dimension does not split into `size`.
+  """
+  if size <= 1:
+    return None
+  for pattern, dim in rules:
+    if re.fullmatch(rf"(.*/)?(?:{pattern})", path):
+      if dim >= len(shape) or shape[dim] % size:
+        raise ConfigError(
+            f"config.parallel.mesh.tensor={size}: the tensor rule {pattern!r} splits "
+            f"dimension {dim} of {path} {tuple(shape)}, which does not split into {size}; "
+            "choose a tensor size that divides it.")
+      return dim
+  return None
+
+
+def _rules_of(module: Any, size: int, what: str) -> TensorRules:
+  """A model's tensor rules for a tensor axis of `size`; ConfigError when it has none or its
+  sizes do not split (`what` names it: 'the student', "teacher 'NAME'")."""
+  if not hasattr(module, "tensor_rules"):
+    raise ConfigError(
+        f"config.parallel.mesh.tensor={size}: {what} ({type(module).__name__}) declares no "
+        "tensor-parallel rules (transformer_lm does), so every device of a tensor group would "
+        "compute the same; set tensor to 1 and split over 'data' or 'fsdp'.")
+  try:
+    return tuple(module.tensor_rules(size))
+  except ValueError as e:
+    raise ConfigError(f"config.parallel.mesh.tensor={size} does not fit {what}: {e}") from e
+
+
+def _names(path: tuple[Any, ...]) -> list[str]:
+  """A pytree key path as its names (dict keys, attribute names, sequence indices)."""
+  out = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        out.append(str(getattr(key, attr)))
+        break
+  return out
 
 
 def initialize_distributed(settings: Mapping[str, Any]) -> bool:
@@ -126,9 +191,14 @@ class Parallel:
   Args:
     mode: 'jit' or 'pmap'.
     num_devices: devices to use (0: all).
-    mesh: axis sizes, {'data': -1, 'fsdp': 1} by default (see `layout.resolve_mesh`).
+    mesh: axis sizes, {'data': -1, 'fsdp': 1, 'tensor': 1} by default (see
+      `layout.resolve_mesh`).
     min_shard_size: arrays with fewer elements stay replicated under 'fsdp'.
-    teacher_sharding: 'replicated', or 'fsdp' to shard the teachers by the same rule.
+    teacher_sharding: 'replicated', or 'fsdp' to shard the teachers by the same rule (over
+      'tensor' the teachers follow their models' rules either way).
+
+  With a 'tensor' axis > 1, `declare_models` gives the student's and teachers' modules (their
+  tensor rules) before anything is placed or compiled; until then no array is split over it.
   """
 
   def __init__(self, mode: str = "jit", num_devices: int = 0,
@@ -144,6 +214,8 @@ class Parallel:
     self.axis_sizes = resolve_mesh(mesh, len(devices))
     self.min_shard_size = int(min_shard_size)
     self.teacher_sharding = teacher_sharding
+    self.student_rules: TensorRules = ()  # The student's tensor rules (`declare_models`).
+    self.teacher_rules: dict[str, TensorRules] = {}  # Each live teacher's.
     shape = tuple(self.axis_sizes[a] for a in MESH_AXES)
     self.mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
     self.replicated = NamedSharding(self.mesh, P())
@@ -169,21 +241,59 @@ class Parallel:
 
   # -- layouts ------------------------------------------------------------------------------
 
-  def sharding_for(self, shape: tuple[int, ...], fsdp: bool = True) -> NamedSharding:
-    """The sharding of one state (or, with `fsdp=False`, replicated) array of `shape`."""
-    if not fsdp:
-      return self.replicated
-    return NamedSharding(self.mesh, fsdp_spec(tuple(shape), self.axis_sizes["fsdp"],
-                                              self.min_shard_size))
+  def declare_models(self, student: Any, teachers: Mapping[str, Any]) -> None:
+    """Reads the tensor rules of the student's and the live teachers' Flax modules
+    (`module.tensor_rules(size)`; `models.transformer.TENSOR_RULES`) for the mesh's 'tensor'
+    size ({name: module} for the teachers; student None: no student, e.g. to place a teacher
+    alone). Nothing to do with a tensor size of 1.
+
+    Raises ConfigError naming the model when the tensor size is > 1 and a model declares no
+    rules (the CNNs: its every device of a tensor group would compute the same thing; use
+    'fsdp' or 'data' instead) or its sizes do not split (e.g. KV heads).
+    """
+    size = self.axis_sizes["tensor"]
+    self.student_rules, self.teacher_rules = (), {}
+    if size <= 1:
+      return
+    self.student_rules = () if student is None else _rules_of(student, size, "the student")
+    self.teacher_rules = {name: _rules_of(module, size, f"teacher {name!r}")
+                          for name, module in teachers.items()}
+
+  def sharding_for(self, shape: tuple[int, ...], fsdp: bool = True,
+                   tensor: int | None = None) -> NamedSharding:
+    """The sharding of one array of `shape`: dimension `tensor` (None: none) over 'tensor',
+    and the FSDP rule over 'fsdp' unless `fsdp=False`."""
+    fsdp_size = self.axis_sizes["fsdp"] if fsdp else 1
+    spec = fsdp_spec(tuple(shape), fsdp_size, self.min_shard_size, tensor)
+    return self.replicated if spec == P() else NamedSharding(self.mesh, spec)
+
+  def _model_sharding(self, rules: TensorRules, path: list[str], x: Any, fsdp: bool
+                      ) -> NamedSharding:
+    """The sharding of one array of a model with `rules`, at `path` inside its variables."""
+    shape = tuple(np.shape(x))
+    dim = tensor_dim("/".join(path), shape, rules, self.axis_sizes["tensor"])
+    return self.sharding_for(shape, fsdp, dim)
 
   def state_shardings(self, tree: Any) -> Any:
-    """Shardings of a train state (or any pytree laid out like one): the FSDP rule per leaf."""
-    return jax.tree.map(lambda x: self.sharding_for(np.shape(x)), tree)
+    """Shardings of a train state (or any pytree laid out like one): the student's tensor
+    rules for the leaves under a 'student' key (its parameters and their optimizer moments),
+    and the FSDP rule for every leaf."""
+    def sharding(path, x):
+      names = _names(path)
+      if STUDENT in names:
+        return self._model_sharding(self.student_rules, names[names.index(STUDENT) + 1:], x,
+                                    True)
+      return self.sharding_for(np.shape(x))
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
   def teacher_shardings(self, tree: Any) -> Any:
-    """Shardings of the teachers' variables: the FSDP rule, or replicated."""
+    """Shardings of the teachers' variables ({name: variables}): each teacher's tensor rules,
+    and the FSDP rule or whole over 'fsdp' (`teacher_sharding`)."""
     fsdp = self.teacher_sharding == "fsdp"
-    return jax.tree.map(lambda x: self.sharding_for(np.shape(x), fsdp), tree)
+    def sharding(path, x):
+      name, *rest = _names(path)
+      return self._model_sharding(self.teacher_rules.get(name, ()), rest, x, fsdp)
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
   # -- placing data -------------------------------------------------------------------------
 
@@ -202,13 +312,14 @@ class Parallel:
         np.broadcast_to(np.asarray(x), (self.num_devices, *np.shape(x))), stacked), tree)
 
   def put_state(self, tree: Any) -> Any:
-    """Places a host train state: sharded by the FSDP rule (jit) or one copy per device."""
+    """Places a host train state: by `state_shardings` (jit) or one copy per device."""
     if self.mode == "pmap":
       return self._put_stacked(tree)
     return self._put(tree, self.state_shardings(tree))
 
   def put_teachers(self, tree: Any) -> Any:
-    """Places the teachers' host variables by `teacher_sharding` (jit) or one copy per device."""
+    """Places the teachers' host variables by `teacher_shardings` (jit) or one copy per
+    device."""
     if self.mode == "pmap":
       return self._put_stacked(tree)
     return self._put(tree, self.teacher_shardings(tree))
