@@ -189,10 +189,13 @@ class Parallel:
 
   def _put(self, tree: Any, shardings: Any) -> Any:
     # Every process holds the same host value; each fills only its own devices' shards.
+    # An array already placed so (open weights read straight into their shards) stays.
     def put(x, sharding):
-      x = np.asarray(x)
+      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+      x = np.asarray(jax.device_get(x))
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, jax.device_get(tree), shardings)
+    return jax.tree.map(put, tree, shardings)
 
   def _put_stacked(self, tree: Any) -> Any:
     # One copy per device along a leading axis, sharded over a mesh axis named like the
