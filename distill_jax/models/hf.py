@@ -24,6 +24,7 @@ student distilled here loads in other tools; `load_hf(export_hf(...))` gives the
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -310,16 +311,22 @@ def read_slice(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any
 def _read_sharded(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
                   sharding: Any) -> jax.Array:
   """Our param as a global `jax.Array` with `sharding`: this process reads the blocks of its
-  own devices only (each distinct block once; replicated devices share it)."""
-  from safetensors import safe_open
-  blocks: dict[Any, np.ndarray] = {}
-  with safe_open(file, framework="numpy") as st:  # Closed (unmapped) after this weight.
-    def callback(index: tuple[slice, ...]) -> np.ndarray:
-      k = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
-      if k not in blocks:
-        blocks[k] = read_slice(file, key, how, shape, dtype, index, st)
-      return blocks[k]
-    return jax.make_array_from_callback(shape, sharding, callback)
+  own devices only, each distinct block once (replicas share it) and each through its own
+  `safe_open`, so the file pages a read maps are unmapped before the next: the host memory in
+  flight is about one block (and its slice of the file), beside the shards already placed."""
+  def block_key(index: tuple[slice, ...]) -> tuple:
+    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+  uses = collections.Counter(block_key(index) for index in
+                             sharding.addressable_devices_indices_map(shape).values())
+  kept: dict[tuple, np.ndarray] = {}  # Blocks that further devices of this process hold.
+  def callback(index: tuple[slice, ...]) -> np.ndarray:
+    k = block_key(index)
+    block = kept.pop(k) if k in kept else read_slice(file, key, how, shape, dtype, index)
+    uses[k] -= 1
+    if uses[k] > 0:
+      kept[k] = block
+    return block
+  return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
