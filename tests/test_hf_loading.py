@@ -265,3 +265,30 @@ def test_qwen2_sliding_window_only_where_a_layer_slides(tmp_path):
   json.dump({**config, "model_type": "mistral", "sliding_window": 16},
             open(d / "config.json", "w"))  # Mistral: every layer slides.
   assert hf.model_kwargs_from_config(json.load(open(d / "config.json")))["context"] == 16
+
+
+def test_teacher_masks_documents_when_the_student_does(data_dir):
+  """The student attends within documents (`student.kwargs.bos_id=0`): the open-weights
+  teacher the run builds does too, at its tokenizer's BOS, so a packed row's second document
+  gets the logits it gets alone (RoPE is relative: 1e-5); with the student's bos_id None the
+  teacher's is None (the directory's own model, which lets documents see each other)."""
+  from distill_jax.config import load_config_file
+  from distill_jax.train.build import build_run
+  qwen2, llama = os.path.join(FIXTURES, "qwen2"), os.path.join(FIXTURES, "llama")
+  def config(bos_id):
+    return load_config_file(f"{os.path.join(ROOT, 'configs', 'lm.py')}:fkl,tiny", {
+        "data.data_dir": data_dir, "data.tokenizer": f"hf:{llama}",
+        "teachers.teacher.model": "hf", "teachers.teacher.checkpoint": qwen2,
+        "student.kwargs.bos_id": bos_id})
+  teacher = build_run(config(0)).teachers["teacher"]
+  assert teacher.kwargs["bos_id"] == teacher.module.bos_id == 0
+  ids = np.load(os.path.join(qwen2, "reference.npz"))["ids"]
+  first, second = np.r_[0, ids[0, 1:8]], np.r_[0, ids[1, 1:8]]
+  packed = np.r_[first, second][None]
+  variables = jax.device_get(teacher.variables)
+  alone = np.asarray(teacher.module.apply(variables, second[None]))
+  np.testing.assert_allclose(np.asarray(teacher.module.apply(variables, packed))[:, 8:], alone,
+                             atol=1e-5, rtol=0)
+  unmasked = build_run(config(None)).teachers["teacher"]
+  assert unmasked.kwargs["bos_id"] is None
+  assert np.abs(np.asarray(unmasked.module.apply(variables, packed))[:, 8:] - alone).max() > 1e-3
