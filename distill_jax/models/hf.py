@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -268,52 +269,73 @@ def _hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
 
 
 def read_slice(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
-               index: tuple[slice, ...] | None = None, st: Any = None) -> Any:
+               index: tuple[slice, ...] | None = None) -> np.ndarray:
   """Block `index` (slices of our param's `shape`; None: all of it) of our param, read from
   weight `key` of safetensors `file` through safetensors' slicing API, as a NumPy array in
-  `dtype`. Only the file's rows/columns the block maps to are read: the conversions of
-  `_to_ours` are applied to the slice, never to the whole tensor.
+  `dtype`. Only the file's rows/columns the block maps to are read: the layout's conversions
+  (`_hf_names`) are applied to the slice, never to the whole tensor.
 
   'dense' ours [in, out] = file [out, in]^T: ours[i, o] is file[o, i]. 'heads' ours [width,
   heads, head_dim] = file [heads * head_dim, width]^T: heads h0:h1 are file rows
   h0 * head_dim : h1 * head_dim (whole heads are read, then the head_dim slice taken: a
-  sharding never splits head_dim in practice). 'out' ours [heads, head_dim, width] = file
+  sharding rarely splits head_dim). 'out' ours [heads, head_dim, width] = file
   [width, heads * head_dim]^T; 'bias' ours [heads, head_dim] = file [heads * head_dim].
-  `st`: an open `safe_open` handle of `file` (None: opened here).
   """
-  if st is None:
-    from safetensors import safe_open
-    with safe_open(file, framework="numpy") as st:
-      return read_slice(file, key, how, shape, dtype, index, st)
   index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
   idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
   if any(s.step != 1 for s in idx):
     raise ValueError(f"read_slice: {key}: strided block {index} is not supported.")
-  part = st.get_slice(key)
+  file_shape = _hf_shape(shape, how)
   if how == "dense":
-    block = part[idx[1], idx[0]].T
+    block = _read_rows(file, key, file_shape, (idx[1], idx[0])).T
   elif how in ("heads", "out", "bias"):
     h, d = (idx[1], idx[2]) if how == "heads" else (idx[0], idx[1])
     head_dim = shape[2] if how == "heads" else shape[1]
     rows = slice(h.start * head_dim, h.stop * head_dim)
     if how == "heads":  # file [H * D, width] -> [width', H', D']
-      block = part[rows, idx[0]].reshape(h.stop - h.start, head_dim, -1)[:, d].transpose(2, 0, 1)
+      block = _read_rows(file, key, file_shape, (rows, idx[0]))
+      block = block.reshape(h.stop - h.start, head_dim, -1)[:, d].transpose(2, 0, 1)
     elif how == "out":  # file [width, H * D] -> [H', D', width']
-      block = part[idx[2], rows].reshape(-1, h.stop - h.start, head_dim)[:, :, d]
-      block = block.transpose(1, 2, 0)
+      block = _read_rows(file, key, file_shape, (idx[2], rows))
+      block = block.reshape(-1, h.stop - h.start, head_dim)[:, :, d].transpose(1, 2, 0)
     else:  # file [H * D] -> [H', D']
-      block = part[rows].reshape(h.stop - h.start, head_dim)[:, d]
+      block = _read_rows(file, key, file_shape, (rows,)).reshape(-1, head_dim)[:, d]
   else:
-    block = part[idx]
+    block = _read_rows(file, key, file_shape, idx)
   return np.ascontiguousarray(block, dtype=dtype)
+
+
+_READ_BYTES = 1 << 20  # At most this much of a file is mapped at once by a read.
+
+
+def _read_rows(file: str, key: str, file_shape: tuple[int, ...], index: tuple[slice, ...]
+               ) -> np.ndarray:
+  """`file[key][index]` (step-1 slices of the file's layout) with safetensors' `get_slice`,
+  a few rows at a time, each through its own `safe_open`: the file is memory-mapped, and a
+  slice of columns touches every row's pages, which stay resident until the file is closed;
+  so at most `_READ_BYTES` of it are mapped at once, not the whole weight."""
+  from safetensors import safe_open
+  rows = index[0]
+  step = max(1, _READ_BYTES // (4 * math.prod(file_shape[1:])))
+  if rows.stop <= rows.start:
+    with safe_open(file, framework="numpy") as st:
+      return st.get_slice(key)[index]
+  out = None
+  for start in range(rows.start, rows.stop, step):
+    stop = min(start + step, rows.stop)
+    with safe_open(file, framework="numpy") as st:
+      part = st.get_slice(key)[(slice(start, stop), *index[1:])]
+    if out is None:
+      out = np.empty((rows.stop - rows.start, *part.shape[1:]), part.dtype)
+    out[start - rows.start:stop - rows.start] = part
+  return out
 
 
 def _read_sharded(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
                   sharding: Any) -> jax.Array:
   """Our param as a global `jax.Array` with `sharding`: this process reads the blocks of its
-  own devices only, each distinct block once (replicas share it) and each through its own
-  `safe_open`, so the file pages a read maps are unmapped before the next: the host memory in
-  flight is about one block (and its slice of the file), beside the shards already placed."""
+  own devices only, each distinct block once (replicas share it): the host memory in flight
+  is about one block (and `_READ_BYTES` of the file), beside the shards already placed."""
   def block_key(index: tuple[slice, ...]) -> tuple:
     return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
   uses = collections.Counter(block_key(index) for index in

@@ -187,11 +187,13 @@ class Parallel:
 
   # -- placing data -------------------------------------------------------------------------
 
-  def _put(self, tree: Any, shardings: Any) -> Any:
+  def _put(self, tree: Any, shardings: Any, keep_placed: bool = False) -> Any:
     # Every process holds the same host value; each fills only its own devices' shards.
-    # An array already placed so (open weights read straight into their shards) stays.
+    # keep_placed: an array already placed so (open weights read straight into their shards)
+    # stays as it is (never for a state, which the step donates: the caller's copy would die).
     def put(x, sharding):
-      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      if keep_placed and isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding,
+                                                                                  x.ndim):
         return x
       x = np.asarray(jax.device_get(x))
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -214,7 +216,7 @@ class Parallel:
     """Places the teachers' host variables by `teacher_sharding` (jit) or one copy per device."""
     if self.mode == "pmap":
       return self._put_stacked(tree)
-    return self._put(tree, self.teacher_shardings(tree))
+    return self._put(tree, self.teacher_shardings(tree), keep_placed=True)
 
   def put_replicated(self, tree: Any) -> Any:
     """Places a host pytree whole on every device (the layouts above when fsdp is 1)."""
