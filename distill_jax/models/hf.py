@@ -209,20 +209,18 @@ def load_hf(path: str, dtype: str = "float32", shardings: Any = None
                                               jnp.zeros((1, 1), jnp.int32)))
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[dtype]), shapes)
   where_from = _locate_weights(path, config, kwargs, shapes["params"])
-  if shardings is not None and callable(shardings):
+  if callable(shardings):
     shardings = shardings(shapes)
-  def load(where: tuple[str, ...], sharding: Any) -> jax.Array:
-    file, key, how = where_from[where]
-    shape = tuple(_get(shapes["params"], where).shape)
-    if sharding is None:
-      return jnp.asarray(read_slice(file, key, how, shape, DTYPES[dtype]))
-    return _read_sharded(file, key, how, shape, DTYPES[dtype], sharding)
   params: dict = {}
-  paths = [tuple(k.key for k in keys)
-           for keys, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]]
-  placed = (_get(shardings, ("params",)) if shardings is not None else None)
-  for where in paths:
-    _set(params, where, load(where, None if placed is None else _get(placed, where)))
+  for keys, like in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+    where = tuple(k.key for k in keys)
+    file, key, how = where_from[where]
+    if shardings is None:
+      array = jnp.asarray(read_slice(file, key, how, like.shape, like.dtype))
+    else:
+      array = _read_sharded(file, key, how, like.shape, like.dtype,
+                            _get(shardings["params"], where))
+    _set(params, where, array)
   return kwargs, {"params": params}, tokenizer
 
 
