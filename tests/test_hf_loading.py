@@ -269,19 +269,29 @@ def test_qwen2_sliding_window_only_where_a_layer_slides(tmp_path):
 
 def test_teacher_masks_documents_when_the_student_does(data_dir):
   """The student attends within documents (`student.kwargs.bos_id=0`): the open-weights
-  teacher the run builds does too, at its tokenizer's BOS, so a packed row's second document
-  gets the logits it gets alone (RoPE is relative: 1e-5); with the student's bos_id None the
-  teacher's is None (the directory's own model, which lets documents see each other)."""
+  teacher the run builds (read straight into its FSDP shards) does too, at its tokenizer's
+  BOS, so a packed row's second document gets the logits it gets alone (RoPE is relative:
+  1e-5); with the student's bos_id None the teacher's is None (the directory's own model,
+  which lets documents see each other)."""
   from distill_jax.config import load_config_file
   from distill_jax.train.build import build_run
   qwen2, llama = os.path.join(FIXTURES, "qwen2"), os.path.join(FIXTURES, "llama")
-  def config(bos_id):
+  def config(bos_id, **overrides):
     return load_config_file(f"{os.path.join(ROOT, 'configs', 'lm.py')}:fkl,tiny", {
         "data.data_dir": data_dir, "data.tokenizer": f"hf:{llama}",
         "teachers.teacher.model": "hf", "teachers.teacher.checkpoint": qwen2,
-        "student.kwargs.bos_id": bos_id})
-  teacher = build_run(config(0)).teachers["teacher"]
+        "student.kwargs.bos_id": bos_id, **overrides})
+  run = build_run(config(0, **{"parallel.mesh": {"data": 2, "fsdp": 4},
+                               "parallel.teacher_sharding": "fsdp"}))
+  teacher = run.teachers["teacher"]
   assert teacher.kwargs["bos_id"] == teacher.module.bos_id == 0
+  # The run read the teacher straight into the shards the step takes; placing keeps them.
+  placed = run.parallel.put_teachers(run.teacher_vars)
+  want = run.parallel.teacher_shardings(run.teacher_vars)
+  for x, y, s in zip(jax.tree.leaves(run.teacher_vars), jax.tree.leaves(placed),
+                     jax.tree.leaves(want), strict=True):
+    assert x is y and x.sharding == s
+  assert any("fsdp" in tuple(x.sharding.spec) for x in jax.tree.leaves(placed))
   ids = np.load(os.path.join(qwen2, "reference.npz"))["ids"]
   first, second = np.r_[0, ids[0, 1:8]], np.r_[0, ids[1, 1:8]]
   packed = np.r_[first, second][None]
