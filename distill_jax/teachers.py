@@ -75,15 +75,18 @@ def init_shapes(module: Any, input_shape: tuple[int, ...]) -> Any:
 
 
 def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
-                 input_shape: tuple[int, ...]) -> Teacher:
+                 input_shape: tuple[int, ...], *, mask_documents: bool = False,
+                 shardings: Any = None) -> Teacher:
   """Builds teacher `name` from its config entry and loads its exported variables.
 
   `input_shape` is the data's (H, W, C); a teacher with `input_size=(H', W')` is built (and its
   parameter shapes checked) at (H', W', C), and the step resizes the images for it.
+  `mask_documents` and `shardings` are an open-weights teacher's (`load_hf_teacher`).
   """
   model_name = settings["model"]
   if model_name == HF_MODEL:
-    return load_hf_teacher(name, settings, num_classes)
+    return load_hf_teacher(name, settings, num_classes, mask_documents=mask_documents,
+                           shardings=shardings)
   kwargs = dict(settings.get("kwargs") or {})
   module = models.build_model(model_name, num_classes, **kwargs)
   checkpoint = settings.get("checkpoint")
@@ -117,8 +120,15 @@ def load_teacher(name: str, settings: Mapping[str, Any], num_classes: int,
   return dataclasses.replace(teacher, variables=variables)
 
 
-def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) -> Teacher:
-  """An open-weights teacher: a Hugging Face directory loaded into `transformer_lm`."""
+def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int, *,
+                    mask_documents: bool = False, shardings: Any = None) -> Teacher:
+  """An open-weights teacher: a Hugging Face directory loaded into `transformer_lm`.
+
+  `mask_documents`: the student's attention stops at document starts (its `bos_id` is set),
+  so the teacher's does too, at its tokenizer's BOS (the data's: the tokenizers are checked
+  equal), and both see the same packed rows. `shardings`: `hf.load_hf`'s (e.g.
+  `Parallel.teacher_shardings_of`): the variables are read straight into their shards.
+  """
   from distill_jax.models import hf  # safetensors and tokenizers load only when used.
   directory = settings.get("checkpoint")
   if not directory:
@@ -128,7 +138,14 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) ->
     logging.info("Teacher %r: kwargs %s unused; %s/config.json gives the architecture.", name,
                  dict(settings["kwargs"]), directory)
   dtype = settings.get("dtype") or "float32"
-  kwargs, variables, tokenizer = hf.load_hf(directory, dtype)
+  kwargs, variables, tokenizer = hf.load_hf(directory, dtype, shardings)
+  if mask_documents:
+    if tokenizer.bos_id is None:
+      raise CheckpointError(
+          f"Teacher {name!r} ({directory}): the student masks documents at a BOS token "
+          "(config.student.kwargs.bos_id) but this tokenizer has no BOS token; set "
+          "config.student.kwargs.bos_id=None.")
+    kwargs = {**kwargs, "bos_id": tokenizer.bos_id}
   if tokenizer.vocab_size != num_classes:
     raise CheckpointError(
         f"Teacher {name!r} ({directory}) predicts over {tokenizer.vocab_size} tokens but the "
@@ -140,9 +157,18 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int) ->
 
 
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,
-                  input_shape: tuple[int, ...]) -> dict[str, Teacher]:
-  return {name: load_teacher(name, settings, num_classes, input_shape)
+                  input_shape: tuple[int, ...], *, mask_documents: bool = False,
+                  shardings: Any = None) -> dict[str, Teacher]:
+  """`load_teacher` for each entry of `config.teachers`."""
+  return {name: load_teacher(name, settings, num_classes, input_shape,
+                             mask_documents=mask_documents, shardings=shardings)
           for name, settings in teachers_config.items()}
+
+
+def student_masks_documents(config: Any) -> bool:
+  """Whether the run's student attends within documents only (`student.kwargs.bos_id` set):
+  its open-weights teachers then do too (`load_hf_teacher`)."""
+  return (config.student.get("kwargs") or {}).get("bos_id") is not None
 
 
 def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), top_k: int = 0,
@@ -174,7 +200,8 @@ def cache_teachers(config: Any, cache_dir: str, *, names: Sequence[str] = (), to
   with tqdm(total=per_teacher * len(names), disable=not progress_bar, unit="ex",
             desc="cache") as bar:
     for name in names:
-      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.input_shape)
+      teacher = load_teacher(name, config.teachers[name], info.num_classes, info.input_shape,
+                             mask_documents=student_masks_documents(config))
       directory = os.path.join(cache_dir, name)
       write_cache(directory, teacher, task, config.data, seed=config.seed, splits=splits,
                   batch_size=batch_size, top_k=top_k, dtype=dtype,

@@ -272,6 +272,10 @@ def test_open_weights_teacher_split_over_tensor_and_fsdp_gives_transformers_logi
   config.student.kwargs = STUDENT
   run = build_run(config)
   placed = run.parallel.put_teachers(run.teacher_vars)["teacher"]
+  # Read straight into these shards (models.hf.load_hf): placing keeps the loaded arrays.
+  for loaded, kept in zip(jax.tree.leaves(run.teacher_vars["teacher"]), jax.tree.leaves(placed),
+                          strict=True):
+    assert kept is loaded
   attn = placed["params"]["block0"]["attn"]
   assert _spec(attn["query"]["kernel"]) == ("fsdp", "tensor", None)  # [32, 4, 8]
   assert _shard_shapes(attn["query"]["kernel"]) == {(16, 2, 8)}

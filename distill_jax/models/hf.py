@@ -11,8 +11,12 @@ Supported `model_type`s (`SUPPORTED`): llama, mistral, qwen2: pre-norm blocks wi
 (`rms_norm_eps`), grouped-query attention, SwiGLU, RoPE (`rope_theta`, `rope_scaling` of type
 'linear' or 'llama3'), tied or untied embeddings, and Qwen2's query/key/value biases. Their RoPE
 pairs dimension j with j + D/2 ("rotate half"), as `transformer.rope` does, so the weights load
-unpermuted. A Mistral sliding window becomes the model's context when shorter (within the
-window the two attentions are the same), so a longer sequence is refused, never silently wrong.
+unpermuted. A sliding window (Mistral's; Qwen2's when a layer slides: `_sliding_window`)
+becomes the model's context when shorter (within the window the two attentions are the same),
+so a longer sequence is refused, never silently wrong.
+
+`load_hf(..., shardings=...)` builds each parameter as a global `jax.Array` with the sharding
+the run gives it, each process reading only its devices' slices of the safetensors files.
 
 `export_hf` writes the same layout back (config.json, model.safetensors, tokenizer.json), so a
 student distilled here loads in other tools; `load_hf(export_hf(...))` gives the same arrays.
@@ -20,7 +24,9 @@ student distilled here loads in other tools; `load_hf(export_hf(...))` gives the
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -28,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill_jax.models.tokenizers import HfTokenizer
 
@@ -89,9 +96,9 @@ def model_kwargs_from_config(config: Mapping[str, Any], path: str = "config.json
     raise HfCheckpointError(f"{path}: head_dim {head_dim} x num_attention_heads {heads} != "
                             f"hidden_size {width}; transformer_lm needs them equal.")
   context = int(config.get("max_position_embeddings", 2048))
-  window = config.get("sliding_window")
-  if window and config.get("use_sliding_window", model_type == "mistral"):
-    context = min(context, int(window))
+  window = _sliding_window(config)
+  if window:
+    context = min(context, window)
   theta, scaling = _rope_settings(config, path)
   return {"num_layers": int(config["num_hidden_layers"]), "width": width, "num_heads": heads,
           "num_kv_heads": int(config.get("num_key_value_heads") or heads),
@@ -101,8 +108,33 @@ def model_kwargs_from_config(config: Mapping[str, Any], path: str = "config.json
           "norm_eps": float(config.get("rms_norm_eps", 1e-6))}
 
 
+def _sliding_window(config: Mapping[str, Any]) -> int | None:
+  """The window of the layers that slide, None when none does (transformers' rule).
+
+  Llama: none. Mistral: every layer, when `sliding_window` is set. Qwen2: only with
+  `use_sliding_window`, and then the layers `layer_types` names 'sliding_attention' (when
+  config.json lists them), else layers i >= `max_window_layers` (default 28); so a Qwen2 with
+  `use_sliding_window: true` whose `max_window_layers` >= `num_hidden_layers` slides nowhere.
+  """
+  window = config.get("sliding_window")
+  if not window:
+    return None
+  if config.get("model_type") != "qwen2":
+    return int(window) if config.get("model_type") == "mistral" else None
+  if not config.get("use_sliding_window", False):
+    return None
+  layers = int(config["num_hidden_layers"])
+  kinds = config.get("layer_types") or [
+      "sliding_attention" if i >= int(config.get("max_window_layers", 28)) else
+      "full_attention" for i in range(layers)]
+  return int(window) if "sliding_attention" in kinds else None
+
+
 def _hf_names(kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], str]]:
-  """HF weight name -> (our param path, how to convert it: see `_to_ours`)."""
+  """HF weight name -> (our param path, how to convert it): PyTorch's `[out, in]` as ours:
+  'dense' [out, in] -> [in, out]; 'heads' [heads * head_dim, width] -> [width, heads,
+  head_dim]; 'out' [width, heads * head_dim] -> [heads, head_dim, width]; 'bias'
+  [heads * head_dim] -> [heads, head_dim]; 'same' as it is (`read_slice` applies them)."""
   names = {"model.embed_tokens.weight": (("embed", "embedding"), "same"),
            "model.norm.weight": (("final_norm", "scale"), "same")}
   if not kwargs["tie_embeddings"]:
@@ -121,16 +153,8 @@ def _hf_names(kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], str
   return names
 
 
-def _to_ours(array: jax.Array, how: str, shape: tuple[int, ...]) -> jax.Array:
-  """A PyTorch-layout weight (`[out, in]`) as our param of `shape`:
-  'dense' [out, in] -> [in, out]; 'heads' [heads * head_dim, width] -> [width, heads,
-  head_dim]; 'out' [width, heads * head_dim] -> [heads, head_dim, width]; 'bias'
-  [heads * head_dim] -> [heads, head_dim]; 'same' as it is."""
-  return array.T.reshape(shape) if how in ("dense", "heads", "out") else array.reshape(shape)
-
-
 def _to_hf(array: jax.Array, how: str) -> jax.Array:
-  """The inverse of `_to_ours`."""
+  """Our param in the file's layout: the inverse of `read_slice`'s conversions."""
   if how == "dense":
     return array.T
   if how == "heads":
@@ -154,47 +178,176 @@ def _weight_files(path: str) -> list[str]:
   return files
 
 
-def load_hf(path: str, dtype: str = "float32") -> tuple[dict[str, Any], Any, HfTokenizer]:
+def load_hf(path: str, dtype: str = "float32", shardings: Any = None
+            ) -> tuple[dict[str, Any], Any, HfTokenizer]:
   """Loads a Hugging Face Llama-family directory: `(model_kwargs, variables, tokenizer)`.
 
   `model_kwargs` build the same network as `transformer_lm` (with `num_classes =
   tokenizer.vocab_size`, the embedding's rows); `variables` is `{'params': ...}` with every
   array in `dtype` ('float32' or 'bfloat16'). Errors name the file, the setting or the weight.
+
+  `shardings`: None reads each weight whole onto the default device. Otherwise a pytree of
+  `jax.sharding.Sharding`s laid out like `variables`, or a function of the variables'
+  `ShapeDtypeStruct`s and the Flax module to one (e.g. `Parallel.teacher_shardings_of`, which
+  reads the module's tensor-parallel rules): each parameter is then a
+  global `jax.Array` with that sharding, and each process reads from the safetensors files
+  only the slices its own devices hold (`read_slice`), so its host memory is about its
+  shards, not the model. Every process must call it (as with any global array).
+
+  A tied checkpoint (`tie_word_embeddings`) that also stores `lm_head.weight` loads with the
+  embedding as the head, as transformers does (it ties the head to the embedding after
+  loading); the stored head is not read.
   """
   if dtype not in DTYPES:
     raise HfCheckpointError(f"dtype {dtype!r} for {path}: choose one of {list(DTYPES)}.")
-  from safetensors import safe_open
   config_path = os.path.join(path, "config.json")
   config = _read_json(config_path)
   kwargs = model_kwargs_from_config(config, config_path)
   tokenizer = HfTokenizer.from_dir(path)
   from distill_jax.models.transformer import TransformerLM
-  vocab = int(config["vocab_size"])
-  module = TransformerLM(num_classes=vocab, **kwargs)
+  module = TransformerLM(num_classes=int(config["vocab_size"]), **kwargs)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
-                                              jnp.zeros((1, 1), jnp.int32)))["params"]
-  names = _hf_names(kwargs)
+                                              jnp.zeros((1, 1), jnp.int32)))
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[dtype]), shapes)
+  where_from = _locate_weights(path, config, kwargs, shapes["params"])
+  if callable(shardings):
+    shardings = shardings(shapes, module)
   params: dict = {}
+  for keys, like in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+    where = tuple(k.key for k in keys)
+    file, key, how = where_from[where]
+    if shardings is None:
+      array = jnp.asarray(read_slice(file, key, how, like.shape, like.dtype))
+    else:
+      array = _read_sharded(file, key, how, like.shape, like.dtype,
+                            _get(shardings["params"], where))
+    _set(params, where, array)
+  return kwargs, {"params": params}, tokenizer
+
+
+def _locate_weights(path: str, config: Mapping[str, Any], kwargs: Mapping[str, Any],
+                    shapes: Any) -> dict[tuple[str, ...], tuple[str, str, str]]:
+  """{our param path: (file, HF weight name, conversion)}, from the safetensors headers only
+  (no tensor is read): every weight known, present once and of the shape config.json
+  implies."""
+  from safetensors import safe_open
+  names = _hf_names(kwargs)
+  found: dict[tuple[str, ...], tuple[str, str, str]] = {}
   for f in _weight_files(path):
-    with safe_open(f, framework="flax") as st:
+    with safe_open(f, framework="numpy") as st:
       for key in st.keys():
         if key not in names:
           if key.endswith("rotary_emb.inv_freq"):  # A buffer older exports kept; recomputed.
             continue
+          if key == "lm_head.weight" and kwargs["tie_embeddings"]:
+            continue  # Tied: transformers uses the embedding as the head (see load_hf).
           raise HfCheckpointError(f"{f}: weight {key!r} is not part of the "
                                   f"{config['model_type']} layout transformer_lm loads.")
         where, how = names.pop(key)
-        shape = tuple(_get(shapes, where).shape)
-        array = st.get_tensor(key)
-        want = _to_hf(jnp.zeros(shape, jnp.int8), how).shape
-        if tuple(array.shape) != tuple(want):
-          raise HfCheckpointError(f"{f}: weight {key!r} has shape {tuple(array.shape)}; "
-                                  f"config.json implies {tuple(want)}.")
-        _set(params, where, _to_ours(array, how, shape).astype(DTYPES[dtype]))
+        stored = tuple(st.get_slice(key).get_shape())
+        want = _hf_shape(tuple(_get(shapes, where).shape), how)
+        if stored != want:
+          raise HfCheckpointError(f"{f}: weight {key!r} has shape {stored}; "
+                                  f"config.json implies {want}.")
+        found[where] = (f, key, how)
   if names:
     raise HfCheckpointError(f"{path}: weights missing from the safetensors files: "
                             f"{sorted(names)[:5]}{' ...' if len(names) > 5 else ''}.")
-  return kwargs, {"params": params}, tokenizer
+  return found
+
+
+def _hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+  """The file's shape of our param of `shape` (`_to_hf`'s, without an array)."""
+  if how == "dense":
+    return shape[::-1]
+  if how == "heads":
+    return (shape[1] * shape[2], shape[0])
+  if how == "out":
+    return (shape[2], shape[0] * shape[1])
+  return (shape[0] * shape[1],) if how == "bias" else shape
+
+
+def read_slice(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
+               index: tuple[slice, ...] | None = None) -> np.ndarray:
+  """Block `index` (slices of our param's `shape`; None: all of it) of our param, read from
+  weight `key` of safetensors `file` through safetensors' slicing API, as a NumPy array in
+  `dtype`. Only the file's rows/columns the block maps to are read: the layout's conversions
+  (`_hf_names`) are applied to the slice, never to the whole tensor.
+
+  'dense' ours [in, out] = file [out, in]^T: ours[i, o] is file[o, i]. 'heads' ours [width,
+  heads, head_dim] = file [heads * head_dim, width]^T: heads h0:h1 are file rows
+  h0 * head_dim : h1 * head_dim (whole heads are read, then the head_dim slice taken: a
+  sharding rarely splits head_dim). 'out' ours [heads, head_dim, width] = file
+  [width, heads * head_dim]^T; 'bias' ours [heads, head_dim] = file [heads * head_dim].
+  """
+  index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
+  idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+  if any(s.step != 1 for s in idx):
+    raise ValueError(f"read_slice: {key}: strided block {index} is not supported.")
+  file_shape = _hf_shape(shape, how)
+  if how == "dense":
+    block = _read_rows(file, key, file_shape, (idx[1], idx[0])).T
+  elif how in ("heads", "out", "bias"):
+    h, d = (idx[1], idx[2]) if how == "heads" else (idx[0], idx[1])
+    head_dim = shape[2] if how == "heads" else shape[1]
+    rows = slice(h.start * head_dim, h.stop * head_dim)
+    if how == "heads":  # file [H * D, width] -> [width', H', D']
+      block = _read_rows(file, key, file_shape, (rows, idx[0]))
+      block = block.reshape(h.stop - h.start, head_dim, -1)[:, d].transpose(2, 0, 1)
+    elif how == "out":  # file [width, H * D] -> [H', D', width']
+      block = _read_rows(file, key, file_shape, (idx[2], rows))
+      block = block.reshape(-1, h.stop - h.start, head_dim)[:, :, d].transpose(1, 2, 0)
+    else:  # file [H * D] -> [H', D']
+      block = _read_rows(file, key, file_shape, (rows,)).reshape(-1, head_dim)[:, d]
+  else:
+    block = _read_rows(file, key, file_shape, idx)
+  return np.ascontiguousarray(block, dtype=dtype)
+
+
+_READ_BYTES = 1 << 20  # At most this much of a file is mapped at once by a read.
+
+
+def _read_rows(file: str, key: str, file_shape: tuple[int, ...], index: tuple[slice, ...]
+               ) -> np.ndarray:
+  """`file[key][index]` (step-1 slices of the file's layout) with safetensors' `get_slice`,
+  a few rows at a time, each through its own `safe_open`: the file is memory-mapped, and a
+  slice of columns touches every row's pages, which stay resident until the file is closed;
+  so at most `_READ_BYTES` of it are mapped at once, not the whole weight."""
+  from safetensors import safe_open
+  rows = index[0]
+  step = max(1, _READ_BYTES // (4 * math.prod(file_shape[1:])))
+  if rows.stop <= rows.start:
+    with safe_open(file, framework="numpy") as st:
+      return st.get_slice(key)[index]
+  out = None
+  for start in range(rows.start, rows.stop, step):
+    stop = min(start + step, rows.stop)
+    with safe_open(file, framework="numpy") as st:
+      part = st.get_slice(key)[(slice(start, stop), *index[1:])]
+    if out is None:
+      out = np.empty((rows.stop - rows.start, *part.shape[1:]), part.dtype)
+    out[start - rows.start:stop - rows.start] = part
+  return out
+
+
+def _read_sharded(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
+                  sharding: Any) -> jax.Array:
+  """Our param as a global `jax.Array` with `sharding`: this process reads the blocks of its
+  own devices only, each distinct block once (replicas share it): the host memory in flight
+  is about one block (and `_READ_BYTES` of the file), beside the shards already placed."""
+  def block_key(index: tuple[slice, ...]) -> tuple:
+    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+  uses = collections.Counter(block_key(index) for index in
+                             sharding.addressable_devices_indices_map(shape).values())
+  kept: dict[tuple, np.ndarray] = {}  # Blocks that further devices of this process hold.
+  def callback(index: tuple[slice, ...]) -> np.ndarray:
+    k = block_key(index)
+    block = kept.pop(k) if k in kept else read_slice(file, key, how, shape, dtype, index)
+    uses[k] -= 1
+    if uses[k] > 0:
+      kept[k] = block
+    return block
+  return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:

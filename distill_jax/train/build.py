@@ -27,7 +27,7 @@ from distill_jax import models, optim, tasks
 from distill_jax.data import teacher_cache
 from distill_jax.losses.objective import Objective, build_objective
 from distill_jax.models.forward import ApplyFn
-from distill_jax.teachers import Teacher, init_shapes, load_teachers
+from distill_jax.teachers import Teacher, init_shapes, load_teachers, student_masks_documents
 from distill_jax.train.compiled import build_applies, compile_steps, init_objective, trace_objective
 from distill_jax.train.parallel import Parallel
 from distill_jax.train.state import TrainState, create_train_state
@@ -209,7 +209,11 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   parallel.check_batch_size(config.eval_batch_size)
   student = _build_student(config, task_info.num_classes, parallel)
   student_init = task.student_init(config)  # E.g. open weights (config.student.init).
-  teachers = load_teachers(config.teachers, task_info.num_classes, input_shape)
+  # Open-weights teachers are read straight into the shards the step takes them in (jit).
+  teachers = load_teachers(
+      config.teachers, task_info.num_classes, input_shape,
+      mask_documents=student_masks_documents(config),
+      shardings=parallel.teacher_shardings_of if parallel.mode == "jit" else None)
   task.check_teachers(teachers, config)
   splits = (config.data.train_split, config.data.eval_split)
   caches = _open_caches(config, teachers, task, splits)

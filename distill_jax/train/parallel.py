@@ -295,14 +295,30 @@ class Parallel:
       return self._model_sharding(self.teacher_rules.get(name, ()), rest, x, fsdp)
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
+  def teacher_shardings_of(self, tree: Any, module: Any) -> Any:
+    """Shardings of one teacher's variables (`tree`, {'params': ...}) for its Flax `module`:
+    the module's tensor rules (read from it, as `declare_models` will) and the FSDP rule or
+    whole over 'fsdp'. Open weights are read straight into these (`models.hf.load_hf`), before
+    the run has declared its models, so `put_teachers` then keeps them as they are."""
+    size = self.axis_sizes["tensor"]
+    rules = _rules_of(module, size, "an open-weights teacher") if size > 1 else ()
+    fsdp = self.teacher_sharding == "fsdp"
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: self._model_sharding(rules, _names(path), x, fsdp), tree)
+
   # -- placing data -------------------------------------------------------------------------
 
-  def _put(self, tree: Any, shardings: Any) -> Any:
+  def _put(self, tree: Any, shardings: Any, keep_placed: bool = False) -> Any:
     # Every process holds the same host value; each fills only its own devices' shards.
+    # keep_placed: an array already placed so (open weights read straight into their shards)
+    # stays as it is (never for a state, which the step donates: the caller's copy would die).
     def put(x, sharding):
-      x = np.asarray(x)
+      if keep_placed and isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding,
+                                                                                  x.ndim):
+        return x
+      x = np.asarray(jax.device_get(x))
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, jax.device_get(tree), shardings)
+    return jax.tree.map(put, tree, shardings)
 
   def _put_stacked(self, tree: Any) -> Any:
     # One copy per device along a leading axis, sharded over a mesh axis named like the
@@ -322,7 +338,7 @@ class Parallel:
     device."""
     if self.mode == "pmap":
       return self._put_stacked(tree)
-    return self._put(tree, self.teacher_shardings(tree))
+    return self._put(tree, self.teacher_shardings(tree), keep_placed=True)
 
   def put_replicated(self, tree: Any) -> Any:
     """Places a host pytree whole on every device (the layouts above when fsdp is 1)."""
