@@ -33,9 +33,9 @@ forward's).
 Features (the framework's mechanism: `sow` into 'intermediates', tapped by name or path):
 `hidden0` (the embeddings) and `hidden{i}` (the residual stream after block i, i = 1..
 num_layers), each [B, L, width], and per block `block{i-1}/attn/probs`, the attention
-probabilities [B, num_heads, L, L] (sown only with `attention_probs`; see above). Modules: `embed`, `block0`.. (each `attn_norm`, `attn`
-with `query`, `key`, `value`, `out`; `mlp_norm`, `mlp` with `gate`, `up`, `down`),
-`final_norm`, and `head` when untied.
+probabilities [B, num_heads, L, L] (sown only with `attention_probs`; see above). Modules:
+`embed`, `block0`.. (each `attn_norm`, `attn` with `query`, `key`, `value`, `out`; `mlp_norm`,
+`mlp` with `gate`, `up`, `down`), `final_norm`, and `head` when untied.
 """
 
 from __future__ import annotations
