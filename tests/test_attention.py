@@ -12,7 +12,7 @@ import pytest
 
 from distill_jax.models import build_model
 from distill_jax.models.forward import list_features, make_apply
-from distill_jax.models.transformer import explicit_attention, rope
+from distill_jax.models.transformer import explicit_attention, resolve_implementation, rope
 from distill_jax.tasks.language_model import generate
 
 VOCAB, BOS, CONTEXT = 259, 256, 24
@@ -167,3 +167,22 @@ def test_unknown_implementation_is_refused_listing_the_choices():
   with pytest.raises(ValueError, match=r"attention_implementation 'flash' is not one of "
                                        r"\[None, 'auto', 'xla', 'cudnn'\]"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_implementation_resolution(monkeypatch):
+  """'auto' is JAX's choice; 'cudnn' is refused off a GPU and, on one, falls back to XLA for
+  float32 activations (which cuDNN's kernel does not take) with a warning."""
+  assert resolve_implementation("auto", jnp.float32) is None
+  assert resolve_implementation(None, jnp.bfloat16) is None
+  assert resolve_implementation("xla", jnp.bfloat16) == "xla"
+  with pytest.raises(ValueError, match=r"'cudnn' needs an NVIDIA GPU, but JAX's backend is "
+                                       r"'cpu': use None or 'xla'"):
+    resolve_implementation("cudnn", jnp.bfloat16)
+  model = build_model("transformer_lm", VOCAB, **SIZES, attention_implementation="cudnn")
+  with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_implementation("cudnn", jnp.bfloat16) == "cudnn"
+  assert resolve_implementation("cudnn", jnp.float16) == "cudnn"
+  with pytest.warns(UserWarning, match="float32, so XLA's attention runs"):
+    assert resolve_implementation("cudnn", jnp.float32) == "xla"

@@ -40,6 +40,7 @@ probabilities [B, num_heads, L, L] (sown only with `attention_probs`; see above)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -111,6 +112,28 @@ def check_attention_implementation(value: Any) -> None:
     raise ValueError(f"transformer_lm: attention_implementation {value!r} is not one of "
                      f"{[None, *ATTENTION_IMPLEMENTATIONS]} (None and 'auto' let JAX choose; "
                      "'cudnn' needs an NVIDIA GPU and bfloat16 or float16).")
+
+
+def resolve_implementation(implementation: str | None, dtype: Any) -> str | None:
+  """`jax.nn.dot_product_attention`'s `implementation` for `attention_implementation` and the
+  activations' `dtype`: 'auto' is None (JAX chooses); 'cudnn' stays 'cudnn' for bfloat16 and
+  float16 and becomes 'xla' (with a warning) for float32, which cuDNN's fused attention does
+  not take (e.g. sampling with a bfloat16-trained student's float32 parameters). 'cudnn'
+  without a GPU raises ValueError naming the setting."""
+  if implementation == "auto":
+    return None
+  if implementation != "cudnn":
+    return implementation
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"transformer_lm: attention_implementation 'cudnn' needs an NVIDIA GPU, "
+                     f"but JAX's backend is {jax.default_backend()!r}: use None or 'xla'.")
+  if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "cudnn"
+  warnings.warn(f"transformer_lm: attention_implementation 'cudnn' takes bfloat16 or float16 "
+                f"activations; these are {jnp.dtype(dtype).name}, so XLA's attention runs "
+                "(set the compute dtype, e.g. --config.dtype=bfloat16, for cuDNN's).",
+                stacklevel=2)
+  return "xla"
 
 
 def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
@@ -188,9 +211,9 @@ class Attention(nn.Module):
       if cache is None:
         self.sow("intermediates", "probs", probs)
     else:
-      implementation = None if self.implementation == "auto" else self.implementation
-      out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
-                                         is_causal=causal, implementation=implementation)
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=None if mask is None else mask[:, None], is_causal=causal,
+          implementation=resolve_implementation(self.implementation, q.dtype))
     out = nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
                           name="out")(out)
     return out if cache is None else (out, cache)
@@ -256,8 +279,10 @@ class TransformerLM(nn.Module):
     qkv_bias: biases on the query, key and value projections (Qwen2 has them).
     norm_eps: every RMSNorm's epsilon.
     attention_implementation: `jax.nn.dot_product_attention`'s `implementation`: None or
-      'auto' (JAX chooses; XLA today), 'xla', or 'cudnn' (cuDNN's fused flash attention: an
-      NVIDIA GPU and a bfloat16/float16 compute dtype, e.g. the run's `dtype='bfloat16'`).
+      'auto' (JAX chooses; XLA in JAX 0.10, on GPUs too), 'xla', or 'cudnn' (cuDNN's fused
+      flash attention: an NVIDIA GPU, refused elsewhere, and bfloat16/float16 activations,
+      e.g. `config.dtype='bfloat16'`; float32 calls, such as sampling with the float32
+      parameters, fall back to XLA's with a warning). `resolve_implementation`.
     attention_probs: compute attention with its probabilities written out
       (`explicit_attention`) and sow them as `block{i}/attn/probs`. Set automatically by
       `models.forward.make_apply` (through `for_features`) when a feature names them; the
