@@ -111,7 +111,7 @@ def check_attention_implementation(value: Any) -> None:
   if value is not None and value not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"transformer_lm: attention_implementation {value!r} is not one of "
                      f"{[None, *ATTENTION_IMPLEMENTATIONS]} (None and 'auto' let JAX choose; "
-                     "'cudnn' needs an NVIDIA GPU and bfloat16 or float16).")
+                     "'cudnn', cuDNN's fused attention, needs an NVIDIA GPU).")
 
 
 def resolve_implementation(implementation: str | None, dtype: Any) -> str | None:
