@@ -20,6 +20,11 @@ memory analysis per device (argument and temp bytes) and the teacher's bytes per
 `--against=torch` (needs the optional `bench` extra: `pip install -e .[bench]`) times the same
 ResNet-56 -> ResNet-20 KD step (CE 0.1 + KD 0.9, T 4, SGD momentum, channels_last) in PyTorch,
 written below, plus its student step and teacher forward, in the same run as JAX's.
+
+`--task=lm` times configs/lm.py's language models and ends with the attention memory rows
+(`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
+temporary bytes with the attention's probabilities written out vs `dot_product_attention`, at
+`--attn_shape` and `--attn_seq_lens`, lowered from shapes only.
 """
 
 from __future__ import annotations
