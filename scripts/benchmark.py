@@ -20,6 +20,11 @@ memory analysis per device (argument and temp bytes) and the teacher's bytes per
 `--against=torch` (needs the optional `bench` extra: `pip install -e .[bench]`) times the same
 ResNet-56 -> ResNet-20 KD step (CE 0.1 + KD 0.9, T 4, SGD momentum, channels_last) in PyTorch,
 written below, plus its student step and teacher forward, in the same run as JAX's.
+
+`--task=lm` times configs/lm.py's language models and ends with the attention memory rows
+(`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
+temporary bytes with the attention's probabilities written out vs `dot_product_attention`, at
+`--attn_shape` and `--attn_seq_lens`, lowered from shapes only.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ flags.DEFINE_integer("seq_len", 128, "lm: tokens per row.")
 flags.DEFINE_integer("vocab", 259, "lm: vocabulary of the timed steps (259: byte-level).")
 flags.DEFINE_integer("lm_big_vocab", 32000, "lm: vocabulary of the memory comparison.")
 flags.DEFINE_integer("chunk_size", 32, "lm: token-loss chunk (positions at a time).")
+flags.DEFINE_string("attn_shape", "2048,32,8,8192", "lm: the attention memory rows' model: "
+                    "width,heads,kv_heads,mlp_dim (2 layers, student and teacher alike).")
+flags.DEFINE_list("attn_seq_lens", ["2048"], "lm: the attention memory rows' lengths (batch 1).")
+flags.DEFINE_bool("attention_memory_only", False, "lm: print only the attention memory rows.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -546,6 +555,80 @@ def lm_tables() -> dict:
           "temp_bytes_unchunked": memory[0], "temp_bytes_chunked": memory[chunk]}
 
 
+def lm_step_temp_bytes(student_settings: dict, teacher_settings: dict, losses: dict,
+                       vocab: int, batch_size: int, seq_len: int) -> int:
+  """XLA's temporary bytes per device of the compiled LM train step (AdamW) with `losses`,
+  student and teacher `transformer_lm(vocab, **settings)`, on `batch_size` rows of `seq_len`
+  tokens. Everything is abstract (shapes only): nothing is initialised or run, so the models
+  may be larger than this host could train."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from distill_jax import models, tasks
+  from distill_jax.losses.objective import build_objective
+  from distill_jax.teachers import Teacher, init_shapes
+  from distill_jax.train.compiled import build_applies, compile_steps, init_objective
+  from distill_jax.train.parallel import Parallel
+  from distill_jax.train.state import create_train_state
+
+  task = tasks.get_task("language_model")
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
+                      teacher_sharding=FLAGS.teacher_sharding)
+  shape = (seq_len,)
+  student = models.build_model("transformer_lm", vocab, **student_settings)
+  teacher = models.build_model("transformer_lm", vocab, **teacher_settings)
+  teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher,
+                                 init_shapes(teacher, shape), dtype=FLAGS.dtype)}
+  objective = build_objective(losses, list(teachers), {})
+  tx = optax.adamw(1e-3)
+  student_apply, teacher_applies = build_applies(
+      student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
+      input_key=task.input_key)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
+                                task=task)
+  batch = jax.eval_shape(lambda: task.example_batch(shape, batch_size))
+  teacher_vars = {"teacher": teachers["teacher"].variables}
+
+  def fresh_state(teacher_vars):
+    variables = student.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
+    params, state = init_objective(objective, student_apply, teacher_applies, variables,
+                                   teacher_vars, task.example_batch(shape, batch_size),
+                                   jax.random.PRNGKey(1))
+    return create_train_state(variables, params, state, tx, jax.random.PRNGKey(2))
+
+  state = jax.eval_shape(fresh_state, teacher_vars)
+  memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
+  return int(getattr(memory, "temp_size_in_bytes", -1))
+
+
+def attention_memory_rows() -> list[dict]:
+  """The token-KD step's temporary memory with each model's attention written out (the
+  explicit probabilities, as a loss tapping `attn/probs` runs it) vs through
+  `jax.nn.dot_product_attention`, at `--attn_shape` (2 layers) for each `--attn_seq_lens`,
+  batch 1, vocabulary `--vocab` (small, so the attention's share shows)."""
+  width, heads, kv_heads, mlp_dim = (int(n) for n in FLAGS.attn_shape.split(","))
+  sizes = {"num_layers": 2, "width": width, "num_heads": heads, "num_kv_heads": kv_heads,
+           "mlp_dim": mlp_dim, "bos_id": 256}
+  chunk = FLAGS.chunk_size
+  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+        "token_fkl": {"weight": 0.5, "chunk_size": chunk}}
+  print(f"\nattention: token KD step (CE + forward KL, teacher forward; AdamW), student and "
+        f"teacher 2 layers, width {width}, {heads} heads / {kv_heads} KV heads, MLP {mlp_dim}, "
+        f"vocabulary {FLAGS.vocab}, batch 1, {FLAGS.dtype}\n| length | attention | step "
+        "temporary memory (MiB) | one [heads, L, L] float32 array (MiB) |\n|---|---|---|---|")
+  rows = []
+  for seq_len in map(int, FLAGS.attn_seq_lens):
+    scores = heads * seq_len * seq_len * 4
+    for label, extra in (("explicit probabilities", {"attention_probs": True}),
+                         ("dot_product_attention", {})):
+      settings = {**sizes, "context": seq_len, **extra}
+      temp = lm_step_temp_bytes(settings, settings, kd, FLAGS.vocab, 1, seq_len)
+      rows.append({"seq_len": seq_len, "attention": label, "temp_bytes": temp})
+      print(f"| {seq_len} | {label} | {temp / 2**20:.0f} | {scores / 2**20:.0f} |", flush=True)
+  return rows
+
+
 def main(argv: list[str]) -> None:
   del argv
   import json
@@ -556,7 +639,8 @@ def main(argv: list[str]) -> None:
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
   if FLAGS.task == "lm":
-    summary = lm_tables()
+    summary = {} if FLAGS.attention_memory_only else lm_tables()
+    summary["attention_memory"] = attention_memory_rows()
     if FLAGS.json:
       print(json.dumps(summary))
     return

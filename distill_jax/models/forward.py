@@ -8,7 +8,10 @@ A feature is named either by a stable name that built-in models `sow` ('stem', '
 path ('stage2_block1', 'stage2_block1/conv2'): the output of that submodule's `__call__`,
 captured with Linen's `capture_intermediates` and a filter that keeps only the requested paths,
 so the model itself is never edited (torchdistill's forward hooks, done functionally). Only
-requested features are kept; unused ones cost nothing once compiled.
+requested features are kept; unused ones cost nothing once compiled. A model that computes a
+feature only on request (`transformer_lm`'s attention probabilities, which its fused attention
+never forms) has a method `for_features(features) -> module`: the module as it must run to
+sow them (None: all of them, to list them); the forward runs that one.
 
 Mixed precision is applied here, once for every model: with `dtype='bfloat16'` the forward
 casts the floating parameters and the input to bfloat16 (so every layer computes in it; the
@@ -66,6 +69,13 @@ def _cast(tree: Any, dtype: Any) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def for_features(module: nn.Module, features: Sequence[str] | None) -> nn.Module:
+  """`module` as it must run to sow `features` (None: every feature it can): its own
+  `for_features` when it has one (see the module docstring), itself otherwise."""
+  select = getattr(module, "for_features", None)
+  return module if select is None else select(features)
+
+
 def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (),
                input_size: Sequence[int] | None = None, dtype: str | None = None) -> ApplyFn:
   """Returns the pure forward of `module` on `batch[input_key]` (the task's `input_key`:
@@ -81,6 +91,7 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
   compute = None if dtype in (None, "float32") else jnp.dtype(dtype)
   features = tuple(dict.fromkeys(features))
   paths = frozenset(features)
+  module = for_features(module, features)
 
   def keep(mdl: nn.Module, method_name: str) -> bool:
     return method_name == "__call__" and _module_path(mdl) in paths
@@ -124,6 +135,7 @@ def list_features(module: nn.Module, variables: Any, input_shape: Sequence[int]
   Sown names come first, then every submodule path, in call order. Costs one abstract
   (shape-only) forward: nothing is computed or compiled.
   """
+  module = for_features(module, None)
   def forward(variables, x):
     _, state = module.apply(variables, x, train=False, mutable=["intermediates"],
                             capture_intermediates=True)

@@ -9,6 +9,13 @@ position embeddings (RoPE, Su et al. 2021) on queries and keys and grouped-query
 (`num_kv_heads` key/value heads shared by `num_heads / num_kv_heads` query heads each; equal
 counts give multi-head attention, one gives multi-query attention). No biases, no dropout.
 
+Attention runs through `jax.nn.dot_product_attention` (`attention_implementation`: None/'auto',
+'xla' or 'cudnn', the fused flash-attention kernel on NVIDIA GPUs), causal by `is_causal` and the
+document mask as its `mask`, K/V with their own head count (no per-query-head copies). Only when
+a loss taps `block{i}/attn/probs` does the model write the probabilities out
+(`attention_probs`, set by `models.forward.make_apply` through `for_features`); both paths give
+the same numbers.
+
 Packed documents: with `bos_id` set, a position attends only to positions of its own document,
 a document being what lies between one BOS token and the next (a row may hold several). RoPE's
 positions are the row's positions: attention depends only on the distance between two
@@ -26,9 +33,9 @@ forward's).
 Features (the framework's mechanism: `sow` into 'intermediates', tapped by name or path):
 `hidden0` (the embeddings) and `hidden{i}` (the residual stream after block i, i = 1..
 num_layers), each [B, L, width], and per block `block{i-1}/attn/probs`, the attention
-probabilities [B, num_heads, L, L]. Modules: `embed`, `block0`.. (each `attn_norm`, `attn`
-with `query`, `key`, `value`, `out`; `mlp_norm`, `mlp` with `gate`, `up`, `down`),
-`final_norm`, and `head` when untied.
+probabilities [B, num_heads, L, L] (sown only with `attention_probs`; see above). Modules:
+`embed`, `block0`.. (each `attn_norm`, `attn` with `query`, `key`, `value`, `out`; `mlp_norm`,
+`mlp` with `gate`, `up`, `down`), `final_norm`, and `head` when untied.
 
 Tensor parallelism (the mesh's `tensor` axis, `train/parallel.py`): `TENSOR_RULES` below says
 which axis of each parameter is split over it, Megatron-style, and `TransformerLM.tensor_rules`
@@ -37,6 +44,7 @@ checks that the model's sizes split.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -116,8 +124,69 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0,
   return out.astype(x.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def check_attention_implementation(value: Any) -> None:
+  """Raises ValueError naming `attention_implementation` unless it is None or one of
+  ATTENTION_IMPLEMENTATIONS."""
+  if value is not None and value not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"transformer_lm: attention_implementation {value!r} is not one of "
+                     f"{[None, *ATTENTION_IMPLEMENTATIONS]} (None and 'auto' let JAX choose; "
+                     "'cudnn', cuDNN's fused attention, needs an NVIDIA GPU).")
+
+
+def resolve_implementation(implementation: str | None, dtype: Any) -> str | None:
+  """`jax.nn.dot_product_attention`'s `implementation` for `attention_implementation` and the
+  activations' `dtype`: 'auto' is None (JAX chooses); 'cudnn' stays 'cudnn' for bfloat16 and
+  float16 and becomes 'xla' (with a warning) for float32, which cuDNN's fused attention does
+  not take (e.g. sampling with a bfloat16-trained student's float32 parameters). 'cudnn'
+  without a GPU raises ValueError naming the setting."""
+  if implementation == "auto":
+    return None
+  if implementation != "cudnn":
+    return implementation
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"transformer_lm: attention_implementation 'cudnn' needs an NVIDIA GPU, "
+                     f"but JAX's backend is {jax.default_backend()!r}: use None or 'xla'.")
+  if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "cudnn"
+  warnings.warn(f"transformer_lm: attention_implementation 'cudnn' takes bfloat16 or float16 "
+                f"activations; these are {jnp.dtype(dtype).name}, so XLA's attention runs "
+                "(set the compute dtype, e.g. --config.dtype=bfloat16, for cuDNN's).",
+                stacklevel=2)
+  return "xla"
+
+
+def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Attention with its probabilities written out: (out [B, T, N, D], probs [B, N, T, S]).
+
+  q [B, T, N, D]; k, v [B, S, K, D] with K dividing N (query head h reads key/value head
+  h // (N / K)); allowed [B or 1, T, S] (query i may attend to key j). The scores are computed
+  in the inputs' dtype and softmaxed in float32; the probabilities are cast back to the
+  values' dtype for the weighted sum. Costs float32 [B, N, T, S] twice over (scores and
+  probabilities) and copies K/V per query head: the path for a loss that taps the
+  probabilities (`token_attention_kl`), not for speed.
+  """
+  group = q.shape[2] // k.shape[2]
+  # [B, S, K, D] -> [B, S, K * group, D]: head h reads kv head h // group.
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+  scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v), probs
+
+
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with RoPE; sows its probabilities as `probs`."""
+  """Causal grouped-query self-attention with RoPE.
+
+  By default through `jax.nn.dot_product_attention` (`implementation`: None/'auto' lets JAX
+  choose, 'xla', 'cudnn'): K/V keep their `num_kv_heads` heads (no copies per query head), the
+  scores accumulate in float32 whatever the inputs' dtype, and a fused kernel (cuDNN's flash
+  attention) never materialises them. With `probs=True` the probabilities are written out
+  (`explicit_attention`) and sown as `probs` [B, num_heads, L, L] for attention KD.
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -125,16 +194,21 @@ class Attention(nn.Module):
   rope_base: float = 10000.0
   qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
   rope_scaling: Any = None  # See `rope_frequencies`.
+  implementation: str | None = None  # jax.nn.dot_product_attention's; 'auto' = None.
+  probs: bool = False  # The explicit path, sowing the probabilities.
 
   @nn.compact
-  def __call__(self, x: jax.Array, allowed: jax.Array, cache: dict[str, jax.Array] | None = None,
-               index: jax.Array | None = None) -> Any:
-    """x [B, L, D]; allowed [B, L, L] (query i may attend to key j) -> [B, L, D].
+  def __call__(self, x: jax.Array, mask: jax.Array | None,
+               cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None) -> Any:
+    """x [B, L, D] -> [B, L, D]; `mask` [B or 1, L, L] (None: all True): which earlier
+    positions a query may see besides causality (the document mask), causality being applied
+    on top.
 
     Decoding (`cache` = {'k', 'v'}, each [B, S, num_kv_heads, head_dim]): x holds the L new
     tokens at positions `index`..`index + L - 1`; their keys and values are written into the
-    cache there, the queries attend over all S cached positions (`allowed` [B, L, S]), and the
-    call returns (out, new cache).
+    cache there, the queries attend over all S cached positions, `mask` [B, L, S] is then the
+    whole rule (causality by position included: the queries are offset), and the call
+    returns (out, new cache).
     """
     b, length, width = x.shape
     dense = lambda n, name: nn.DenseGeneral((n, self.head_dim), use_bias=self.qkv_bias,
@@ -150,15 +224,18 @@ class Attention(nn.Module):
       cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-    group = self.num_heads // self.num_kv_heads
-    # [B, L, G, D] -> [B, L, G * group, D]: head h reads kv head h // group.
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
-    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if cache is None:
-      self.sow("intermediates", "probs", probs)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    causal = cache is None
+    if self.probs:
+      allowed = jnp.ones((1, length, k.shape[1]), bool) if mask is None else mask
+      if causal:
+        allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None]
+      out, probs = explicit_attention(q, k, v, allowed)
+      if cache is None:
+        self.sow("intermediates", "probs", probs)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=None if mask is None else mask[:, None], is_causal=causal,
+          implementation=resolve_implementation(self.implementation, q.dtype))
     out = nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
                           name="out")(out)
     return out if cache is None else (out, cache)
@@ -187,15 +264,19 @@ class Block(nn.Module):
   qkv_bias: bool = False
   rope_scaling: Any = None
   norm_eps: float = 1e-6
+  attention_implementation: str | None = None
+  attention_probs: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, allowed: jax.Array, cache: dict[str, jax.Array] | None = None,
-               index: jax.Array | None = None) -> Any:
+  def __call__(self, x: jax.Array, mask: jax.Array | None,
+               cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None) -> Any:
     """x [B, L, D] -> [B, L, D]; with a `cache` (decoding; see `Attention`): (x, new cache)."""
     norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, name=name)
     attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
-                     qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling, name="attn")
-    h = attn(norm("attn_norm")(x), allowed, cache, index)
+                     qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling,
+                     implementation=self.attention_implementation, probs=self.attention_probs,
+                     name="attn")
+    h = attn(norm("attn_norm")(x), mask, cache, index)
     h, cache = (h, None) if cache is None else h
     x = x + h
     x = x + SwiGLU(self.mlp_dim, name="mlp")(norm("mlp_norm")(x))
@@ -219,6 +300,15 @@ class TransformerLM(nn.Module):
       `type` 'linear' or 'llama3' and that type's numbers (`rope_frequencies`).
     qkv_bias: biases on the query, key and value projections (Qwen2 has them).
     norm_eps: every RMSNorm's epsilon.
+    attention_implementation: `jax.nn.dot_product_attention`'s `implementation`: None or
+      'auto' (JAX chooses; XLA in JAX 0.10, on GPUs too), 'xla', or 'cudnn' (cuDNN's fused
+      flash attention: an NVIDIA GPU, refused elsewhere, and bfloat16/float16 activations,
+      e.g. `config.dtype='bfloat16'`; float32 calls, such as sampling with the float32
+      parameters, fall back to XLA's with a warning). `resolve_implementation`.
+    attention_probs: compute attention with its probabilities written out
+      (`explicit_attention`) and sow them as `block{i}/attn/probs`. Set automatically by
+      `models.forward.make_apply` (through `for_features`) when a feature names them; the
+      same numbers otherwise, at the cost of float32 [B, num_heads, L, L] per layer.
     bn_axis_name: unused (no BatchNorm); present so every model accepts it.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
@@ -236,8 +326,17 @@ class TransformerLM(nn.Module):
   rope_scaling: Any = None
   qkv_bias: bool = False
   norm_eps: float = 1e-6
+  attention_implementation: str | None = None
+  attention_probs: bool = False
   bn_axis_name: str | None = None
   remat: bool = False
+
+  def for_features(self, features: Any = None) -> TransformerLM:
+    """This model as it must run to sow `features` (names or paths; None: every feature it
+    can sow, for listing them): with `attention_probs` when one of them is a block's
+    `attn/probs`, itself otherwise."""
+    wants = features is None or any(str(f).endswith("attn/probs") for f in features)
+    return self.clone(attention_probs=True) if wants and not self.attention_probs else self
 
   def check(self) -> None:
     """Raises ValueError naming the setting when the sizes do not fit together."""
@@ -250,6 +349,7 @@ class TransformerLM(nn.Module):
                        f"num_heads {self.num_heads} (grouped-query attention).")
     if self.rope_scaling:
       rope_frequencies(2, self.rope_base, self.rope_scaling)  # Refuses an unknown type.
+    check_attention_implementation(self.attention_implementation)
     if self.num_layers < 1 or self.context < 1:
       raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
                        f"({self.context}) must be positive.")
@@ -318,11 +418,10 @@ class TransformerLM(nn.Module):
                        f"{self.context}: shorten data.seq_len or raise the model's context.")
     tokens = tokens.astype(jnp.int32)
     if cache is None:
-      index = None
-      allowed = jnp.tril(jnp.ones((length, length), bool))[None]
+      index, allowed = None, None  # Causal (applied by the attention) within documents:
       if self.bos_id is not None:
         document = jnp.cumsum(tokens == self.bos_id, axis=1)
-        allowed = allowed & (document[:, :, None] == document[:, None, :])
+        allowed = document[:, :, None] == document[:, None, :]
     else:
       index, size = cache["index"], cache["valid"].shape[1]
       query = index + jnp.arange(length)
@@ -343,7 +442,9 @@ class TransformerLM(nn.Module):
     for i in range(self.num_layers):
       layer = block(self.num_heads, kv, self.width // self.num_heads,
                     self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
-                    rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, name=f"block{i}")
+                    rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
+                    attention_implementation=self.attention_implementation,
+                    attention_probs=self.attention_probs, name=f"block{i}")
       if cache is None:
         x = layer(x, allowed)
       else:
