@@ -64,6 +64,13 @@ flags.DEFINE_integer("seq_len", 128, "lm: tokens per row.")
 flags.DEFINE_integer("vocab", 259, "lm: vocabulary of the timed steps (259: byte-level).")
 flags.DEFINE_integer("lm_big_vocab", 32000, "lm: vocabulary of the memory comparison.")
 flags.DEFINE_integer("chunk_size", 32, "lm: token-loss chunk (positions at a time).")
+flags.DEFINE_integer("lm_fused_vocab", 128256, "lm: vocabulary of the whole vs fused logits "
+                     "memory rows (Llama 3's).")
+flags.DEFINE_bool("lm_fused_only", False, "lm: print only the whole vs fused logits memory "
+                  "rows (no timing).")
+flags.DEFINE_integer("lm_fused_len", 2048, "lm: tokens per row of the fused logits rows.")
+flags.DEFINE_integer("lm_fused_width", 2048, "lm: width of the fused logits rows' models "
+                     "(32 heads, 8 KV heads, MLP 4x, 2 layers: a Llama-3-1B-like layer).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -471,6 +478,83 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   return {**result, "tokens_per_s": timed["per_s"]} if time_it else result
 
 
+def fused_logits_memory(fused: int) -> dict[str, float]:
+  """The token-KD step's compiled memory (one device, batch 1: CE + forward KL chunked by
+  `--chunk_size`, a live teacher, AdamW) with whole logits (`fused = 0`) or lazy ones
+  (`config.fused_logits = fused`), at `--lm_fused_vocab`, `--lm_fused_len` tokens and
+  Llama-3-1B-like layers of `--lm_fused_width` (2 of them, student and teacher alike).
+  Everything is abstract (shapes only), so nothing of that size is allocated: only compiled.
+  Returns compile seconds, argument and temporary bytes."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from distill_jax import models, tasks
+  from distill_jax.losses.objective import build_objective
+  from distill_jax.teachers import Teacher
+  from distill_jax.train.compiled import build_applies, compile_steps, init_objective
+  from distill_jax.train.parallel import Parallel
+  from distill_jax.train.state import create_train_state
+
+  vocab, length, width = FLAGS.lm_fused_vocab, FLAGS.lm_fused_len, FLAGS.lm_fused_width
+  settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
+              "mlp_dim": 4 * width, "context": length}
+  task = tasks.get_task("language_model")
+  parallel = Parallel("jit", 1)
+  student = models.build_model("transformer_lm", vocab, **settings)
+  teacher = models.build_model("transformer_lm", vocab, **settings)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  abstract_init = lambda module: jax.eval_shape(
+      lambda r, t: module.init(r, t, train=False), jax.random.PRNGKey(0), tokens)
+  teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher, abstract_init(teacher))}
+  objective = build_objective({"token_ce": {"weight": 0.5, "chunk_size": FLAGS.chunk_size},
+                               "token_fkl": {"weight": 0.5, "chunk_size": FLAGS.chunk_size}},
+                              list(teachers), {})
+  tx = optax.adamw(1e-3)
+  student_apply, teacher_applies = build_applies(
+      student, "transformer_lm", teachers, objective, (length,), input_key=task.input_key,
+      fused_logits=fused)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
+                                task=task)
+  teacher_vars = {"teacher": teachers["teacher"].variables}
+  batch = {"tokens": tokens, "targets": tokens, "mask": jax.ShapeDtypeStruct(
+      (1, length), jnp.float32), "document": tokens, "id": jax.ShapeDtypeStruct((1,), jnp.int32)}
+
+  def make_state(variables, teacher_vars, batch, rng):
+    params, state = init_objective(objective, student_apply, teacher_applies, variables,
+                                   teacher_vars, batch, rng)
+    return create_train_state(variables, params, state, tx, rng)
+
+  state = jax.eval_shape(make_state, abstract_init(student), teacher_vars, batch,
+                         jax.random.PRNGKey(1))
+  start = time.perf_counter()
+  memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
+  return {"compile_s": time.perf_counter() - start,
+          "argument_bytes": int(memory.argument_size_in_bytes),
+          "temp_bytes": int(memory.temp_size_in_bytes)}
+
+
+def fused_logits_table() -> dict:
+  """The memory rows whole vs fused logits (`fused_logits_memory`), printed as a table."""
+  chunk = FLAGS.chunk_size
+  rows = {"whole": fused_logits_memory(0), "fused": fused_logits_memory(chunk)}
+  logits = FLAGS.lm_fused_len * FLAGS.lm_fused_vocab * 4
+  print(f"\nKD step (CE + forward KL chunked by {chunk}, live teacher, AdamW), batch 1 x "
+        f"{FLAGS.lm_fused_len} tokens, vocabulary {FLAGS.lm_fused_vocab}, width "
+        f"{FLAGS.lm_fused_width} (2 layers); one [1, L, V] float32 logits array is "
+        f"{logits / 2**20:.0f} MiB\n| logits | step temporary memory (MiB) | arguments (MiB) "
+        "| compile (s) |\n|---|---|---|---|")
+  for name, label in (("whole", "whole (today)"),
+                      ("fused", f"fused (config.fused_logits={chunk})")):
+    row = rows[name]
+    print(f"| {label} | {row['temp_bytes'] / 2**20:.0f} | {row['argument_bytes'] / 2**20:.0f} "
+          f"| {row['compile_s']:.0f} |", flush=True)
+  ratio = rows["fused"]["temp_bytes"] / rows["whole"]["temp_bytes"]
+  print(f"fused / whole step temporaries: {ratio:.3f}", flush=True)
+  return {"temp_bytes_whole_logits": rows["whole"]["temp_bytes"],
+          "temp_bytes_fused_logits": rows["fused"]["temp_bytes"]}
+
+
 def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int
                   ) -> float:
   """Generated tokens/s of `generate.sample` (KV cache, one compiled loop) for configs/lm.py's
@@ -535,7 +619,7 @@ def lm_tables() -> dict:
         f"is {logits / 2**20:.0f} MiB\n| token loss | step temporary memory (MiB) |\n|---|---|")
   print(f"| unchunked | {memory[0] / 2**20:.0f} |")
   print(f"| chunked ({chunk} positions) | {memory[chunk] / 2**20:.0f} |", flush=True)
-  return {"student_tokens_per_s": alone["tokens_per_s"],
+  return {**fused_logits_table(), "student_tokens_per_s": alone["tokens_per_s"],
           "kd_tokens_per_s": distill["tokens_per_s"],
           "gkd_tokens_per_s": gkd["tokens_per_s"],
           "student_sampling_tokens_per_s": rates["student"],
@@ -553,7 +637,7 @@ def main(argv: list[str]) -> None:
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
   if FLAGS.task == "lm":
-    summary = lm_tables()
+    summary = fused_logits_table() if FLAGS.lm_fused_only else lm_tables()
     if FLAGS.json:
       print(json.dumps(summary))
     return

@@ -37,8 +37,13 @@ def lm():
   mask = np.ones((B, L), np.float32)
   mask[0, 7:] = 0.0
   mask[1, :2] = 0.0
+  # A black-box teacher's top 3 per token (token_sparse_topk_kd), the last entry invalid.
+  top = jax.random.randint(jax.random.PRNGKey(9), (B, L, 3), 0, V)
   batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1), "mask": jnp.asarray(mask),
-           "target_bytes": jnp.ones((B, L), jnp.float32)}
+           "target_bytes": jnp.ones((B, L), jnp.float32), "topk_ids": top,
+           "topk_logprobs": jnp.log(jnp.asarray([0.5, 0.2, 0.1]))[None, None].repeat(L, 1)
+           .repeat(B, 0), "topk_valid": jnp.asarray([1.0, 1.0, 0.0])[None, None].repeat(L, 1)
+           .repeat(B, 0)}
   return modules, variables, batch
 
 
@@ -89,6 +94,9 @@ CASES = [
   ("token_skew_kl", {"teacher": "b"}, ("a", "b")),
   # The term's own chunk length wins over the config's.
   ("token_fkl", {"chunk_size": 3}, ("a", "b")),
+  ("token_topk_kd", {"k": 5, "temperature": 2.0}, ("a",)),
+  ("token_topk_kd", {"k": 3, "teacher": "b"}, ("a", "b")),
+  ("token_sparse_topk_kd", {}, ()),
 ]
 
 
@@ -243,11 +251,11 @@ def test_bad_fused_settings_are_refused(data_dir, overrides, message):
 
 
 def test_terms_that_need_whole_logits_are_refused(data_dir):
-  """A term not marked `fused_logits` (the top-k KD term reads whole logits) is refused by
+  """A term not marked `fused_logits` (the hidden-state term, not yet ported) is refused by
   name, with the terms that do work listed."""
-  config = load_config_file(f"{LM}:topk,tiny", {"data.data_dir": data_dir, "fused_logits": 8})
-  with pytest.raises(ConfigError, match=r"config.losses.token_topk_kd \(token_topk_kd\) needs "
-                                        r"whole logits.*'token_fkl'"):
+  config = load_config_file(f"{LM}:hidden,tiny", {"data.data_dir": data_dir, "fused_logits": 8})
+  with pytest.raises(ConfigError, match=r"config.losses.token_hidden_mse \(token_hidden_mse\) "
+                                        r"needs whole logits.*'token_fkl'"):
     validate(config)
 
 
