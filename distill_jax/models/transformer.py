@@ -262,11 +262,12 @@ class TransformerLM(nn.Module):
     hidden, method='head')`) and the same numbers as the full forward's.
     """
     params = self.variables["params"]
-    if self.tie_embeddings:  # As nn.Embed.attend: hidden @ embedding.T.
-      logits = jnp.dot(hidden, params["embed"]["embedding"].T)
-    else:  # As nn.Dense without bias.
-      logits = jax.lax.dot_general(hidden, params["head"]["kernel"],
-                                   (((hidden.ndim - 1,), (0,)), ((), ())))
+    # hidden [..., D] against the table [V, D] (tied: nn.Embed.attend's product, contracted in
+    # place rather than through a transposed copy, which a loop over chunks would keep) or the
+    # kernel [D, V] (nn.Dense without bias).
+    weight, axis = ((params["embed"]["embedding"], 1) if self.tie_embeddings
+                    else (params["head"]["kernel"], 0))
+    logits = jax.lax.dot_general(hidden, weight, (((hidden.ndim - 1,), (axis,)), ((), ())))
     return logits.astype(jnp.float32)
 
   @nn.compact
