@@ -5,6 +5,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
     python scripts/benchmark.py --teacher_counts=1,2,4   # live teachers vs their output cache
     python scripts/benchmark.py --scaling --json   # devices, jit/pmap, bf16, remat, meshes
     python scripts/benchmark.py --against=torch    # the same KD step in PyTorch, as a ratio
+    python scripts/benchmark.py --task=lm --lm_fused_only --chunk_size=128  # whole vs fused
+                                                   # logits: compiled memory at V 128256
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or

@@ -18,6 +18,7 @@ from distill_jax.models import build_model
 from distill_jax.models.forward import make_apply
 from distill_jax.tasks import get_task
 from distill_jax.train.build import build_run, init_state
+from distill_jax.train.loop import config_changes
 
 V, B, L, CHUNK = 64, 2, 10, 4  # 10 positions in chunks of 4: two chunks and a remainder of 2.
 
@@ -269,3 +270,11 @@ def test_a_model_without_head_is_refused():
     module.apply(variables, tokens, cache=module.init_cache(1, 8), return_hidden=True)
   outputs = Outputs(jnp.zeros((1, 2, 3)), {}, {})
   assert not outputs.lazy and outputs.vocab_size == 3 and outputs.chunk_size == 0
+
+
+def test_resuming_with_fused_logits_toggled_is_no_change():
+  """`fused_logits` changes how the logits are computed, not what: a checkpoint written without
+  it (or with another value) resumes; a real change is still reported."""
+  assert config_changes('{"lr": 1}', '{"lr": 1, "fused_logits": 128}') == []
+  assert config_changes('{"lr": 1, "fused_logits": 0}', '{"lr": 2, "fused_logits": 8}') == [
+      "lr: 1 -> 2"]
