@@ -310,8 +310,9 @@ def _check_fused_logits(config: ml_collections.ConfigDict) -> None:
       if not getattr(LOSSES.get(term.loss), "fused_logits", False):
         fused = sorted(n for n in LOSSES.names() if getattr(LOSSES.get(n), "fused_logits", 0))
         raise ConfigError(
-            f"config.{key}.{term.name} ({term.loss}) needs whole logits, which "
-            f"config.fused_logits={chunk} never builds; with fused logits use {fused}, or set "
+            f"config.{key}.{term.name} ({term.loss}) does not work with lazy logits "
+            f"(config.fused_logits={chunk} builds no whole logits; a term says it does with "
+            f"register_loss(..., fused_logits=True)): use {fused}, or set "
             "config.fused_logits=0.")
 
 

@@ -252,11 +252,12 @@ def test_bad_fused_settings_are_refused(data_dir, overrides, message):
 
 
 def test_terms_that_need_whole_logits_are_refused(data_dir):
-  """A term not marked `fused_logits` (the hidden-state term, not yet ported) is refused by
-  name, with the terms that do work listed."""
+  """A term not marked `fused_logits` (the layer terms, not yet ported) is refused by name,
+  with the terms that do work listed."""
   config = load_config_file(f"{LM}:hidden,tiny", {"data.data_dir": data_dir, "fused_logits": 8})
-  with pytest.raises(ConfigError, match=r"config.losses.token_hidden_mse \(token_hidden_mse\) "
-                                        r"needs whole logits.*'token_fkl'"):
+  with pytest.raises(ConfigError, match=r"config.losses.token_attention_kl "
+                                        r"\(token_attention_kl\) does not work with lazy "
+                                        r"logits.*'token_fkl'"):
     validate(config)
 
 
