@@ -48,9 +48,9 @@ def lm():
   return modules, variables, batch
 
 
-def _forwards(lm, fused, teachers):
+def _forwards(lm, fused, teachers, dtype=None):
   modules, variables, batch = lm
-  applies = {n: make_apply(modules[n], input_key="tokens", fused_chunk=fused)
+  applies = {n: make_apply(modules[n], input_key="tokens", fused_chunk=fused, dtype=dtype)
              for n in ("student", *teachers)}
 
   def outputs(params):
@@ -61,9 +61,9 @@ def _forwards(lm, fused, teachers):
   return outputs
 
 
-def _value_and_grad(lm, name, hparams, fused, teachers):
+def _value_and_grad(lm, name, hparams, fused, teachers, dtype=None):
   _, variables, batch = lm
-  outputs = _forwards(lm, fused, teachers)
+  outputs = _forwards(lm, fused, teachers, dtype)
 
   def loss(params):
     student, teacher_outputs = outputs(params)
@@ -115,6 +115,17 @@ def test_fused_loss_equals_explicit_value_and_gradient(lm, name, hparams, teache
   np.testing.assert_allclose(fused_value, explicit_value, rtol=1e-5)
   assert float(explicit_value) > 1e-3  # Not a trivially equal 0.
   assert_trees_close(fused_grad, explicit_grad, name)
+
+
+def test_fused_loss_in_bfloat16_equals_explicit_and_keeps_float32_gradients(lm):
+  """With a bfloat16 forward the fused loss is the explicit one (the same bf16 products, float32
+  softmaxes) and its gradients are float32, equal to bf16 rounding (the head's gradient is
+  summed over chunks in float32)."""
+  explicit_value, explicit_grad = _value_and_grad(lm, "token_fkl", {}, 0, ("a",), "bfloat16")
+  fused_value, fused_grad = _value_and_grad(lm, "token_fkl", {}, CHUNK, ("a",), "bfloat16")
+  np.testing.assert_allclose(fused_value, explicit_value, rtol=1e-5)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(fused_grad))
+  assert_trees_close(fused_grad, explicit_grad, "bf16", rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("name", ["token_ce", "token_fkl", "token_rkl", "token_jsd",

@@ -23,8 +23,9 @@ class Head:
   """A model's output projection as a pytree: `head(hidden [B, C, D]) -> logits [B, C, V]`
   float32.
 
-  `params` (the variables the projection reads, e.g. the tied embedding; in the forward's
-  compute dtype) are the pytree's leaves, so `stop_gradient` (teachers) and gradients (the
+  `params` (the variables the projection reads, e.g. the tied embedding; float32 as the
+  model's, cast to the compute dtype by `fn` itself, so the gradient summed over chunks is
+  float32) are the pytree's leaves, so `stop_gradient` (teachers) and gradients (the
   student's head) go through them as through any array; `fn(params, hidden)`, the vocabulary
   size `size` and the chunk length `chunk_size` (positions per chunk where a term does not set
   its own) are static.

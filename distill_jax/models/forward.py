@@ -93,9 +93,14 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
         f"method (transformer_lm, 'hf'); {type(module).__name__} has none: set "
         "config.fused_logits=0.")
 
-  def project(params: Any, hidden: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, hidden, method="head")
   compute = None if dtype in (None, "float32") else jnp.dtype(dtype)
+
+  def project(params: Any, hidden: jax.Array) -> jax.Array:
+    # The head's params stay float32 in `Head` and are cast here, per chunk, so the gradient a
+    # scan over chunks accumulates for them is float32, as the params' own.
+    if compute is not None:
+      params = _cast(params, compute)
+    return module.apply({"params": params}, hidden, method="head")
   features = tuple(dict.fromkeys(features))
   paths = frozenset(features)
 
@@ -111,8 +116,9 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
     x = batch[input_key]
     if input_size is not None and tuple(x.shape[1:3]) != tuple(input_size):
       x = jax.image.resize(x, (x.shape[0], *input_size, *x.shape[3:]), method="bilinear")
+    params = variables["params"]
     if compute is not None:
-      variables = {**variables, "params": _cast(variables["params"], compute)}
+      variables = {**variables, "params": _cast(params, compute)}
       x = _cast(x, compute)
     fused = {"return_hidden": True} if fused_chunk else {}
     out = module.apply(variables, x, train=train, rngs=rngs, **fused,
@@ -132,10 +138,10 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
         logits = logits.astype(jnp.float32)
       new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state,
                                {k: variables[k] for k in new_state})
-    if fused_chunk:  # `logits` are the hidden states, in the compute dtype as the head's params.
+    if fused_chunk:  # `logits` are the hidden states, in the compute dtype.
       size = getattr(module, "num_classes", None) or jax.eval_shape(
-          project, variables["params"], logits[:, :1]).shape[-1]
-      head = Head(variables["params"], project, size, fused_chunk)
+          project, params, logits[:, :1]).shape[-1]
+      head = Head(params, project, size, fused_chunk)
       return Outputs(None, tapped, new_state, hidden=logits, head=head)
     return Outputs(logits, tapped, new_state)
 
