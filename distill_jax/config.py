@@ -35,6 +35,7 @@ from distill_jax.common.rules import (
 )
 from distill_jax.config_cli import switch_models
 from distill_jax.data import default_data_config
+from distill_jax.losses import LOSSES
 from distill_jax.losses.objective import build_objective, term_ranges
 from distill_jax.models.forward import DTYPES
 from distill_jax.train.metrics import check_writers
@@ -56,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   # float32 params, optimizer state, softmaxes and loss reductions (models.forward.make_apply).
   # Each teacher has its own (config.teachers.NAME.dtype).
   c.dtype = "float32"
+  # C > 0: lazy logits for language models. The student's and live teachers' forwards stop at
+  # the final hidden states, and the token terms and the task's metrics compute the logits C
+  # positions at a time inside one rematerialised scan (a term's own chunk_size wins), so the
+  # [B, L, vocab] logits never exist whole, forward or backward. 0: whole logits, as before.
+  c.fused_logits = 0
   # name -> teacher_config(model, kwargs, checkpoint, cache): see `teacher_config`.
   c.teachers = ml_collections.ConfigDict()
   # term name -> {'loss': registered name (default: the term name), 'weight', hparams...}.
@@ -257,6 +263,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
   _check_parallel(config)
+  _check_fused_logits(config)
   _check_choice("dtype", config.get("dtype", "float32"), DTYPES)
   k = config.optim.get("accumulate_steps", 1)
   if not isinstance(k, int) or k < 1 or config.batch_size % k:
@@ -290,6 +297,34 @@ def _check_parallel(config: ml_collections.ConfigDict) -> None:
   layout = parallel_layout(config)
   check_layout(config.parallel.mode, layout["mesh"], layout["teacher_sharding"])
   check_backend_setting(config.parallel.get("backend", ""))
+
+
+def _check_fused_logits(config: ml_collections.ConfigDict) -> None:
+  """`config.fused_logits` is a chunk length >= 0; when > 0, every loss term (of every stage)
+  reads logits chunk by chunk (`register_loss(..., fused_logits=True)`) and the step is jit's
+  (pmap's gather of whole logits is refused). Whether the models have a `head` is checked when
+  the forwards are built (`train.compiled.build_applies`)."""
+  chunk = config.get("fused_logits", 0)
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ConfigError(f"config.fused_logits is {chunk!r}; give 0 (whole logits) or a chunk "
+                      "length C > 0 (positions per chunk, e.g. 128).")
+  if not chunk:
+    return
+  if config.parallel.mode == "pmap":
+    raise ConfigError("config.fused_logits needs parallel.mode='jit' (pmap gathers whole "
+                      "logits across devices); set --config.parallel.mode=jit or "
+                      "config.fused_logits=0.")
+  groups = {"losses": config.losses, **{f"stages.{n}.losses": st.losses
+                                        for n, st in config.stages.items()}}
+  for key, losses in groups.items():
+    for term in build_objective(losses, list(config.teachers)).terms:
+      if not getattr(LOSSES.get(term.loss), "fused_logits", False):
+        fused = sorted(n for n in LOSSES.names() if getattr(LOSSES.get(n), "fused_logits", 0))
+        raise ConfigError(
+            f"config.{key}.{term.name} ({term.loss}) does not work with lazy logits "
+            f"(config.fused_logits={chunk} builds no whole logits; a term says it does with "
+            f"register_loss(..., fused_logits=True)): use {fused}, or set "
+            "config.fused_logits=0.")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

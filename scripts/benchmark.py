@@ -5,6 +5,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
     python scripts/benchmark.py --teacher_counts=1,2,4   # live teachers vs their output cache
     python scripts/benchmark.py --scaling --json   # devices, jit/pmap, bf16, remat, meshes
     python scripts/benchmark.py --against=torch    # the same KD step in PyTorch, as a ratio
+    python scripts/benchmark.py --task=lm --lm_fused_only --chunk_size=128  # whole vs fused
+                                                   # logits: compiled memory at V 128256
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -74,6 +76,13 @@ flags.DEFINE_string("attn_shape", "2048,32,8,8192", "lm: the attention memory ro
                     "width,heads,kv_heads,mlp_dim (2 layers, student and teacher alike).")
 flags.DEFINE_list("attn_seq_lens", ["2048"], "lm: the attention memory rows' lengths (batch 1).")
 flags.DEFINE_bool("attention_memory_only", False, "lm: print only the attention memory rows.")
+flags.DEFINE_integer("lm_fused_vocab", 128256, "lm: vocabulary of the whole vs fused logits "
+                     "memory rows (Llama 3's).")
+flags.DEFINE_bool("lm_fused_only", False, "lm: print only the whole vs fused logits memory "
+                  "rows (no timing).")
+flags.DEFINE_integer("lm_fused_len", 2048, "lm: tokens per row of the fused logits rows.")
+flags.DEFINE_integer("lm_fused_width", 2048, "lm: width of the fused logits rows' models "
+                     "(32 heads, 8 KV heads, MLP 4x, 2 layers: a Llama-3-1B-like layer).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -483,6 +492,83 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   return {**result, "tokens_per_s": timed["per_s"]} if time_it else result
 
 
+def fused_logits_memory(fused: int) -> dict[str, float]:
+  """The token-KD step's compiled memory (one device, batch 1: CE + forward KL chunked by
+  `--chunk_size`, a live teacher, AdamW) with whole logits (`fused = 0`) or lazy ones
+  (`config.fused_logits = fused`), at `--lm_fused_vocab`, `--lm_fused_len` tokens and
+  Llama-3-1B-like layers of `--lm_fused_width` (2 of them, student and teacher alike).
+  Everything is abstract (shapes only), so nothing of that size is allocated: only compiled.
+  Returns compile seconds, argument and temporary bytes."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from distill_jax import models, tasks
+  from distill_jax.losses.objective import build_objective
+  from distill_jax.teachers import Teacher
+  from distill_jax.train.compiled import build_applies, compile_steps, init_objective
+  from distill_jax.train.parallel import Parallel
+  from distill_jax.train.state import create_train_state
+
+  vocab, length, width = FLAGS.lm_fused_vocab, FLAGS.lm_fused_len, FLAGS.lm_fused_width
+  settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
+              "mlp_dim": 4 * width, "context": length}
+  task = tasks.get_task("language_model")
+  parallel = Parallel("jit", 1)
+  student = models.build_model("transformer_lm", vocab, **settings)
+  teacher = models.build_model("transformer_lm", vocab, **settings)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  abstract_init = lambda module: jax.eval_shape(
+      lambda r, t: module.init(r, t, train=False), jax.random.PRNGKey(0), tokens)
+  teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher, abstract_init(teacher))}
+  objective = build_objective({"token_ce": {"weight": 0.5, "chunk_size": FLAGS.chunk_size},
+                               "token_fkl": {"weight": 0.5, "chunk_size": FLAGS.chunk_size}},
+                              list(teachers), {})
+  tx = optax.adamw(1e-3)
+  student_apply, teacher_applies = build_applies(
+      student, "transformer_lm", teachers, objective, (length,), input_key=task.input_key,
+      fused_logits=fused)
+  train_step, _ = compile_steps(parallel, student_apply, teacher_applies, objective, tx,
+                                task=task)
+  teacher_vars = {"teacher": teachers["teacher"].variables}
+  batch = {"tokens": tokens, "targets": tokens, "mask": jax.ShapeDtypeStruct(
+      (1, length), jnp.float32), "document": tokens, "id": jax.ShapeDtypeStruct((1,), jnp.int32)}
+
+  def make_state(variables, teacher_vars, batch, rng):
+    params, state = init_objective(objective, student_apply, teacher_applies, variables,
+                                   teacher_vars, batch, rng)
+    return create_train_state(variables, params, state, tx, rng)
+
+  state = jax.eval_shape(make_state, abstract_init(student), teacher_vars, batch,
+                         jax.random.PRNGKey(1))
+  start = time.perf_counter()
+  memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
+  return {"compile_s": time.perf_counter() - start,
+          "argument_bytes": int(memory.argument_size_in_bytes),
+          "temp_bytes": int(memory.temp_size_in_bytes)}
+
+
+def fused_logits_table() -> dict:
+  """The memory rows whole vs fused logits (`fused_logits_memory`), printed as a table."""
+  chunk = FLAGS.chunk_size
+  rows = {"whole": fused_logits_memory(0), "fused": fused_logits_memory(chunk)}
+  logits = FLAGS.lm_fused_len * FLAGS.lm_fused_vocab * 4
+  print(f"\nKD step (CE + forward KL chunked by {chunk}, live teacher, AdamW), batch 1 x "
+        f"{FLAGS.lm_fused_len} tokens, vocabulary {FLAGS.lm_fused_vocab}, width "
+        f"{FLAGS.lm_fused_width} (2 layers); one [1, L, V] float32 logits array is "
+        f"{logits / 2**20:.0f} MiB\n| logits | step temporary memory (MiB) | arguments (MiB) "
+        "| compile (s) |\n|---|---|---|---|")
+  for name, label in (("whole", "whole (today)"),
+                      ("fused", f"fused (config.fused_logits={chunk})")):
+    row = rows[name]
+    print(f"| {label} | {row['temp_bytes'] / 2**20:.0f} | {row['argument_bytes'] / 2**20:.0f} "
+          f"| {row['compile_s']:.0f} |", flush=True)
+  ratio = rows["fused"]["temp_bytes"] / rows["whole"]["temp_bytes"]
+  print(f"fused / whole step temporaries: {ratio:.3f}", flush=True)
+  return {"temp_bytes_whole_logits": rows["whole"]["temp_bytes"],
+          "temp_bytes_fused_logits": rows["fused"]["temp_bytes"]}
+
+
 def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int
                   ) -> float:
   """Generated tokens/s of `generate.sample` (KV cache, one compiled loop) for configs/lm.py's
@@ -547,7 +633,7 @@ def lm_tables() -> dict:
         f"is {logits / 2**20:.0f} MiB\n| token loss | step temporary memory (MiB) |\n|---|---|")
   print(f"| unchunked | {memory[0] / 2**20:.0f} |")
   print(f"| chunked ({chunk} positions) | {memory[chunk] / 2**20:.0f} |", flush=True)
-  return {"student_tokens_per_s": alone["tokens_per_s"],
+  return {**fused_logits_table(), "student_tokens_per_s": alone["tokens_per_s"],
           "kd_tokens_per_s": distill["tokens_per_s"],
           "gkd_tokens_per_s": gkd["tokens_per_s"],
           "student_sampling_tokens_per_s": rates["student"],
@@ -639,8 +725,12 @@ def main(argv: list[str]) -> None:
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
   if FLAGS.task == "lm":
-    summary = {} if FLAGS.attention_memory_only else lm_tables()
-    summary["attention_memory"] = attention_memory_rows()
+    if FLAGS.lm_fused_only:
+      summary = fused_logits_table()
+    elif FLAGS.attention_memory_only:
+      summary = {"attention_memory": attention_memory_rows()}
+    else:
+      summary = {**lm_tables(), "attention_memory": attention_memory_rows()}
     if FLAGS.json:
       print(json.dumps(summary))
     return

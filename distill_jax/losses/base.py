@@ -28,7 +28,8 @@ LOSSES = Registry("loss")
 
 
 def register_loss(name: str, *, uses_teachers: bool = True,
-                  ranges: Mapping[str, Rule] | None = None) -> Callable[[Callable], Callable]:
+                  ranges: Mapping[str, Rule] | None = None,
+                  fused_logits: bool = False) -> Callable[[Callable], Callable]:
   """Decorator: registers a loss term under `name`.
 
   `uses_teachers=False` marks a term that needs no teacher (e.g. cross-entropy), so a config
@@ -37,6 +38,9 @@ def register_loss(name: str, *, uses_teachers: bool = True,
   `{'beta': (Range(0, 1), 'the mixture weight')}`: config validation refuses a value outside
   it (every element of a sequence), naming the term, the setting and the range, before
   anything is built. A range for a setting the loss does not take is refused here.
+  `fused_logits=True` marks a term that reads the logits only through `Outputs.logits_of`
+  on chunks of `Outputs.token_inputs()`, so it works with lazy logits (`config.fused_logits`);
+  a run with lazy logits refuses every other term.
   """
 
   def decorator(fn: Callable) -> Callable:
@@ -46,6 +50,7 @@ def register_loss(name: str, *, uses_teachers: bool = True,
       raise ValueError(f"register_loss({name!r}) declares ranges for {unknown}, which the loss "
                        f"does not take; its hyper-parameters are {sorted(loss_hparams(fn))}.")
     fn.uses_teachers = uses_teachers
+    fn.fused_logits = fused_logits
     fn.setting_ranges = declared
     return LOSSES.register(name)(fn)
 
@@ -221,11 +226,11 @@ def match_spatial(term: str, s_name: str, s: jax.Array, t_name: str,
 def check_vocab(student: Outputs, teachers: Mapping[str, Outputs]) -> None:
   """Raises unless every teacher's vocabulary (last axis of its logits) is the student's: the
   token-level divergences compare distributions over one vocabulary."""
-  size = student.logits.shape[-1]
+  size = student.vocab_size
   for name, t in teachers.items():
-    if t.logits is not None and t.logits.shape[-1] != size:
+    if (t.logits is not None or t.lazy) and t.vocab_size != size:
       raise ValueError(
-          f"Teacher {name!r} predicts over a vocabulary of {t.logits.shape[-1]} tokens and the "
+          f"Teacher {name!r} predicts over a vocabulary of {t.vocab_size} tokens and the "
           f"student over {size}: token-level distillation needs one vocabulary (the same "
           "tokenizer for both models).")
 

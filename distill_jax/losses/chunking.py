@@ -10,6 +10,13 @@ backward. The models' logits themselves are inputs of the term and are not dupli
 chunks are `dynamic_slice`s of them). The result equals the unchunked one (`chunk_size = 0`)
 to float rounding. A remainder of `L % C` positions is one more, smaller chunk.
 
+Lazy logits (`config.fused_logits`: `Outputs.hidden` and `Outputs.head`): a term chunks the
+hidden states [B, L, D] instead (`Outputs.token_inputs`) and computes each chunk's logits in
+`fn` (`Outputs.logits_of`), so the rematerialised body holds the student's and the teachers'
+logits [B, C, V] of one chunk, forward and backward, and the [B, L, V] logits exist nowhere.
+Such a term chunks at `fused_chunk_size`: its own `chunk_size`, else the outputs' (the
+config's), never the whole sequence at once.
+
 Every input is zeroed at the dropped positions before any math reads it (`base.zero_dropped`,
 per chunk), so what a model puts there (NaN or inf at padding) changes neither the value nor
 the gradient, which is 0 there.
@@ -17,12 +24,13 @@ the gradient, which is 0 there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import masked_mean, zero_dropped
 
 
@@ -31,7 +39,8 @@ def chunked_per_token(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: i
   """Per-token values [B, L] of `fn`, computed `chunk_size` positions at a time.
 
   `arrays` is a pytree of arrays laid out [B, L, ...]; `fn` maps the same pytree with every
-  leaf cut to [B, C, ...] (a run of C positions) to values [B, C]. Each chunk's forward is
+  leaf cut to [B, C, ...] (a run of C positions) to values [B, C] (or a pytree of them, e.g.
+  a task's several metrics, each then [B, L]). Each chunk's forward is
   recomputed in the backward pass (`jax.checkpoint`), so only one chunk's intermediates are
   alive at a time. `chunk_size <= 0` or `>= L`: one call on the whole arrays.
 
@@ -57,11 +66,13 @@ def chunked_per_token(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: i
         lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size, axis=1), arrays))
 
   _, values = jax.lax.scan(lambda carry, i: (carry, chunk_values(arrays, i)), None,
-                           jnp.arange(num_chunks))  # [n, B, C]
-  values = jnp.moveaxis(values, 0, 1).reshape(values.shape[1], num_chunks * chunk_size)
+                           jnp.arange(num_chunks))  # [n, B, C] each
+  values = jax.tree.map(
+      lambda v: jnp.moveaxis(v, 0, 1).reshape(v.shape[1], num_chunks * chunk_size), values)
   if rest:
     tail = jax.tree.map(lambda x: x[:, num_chunks * chunk_size:], arrays)
-    values = jnp.concatenate([values, jax.checkpoint(fn)(tail)], axis=1)
+    values = jax.tree.map(lambda v, t: jnp.concatenate([v, t], axis=1), values,
+                          jax.checkpoint(fn)(tail))
   return values
 
 
@@ -71,3 +82,14 @@ def token_mean(fn: Callable[[Any], jax.Array], arrays: Any, chunk_size: int,
   chunks on inputs zeroed at the dropped positions (`chunked_per_token` with `mask`): the
   reduction of every token-level divergence."""
   return masked_mean(chunked_per_token(fn, arrays, chunk_size, mask), mask)
+
+
+def fused_chunk_size(chunk_size: int, student: Outputs,
+                     teachers: Mapping[str, Outputs] | None = None) -> int:
+  """The chunk length of a token term: its own `chunk_size` when set (> 0), else that of the
+  lazy logits among the student's and the teachers' outputs (`Outputs.chunk_size`, from
+  `config.fused_logits`), else 0 (the whole sequence at once)."""
+  if chunk_size > 0:
+    return chunk_size
+  sizes = [o.chunk_size for o in (student, *(teachers or {}).values()) if o.lazy]
+  return max(sizes, default=0)

@@ -7,7 +7,10 @@ mapped to the student's vocabulary: `data.text.blackbox`).
 
 Shapes, masks and chunking as the other token losses (tokens.py, chunking.py): logits
 [B, L, V], `mask` [B, L], the mean over the kept tokens, computed `chunk_size` positions at a
-time on inputs zeroed at the dropped positions.
+time on inputs zeroed at the dropped positions; with lazy logits (`config.fused_logits`) the
+student's and a live teacher's logits are computed per chunk from their hidden states, as in
+tokens.py. (A top-k cache or a black-box file still reaches the device as the data layer gives
+it.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 
 from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import TEMPERATURE, check_teacher, check_vocab, kl, register_loss
-from distill_jax.losses.chunking import token_mean
+from distill_jax.losses.chunking import fused_chunk_size, token_mean
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"
@@ -69,7 +72,7 @@ def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
   return top, idx, log_rest
 
 
-@register_loss("token_topk_kd", ranges={"temperature": TEMPERATURE})
+@register_loss("token_topk_kd", fused_logits=True, ranges={"temperature": TEMPERATURE})
 def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, k: int = 8, temperature: float = 1.0,
                   chunk_size: int = 0, teacher: str | None = None) -> jax.Array:
@@ -93,19 +96,21 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
               for name in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST)}
   else:
     check_vocab(student, {teacher or "teacher": target})
-    arrays = {"logits": target.logits}
-  arrays["student"] = student.logits
+    arrays = {"logits": target.token_inputs()}
+  arrays["student"] = student.token_inputs()
 
   def per_token(chunk):
     if "logits" in chunk:
-      top, idx, rest = teacher_topk(chunk["logits"], k, temperature)
+      top, idx, rest = teacher_topk(target.logits_of(chunk["logits"]), k, temperature)
     else:
       top, idx, rest = (chunk[n] for n in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST))
     top, rest = jax.lax.stop_gradient((top, rest))
-    student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32) / temperature, -1)
+    logits = student.logits_of(chunk["student"])
+    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, -1)
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
-  return token_mean(per_token, arrays, chunk_size, batch.get("mask"))
+  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student, {"t": target}),
+                    batch.get("mask"))
 
 
 # The setting that says how many of the teacher's most likely tokens the term reads: a teacher
@@ -155,7 +160,7 @@ def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
   return jnp.where(jnp.any(valid, axis=-1), values, 0.0)
 
 
-@register_loss("token_sparse_topk_kd", uses_teachers=False)
+@register_loss("token_sparse_topk_kd", uses_teachers=False, fused_logits=True)
 def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                          batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> jax.Array:
   """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` (the teacher's mapped
@@ -169,15 +174,16 @@ def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     raise ValueError("token_sparse_topk_kd reads a black-box teacher's top-k log-probabilities "
                      f"from the batch, which has no {missing}: use data.name='jsonl' with a "
                      "teacher-output file that has top_logprobs (docs/blackbox.md).")
-  arrays = {"student": student.logits, "ids": batch["topk_ids"],
+  arrays = {"student": student.token_inputs(), "ids": batch["topk_ids"],
             "log_probs": batch["topk_logprobs"], "valid": batch["topk_valid"]}
 
   def per_token(chunk):
-    student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32), axis=-1)
+    logits = student.logits_of(chunk["student"])
+    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return sparse_topk_kl(student_logp, jax.lax.stop_gradient(chunk["log_probs"]),
                           chunk["ids"], chunk["valid"])
 
   has_teacher = jnp.any(batch["topk_valid"] > 0, axis=-1).astype(jnp.float32)
   mask = batch.get("mask")
   mask = has_teacher if mask is None else mask * has_teacher
-  return token_mean(per_token, arrays, chunk_size, mask)
+  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student), mask)

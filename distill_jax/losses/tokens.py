@@ -18,7 +18,9 @@ value nor the gradient, which is 0 there.
 Chunking: with `chunk_size = C > 0` the per-token values are computed C positions at a time
 (`chunking.token_mean`), so the [B, L, V] float32 intermediates exist for one chunk at a time,
 forward and backward; the result equals the unchunked one (`chunk_size = 0`) to float
-rounding.
+rounding. With lazy logits (`config.fused_logits`, `Outputs.head`) the chunks are of the final
+hidden states and each chunk's logits, the student's and the live teachers', are computed in
+the chunk, so the [B, L, V] logits never exist whole either (`chunking.fused_chunk_size`).
 
 With several teachers and `teacher=None` the target is, per token, the mixture of the
 teachers' distributions weighted by `aggregation` (`base.teacher_weights`: 'mean',
@@ -44,7 +46,7 @@ from distill_jax.losses.base import (
   register_loss,
   teacher_log_probs,
 )
-from distill_jax.losses.chunking import token_mean
+from distill_jax.losses.chunking import fused_chunk_size, token_mean
 from distill_jax.losses.logits import JSD_BETA, generalized_jsd
 
 
@@ -73,33 +75,36 @@ def _divergence_term(divergence: Callable[[jax.Array, jax.Array], jax.Array],
   at `temperature`, computed in chunks."""
   check_teacher(teachers, teacher)
   check_vocab(student, teachers)
-  arrays = {"student": student.logits, "targets": batch["targets"],
-            "teachers": {n: t.logits for n, t in teachers.items()}}
+  arrays = {"student": student.token_inputs(), "targets": batch["targets"],
+            "teachers": {n: t.token_inputs() for n, t in teachers.items()}}
 
   def per_token(chunk):
-    target = _target_log_probs(chunk["teachers"], chunk["targets"], temperature, teacher,
+    teacher_logits = {n: teachers[n].logits_of(x) for n, x in chunk["teachers"].items()}
+    target = _target_log_probs(teacher_logits, chunk["targets"], temperature, teacher,
                                aggregation, weights)
-    student_logp = jax.nn.log_softmax(chunk["student"].astype(jnp.float32) / temperature, -1)
+    logits = student.logits_of(chunk["student"])
+    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, -1)
     return divergence(student_logp, target)
 
-  return token_mean(per_token, arrays, chunk_size, batch.get("mask"))
+  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student, teachers),
+                    batch.get("mask"))
 
 
-@register_loss("token_ce", uses_teachers=False)
+@register_loss("token_ce", uses_teachers=False, fused_logits=True)
 def token_ce(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
              *, chunk_size: int = 0) -> jax.Array:
   """Next-token cross-entropy `-log softmax(s)[target]`, mean over the kept tokens (nats)."""
   del teachers
 
   def per_token(chunk):
-    logp = jax.nn.log_softmax(chunk["logits"].astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(student.logits_of(chunk["logits"]).astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, chunk["targets"][..., None], axis=-1)[..., 0]
 
-  return token_mean(per_token, {"logits": student.logits, "targets": batch["targets"]},
-                    chunk_size, batch.get("mask"))
+  return token_mean(per_token, {"logits": student.token_inputs(), "targets": batch["targets"]},
+                    fused_chunk_size(chunk_size, student), batch.get("mask"))
 
 
-@register_loss("token_fkl",
+@register_loss("token_fkl", fused_logits=True,
                ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
@@ -114,7 +119,7 @@ def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_rkl",
+@register_loss("token_rkl", fused_logits=True,
                ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
@@ -130,7 +135,7 @@ def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
                           chunk_size, teacher, aggregation, teacher_weights)
 
 
-@register_loss("token_jsd", ranges={
+@register_loss("token_jsd", fused_logits=True, ranges={
   "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_jsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 0,
@@ -160,7 +165,7 @@ def skew_kl(log_p: jax.Array, log_q: jax.Array, alpha: float) -> jax.Array:
   return kl(log_p, log_m)
 
 
-@register_loss("token_skew_kl", ranges={
+@register_loss("token_skew_kl", fused_logits=True, ranges={
   "alpha": (FRACTION, "the skew: the share of the first distribution in the mixture"),
   "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
 def token_skew_kl(student: Outputs, teachers: Mapping[str, Outputs],

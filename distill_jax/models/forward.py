@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.common.outputs import Outputs
+from distill_jax.common.outputs import Head, Outputs
 
 ApplyFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], bool, jax.Array | None], Outputs]
 
@@ -77,7 +77,8 @@ def for_features(module: nn.Module, features: Sequence[str] | None) -> nn.Module
 
 
 def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (),
-               input_size: Sequence[int] | None = None, dtype: str | None = None) -> ApplyFn:
+               input_size: Sequence[int] | None = None, dtype: str | None = None,
+               fused_chunk: int = 0) -> ApplyFn:
   """Returns the pure forward of `module` on `batch[input_key]` (the task's `input_key`:
   'image', 'tokens', ...), tapping `features`.
 
@@ -85,10 +86,31 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
   (bilinear, antialiased when shrinking) before the forward: a teacher trained at another
   resolution than the student's data. `dtype` (one of `DTYPES`; None or 'float32': as the
   variables are) is the compute dtype: see the module docstring.
+
+  `fused_chunk = C > 0` (`config.fused_logits`; a language model with a `head` method, as
+  `transformer_lm`): the logits stay lazy. The forward stops at the final hidden states and
+  returns `Outputs(logits=None, hidden=[B, L, D], head=Head(...))`, whose `logits_of` gives
+  the float32 logits of any run of positions; token terms and the language-model task's
+  metrics compute them C positions at a time, so the [B, L, V] logits never exist whole.
   """
   if dtype not in (None, *DTYPES):
     raise ValueError(f"Unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}.")
+  if fused_chunk < 0:
+    raise ValueError(f"fused_chunk (config.fused_logits) must be >= 0, got {fused_chunk}.")
+  if fused_chunk and not callable(getattr(module, "head", None)):
+    raise ValueError(
+        f"config.fused_logits={fused_chunk} needs a language model with an output `head` "
+        f"method (transformer_lm, 'hf'); {type(module).__name__} has none: set "
+        "config.fused_logits=0.")
+
   compute = None if dtype in (None, "float32") else jnp.dtype(dtype)
+
+  def project(params: Any, hidden: jax.Array) -> jax.Array:
+    # The head's params stay float32 in `Head` and are cast here, per chunk, so the gradient a
+    # scan over chunks accumulates for them is float32, as the params' own.
+    if compute is not None:
+      params = _cast(params, compute)
+    return module.apply({"params": params}, hidden, method="head")
   features = tuple(dict.fromkeys(features))
   paths = frozenset(features)
   module = for_features(module, features)
@@ -105,10 +127,12 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
     x = batch[input_key]
     if input_size is not None and tuple(x.shape[1:3]) != tuple(input_size):
       x = jax.image.resize(x, (x.shape[0], *input_size, *x.shape[3:]), method="bilinear")
+    params = variables["params"]
     if compute is not None:
-      variables = {**variables, "params": _cast(variables["params"], compute)}
+      variables = {**variables, "params": _cast(params, compute)}
       x = _cast(x, compute)
-    out = module.apply(variables, x, train=train, rngs=rngs,
+    fused = {"return_hidden": True} if fused_chunk else {}
+    out = module.apply(variables, x, train=train, rngs=rngs, **fused,
                        mutable=mutable or False, capture_intermediates=keep if features else False)
     logits, new_state = out if mutable else (out, {})
     new_state = dict(new_state)
@@ -120,9 +144,16 @@ def make_apply(module: nn.Module, *, input_key: str, features: Sequence[str] = (
         raise FeatureError(f"{type(module).__name__} has no feature {name!r}.")
       tapped[name] = value
     if compute is not None:
-      logits, tapped = _cast((logits, tapped), jnp.float32)
+      tapped = _cast(tapped, jnp.float32)
+      if not fused_chunk:
+        logits = logits.astype(jnp.float32)
       new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state,
                                {k: variables[k] for k in new_state})
+    if fused_chunk:  # `logits` are the hidden states, in the compute dtype.
+      size = getattr(module, "num_classes", None) or jax.eval_shape(
+          project, params, logits[:, :1]).shape[-1]
+      head = Head(params, project, size, fused_chunk)
+      return Outputs(None, tapped, new_state, hidden=logits, head=head)
     return Outputs(logits, tapped, new_state)
 
   return apply

@@ -397,10 +397,31 @@ class TransformerLM(nn.Module):
             "document": jnp.zeros((batch, length), jnp.int32),
             "layers": tuple({"k": zeros(), "v": zeros()} for _ in range(self.num_layers))}
 
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """The output projection alone: final hidden states [B, C, width] (after `final_norm`, as
+    `__call__(..., return_hidden=True)` gives them) -> logits [B, C, vocab] float32.
+
+    Reads the parameters `__call__` creates (the tied `embed` table or the `head` kernel), so
+    a loss can compute the logits of a few positions at a time (`module.apply(variables,
+    hidden, method='head')`) and the same numbers as the full forward's.
+    """
+    params = self.variables["params"]
+    # hidden [..., D] against the table [V, D] (tied: nn.Embed.attend's product, contracted in
+    # place rather than through a transposed copy, which a loop over chunks would keep) or the
+    # kernel [D, V] (nn.Dense without bias).
+    weight, axis = ((params["embed"]["embedding"], 1) if self.tie_embeddings
+                    else (params["head"]["kernel"], 0))
+    logits = jax.lax.dot_general(hidden, weight, (((hidden.ndim - 1,), (axis,)), ((), ())))
+    return logits.astype(jnp.float32)
+
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False,
-               cache: dict[str, Any] | None = None) -> Any:
+               cache: dict[str, Any] | None = None, return_hidden: bool = False) -> Any:
     """tokens [B, L] -> logits [B, L, vocab].
+
+    `return_hidden=True` (training forward only, no cache): the final hidden states
+    [B, L, width] after `final_norm` instead of the logits, which `head` projects; the
+    [B, L, vocab] logits are then never computed here.
 
     Decoding: with a `cache` (`init_cache`), `tokens` are the next L tokens of every row, at
     positions `cache['index']`.. (a prompt's prefill, then one token at a time); they attend
@@ -412,6 +433,9 @@ class TransformerLM(nn.Module):
     if tokens.ndim != 2:
       raise ValueError(f"transformer_lm takes token ids [batch, length], got shape "
                        f"{tokens.shape}.")
+    if return_hidden and cache is not None:
+      raise ValueError("transformer_lm: return_hidden is for the training forward; decoding "
+                       "with a cache returns logits.")
     length = tokens.shape[1]
     if length > self.context:
       raise ValueError(f"A sequence of {length} tokens is longer than the model's context of "
@@ -452,6 +476,8 @@ class TransformerLM(nn.Module):
         layer_caches.append(layer_cache)
       self.sow("intermediates", f"hidden{i + 1}", x)
     x = nn.RMSNorm(epsilon=self.norm_eps, name="final_norm")(x)
+    if return_hidden and not self.is_initializing():
+      return x
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -234,7 +234,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
                      for name, readers in caches.items()})
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
-      student_dtype=config.get("dtype", "float32"), input_key=task.input_key)
+      student_dtype=config.get("dtype", "float32"), input_key=task.input_key,
+      fused_logits=config.get("fused_logits", 0))
   example = _example(config, task, task_info, {
       teacher_cache.batch_key(n): readers[splits[0]].output_shape for n, readers in caches.items()})
   add_side_data(objective, config, num_train, side_data[splits[0]], example)

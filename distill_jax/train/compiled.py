@@ -26,12 +26,15 @@ from distill_jax.train.parallel import Parallel
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
                   input_key: str, cached: tuple[str, ...] = (),
-                  student_dtype: str | None = None) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  student_dtype: str | None = None,
+                  fused_logits: int = 0) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards on `batch[input_key]` (the task's `input_key`),
   tapping what the objective compares.
 
   `student_dtype` (and each teacher's `dtype`) is the forward's compute dtype (see
   `models.forward.make_apply`): params and optimizer state stay float32.
+  `fused_logits = C > 0` (`config.fused_logits`): the student's and the live teachers'
+  logits are lazy (`make_apply`'s `fused_chunk`), for models with an output `head`.
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
@@ -51,11 +54,19 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
     check_features(f"Teacher {name!r} ({teacher.model})", wanted,
                    list_features(teacher.module, teacher.variables,
                                  teacher.input_shape(input_shape)))
+  if fused_logits:
+    live = {f"teacher {n!r} ({t.model})": t.module for n, t in teachers.items() if n not in cached}
+    for desc, module in {f"student {student_name}": student, **live}.items():
+      if not callable(getattr(module, "head", None)):
+        raise config_lib.ConfigError(
+            f"config.fused_logits={fused_logits} computes logits from the final hidden states "
+            f"through the model's `head`, which the {desc} lacks (a language model such as "
+            "transformer_lm or 'hf' has one); set config.fused_logits=0.")
   return (make_apply(student, input_key=input_key, features=objective.student_features,
-                     dtype=student_dtype),
+                     dtype=student_dtype, fused_chunk=fused_logits),
           {name: teacher_cache.cached_apply(name) if name in cached else
            make_apply(t.module, input_key=input_key, features=objective.teacher_features(name),
-                      input_size=t.input_size, dtype=t.dtype)
+                      input_size=t.input_size, dtype=t.dtype, fused_chunk=fused_logits)
            for name, t in teachers.items()})
 
 

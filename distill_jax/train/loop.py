@@ -343,8 +343,10 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 # Settings whose change on resume is not a change of the run (where it runs, how it shows):
 # these keys, and every key under these prefixes (the devices and processes a run is laid out
 # on: a restore reshards the same state onto any layout, and a relaunch gets a new port; where
-# metrics go: a tracker added on resume is sent the metrics so far).
-IGNORED_CHANGES = ("allow_config_change", "allow_cpu", "progress_bar", "data.data_dir")
+# metrics go: a tracker added on resume is sent the metrics so far; `fused_logits`: how the
+# logits are computed, not what, so a checkpoint from before it existed resumes too).
+IGNORED_CHANGES = ("allow_config_change", "allow_cpu", "progress_bar", "data.data_dir",
+                   "fused_logits")
 IGNORED_PREFIXES = ("parallel.", "log.")
 
 

@@ -38,6 +38,9 @@ def _global(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[st
   """The outputs and batch of all devices along `axis_name` (unchanged when None)."""
   if axis_name is None:
     return student, dict(teachers), dict(batch)
+  if student.lazy or any(t.lazy for t in teachers.values()):
+    raise ValueError("Lazy logits (config.fused_logits) run under parallel.mode='jit' only: "
+                     "pmap's step gathers whole logits.")
   gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
   outputs = lambda o: Outputs(gather(o.logits), jax.tree.map(gather, o.features), {})
   return (outputs(student), {n: outputs(t) for n, t in teachers.items()},

@@ -63,7 +63,7 @@ class EvalSampler:
         kept = mask[:, 1:]
         metrics["sample_length"] = jnp.mean(jnp.sum(mask, axis=1))
         for name, apply in self.teacher_applies.items():
-          logits = apply(teacher_vars[name], {"tokens": tokens}, False).logits
+          logits = apply(teacher_vars[name], {"tokens": tokens}, False).whole_logits()
           logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
           ll = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
           metrics[f"teacher_logprob/{name}"] = (jnp.sum(ll * kept)

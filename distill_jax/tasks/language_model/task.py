@@ -11,7 +11,9 @@ Every metric is a mean over the kept tokens (mask 1), summed over batches and de
   (token top-1 agreement with the student), `kl/NAME` (KL(teacher || student) at T = 1, nats
   per token), `teacher_ce/NAME` and `teacher_top1/NAME`.
 
-The headline is the held-out perplexity (lower is better).
+The headline is the held-out perplexity (lower is better). With lazy logits
+(`config.fused_logits`) the train metrics and eval sums are computed chunk by chunk from the
+hidden states, as the token losses are.
 
 Its hooks: `student_init` loads the student's open weights (`config.student.init`);
 `check_teachers` refuses open-weights teachers whose tokenizer is not the data's
@@ -37,6 +39,7 @@ from distill_jax.data import batch_keys
 from distill_jax.data.text import batches, packing
 from distill_jax.data.text import info as text_info
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
+from distill_jax.losses.chunking import chunked_per_token, fused_chunk_size
 from distill_jax.models import tokenizers
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.language_model.eval_sampler import EvalSampler
@@ -45,6 +48,26 @@ from distill_jax.tasks.language_model.on_policy import on_policy_from_config
 
 def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def _outputs(logits: Mapping[str, jax.Array]) -> dict[str, Outputs]:
+  return {name: Outputs(x, {}, {}) for name, x in logits.items()}
+
+
+def _per_token(fn: Any, student: Outputs, teachers: Mapping[str, Outputs],
+               batch: Mapping[str, jax.Array]) -> Any:
+  """`fn(student logits, {teacher: logits}, targets)` ([B, C, V], [B, C] -> {name: [B, C]})
+  over every position: at once, or C positions at a time when logits are lazy
+  (`config.fused_logits`), so the metrics never hold the [B, L, V] logits whole either."""
+  arrays = {"student": student.token_inputs(), "targets": batch["targets"],
+            "teachers": {n: t.token_inputs() for n, t in teachers.items()}}
+
+  def chunk_values(chunk):
+    return fn(student.logits_of(chunk["student"]),
+              {n: teachers[n].logits_of(x) for n, x in chunk["teachers"].items()},
+              chunk["targets"])
+
+  return chunked_per_token(chunk_values, arrays, fused_chunk_size(0, student, teachers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,30 +163,40 @@ class LanguageModel(Task):
                     batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Next-token `top1` and, with teachers, token `agreement` with their ensemble."""
     mask = batch.get("mask")
-    pred = jnp.argmax(student.logits, axis=-1)
-    metrics = {"top1": masked_mean((pred == batch["targets"]).astype(jnp.float32), mask)}
-    if teachers:
-      ensemble = jnp.argmax(teacher_log_probs(teachers, 1.0), axis=-1)
-      metrics["agreement"] = masked_mean((pred == ensemble).astype(jnp.float32), mask)
-    return metrics
+
+    def per_token(logits, teacher_logits, targets):
+      pred = jnp.argmax(logits, axis=-1)
+      values = {"top1": (pred == targets).astype(jnp.float32)}
+      if teacher_logits:
+        ensemble = jnp.argmax(teacher_log_probs(_outputs(teacher_logits), 1.0), axis=-1)
+        values["agreement"] = (pred == ensemble).astype(jnp.float32)
+      return values
+
+    values = _per_token(per_token, student, teachers, batch)
+    return {name: masked_mean(v, mask) for name, v in values.items()}
 
   def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
                 batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     mask = batch["mask"].astype(jnp.float32)
-    targets = batch["targets"]
-    logp = jax.nn.log_softmax(student.logits.astype(jnp.float32), axis=-1)
-    pred = jnp.argmax(logp, axis=-1)
-    total = lambda x: masked_sum(x, mask)  # Drops a NaN at padding (mask * NaN is NaN).
-    sums = {"count": jnp.sum(mask), "num_bytes": total(batch["target_bytes"]),
-            "ce": total(_nll(logp, targets)), "top1": total(pred == targets)}
     names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
-    for name in names:
-      t_logp = teacher_log_probs(teachers, 1.0, None if name == "ensemble" else name)
-      sums[f"agreement/{name}"] = total(jnp.argmax(t_logp, axis=-1) == pred)
-      sums[f"kl/{name}"] = total(kl(t_logp, logp))
-      sums[f"teacher_ce/{name}"] = total(_nll(t_logp, targets))
-      sums[f"teacher_top1/{name}"] = total(jnp.argmax(t_logp, axis=-1) == targets)
-    return sums
+
+    def per_token(logits, teacher_logits, targets):
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      pred = jnp.argmax(logp, axis=-1)
+      values = {"ce": _nll(logp, targets), "top1": pred == targets}
+      for name in names:
+        t_logp = teacher_log_probs(_outputs(teacher_logits), 1.0,
+                                   None if name == "ensemble" else name)
+        values[f"agreement/{name}"] = jnp.argmax(t_logp, axis=-1) == pred
+        values[f"kl/{name}"] = kl(t_logp, logp)
+        values[f"teacher_ce/{name}"] = _nll(t_logp, targets)
+        values[f"teacher_top1/{name}"] = jnp.argmax(t_logp, axis=-1) == targets
+      return values
+
+    total = lambda x: masked_sum(x, mask)  # Drops a NaN at padding (mask * NaN is NaN).
+    values = _per_token(per_token, student, teachers, batch)
+    return {"count": jnp.sum(mask), "num_bytes": total(batch["target_bytes"]),
+            **{name: total(v) for name, v in values.items()}}
 
   def eval_means(self, totals: Mapping[str, float]) -> dict[str, float]:
     totals = dict(totals)
