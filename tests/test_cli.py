@@ -61,8 +61,8 @@ ERRORS = {
                             "config.parallel.backend='gpu' asks for a GPU, but JAX found only "
                             "the CPU (jax "),
     "mesh larger than the host": (["--config.parallel.mesh.data=4"], 2,
-                                  "config.parallel.mesh {{'data': 4, 'fsdp': 1}} asks for 4 "
-                                  "devices, but JAX found only the CPU (jax "),
+                                  "config.parallel.mesh {{'data': 4, 'fsdp': 1, 'tensor': 1}} "
+                                  "asks for 4 devices, but JAX found only the CPU (jax "),
 }
 
 

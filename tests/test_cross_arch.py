@@ -85,8 +85,9 @@ INFO = data_lib.DatasetInfo("cifar100", 100, (32, 32, 3), {"train": 50000, "test
                             (0.5,) * 3, (0.25,) * 3)
 
 
-def _abstract_teachers(teachers_config, num_classes, input_shape):
-  """Teachers with abstract variables (no checkpoints needed to trace)."""
+def _abstract_teachers(teachers_config, num_classes, input_shape, **loading):
+  """Teachers with abstract variables (no checkpoints needed to trace); `loading` (document
+  masking, shardings) concerns open weights only."""
   out = {}
   for name, settings in teachers_config.items():
     module = models.build_model(settings.model, num_classes)
