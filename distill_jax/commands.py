@@ -1,5 +1,5 @@
 """The sub-commands of `distill-jax` beside training: `losses`, `models`, `plot`, `sweep`,
-`report`, `audit`, and the text of `--help`.
+`report`, `audit`, `collect`, and the text of `--help`.
 
 Each is a function `fn(args)` registered with `@command(name, usage, help)`; `main.py` runs the
 one the command line names (training, the default, has none), and `--help` lists them all. A new
@@ -108,9 +108,19 @@ def audit_command(args: list[str]) -> None:
   sys.exit(cli.main(args, banner=provenance()))
 
 
+@command("collect", "distill-jax collect --endpoint=URL --model=NAME --prompts=FILE "
+         "--out=FILE.jsonl [--api=completions|chat --top_logprobs=K --n=SAMPLES ...]",
+         "a black-box teacher's answers from an OpenAI-compatible endpoint, as a JSONL file "
+         "to train on (data.name='jsonl')")
+def collect_command(args: list[str]) -> None:
+  from distill_jax.endpoints import collect
+
+  sys.exit(collect.main(args, banner=provenance()))
+
+
 # Commands that parse their own flags (argparse): absl's `--config` is a config-file flag that
 # would try to load a sweep spec as a run config, so `run` hands them their argv first.
-OWN_FLAGS = ("sweep", "report", "audit")
+OWN_FLAGS = ("sweep", "report", "audit", "collect")
 
 
 def usage() -> str:

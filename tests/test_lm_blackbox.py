@@ -335,7 +335,7 @@ def test_byte_pieces_and_special_tokens_keep_the_teachers_offsets():
   record = {"prompt": "", "completion": "a\ufffdb", "tokens": ["a", "bytes:\\xc3", "<pad>", "b"],
             "top_logprobs": [{"a": -0.1}, {"bytes:\\xc3": -0.2, "é": -3.0}, {"<pad>": -0.3},
                              {"b": -0.4}]}
-  assert blackbox._problem(record) is None
+  assert blackbox.record_problem(record) is None
   records = [blackbox.Record(record["prompt"], record["completion"], tuple(record["tokens"]),
                              tuple(tuple(a.items()) for a in record["top_logprobs"]))]
   rows, counts = blackbox.build_rows(records, BYTES, seq_len=8)

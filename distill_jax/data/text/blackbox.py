@@ -74,6 +74,12 @@ for _key in TOPK_KEYS:  # The file's log-probabilities are for its own tokens, n
       "(on_policy.fraction=0), or distill on-policy from a live teacher")
 # Token strings that name a special token (scripts/generate.py writes them): no text.
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+FIELDS = ("prompt", "completion", "tokens", "top_logprobs")
+# What a line may carry beside FIELDS, never read for training: where it came from
+# (`distill-jax collect` writes the prompt's id, the sample's number, the server's model name,
+# why it stopped, the sampling settings and a chat prompt's messages) and `meta`, anything of
+# the user's. Any other field is refused, so a misspelt field is not silently ignored.
+METADATA_KEYS = ("id", "sample", "model", "finish_reason", "sampling", "messages", "meta")
 
 
 class BlackboxFileError(ValueError):
@@ -129,16 +135,18 @@ def token_bytes(token: str) -> bytes:
   return token.encode("utf-8")
 
 
-def _problem(record: Any) -> str | None:
-  """What is wrong with one parsed line, or None."""
+def record_problem(record: Any) -> str | None:
+  """What is wrong with one parsed line, or None (the collector checks each record it writes
+  with it, so what it writes reads)."""
   if not isinstance(record, dict):
     return f"expected a JSON object, got {type(record).__name__}"
   for key in ("prompt", "completion"):
     if not isinstance(record.get(key), str):
       return f"field {key!r} must be a string (got {record.get(key)!r:.40})"
-  unknown = sorted(set(record) - {"prompt", "completion", "tokens", "top_logprobs"})
+  unknown = sorted(set(record) - {*FIELDS, *METADATA_KEYS})
   if unknown:
-    return f"unknown field(s) {unknown}; a line has prompt, completion, tokens, top_logprobs"
+    return (f"unknown field(s) {unknown}; a line has {', '.join(FIELDS)} and may carry "
+            f"{', '.join(METADATA_KEYS)} (not read)")
   tokens, top = record.get("tokens"), record.get("top_logprobs")
   if (tokens is None) != (top is None):
     return "'tokens' and 'top_logprobs' come together (both or neither)"
@@ -175,7 +183,7 @@ def _read_file(path: str, mtime: int) -> tuple[Record, ...]:
       except json.JSONDecodeError as e:
         problems.append(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})")
         continue
-      problem = _problem(record)
+      problem = record_problem(record)
       if problem:
         problems.append(f"{path}:{number}: {problem}")
         continue
