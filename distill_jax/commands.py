@@ -115,7 +115,12 @@ def audit_command(args: list[str]) -> None:
 def collect_command(args: list[str]) -> None:
   from distill_jax.endpoints import collect
 
-  sys.exit(collect.main(args, banner=provenance()))
+  code = collect.main(args, banner=provenance())
+  if code:  # Straight out: requests still in flight bring nothing that would be written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(0)
 
 
 # Commands that parse their own flags (argparse): absl's `--config` is a config-file flag that

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT, cli_env
-from fake_openai import MODEL, FakeOpenAI, expected_records
+from fake_openai import MODEL, FakeOpenAI, expected_records, teach, text_of
 
 from distill_jax.data.text import blackbox
 from distill_jax.endpoints import answers
@@ -108,14 +108,14 @@ def test_faults_end_in_the_fault_free_file(tmp_path, clean_server, api):
   options = {"api": api, "n": 2, "top_logprobs": 3, "seed": 7, "max_tokens": 12,
              "concurrency": 4, **FAST}
   reference = tmp_path / "clean.jsonl"
+  before = len(clean_server.requests)
   collect(clean_server.url, "teacher", prompts, str(reference), **options)
   # Every prompt once, in order, each as the teacher answered it (the fake's own account).
   expected = [r for p in read_prompts(prompts, api)
               for r in expected_records(p.id, p.text, sampling(api))]
   assert lines(reference) == expected
-  bodies = [body for _, _, body, _ in clean_server.requests if body.get("prompt") or
-            body.get("messages")]
-  assert {b["seed"] for b in bodies} == {7} and {b["n"] for b in bodies} == {2}
+  bodies = [body for _, _, body, _ in clean_server.requests[before:]]
+  assert len(bodies) == 24 and {(b["seed"], b["n"]) for b in bodies} == {(7, 2)}
   faulty = FakeOpenAI(faults=True, stall=0.6)
   try:
     out = tmp_path / "faulty.jsonl"
@@ -188,6 +188,30 @@ def test_rate_limit_spaces_the_requests(tmp_path, clean_server):
           max_tokens=4, concurrency=4, rate=25.0, **FAST)
   times = sorted(t for t, *_ in clean_server.requests[before:])
   assert len(times) == 8 and times[-1] - times[0] >= 7 / 25 * 0.9, np.diff(times)
+
+
+def test_separate_samples_seeds_and_the_cost(tmp_path, clean_server):
+  prompts = prompts_file(tmp_path / "prompts.jsonl", 3)
+  before = len(clean_server.requests)
+  summary = collect(clean_server.url, "teacher", prompts, str(tmp_path / "out.jsonl"), n=2,
+                    separate_samples=True, seed=5, max_tokens=6, price_per_1k_prompt=2.0,
+                    price_per_1k_completion=30.0, **FAST)
+  bodies = [body for _, _, body, _ in clean_server.requests[before:]]
+  # One request per sample, seed + i each, in prompt order per prompt.
+  assert sorted((b["prompt"], b["n"], b["seed"]) for b in bodies) == sorted(
+      (text, 1, seed) for text in (p.text for p in read_prompts(prompts, "completions"))
+      for seed in (5, 6))
+  records = lines(tmp_path / "out.jsonl")
+  assert [(r["id"], r["sample"]) for r in records] == [
+      (f"p{i}", j) for i in range(3) for j in range(2)]
+  for r in records:
+    assert r["completion"] == text_of(teach(r["prompt"], 5 + r["sample"], 0, 6, 0)[0])
+  prompt_tokens = 2 * sum(len(r["prompt"].encode()) for r in records[::2])
+  completion_tokens = sum(len(teach(r["prompt"], 5 + r["sample"], 0, 6, 0)[0]) for r in records)
+  assert (summary.prompt_tokens, summary.completion_tokens) == (prompt_tokens,
+                                                                completion_tokens)
+  assert summary.cost == pytest.approx((2.0 * prompt_tokens + 30.0 * completion_tokens) / 1000,
+                                       rel=1e-12)
 
 
 def test_bad_settings_and_other_files_are_refused(tmp_path, clean_server):

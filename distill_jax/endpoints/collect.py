@@ -220,6 +220,7 @@ def collect(endpoint: str, model: str, prompts: str, out: str, **options: Any) -
   usage: collections.Counter = collections.Counter()
   records, answered, without, dropped, refused = 0, 0, 0, 0, []
   pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="collect")
+  finished = False
   try:
     with Poster(url, api_key=key, timeout=settings.timeout, retries=settings.retries,
                 backoff=settings.backoff, max_backoff=settings.max_backoff, rate=settings.rate,
@@ -261,9 +262,12 @@ def collect(endpoint: str, model: str, prompts: str, out: str, **options: Any) -
                             f"{usage['completion_tokens'] / elapsed:.0f} tok/s", refresh=False)
         refill()
       requests, reasons = poster.requests, dict(poster.reasons)
+      finished = True
   finally:
     stop.set()  # Waiting retries give up; requests in flight end with the closed client.
-    pool.shutdown(wait=True, cancel_futures=True)
+    # After an error or Ctrl-C the requests in flight are not waited for: nothing they bring
+    # is written (only this thread writes).
+    pool.shutdown(wait=finished, cancel_futures=True)
   cost = (usage["prompt_tokens"] * settings.price_per_1k_prompt
           + usage["completion_tokens"] * settings.price_per_1k_completion) / 1000
   return Summary(out, len(items), len(done_ids), answered, records, tuple(refused), requests,
