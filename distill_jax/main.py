@@ -6,12 +6,13 @@
     distill-jax plot WORKDIR... --out=FILE.png [--metric=eval/top1 ...]
     distill-jax sweep --config=SPEC.py[:ARG] --workdir=ROOT [--launcher=local|slurm] | status ROOT
     distill-jax report ROOT [--rows=... --cols=... --expected=FILE]
+    distill-jax collect --endpoint=URL --model=NAME --prompts=FILE --out=FILE.jsonl [...]
 
 Training is the default command: it trains the config's student (with the config's teachers
 and loss terms) in `workdir`, resuming from its latest checkpoint; everything happens in
 `train.loop.train_generations`. The other commands (`losses`, `models`, `plot`, `sweep`,
-`report`, `audit`) live in `commands.py`, one registered function each; those that parse their
-own flags (argparse) get their argv from `run` before absl parses anything.
+`report`, `audit`, `collect`) live in `commands.py`, one registered function each; those that
+parse their own flags (argparse) get their argv from `run` before absl parses anything.
 
 A user's mistake (a config typo, a missing checkpoint or data set, an unreadable file) ends the
 run with one line, `Error: ...`, on stderr: exit code 2 for usage and config errors, 1 for

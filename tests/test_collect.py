@@ -228,6 +228,7 @@ def test_bad_settings_and_other_files_are_refused(tmp_path, clean_server):
     collect("127.0.0.1:1", "teacher", prompts, out, **FAST)
   with pytest.raises(ServerError, match="HTTP 404: model 'nobody' does not exist"):
     collect(clean_server.url, "nobody", prompts, out, **FAST)
+  assert not os.path.exists(out)  # Nothing written, no file.
   collect(clean_server.url.removesuffix("/v1"), "teacher", prompts, out, max_tokens=4, **FAST)
   with pytest.raises(CollectError, match=r"other settings: temperature=1.0 \(now 0.5\)"):
     collect(clean_server.url, "teacher", prompts, out, max_tokens=4, temperature=0.5, **FAST)

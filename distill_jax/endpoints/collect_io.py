@@ -151,20 +151,23 @@ def resume(path: str, prompts: Sequence[Prompt], sampling: Mapping[str, Any], n:
 
 
 class Appender:
-  """Appends one prompt's records at a time to `path`: one write, then fsync."""
+  """Appends one prompt's records at a time to `path`: one write, then fsync. The file is
+  made by the first write (a run that writes nothing leaves none)."""
 
   def __init__(self, path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    self.path, self.fd = path, None
 
   def __enter__(self) -> Appender:
     return self
 
   def __exit__(self, *_: Any) -> None:
-    os.close(self.fd)
+    if self.fd is not None:
+      os.close(self.fd)
 
   def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+    if self.fd is None:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     view = memoryview(data)
     while view:

@@ -10,7 +10,9 @@ leaves a file, one JSON object per line:
 `tokens` are the completion's tokens as the teacher's tokenizer cut it (their bytes must join
 to the completion; a piece of a multi-byte character is written `bytes:\\xNN`, as APIs do)
 and `top_logprobs[i]` the teacher's k most likely tokens at token i with their natural-log
-probabilities, as chat APIs return them. Both or neither.
+probabilities, as chat APIs return them. Both or neither. A line may also carry metadata
+that is not read (`METADATA_KEYS`: what `distill-jax collect` writes, and `meta`); any other
+field is refused.
 
 Rows. Each record is one row: `BOS prompt completion EOS` in the student's tokenizer
 (`data.tokenizer`), inputs and next-token targets, truncated to `data.seq_len` (truncated
