@@ -164,8 +164,10 @@ def test_a_killed_run_resumes_to_the_same_file_and_the_key_stays_secret(
     written = out.read_text().count("\n")
     assert proc.returncode == -signal.SIGKILL and 12 <= written < 120, (written, killed[1])
     assert "retry 1 in" in killed[1]  # --verbosity=1 logs each retry.
-    with open(out, "a") as f:  # As if killed inside a write: a partial last line.
-      f.write('{"id": 99, "sample": 0, "prom')
+    # As if killed inside a write: the last prompt with one of its two samples, and a
+    # partial line.
+    kept = out.read_text().splitlines(keepends=True)[:-1]
+    out.write_text("".join(kept) + '{"id": 99, "sample": 0, "prom')
     # The rerun (here the Python function) continues the file.
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     summary = collect(server.url, "teacher", prompts, str(out), **options, **FAST)
@@ -173,7 +175,8 @@ def test_a_killed_run_resumes_to_the_same_file_and_the_key_stays_secret(
     server.close()
   assert out.read_bytes() == reference.read_bytes()
   assert len(lines(out)) == 120 and "cut 29 byte(s) at its end (a partial line)" in caplog.text
-  assert (summary.already_done, summary.answered) == (written // 2, 60 - written // 2)
+  assert f"(prompt {written // 2} with 1 of 2 samples)" in caplog.text
+  assert (summary.already_done, summary.answered) == (written // 2 - 1, 61 - written // 2)
   assert [key for key, _ in summary.refused] == [61] and "Bearer ***" in summary.text()
   # The key was sent, and is nowhere in the output, the logs or the file.
   assert {auth for *_, auth in server.requests} == {f"Bearer {secret}"}

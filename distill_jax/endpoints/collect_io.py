@@ -98,6 +98,32 @@ def _cut(path: str, size: int, why: str) -> None:
     os.fsync(f.fileno())
 
 
+def _record_key(line: bytes, where: str, texts: Mapping[Any, str],
+                sampling: Mapping[str, Any]) -> tuple[Any, Any]:
+  """The (id, sample) of the record on `line`; raises CollectError unless it is a record of
+  one of the prompts (`texts`: id -> text) made with `sampling`."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    raise CollectError(f"{where}: not JSON; this file was not written by `distill-jax "
+                       "collect` (or was edited): write to another --out.") from None
+  if not isinstance(record, dict) or "id" not in record or "sample" not in record:
+    raise CollectError(f"{where}: not a record of `distill-jax collect` (no id and sample); "
+                       "write to another --out.")
+  key = record["id"]
+  if key not in texts or record.get("prompt") != texts[key]:
+    raise CollectError(f"{where}: the prompt {key!r} is not in this --prompts file (or its "
+                       "text differs): the file was collected from other prompts; write to "
+                       "another --out.")
+  if record.get("sampling") != dict(sampling):
+    theirs = record.get("sampling") if isinstance(record.get("sampling"), dict) else {}
+    differ = ", ".join(f"{k}={theirs.get(k)!r} (now {v!r})" for k, v in sampling.items()
+                       if theirs.get(k) != v) or "sampling"
+    raise CollectError(f"{where}: collected with other settings: {differ}; rerun with those "
+                       "or write to another --out.")
+  return key, record["sample"]
+
+
 def resume(path: str, prompts: Sequence[Prompt], sampling: Mapping[str, Any], n: int
            ) -> set[str | int]:
   """The ids of the prompts `path` already answers (all `n` samples), after cutting off what
@@ -105,39 +131,20 @@ def resume(path: str, prompts: Sequence[Prompt], sampling: Mapping[str, Any], n:
   prompts or settings (see the module docstring)."""
   if not os.path.exists(path):
     return set()
-  with open(path, "rb") as f:
-    data = f.read()
-  if data and not data.endswith(b"\n"):
-    data = data[:data.rfind(b"\n") + 1]
-    _cut(path, len(data), "a partial line")
   texts = {p.id: p.text for p in prompts}
   groups: list[tuple[Any, int, list[int]]] = []  # (id, byte offset, samples) in file order.
   offset = 0
-  for number, line in enumerate(data.splitlines(keepends=True), 1):
-    where = f"--out={path}:{number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      raise CollectError(f"{where}: not JSON; this file was not written by `distill-jax "
-                         "collect` (or was edited): write to another --out.") from None
-    if not isinstance(record, dict) or "id" not in record or "sample" not in record:
-      raise CollectError(f"{where}: not a record of `distill-jax collect` (no id and sample); "
-                         "write to another --out.")
-    key = record["id"]
-    if key not in texts or record.get("prompt") != texts[key]:
-      raise CollectError(f"{where}: the prompt {key!r} is not in this --prompts file (or its "
-                         "text differs): the file was collected from other prompts; write to "
-                         "another --out.")
-    if record.get("sampling") != dict(sampling):
-      theirs = record.get("sampling") if isinstance(record.get("sampling"), dict) else {}
-      differ = ", ".join(f"{k}={theirs.get(k)!r} (now {v!r})" for k, v in sampling.items()
-                         if theirs.get(k) != v) or "sampling"
-      raise CollectError(f"{where}: collected with other settings: {differ}; rerun with "
-                         "those or write to another --out.")
-    if not groups or groups[-1][0] != key:
-      groups.append((key, offset, []))
-    groups[-1][2].append(record["sample"])
-    offset += len(line)
+  with open(path, "rb") as f:  # Line by line: a file of top-k log-probs may be large.
+    for number, line in enumerate(f, 1):
+      if not line.endswith(b"\n"):
+        break
+      key, sample = _record_key(line, f"--out={path}:{number}", texts, sampling)
+      if not groups or groups[-1][0] != key:
+        groups.append((key, offset, []))
+      groups[-1][2].append(sample)
+      offset += len(line)
+  if offset < os.path.getsize(path):
+    _cut(path, offset, "a partial line")
   done = set()
   for i, (key, start, samples) in enumerate(groups):
     if samples == list(range(n)) and key not in done:
