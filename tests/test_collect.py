@@ -244,6 +244,15 @@ def test_bad_settings_and_other_files_are_refused(tmp_path, clean_server):
     f.write(json.dumps({"id": "p0", "prompt": "changed"}) + "\n")
   with pytest.raises(CollectError, match="out.jsonl:1: the prompt 'p0' is not in this"):
     collect(clean_server.url, "teacher", other, out, max_tokens=4, **FAST)
+  # Every prompt refused from the start: the settings, not the prompts; the run stops.
+  with pytest.raises(ServerError, match="refused the first 10 prompts"):
+    collect(clean_server.url, "teacher", [f"REFUSE {i}" for i in range(30)],
+            str(tmp_path / "refused.jsonl"), max_tokens=4, concurrency=2, **FAST)
+  # From Python, a list of prompts (strings, or objects with their own ids).
+  listed = tmp_path / "listed.jsonl"
+  collect(clean_server.url, "teacher", ["apple", {"id": "x", "prompt": "river"}], str(listed),
+          max_tokens=4, **FAST)
+  assert [(r["id"], r["prompt"]) for r in lines(listed)] == [(1, "apple"), ("x", "river")]
   # Done is done: a rerun sends nothing.
   before = len(clean_server.requests)
   summary = collect(clean_server.url, "teacher", prompts, out, max_tokens=4, **FAST)

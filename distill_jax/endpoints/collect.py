@@ -50,6 +50,7 @@ from distill_jax.endpoints.client import Poster, Refused, ServerError
 from distill_jax.endpoints.collect_io import Appender, CollectError, read_prompts, resume
 
 __all__ = ["CollectError", "ServerError", "Settings", "Summary", "collect"]
+REFUSED_AT_START = 10  # Refused prompts in a row, none answered: the settings, not a prompt.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +200,13 @@ def _ask(poster: Poster, settings: Settings, model: str, prompt: Prompt,
   return done
 
 
-def collect(endpoint: str, model: str, prompts: str, out: str, **options: Any) -> Summary:
-  """Collects the answers to `prompts` (a file) into `out` (JSONL), resuming what `out`
+def collect(endpoint: str, model: str, prompts: str | os.PathLike | Sequence[Any], out: str,
+            **options: Any) -> Summary:
+  """Collects the answers to `prompts` (a file, or a list of strings or {"prompt", "id"?,
+  "messages"?} objects: `collect_io.read_prompts`) into `out` (JSONL), resuming what `out`
   holds; `options` are `Settings`' fields. Returns the Summary. Raises CollectError for bad
-  settings or files, ServerError when the server cannot answer (what was written stays)."""
+  settings or files, ServerError when the server cannot answer, or refuses the first
+  `REFUSED_AT_START` prompts and answers none (what was written stays)."""
   try:
     settings = Settings(**options)
   except TypeError as e:
@@ -249,6 +253,11 @@ def collect(endpoint: str, model: str, prompts: str, out: str, **options: Any) -
           refused.append((prompt.id, result.refused))
           logging.warning("Prompt %r refused by the server, left out: %s", prompt.id,
                           result.refused)
+          if len(refused) >= REFUSED_AT_START and not answered:
+            stop.set()
+            raise ServerError(f"the server refused the first {len(refused)} prompts (the "
+                              f"last: {result.refused}); check the settings against its "
+                              "limits (--top_logprobs, --max_tokens, --n, --model)")
         else:
           file.write(result.records)
           records, answered = records + len(result.records), answered + 1

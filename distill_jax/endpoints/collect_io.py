@@ -5,7 +5,8 @@ Prompts (`read_prompts`): a file ending in `.jsonl` holds one JSON object a line
 number) and, for the chat API, `"messages"` (a list of `{role, content}`, sent as they are;
 the record's `prompt` is then the line's `"prompt"`, or else the messages' contents joined by
 newlines). Any other file is plain text: one prompt a line (the line without its newline;
-blank lines skipped), its id the line number.
+blank lines skipped), its id the line number. From Python, a list of strings or of such
+objects does as well.
 
 Output (`resume`, `Appender`): records are appended a prompt at a time (all its samples in
 one write), each write flushed to disk (fsync) before the next, in prompt order. A file left
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -59,26 +60,22 @@ def _prompt_of(value: Any, where: str, number: int, api: str) -> Prompt:
   return Prompt(key, text, messages)
 
 
-def read_prompts(path: str, api: str) -> list[Prompt]:
-  """The prompts of `path` in file order (see the module docstring); every id unique."""
-  if not os.path.isfile(path):
-    raise CollectError(f"--prompts={path}: no such file (a .jsonl file of {{\"prompt\": ...}} "
-                       "lines, or a text file with one prompt a line).")
-  prompts = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip():
-        continue
-      if path.endswith(".jsonl"):
-        try:
-          value = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise CollectError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); a "
-                             ".jsonl prompts file has one object a line") from e
-        prompts.append(_prompt_of(value, path, number, api))
-      else:
-        prompts.append(Prompt(number, line))
+def read_prompts(source: str | os.PathLike | Sequence[str | Mapping[str, Any]], api: str
+                 ) -> list[Prompt]:
+  """The prompts of a file (see the module docstring) or, from Python, of a list of strings
+  or of objects as a .jsonl line holds (ids: their numbers from 1 unless given); every id
+  unique."""
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+      raise CollectError(f"--prompts={path}: no such file (a .jsonl file of {{\"prompt\": "
+                         "...}} lines, or a text file with one prompt a line).")
+    prompts = list(_file_prompts(path, api))
+  else:
+    path = "prompts"
+    prompts = [Prompt(number, value) if isinstance(value, str) else
+               _prompt_of(value, "prompts", number, api)
+               for number, value in enumerate(source, 1)]
   if not prompts:
     raise CollectError(f"--prompts={path} holds no prompt.")
   seen: set[str | int] = set()
@@ -87,6 +84,23 @@ def read_prompts(path: str, api: str) -> list[Prompt]:
       raise CollectError(f"{path}: the id {prompt.id!r} is given twice; ids must be unique.")
     seen.add(prompt.id)
   return prompts
+
+
+def _file_prompts(path: str, api: str) -> Iterator[Prompt]:
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip():
+        continue
+      if not path.endswith(".jsonl"):
+        yield Prompt(number, line)
+        continue
+      try:
+        value = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CollectError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); a "
+                           ".jsonl prompts file has one object a line") from e
+      yield _prompt_of(value, path, number, api)
 
 
 def _cut(path: str, size: int, why: str) -> None:
