@@ -50,7 +50,8 @@ from distill_jax.endpoints.client import Poster, Refused, ServerError
 from distill_jax.endpoints.collect_io import Appender, CollectError, read_prompts, resume
 
 __all__ = ["CollectError", "ServerError", "Settings", "Summary", "collect"]
-REFUSED_AT_START = 10  # Refused prompts in a row, none answered: the settings, not a prompt.
+# The first prompts of a new file all refused: the settings are wrong, not the prompts.
+REFUSED_AT_START = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +207,7 @@ def collect(endpoint: str, model: str, prompts: str | os.PathLike | Sequence[Any
   "messages"?} objects: `collect_io.read_prompts`) into `out` (JSONL), resuming what `out`
   holds; `options` are `Settings`' fields. Returns the Summary. Raises CollectError for bad
   settings or files, ServerError when the server cannot answer, or refuses the first
-  `REFUSED_AT_START` prompts and answers none (what was written stays)."""
+  `REFUSED_AT_START` prompts of a new file (what was written stays)."""
   try:
     settings = Settings(**options)
   except TypeError as e:
@@ -253,7 +254,7 @@ def collect(endpoint: str, model: str, prompts: str | os.PathLike | Sequence[Any
           refused.append((prompt.id, result.refused))
           logging.warning("Prompt %r refused by the server, left out: %s", prompt.id,
                           result.refused)
-          if len(refused) >= REFUSED_AT_START and not answered:
+          if len(refused) >= REFUSED_AT_START and not answered and not done_ids:
             stop.set()
             raise ServerError(f"the server refused the first {len(refused)} prompts (the "
                               f"last: {result.refused}); check the settings against its "
