@@ -98,6 +98,12 @@ def test_both_shapes_become_records_by_hand():
   parsed, _ = answers.parse_answer("chat", chat, prompt, n=1, first_sample=0,
                                    sampling=settings)
   assert "tokens" not in parsed[0].record and "do not join" in parsed[0].note
+  # Malformed log-probs (a length mismatch): the text stays, with a note.
+  completion["choices"][0]["logprobs"]["token_logprobs"].pop()
+  parsed, _ = answers.parse_answer("completions", completion, prompt, n=1, first_sample=0,
+                                   sampling=settings)
+  assert parsed[0].record["completion"] == "é!" and "tokens" not in parsed[0].record
+  assert "malformed (logprobs has 4 tokens, 4 top_logprobs and 3" in parsed[0].note
   with pytest.raises(answers.AnswerError, match="asked for 2 choice"):
     answers.parse_answer("chat", chat, prompt, n=2, first_sample=0, sampling=settings)
 

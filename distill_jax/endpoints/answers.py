@@ -21,8 +21,8 @@ sampled token with its own log-probability (what the API said of it). Alternativ
 finite log-probability (None, NaN, -inf: probability 0) are dropped and counted; a log-prob
 above 0 by rounding (<= 1e-3) is written as 0. Tokens after the text (a stop token or stop
 sequence some servers list) are cut; when the tokens do not join to the text at all (a server
-that names partial characters otherwise), the record keeps its text and loses its
-log-probabilities, and says so (`Parsed.note`).
+that names partial characters otherwise) or are malformed, the record keeps its text and
+loses its log-probabilities, and says so (`Parsed.note`).
 """
 
 from __future__ import annotations
@@ -204,11 +204,15 @@ def parse_choice(api: str, choice: Mapping[str, Any], prompt: Prompt, *, sample:
   text = choice_text(api, choice)
   record: dict[str, Any] = {"id": prompt.id, "sample": sample, "prompt": prompt.text,
                             "completion": text}
-  dropped, note = 0, None
-  found = _log_probs(api, choice) if sampling["top_logprobs"] else None
-  if sampling["top_logprobs"] and found is None:
-    note = "the server gave no log-probabilities"
-  elif found is not None:
+  dropped, note, found = 0, None, None
+  if sampling["top_logprobs"]:
+    try:
+      found = _log_probs(api, choice)
+    except AnswerError as e:  # The text is still good.
+      note = f"its log-probabilities are malformed ({e})"
+    else:
+      note = None if found else "the server gave no log-probabilities"
+  if found is not None:
     tokens, top, dropped = found
     keep = _cut_to_text(tokens, text)
     if keep is None:
