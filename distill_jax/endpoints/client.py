@@ -127,6 +127,10 @@ class Poster:
   def __exit__(self, *_: Any) -> None:
     self.client.close()
 
+  def retries_so_far(self) -> int:
+    with self.lock:
+      return sum(self.reasons.values())
+
   def redact(self, text: str) -> str:
     """`text` with the API key replaced by ***."""
     return text.replace(self.api_key, "***") if self.api_key else text

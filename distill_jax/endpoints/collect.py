@@ -269,9 +269,10 @@ def collect(endpoint: str, model: str, prompts: str | os.PathLike | Sequence[Any
         bar.update(1)
         elapsed = max(time.monotonic() - start, 1e-9)
         bar.set_postfix_str(f"{poster.requests / elapsed:.1f} req/s, "
-                            f"{usage['completion_tokens'] / elapsed:.0f} tok/s", refresh=False)
+                            f"{usage['completion_tokens'] / elapsed:.0f} tok/s, "
+                            f"{poster.retries_so_far()} retries", refresh=False)
         refill()
-      requests, reasons = poster.requests, dict(poster.reasons)
+      requests, reasons = poster.requests, dict(poster.reasons)  # The workers are idle.
       finished = True
   finally:
     stop.set()  # Waiting retries give up; requests in flight end with the closed client.
