@@ -11,7 +11,8 @@ completions API lists in its log-probs but not in its text (as some servers do).
 Faults (`faults=True`): each distinct request (path and body) fails its first 0 to 3 attempts,
 how many and how drawn from the request itself (so a run's faults do not depend on thread
 timing): HTTP 429 with Retry-After: 0, HTTP 500, the connection closed without an answer, an
-answer cut short, or no answer before the client's timeout (`stall` seconds).
+answer cut short, or no answer before the client's timeout (`stall` seconds). `fail_first`
+names faults for the first requests, whatever they ask (Retry-After: `retry_after`).
 """
 
 from __future__ import annotations
@@ -137,8 +138,10 @@ class FakeOpenAI:
   Authorization header) of every request; `faults` counts the faults served by kind."""
 
   def __init__(self, *, faults: bool = False, latency: float = 0.0, stall: float = 0.5,
-               api_key: str | None = None, requested_model: str = "teacher"):
+               api_key: str | None = None, requested_model: str = "teacher",
+               fail_first: tuple[str, ...] = (), retry_after: str = "0"):
     self.fault_mode, self.latency, self.stall = faults, latency, stall
+    self.fail_first, self.retry_after = list(fail_first), retry_after  # Faults, whatever asks.
     self.api_key, self.model = api_key, requested_model
     self.lock = threading.Lock()
     self.requests: list[tuple[float, str, dict, str | None]] = []
@@ -185,6 +188,9 @@ class FakeOpenAI:
     rng = random.Random(key)
     kinds = [rng.choice(FAULTS) for _ in range(rng.choice((0, 0, 1, 2, 3)))]
     with self.lock:
+      if self.fail_first:
+        self.faults[self.fail_first[0]] += 1
+        return self.fail_first.pop(0)
       attempt = self.attempts[key]
       self.attempts[key] += 1
       if self.fault_mode and attempt < len(kinds):
@@ -211,7 +217,10 @@ class FakeOpenAI:
     fault = self._fault(handler.path + json.dumps(body, sort_keys=True))
     if fault == "429":
       return self._send(handler, 429, {"error": {"message": "rate limited"}},
-                        headers=[("Retry-After", "0")])
+                        headers=[("Retry-After", self.retry_after)])
+    if fault == "503":
+      return self._send(handler, 503, {"error": {"message": "overloaded"}},
+                        headers=[("Retry-After", self.retry_after)])
     if fault == "500":
       return self._send(handler, 500, {"error": {"message": "internal error"}})
     if fault == "drop":

@@ -5,6 +5,7 @@ file, a run killed with SIGKILL and rerun ending in the same file, the API key k
 output and the logs, the request rate, bad settings refused, and a student trained through the
 CLI on a collected file."""
 
+import email.utils
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from conftest import ROOT, cli_env
 from fake_openai import MODEL, FakeOpenAI, expected_records, teach, text_of
 
 from distill_jax.data.text import blackbox
-from distill_jax.endpoints import answers
+from distill_jax.endpoints import answers, client
 from distill_jax.endpoints.collect import CollectError, ServerError, collect
 from distill_jax.endpoints.collect_io import read_prompts
 
@@ -197,6 +198,23 @@ def test_rate_limit_spaces_the_requests(tmp_path, clean_server):
           max_tokens=4, concurrency=4, rate=25.0, **FAST)
   times = sorted(t for t, *_ in clean_server.requests[before:])
   assert len(times) == 8 and times[-1] - times[0] >= 7 / 25 * 0.9, np.diff(times)
+
+
+def test_retry_after_is_honoured(tmp_path):
+  assert client.retry_after("2.5") == 2.5 and client.retry_after("junk") is None
+  assert client.retry_after("99999") == client.MAX_RETRY_AFTER
+  later = email.utils.formatdate(time.time() + 30, usegmt=True)
+  assert 28 <= client.retry_after(later) <= 30
+  server = FakeOpenAI(fail_first=("429", "503"), retry_after="0.4")
+  try:
+    summary = collect(server.url, "teacher", ["apple"], str(tmp_path / "out.jsonl"),
+                      max_tokens=4, **FAST)
+  finally:
+    server.close()
+  times = [t for t, *_ in server.requests]
+  assert len(times) == 3 and summary.retries == {"HTTP 429": 1, "HTTP 503": 1}
+  # Each retry waited what the server asked, not the 5 ms backoff.
+  assert min(np.diff(times)) >= 0.4, np.diff(times)
 
 
 def test_separate_samples_seeds_and_the_cost(tmp_path, clean_server):

@@ -147,7 +147,7 @@ class Poster:
         self.requests += 1
       try:
         response = self.client.post(url, json=body)
-      except httpx.TransportError as e:  # Timeouts, refused and dropped connections.
+      except (httpx.TransportError, httpx.DecodingError) as e:  # Timeouts, dropped links.
         reason = f"{type(e).__name__}"
       except RuntimeError as e:  # The client was closed: the run is stopping.
         raise Stopped from e
