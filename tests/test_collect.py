@@ -277,6 +277,17 @@ def test_bad_settings_and_other_files_are_refused(tmp_path, clean_server):
   collect(clean_server.url, "teacher", ["apple", {"id": "x", "prompt": "river"}], str(listed),
           max_tokens=4, **FAST)
   assert [(r["id"], r["prompt"]) for r in lines(listed)] == [(1, "apple"), ("x", "river")]
+  # Chat messages are sent as they are and kept; the record's prompt joins their contents.
+  messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+  chat = tmp_path / "chat.jsonl"
+  collect(clean_server.url, "teacher", [{"messages": messages}], str(chat), api="chat",
+          max_tokens=4, **FAST)
+  (record,) = lines(chat)
+  assert clean_server.requests[-1][2]["messages"] == messages == record["messages"]
+  assert record["prompt"] == "be brief\nhi"
+  assert record["completion"] == text_of(teach("be brief\nhi", None, 0, 4, 0)[0])
+  with pytest.raises(CollectError, match="prompts:1: \"messages\" needs --api=chat"):
+    collect(clean_server.url, "teacher", [{"messages": messages}], str(chat), **FAST)
   # Done is done: a rerun sends nothing.
   before = len(clean_server.requests)
   summary = collect(clean_server.url, "teacher", prompts, out, max_tokens=4, **FAST)
