@@ -201,7 +201,8 @@ def test_rate_limit_spaces_the_requests(tmp_path, clean_server):
 
 
 def test_retry_after_is_honoured(tmp_path):
-  assert client.retry_after("2.5") == 2.5 and client.retry_after("junk") is None
+  assert client.retry_after("2.5") == 2.5
+  assert client.retry_after("junk") is None and client.retry_after("nan") is None
   assert client.retry_after("99999") == client.MAX_RETRY_AFTER
   later = email.utils.formatdate(time.time() + 30, usegmt=True)
   assert 28 <= client.retry_after(later) <= 30

@@ -18,6 +18,7 @@ replaced by `***` (`redact`), should a server echo it.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import threading
 import time
@@ -79,6 +80,8 @@ def retry_after(value: str | None) -> float | None:
       seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     except (TypeError, ValueError, IndexError):
       return None
+  if math.isnan(seconds):
+    return None
   return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
