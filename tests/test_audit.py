@@ -88,9 +88,9 @@ def test_p_values_are_uniform_under_the_null():
                 for x in rng.normal(size=(3000, 6))])
   assert stats.kstest(p, "uniform").pvalue > 0.01
   assert abs(np.mean(p < 0.05) - 0.05) < 0.015
-  answers = [decision.decide({c: decision.compare(x[c, 0], x[c, 1:], True) for c in range(3)}
-                             ).answer for x in rng.normal(size=(1000, 3, 6))]
-  assert np.mean([a != decision.NONE for a in answers]) <= 0.05 + 0.02
+  accused = [decision.accuse({c: decision.compare(x[c, 0], x[c, 1:], True) for c in range(3)}
+                             )[1] for x in rng.normal(size=(1000, 3, 6))]
+  assert np.mean([bool(a) for a in accused]) <= 0.05 + 0.02
 
 
 def test_combine_is_the_t_test_on_the_oriented_mean():
@@ -128,9 +128,9 @@ def test_combined_p_values_are_uniform_under_the_null(num_controls):
   assert abs(np.mean(p < 0.05) - 0.05) < 0.012
   assert np.mean(p < 0.0125) < 0.0125 + 0.006
   draws = rng.multivariate_normal(np.zeros(3), cov, size=(1000, 3, num_controls + 1))
-  answers = [decision.decide({c: decision.combine(d[c, 0], d[c, 1:], higher)
-                              for c in range(3)}).answer for d in draws]
-  assert np.mean([a != decision.NONE for a in answers]) <= 0.05 + 0.02
+  accused = [decision.accuse({c: decision.combine(d[c, 0], d[c, 1:], higher)
+                              for c in range(3)})[1] for d in draws]
+  assert np.mean([bool(a) for a in accused]) <= 0.05 + 0.02
 
 
 def test_synthetic_logits_true_teacher_is_found_and_only_it(monkeypatch):
@@ -427,7 +427,8 @@ def test_cli_audit_says_none_without_the_true_teacher(zoo, data_dir, tmp_path, c
   with open(tmp_path / "audit.json") as f:
     result = json.load(f)
   assert result["answer"] == "none", result["adjusted_p"]
-  assert result["confidence"] is None and min(result["adjusted_p"].values()) >= 0.05
+  assert result["answer_set"] == [] and result["named"] is None
+  assert result["precision"] is None and min(result["adjusted_p"].values()) >= 0.05
 
 
 def test_cli_errors_are_one_line(zoo, tmp_path, capsys):

@@ -17,6 +17,10 @@ scores every candidate on every probe's inputs. Built in:
   teachers work) and keeps each perturbation that raises the generalised Jensen-Shannon
   divergence between the candidates' predictions. Where candidates disagree, a student's
   answer says which of them it learnt from.
+- `mixup`: the real held-out inputs mixed in seeded pairs (lam ~ Beta(1, 1)): on the data's
+  manifold, between its classes (whoever has controls has the data).
+- `pair_disagreement`: the disagreement search between the two candidates closest to the
+  student only (the pair hardest to tell apart), not among all K.
 """
 
 from __future__ import annotations
@@ -220,6 +224,25 @@ def js_divergence(logits: list[np.ndarray]) -> np.ndarray:
   return entropy(probs.mean(0)) - entropy(probs).mean(0)
 
 
+def _disagreement_search(start: np.ndarray, candidates: list[Callable[[np.ndarray], np.ndarray]],
+                         rounds: int, sigma: float, seed: Any) -> tuple[np.ndarray, float, float]:
+  """(inputs, mean JS before, after): `start` pushed by a seeded random search that keeps each
+  Gaussian perturbation (scale `sigma`) raising an input's JS divergence among `candidates`."""
+  def divergence(x):
+    return js_divergence([c(x) for c in candidates])
+
+  rng = np.random.default_rng(seed)
+  images = start.copy()
+  score = divergence(images)
+  initial = float(score.mean())
+  for _ in range(rounds):
+    proposal = images + sigma * rng.standard_normal(images.shape).astype(np.float32)
+    new = divergence(proposal)
+    better = new > score
+    images[better], score[better] = proposal[better], new[better]
+  return images, initial, float(score.mean())
+
+
 @register_probe("disagreement")
 def disagreement_probe(context: ProbeContext) -> Probe:
   """The synthetic inputs, pushed by a query-only random search towards the candidates'
@@ -231,20 +254,66 @@ def disagreement_probe(context: ProbeContext) -> Probe:
   sigma = context.option("disagreement", "sigma", 0.3)
   start_probe = context.option("disagreement", "start", "synthetic")
   start = context.probe(start_probe).images
-  candidates = list(context.candidates.values())
-
-  def divergence(x):
-    return js_divergence([c(x) for c in candidates])
-
-  rng = np.random.default_rng([context.seed, 1])
-  images = start.copy()
-  score = divergence(images)
-  initial = float(score.mean())
-  for _ in range(rounds):
-    proposal = images + sigma * rng.standard_normal(images.shape).astype(np.float32)
-    new = divergence(proposal)
-    better = new > score
-    images[better], score[better] = proposal[better], new[better]
+  images, before, after = _disagreement_search(start, list(context.candidates.values()),
+                                               rounds, sigma, [context.seed, 1])
   return Probe("disagreement", images, None,
                {"start": start_probe, "rounds": rounds, "sigma": sigma, "num_inputs": len(images),
-                "js_before": initial, "js_after": float(score.mean())})
+                "js_before": before, "js_after": after})
+
+
+@register_probe("mixup")
+def mixup_probe(context: ProbeContext) -> Probe:
+  """Mixups of the real held-out inputs (the `real` probe's): input i is lam_i x_i + (1 -
+  lam_i) x_pi(i) with a seeded permutation pi and lam_i ~ Beta(`beta`, `beta`) (option, default
+  1: uniform), so the inputs stay near the data's manifold but between its classes, where
+  teachers differ most. No labels (the mix has two)."""
+  real = context.probe("real").images
+  beta = context.option("mixup", "beta", 1.0)
+  if beta <= 0:
+    raise AuditError(f"--set=mixup.beta={beta}: the Beta distribution's parameter must be > 0 "
+                     "(1: lam uniform on [0, 1]).")
+  images, lam = mix_inputs(real, beta, [context.seed, 2])
+  return Probe("mixup", images, None, {"beta": beta, "num_inputs": len(images),
+                                       "lam_mean": float(lam.mean())})
+
+
+def mix_inputs(images: np.ndarray, beta: float, seed: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(mixed [N, ...], lam [N]): lam_i x_i + (1 - lam_i) x_perm(i), lam ~ Beta(beta, beta),
+  the permutation and the draws seeded."""
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(len(images))
+  lam = rng.beta(beta, beta, size=len(images))
+  shape = (-1,) + (1,) * (images.ndim - 1)
+  mixed = lam.reshape(shape) * images + (1 - lam.reshape(shape)) * images[perm]
+  return mixed.astype(np.float32), lam
+
+
+def closest_pair(student: np.ndarray, candidates: Mapping[str, np.ndarray]) -> tuple[str, str]:
+  """The two candidates whose logits [N, K] have the highest mean Spearman correlation with
+  the student's on the same inputs (ties: by name)."""
+  from distill_jax.audit.scores import spearman
+
+  rho = {c: float(np.nanmean(spearman(student, x))) for c, x in candidates.items()}
+  first, second = sorted(rho, key=lambda c: (-rho[c], c))[:2]
+  return first, second
+
+
+@register_probe("pair_disagreement")
+def pair_disagreement_probe(context: ProbeContext) -> Probe:
+  """Disagreement between the two candidates closest to the student only (`closest_pair` on
+  the `start` probe's inputs, default synthetic), not among all K: the inputs where the two
+  hardest to tell apart differ (options `rounds`, `sigma`, `start` as `disagreement`)."""
+  if len(context.candidates) < 2:
+    raise AuditError("--probe=pair_disagreement needs at least 2 candidates (it looks for "
+                     "inputs where the two closest disagree); use --probe=synthetic for one.")
+  rounds = context.option("pair_disagreement", "rounds", 20)
+  sigma = context.option("pair_disagreement", "sigma", 0.3)
+  start_probe = context.option("pair_disagreement", "start", "synthetic")
+  start = context.probe(start_probe).images
+  pair = closest_pair(context.student(start),
+                      {c: fn(start) for c, fn in context.candidates.items()})
+  images, before, after = _disagreement_search(
+      start, [context.candidates[c] for c in pair], rounds, sigma, [context.seed, 3])
+  return Probe("pair_disagreement", images, None,
+               {"start": start_probe, "pair": list(pair), "rounds": rounds, "sigma": sigma,
+                "num_inputs": len(images), "js_before": before, "js_after": after})
