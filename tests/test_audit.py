@@ -521,3 +521,50 @@ def test_benchmark_table_counts_either_ensemble_teacher():
                       "75% | 75% |")
   assert lines[3] == "| kd | 1 | 0% | 0% | 100% | 0% | 100% | 100% |"
   assert lines[4].startswith("| controls (false accusations) | 2 | - | 50% | 50% accused")
+
+
+def test_cli_audit_with_a_decoy_and_shadows(zoo, data_dir, tmp_path, capsys):
+  """--decoys and --shadows through the CLI: D is a decoy (queried like a candidate, never
+  named) and two students distilled from D (KD, T = 4) are decoy controls. The KD student of
+  A is named A alone: accused, and closer to A than to B, C and the decoy D (the
+  intersection-union p is the largest of those p-values); the JSON keeps the pairwise
+  p-values, the controls' teachers and the paper's baseline row; the report gives no
+  'confidence'. A third student distilled from D (a teacher that is no candidate) accuses
+  nobody."""
+  import jax
+
+  from distill_jax.audit import cli, load_exported
+
+  images, _ = _digits(data_dir, "train")
+  soft = np.asarray(jax.nn.softmax(load_exported(zoo["D"], (8, 8, 1))(images) / 4.0))
+  made = {f"fromD{i}": _export(tmp_path / f"fromD{i}", (32,),
+                               _fit_mlp(images, soft, (32,), 300 + i, 300, 4.0))
+          for i in range(3)}
+  controls = ",".join(f"control{i}={zoo[f'control{i}']}" for i in range(4))
+  shadows = ",".join(f"D:fromD{i}={made[f'fromD{i}']}" for i in range(2))
+
+  def audit(student, out):
+    assert cli.main([f"--student={student}", f"--controls={controls}",
+                     "--candidates=" + ",".join(f"{c}={zoo[c]}" for c in "ABC"),
+                     f"--decoys=D={zoo['D']}", f"--shadows={shadows}",
+                     f"--data_dir={data_dir}", f"--out={out}", "--num_inputs=128"]) == 0
+    with open(os.path.join(out, "audit.json")) as f:
+      return json.load(f)
+
+  result = audit(zoo["student"], tmp_path / "a")
+  assert result["answer"] == "A" and result["named"] == "A", (result["adjusted_p"],
+                                                              result["pairwise_p"])
+  assert result["decoys"] == ["D"] and result["num_untaught"] == 6
+  assert result["reference_teachers"]["fromD0"] == "D"
+  assert result["reference_teachers"]["control0"] is None
+  assert set(result["pairwise_p"]["A"]) == {"B", "C", "D"}
+  assert result["pairwise_null"]["D"] == "shadows"
+  assert result["iut_p"]["A"] == pytest.approx(max(result["adjusted_p"]["A"],
+                                                   *result["pairwise_p"]["A"].values()))
+  assert result["baseline"]["answer"] in "ABC" and result["baseline"]["probe"] == "synthetic"
+  assert "confidence" not in result and "Answer: 'A': accused" in capsys.readouterr().out
+  with open(tmp_path / "a" / "audit.md") as f:
+    text = f.read()
+  assert "intersection-union p" in text and "Baseline: argmax of mean 1/(KL + eps)" in text
+  innocent = audit(made["fromD2"], tmp_path / "d")
+  assert innocent["answer"] == "none", (innocent["adjusted_p"], innocent["pairwise_p"])

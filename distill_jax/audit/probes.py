@@ -267,11 +267,11 @@ def mixup_probe(context: ProbeContext) -> Probe:
   lam_i) x_pi(i) with a seeded permutation pi and lam_i ~ Beta(`beta`, `beta`) (option, default
   1: uniform), so the inputs stay near the data's manifold but between its classes, where
   teachers differ most. No labels (the mix has two)."""
-  real = context.probe("real").images
   beta = context.option("mixup", "beta", 1.0)
   if beta <= 0:
     raise AuditError(f"--set=mixup.beta={beta}: the Beta distribution's parameter must be > 0 "
                      "(1: lam uniform on [0, 1]).")
+  real = context.probe("real").images
   images, lam = mix_inputs(real, beta, [context.seed, 2])
   return Probe("mixup", images, None, {"beta": beta, "num_inputs": len(images),
                                        "lam_mean": float(lam.mean())})
