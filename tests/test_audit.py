@@ -497,7 +497,8 @@ def test_benchmark_sweep_validates(arg, tmp_path):
 
 def test_benchmark_table_counts_either_ensemble_teacher():
   """table.py: an ensemble student's answer is correct if it names either true teacher; a
-  third teacher is a wrong one; controls' accusations are false accusations."""
+  third teacher is a wrong one; a set answer is counted apart; controls' accusations are false
+  accusations."""
   import importlib.util
 
   from conftest import ROOT
@@ -515,12 +516,13 @@ def test_benchmark_table_counts_either_ensemble_teacher():
   rows = [row("ensemble", "A_B", "B", "A", "C"), row("ensemble", "A_B", "C", "B", "A"),
           row("ensemble", "A_B", "none", "C", "B"), row("ensemble", "A_B", "A", "A", "A"),
           row("kd", "A", "B", "B", "A"), row("alone", None, "none", "A", "A"),
-          row("alone", None, "A", "A", "A")]
+          row("alone", None, "A", "A", "A"), row("kd", "A", "A or B", "A", "A")]
   lines = table.summarise(rows).splitlines()
-  assert lines[2] == ("| ensemble (correct: either teacher) | 4 | 50% | 25% | 25% | 75% | "
+  assert lines[2] == ("| ensemble (correct: either teacher) | 4 | 50% | 25% | 0% | 25% | 75% | "
                       "75% | 75% |")
-  assert lines[3] == "| kd | 1 | 0% | 0% | 100% | 0% | 100% | 100% |"
-  assert lines[4].startswith("| controls (false accusations) | 2 | - | 50% | 50% accused")
+  # A set answer ('A or B') is counted apart: neither correct nor a wrong teacher.
+  assert lines[3] == "| kd | 2 | 0% | 0% | 50% | 50% | 50% | 100% | 100% |"
+  assert lines[4].startswith("| controls (false accusations) | 2 | - | 50% | - | 50% accused")
 
 
 def test_cli_audit_with_a_decoy_and_shadows(zoo, data_dir, tmp_path, capsys):
