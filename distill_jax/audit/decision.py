@@ -165,7 +165,7 @@ class Decision:
   comparisons: dict[str, Comparison]  # The per-source test of each candidate.
   # pairwise[A][B]: p-value of "closer to A than to B" under "the teacher is B".
   pairwise: dict[str, dict[str, float]]
-  pairwise_null: dict[str, str]  # Per source B: 'shadows of B' or 'references' (the proxy).
+  pairwise_null: dict[str, str]  # Per source B: 'shadows' (B's own) or 'references' (proxy).
   iut_p: dict[str, float]  # Per candidate: max(adjusted p, pairwise p against every source).
   closest: tuple[str, float] | None  # (candidate, adjusted p) of the smallest adjusted p.
 
