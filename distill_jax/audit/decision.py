@@ -1,10 +1,11 @@
-"""The calibrated decision: is the student closer to a candidate than students that never saw it?
+"""The calibrated decision: which candidate, if any, taught the student, with bounded errors.
 
-For one candidate c and one score, every model m (the student and the M controls, students
-trained on the same data without c) gets a score s_m = mean over probe inputs of the per-input
-score against c, oriented so that larger means closer. Under the null hypothesis "the student
-was not distilled from c" the student is one more control, so its score is a new draw from the
-controls' distribution. The test is the prediction-interval t-test for that draw:
+The building block first. For one candidate c and one score, every model m (the student and
+the M controls, students trained on the same data without c) gets a score s_m = mean over
+probe inputs of the per-input score against c, oriented so that larger means closer. Under the
+null hypothesis "the student was not distilled from c" the student is one more control, so its
+score is a new draw from the controls' distribution. The test is the prediction-interval
+t-test for that draw:
 
     t = (s_student - mean(s_controls)) / (sd(s_controls) * sqrt(1 + 1/M)),   df = M - 1,
     p = P(T_{M-1} >= t)   (one-sided: only *closer* than the controls is evidence),
