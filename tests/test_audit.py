@@ -392,7 +392,7 @@ def test_synthesis_with_a_batchnorm_prior(cnn_student, data_dir, tmp_path):
 
   def probe(settings):
     context = probes.ProbeContext(mlp, {}, (8, 8, 1), 10, 24, 0,
-                                  settings={"synthetic": {"steps": "80", **settings}})
+                                  settings={"synthetic": {"steps": "50", **settings}})
     return context.probe("synthetic")
 
   with_prior = probe({"prior": cnn_student.directory})
@@ -615,7 +615,8 @@ def test_cli_audit_with_a_decoy_and_shadows(zoo, data_dir, tmp_path, capsys):
     assert cli.main([f"--student={student}", f"--controls={controls}",
                      "--candidates=" + ",".join(f"{c}={zoo[c]}" for c in "ABC"),
                      f"--decoys=D={zoo['D']}", f"--shadows={shadows}",
-                     f"--data_dir={data_dir}", f"--out={out}", "--num_inputs=64"]) == 0
+                     f"--data_dir={data_dir}", f"--out={out}", "--num_inputs=64",
+                     "--set=synthetic.steps=100", "--set=disagreement.rounds=10"]) == 0
     with open(os.path.join(out, "audit.json")) as f:
       return json.load(f)
 
