@@ -510,6 +510,14 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "Unknown probe 'synthtic'" in err and "Known probes: disagreement, " in err
   assert "\n" not in err
+  base = [f"--student={zoo['student']}", f"--candidates=A={zoo['A']},B={zoo['B']}",
+          f"--controls={zoo['control0']},{zoo['control1']}"]
+  assert cli.main([*base, f"--shadows={zoo['control2']}"]) == 2  # No SOURCE: given.
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("Error: --shadows=") and "SOURCE:PATH" in err and "\n" not in err
+  assert cli.main([*base, f"--shadows=Z:{zoo['control2']}"]) == 2  # Z: no candidate or decoy.
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("Error: --shadows: control2='Z'") and "(A, B)" in err
 
 
 @pytest.mark.parametrize("arg", ["tiny", "cifar10,tiny"])
