@@ -216,7 +216,8 @@ def audit(student: str, candidates: Sequence[str] | Mapping[str, str],
           num_inputs: int = 256, seed: int = 0, alpha: float = 0.05, data: str | None = None,
           data_dir: str | None = None,
           settings: Mapping[str, Mapping[str, Any]] | None = None,
-          out: str | None = None) -> dict[str, Any]:
+          out: str | None = None, decoys: Sequence[str] | Mapping[str, str] = (),
+          shadows: Sequence[str] = (), precision: float | None = None) -> dict[str, Any]:
   """Was `student` distilled from one of `candidates`? `distill-jax audit`, from Python.
 
   Args:
@@ -231,11 +232,14 @@ def audit(student: str, candidates: Sequence[str] | Mapping[str, str],
       (the CLI's --set=synthetic.steps=50).
     out: a directory to write the report to (audit.md, audit.json, a plot), as the CLI does;
       None writes nothing.
+    decoys, shadows, precision: the CLI's --decoys (as `candidates`), --shadows (a list of
+      'SOURCE:PATH' or 'SOURCE:NAME=PATH') and --precision.
   Returns:
-    The audit's result (docs/audit.md): 'answer' (the accused candidate's name, or 'none'),
-    'confidence', 'primary' (the deciding score of the student and each control, per
-    candidate, with its p-value), 'scores' (every score on every probe), ...; the per-input
-    scores under '_per_input'.
+    The audit's result (docs/audit.md): 'answer' (the named candidate, a set 'A or B', or
+    'none'), 'named', 'answer_set', 'adjusted_p', 'pairwise_p', 'iut_p', 'primary' (the
+    deciding statistic of the student and each control, per candidate, with its p-value),
+    'scores' (every score on every probe), 'baseline' (the paper's method), ...; the
+    per-input scores under '_per_input'.
   Raises:
     AuditError (bad input, naming the flag), UnknownNameError (a probe), CheckpointError.
   """
@@ -250,7 +254,9 @@ def audit(student: str, candidates: Sequence[str] | Mapping[str, str],
 
   result = cli.audit_paths(student, named(candidates, "candidates"), named(controls, "controls"),
                            probes=probes, primary=primary, num_inputs=num_inputs, seed=seed,
-                           alpha=alpha, data=data, data_dir=data_dir, settings=settings)
+                           alpha=alpha, data=data, data_dir=data_dir, settings=settings,
+                           decoys=named(decoys, "decoys"), shadows=cli._shadows(shadows),
+                           precision=precision)
   if out is not None:
     write_report(result, out)
   return result

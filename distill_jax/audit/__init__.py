@@ -11,7 +11,15 @@ control students trained without the candidates (`decision`) -> a report (`repor
 See docs/audit.md.
 """
 
-from distill_jax.audit.decision import NONE, Comparison, Decision, compare, decide, holm
+from distill_jax.audit.decision import (
+    NONE,
+    Comparison,
+    Decision,
+    accuse,
+    attribute,
+    compare,
+    holm,
+)
 from distill_jax.audit.probes import PROBES, Probe, ProbeContext, register_probe, synthesize
 from distill_jax.audit.report import write_report
 from distill_jax.audit.run import run_audit
@@ -28,7 +36,8 @@ __all__ = [
     "ProbeContext",
     "QueryOnly",
     "compare",
-    "decide",
+    "accuse",
+    "attribute",
     "holm",
     "load_exported",
     "query_only",

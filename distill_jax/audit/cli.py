@@ -1,7 +1,8 @@
 """`distill-jax audit`: argument parsing, loading the models, writing the report.
 
     distill-jax audit --student=WORKDIR_OR_EXPORT --candidates=A,B,C --controls=X,Y
-        [--probe=synthetic,disagreement] [--primary=PROBE:SCORE[,...]] [--out=DIR]
+        [--decoys=D,E] [--shadows=D:S1,A:S2] [--probe=synthetic,disagreement]
+        [--primary=PROBE:SCORE[,...]] [--precision=P] [--out=DIR]
 
 Parses its own flags (argparse; `distill_jax.main.run` hands it its argv before absl). Every
 candidate and control is loaded from its export and then seen only through its outputs. Bad
@@ -33,6 +34,18 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--controls", required=True,
                  help="Comma-separated control students (>= 2): trained like the student on the "
                       "same data, without the candidates.")
+  p.add_argument("--decoys", default="",
+                 help="Comma-separated decoy teachers (workdirs or exports, NAME=PATH): "
+                      "teachers that are no candidate, queried like them; a candidate is named "
+                      "alone only when the student is closer to it than to each decoy too.")
+  p.add_argument("--shadows", default="",
+                 help="Comma-separated reference students distilled from a known source, "
+                      "SOURCE:PATH or SOURCE:NAME=PATH: SOURCE a decoy (a control of the "
+                      "null 'distilled, but from no candidate') or a candidate (its shadow: "
+                      "the null 'the teacher is SOURCE' of the pairwise tests).")
+  p.add_argument("--precision", type=float, default=None,
+                 help="The benchmark's measured precision of accusations at this setting, "
+                      "reported beside the answer (never derived from the p-values).")
   p.add_argument("--probe", default=None,
                  help="Comma-separated probes (default disagreement,synthetic, or synthetic "
                       "with one candidate; real needs the data set). A language-model student "
@@ -71,6 +84,21 @@ def _named(items: Iterable[str], flag: str) -> list[tuple[str, str]]:
   if len(set(names)) != len(names):
     raise AuditError(f"--{flag}: two entries are called the same ({names}); name them with "
                      "NAME=PATH.")
+  return out
+
+
+def _shadows(items: Iterable[str]) -> list[tuple[str, str, str]]:
+  """['SRC:PATH', 'SRC:NAME=PATH'] -> [(name, path, SRC)] (name: the path's basename)."""
+  from distill_jax.audit import AuditError
+
+  out = []
+  for item in filter(None, (s.strip() for s in items)):
+    source, sep, rest = item.partition(":")
+    if not sep or not source or not rest:
+      raise AuditError(f"--shadows={item!r}: expected SOURCE:PATH or SOURCE:NAME=PATH, SOURCE "
+                       "one of the candidates or decoys the student was distilled from.")
+    (name, path), = _named([rest], "shadows")
+    out.append((name, path, source))
   return out
 
 
@@ -150,14 +178,18 @@ def audit_paths(student: str, candidates: Sequence[tuple[str, str]],
                 controls: Sequence[tuple[str, str]], *, probes: Sequence[str] | None = None,
                 primary: str | None = None, num_inputs: int = 256, seed: int = 0,
                 alpha: float = 0.05, data: str | None = None, data_dir: str | None = None,
-                settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+                settings: Mapping[str, Mapping[str, Any]] | None = None,
+                decoys: Sequence[tuple[str, str]] = (),
+                shadows: Sequence[tuple[str, str, str]] = (),
+                precision: float | None = None) -> dict:
   """The audit of exported models given by path (what `distill-jax audit` runs, without the
   report): loads the student with its weights and every candidate and control as query-only,
   picks the probes (image or language model, from the student run's config.json) and returns
   the result dict (`run_audit`). `candidates`/`controls` are (name, path) pairs; the other
   arguments are the CLI's flags of the same names (`probes` its --probe, `settings` its --set
-  as {probe: {key: value}}). Raises AuditError (bad input, naming the flag), UnknownNameError
-  (a probe), CheckpointError (an export)."""
+  as {probe: {key: value}}; `decoys` (name, path) pairs, `shadows` (name, path, source)
+  triples: reference students distilled from a decoy or a candidate). Raises AuditError (bad
+  input, naming the flag), UnknownNameError (a probe), CheckpointError (an export)."""
   from distill_jax import data as data_lib
   from distill_jax.audit import PROBES, AuditError, load_exported, query_only, run_audit
 
@@ -165,10 +197,15 @@ def audit_paths(student: str, candidates: Sequence[tuple[str, str]],
   if not os.path.exists(student):
     raise AuditError(f"--student: {student} does not exist (give a finished run's workdir "
                      "or its model/ export directory).")
-  if len(controls) < 2:
+  decoys, shadows = list(decoys), list(shadows)
+  names = {name for name, _ in candidates}
+  untaught = len(controls) + sum(source not in names for _, _, source in shadows)
+  if untaught < 2:
     raise AuditError(f"--controls: the calibrated decision needs at least 2 control students "
-                     f"(trained like the student, without the candidates), got {len(controls)}.")
-  for flag, entries in (("candidates", candidates), ("controls", controls)):
+                     f"(trained like the student, without the candidates, alone or from a "
+                     f"decoy), got {untaught}.")
+  for flag, entries in (("candidates", candidates), ("controls", controls), ("decoys", decoys),
+                        ("shadows", [(n, p) for n, p, _ in shadows])):
     for _, path in entries:
       if not os.path.exists(path):
         raise AuditError(f"--{flag}: {path} does not exist (give a finished run's workdir or "
@@ -179,6 +216,9 @@ def audit_paths(student: str, candidates: Sequence[tuple[str, str]],
   data_config = _data_config(data, data_dir, run_config)
   options = {"primary": primary, "num_inputs": num_inputs, "seed": seed, "alpha": alpha}
   if (run_config or {}).get("task") == "language_model":
+    if decoys or shadows:
+      raise AuditError("--decoys/--shadows: the language-model audit does not take them yet; "
+                       "audit an image student, or leave them out.")
     return _lm_audit(student, candidates, controls, data_config, probes=probes,
                      settings=settings, **options)
   probes = list(probes or (("disagreement", "synthetic") if len(candidates) > 1 else
@@ -188,12 +228,19 @@ def audit_paths(student: str, candidates: Sequence[tuple[str, str]],
   shape = info.image_shape
   student_model = load_exported(student, shape, flag="student")
 
-  def load(entries, flag):
-    return {name: query_only(load_exported(path, shape, name, flag)) for name, path in entries}
+  def load(entries, flag, features=False):
+    # Controls are the auditor's own models: their penultimate features feed the feature
+    # scores. Candidates and decoys are only ever queried for outputs.
+    return {name: query_only(load_exported(path, shape, name, flag), features=features)
+            for name, path in entries}
 
-  return run_audit(student_model, load(candidates, "candidates"), load(controls, "controls"),
+  references = {**load(controls, "controls", True),
+                **load([(n, p) for n, p, _ in shadows], "shadows", True)}
+  return run_audit(student_model, load(candidates, "candidates"), references,
                    input_shape=shape, num_classes=info.num_classes, probes=probes,
-                   data_config=data_config, probe_settings=settings, **options)
+                   data_config=data_config, probe_settings=settings,
+                   decoys=load(decoys, "decoys"), teachers={n: s for n, _, s in shadows},
+                   precision=precision, **options)
 
 
 def audit(args: argparse.Namespace) -> dict:
@@ -203,7 +250,9 @@ def audit(args: argparse.Namespace) -> dict:
                        _named(args.controls.split(","), "controls"), probes=probes,
                        primary=args.primary, num_inputs=args.num_inputs, seed=args.seed,
                        alpha=args.alpha, data=args.data, data_dir=args.data_dir,
-                       settings=_settings(args.set))
+                       settings=_settings(args.set),
+                       decoys=_named(args.decoys.split(","), "decoys"),
+                       shadows=_shadows(args.shadows.split(",")), precision=args.precision)
   return _write(result, args.out)
 
 

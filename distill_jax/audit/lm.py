@@ -12,8 +12,9 @@ function from token ids [N, L] to logits [N, L, V]), and on the generated positi
 - `kl_tT`: the mean KL(p_c^T || p_m^T) between their next-token distributions at
   temperature T (lower).
 
-The per-sequence means feed `run.summarise` unchanged: contrast against the other candidates,
-the prediction t-test against the controls, Holm over candidates, "none" allowed.
+The per-sequence means feed `run.summarise` unchanged: the attribution decision of
+`decision.attribute` (accusation against the controls, pairwise tests, a candidate named only
+by the intersection-union test, else a set or "none"); no decoys or shadows here yet.
 
 Sampling asks a model for logits on a fixed-length buffer [N, P + G] (the positions not yet
 written hold the pad token) and reads position t - 1 for token t: the models are causal, so

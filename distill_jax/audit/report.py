@@ -32,60 +32,98 @@ def _decision_name(result: dict[str, Any], with_probe: bool = False) -> str:
 
 
 def summary(result: dict[str, Any]) -> str:
-  """One paragraph: the answer, how confident, on what evidence."""
+  """One paragraph: the answer, which tests it passed, on what evidence."""
   primary = result["primary"]
+  decoys = result.get("decoys") or []
   basis = (f"{_decision_name(result)} on "
            + " and ".join(f"{result['probes'][p]['num_inputs']} {p}"
                           for p in primary["probe"].split("+"))
            + " probe inputs, against "
-           f"{result['num_controls']} control students; Holm-adjusted over "
-           f"{len(result['candidates'])} candidates, alpha {result['alpha']}")
+           f"{result.get('num_untaught', result['num_controls'])} control students no "
+           f"candidate taught; Holm over {len(result['candidates'])} candidates, alpha "
+           f"{result['alpha']}"
+           + (f"; decoys {', '.join(decoys)}" if decoys else ""))
   if result["answer"] == NONE:
     closest = result["closest"]
     near = (f" The closest was {closest[0]!r} (adjusted p = {_fmt(closest[1])})."
             if closest else "")
     return (f"Answer: none of the candidates. No candidate is closer to the student than the "
             f"controls are at the chosen level ({basis}).{near}")
-  c = result["answer"]
+  precision = ("" if result.get("precision") is None else
+               f" Measured precision of accusations at this setting: "
+               f"{_fmt(result['precision'])}.")
+  if result.get("named") is None:
+    accused = ", ".join(f"{c!r} (adjusted p = {_fmt(result['adjusted_p'][c])})"
+                        for c in result["accused"])
+    return (f"Answer: {result['answer']!r} (a set: the accused candidate(s) cannot be told "
+            f"apart from the others listed; pairwise p-values in the report). Accused: "
+            f"{accused}; in the set: {', '.join(result['answer_set'])} ({basis}).{precision}")
+  c = result["named"]
   s = primary["comparisons"][c]
   what = (f"{_decision_name(result)} to it minus its mean to the other candidates"
           if primary["contrast"] else f"{_decision_name(result)} to it")
-  return (f"Answer: {c!r}, confidence {_fmt(result['confidence'])} (1 - adjusted p). The "
-          f"student's {what} is {_fmt(s['student'])} against "
+  return (f"Answer: {c!r}: accused (adjusted p = {_fmt(result['adjusted_p'][c])}) and closer "
+          f"to the student than every other source (intersection-union p = "
+          f"{_fmt(result['iut_p'][c])}). The student's {what} is {_fmt(s['student'])} against "
           f"{_fmt(float(np.mean(list(s['controls'].values()))))} for the controls (effect "
           f"size {_fmt(s['effect'], 2)} control SDs, p = {_fmt(s['p_value'])}, rank p = "
-          f"{_fmt(s['p_rank'])}; {basis}).")
+          f"{_fmt(s['p_rank'])}; {basis}).{precision}")
 
 
 def markdown(result: dict[str, Any]) -> str:
   primary = result["primary"]
+  decoys = result.get("decoys") or []
+  teachers = {r: t for r, t in (result.get("reference_teachers") or {}).items() if t}
+  on_contrast = ("; accusation on the contrast to the other candidates"
+                 if primary["contrast"] else "")
   lines = [f"# Distillation audit of `{result['student']}`", "", summary(result), "",
            f"- Candidates: {', '.join(f'`{c}`' for c in result['candidates'])} (queried for "
            "outputs only: "
            + ", ".join(f"{c} {q} inputs" for c, q in result["queries"].items())
            + ")",
+           f"- Decoys (teachers that are no candidate): "
+           f"{', '.join(f'`{c}`' for c in decoys) or 'none'}",
            f"- Controls ({result['num_controls']}): "
-           f"{', '.join(f'`{c}`' for c in result['controls'])}",
+           + ", ".join(f"`{c}`" + (f" (from `{teachers[c]}`)" if c in teachers else "")
+                       for c in result["controls"]),
            "- Probes: " + "; ".join(f"{p} ({i['num_inputs']} inputs"
                                    f"{', labelled' if i['labels'] else ''})"
                                    for p, i in result["probes"].items()),
-           f"- Decision: {_decision_name(result, with_probe=True)} "
-           f"({'higher' if primary['higher_is_closer'] else 'lower'} = closer"
-           f"{'; each model: to the candidate minus to the others' if primary['contrast'] else ''}"
-           "), one-sided "
-           f"prediction t-test against the controls, Holm over candidates, alpha "
+           f"- Decision: {_decision_name(result, with_probe=True)}, oriented so that higher = "
+           f"closer{on_contrast}: (1) per candidate, one-sided prediction t-test against the "
+           "controls no candidate taught, Holm over candidates; (2) per pair, 'closer to A "
+           "than to B' against B's shadow students, else the controls taught by neither; "
+           "(3) a candidate is named alone only when (1) and every (2) reject "
+           "(intersection-union test). Alpha "
            f"{result['alpha']}; seed {result['seed']}, {result['bootstrap']} bootstrap "
-           "resamples for the student's standard error.", "",
-           "## Decision score per candidate", "",
+           "resamples for the student's standard error. See docs/audit.md for what each test "
+           "bounds.", "",
+           "## Decision per candidate", "",
            "| candidate | student | controls (mean ± sd) | effect (SDs) | p | rank p | "
-           "adjusted p |", "|---|---|---|---|---|---|---|"]
+           "adjusted p | intersection-union p |", "|---|---|---|---|---|---|---|---|"]
   for c in result["candidates"]:
     s = primary["comparisons"][c]
     ctrl = np.asarray(list(s["controls"].values()))
     lines.append(f"| `{c}` | {_fmt(s['student'])} | {_fmt(float(ctrl.mean()))} ± "
                  f"{_fmt(float(ctrl.std(ddof=1)))} | {_fmt(s['effect'], 2)} | "
                  f"{_fmt(s['p_value'])} | {_fmt(s['p_rank'])} | "
-                 f"{_fmt(result['adjusted_p'][c])} |")
+                 f"{_fmt(result['adjusted_p'][c])} | {_fmt(result['iut_p'][c])} |")
+  sources = [*result["candidates"], *decoys]
+  lines += ["", "Pairwise p-values, 'closer to the row than to the column' (null: the column "
+            "is the teacher; its reference: " + ", ".join(
+                f"{b} {result['pairwise_null'][b]}" for b in sources) + "):", "",
+            "| | " + " | ".join(f"`{b}`" for b in sources) + " |",
+            "|---|" + "---|" * len(sources)]
+  for a in result["candidates"]:
+    row = result["pairwise_p"].get(a, {})
+    lines.append(f"| `{a}` | " + " | ".join(_fmt(row.get(b)) if b != a else "-"
+                                            for b in sources) + " |")
+  baseline = result.get("baseline")
+  if baseline:
+    lines += ["", f"Baseline: {baseline['method']} on the {baseline['probe']} probe: "
+              f"`{baseline['answer']}` ("
+              + ", ".join(f"{c} {_fmt(v)}" for c, v in baseline["scores"].items())
+              + "); it always names a candidate."]
   lines += ["", "## Every score (exploratory: not adjusted for multiple comparisons)", "",
             "Each cell: the student's score / the controls' mean, and the one-sided p-value.",
             ""]
@@ -93,7 +131,7 @@ def markdown(result: dict[str, Any]) -> str:
     names = list(result["score_descriptions"])
     lines += [f"### Probe `{probe}`", "", "| candidate | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
-    for c in result["candidates"]:
+    for c in result["scores"]:
       cells = []
       for name in names:
         s = result["scores"][c][probe][name]
@@ -103,10 +141,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
   lines += ["Scores: " + "; ".join(f"`{k}` {v}" for k, v in
                                    result["score_descriptions"].items()) + ".", "",
-            "Limits: the p-value assumes the controls' scores are roughly normal and that the "
+            "Limits: the p-values assume the controls' scores are roughly normal and that the "
             "controls were trained like the student (same data, architecture and recipe) "
-            "without the candidate; with few controls the test has little power, and the "
-            "rank p-value can never go below 1 / (controls + 1).", ""]
+            "without the candidates; with few controls the tests have little power, and the "
+            "rank p-value can never go below 1 / (controls + 1). No 'confidence' is given: "
+            "a p-value is not the chance that the answer is right; the benchmark's measured "
+            "precision is, where it is given.", ""]
   return "\n".join(lines)
 
 
@@ -119,7 +159,7 @@ def plot(result: dict[str, Any], path: str) -> None:
   import matplotlib.pyplot as plt
 
   probes, names = list(result["probes"]), list(result["score_descriptions"])
-  candidates = result["candidates"]
+  candidates = list(result["scores"])  # The candidates, then any decoys.
   fig, axes = plt.subplots(len(probes), len(names), squeeze=False, layout="constrained",
                            figsize=(2.6 * len(names), 2.4 * len(probes) + 0.6))
   for i, probe in enumerate(probes):

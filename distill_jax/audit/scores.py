@@ -16,6 +16,22 @@ audit can average, bootstrap and plot it; `SCORES` lists them with their directi
   label: the true label on real data, else the majority vote of the other candidates), 1 where
   the student makes the same mistake, NaN elsewhere (higher = closer). Copied errors are the
   strongest evidence of distillation: a student trained on the labels has no reason to make them.
+
+Where the signal is not in the logits (feature distillation: RKD, CRD), three more:
+
+- `ridge`: a ridge map from the model's penultimate features (white-box: the student's and the
+  controls') to the candidate's log-probs, fit on a seeded half of the probe inputs and scored
+  on the other half: per held-out input 1 - its squared error / the held-out mean squared
+  deviation from the fit half's mean, so its mean is the held-out R^2 (higher = closer; NaN on
+  the fit half).
+- `cka`: linear CKA between the model's feature Gram matrix and the candidate's logit Gram
+  matrix (row-centred logits: a logit vector is known up to a shift), as per-input shares
+  whose mean is the CKA (higher = closer).
+- `residual`: the model's deviation from the mean of the controls no candidate taught (its
+  row-centred log-probs minus theirs), regressed through the origin on the candidate's
+  deviation from the candidates' mean: per input its share of the pooled slope (higher =
+  closer). What every candidate shares, and what every control shares, cancels; only what is
+  specific to one candidate is credited.
 """
 
 from __future__ import annotations
@@ -115,13 +131,20 @@ def mistake_agreement(student: np.ndarray, teacher: np.ndarray, reference: np.nd
 
 
 def score_names(temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> list[Score]:
-  """The scores `per_input_scores` returns, in order, with their direction."""
+  """The scores of an image audit (`per_input_scores`, `feature_scores` and `residual`), in
+  order, with their direction."""
   return [Score("top1", True, "top-1 agreement"),
           *[Score(kl_name(t), False, f"KL(teacher || student) at T={t:g}") for t in temperatures],
           Score("kl_fit", False, "KL(teacher || student) at the student temperature that fits "
                 "best"),
           Score("spearman", True, "Spearman rank correlation of the logits"),
-          Score("mistakes", True, "agreement on the candidate's own mistakes")]
+          Score("mistakes", True, "agreement on the candidate's own mistakes"),
+          Score("ridge", True, "held-out R^2 of a ridge map from the model's penultimate "
+                "features to the candidate's log-probs"),
+          Score("cka", True, "linear CKA of the model's feature Gram matrix and the "
+                "candidate's logit Gram matrix"),
+          Score("residual", True, "slope of the model's deviation from the controls' mean on "
+                "the candidate's deviation from the candidates' mean")]
 
 
 def kl_name(temperature: float) -> str:
@@ -152,3 +175,78 @@ def majority_vote(logits: Sequence[np.ndarray]) -> np.ndarray | None:
   for row in votes:
     counts[np.arange(votes.shape[1]), row] += 1
   return np.argmax(counts, -1)
+
+
+RIDGE = 0.1  # The ridge penalty per fit example, on standardised features.
+
+
+def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(fit rows, held-out rows): a seeded half of range(n) and the rest."""
+  order = np.random.default_rng([seed, 4099]).permutation(n)
+  return np.sort(order[:n // 2]), np.sort(order[n // 2:])
+
+
+def ridge_heldout(features: np.ndarray, teacher: np.ndarray, seed: int, ridge: float = RIDGE
+                  ) -> np.ndarray:
+  """[N]: per held-out input, 1 - ||y_i - yhat_i||^2 / mean_held-out ||y_j - mean_fit(y)||^2,
+  NaN on the fit half. y: the teacher's log-probs [N, K]; yhat: the ridge map (with an
+  intercept) from the features [N, D] standardised by the fit half, penalty ridge x (fit rows),
+  fit on `_split(N, seed)`'s first half."""
+  x, y = np.asarray(features, np.float64), log_softmax(teacher)
+  fit, held = _split(len(x), seed)
+  out = np.full(len(x), np.nan)
+  if len(fit) < 2 or len(held) < 1:
+    return out
+  mean, sd = x[fit].mean(0), x[fit].std(0)
+  z = (x - mean) / np.where(sd > 0, sd, 1.0)
+  y_mean = y[fit].mean(0)
+  gram = z[fit].T @ z[fit] + ridge * len(fit) * np.eye(z.shape[1])
+  weights = np.linalg.solve(gram, z[fit].T @ (y[fit] - y_mean))
+  error = ((y[held] - y_mean - z[held] @ weights) ** 2).sum(-1)
+  total = ((y[held] - y_mean) ** 2).sum(-1).mean()
+  out[held] = 1.0 - error / total if total > 0 else np.nan
+  return out
+
+
+def cka_shares(features: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+  """[N]: each input's share of the linear CKA between the features [N, D] and the teacher's
+  row-centred logits [N, K]: with centred Gram matrices Kx, Ky, N * sum_j Kx_ij Ky_ij /
+  (||Kx||_F ||Ky||_F), whose mean over i is the CKA."""
+  x = np.asarray(features, np.float64)
+  y = np.asarray(teacher, np.float64)
+  y = y - y.mean(-1, keepdims=True)
+  x, y = x - x.mean(0), y - y.mean(0)  # Centring the columns centres the Gram matrices.
+  kx, ky = x @ x.T, y @ y.T
+  denominator = np.linalg.norm(kx) * np.linalg.norm(ky)
+  if denominator == 0:
+    return np.full(len(x), np.nan)
+  return len(x) * (kx * ky).sum(-1) / denominator
+
+
+def feature_scores(features: np.ndarray | None, teacher: np.ndarray, seed: int
+                   ) -> dict[str, np.ndarray]:
+  """`ridge` and `cka` ([N] each) of a model's penultimate features against a teacher's
+  logits; NaN where the model's features are unknown (a query-only model)."""
+  if features is None:
+    nan = np.full(len(teacher), np.nan)
+    return {"ridge": nan, "cka": nan.copy()}
+  return {"ridge": ridge_heldout(features, teacher, seed), "cka": cka_shares(features, teacher)}
+
+
+def residual_slopes(model: np.ndarray, controls: Sequence[np.ndarray], teacher: np.ndarray,
+                    candidates: Sequence[np.ndarray]) -> np.ndarray:
+  """[N]: r_i . u_i / mean_j (u_j . u_j), whose mean is the slope of the regression through
+  the origin of r on u: r = the model's row-centred log-probs [N, K] minus the mean of the
+  controls'; u = the teacher's minus the mean of the candidates' (the teacher among them when
+  it is one). NaN without controls."""
+  if not controls:
+    return np.full(len(model), np.nan)
+
+  def centred(logits):
+    z = log_softmax(logits)
+    return z - z.mean(-1, keepdims=True)
+
+  r = centred(model) - np.mean([centred(c) for c in controls], 0)
+  u = centred(teacher) - np.mean([centred(c) for c in candidates], 0)
+  scale = (u * u).sum(-1).mean()
+  return (r * u).sum(-1) / scale if scale > 0 else np.full(len(model), np.nan)

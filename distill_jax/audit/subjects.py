@@ -43,15 +43,29 @@ class Exported:
     one compiled forward serves every call."""
     return batched(_forward(self.module), self.variables, images, batch_size)
 
+  def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray | None:
+    """Penultimate features [N, D] of `images` (the `pool` the model sows, eval mode), or
+    None for a model that sows none."""
+    if not _sows_pool(self.module, self.variables, np.asarray(images[:1], np.float32)):
+      return None
+    return batched(_features_forward(self.module), self.variables, images, batch_size)
+
 
 class QueryOnly:
   """A model seen only through its outputs; `queries` counts the inputs it was shown."""
 
-  def __init__(self, name: str, fn: Callable[[np.ndarray], Any], ndim: int = 2):
+  def __init__(self, name: str, fn: Callable[[np.ndarray], Any], ndim: int = 2,
+               features: Callable[[np.ndarray], Any] | None = None):
     self.name = name
     self._fn = fn
+    self._features = features  # The auditor's own models (controls): penultimate features.
     self.ndim = ndim  # 2: logits [N, K] (images); 3: [N, L, V] (token ids [N, L]).
     self.queries = 0
+
+  def features(self, images: np.ndarray) -> np.ndarray | None:
+    """Penultimate features [N, D], when the model was given with them (a control whose
+    weights the auditor has), else None."""
+    return None if self._features is None else self._features(images)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
@@ -65,10 +79,12 @@ class QueryOnly:
     return logits
 
 
-def query_only(model: Exported, ndim: int = 2) -> QueryOnly:
+def query_only(model: Exported, ndim: int = 2, features: bool = False) -> QueryOnly:
   """`model` seen only through its outputs (its weights stay inside the closure); `ndim` 3 for
-  a language model (token ids [N, L] -> logits [N, L, V])."""
-  return QueryOnly(model.name, lambda inputs: model(inputs), ndim)
+  a language model (token ids [N, L] -> logits [N, L, V]); `features`: its penultimate
+  features too (for the auditor's own controls, never for candidates)."""
+  return QueryOnly(model.name, lambda inputs: model(inputs), ndim,
+                   model.features if features else None)
 
 
 def load_exported(path: str, input_shape: tuple[int, ...], name: str | None = None,
@@ -112,6 +128,29 @@ def _forward(module: Any) -> Callable:
     _FORWARDS[key] = (module, jax.jit(
         lambda variables, x: module.apply(variables, x, train=False)))
   return _FORWARDS[key][1]
+
+
+_FEATURES: dict[int, tuple[Any, Callable]] = {}  # id -> (module, its jitted feature forward).
+
+
+def _sows_pool(module: Any, variables: Any, x: np.ndarray) -> bool:
+  """Whether `module` sows the `pool` features (checked on an abstract trace: no compute)."""
+  def tap(v, x):
+    return module.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]
+
+  return "pool" in jax.eval_shape(tap, variables, x)
+
+
+def _features_forward(module: Any) -> Callable:
+  """The jitted eval forward of `module` returning its sown `pool` [B, D]."""
+  key = id(module)
+  if key not in _FEATURES:
+    def pool(variables, x):
+      _, state = module.apply(variables, x, train=False, mutable=["intermediates"])
+      return state["intermediates"]["pool"][0].reshape(len(x), -1)
+
+    _FEATURES[key] = (module, jax.jit(pool))
+  return _FEATURES[key][1]
 
 
 def batched(forward: Callable, variables: Any, images: np.ndarray, batch_size: int

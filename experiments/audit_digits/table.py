@@ -147,6 +147,18 @@ def true_teachers(row):
   return row["teacher"].split("_") if row["teacher"] else []
 
 
+def is_set(answer):
+  """A set answer ('A or B': the decision could not tell them apart), counted apart: neither
+  correct nor a wrong teacher."""
+  return " or " in answer
+
+
+def is_wrong(row):
+  """A single name that is none of the student's true teachers."""
+  answer = row["answer"]
+  return answer not in ("none", *true_teachers(row)) and not is_set(answer)
+
+
 def forced(row):
   """The audit as a forced multiple choice (no "none"): the largest effect size."""
   return max(row["effect"], key=lambda c: row["effect"][c])
@@ -155,16 +167,16 @@ def forced(row):
 def summarise(rows, suffix=""):
   """The table of the rows' decision `answer{suffix}` (forced choice: `effect{suffix}`). Per
   method: detection accuracy (answer = the true teacher; for an ensemble student, either of its
-  two), "none" and wrong-teacher answers; for controls: false accusations (any
+  two), "none", set ('A or B') and wrong-teacher answers; for controls: false accusations (any
   answer but none). Baselines likewise."""
   by = collections.defaultdict(list)
   for r in rows:
     by[r["method"]].append({**r, "answer": r["answer" + suffix],
                             "effect": r["effect" + suffix]})
-  lines = ["| students | n | audit: correct | audit: none | audit: wrong teacher | "
+  lines = ["| students | n | audit: correct | audit: none | audit: set | audit: wrong teacher | "
            "audit forced choice: correct | baseline real top-1: correct | "
            "baseline spearman (no controls): correct |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
   for method, rs in by.items():
     n = len(rs)
     if method == "alone":
@@ -177,7 +189,8 @@ def summarise(rows, suffix=""):
     lines.append(
         f"| {label} | {n} | {pct(sum(r['answer'] in true_teachers(r) for r in rs))} | "
         f"{pct(sum(r['answer'] == 'none' for r in rs))} | "
-        f"{pct(sum(r['answer'] not in ('none', *true_teachers(r)) for r in rs))} | "
+        f"{pct(sum(is_set(r['answer']) for r in rs))} | "
+        f"{pct(sum(is_wrong(r) for r in rs))} | "
         f"{pct(sum(forced(r) in true_teachers(r) for r in rs))} | "
         f"{pct(sum(r['baseline_real_top1'] in true_teachers(r) for r in rs))} | "
         f"{pct(sum(r['baseline_spearman'] in true_teachers(r) for r in rs))} |")
@@ -185,7 +198,7 @@ def summarise(rows, suffix=""):
   if controls:
     n = len(controls)
     accused = sum(r["answer"] != "none" for r in controls)
-    lines.append(f"| controls (false accusations) | {n} | - | {100 * (n - accused) / n:.0f}% | "
+    lines.append(f"| controls (false accusations) | {n} | - | {100 * (n - accused) / n:.0f}% | - | "
                  f"{100 * accused / n:.0f}% accused | 100% accused | 100% accused | "
                  "100% accused |")
   return "\n".join(lines) + "\n"
