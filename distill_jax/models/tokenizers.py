@@ -236,6 +236,41 @@ def _hf_byte_lengths(path: str, vocab_size: int) -> np.ndarray:
   return lengths
 
 
+def token_bytes_table(tokenizer: ByteTokenizer | HfTokenizer) -> tuple[bytes, ...]:
+  """The bytes of text each id of `tokenizer` stands for ([vocab_size]; special tokens and ids
+  past the vocabulary b''), so a row of ids is its text's bytes joined, cut anywhere, even
+  inside a character. Defined for tokenizers whose ids are bytes: `bytes`, and byte-level
+  BPEs (`bpe`, GPT-2/Llama-3/Qwen-style `hf:` directories); raises ValueError for others
+  (a SentencePiece vocabulary's pieces are not the text's bytes)."""
+  if isinstance(tokenizer, ByteTokenizer):
+    return tuple(bytes([i]) if i < 256 else b"" for i in range(tokenizer.vocab_size))
+  return _hf_token_bytes(tokenizer.path, tokenizer.vocab_size)
+
+
+@functools.cache
+def _hf_token_bytes(path: str, vocab_size: int) -> tuple[bytes, ...]:
+  with open(path, encoding="utf-8") as f:
+    spec = json.load(f)
+  if not (_uses(spec.get("pre_tokenizer"), "ByteLevel")
+          or _uses(spec.get("decoder"), "ByteLevel")):
+    raise ValueError(f"{path} is not a byte-level BPE: its tokens are not the text's bytes, "
+                     "which cross-tokenizer rows are cut from; use a byte-level tokenizer "
+                     "(bytes, bpe, or a GPT-2/Llama-3/Qwen-style tokenizer.json).")
+  vocab = spec["model"]["vocab"]
+  pieces = ({i: entry[0] for i, entry in enumerate(vocab)} if isinstance(vocab, list)
+            else {int(i): piece for piece, i in vocab.items()})
+  alphabet = _byte_level_alphabet()
+  table = [b""] * vocab_size
+  for i, piece in pieces.items():
+    if i < vocab_size:
+      table[i] = b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8")
+                          for c in piece)
+  for token in spec.get("added_tokens", []):
+    if token["id"] < vocab_size:
+      table[token["id"]] = b"" if token.get("special") else token["content"].encode("utf-8")
+  return tuple(table)
+
+
 BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe")
 BPE_VOCAB_SIZE = 1024
 BPE_SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # BOS, EOS, PAD: ids 0, 1, 2.
