@@ -3,19 +3,25 @@ by byte offsets, the vocabulary map (prefix marginalisation), the `xtok_kl` and 
 against NumPy references, and live teachers with their own tokenizer end to end."""
 
 import functools
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import ROOT, run_cli
 
+from distill_jax.common.model_io import export_model
 from distill_jax.common.outputs import Head, Outputs
+from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.data.text import cross_tokenizer
 from distill_jax.data.text.corpus import pydoc_texts
 from distill_jax.losses import cross_tokenizer as xtok
 from distill_jax.losses.tokens import token_fkl
-from distill_jax.models import tokenizers
+from distill_jax.models import build_model, tokenizers
 from distill_jax.models.tokenizers import get_tokenizer, train_bpe
+from distill_jax.train.build import build_run
 
 
 def test_bpe_is_deterministic_and_encodes_like_the_others():
@@ -366,3 +372,52 @@ def test_unmapped_mass_is_the_teachers_probability_on_ids_without_a_student_toke
   p_t = _np_aligned(teachers, batch, "t0", 1.0)
   np.testing.assert_allclose(mass, p_t[..., teachers["t0"][2] < 0].sum(-1), atol=1e-6)
   np.testing.assert_array_equal(aligned, batch[xtok.batch_key("t0", "mask")])
+
+
+# ------------------------------------------------------------------ live teachers, end to end
+
+LM = os.path.join(ROOT, "configs", "lm.py")
+
+
+@pytest.fixture(scope="module")
+def bpe_teacher(tmp_path_factory):
+  """configs/lm.py:bpe_teacher,tiny's model (1024 BPE ids), untrained (weights x4: far from
+  uniform), exported: a teacher whose tokenizer is not the byte-level student's."""
+  directory = str(tmp_path_factory.mktemp("bpe_teacher"))
+  kwargs = load_config_file(f"{LM}:bpe_teacher,tiny").student.kwargs.to_dict()
+  module = build_model("transformer_lm", 1024, **kwargs)
+  variables = module.init(jax.random.PRNGKey(7), np.zeros((1, 32), np.int32))
+  export_model(directory, jax.tree.map(lambda x: 4.0 * x, variables),
+               {"model": "transformer_lm", "kwargs": kwargs, "num_classes": 1024, "step": 0})
+  return directory
+
+
+def test_cross_tokenizer_teacher_through_the_cli(bpe_teacher, data_dir, tmp_path):
+  """configs/lm.py:xtok_kl,tiny: a byte-level student from the BPE teacher through the CLI;
+  the alignment KL is finite and falls, and the run reports the aligned share and the
+  unmapped mass."""
+  workdir = tmp_path / "xtok"
+  run_cli([f"--config={LM}:xtok_kl,tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", f"--config.teachers.teacher.checkpoint="
+           f"{bpe_teacher}", "--config.num_steps=5", "--config.data.train_subset=80",
+           "--config.data.eval_subset=16", "--config.checkpoint_every_steps=5"])
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  kl = [r["train/loss/xtok_kl"] for r in rows if "train/loss/xtok_kl" in r]
+  assert len(kl) == 5 and all(np.isfinite(kl)) and kl[-1] < kl[0] - 0.05, kl
+  final = json.load(open(workdir / "result.json"))["final"]
+  # ~1 byte in 3 starts a BPE token: the share of byte positions with a teacher position.
+  assert 0.2 < final["eval/xtok_aligned/teacher"] < 0.5
+  assert 0.0 <= final["eval/xtok_unmapped/teacher"] < 0.01  # Only BOS/PAD map nowhere.
+  assert np.isfinite(final["eval/perplexity"])
+
+
+def test_only_aligning_terms_may_read_a_teacher_of_another_tokenizer(bpe_teacher, data_dir):
+  config = load_config_file(f"{LM}:xtok_kl,tiny", {
+      "data.data_dir": data_dir, "teachers.teacher.checkpoint": bpe_teacher})
+  with config.unlocked():
+    config.losses.xtok_kl.loss = "token_fkl"
+  with pytest.raises(ConfigError, match=r"config.losses.xtok_kl \(loss 'token_fkl'\) reads "
+                     r"teacher 'teacher', which has its own tokenizer.*uld, xtok_kl"):
+    build_run(config)
+  with pytest.raises(ConfigError, match="teachers.teacher.tokenizer: Unknown data.tokenizer"):
+    validate(load_config_file(f"{LM}:xtok_kl,tiny", {"teachers.teacher.tokenizer": "bpe2"}))

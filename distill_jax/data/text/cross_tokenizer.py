@@ -44,9 +44,11 @@ import numpy as np
 from absl import logging
 
 from distill_jax.data import batch_keys
+from distill_jax.data.sources import config_field
 from distill_jax.data.text.blackbox import first_student_token
+from distill_jax.data.text.packing import packed_split
 from distill_jax.losses.cross_tokenizer import XTOK_PREFIX, batch_key
-from distill_jax.models.tokenizers import ByteTokenizer, token_bytes_table
+from distill_jax.models.tokenizers import ByteTokenizer, get_tokenizer, token_bytes_table
 
 batch_keys.declare(
     XTOK_PREFIX, what="a cross-tokenizer teacher's tokens and alignment for the data's rows "
@@ -217,3 +219,42 @@ def log_counts(name: str, split: str, counts: Mapping[str, int]) -> None:
                "teacher position predicting the same boundary; %d rows cut at the teacher's "
                "length.", name, split, counts["aligned_positions"], counts["kept_positions"],
                counts["cut_rows"])
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossTokenizerData:
+  """What a run needs for its cross-tokenizer teachers: per split {batch key: fn(epoch, ids)
+  -> rows} (side data), each key's (shape without the row axis, dtype name), each teacher's
+  vocabulary map and the splits' counts."""
+
+  side_data: dict[str, dict[str, Any]]
+  shapes: dict[str, tuple[tuple[int, ...], str]]
+  vocab_maps: dict[str, np.ndarray]
+  counts: dict[str, dict[str, dict[str, int]]]
+
+
+def _rows_of(array: np.ndarray) -> Any:
+  return lambda epoch, ids: array[np.asarray(ids, np.int64)]
+
+
+def build(data_config: Any, teachers: Mapping[str, tuple[str, int]],
+          splits: Sequence[str]) -> CrossTokenizerData:
+  """The rows of `splits` re-tokenised and aligned for each teacher {name: (tokenizer name,
+  row length; 0: the data's seq_len)}, logged, as side data (`CrossTokenizerData`)."""
+  student = get_tokenizer(config_field(data_config, "tokenizer", "bytes"))
+  side_data: dict[str, dict[str, Any]] = {s: {} for s in splits}
+  shapes, maps, counts = {}, {}, {}
+  for name, (tokenizer, length) in teachers.items():
+    teacher = get_tokenizer(tokenizer)
+    maps[name] = vocab_map(teacher, student)
+    length = int(length) or int(data_config.seq_len)
+    counts[name] = {}
+    for split in splits:
+      packed = packed_split(data_config, split)
+      rows = teacher_rows(packed.tokens, packed.targets, packed.mask, student, teacher, length)
+      log_counts(name, split, rows.counts)
+      counts[name][split] = dict(rows.counts)
+      for key, array in rows.batch_arrays(name).items():
+        side_data[split][key] = _rows_of(array)
+        shapes[key] = (array.shape[1:], array.dtype.name)
+  return CrossTokenizerData(side_data, shapes, maps, counts)
