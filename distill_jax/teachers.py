@@ -15,7 +15,11 @@ unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward'
 
 Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with the same
 tokenizer.json>'`, the student's too): the language-model task's `check_teachers`
-(`tasks.language_model.check_tokenizers`) refuses a run that pairs two.
+(`tasks.language_model.check_tokenizers`) refuses a run that pairs two, unless the teacher
+names its own (`teachers.NAME.tokenizer='hf:<its directory>'`; cross-tokenizer distillation,
+docs/cross_tokenizer.md). Any language-model teacher may have its own tokenizer that way: it
+then predicts over that tokenizer's vocabulary (`load_teachers`) and reads the rows
+re-tokenised for it.
 
 Placement (`train/parallel.py`): a live teacher follows its model's tensor-parallel rules over
 the mesh's `tensor` axis (`parallel.mesh.tensor > 1`; transformer_lm's Megatron split, so an

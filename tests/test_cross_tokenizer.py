@@ -419,5 +419,12 @@ def test_only_aligning_terms_may_read_a_teacher_of_another_tokenizer(bpe_teacher
   with pytest.raises(ConfigError, match=r"config.losses.xtok_kl \(loss 'token_fkl'\) reads "
                      r"teacher 'teacher', which has its own tokenizer.*uld, xtok_kl"):
     build_run(config)
+  # On-policy: the student's samples are not re-tokenised for the teacher (yet).
+  config = load_config_file(f"{LM}:xtok_kl,tiny", {
+      "data.data_dir": data_dir, "teachers.teacher.checkpoint": bpe_teacher,
+      "on_policy.fraction": 0.5, "data.train_subset": 16, "data.eval_subset": 16})
+  with pytest.raises(ConfigError, match=r"xtok/teacher/index.*re-tokenising the student's "
+                     "samples per teacher"):
+    build_run(config)
   with pytest.raises(ConfigError, match="teachers.teacher.tokenizer: Unknown data.tokenizer"):
     validate(load_config_file(f"{LM}:xtok_kl,tiny", {"teachers.teacher.tokenizer": "bpe2"}))
