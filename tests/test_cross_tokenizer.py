@@ -428,3 +428,41 @@ def test_only_aligning_terms_may_read_a_teacher_of_another_tokenizer(bpe_teacher
     build_run(config)
   with pytest.raises(ConfigError, match="teachers.teacher.tokenizer: Unknown data.tokenizer"):
     validate(load_config_file(f"{LM}:xtok_kl,tiny", {"teachers.teacher.tokenizer": "bpe2"}))
+
+
+def _largest_intermediate(closed):
+  """The most elements of any value a jaxpr (and its sub-jaxprs: scan, remat) computes."""
+  def walk(jaxpr):
+    sizes = [0]
+    for eqn in jaxpr.eqns:
+      sizes += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")]
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            sizes.append(walk(inner))
+    return max(sizes)
+  return walk(closed.jaxpr)
+
+
+def test_lazy_cross_tokenizer_terms_never_hold_whole_logits():
+  """With lazy logits (chunks of 8 of 64 student positions, 48 teacher positions) no value of
+  the gradient's program is as large as either model's [L, V] logits: the vocabulary-chunked
+  losses stay chunked across tokenizers (traced only, nothing compiled)."""
+  rng = np.random.default_rng(8)
+  length, t_length, v_s, v_t = 64, 48, 40, 56
+  hidden = rng.normal(size=(1, length, D)).astype(np.float32)
+  kernel = rng.normal(size=(D, v_s)).astype(np.float32)
+  teacher = _lazy(rng.normal(size=(1, t_length, D)), rng.normal(size=(D, v_t)), 8)._replace(
+      features={xtok.VOCAB_MAP: jnp.asarray(rng.integers(-1, v_s, (1, v_t)), jnp.int32)})
+  batch = {"targets": jnp.zeros((1, length), jnp.int32), "mask": jnp.ones((1, length)),
+           xtok.batch_key("t", "index"): jnp.asarray(rng.integers(0, t_length, (1, length))),
+           xtok.batch_key("t", "mask"): jnp.ones((1, length))}
+  whole = min(length * v_s, t_length * v_t)
+  for fn in (xtok.xtok_kl, xtok.uld):
+    lazy = jax.make_jaxpr(jax.grad(lambda k, f=fn: f(_lazy(hidden, k, 8), {"t": teacher},
+                                                     batch)))(kernel)
+    explicit = jax.make_jaxpr(jax.grad(lambda k, f=fn: f(
+        Outputs(hidden @ k, {}, {}), {"t": teacher._replace(
+            logits=teacher.whole_logits(), hidden=None, head=None)}, batch)))(kernel)
+    assert _largest_intermediate(lazy) < whole // 4 <= whole <= _largest_intermediate(explicit)
