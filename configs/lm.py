@@ -174,14 +174,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 #     distill-jax --config=configs/lm.py:bpe_teacher --workdir=runs/lm/bpe_teacher
 #     distill-jax --config=configs/lm.py:xtok_kl --workdir=runs/lm/xtok_kl \
 #         --config.teachers.teacher.checkpoint=runs/lm/bpe_teacher
+#
+# `,gold` (GOLD, TRL's on-policy cross-tokenizer distillation): the first half of the run as
+# above on the corpus (a stage `offline`), then the same terms on-policy (fraction 0.5): the
+# student's samples are re-tokenised for the teacher inside the step.
 XTOK_ROLES = ("bpe_teacher", "xtok_kl", "uld")
 BPE_BOS = 0  # The embedded BPE's BOS id (models.tokenizers.BPE_SPECIAL_TOKENS).
 
 
 def xtok_config(role: str, options: list[str]) -> ml_collections.ConfigDict:
   """`configs/lm.py:ROLE[,tiny]` for ROLE in XTOK_ROLES (see the block's comment)."""
-  if set(options) - {"tiny"}:
-    raise ValueError(f"configs/lm.py arg {role!r}: expected {role}[,tiny].")
+  if set(options) - {"tiny", "gold"} or (role == "bpe_teacher" and "gold" in options):
+    raise ValueError(f"configs/lm.py arg {role!r}: expected {role}[,tiny] (xtok_kl and uld "
+                     "also take ',gold').")
   tiny = "tiny" in options
   teacher = {**(TINY_TEACHER if tiny else TEACHER), "bos_id": BPE_BOS}
   if role == "bpe_teacher":
@@ -189,7 +194,7 @@ def xtok_config(role: str, options: list[str]) -> ml_collections.ConfigDict:
     c.data.tokenizer = "bpe"
     c.student.kwargs = dict(teacher)
     return c
-  c = get_config(",".join(["ce", *options]))
+  c = get_config(",".join(["ce", *(o for o in options if o == "tiny")]))
   chunk = c.losses.token_ce.chunk_size
   c.teachers = ml_collections.ConfigDict({"teacher": teacher_config(
       "transformer_lm", teacher, tokenizer="bpe", seq_len=0)})
@@ -201,4 +206,10 @@ def xtok_config(role: str, options: list[str]) -> ml_collections.ConfigDict:
     c.losses = ml_collections.ConfigDict({"uld": {
         "weight": 1.0, "crossentropy_weight": 0.5, "distillation_weight": 0.5,
         "chunk_size": chunk}})
+  if "gold" in options:
+    c.stages = ml_collections.ConfigDict({"offline": {
+        "num_epochs": 0.0 if tiny else c.num_epochs / 2, "num_steps": 2 if tiny else 0,
+        "losses": c.losses.to_dict()}})
+    c.num_epochs = c.num_epochs / 2
+    c.on_policy.fraction = 0.5
   return c

@@ -21,7 +21,7 @@ from distill_jax.losses import cross_tokenizer as xtok
 from distill_jax.losses.tokens import token_fkl
 from distill_jax.models import build_model, tokenizers
 from distill_jax.models.tokenizers import get_tokenizer, train_bpe
-from distill_jax.train.build import build_run
+from distill_jax.train.build import build_run, init_state
 
 
 def test_bpe_is_deterministic_and_encodes_like_the_others():
@@ -392,23 +392,53 @@ def bpe_teacher(tmp_path_factory):
   return directory
 
 
-def test_cross_tokenizer_teacher_through_the_cli(bpe_teacher, data_dir, tmp_path):
-  """configs/lm.py:xtok_kl,tiny: a byte-level student from the BPE teacher through the CLI;
-  the alignment KL is finite and falls, and the run reports the aligned share and the
-  unmapped mass."""
+def test_cross_tokenizer_teacher_off_and_on_policy_through_the_cli(bpe_teacher, data_dir,
+                                                                  tmp_path):
+  """configs/lm.py:xtok_kl,gold,tiny: a byte-level student from the BPE teacher through the
+  CLI, 2 steps on the corpus (stage `offline`), then 3 on its own samples re-tokenised for the
+  teacher in the step (on_policy.fraction=1); the alignment KL is finite and falls in both,
+  and the run reports the aligned share and the unmapped mass."""
   workdir = tmp_path / "xtok"
-  run_cli([f"--config={LM}:xtok_kl,tiny", f"--workdir={workdir}",
+  run_cli([f"--config={LM}:xtok_kl,gold,tiny", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", f"--config.teachers.teacher.checkpoint="
-           f"{bpe_teacher}", "--config.num_steps=5", "--config.data.train_subset=80",
-           "--config.data.eval_subset=16", "--config.checkpoint_every_steps=5"])
+           f"{bpe_teacher}", "--config.num_steps=3", "--config.on_policy.fraction=1.0",
+           "--config.data.train_subset=80", "--config.data.eval_subset=16",
+           "--config.checkpoint_every_steps=6"])
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  kl = [r["train/loss/xtok_kl"] for r in rows if "train/loss/xtok_kl" in r]
-  assert len(kl) == 5 and all(np.isfinite(kl)) and kl[-1] < kl[0] - 0.05, kl
+  offline, online = ([r[f"{stage}/loss/xtok_kl"] for r in rows if f"{stage}/loss/xtok_kl" in r]
+                     for stage in ("offline", "train"))
+  assert len(offline) == 2 and len(online) == 3, (offline, online)
+  assert all(np.isfinite(offline + online)), (offline, online)
+  assert offline[1] < offline[0] and online[2] < online[0], (offline, online)
+  # On-policy rows keep only the generated tokens, which the teacher's rows follow.
+  assert all(0 < r["train/xtok_aligned/teacher"] <= 1 for r in rows if "train/loss" in r)
   final = json.load(open(workdir / "result.json"))["final"]
   # ~1 byte in 3 starts a BPE token: the share of byte positions with a teacher position.
   assert 0.2 < final["eval/xtok_aligned/teacher"] < 0.5
   assert 0.0 <= final["eval/xtok_unmapped/teacher"] < 0.01  # Only BOS/PAD map nowhere.
   assert np.isfinite(final["eval/perplexity"])
+
+
+def test_on_policy_rollout_retokenises_the_samples_for_the_teacher(bpe_teacher, data_dir):
+  """The rollout rebuilds the teacher's rows from the student's samples inside the compiled
+  function: exactly the data layer's rows of the sampled text."""
+  config = load_config_file(f"{LM}:xtok_kl,gold,tiny", {
+      "data.data_dir": data_dir, "teachers.teacher.checkpoint": bpe_teacher,
+      "on_policy.fraction": 1.0, "data.train_subset": 16, "data.eval_subset": 16})
+  run = build_run(config)
+  state = init_state(config, run)
+  batch = next(run.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                       seed=config.seed, side_data=run.side_data["train"]))
+  out = jax.device_get(jax.jit(run.extras.on_policy.rollout)(
+      {"params": state.params["student"]}, batch, jax.random.PRNGKey(1)))
+  rows = cross_tokenizer.teacher_rows(out["tokens"], out["targets"], out["mask"], BYTES,
+                                      get_tokenizer("bpe"), 32)
+  for key, expected in rows.batch_arrays("teacher").items():
+    np.testing.assert_array_equal(out[key], expected, err_msg=key)
+  generated = out["mask"] > 0
+  assert generated.sum() > 16 and 0 < rows.mask[generated].mean() < 1
+  assert not np.array_equal(out[xtok.batch_key("teacher", "index")],
+                            batch[xtok.batch_key("teacher", "index")])
 
 
 def test_only_aligning_terms_may_read_a_teacher_of_another_tokenizer(bpe_teacher, data_dir):
@@ -418,13 +448,6 @@ def test_only_aligning_terms_may_read_a_teacher_of_another_tokenizer(bpe_teacher
     config.losses.xtok_kl.loss = "token_fkl"
   with pytest.raises(ConfigError, match=r"config.losses.xtok_kl \(loss 'token_fkl'\) reads "
                      r"teacher 'teacher', which has its own tokenizer.*uld, xtok_kl"):
-    build_run(config)
-  # On-policy: the student's samples are not re-tokenised for the teacher (yet).
-  config = load_config_file(f"{LM}:xtok_kl,tiny", {
-      "data.data_dir": data_dir, "teachers.teacher.checkpoint": bpe_teacher,
-      "on_policy.fraction": 0.5, "data.train_subset": 16, "data.eval_subset": 16})
-  with pytest.raises(ConfigError, match=r"xtok/teacher/index.*re-tokenising the student's "
-                     "samples per teacher"):
     build_run(config)
   with pytest.raises(ConfigError, match="teachers.teacher.tokenizer: Unknown data.tokenizer"):
     validate(load_config_file(f"{LM}:xtok_kl,tiny", {"teachers.teacher.tokenizer": "bpe2"}))

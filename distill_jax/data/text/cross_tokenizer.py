@@ -50,11 +50,11 @@ from distill_jax.data.text.packing import packed_split
 from distill_jax.losses.cross_tokenizer import XTOK_PREFIX, batch_key
 from distill_jax.models.tokenizers import ByteTokenizer, get_tokenizer, token_bytes_table
 
+# The on-policy rollout rebuilds them from the student's samples
+# (`tasks.language_model.on_policy.Retokenize`), so they follow the tokens.
 batch_keys.declare(
-    XTOK_PREFIX, what="a cross-tokenizer teacher's tokens and alignment for the data's rows "
-    "({name})", fix="distill cross-tokenizer teachers on the data's rows "
-    "(config.on_policy.fraction=0): re-tokenising the student's samples per teacher inside the "
-    "step is not built yet")
+    XTOK_PREFIX, what="a cross-tokenizer teacher's tokens and alignment ({name}), rebuilt from "
+    "the student's samples by the on-policy rollout", follows_tokens=True)
 
 # A boundary's key: segment * SEGMENT + byte offset + 1 (BOS: offset -1); -1 for none.
 SEGMENT = 1 << 32

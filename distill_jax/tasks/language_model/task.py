@@ -45,7 +45,7 @@ from distill_jax.losses.chunking import chunked_per_token, fused_chunk_size
 from distill_jax.models import tokenizers
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.language_model.eval_sampler import EvalSampler
-from distill_jax.tasks.language_model.on_policy import on_policy_from_config
+from distill_jax.tasks.language_model.on_policy import Retokenize, on_policy_from_config
 
 
 def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -115,10 +115,15 @@ class LanguageModel(Task):
     if config.get("on_policy") is None:
       return None
     seq_len = int(example[self.input_key].shape[1])
+    data_tokenizer = config.data.get("tokenizer", "bytes")
+    retokenize = tuple(  # Cross-tokenizer teachers score the samples in their own tokens.
+        Retokenize(name, data_tokenizer, settings.tokenizer,
+                   int(settings.get("seq_len", 0)) or seq_len)
+        for name, settings in config.teachers.items() if settings.get("tokenizer"))
     try:
       on_policy = on_policy_from_config(
-          config.on_policy, student,
-          tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")), seq_len)
+          config.on_policy, student, tokenizers.get_tokenizer(data_tokenizer), seq_len,
+          retokenize)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     if on_policy is not None:
