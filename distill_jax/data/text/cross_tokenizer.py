@@ -28,6 +28,9 @@ position whose boundary falls inside a teacher token (a byte student reading 'a'
 token 'ab') has no teacher position and is masked. For a text tokenizer, pieces that share
 a character's start (a byte-level BPE cutting a character) keep only the first one's boundary.
 
+On-policy, the rollout rebuilds these keys from the student's samples with the same
+`teacher_rows`, called from the compiled step (`tasks.language_model.on_policy.Retokenize`).
+
 Vocabulary (`vocab_map`): each teacher id maps to the student token its text starts with
 (`blackbox.first_student_token`, the black-box files' prefix marginalisation), the teacher's
 EOS to the student's; ids with no text (BOS, PAD, other specials) and, for a student that
