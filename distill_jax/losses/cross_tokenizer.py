@@ -126,6 +126,8 @@ def map_probs(probs: jax.Array, vocab_map: jax.Array | None, size: int
 
 def _teacher_weights(names: tuple[str, ...], aggregation: str, weights: tuple[float, ...]
                      ) -> dict[str, float]:
+  if len(names) == 1:  # One teacher (or the one named): every aggregation is that teacher.
+    return {names[0]: 1.0}
   if aggregation not in XTOK_AGGREGATIONS:
     raise ValueError(f"Cross-tokenizer terms take aggregation {list(XTOK_AGGREGATIONS)} "
                      f"(per-token weights need one vocabulary), got {aggregation!r}.")

@@ -223,7 +223,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
   side_data = {split: {teacher_cache.batch_key(n): readers[split]
                        for n, readers in caches.items()} for split in splits}
-  cross = _cross_tokenizer_data(config, splits)
+  # Teachers with their own tokenizer: their rows and alignment (side data), vocabulary maps.
+  cross = cross_tokenizer.from_config(config.teachers, config.data, splits)
   for split in splits:
     side_data[split].update(cross.side_data.get(split, {}))
   num_train = task_info.num_examples[config.data.train_split]
@@ -271,17 +272,6 @@ def _check_cache_support(config: ml_collections.ConfigDict, task: tasks.Task) ->
     raise config_lib.ConfigError(
         f"config.teachers.{cached[0]}.cache: task {config.get('task')!r} cannot read teacher "
         "caches yet; unset the cache to run the teacher live.")
-
-
-def _cross_tokenizer_data(config: ml_collections.ConfigDict, splits: tuple[str, str]
-                          ) -> cross_tokenizer.CrossTokenizerData:
-  """The teachers with their own tokenizer (`teachers.NAME.tokenizer`): the rows re-tokenised
-  and aligned for each (side data) and their vocabulary maps; empty without such teachers."""
-  own = {name: (settings.tokenizer, settings.get("seq_len", 0))
-         for name, settings in config.teachers.items() if settings.get("tokenizer")}
-  if not own:
-    return cross_tokenizer.CrossTokenizerData({}, {}, {}, {})
-  return cross_tokenizer.build(config.data, own, splits)
 
 
 def _build_student(config: ml_collections.ConfigDict, num_classes: int, parallel: Parallel

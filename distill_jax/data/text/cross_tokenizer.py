@@ -240,6 +240,15 @@ def _rows_of(array: np.ndarray) -> Any:
   return lambda epoch, ids: array[np.asarray(ids, np.int64)]
 
 
+def from_config(teachers_config: Mapping[str, Any], data_config: Any, splits: Sequence[str]
+                ) -> CrossTokenizerData:
+  """`build` for the entries of `config.teachers` with their own tokenizer
+  (`teachers.NAME.tokenizer`, `teachers.NAME.seq_len`); empty without any."""
+  own = {name: (settings["tokenizer"], settings.get("seq_len", 0))
+         for name, settings in teachers_config.items() if settings.get("tokenizer")}
+  return build(data_config, own, splits) if own else CrossTokenizerData({}, {}, {}, {})
+
+
 def build(data_config: Any, teachers: Mapping[str, tuple[str, int]],
           splits: Sequence[str]) -> CrossTokenizerData:
   """The rows of `splits` re-tokenised and aligned for each teacher {name: (tokenizer name,
