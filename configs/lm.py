@@ -82,6 +82,8 @@ def hidden_terms(student: dict, teacher: dict) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   role, *options = (arg or "fkl").split(",")
+  if role in XTOK_ROLES:  # Cross-tokenizer distillation: the block at the end of this file.
+    return xtok_config(role, options)
   allowed = {"tiny", {"sequence": "kd", "gkd": "warm", "ce": "warm"}.get(role, "tiny")}
   if role not in ROLES or set(options) - allowed:
     raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
@@ -159,4 +161,55 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_samples = 2 if role == "gkd" else 0  # The other tiny runs skip the extra compile.
     for stage in c.stages.values():
       stage.num_epochs, stage.num_steps = 0.0, 2
+  return c
+
+
+# ---------------------------------------------------------------- cross-tokenizer distillation
+# A teacher with another tokenizer than the student's (docs/cross_tokenizer.md): `bpe_teacher`
+# is the teacher trained on the corpus in the embedded BPE's tokens (data.tokenizer='bpe', 1024
+# ids); `xtok_kl` and `uld` distill the byte-level student from it (its tokenizer named by
+# teachers.teacher.tokenizer='bpe'), CE 0.5 + the alignment KL 0.5, or ULD (its own CE 0.5 +
+# the sorted-probability distance 0.5):
+#
+#     distill-jax --config=configs/lm.py:bpe_teacher --workdir=runs/lm/bpe_teacher
+#     distill-jax --config=configs/lm.py:xtok_kl --workdir=runs/lm/xtok_kl \
+#         --config.teachers.teacher.checkpoint=runs/lm/bpe_teacher
+#
+# `,gold` (GOLD, TRL's on-policy cross-tokenizer distillation): the first half of the run as
+# above on the corpus (a stage `offline`), then the same terms on-policy (fraction 0.5): the
+# student's samples are re-tokenised for the teacher inside the step.
+XTOK_ROLES = ("bpe_teacher", "xtok_kl", "uld")
+BPE_BOS = 0  # The embedded BPE's BOS id (models.tokenizers.BPE_SPECIAL_TOKENS).
+
+
+def xtok_config(role: str, options: list[str]) -> ml_collections.ConfigDict:
+  """`configs/lm.py:ROLE[,tiny]` for ROLE in XTOK_ROLES (see the block's comment)."""
+  if set(options) - {"tiny", "gold"} or (role == "bpe_teacher" and "gold" in options):
+    raise ValueError(f"configs/lm.py arg {role!r}: expected {role}[,tiny] (xtok_kl and uld "
+                     "also take ',gold').")
+  tiny = "tiny" in options
+  teacher = {**(TINY_TEACHER if tiny else TEACHER), "bos_id": BPE_BOS}
+  if role == "bpe_teacher":
+    c = get_config(",".join(["teacher", *options]))
+    c.data.tokenizer = "bpe"
+    c.student.kwargs = dict(teacher)
+    return c
+  c = get_config(",".join(["ce", *(o for o in options if o == "tiny")]))
+  chunk = c.losses.token_ce.chunk_size
+  c.teachers = ml_collections.ConfigDict({"teacher": teacher_config(
+      "transformer_lm", teacher, tokenizer="bpe", seq_len=0)})
+  if role == "xtok_kl":
+    c.losses = ml_collections.ConfigDict({
+        "token_ce": {"weight": 0.5, "chunk_size": chunk},
+        "xtok_kl": {"weight": 0.5, "chunk_size": chunk}})
+  else:
+    c.losses = ml_collections.ConfigDict({"uld": {
+        "weight": 1.0, "crossentropy_weight": 0.5, "distillation_weight": 0.5,
+        "chunk_size": chunk}})
+  if "gold" in options:
+    c.stages = ml_collections.ConfigDict({"offline": {
+        "num_epochs": 0.0 if tiny else c.num_epochs / 2, "num_steps": 2 if tiny else 0,
+        "losses": c.losses.to_dict()}})
+    c.num_epochs = c.num_epochs / 2
+    c.on_policy.fraction = 0.5
   return c

@@ -38,6 +38,7 @@ from distill_jax.data import default_data_config
 from distill_jax.losses import LOSSES
 from distill_jax.losses.objective import build_objective, term_ranges
 from distill_jax.models.forward import DTYPES
+from distill_jax.models.tokenizers import get_tokenizer
 from distill_jax.train.metrics import check_writers
 
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -190,12 +191,14 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
         check_range(f"stages.{name}.{key}", stage[key], rule)
 
 
-TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size", "dtype")
+TEACHER_KEYS = ("model", "kwargs", "checkpoint", "cache", "input_size", "dtype", "tokenizer",
+                "seq_len")
 
 
 def teacher_config(model: str, kwargs: dict[str, Any] | None = None, checkpoint: str = "",
                    cache: str | None = None, input_size: tuple[int, int] | None = None,
-                   dtype: str = "float32") -> ml_collections.ConfigDict:
+                   dtype: str = "float32", tokenizer: str | None = None,
+                   seq_len: int = 0) -> ml_collections.ConfigDict:
   """One entry of `config.teachers`, with every key present so each can be overridden:
 
   `model` and `kwargs` build it, `checkpoint` is a teacher run's workdir (or its `model/`
@@ -204,13 +207,21 @@ def teacher_config(model: str, kwargs: dict[str, Any] | None = None, checkpoint:
   `input_size=(H, W)` (optional) the image size it was trained at, when not the data's: its
   inputs are resized to it; `dtype` its forward's compute dtype ('bfloat16' halves its
   memory and time on accelerators).
+
+  A language-model teacher with its own tokenizer (`tokenizer`: a `data.tokenizer` name such
+  as 'bpe'; cross-tokenizer distillation, `data/text/cross_tokenizer.py`) reads the rows
+  re-tokenised for it, `seq_len` tokens each (0: the data's `seq_len`); only then are the two
+  keys present (so the configs of teachers that share the data's tokenizer stay as they were).
   """
   placeholder = ml_collections.config_dict.placeholder
-  return ml_collections.ConfigDict({
+  entry = {
       "model": model, "kwargs": dict(kwargs or {}), "checkpoint": checkpoint,
       "cache": placeholder(str) if cache is None else cache,
       "input_size": placeholder(tuple) if input_size is None else tuple(input_size),
-      "dtype": dtype})
+      "dtype": dtype}
+  if tokenizer is not None:
+    entry.update(tokenizer=tokenizer, seq_len=int(seq_len))
+  return ml_collections.ConfigDict(entry)
 
 
 def import_modules(config: ml_collections.ConfigDict) -> None:
@@ -220,6 +231,30 @@ def import_modules(config: ml_collections.ConfigDict) -> None:
       importlib.import_module(name)
     except ImportError as e:
       raise ConfigError(f"config.imports names {name!r}, which cannot be imported: {e}") from e
+
+
+def _check_teacher_tokenizer(config: ml_collections.ConfigDict, name: str,
+                             teacher: ml_collections.ConfigDict) -> None:
+  """A teacher's own tokenizer (`teachers.NAME.tokenizer`): a known one, for a language model,
+  read live (a cache holds logits of the data's rows), at a row length >= 0."""
+  tokenizer = teacher.get("tokenizer")
+  if not tokenizer:
+    return
+  if (config.get("task") or tasks.DEFAULT_TASK) != "language_model":
+    raise ConfigError(f"config.teachers.{name}.tokenizer={tokenizer!r}: a teacher's own "
+                      "tokenizer is for language models (config.task='language_model').")
+  try:
+    get_tokenizer(tokenizer)
+  except ValueError as e:
+    raise ConfigError(f"config.teachers.{name}.tokenizer: {e}") from None
+  if teacher.get("cache"):
+    raise ConfigError(f"config.teachers.{name}: a teacher with its own tokenizer runs live "
+                      f"(its cache would hold the data's rows); unset "
+                      f"config.teachers.{name}.cache.")
+  seq_len = teacher.get("seq_len", 0)
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+    raise ConfigError(f"config.teachers.{name}.seq_len must be an integer >= 0 (0: the "
+                      f"data's seq_len), got {seq_len!r}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -241,6 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
       _check_kwargs(f"teachers.{name}", teacher.model, teacher.get("kwargs"))
     _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)
+    _check_teacher_tokenizer(config, name, teacher)
   try:
     build_objective(config.losses, list(config.teachers))
   except (KeyError, ValueError) as e:

@@ -15,7 +15,11 @@ unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward'
 
 Its tokenizer must be the data's (`config.data.tokenizer = 'hf:<a directory with the same
 tokenizer.json>'`, the student's too): the language-model task's `check_teachers`
-(`tasks.language_model.check_tokenizers`) refuses a run that pairs two.
+(`tasks.language_model.check_tokenizers`) refuses a run that pairs two, unless the teacher
+names its own (`teachers.NAME.tokenizer='hf:<its directory>'`; cross-tokenizer distillation,
+docs/cross_tokenizer.md). Any language-model teacher may have its own tokenizer that way: it
+then predicts over that tokenizer's vocabulary (`load_teachers`) and reads the rows
+re-tokenised for it.
 
 Placement (`train/parallel.py`): a live teacher follows its model's tensor-parallel rules over
 the mesh's `tensor` axis (`parallel.mesh.tensor > 1`; transformer_lm's Megatron split, so an
@@ -56,6 +60,9 @@ class Teacher:
   input_size: tuple[int, int] | None = None  # (H, W) it sees; None: the data's own size.
   dtype: str | None = None  # Its forward's compute dtype (None: float32).
   tokenizer: str | None = None  # An open-weights teacher's tokenizer.json.
+  # config.teachers.NAME.tokenizer: it reads the rows re-tokenised in its own tokens
+  # (cross-tokenizer distillation); None: the data's tokens.
+  own_tokenizer: str | None = None
 
   def input_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The (H, W, C) this teacher runs at, given the data's (H, W, C)."""
@@ -159,10 +166,18 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int, *,
 def load_teachers(teachers_config: Mapping[str, Any], num_classes: int,
                   input_shape: tuple[int, ...], *, mask_documents: bool = False,
                   shardings: Any = None) -> dict[str, Teacher]:
-  """`load_teacher` for each entry of `config.teachers`."""
-  return {name: load_teacher(name, settings, num_classes, input_shape,
-                             mask_documents=mask_documents, shardings=shardings)
-          for name, settings in teachers_config.items()}
+  """`load_teacher` for each entry of `config.teachers`; a teacher with its own tokenizer
+  (`teachers.NAME.tokenizer`) predicts over that tokenizer's vocabulary, not `num_classes`."""
+  from distill_jax.models.tokenizers import get_tokenizer
+
+  loaded = {}
+  for name, settings in teachers_config.items():
+    own = settings.get("tokenizer") or None
+    classes = get_tokenizer(own).vocab_size if own else num_classes
+    teacher = load_teacher(name, settings, classes, input_shape,
+                           mask_documents=mask_documents, shardings=shardings)
+    loaded[name] = dataclasses.replace(teacher, own_tokenizer=own)
+  return loaded
 
 
 def student_masks_documents(config: Any) -> bool:

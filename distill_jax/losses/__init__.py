@@ -19,11 +19,13 @@ Beside the losses: `objective` (the config's weighted sum of terms: `build_objec
 `connectors` (the trainable maps that module terms use). The modules, by kind of loss:
 `logits`, `features` (feature maps), `relations` (between a batch's examples), `hints`,
 `factor_transfer`, `contrastive`; for language models `tokens`, `token_topk`, `token_layers`,
-all reduced per token by `chunking`. Shared helpers are in `base`.
+`cross_tokenizer` (teachers of other tokenizers), all reduced per token by `chunking`.
+Shared helpers are in `base`.
 """
 
 from distill_jax.losses import (
     contrastive,  # noqa: F401  (registers crd)
+    cross_tokenizer,  # noqa: F401  (registers xtok_kl, uld)
     factor_transfer,  # noqa: F401  (registers ft, ft_paraphraser)
     features,  # noqa: F401  (registers at, nst, fsp)
     hints,  # noqa: F401  (registers fitnet, vid, ab)

@@ -3,9 +3,19 @@
 `ByteTokenizer` maps a document to `[BOS, its UTF-8 bytes..., EOS]` (ids 0..255 are the bytes,
 then BOS 256, EOS 257, PAD 258: a vocabulary of 259). Nothing to download or train, and bits per
 byte follow directly from the loss. `HfTokenizer` reads a Hugging Face tokenizer.json (the one of
-an open-weights model directory, `models/hf.py`). Every tokenizer's `byte_lengths` gives the
-UTF-8 bytes of text each id stands for, which bits per byte divide by. `get_tokenizer` turns the
-setting `data.tokenizer` (`bytes` or `hf:<directory>`) into one.
+an open-weights model directory, `models/hf.py`). `bpe` is a second tokenizer family for the
+embedded corpus: a byte-level BPE of `BPE_VOCAB_SIZE` ids trained (`train_bpe`) on the train
+split of `pydoc_topics` and committed beside this module (`bpe/tokenizer.json`, made by
+`scripts/train_bpe.py`), read as an `HfTokenizer` named 'bpe'. Every tokenizer's
+`byte_lengths` gives the UTF-8 bytes of text each id stands for, which bits per byte divide by.
+`get_tokenizer` turns the setting `data.tokenizer` (`bytes`, `bpe` or `hf:<directory>`) into one.
+
+Why the BPE is committed, not trained on first use: a tokenizer is part of every model trained
+with it (an exported teacher's ids mean nothing under another vocabulary), so it must be the
+same file on every machine. The corpus it is trained from is Python's own documentation, which
+changes a little between Python versions; a tokenizer trained on first use would silently
+differ between them. The file is ~40 kB, and `scripts/train_bpe.py --check` says whether this
+Python's corpus still gives it.
 
 They live beside the models that read their ids (a leaf of the models layer: this module
 imports nothing of distill_jax); the data layer packs text with them.
@@ -19,7 +29,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -226,14 +236,77 @@ def _hf_byte_lengths(path: str, vocab_size: int) -> np.ndarray:
   return lengths
 
 
-TOKENIZERS = {"bytes": ByteTokenizer()}
+def token_bytes_table(tokenizer: ByteTokenizer | HfTokenizer) -> tuple[bytes, ...]:
+  """The bytes of text each id of `tokenizer` stands for ([vocab_size]; special tokens and ids
+  past the vocabulary b''), so a row of ids is its text's bytes joined, cut anywhere, even
+  inside a character. Defined for tokenizers whose ids are bytes: `bytes`, and byte-level
+  BPEs (`bpe`, GPT-2/Llama-3/Qwen-style `hf:` directories); raises ValueError for others
+  (a SentencePiece vocabulary's pieces are not the text's bytes)."""
+  if isinstance(tokenizer, ByteTokenizer):
+    return tuple(bytes([i]) if i < 256 else b"" for i in range(tokenizer.vocab_size))
+  return _hf_token_bytes(tokenizer.path, tokenizer.vocab_size)
+
+
+@functools.cache
+def _hf_token_bytes(path: str, vocab_size: int) -> tuple[bytes, ...]:
+  with open(path, encoding="utf-8") as f:
+    spec = json.load(f)
+  if not (_uses(spec.get("pre_tokenizer"), "ByteLevel")
+          or _uses(spec.get("decoder"), "ByteLevel")):
+    raise ValueError(f"{path} is not a byte-level BPE: its tokens are not the text's bytes, "
+                     "which cross-tokenizer rows are cut from; use a byte-level tokenizer "
+                     "(bytes, bpe, or a GPT-2/Llama-3/Qwen-style tokenizer.json).")
+  vocab = spec["model"]["vocab"]
+  pieces = ({i: entry[0] for i, entry in enumerate(vocab)} if isinstance(vocab, list)
+            else {int(i): piece for piece, i in vocab.items()})
+  alphabet = _byte_level_alphabet()
+  table = [b""] * vocab_size
+  for i, piece in pieces.items():
+    if i < vocab_size:
+      table[i] = b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8")
+                          for c in piece)
+  for token in spec.get("added_tokens", []):
+    if token["id"] < vocab_size:
+      table[token["id"]] = b"" if token.get("special") else token["content"].encode("utf-8")
+  return tuple(table)
+
+
+BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe")
+BPE_VOCAB_SIZE = 1024
+BPE_SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # BOS, EOS, PAD: ids 0, 1, 2.
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = BPE_VOCAB_SIZE) -> str:
+  """A byte-level BPE (GPT-2's scheme: any text, no unknown token) of `vocab_size` ids trained
+  on `texts`, as tokenizer.json text: BOS `<s>`, EOS `</s>`, PAD `<pad>` (ids 0, 1, 2), the
+  256 byte symbols, then the merges. Deterministic: the same texts give the same file."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                special_tokens=list(BPE_SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(list(texts), trainer=trainer)
+  return tok.to_str(pretty=True)
+
+
+def bpe_tokenizer() -> HfTokenizer:
+  """The committed byte-level BPE of the embedded corpus (`data.tokenizer='bpe'`)."""
+  return dataclasses.replace(HfTokenizer.from_dir(BPE_DIR), name="bpe")
+
+
+TOKENIZERS = {"bytes": ByteTokenizer, "bpe": bpe_tokenizer}
 
 
 def get_tokenizer(name: str) -> ByteTokenizer | HfTokenizer:
-  """`bytes`, or `hf:<directory>`: the tokenizer.json of a Hugging Face model directory."""
+  """`bytes`, `bpe` (the embedded corpus's BPE), or `hf:<directory>`: the tokenizer.json of a
+  Hugging Face model directory."""
   if name.startswith("hf:"):
     return HfTokenizer.from_dir(name[3:])
   if name not in TOKENIZERS:
     raise ValueError(f"Unknown data.tokenizer {name!r}; choose one of {sorted(TOKENIZERS)} "
                      "or 'hf:<directory holding tokenizer.json>'.")
-  return TOKENIZERS[name]
+  return TOKENIZERS[name]()

@@ -25,6 +25,7 @@ from distill_jax import config as config_lib
 from distill_jax import data as data_lib
 from distill_jax import models, optim, tasks
 from distill_jax.data import teacher_cache
+from distill_jax.data.text import cross_tokenizer
 from distill_jax.losses.objective import Objective, build_objective
 from distill_jax.models.forward import ApplyFn
 from distill_jax.teachers import Teacher, init_shapes, load_teachers, student_masks_documents
@@ -222,6 +223,10 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   teacher_vars = {n: {} if n in caches else t.variables for n, t in teachers.items()}
   side_data = {split: {teacher_cache.batch_key(n): readers[split]
                        for n, readers in caches.items()} for split in splits}
+  # Teachers with their own tokenizer: their rows and alignment (side data), vocabulary maps.
+  cross = cross_tokenizer.from_config(config.teachers, config.data, splits)
+  for split in splits:
+    side_data[split].update(cross.side_data.get(split, {}))
   num_train = task_info.num_examples[config.data.train_split]
   if config.data.get("train_subset", 0):
     num_train = min(num_train, int(config.data.train_subset))
@@ -235,9 +240,11 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
       student_dtype=config.get("dtype", "float32"), input_key=task.input_key,
-      fused_logits=config.get("fused_logits", 0))
+      fused_logits=config.get("fused_logits", 0), vocab_maps=cross.vocab_maps)
   example = _example(config, task, task_info, {
       teacher_cache.batch_key(n): readers[splits[0]].output_shape for n, readers in caches.items()})
+  for key, (shape, dtype) in cross.shapes.items():
+    example[key] = jnp.zeros((config.batch_size, *shape), dtype)
   add_side_data(objective, config, num_train, side_data[splits[0]], example)
   # Trace the objective once, abstractly (init and a call): a term whose features do not fit
   # (shapes, connectors) or whose settings are wrong fails here, naming the term and layers,

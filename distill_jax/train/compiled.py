@@ -8,15 +8,17 @@ pieces call them directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill_jax import config as config_lib
 from distill_jax import tasks
 from distill_jax.data import teacher_cache
+from distill_jax.losses import cross_tokenizer as xtok
 from distill_jax.losses.objective import Objective
 from distill_jax.models.forward import ApplyFn, check_features, list_features, make_apply
 from distill_jax.teachers import Teacher, init_shapes
@@ -26,8 +28,9 @@ from distill_jax.train.parallel import Parallel
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
                   input_key: str, cached: tuple[str, ...] = (),
-                  student_dtype: str | None = None,
-                  fused_logits: int = 0) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  student_dtype: str | None = None, fused_logits: int = 0,
+                  vocab_maps: Mapping[str, np.ndarray] | None = None
+                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards on `batch[input_key]` (the task's `input_key`),
   tapping what the objective compares.
 
@@ -39,7 +42,12 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
   logits from the batch, so no term may ask for its features.
+
+  `vocab_maps` {teacher: int32 [its vocabulary]}: the teachers with their own tokenizer
+  (cross-tokenizer distillation): each reads its own ids (`xtok/NAME/tokens`) and its outputs
+  carry its map onto the student's vocabulary (`losses.cross_tokenizer.with_vocab_map`).
   """
+  vocab_maps = dict(vocab_maps or {})
   student_vars = init_shapes(student, input_shape)
   check_features(f"Student {student_name}", objective.student_features,
                  list_features(student, student_vars, input_shape))
@@ -62,12 +70,17 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
             f"config.fused_logits={fused_logits} computes logits from the final hidden states "
             f"through the model's `head`, which the {desc} lacks (a language model such as "
             "transformer_lm or 'hf' has one); set config.fused_logits=0.")
+  def teacher_apply(name: str, t: Teacher) -> ApplyFn:
+    if name in cached:
+      return teacher_cache.cached_apply(name)
+    key = xtok.batch_key(name, "tokens") if name in vocab_maps else input_key
+    apply = make_apply(t.module, input_key=key, features=objective.teacher_features(name),
+                       input_size=t.input_size, dtype=t.dtype, fused_chunk=fused_logits)
+    return xtok.with_vocab_map(apply, vocab_maps[name]) if name in vocab_maps else apply
+
   return (make_apply(student, input_key=input_key, features=objective.student_features,
                      dtype=student_dtype, fused_chunk=fused_logits),
-          {name: teacher_cache.cached_apply(name) if name in cached else
-           make_apply(t.module, input_key=input_key, features=objective.teacher_features(name),
-                      input_size=t.input_size, dtype=t.dtype, fused_chunk=fused_logits)
-           for name, t in teachers.items()})
+          {name: teacher_apply(name, t) for name, t in teachers.items()})
 
 
 def compile_steps(parallel: Parallel, student_apply: ApplyFn,

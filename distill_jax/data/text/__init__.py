@@ -12,6 +12,8 @@ One module per job; import the one you need (`from distill_jax.data.text import 
 - `catalog.py`: the TFDS catalog's `tiny_shakespeare` and `lm1b` builders, prepared without
   TensorFlow (`scripts/prepare_data.py`).
 - `blackbox.py`: a black-box teacher's JSONL outputs as a data set (`data.name='jsonl'`).
+- `cross_tokenizer.py`: the rows re-tokenised and aligned for a live teacher with its own
+  tokenizer (`teachers.NAME.tokenizer`), and its vocabulary map onto the student's.
 
-The tokenizers (`bytes`, `hf:<directory>`) live beside the models in `models/tokenizers.py`.
+The tokenizers (`bytes`, `bpe`, `hf:<directory>`) live beside the models in `models/tokenizers.py`.
 """

@@ -226,7 +226,14 @@ def _first_token(tokenizer: Any, text: str) -> int | None:
   starts with this id; for the byte-level student its first byte), or None when it has no
   text: a named special token, an empty string, or (for a student that reads text, not
   bytes) a `bytes:\\xNN` piece that is no whole character."""
-  data = token_bytes(text)
+  return first_student_token(tokenizer, token_bytes(text))
+
+
+def first_student_token(tokenizer: Any, data: bytes) -> int | None:
+  """The first student token of the text `data` (bytes): the rule of prefix marginalisation,
+  shared by the black-box files' alternatives and a live teacher's vocabulary
+  (`cross_tokenizer.vocab_map`). None for no bytes, or (a student that reads text) bytes
+  that are no whole UTF-8 text."""
   if tokenizer.name == "bytes":
     return data[0] if data else None
   try:

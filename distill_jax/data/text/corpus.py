@@ -22,6 +22,27 @@ PYDOC_NUM_TEST = 8
 PYDOC_SPLIT_SEED = 0
 
 
+def _pydoc_order() -> tuple[list[str], np.ndarray]:
+  """The sorted topic names and the split's permutation of them (the last 8 are `test`)."""
+  from pydoc_data import topics
+
+  names = sorted(topics.topics)
+  return names, np.random.default_rng(PYDOC_SPLIT_SEED).permutation(len(names))
+
+
+def pydoc_texts(split: str) -> list[str]:
+  """The documents of `split` ('train' or 'test') in stored order, as text, read straight from
+  `pydoc_data` (no prepared data set needed): what `scripts/train_bpe.py` trains the 'bpe'
+  tokenizer on (the train split only)."""
+  from pydoc_data import topics
+
+  names, order = _pydoc_order()
+  picked = {"train": order[:-PYDOC_NUM_TEST], "test": order[-PYDOC_NUM_TEST:]}.get(split)
+  if picked is None:
+    raise ValueError(f"pydoc_topics has splits 'train' and 'test', not {split!r}.")
+  return [topics.topics[names[i]] for i in picked.tolist()]
+
+
 @EMBEDDED.register("pydoc_topics")
 class PydocTopics(tfds.core.GeneratorBasedBuilder):
   """Python's own documentation topics (`pydoc_data.topics`) as a text data set.
@@ -61,11 +82,10 @@ class PydocTopics(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
     del dl_manager  # Nothing to download: the text ships with Python.
+    names, order = _pydoc_order()
     from pydoc_data import topics
 
-    names = sorted(topics.topics)
     texts = [np.frombuffer(topics.topics[n].encode("utf-8"), np.uint8) for n in names]
-    order = np.random.default_rng(PYDOC_SPLIT_SEED).permutation(len(names))
     return {"train": self._generate_examples(texts, order[:-PYDOC_NUM_TEST]),
             "test": self._generate_examples(texts, order[-PYDOC_NUM_TEST:])}
 

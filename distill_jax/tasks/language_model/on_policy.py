@@ -1,5 +1,10 @@
 """On-policy distillation (GKD): the student continues each row's prompt and the teachers
-score its own text (`OnPolicy`, built from `config.on_policy` by `on_policy_from_config`)."""
+score its own text (`OnPolicy`, built from `config.on_policy` by `on_policy_from_config`).
+
+A teacher with its own tokenizer (`teachers.NAME.tokenizer`) scores the samples in its own
+tokens, as TRL's GOLD trainer does: `Retokenize` rebuilds its rows and alignment
+(`data/text/cross_tokenizer.py`, host code) from the sampled rows inside the compiled step
+(`jax.pure_callback`), so the cross-tokenizer terms compare the student's own text."""
 
 from __future__ import annotations
 
@@ -9,10 +14,45 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from distill_jax.data.text import cross_tokenizer
+from distill_jax.losses.cross_tokenizer import batch_key
+from distill_jax.models.tokenizers import get_tokenizer
 from distill_jax.tasks.language_model.generate import check_settings, sample
 
 ON_POLICY_SALT = 0x6B64  # fold_in(state.rng, this): the on-policy keys, apart from the others.
+
+
+@dataclasses.dataclass(frozen=True)
+class Retokenize:
+  """Teacher `teacher`'s rows (`xtok/NAME/tokens`, `index`, `mask`) rebuilt from a batch's
+  student rows: the data layer's `cross_tokenizer.teacher_rows` on the host, called from the
+  compiled step (`jax.pure_callback`; per device's rows under pmap). Hashable (static)."""
+
+  teacher: str
+  student_tokenizer: str
+  teacher_tokenizer: str
+  length: int  # The teacher's row length.
+
+  def host(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = cross_tokenizer.teacher_rows(
+        np.asarray(tokens), np.asarray(targets), np.asarray(mask),
+        get_tokenizer(self.student_tokenizer), get_tokenizer(self.teacher_tokenizer),
+        self.length)
+    return rows.tokens, rows.index, rows.mask
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    rows, length = batch["tokens"].shape
+    shapes = (jax.ShapeDtypeStruct((rows, self.length), jnp.int32),
+              jax.ShapeDtypeStruct((rows, length), jnp.int32),
+              jax.ShapeDtypeStruct((rows, length), jnp.float32))
+    tokens, index, mask = jax.pure_callback(
+        self.host, shapes, batch["tokens"], batch["targets"], batch["mask"],
+        vmap_method="sequential")
+    return {batch_key(self.teacher, "tokens"): tokens, batch_key(self.teacher, "index"): index,
+            batch_key(self.teacher, "mask"): mask}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +74,8 @@ class OnPolicy:
   top_k: int = 0
   eos_id: int | None = None
   pad_id: int = 0
+  # The teachers with their own tokenizer: their rows rebuilt from the samples.
+  retokenize: tuple[Retokenize, ...] = ()
 
   @staticmethod
   def keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -47,9 +89,10 @@ class OnPolicy:
 
     tokens [B, L]: the first `prompt_len` tokens, the N sampled ones, then `pad_id`; targets:
     the next token; mask: 1 where the target is a generated token (up to and including EOS);
-    document: the prompt's last document on the kept generated tokens, -1 after. Every other
-    key is passed through as it is, so it must not describe the original tokens: the step
-    refuses those that would (`data.batch_keys`, `Task.rollout_keys`).
+    document: the prompt's last document on the kept generated tokens, -1 after; each
+    cross-tokenizer teacher's rows rebuilt from these (`retokenize`). Every other key is
+    passed through as it is, so it must not describe the original tokens: the step refuses
+    those that would (`data.batch_keys`, `Task.rollout_keys`).
     """
     tokens, mask = sample(self.model, jax.lax.stop_gradient(variables),
                           batch["tokens"][:, :self.prompt_len],
@@ -71,6 +114,8 @@ class OnPolicy:
       generated = jnp.arange(length)[None, :] >= self.prompt_len
       out["document"] = jnp.where(generated, jnp.where(mask > 0, last, -1),
                                   batch["document"]).astype(batch["document"].dtype)
+    for retokenize in self.retokenize:
+      out.update(retokenize(out))
     return out
 
   def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
@@ -91,10 +136,11 @@ class OnPolicy:
     return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw), lambda b: b, batch)
 
 
-def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: int
-                          ) -> OnPolicy | None:
-  """The `OnPolicy` of `config.on_policy` (None when absent or `fraction` is 0); raises
-  ValueError naming the setting that does not fit."""
+def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: int,
+                          retokenize: tuple[Retokenize, ...] = ()) -> OnPolicy | None:
+  """The `OnPolicy` of `config.on_policy` (None when absent or `fraction` is 0), rebuilding
+  the rows of the cross-tokenizer teachers of `retokenize`; raises ValueError naming the
+  setting that does not fit."""
   if settings is None or float(settings.get("fraction", 0.0)) == 0.0:
     return None
   fraction = float(settings.fraction)
@@ -113,4 +159,5 @@ def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: in
     raise ValueError(f"config.on_policy needs a student that can decode (transformer_lm), not "
                      f"{type(model).__name__}.")
   return OnPolicy(model, fraction, prompt_len, new, temperature, top_k,
-                  getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", 0))
+                  getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", 0),
+                  tuple(retokenize))

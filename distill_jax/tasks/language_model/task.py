@@ -38,12 +38,14 @@ from distill_jax.common.rules import ConfigError
 from distill_jax.data import batch_keys
 from distill_jax.data.text import batches, packing
 from distill_jax.data.text import info as text_info
+from distill_jax.losses import LOSSES
+from distill_jax.losses import cross_tokenizer as xtok
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
 from distill_jax.losses.chunking import chunked_per_token, fused_chunk_size
 from distill_jax.models import tokenizers
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.language_model.eval_sampler import EvalSampler
-from distill_jax.tasks.language_model.on_policy import on_policy_from_config
+from distill_jax.tasks.language_model.on_policy import Retokenize, on_policy_from_config
 
 
 def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -82,8 +84,11 @@ class LanguageModel(Task):
   rollout_keys: tuple[str, ...] = ("tokens", "targets", "mask", "document", "id")
 
   def check_teachers(self, teachers: Mapping[str, Any], config: Any) -> None:
-    """Every open-weights teacher's tokenizer is the data's (`check_tokenizers`)."""
+    """Every open-weights teacher's tokenizer is the data's (`check_tokenizers`), unless the
+    teacher has its own (`teachers.NAME.tokenizer`), which only the terms that align
+    tokenizations may read (`check_aligned_terms`)."""
     check_tokenizers(teachers, config.data.get("tokenizer"))
+    check_aligned_terms(config)
 
   def student_init(self, config: Any) -> Any:
     """The open weights of `config.student.init` (models.hf.student_config), else None."""
@@ -98,7 +103,10 @@ class LanguageModel(Task):
     """The on-policy rollout (`config.on_policy`, else None) and the eval samples
     (`config.eval_samples`, else None)."""
     on_policy = self._on_policy(config, student, example)
-    sampler = EvalSampler.from_config(config, student, teacher_applies, on_policy)
+    # The samples are the student's tokens: teachers with their own tokenizer do not score them.
+    same = {n: a for n, a in teacher_applies.items()
+            if not config.teachers[n].get("tokenizer")}
+    sampler = EvalSampler.from_config(config, student, same, on_policy)
     return TaskExtras(on_policy=on_policy, sampler=sampler)
 
   def _on_policy(self, config: Any, student: Any, example: Mapping[str, jax.Array]) -> Any:
@@ -107,10 +115,15 @@ class LanguageModel(Task):
     if config.get("on_policy") is None:
       return None
     seq_len = int(example[self.input_key].shape[1])
+    data_tokenizer = config.data.get("tokenizer", "bytes")
+    retokenize = tuple(  # Cross-tokenizer teachers score the samples in their own tokens.
+        Retokenize(name, data_tokenizer, settings.tokenizer,
+                   int(settings.get("seq_len", 0)) or seq_len)
+        for name, settings in config.teachers.items() if settings.get("tokenizer"))
     try:
       on_policy = on_policy_from_config(
-          config.on_policy, student,
-          tokenizers.get_tokenizer(config.data.get("tokenizer", "bytes")), seq_len)
+          config.on_policy, student, tokenizers.get_tokenizer(data_tokenizer), seq_len,
+          retokenize)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     if on_policy is not None:
@@ -172,12 +185,16 @@ class LanguageModel(Task):
         values["agreement"] = (pred == ensemble).astype(jnp.float32)
       return values
 
-    values = _per_token(per_token, student, teachers, batch)
-    return {name: masked_mean(v, mask) for name, v in values.items()}
+    same, cross = _split_teachers(teachers)
+    values = _per_token(per_token, student, same, batch)
+    return {**{name: masked_mean(v, mask) for name, v in values.items()},
+            **{k: masked_mean(v, m if mask is None else m * mask)
+               for k, (v, m) in _xtok_values(student, cross, batch).items()}}
 
   def eval_sums(self, student: Outputs, teachers: Mapping[str, Outputs],
                 batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     mask = batch["mask"].astype(jnp.float32)
+    teachers, cross = _split_teachers(teachers)
     names = list(teachers) + (["ensemble"] if len(teachers) > 1 else [])
 
     def per_token(logits, teacher_logits, targets):
@@ -195,16 +212,76 @@ class LanguageModel(Task):
 
     total = lambda x: masked_sum(x, mask)  # Drops a NaN at padding (mask * NaN is NaN).
     values = _per_token(per_token, student, teachers, batch)
+    # A cross-tokenizer teacher's means are over its own positions: each has its count.
+    xtok_sums = {k: (masked_sum(v, m * mask), jnp.sum(m * mask))
+                 for k, (v, m) in _xtok_values(student, cross, batch).items()}
     return {"count": jnp.sum(mask), "num_bytes": total(batch["target_bytes"]),
-            **{name: total(v) for name, v in values.items()}}
+            **{name: total(v) for name, v in values.items()},
+            **{k: s for k, (s, _) in xtok_sums.items()},
+            **{f"{k}/count": c for k, (_, c) in xtok_sums.items()}}
 
   def eval_means(self, totals: Mapping[str, float]) -> dict[str, float]:
     totals = dict(totals)
     num_bytes = totals.pop("num_bytes")
-    means = super().eval_means(totals)
+    own = {k[:-len("/count")]: totals.pop(k) for k in list(totals)
+           if k.startswith("xtok_") and k.endswith("/count")}
+    own = {k: totals.pop(k) / max(count, 1.0) for k, count in own.items()}
+    means = {**super().eval_means(totals), **own}
     means["perplexity"] = math.exp(min(means["ce"], 700.0))
     means["bits_per_byte"] = totals["ce"] / math.log(2) / max(num_bytes, 1.0)
     return means
+
+
+def _split_teachers(teachers: Mapping[str, Outputs]
+                    ) -> tuple[dict[str, Outputs], dict[str, Outputs]]:
+  """(teachers that read the data's tokens, teachers with their own tokenizer)."""
+  cross = {n: t for n, t in teachers.items() if xtok.VOCAB_MAP in t.features}
+  return {n: t for n, t in teachers.items() if n not in cross}, cross
+
+
+def _xtok_values(student: Outputs, teachers: Mapping[str, Outputs],
+                 batch: Mapping[str, jax.Array]) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Per cross-tokenizer teacher, per student position [B, L], (value, the positions its mean
+  is over): `xtok_aligned/NAME` (whether a teacher position predicts the same boundary; over
+  every position) and `xtok_unmapped/NAME` (the teacher's probability on tokens that start
+  with no student token, which `xtok_kl` drops; over the aligned positions)."""
+  values = {}
+  for name, teacher in teachers.items():
+    mass, aligned = xtok.unmapped_mass(name, teacher, batch, student)
+    values[f"xtok_aligned/{name}"] = (aligned, jnp.ones_like(aligned))
+    values[f"xtok_unmapped/{name}"] = (mass, aligned)
+  return values
+
+
+def check_aligned_terms(config: Any) -> None:
+  """Raises unless every loss term that reads a teacher with its own tokenizer
+  (`teachers.NAME.tokenizer`) aligns tokenizations (`xtok_kl`, `uld`): the others compare the
+  student's and the teacher's outputs position by position over one vocabulary."""
+  own = [n for n, s in config.teachers.items() if s.get("tokenizer")]
+  if not own:
+    return
+  stages = {"losses": config.losses, **{f"stages.{s}.losses": st.losses
+                                        for s, st in config.stages.items()}}
+  for where, terms in stages.items():
+    for term, settings in terms.items():
+      loss = (settings or {}).get("loss", term)
+      fn = LOSSES.get(loss) if loss in LOSSES else None
+      if fn is None or not getattr(fn, "uses_teachers", True) or xtok.aligns_tokens(fn):
+        continue
+      named = (settings or {}).get("teacher")
+      readers = [named] if named else own
+      for name in readers:
+        if name in own:
+          raise ConfigError(
+              f"config.{where}.{term} (loss {loss!r}) reads teacher {name!r}, which has its "
+              f"own tokenizer (config.teachers.{name}.tokenizer="
+              f"{config.teachers[name].tokenizer!r}): only the terms that align "
+              f"tokenizations can ({', '.join(sorted(_aligning_losses()))}); use one, or "
+              f"point the term at another teacher (config.{where}.{term}.teacher=...).")
+
+
+def _aligning_losses() -> list[str]:
+  return [name for name in LOSSES.names() if xtok.aligns_tokens(LOSSES.get(name))]
 
 
 def check_tokenizers(teachers: Mapping[str, Any], data_tokenizer: str | None) -> None:
@@ -214,6 +291,15 @@ def check_tokenizers(teachers: Mapping[str, Any], data_tokenizer: str | None) ->
   data_tokenizer = data_tokenizer or "bytes"
   for name, teacher in teachers.items():
     if teacher.tokenizer is None:
+      continue
+    if getattr(teacher, "own_tokenizer", None):  # Cross-tokenizer: its own must be its file.
+      own = tokenizers.get_tokenizer(teacher.own_tokenizer)
+      if not (isinstance(own, tokenizers.HfTokenizer) and own.fingerprint()
+              == tokenizers.HfTokenizer.from_dir(teacher.tokenizer).fingerprint()):
+        raise CheckpointError(
+            f"Teacher {name!r} uses the tokenizer {teacher.tokenizer} but config.teachers."
+            f"{name}.tokenizer={teacher.own_tokenizer!r} names another; set it to "
+            f"hf:{os.path.dirname(teacher.tokenizer)}.")
       continue
     ours = tokenizers.get_tokenizer(data_tokenizer)
     if not (isinstance(ours, tokenizers.HfTokenizer) and
