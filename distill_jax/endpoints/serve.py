@@ -253,6 +253,14 @@ class Handler(BaseHTTPRequestHandler):
       raise schema.RequestError(f"The request body is not valid JSON: {e}.") from None
 
 
+class _HTTPServer(ThreadingHTTPServer):
+  """A thread per connection; a listen backlog for many clients connecting at once (the
+  stdlib's default of 5 refuses connections beyond it)."""
+
+  daemon_threads = True
+  request_queue_size = 1024
+
+
 @dataclasses.dataclass
 class Server:
   """A running server: `url` (`http://host:port/v1`, an OpenAI client's base_url), `close()`."""
@@ -304,8 +312,7 @@ def start(model: str | engines.ServedModel, host: str = "127.0.0.1", port: int =
   limits = schema.Limits(served.name, min(max_new_tokens, context - 1),
                          max_prompt_tokens or context - 1, context, max_n or max_batch)
   engine = engines.Engine(served, max_batch=max_batch, window_s=window_s)
-  http = ThreadingHTTPServer((host, port), Handler)
-  http.daemon_threads = True
+  http = _HTTPServer((host, port), Handler)
   http.service = Service(served, engine, limits, timeout_s)
   thread = threading.Thread(target=http.serve_forever, name="serve-http", daemon=True)
   thread.start()
