@@ -7,7 +7,11 @@ field while the server goes on answering, and 64 concurrent clients all get thei
 
 import functools
 import json
+import signal
+import subprocess
+import sys
 import threading
+import types
 import urllib.error
 import urllib.request
 
@@ -272,3 +276,32 @@ def test_64_concurrent_clients_each_get_their_own_greedy_answer(server, referenc
   assert not wrong, wrong[:3]
   assert server.engine.rows - rows == 128
   assert server.engine.batches - batches < 128 / 2  # Batched: 4 slots, most of them full.
+
+
+def test_the_command_serves_until_interrupted_and_refuses_a_bad_directory(lm, tmp_path,
+                                                                           capsys):
+  """`distill-jax serve` as a user runs it: it prints its URL, answers, and Ctrl-C (SIGINT)
+  ends it with exit code 0. A directory with no model is one line on stderr, exit code 2."""
+  from conftest import ROOT, cli_env
+
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "distill_jax.main", "serve", f"--model={lm[2]}", "--port=0",
+       "--max_new_tokens=4", "--served_name=cli-lm"], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("Serving 'cli-lm' at http://127.0.0.1:"), (line, proc.stderr.read()
+                                                                      if not line else "")
+    url = line.split(" at ")[1].split(" ")[0]
+    with urllib.request.urlopen(url + "/models", timeout=60) as response:
+      assert json.loads(response.read())["data"][0]["id"] == "cli-lm"
+    status, body = _post(types.SimpleNamespace(url=url), "/completions", json.dumps(
+        {"model": "cli-lm", "prompt": "ab", "max_tokens": 3, "temperature": 0}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] <= 3
+  finally:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+  assert proc.returncode == 0
+  assert serve.main([f"--model={tmp_path}"]) == 2
+  error = capsys.readouterr().err.strip()
+  assert "holds neither an exported model" in error and "\n" not in error, error
