@@ -187,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
 
   protocol_version = "HTTP/1.1"
   server_version = "distill-jax-serve"
+  timeout = 300  # Seconds a connection may stay silent (a body shorter than its length).
 
   def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name.
     logging.debug("%s %s", self.address_string(), format % args)
