@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from distill_jax.common.model_io import export_model
+from distill_jax.data.text import blackbox
 from distill_jax.endpoints import schema, serve
 from distill_jax.models import build_model
 from distill_jax.models.tokenizers import ByteTokenizer
@@ -332,9 +333,13 @@ def test_an_open_weights_directory_with_its_own_tokenizer():
       break
   new = tokens[0, len(ids):t + 1]
   body = new[:-1] if new[-1] == tok.eos_id else new
-  assert choice.text == tok.decode(new) and len(body) > 0
+  # The text is the tokens' bytes joined (the reader's own parse of the names; a random model's
+  # bytes need not be UTF-8), which is the tokenizer's decode but for a leading space its
+  # decoder drops at a document's start.
+  assert len(body) > 0 and choice.text.lstrip(" ") == tok.decode(new).lstrip(" ")
+  joined = b"".join(map(blackbox.token_bytes, choice.logprobs.tokens))
+  assert joined.decode("utf-8", errors="replace") == choice.text
   assert choice.finish_reason == ("stop" if new[-1] == tok.eos_id else "length")
-  assert choice.logprobs.tokens == [generate.token_str(tok, int(t)) for t in body]
   logits = np.asarray(forward(variables, tokens), np.float64)[0, len(ids) - 1:]
   lp = logits - logits.max(-1, keepdims=True)
   lp = (lp - np.log(np.exp(lp).sum(-1, keepdims=True)))[:len(body)]
@@ -342,5 +347,20 @@ def test_an_open_weights_directory_with_its_own_tokenizer():
                              atol=1e-5)
   for row, top in zip(lp, choice.logprobs.top_logprobs, strict=True):
     want = np.argsort(-row)[:2]
-    assert list(top) == [generate.token_str(tok, int(t)) for t in want]
     np.testing.assert_allclose(list(top.values()), row[want], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_token_bytes_of_the_hf_fixtures(name):
+  """`token_bytes_table` (what the server names tokens by) agrees with `hf_byte_lengths` on
+  every id, and a text's ids join back to its bytes (byte-fallback, SentencePiece and
+  byte-level BPE tokenizers)."""
+  from conftest import ROOT
+
+  from distill_jax.models import tokenizers
+
+  tok = tokenizers.HfTokenizer.from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", name))
+  table = tokenizers.token_bytes_table(tok)
+  assert [len(b) for b in table] == tok.byte_lengths().tolist()
+  for text in ("hi hi", "hé 😀 x", " Ünï 中"):
+    assert b"".join(table[i] for i in tok.encode(text)[1:-1]) == text.encode("utf-8")

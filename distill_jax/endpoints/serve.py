@@ -16,19 +16,22 @@ KV-cache sampler; its docstring says how and why). The stdlib `ThreadingHTTPServ
 connection on its own thread, which waits for its rows; one worker thread owns the device.
 
 Responses. Completions' `logprobs` (with `logprobs: K`): `tokens` (each generated token's
-text, `generate.token_str`), `token_logprobs`, `top_logprobs` (per token, the K most likely
+name, `Vocab.name`), `token_logprobs`, `top_logprobs` (per token, the K most likely
 tokens -> log-prob) and `text_offset` (where each token starts, in characters of prompt +
 completion, as OpenAI counts). Chat's (`logprobs: true, top_logprobs: K`): `content`, per token
 `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`. The log-probs are those of
 the distribution sampled from: at the request's temperature T > 0, `log_softmax(logits / T)`
 (before the top-k/top-p cut); at temperature 0 the model's own. EOS ends a choice
-(`finish_reason: "stop"`) and is not reported as a token; a `stop` string cuts the text before
-it (`"stop"` too), keeping the tokens that start before the cut; otherwise `"length"`.
+(`finish_reason: "stop"`) and is not reported as a token; a choice's text is its tokens' bytes
+joined (`Vocab`: a continuation keeps the leading space a decoder may drop), so tokens and text
+always agree; a `stop` string cuts the text before it (`"stop"` too), keeping the tokens that
+start before the cut; otherwise `"length"`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import sys
@@ -44,18 +47,42 @@ from absl import logging
 from distill_jax.common.model_io import CheckpointError
 from distill_jax.endpoints import engine as engines
 from distill_jax.endpoints import schema
-from distill_jax.models.tokenizers import ByteTokenizer
-from distill_jax.tasks.language_model.generate import token_str
+from distill_jax.models.tokenizers import token_bytes_table
+from distill_jax.tasks.language_model.generate import SPECIAL_NAMES, token_str
 
 MAX_BODY = 4 << 20  # Bytes a request body may have.
 
 
-def token_bytes(tokenizer: Any, token: int) -> list[int]:
-  """The UTF-8 bytes a token stands for (chat's `bytes`): a byte token's own byte, else its
-  text's; [] for the special tokens."""
-  if isinstance(tokenizer, ByteTokenizer):
-    return [token] if token < 256 else []
-  return list(tokenizer.decode([token]).encode("utf-8"))
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """How a tokenizer's ids are reported: each id's bytes (`tokenizers.token_bytes_table`) and
+  its name. A name is its bytes as text, or `bytes:\\xNN...` when they are no whole UTF-8
+  text (as APIs write a piece of a character); the special tokens `generate.token_str`'s
+  names (`<eos>`, ...) with no bytes. A choice's text is its tokens' bytes joined, so the
+  tokens always join to the text (the black-box reader checks that)."""
+
+  tokenizer: Any
+
+  @functools.cached_property
+  def table(self) -> tuple[bytes, ...]:
+    return token_bytes_table(self.tokenizer)
+
+  def name(self, token: int) -> str:
+    special = {getattr(self.tokenizer, f, None) for f in SPECIAL_NAMES}
+    if token in special:
+      return token_str(self.tokenizer, token)
+    data = self.table[token] if token < len(self.table) else b""
+    try:
+      return data.decode("utf-8")
+    except UnicodeDecodeError:
+      return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+  def bytes(self, token: int) -> list[int]:
+    return list(self.table[token]) if token < len(self.table) else []
+
+  def text(self, ids: Any) -> str:
+    return b"".join(self.table[int(t)] for t in ids if int(t) < len(self.table)).decode(
+        "utf-8", errors="replace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +97,11 @@ class Choice:
   kept: int  # How many of the Generated's tokens are reported.
 
 
-def cut(tokenizer: Any, generated: engines.Generated, stop: tuple[str, ...]) -> Choice:
+def cut(vocab: Vocab, generated: engines.Generated, stop: tuple[str, ...]) -> Choice:
   """A Generated -> its Choice: EOS dropped; the text cut before the first `stop` string."""
   ids = generated.ids[:-1] if generated.eos else generated.ids
-  offsets = [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
-  text = tokenizer.decode(ids)
+  offsets = [len(vocab.text(ids[:i])) for i in range(len(ids))]
+  text = vocab.text(ids)
   reason = "stop" if generated.eos else "length"
   found = [i for i in (text.find(s) for s in stop) if i >= 0]
   if found:
@@ -84,22 +111,21 @@ def cut(tokenizer: Any, generated: engines.Generated, stop: tuple[str, ...]) -> 
   return Choice(text, ids, reason, offsets, len(ids))
 
 
-def completion_logprobs(tokenizer: Any, g: engines.Generated, c: Choice, k: int, start: int
+def completion_logprobs(vocab: Vocab, g: engines.Generated, c: Choice, k: int, start: int
                         ) -> dict[str, Any]:
   """Completions' `logprobs` object for a choice (`start`: the prompt's length in characters)."""
-  tokens = [token_str(tokenizer, int(t)) for t in c.ids]
-  top = [{token_str(tokenizer, int(t)): float(v) for t, v in zip(ids[:k], lps[:k], strict=True)}
+  top = [{vocab.name(int(t)): float(v) for t, v in zip(ids[:k], lps[:k], strict=True)}
          for ids, lps in zip(g.top_ids[:c.kept], g.top_logprobs[:c.kept], strict=True)]
-  return {"tokens": tokens, "token_logprobs": [float(v) for v in g.logprobs[:c.kept]],
+  return {"tokens": [vocab.name(int(t)) for t in c.ids],
+          "token_logprobs": [float(v) for v in g.logprobs[:c.kept]],
           "top_logprobs": top, "text_offset": [start + o for o in c.offsets]}
 
 
-def chat_logprobs(tokenizer: Any, g: engines.Generated, c: Choice, k: int) -> dict[str, Any]:
+def chat_logprobs(vocab: Vocab, g: engines.Generated, c: Choice, k: int) -> dict[str, Any]:
   """Chat's `logprobs` object for a choice."""
 
   def entry(t: int, lp: float) -> dict[str, Any]:
-    return {"token": token_str(tokenizer, t), "logprob": float(lp),
-            "bytes": token_bytes(tokenizer, t)}
+    return {"token": vocab.name(t), "logprob": float(lp), "bytes": vocab.bytes(t)}
 
   content = []
   for i, t in enumerate(c.ids):
@@ -115,6 +141,7 @@ class Service:
   def __init__(self, served: engines.ServedModel, engine: engines.Engine, limits: schema.Limits,
                timeout_s: float = 600.0):
     self.served, self.engine, self.limits, self.timeout_s = served, engine, limits, timeout_s
+    self.vocab = Vocab(served.tokenizer)
     self.created = int(time.time())
 
   def models(self) -> dict[str, Any]:
@@ -159,18 +186,18 @@ class Service:
 
   def _shape(self, request: schema.Request, encoded: list[np.ndarray], rows: list,
              results: list[engines.Generated]) -> dict[str, Any]:
-    tok, k = self.served.tokenizer, request.top_logprobs
+    vocab, k = self.vocab, request.top_logprobs
     choices = []
     for (p, row), g in zip(rows, results, strict=True):
-      c = cut(tok, g, request.stop)
+      c = cut(vocab, g, request.stop)
       choice: dict[str, Any] = {"index": row.index, "finish_reason": c.finish_reason}
       if request.chat:
         choice["message"] = {"role": "assistant", "content": c.text}
-        choice["logprobs"] = None if k is None else chat_logprobs(tok, g, c, k)
+        choice["logprobs"] = None if k is None else chat_logprobs(vocab, g, c, k)
       else:
         choice["text"] = c.text
         choice["logprobs"] = (None if k is None else
-                              completion_logprobs(tok, g, c, k, len(request.prompts[p])))
+                              completion_logprobs(vocab, g, c, k, len(request.prompts[p])))
       choices.append(choice)
     prompt_tokens = sum(len(ids) for ids in encoded)
     completion_tokens = sum(len(g.ids) for g in results)
