@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -364,3 +365,29 @@ def test_token_bytes_of_the_hf_fixtures(name):
   assert [len(b) for b in table] == tok.byte_lengths().tolist()
   for text in ("hi hi", "hé 😀 x", " Ünï 中"):
     assert b"".join(table[i] for i in tok.encode(text)[1:-1]) == text.encode("utf-8")
+
+
+def test_a_failed_batch_is_a_500_and_a_body_without_length_a_411(server, client):
+  """The worker survives a batch that raises (its requests get a 500 in the error shape, the
+  next request is answered), and a POST without Content-Length gets a 411, not a hang."""
+  run = server.engine._run
+  calls = []
+
+  def fail_once(rows):
+    calls.append(len(rows))
+    if len(calls) == 1:
+      raise RuntimeError("device lost")
+    return run(rows)
+
+  server.engine._run = fail_once
+  try:
+    with pytest.raises(openai.InternalServerError, match="RuntimeError: device lost"):
+      client.completions.create(**GOOD)
+    assert client.completions.create(**GOOD).choices[0].finish_reason in ("stop", "length")
+  finally:
+    del server.engine._run
+  assert len(calls) == 2
+  with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
+    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = connection.recv(65536).decode()
+  assert reply.startswith("HTTP/1.1 411") and "Content-Length header is required" in reply
