@@ -389,5 +389,8 @@ def test_a_failed_batch_is_a_500_and_a_body_without_length_a_411(server, client)
   assert len(calls) == 2
   with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
     connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
-    reply = connection.recv(65536).decode()
+    reply = b""
+    while chunk := connection.recv(65536):  # The server closes the connection after it.
+      reply += chunk
+    reply = reply.decode()
   assert reply.startswith("HTTP/1.1 411") and "Content-Length header is required" in reply
