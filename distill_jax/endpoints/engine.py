@@ -74,14 +74,17 @@ def load_served_model(path: str, tokenizer: str | None = None, name: str | None 
 
   The tokenizer: `tokenizer` (`bytes` or `hf:<directory>`) when given; else a run's
   `config.json`'s `data.tokenizer` (the run's workdir, or the export's parent); else the HF
-  directory's own; else bytes. `name` (default the directory's name) is the model clients
-  name; `dtype` an HF directory's ('float32' or 'bfloat16')."""
+  directory's own; else bytes. `name` (default the directory's name; a run's for its
+  `model/`) is the model clients name; `dtype` an HF directory's weights' and forward's
+  ('float32' or 'bfloat16')."""
   path = os.path.normpath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"--model={path}: no such directory (a run's workdir, an export "
                           "directory or a Hugging Face model directory).")
   export = resolve_export_dir(path)
   default_name = os.path.basename(path)
+  if default_name == "model":  # A run's export: the run's name.
+    default_name = os.path.basename(os.path.dirname(path)) or default_name
   if os.path.exists(os.path.join(export, "model.json")):
     meta = read_model_meta(export)
     module = models.build_model(meta["model"], meta["num_classes"], **(meta.get("kwargs") or {}))

@@ -323,13 +323,14 @@ class Server:
 def start(model: str | engines.ServedModel, host: str = "127.0.0.1", port: int = 0, *,
           max_batch: int = 8, max_prompt_tokens: int | None = None, max_new_tokens: int = 256,
           max_n: int | None = None, tokenizer: str | None = None, name: str | None = None,
-          window_s: float = 0.005, timeout_s: float = 600.0) -> Server:
+          window_s: float = 0.005, timeout_s: float = 600.0, dtype: str = "float32"
+          ) -> Server:
   """Loads `model` (a directory, as `engine.load_served_model` takes, or a ServedModel) and
   serves it on a background thread; `port=0` picks a free port (`Server.port`). Limits:
   `max_prompt_tokens` (default the context - 1), `max_new_tokens` (at most the context - 1),
   `max_n` choices per request (default `max_batch`)."""
   served = (model if isinstance(model, engines.ServedModel)
-            else engines.load_served_model(model, tokenizer, name))
+            else engines.load_served_model(model, tokenizer, name, dtype))
   context = served.module.context
   for setting, value, high in (("max_batch", max_batch, None), ("max_n", max_n, None),
                                ("max_prompt_tokens", max_prompt_tokens, context - 1),
@@ -367,6 +368,8 @@ def main(args: list[str]) -> int:
                       help="bytes or hf:<directory> (default: the run's, or the HF directory's)")
   parser.add_argument("--served_name", default=None,
                       help="the model name clients send (default: the directory's name)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="a Hugging Face directory's weights and compute dtype")
   parser.add_argument("--window_ms", type=float, default=5.0,
                       help="how long the worker gathers rows into a batch")
   flags = parser.parse_args(args)
@@ -375,7 +378,7 @@ def main(args: list[str]) -> int:
                    max_prompt_tokens=flags.max_prompt_tokens,
                    max_new_tokens=flags.max_new_tokens, max_n=flags.max_n,
                    tokenizer=flags.tokenizer, name=flags.served_name,
-                   window_s=flags.window_ms / 1000)
+                   window_s=flags.window_ms / 1000, dtype=flags.dtype)
   except (ValueError, OSError, CheckpointError) as e:
     print(f"serve: {e}", file=sys.stderr, flush=True)
     return 2
