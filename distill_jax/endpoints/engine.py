@@ -10,10 +10,11 @@ Fixed-slot batching: one worker thread owns the device. It waits for a row, then
 to `window_s` (or until `max_batch` rows) more rows with the same sampling settings
 (temperature, top_k, top_p: the sampler compiles them in), and decodes them together with the
 compiled KV-cache sampler (`tasks.language_model.generate.sample`); rows with other settings
-wait for the next batch, in order. Every batch has `max_batch` slots (unused ones hold a
-one-token prompt that ends at once), its prompts are left-padded to a power-of-two width and
-its budget is a power of two too, so the sampler compiles at most once per (prompt width,
-budget, settings): log2(context)^2 shapes per setting, whatever the traffic. Fixed slots
+wait for the next batch, in order. A batch has a power of two of slots, at most `max_batch`
+(unused ones hold a one-token prompt that ends at once: a lone request costs a batch of 1, not
+of `max_batch`), its prompts are left-padded to a power-of-two width and its budget is a power
+of two too, so the sampler compiles at most once per (slots, prompt width, budget, settings):
+(log2(max_batch) + 1) * log2(context)^2 shapes per setting, whatever the traffic. Fixed slots
 rather than continuous batching because the sampler runs a whole batch in one compiled loop
 (which is what makes it fast here); a row that ends early idles until its batch ends, and a
 row's own `max_tokens` ends it (its mask) without ending the batch.
@@ -246,7 +247,8 @@ class Engine:
 
   def _run(self, rows: list[Row]) -> list[Generated]:
     """Decodes up to `max_batch` rows of one setting in one compiled call."""
-    tok, slots = self.served.tokenizer, self.max_batch
+    tok = self.served.tokenizer
+    slots = min(self.max_batch, 1 << (len(rows) - 1).bit_length())  # A power of two.
     longest, budget = max(len(r.ids) for r in rows), max(r.max_tokens for r in rows)
     new = bucket(budget, self.context - longest)
     width = bucket(longest, self.context - new)
