@@ -30,7 +30,7 @@ heads, context) behind `distill-jax serve` in-process, on 127.0.0.1, once per `-
 value (1: one request at a time), and drives it with `--serve_clients` concurrent HTTP clients
 sending `--serve_requests` greedy completions in all (prompts of 8 to 24 bytes,
 `--serve_tokens` new tokens each): requests/s, generated tokens/s, and the process's RSS before
-and after the load. Compilation is excluded (one round of requests first).
+and after the load. Compilation is excluded (`Engine.warm_up` first).
 
 `--task=lm` times configs/lm.py's language models and ends with the attention memory rows
 (`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
@@ -83,6 +83,7 @@ flags.DEFINE_integer("serve_requests", 256, "serve: requests in all, per --serve
 flags.DEFINE_integer("serve_tokens", 32, "serve: new tokens per request (max_tokens).")
 flags.DEFINE_list("serve_batches", ["1", "8"], "serve: the server's --max_batch values.")
 flags.DEFINE_string("serve_model", "2,128,4,128", "serve: layers,width,heads,context.")
+flags.DEFINE_float("serve_window_ms", 0.0, "serve: the server's --window_ms.")
 flags.DEFINE_integer("seq_len", 128, "lm: tokens per row.")
 flags.DEFINE_integer("vocab", 259, "lm: vocabulary of the timed steps (259: byte-level).")
 flags.DEFINE_integer("lm_big_vocab", 32000, "lm: vocabulary of the memory comparison.")
@@ -768,7 +769,8 @@ def serve_table() -> list[dict]:
   rows = []
   for max_batch in map(int, FLAGS.serve_batches):
     server = serve.start(directory, port=0, max_batch=max_batch,
-                         max_new_tokens=FLAGS.serve_tokens, name="bench")
+                         max_new_tokens=FLAGS.serve_tokens, name="bench",
+                         window_s=FLAGS.serve_window_ms / 1000)
 
     def post(prompt, url=server.url):
       body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": FLAGS.serve_tokens,
@@ -796,7 +798,7 @@ def serve_table() -> list[dict]:
         t.join()
       return sum(done)
 
-    drive(prompts[:max(max_batch, FLAGS.serve_clients)])  # Compiles every shape used.
+    server.engine.warm_up(25, FLAGS.serve_tokens)  # Compiles every shape the load uses.
     before, batches = _rss_mib(), server.engine.batches
     start = time.perf_counter()
     tokens = drive(prompts)

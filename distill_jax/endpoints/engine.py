@@ -1,21 +1,23 @@
 """The device side of `distill-jax serve`: the served model and the worker that batches rows.
 
     served = load_served_model("runs/lm/teacher")       # a run, an export or an HF directory
-    engine = Engine(served, max_batch=8, window_s=0.005)
+    engine = Engine(served, max_batch=8)
     future = engine.submit(Row(ids, max_tokens=16, seed=..., index=0, temperature=0.0))
     result = future.result()                             # a Generated
     engine.stop()
 
-Fixed-slot batching: one worker thread owns the device. It waits for a row, then gathers for up
-to `window_s` (or until `max_batch` rows) more rows with the same sampling settings
-(temperature, top_k, top_p: the sampler compiles them in), and decodes them together with the
-compiled KV-cache sampler (`tasks.language_model.generate.sample`); rows with other settings
-wait for the next batch, in order. A batch has a power of two of slots, at most `max_batch`
-(unused ones hold a one-token prompt that ends at once: a lone request costs a batch of 1, not
-of `max_batch`), its prompts are left-padded to a power-of-two width and its budget is a power
-of two too, so the sampler compiles at most once per (slots, prompt width, budget, settings):
-(log2(max_batch) + 1) * log2(context)^2 shapes per setting, whatever the traffic. Fixed slots
-rather than continuous batching because the sampler runs a whole batch in one compiled loop
+Fixed-slot batching: one worker thread owns the device. It waits for a row, then gathers the
+rows already waiting (and those arriving within `window_s`, default 0: under load the queue
+fills while a batch runs, and a lone request should not wait), up to `max_batch`, with the
+same sampling settings (temperature, top_k, top_p: the sampler compiles them in), and decodes
+them together with the compiled KV-cache sampler (`tasks.language_model.generate.sample`);
+rows with other settings wait for the next batch, in order. A batch has a power of two of
+slots, at most `max_batch` (unused ones hold a one-token prompt that ends at once: a lone
+request costs a batch of 1, not of `max_batch`), its prompts are left-padded to a power-of-two
+width and its budget is a power of two too, so the sampler compiles at most once per (slots,
+prompt width, budget, settings): (log2(max_batch) + 1) * log2(context)^2 shapes per setting,
+whatever the traffic (`warm_up` compiles them ahead). Fixed slots rather than continuous
+batching because the sampler runs a whole batch in one compiled loop
 (which is what makes it fast here); a row that ends early idles until its batch ends, and a
 row's own `max_tokens` ends it (its mask) without ending the batch.
 
@@ -190,7 +192,7 @@ def _decode(model: Any, eos_id: int, pad_id: int, new: int, settings: tuple, top
 class Engine:
   """The worker thread that owns the device; see the module docstring."""
 
-  def __init__(self, served: ServedModel, *, max_batch: int = 8, window_s: float = 0.005):
+  def __init__(self, served: ServedModel, *, max_batch: int = 8, window_s: float = 0.0):
     self.served, self.max_batch, self.window_s = served, max_batch, window_s
     self.context = served.module.context
     tok = served.tokenizer
@@ -214,6 +216,25 @@ class Engine:
     """Ends the worker after the rows already queued."""
     self._queue.put(None)
     self._thread.join()
+
+  def warm_up(self, longest_prompt: int, max_tokens: int, temperature: float = 0.0,
+              logprobs: bool = False) -> int:
+    """Compiles, before any request, the batches that prompts of 1..`longest_prompt` tokens
+    drawing `max_tokens` at `temperature` may need: every slot count and prompt width. Call it
+    before requests arrive (it runs on the caller's thread). Returns the batches compiled."""
+    tok, compiled = self.served.tokenizer, 0
+    new = bucket(max_tokens, self.context - longest_prompt)
+    widths = sorted({bucket(n, self.context - new) for n in range(1, longest_prompt + 1)})
+    slots = sorted({min(self.max_batch, 1 << (n - 1).bit_length())
+                    for n in range(1, self.max_batch + 1)})
+    for width in widths:
+      ids = np.full(min(width, longest_prompt), tok.bos_id, np.int32)
+      row = Row(ids, max_tokens, seed_key(0), 0, temperature, 0, 1.0, logprobs)
+      for n in slots:
+        self._run([row] * n)
+        compiled += 1
+    self.batches, self.rows = 0, 0
+    return compiled
 
   def _loop(self) -> None:
     stopping = False

@@ -323,7 +323,7 @@ class Server:
 def start(model: str | engines.ServedModel, host: str = "127.0.0.1", port: int = 0, *,
           max_batch: int = 8, max_prompt_tokens: int | None = None, max_new_tokens: int = 256,
           max_n: int | None = None, tokenizer: str | None = None, name: str | None = None,
-          window_s: float = 0.005, timeout_s: float = 600.0, dtype: str = "float32"
+          window_s: float = 0.0, timeout_s: float = 600.0, dtype: str = "float32"
           ) -> Server:
   """Loads `model` (a directory, as `engine.load_served_model` takes, or a ServedModel) and
   serves it on a background thread; `port=0` picks a free port (`Server.port`). Limits:
@@ -370,8 +370,9 @@ def main(args: list[str]) -> int:
                       help="the model name clients send (default: the directory's name)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="a Hugging Face directory's weights and compute dtype")
-  parser.add_argument("--window_ms", type=float, default=5.0,
-                      help="how long the worker gathers rows into a batch")
+  parser.add_argument("--window_ms", type=float, default=0.0,
+                      help="how long the worker waits for more rows to batch (0: takes those "
+                      "waiting)")
   flags = parser.parse_args(args)
   try:
     server = start(flags.model, flags.host, flags.port, max_batch=flags.max_batch,
