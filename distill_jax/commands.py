@@ -123,9 +123,19 @@ def collect_command(args: list[str]) -> None:
   sys.exit(0)
 
 
+@command("serve", "distill-jax serve --model=RUN_OR_EXPORT_OR_HF_DIR [--host=127.0.0.1 "
+         "--port=8000 --max_batch=8 --max_prompt_tokens=N --max_new_tokens=256]",
+         "a language model behind an OpenAI-compatible endpoint (/v1/completions, "
+         "/v1/chat/completions, /v1/models)")
+def serve_command(args: list[str]) -> None:
+  from distill_jax.endpoints import serve
+
+  sys.exit(serve.main(args))
+
+
 # Commands that parse their own flags (argparse): absl's `--config` is a config-file flag that
 # would try to load a sweep spec as a run config, so `run` hands them their argv first.
-OWN_FLAGS = ("sweep", "report", "audit", "collect")
+OWN_FLAGS = ("sweep", "report", "audit", "collect", "serve")
 
 
 def usage() -> str:

@@ -7,6 +7,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
     python scripts/benchmark.py --against=torch    # the same KD step in PyTorch, as a ratio
     python scripts/benchmark.py --task=lm --lm_fused_only --chunk_size=128  # whole vs fused
                                                    # logits: compiled memory at V 128256
+    python scripts/benchmark.py --task=serve --serve_clients=32  # `distill-jax serve`:
+                                                   # batched vs one request at a time
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -22,6 +24,13 @@ memory analysis per device (argument and temp bytes) and the teacher's bytes per
 `--against=torch` (needs the optional `bench` extra: `pip install -e .[bench]`) times the same
 ResNet-56 -> ResNet-20 KD step (CE 0.1 + KD 0.9, T 4, SGD momentum, channels_last) in PyTorch,
 written below, plus its student step and teacher forward, in the same run as JAX's.
+
+`--task=serve` puts a randomly initialised transformer_lm (`--serve_model`: layers, width,
+heads, context) behind `distill-jax serve` in-process, on 127.0.0.1, once per `--serve_batches`
+value (1: one request at a time), and drives it with `--serve_clients` concurrent HTTP clients
+sending `--serve_requests` greedy completions in all (prompts of 8 to 24 bytes,
+`--serve_tokens` new tokens each): requests/s, generated tokens/s, and the process's RSS before
+and after the load. Compilation is excluded (`Engine.warm_up` first).
 
 `--task=lm` times configs/lm.py's language models and ends with the attention memory rows
 (`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
@@ -65,9 +74,16 @@ flags.DEFINE_bool("scaling", False, "Print the scaling table (one subprocess per
 flags.DEFINE_bool("row", False, "Internal: time one layout and print it as JSON.")
 flags.DEFINE_bool("json", False, "Print tables as JSON lines too.")
 flags.DEFINE_enum("against", "", ["", "torch"], "Also time the KD step in this framework.")
-flags.DEFINE_enum("task", "classification", ["classification", "lm"],
+flags.DEFINE_enum("task", "classification", ["classification", "lm", "serve"],
                   "lm: configs/lm.py's teacher and student on token rows (tokens/s, and the "
-                  "memory of the chunked vs unchunked token loss at --lm_big_vocab).")
+                  "memory of the chunked vs unchunked token loss at --lm_big_vocab); serve: "
+                  "`distill-jax serve` under concurrent clients.")
+flags.DEFINE_integer("serve_clients", 32, "serve: concurrent clients.")
+flags.DEFINE_integer("serve_requests", 256, "serve: requests in all, per --serve_batches value.")
+flags.DEFINE_integer("serve_tokens", 32, "serve: new tokens per request (max_tokens).")
+flags.DEFINE_list("serve_batches", ["1", "8"], "serve: the server's --max_batch values.")
+flags.DEFINE_string("serve_model", "2,128,4,128", "serve: layers,width,heads,context.")
+flags.DEFINE_float("serve_window_ms", 0.0, "serve: the server's --window_ms.")
 flags.DEFINE_integer("seq_len", 128, "lm: tokens per row.")
 flags.DEFINE_integer("vocab", 259, "lm: vocabulary of the timed steps (259: byte-level).")
 flags.DEFINE_integer("lm_big_vocab", 32000, "lm: vocabulary of the memory comparison.")
@@ -715,6 +731,88 @@ def attention_memory_rows() -> list[dict]:
   return rows
 
 
+def _rss_mib() -> float:
+  """This process's resident memory now (MiB), from /proc (Linux)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def serve_table() -> list[dict]:
+  """`--task=serve`: requests/s and generated tokens/s per --serve_batches value."""
+  import json
+  import tempfile
+  import threading
+  import urllib.request
+
+  import jax
+  import numpy as np
+
+  from distill_jax.common.model_io import export_model
+  from distill_jax.endpoints import serve
+  from distill_jax.models import build_model
+
+  layers, width, heads, context = map(int, FLAGS.serve_model.split(","))
+  kwargs = {"num_layers": layers, "width": width, "num_heads": heads, "context": context}
+  model = build_model("transformer_lm", 259, **kwargs)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, context), np.int32))
+  directory = tempfile.mkdtemp(prefix="serve_bench_")
+  export_model(os.path.join(directory, "model"), variables, {
+      "model": "transformer_lm", "kwargs": kwargs, "num_classes": 259, "step": 0})
+  rng = np.random.default_rng(0)
+  prompts = ["".join(map(chr, rng.integers(97, 123, rng.integers(8, 25))))
+             for _ in range(FLAGS.serve_requests)]
+  print(f"\nserve: transformer_lm {layers} layers, width {width}, context {context}; "
+        f"{FLAGS.serve_clients} clients, {FLAGS.serve_requests} greedy requests of "
+        f"{FLAGS.serve_tokens} tokens; {jax.devices()[0].platform}\n| max_batch | requests/s | "
+        "generated tokens/s | batches | RSS before -> after load (MiB) |\n|---|---|---|---|---|",
+        flush=True)
+  rows = []
+  for max_batch in map(int, FLAGS.serve_batches):
+    server = serve.start(directory, port=0, max_batch=max_batch,
+                         max_new_tokens=FLAGS.serve_tokens, name="bench",
+                         window_s=FLAGS.serve_window_ms / 1000)
+
+    def post(prompt, url=server.url):
+      body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": FLAGS.serve_tokens,
+                         "temperature": 0}).encode()
+      request = urllib.request.Request(url + "/completions", body,
+                                       {"Content-Type": "application/json"})
+      with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())["usage"]["completion_tokens"]
+
+    def drive(work):
+      """Runs `work` (prompts) over --serve_clients threads; the generated tokens."""
+      queue, done, lock = list(work), [], threading.Lock()
+
+      def client():
+        while True:
+          with lock:
+            if not queue:
+              return
+            prompt = queue.pop()
+          done.append(post(prompt))
+      threads = [threading.Thread(target=client) for _ in range(FLAGS.serve_clients)]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join()
+      return sum(done)
+
+    server.engine.warm_up(25, FLAGS.serve_tokens)  # Compiles every shape the load uses.
+    before, batches = _rss_mib(), server.engine.batches
+    start = time.perf_counter()
+    tokens = drive(prompts)
+    seconds = time.perf_counter() - start
+    row = {"max_batch": max_batch, "requests_per_s": len(prompts) / seconds,
+           "tokens_per_s": tokens / seconds, "batches": server.engine.batches - batches,
+           "rss_before_mib": before, "rss_after_mib": _rss_mib()}
+    server.close()
+    rows.append(row)
+    print(f"| {max_batch} | {row['requests_per_s']:.1f} | {row['tokens_per_s']:.0f} | "
+          f"{row['batches']} | {before:.0f} -> {row['rss_after_mib']:.0f} |", flush=True)
+  return rows
+
+
 def main(argv: list[str]) -> None:
   del argv
   import json
@@ -724,6 +822,11 @@ def main(argv: list[str]) -> None:
   from distill_jax.train.console import quiet_library_logs
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
+  if FLAGS.task == "serve":
+    rows = serve_table()
+    if FLAGS.json:
+      print(json.dumps({"serve": rows}))
+    return
   if FLAGS.task == "lm":
     if FLAGS.lm_fused_only:
       summary = fused_logits_table()

@@ -224,3 +224,21 @@ def test_decoding_stops_once_every_row_has_ended(lm):
   np.testing.assert_array_equal(tokens[:, :6], prompts)
   np.testing.assert_array_equal(logprobs[kept], full_logprobs[kept])
   assert np.all(logprobs[:, ends.max() + 1:] == 0)  # Steps never run.
+
+
+def test_per_row_keys_and_budgets(lm):
+  """One key per row: each row's samples equal that row decoded alone with its key (so they
+  do not depend on the batch); `max_tokens` [B] ends row b's mask after max_tokens[b] tokens,
+  which are the first max_tokens[b] of the row decoded alone without a budget."""
+  model, variables = lm
+  prompts = _tokens(11, 3, 4)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(5), jnp.arange(3))
+  budgets = np.array([10, 3, 6], np.int32)
+  run = jax.jit(functools.partial(generate.sample, model, max_new_tokens=10, temperature=0.8))
+  tokens, mask = jax.device_get(run(variables, prompts, rng=keys, max_tokens=budgets))
+  for b in range(3):
+    alone, _ = jax.device_get(run(variables, prompts[b:b + 1], rng=keys[b:b + 1]))
+    np.testing.assert_array_equal(mask[b], np.r_[np.zeros(4), np.ones(budgets[b]),
+                                                 np.zeros(10 - budgets[b])])
+    np.testing.assert_array_equal(tokens[b, :4 + budgets[b]], alone[0, :4 + budgets[b]])
+    assert np.all(tokens[b, 4 + budgets[b]:] == 0)  # pad_id after the budget.

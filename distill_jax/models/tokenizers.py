@@ -236,39 +236,46 @@ def _hf_byte_lengths(path: str, vocab_size: int) -> np.ndarray:
   return lengths
 
 
-def token_bytes_table(tokenizer: ByteTokenizer | HfTokenizer) -> tuple[bytes, ...]:
-  """The bytes of text each id of `tokenizer` stands for ([vocab_size]; special tokens and ids
-  past the vocabulary b''), so a row of ids is its text's bytes joined, cut anywhere, even
-  inside a character. Defined for tokenizers whose ids are bytes: `bytes`, and byte-level
-  BPEs (`bpe`, GPT-2/Llama-3/Qwen-style `hf:` directories); raises ValueError for others
-  (a SentencePiece vocabulary's pieces are not the text's bytes)."""
-  if isinstance(tokenizer, ByteTokenizer):
-    return tuple(bytes([i]) if i < 256 else b"" for i in range(tokenizer.vocab_size))
-  return _hf_token_bytes(tokenizer.path, tokenizer.vocab_size)
-
-
-@functools.cache
-def _hf_token_bytes(path: str, vocab_size: int) -> tuple[bytes, ...]:
-  with open(path, encoding="utf-8") as f:
-    spec = json.load(f)
-  if not (_uses(spec.get("pre_tokenizer"), "ByteLevel")
-          or _uses(spec.get("decoder"), "ByteLevel")):
-    raise ValueError(f"{path} is not a byte-level BPE: its tokens are not the text's bytes, "
-                     "which cross-tokenizer rows are cut from; use a byte-level tokenizer "
-                     "(bytes, bpe, or a GPT-2/Llama-3/Qwen-style tokenizer.json).")
-  vocab = spec["model"]["vocab"]
+def hf_token_bytes(spec: Mapping[str, Any], vocab_size: int) -> list[bytes]:
+  """The UTF-8 bytes of text each id of a tokenizer.json (`spec`) stands for, [vocab_size]:
+  what `hf_byte_lengths` counts, as bytes (a byte-level piece's characters mapped back to
+  their bytes, `<0xNN>` its byte, '▁' a space; b"" for special tokens, the unknown token and
+  ids past the vocabulary). Joined, a continuation's ids give its text as it follows the
+  prompt (a decoder may drop a document's leading space; these keep it)."""
+  model = spec["model"]
+  vocab = model["vocab"]
   pieces = ({i: entry[0] for i, entry in enumerate(vocab)} if isinstance(vocab, list)
             else {int(i): piece for piece, i in vocab.items()})
+  byte_level = _uses(spec.get("pre_tokenizer"), "ByteLevel") or _uses(spec.get("decoder"),
+                                                                       "ByteLevel")
   alphabet = _byte_level_alphabet()
+  prefix = model.get("continuing_subword_prefix") or ""
   table = [b""] * vocab_size
   for i, piece in pieces.items():
-    if i < vocab_size:
+    if i >= vocab_size or piece == model.get("unk_token"):
+      continue
+    if byte_level:
       table[i] = b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8")
                           for c in piece)
+    elif _BYTE_PIECE.fullmatch(piece) and model.get("byte_fallback", True):
+      table[i] = bytes([int(piece[3:5], 16)])
+    else:
+      piece = piece[len(prefix):] if prefix and piece.startswith(prefix) else piece
+      table[i] = piece.replace("\u2581", " ").encode("utf-8")
   for token in spec.get("added_tokens", []):
     if token["id"] < vocab_size:
       table[token["id"]] = b"" if token.get("special") else token["content"].encode("utf-8")
-  return tuple(table)
+  return table
+
+
+@functools.cache
+def token_bytes_table(tokenizer: ByteTokenizer | HfTokenizer) -> tuple[bytes, ...]:
+  """`hf_token_bytes` of an HfTokenizer's file; for ByteTokenizer each byte id's byte (b"" for
+  BOS, EOS, PAD). Read once per tokenizer."""
+  if isinstance(tokenizer, ByteTokenizer):
+    return tuple(bytes([i]) if i < 256 else b"" for i in range(tokenizer.vocab_size))
+  with open(tokenizer.path, encoding="utf-8") as f:
+    return tuple(hf_token_bytes(json.load(f), tokenizer.vocab_size))
 
 
 BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe")

@@ -21,7 +21,11 @@ Sampling per step (the first token from the prefill; no forward is spent on the 
 logits / `temperature`, then `top_k` (keep the k largest; 0: all) and
 `top_p` (nucleus: keep the smallest set of most likely tokens whose probability reaches p; 1:
 all), then a categorical draw with the key `fold_in(rng, step)` (reproducible from `rng`).
-`greedy=True` or `temperature=0` takes the argmax. With `return_logprobs=True` the model's
+`greedy=True` or `temperature=0` takes the argmax. `rng` may also be one key per row ([B]
+typed keys or [B, 2] raw ones): row b then draws with `fold_in(rng[b], step)` alone, so its
+samples do not depend on the rows it is batched with (a server's batches). `max_tokens` [B]
+(int, each in 1..N) ends row b after it has drawn `max_tokens[b]` tokens, as EOS does.
+With `return_logprobs=True` the model's
 log-probabilities at temperature 1 (before any truncation) of each step are returned too,
 [B, N, vocab]: what an API's `top_logprobs` reports (meaningful where `mask` is 1; 0 at the
 steps skipped once every row has ended). `return_steps=True` also returns the number of
@@ -59,12 +63,20 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def per_row_keys(rng: jax.Array) -> bool:
+  """Whether `rng` holds one key per row ([B] typed keys or [B, 2] raw keys), not one key."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return jnp.ndim(rng) == (1 if typed else 2)
+
+
 def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float,
             greedy: bool) -> jax.Array:
-  """The next token [B] from logits [B, V]."""
+  """The next token [B] from logits [B, V]; `key` one key, or one per row ([B] / [B, 2])."""
   if greedy or temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  if per_row_keys(key):
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -114,7 +126,8 @@ def check_prompts(prompts: Any, prompt_lengths: Any, pad_id: int = 0) -> None:
 def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: int,
            rng: jax.Array, prompt_lengths: jax.Array | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
-           pad_id: int = 0, return_logprobs: bool = False, return_steps: bool = False) -> Any:
+           pad_id: int = 0, return_logprobs: bool = False, return_steps: bool = False,
+           max_tokens: jax.Array | None = None) -> Any:
   """Samples `max_new_tokens` after each prompt; see the module docstring.
 
   `model` is a `TransformerLM` (anything with its `init_cache` and `cache=` call), `variables`
@@ -122,7 +135,8 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
   before `jax.jit`. Returns (tokens [B, P + N] int32, mask [B, P + N] float32), then with
   `return_logprobs` the log-probs [B, N, V] and with `return_steps` the forwards run.
   Concrete prompts with `prompt_lengths` must be left-padded with `pad_id` (`check_prompts`
-  raises otherwise); traced ones (under jit) are the caller's to check.
+  raises otherwise); traced ones (under jit) are the caller's to check. `rng`: one key, or
+  one per row; `max_tokens` [B]: each row's own budget (None: `max_new_tokens` for all).
   """
   check_settings(max_new_tokens, temperature, top_k, top_p)
   check_prompts(prompts, prompt_lengths, pad_id)
@@ -141,11 +155,15 @@ def sample(model: Any, variables: Any, prompts: jax.Array, *, max_new_tokens: in
 
   def draw(last, done, t):
     """Token t from the logits `last` [B, V] of the position before it."""
-    token = _choose(last, jax.random.fold_in(rng, t), temperature, top_k, top_p, greedy)
+    key = (jax.vmap(jax.random.fold_in, (0, None))(rng, t) if per_row_keys(rng)
+           else jax.random.fold_in(rng, t))
+    token = _choose(last, key, temperature, top_k, top_p, greedy)
     token = jnp.where(done, pad_id, token)
     keep = ~done
     if eos_id is not None:
       done = done | (token == eos_id)
+    if max_tokens is not None:  # Row b has drawn t + 1 tokens.
+      done = done | (t + 1 >= jnp.asarray(max_tokens, jnp.int32))
     logprobs = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1) if return_logprobs else None
     return token, done, (token, keep, logprobs)
 
