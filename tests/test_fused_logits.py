@@ -18,6 +18,7 @@ from conftest import ROOT
 from distill_jax.common.model_io import export_model
 from distill_jax.common.outputs import Outputs
 from distill_jax.config import ConfigError, load_config_file, validate
+from distill_jax.data import teacher_cache
 from distill_jax.losses import LOSSES
 from distill_jax.losses.objective import build_objective
 from distill_jax.models import build_model
@@ -190,6 +191,44 @@ def test_grouped_token_terms_equal_each_term_alone(lm, case_results):
                            *(explicit[i][1] for _, _, i in GROUPED))
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   assert_trees_close(grad, want_grad, "gradient")
+
+
+def test_a_top_k_cache_decoded_per_chunk_equals_the_host_decoding(lm):
+  """A teacher read from a top-5 cache: its packed records (1 + 2k numbers per token), decoded
+  on the device one chunk at a time inside the fused loss, give today's losses (the records
+  decoded to dense logits on the host, whole logits) to 1e-6, and the same gradient, for
+  token_fkl and token_topk_kd."""
+  _, variables, batch = lm
+  name, key = "a", teacher_cache.batch_key("a")
+  _, teachers = jax.jit(_forwards(lm, 0, (name,)))(variables["student"]["params"])
+  records = teacher_cache.encode(np.asarray(teachers[name].logits), 5)
+  dense, packed = teacher_cache.decode(records, V), teacher_cache.pack(records, V)
+  assert packed.shape == (B, L, 11)
+  student_applies = {f: make_apply(lm[0]["student"], input_key="tokens", fused_chunk=f)
+                     for f in (0, CHUNK)}
+  teacher_applies = {0: teacher_cache.cached_apply(name),
+                     CHUNK: teacher_cache.cached_apply(name, V, 5, fused_chunk=CHUNK)}
+
+  def losses(params, fused, cached):
+    data = {**batch, key: cached}
+    student = student_applies[fused]({"params": params}, data, True)
+    teacher = teacher_applies[fused]({}, data, False)
+    assert teacher.lazy == bool(fused)
+    return {loss: LOSSES.get(loss)(student, {name: teacher}, data, **hparams)
+            for loss, hparams in (("token_fkl", {"temperature": 2.0}), ("token_topk_kd",
+                                                                        {"k": 5}))}
+
+  def run(fused, cached):
+    one = lambda params, c, n: losses(params, fused, c)[n]
+    return jax.jit(lambda p, c: {n: jax.value_and_grad(one)(p, c, n)
+                                 for n in ("token_fkl", "token_topk_kd")})(
+        variables["student"]["params"], cached)
+
+  today, sparse = run(0, dense), run(CHUNK, packed)
+  for loss in today:
+    np.testing.assert_allclose(sparse[loss][0], today[loss][0], rtol=1e-6, err_msg=loss)
+    assert float(today[loss][0]) > 1e-3
+    assert_trees_close(sparse[loss][1], today[loss][1], loss)
 
 
 def test_fused_loss_in_bfloat16_equals_explicit_and_keeps_float32_gradients(lm):

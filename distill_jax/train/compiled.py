@@ -8,7 +8,7 @@ pieces call them directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -26,8 +26,9 @@ from distill_jax.train.parallel import Parallel
 def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
                   input_key: str, cached: tuple[str, ...] = (),
-                  student_dtype: str | None = None,
-                  fused_logits: int = 0) -> tuple[ApplyFn, dict[str, ApplyFn]]:
+                  student_dtype: str | None = None, fused_logits: int = 0,
+                  cache_top_k: Mapping[str, tuple[int, int]] | None = None
+                  ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards on `batch[input_key]` (the task's `input_key`),
   tapping what the objective compares.
 
@@ -38,7 +39,9 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
-  logits from the batch, so no term may ask for its features.
+  logits from the batch, so no term may ask for its features; `cache_top_k` {teacher:
+  (num_classes, k)} names those read from a top-k cache, whose packed records the forward
+  decodes on the device (`data.teacher_cache.cached_apply`; lazily with `fused_logits`).
   """
   student_vars = init_shapes(student, input_shape)
   check_features(f"Student {student_name}", objective.student_features,
@@ -64,7 +67,8 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
             "transformer_lm or 'hf' has one); set config.fused_logits=0.")
   return (make_apply(student, input_key=input_key, features=objective.student_features,
                      dtype=student_dtype, fused_chunk=fused_logits),
-          {name: teacher_cache.cached_apply(name) if name in cached else
+          {name: teacher_cache.cached_apply(name, *(cache_top_k or {}).get(name, (0, 0)),
+                                            fused_chunk=fused_logits) if name in cached else
            make_apply(t.module, input_key=input_key, features=objective.teacher_features(name),
                       input_size=t.input_size, dtype=t.dtype, fused_chunk=fused_logits)
            for name, t in teachers.items()})
