@@ -9,8 +9,12 @@ Shapes, masks and chunking as the other token losses (tokens.py, chunking.py): l
 [B, L, V], `mask` [B, L], the mean over the kept tokens, computed `chunk_size` positions at a
 time on inputs zeroed at the dropped positions; with lazy logits (`config.fused_logits`) the
 student's and a live teacher's logits are computed per chunk from their hidden states, as in
-tokens.py. (A top-k cache or a black-box file still reaches the device as the data layer gives
-it.)
+tokens.py. Neither teacher is dense on the host: a top-k cache reaches the device as its packed
+records [B, L, 1 + 2k] and is decoded there (`data.teacher_cache.unpack`; per chunk with lazy
+logits), a black-box file as [B, L, k] ids, log-probabilities and validity.
+
+Each loss is built from its `chunking.TokenTerm` (`token_term_loss`), so the objective can run
+it in one scan with the other token terms.
 """
 
 from __future__ import annotations

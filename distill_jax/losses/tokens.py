@@ -21,6 +21,9 @@ forward and backward; the result equals the unchunked one (`chunk_size = 0`) to 
 rounding. With lazy logits (`config.fused_logits`, `Outputs.head`) the chunks are of the final
 hidden states and each chunk's logits, the student's and the live teachers', are computed in
 the chunk, so the [B, L, V] logits never exist whole either (`chunking.fused_chunk_size`).
+Each loss is written as its `chunking.TokenTerm` (the models it reads and its per-token values
+from their chunk logits) wrapped by `token_term_loss`: alone, the loss is that term's mean; in
+an objective, the lazy terms of one chunk length share one scan (`token_terms_means`).
 
 With several teachers and `teacher=None` the target is, per token, the mixture of the
 teachers' distributions weighted by `aggregation` (`base.teacher_weights`: 'mean',
