@@ -97,6 +97,8 @@ flags.DEFINE_integer("lm_fused_vocab", 128256, "lm: vocabulary of the whole vs f
 flags.DEFINE_bool("lm_fused_only", False, "lm: print only the whole vs fused logits memory "
                   "rows (no timing).")
 flags.DEFINE_integer("lm_fused_len", 2048, "lm: tokens per row of the fused logits rows.")
+flags.DEFINE_integer("lm_attention_block", 512, "lm: queries per block of the fused logits "
+                     "rows' chunked attention (attention_block_size).")
 flags.DEFINE_integer("lm_fused_width", 2048, "lm: width of the fused logits rows' models "
                      "(32 heads, 8 KV heads, MLP 4x, 2 layers: a Llama-3-1B-like layer).")
 
@@ -508,13 +510,15 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   return {**result, "tokens_per_s": timed["per_s"]} if time_it else result
 
 
-def fused_logits_memory(fused: int) -> dict[str, float]:
+def fused_logits_memory(fused: int, attention: str | None = None) -> dict[str, float]:
   """The token-KD step's compiled memory (one device, batch 1: CE + forward KL chunked by
   `--chunk_size`, a live teacher, AdamW) with whole logits (`fused = 0`) or lazy ones
   (`config.fused_logits = fused`), at `--lm_fused_vocab`, `--lm_fused_len` tokens and
-  Llama-3-1B-like layers of `--lm_fused_width` (2 of them, student and teacher alike).
-  Everything is abstract (shapes only), so nothing of that size is allocated: only compiled.
-  Returns compile seconds, argument and temporary bytes."""
+  Llama-3-1B-like layers of `--lm_fused_width` (2 of them, student and teacher alike), their
+  `attention_implementation` `attention` (None: JAX's; 'chunked': `--lm_attention_block`
+  queries at a time). Everything is abstract (shapes only), so nothing of that size is
+  allocated: only compiled. Returns compile seconds, argument and temporary bytes and the
+  student's parameter count."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -528,7 +532,8 @@ def fused_logits_memory(fused: int) -> dict[str, float]:
 
   vocab, length, width = FLAGS.lm_fused_vocab, FLAGS.lm_fused_len, FLAGS.lm_fused_width
   settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
-              "mlp_dim": 4 * width, "context": length}
+              "mlp_dim": 4 * width, "context": length, "attention_implementation": attention,
+              "attention_block_size": FLAGS.lm_attention_block}
   task = tasks.get_task("language_model")
   parallel = Parallel("jit", 1)
   student = models.build_model("transformer_lm", vocab, **settings)
@@ -559,30 +564,51 @@ def fused_logits_memory(fused: int) -> dict[str, float]:
                          jax.random.PRNGKey(1))
   start = time.perf_counter()
   memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
+  params = sum(x.size for x in jax.tree.leaves(state.params["student"]))
   return {"compile_s": time.perf_counter() - start,
           "argument_bytes": int(memory.argument_size_in_bytes),
-          "temp_bytes": int(memory.temp_size_in_bytes)}
+          "temp_bytes": int(memory.temp_size_in_bytes), "params": int(params)}
 
 
 def fused_logits_table() -> dict:
-  """The memory rows whole vs fused logits (`fused_logits_memory`), printed as a table."""
-  chunk = FLAGS.chunk_size
-  rows = {"whole": fused_logits_memory(0), "fused": fused_logits_memory(chunk)}
+  """The memory rows (`fused_logits_memory`) printed as a table: whole logits with JAX's
+  attention (the baseline), fused logits with it, and fused logits with chunked attention.
+
+  Besides the step's temporaries, each row's "beyond the gradient" column subtracts one
+  float32 student gradient (4 bytes per parameter, computable from the parameter count), the
+  one temporary of the size of the parameters that any design of the logits or the attention
+  keeps (AdamW's moments and the parameters are the step's donated arguments, not
+  temporaries): what the logits and attention designs can act on."""
+  chunk, block = FLAGS.chunk_size, FLAGS.lm_attention_block
+  specs = (("whole", 0, None, "whole logits, dot_product_attention (the baseline)"),
+           ("fused", chunk, None, f"fused (fused_logits={chunk}), dot_product_attention"),
+           ("fused_chunked", chunk, "chunked",
+            f"fused (fused_logits={chunk}), chunked attention (block {block})"))
   logits = FLAGS.lm_fused_len * FLAGS.lm_fused_vocab * 4
   print(f"\nKD step (CE + forward KL chunked by {chunk}, live teacher, AdamW), batch 1 x "
         f"{FLAGS.lm_fused_len} tokens, vocabulary {FLAGS.lm_fused_vocab}, width "
-        f"{FLAGS.lm_fused_width} (2 layers); one [1, L, V] float32 logits array is "
-        f"{logits / 2**20:.0f} MiB\n| logits | step temporary memory (MiB) | arguments (MiB) "
-        "| compile (s) |\n|---|---|---|---|")
-  for name, label in (("whole", "whole (today)"),
-                      ("fused", f"fused (config.fused_logits={chunk})")):
-    row = rows[name]
-    print(f"| {label} | {row['temp_bytes'] / 2**20:.0f} | {row['argument_bytes'] / 2**20:.0f} "
-          f"| {row['compile_s']:.0f} |", flush=True)
-  ratio = rows["fused"]["temp_bytes"] / rows["whole"]["temp_bytes"]
-  print(f"fused / whole step temporaries: {ratio:.3f}", flush=True)
-  return {"temp_bytes_whole_logits": rows["whole"]["temp_bytes"],
-          "temp_bytes_fused_logits": rows["fused"]["temp_bytes"]}
+        f"{FLAGS.lm_fused_width} (2 layers, 32 heads / 8 KV heads); one [1, L, V] float32 "
+        f"logits array is {logits / 2**20:.0f} MiB\n| logits, attention | step temporary "
+        "memory (MiB) | beyond the gradient (MiB) | arguments (MiB) | compile (s) |\n"
+        "|---|---|---|---|---|")
+  rows = {}
+  for name, fused, attention, label in specs:
+    row = rows[name] = fused_logits_memory(fused, attention)
+    row["beyond_grad_bytes"] = row["temp_bytes"] - 4 * row["params"]
+    print(f"| {label} | {row['temp_bytes'] / 2**20:.0f} | "
+          f"{row['beyond_grad_bytes'] / 2**20:.0f} | {row['argument_bytes'] / 2**20:.0f} | "
+          f"{row['compile_s']:.0f} |", flush=True)
+  base = rows["whole"]
+  print(f"student parameters {base['params']:,} (float32 gradient "
+        f"{4 * base['params'] / 2**20:.0f} MiB)", flush=True)
+  for name in ("fused", "fused_chunked"):
+    print(f"{name} / whole: step temporaries "
+          f"{rows[name]['temp_bytes'] / base['temp_bytes']:.3f}, beyond the gradient "
+          f"{rows[name]['beyond_grad_bytes'] / base['beyond_grad_bytes']:.3f}", flush=True)
+  return {"temp_bytes_whole_logits": base["temp_bytes"],
+          "temp_bytes_fused_logits": rows["fused"]["temp_bytes"],
+          "temp_bytes_fused_chunked_attention": rows["fused_chunked"]["temp_bytes"],
+          "student_params": base["params"]}
 
 
 def sampling_rate(model_settings: dict, vocab: int, prompt_len: int, new_tokens: int

@@ -1,7 +1,8 @@
-"""transformer_lm's attention through `jax.nn.dot_product_attention` against the explicit
-probabilities (and both against NumPy): logits and gradients for MHA and GQA with several
-documents per row, cached decoding with left padding, greedy tokens; tapping `attn/probs`
-selects the explicit path; an unknown implementation is refused naming the setting."""
+"""transformer_lm's attention through `jax.nn.dot_product_attention` and the chunked
+(memory-efficient) path against the explicit probabilities (and all against NumPy): logits and
+gradients for MHA and GQA with several documents per row, cached decoding with left padding,
+greedy tokens; tapping `attn/probs` selects the explicit path; an unknown implementation or a
+bad block size is refused naming the setting."""
 
 import functools
 
@@ -11,8 +12,13 @@ import numpy as np
 import pytest
 
 from distill_jax.models import build_model
+from distill_jax.models.attention import (
+  chunked_attention,
+  explicit_attention,
+  resolve_implementation,
+)
 from distill_jax.models.forward import list_features, make_apply
-from distill_jax.models.transformer import explicit_attention, resolve_implementation, rope
+from distill_jax.models.transformer import rope
 from distill_jax.tasks.language_model import generate
 
 VOCAB, BOS, CONTEXT = 259, 256, 24
@@ -30,10 +36,10 @@ def _tokens(seed, batch=2, length=CONTEXT):
 
 
 @functools.cache
-def _lm(kv_heads, implementation=None):
+def _lm(kv_heads, implementation=None, block_size=512):
   """(fused model, explicit model, variables): weights x4 so the softmaxes are far from flat."""
   model = build_model("transformer_lm", VOCAB, **SIZES, num_kv_heads=kv_heads,
-                      attention_implementation=implementation)
+                      attention_implementation=implementation, attention_block_size=block_size)
   variables = jax.jit(model.init)(jax.random.PRNGKey(kv_heads), jnp.zeros((1, CONTEXT), jnp.int32))
   return model, model.clone(attention_probs=True), jax.tree.map(lambda x: x * 4.0, variables)
 
@@ -68,11 +74,36 @@ def test_both_paths_equal_numpy_on_one_layer(kv_heads):
   np.testing.assert_allclose(probs, want_probs, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads,implementation", [(4, None), (2, "xla"), (1, "auto")])
-def test_logits_and_gradients_equal_the_explicit_path(kv_heads, implementation):
+@pytest.mark.parametrize("kv_heads,block_size", [(4, 3), (2, 4), (1, 10)])
+def test_chunked_attention_equals_numpy_and_the_explicit_gradient(kv_heads, block_size):
+  """Memory-efficient attention over query blocks (10 queries in blocks of 3: three blocks and
+  a remainder of 1; of 4: two and a remainder of 2; of 10: one), causal with a document mask:
+  NumPy's outputs to 1e-5, and the gradient of q, k and v those of the explicit path."""
+  rng = np.random.default_rng(10 + kv_heads)
+  q = 2.0 * rng.normal(size=(2, 10, 4, 8)).astype(np.float32)
+  k, v = (2.0 * rng.normal(size=(2, 10, kv_heads, 8)).astype(np.float32) for _ in range(2))
+  document = np.cumsum(rng.random((2, 10)) < 0.3, axis=1)
+  mask = document[:, :, None] == document[:, None, :]
+  allowed = mask & np.tril(np.ones((10, 10), bool))
+  weights = rng.normal(size=(2, 10, 4, 8)).astype(np.float32)
+  want, _ = _numpy_attention(q, k, v, allowed)
+  chunked = lambda q, k, v: chunked_attention(q, k, v, jnp.asarray(mask), True, block_size)
+  np.testing.assert_allclose(jax.jit(chunked)(q, k, v), want, atol=1e-5, rtol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))
+  got = grad(chunked)(q, k, v)
+  expected = grad(lambda q, k, v: explicit_attention(q, k, v, jnp.asarray(allowed))[0])(q, k, v)
+  for name, g, w in zip("qkv", got, expected, strict=True):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+  assert float(np.abs(expected[1]).max()) > 1e-2  # Keys' gradients are not all zero.
+
+
+@pytest.mark.parametrize("kv_heads,implementation,block_size",
+                         [(4, None, 512), (2, "xla", 512), (1, "auto", 512), (2, "chunked", 5)])
+def test_logits_and_gradients_equal_the_explicit_path(kv_heads, implementation, block_size):
   """The whole model, three documents in one row and two in the other: the same logits and the
-  same gradient of every parameter, to 1e-5 float32."""
-  model, explicit, variables = _lm(kv_heads, implementation)
+  same gradient of every parameter, to 1e-5 float32 (the chunked path in blocks of 5 queries:
+  four blocks and a remainder of 4)."""
+  model, explicit, variables = _lm(kv_heads, implementation, block_size)
   tokens = _tokens(kv_heads)
   weights = np.random.default_rng(9).normal(size=(2, CONTEXT, VOCAB)).astype(np.float32)
 
@@ -94,10 +125,12 @@ def test_logits_and_gradients_equal_the_explicit_path(kv_heads, implementation):
   assert np.abs(jax.jit(no_docs.apply)(variables, tokens)[0, 8:] - logits[0, 8:]).max() > 1e-2
 
 
-def test_left_padded_cached_decoding_equals_the_explicit_path():
+@pytest.mark.parametrize("implementation", [None, "chunked"])
+def test_left_padded_cached_decoding_equals_the_explicit_path(implementation):
   """A left-padded prompt (3 pads) with a second document, prefilled then decoded one token at
-  a time through the KV cache: the same logits on both paths, and the padded row's as alone."""
-  model, explicit, variables = _lm(2)
+  a time through the KV cache: the same logits on both paths (the chunked one in blocks of 4
+  queries: the 6-token prefill is a block and a remainder), and the padded row's as alone."""
+  model, explicit, variables = _lm(2, implementation, 4)
   tokens = _tokens(3, 2, 16)
   valid = np.ones((2, 16), bool)
   valid[1, :3] = False
@@ -119,8 +152,9 @@ def test_left_padded_cached_decoding_equals_the_explicit_path():
   np.testing.assert_allclose(fused[1, 3:], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_tokens_are_those_of_the_explicit_path():
-  model, explicit, variables = _lm(2)
+@pytest.mark.parametrize("implementation", [None, "chunked"])
+def test_greedy_tokens_are_those_of_the_explicit_path(implementation):
+  model, explicit, variables = _lm(2, implementation, 4)
   prompts = _tokens(4, 2, 6)
   prompts[0, 3] = BOS  # Row 0: two documents.
   prompts[1, :2] = 0  # Row 1: a 4-token prompt, left-padded.
@@ -165,7 +199,11 @@ def test_tapping_probs_selects_the_explicit_path_with_numpy_probabilities():
 def test_unknown_implementation_is_refused_listing_the_choices():
   model = build_model("transformer_lm", VOCAB, **SIZES, attention_implementation="flash")
   with pytest.raises(ValueError, match=r"attention_implementation 'flash' is not one of "
-                                       r"\[None, 'auto', 'xla', 'cudnn'\]"):
+                                       r"\[None, 'auto', 'xla', 'cudnn', 'chunked'\]"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  model = build_model("transformer_lm", VOCAB, **SIZES, attention_implementation="chunked",
+                      attention_block_size=0)
+  with pytest.raises(ValueError, match=r"attention_block_size 0 must be a positive number"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
 
 

@@ -1,8 +1,13 @@
 """Lazy logits (`config.fused_logits`): the token losses and the language model's metrics from
 the final hidden states, chunk by chunk, equal the explicit path's (whole logits) in value and
-gradient; dropped positions holding NaN stay harmless; the whole KD train step and eval step
-are the explicit ones; the compiled step holds far fewer temporary bytes; bad settings are
-refused with one line."""
+gradient; several terms sharing one scan (the objective's grouping) equal each computed alone;
+dropped positions holding NaN stay harmless; the whole KD train step and eval step are the
+explicit ones; the compiled step holds far fewer temporary bytes; bad settings are refused with
+one line.
+
+Compile time dominates: every case of a table is computed in one compiled program per side
+(a module-scoped fixture), each case's value and gradient its own `jax.value_and_grad` in it,
+so the cases keep their own assertions without a compile each."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +18,9 @@ from conftest import ROOT
 from distill_jax.common.model_io import export_model
 from distill_jax.common.outputs import Outputs
 from distill_jax.config import ConfigError, load_config_file, validate
+from distill_jax.data import teacher_cache
 from distill_jax.losses import LOSSES
+from distill_jax.losses.objective import build_objective
 from distill_jax.models import build_model
 from distill_jax.models.forward import make_apply
 from distill_jax.tasks import get_task
@@ -101,20 +108,127 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,hparams,teachers", CASES,
+def _all_cases_value_and_grad(lm, fused):
+  """[(value, gradient) of each of CASES], all in one compiled program: the explicit side
+  (`fused = 0`: whole logits, each term unchunked) or the fused one (chunks of `fused`)."""
+  _, variables, batch = lm
+  outputs = _forwards(lm, fused, ("a", "b"))
+
+  def case_loss(params, name, hparams, teachers):
+    student, teacher_outputs = outputs(params)
+    assert student.lazy == bool(fused) and (student.logits is None) == bool(fused)
+    hparams = {**hparams, "chunk_size": 0} if not fused else hparams
+    return LOSSES.get(name)(student, {n: teacher_outputs[n] for n in teachers}, batch,
+                            **hparams)
+
+  def all_cases(params):
+    return [jax.value_and_grad(case_loss)(params, *case) for case in CASES]
+
+  return jax.jit(all_cases)(variables["student"]["params"])
+
+
+@pytest.fixture(scope="module")
+def case_results(lm):
+  """(explicit, fused): each a list of (value, gradient) per case of CASES."""
+  return _all_cases_value_and_grad(lm, 0), _all_cases_value_and_grad(lm, CHUNK)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)),
                          ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in h.items())}-{len(t)}t"
                               for n, h, t in CASES])
-def test_fused_loss_equals_explicit_value_and_gradient(lm, name, hparams, teachers):
+def test_fused_loss_equals_explicit_value_and_gradient(case_results, index):
   """Every fused token loss (hidden states chunk by chunk, logits per chunk) equals the
   explicit one (whole logits, the term unchunked) to 1e-5 in value and in the gradient with
   respect to every student parameter (the tied embedding, through both its uses, included),
   with dropped positions in the mask."""
-  explicit_value, explicit_grad = _value_and_grad(lm, name, {**hparams, "chunk_size": 0}, 0,
-                                                  teachers)
-  fused_value, fused_grad = _value_and_grad(lm, name, hparams, CHUNK, teachers)
+  (explicit_value, explicit_grad), (fused_value, fused_grad) = (
+      side[index] for side in case_results)
   np.testing.assert_allclose(fused_value, explicit_value, rtol=1e-5)
   assert float(explicit_value) > 1e-3  # Not a trivially equal 0.
-  assert_trees_close(fused_grad, explicit_grad, name)
+  assert_trees_close(fused_grad, explicit_grad, CASES[index][0])
+
+
+# Terms of one objective over both teachers, each equal to a case of CASES (whose explicit
+# value and gradient it reuses): (term name, settings, index in CASES).
+GROUPED = [("ce", {"loss": "token_ce", "weight": 0.5}, 0),
+           ("fkl", {"loss": "token_fkl", "weight": 0.7, "temperature": 2.0, "teacher": "a"}, 1),
+           ("jsd", {"loss": "token_jsd", "weight": 0.3, "aggregation": "true_label"}, 9),
+           ("topk", {"loss": "token_topk_kd", "weight": 1.1, "k": 3, "teacher": "b"}, 13),
+           ("sparse", {"loss": "token_sparse_topk_kd", "weight": 0.2, "warmup_steps": 4}, 14),
+           ("own_chunk", {"loss": "token_fkl", "weight": 0.4, "chunk_size": 3}, 11)]
+
+
+def test_grouped_token_terms_equal_each_term_alone(lm, case_results):
+  """An objective of six token terms over lazy logits: the five of the config's chunk length
+  share one scan (each chunk's student and teacher logits computed once), the one with its own
+  chunk length runs alone; every term's value, the weighted total (weights and warm-up
+  applied) and its gradient equal the explicit terms' (whole logits, each term alone,
+  unchunked: the cases' explicit results) to 1e-5."""
+  _, variables, batch = lm
+  outputs = _forwards(lm, CHUNK, ("a", "b"))
+  objective = build_objective({n: c for n, c, _ in GROUPED}, ["a", "b"])
+  shared = []  # The terms that shared a scan (seen while tracing).
+
+  def total(params):
+    student, teachers = outputs(params)
+    value, values, _ = objective({}, {}, student, teachers, batch, jnp.asarray(2),
+                                 jax.random.PRNGKey(0))
+    shared.extend(sorted(objective.fused_token_values(student, teachers, batch)))
+    return value, values
+
+  (value, values), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(
+      variables["student"]["params"])
+  assert shared == ["ce", "fkl", "jsd", "sparse", "topk"]  # One group of five.
+  explicit = case_results[0]
+  for name, _, index in GROUPED:
+    np.testing.assert_allclose(values[name], explicit[index][0], rtol=1e-5, err_msg=name)
+  # The sparse term is half-way through its warm-up of 4 steps at step 2.
+  weights = [c["weight"] * (0.5 if n == "sparse" else 1.0) for n, c, _ in GROUPED]
+  want_value = sum(w * float(explicit[i][0]) for w, (_, _, i) in zip(weights, GROUPED,
+                                                                     strict=True))
+  want_grad = jax.tree.map(lambda *g: sum(w * np.asarray(x) for w, x in zip(weights, g,
+                                                                            strict=True)),
+                           *(explicit[i][1] for _, _, i in GROUPED))
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  assert_trees_close(grad, want_grad, "gradient")
+
+
+def test_a_top_k_cache_decoded_per_chunk_equals_the_host_decoding(lm):
+  """A teacher read from a top-5 cache: its packed records (1 + 2k numbers per token), decoded
+  on the device one chunk at a time inside the fused loss, give today's losses (the records
+  decoded to dense logits on the host, whole logits) to 1e-6, and the same gradient, for
+  token_fkl and token_topk_kd."""
+  _, variables, batch = lm
+  name, key = "a", teacher_cache.batch_key("a")
+  _, teachers = jax.jit(_forwards(lm, 0, (name,)))(variables["student"]["params"])
+  records = teacher_cache.encode(np.asarray(teachers[name].logits), 5)
+  dense, packed = teacher_cache.decode(records, V), teacher_cache.pack(records, V)
+  assert packed.shape == (B, L, 11)
+  student_applies = {f: make_apply(lm[0]["student"], input_key="tokens", fused_chunk=f)
+                     for f in (0, CHUNK)}
+  teacher_applies = {0: teacher_cache.cached_apply(name),
+                     CHUNK: teacher_cache.cached_apply(name, V, 5, fused_chunk=CHUNK)}
+
+  def losses(params, fused, cached):
+    data = {**batch, key: cached}
+    student = student_applies[fused]({"params": params}, data, True)
+    teacher = teacher_applies[fused]({}, data, False)
+    assert teacher.lazy == bool(fused)
+    return {loss: LOSSES.get(loss)(student, {name: teacher}, data, **hparams)
+            for loss, hparams in (("token_fkl", {"temperature": 2.0}), ("token_topk_kd",
+                                                                        {"k": 5}))}
+
+  def run(fused, cached):
+    one = lambda params, c, n: losses(params, fused, c)[n]
+    return jax.jit(lambda p, c: {n: jax.value_and_grad(one)(p, c, n)
+                                 for n in ("token_fkl", "token_topk_kd")})(
+        variables["student"]["params"], cached)
+
+  today, sparse = run(0, dense), run(CHUNK, packed)
+  for loss in today:
+    np.testing.assert_allclose(sparse[loss][0], today[loss][0], rtol=1e-6, err_msg=loss)
+    assert float(today[loss][0]) > 1e-3
+    assert_trees_close(sparse[loss][1], today[loss][1], loss)
 
 
 def test_fused_loss_in_bfloat16_equals_explicit_and_keeps_float32_gradients(lm):
@@ -128,30 +242,43 @@ def test_fused_loss_in_bfloat16_equals_explicit_and_keeps_float32_gradients(lm):
   assert_trees_close(fused_grad, explicit_grad, "bf16", rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["token_ce", "token_fkl", "token_rkl", "token_jsd",
-                                  "token_skew_kl"])
-def test_nonfinite_hidden_states_at_dropped_positions_are_harmless(lm, name):
-  """NaN and inf in the student's and the teacher's hidden states at dropped positions change
-  neither the fused loss nor its gradient (hidden states and head parameters), which is 0
-  there."""
+NONFINITE = ["token_ce", "token_fkl", "token_rkl", "token_jsd", "token_skew_kl"]
+
+
+@pytest.fixture(scope="module")
+def nonfinite_results(lm):
+  """(clean, poisoned): per name of NONFINITE, the fused loss and its gradient with respect to
+  the student's hidden states and head parameters, from clean hidden states and from ones
+  holding NaN (student) and inf (teacher) at the dropped positions; one compiled program."""
   _, variables, batch = lm
   student, teachers = jax.jit(_forwards(lm, CHUNK, ("a",)))(variables["student"]["params"])
   dropped = (batch["mask"] == 0)[..., None]
   poison = lambda o, bad: o._replace(hidden=jnp.where(dropped, bad, o.hidden))
 
-  def loss(hidden, head_params, teacher):
+  def loss(hidden, head_params, teacher, name):
     s = student._replace(hidden=hidden, head=student.head.__class__(
         head_params, student.head.fn, student.head.size, student.head.chunk_size))
     return LOSSES.get(name)(s, {"a": teacher}, batch)
 
-  run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  clean_value, clean_grads = run(student.hidden, student.head.params, teachers["a"])
-  bad_value, bad_grads = run(poison(student, jnp.nan).hidden, student.head.params,
-                             poison(teachers["a"], jnp.inf))
+  run = jax.jit(lambda *args: {n: jax.value_and_grad(loss, argnums=(0, 1))(*args, n)
+                               for n in NONFINITE})
+  clean = run(student.hidden, student.head.params, teachers["a"])
+  bad = run(poison(student, jnp.nan).hidden, student.head.params,
+            poison(teachers["a"], jnp.inf))
+  return clean, bad, np.asarray(dropped[..., 0])
+
+
+@pytest.mark.parametrize("name", NONFINITE)
+def test_nonfinite_hidden_states_at_dropped_positions_are_harmless(nonfinite_results, name):
+  """NaN and inf in the student's and the teacher's hidden states at dropped positions change
+  neither the fused loss nor its gradient (hidden states and head parameters), which is 0
+  there."""
+  clean, bad, dropped = nonfinite_results
+  (clean_value, clean_grads), (bad_value, bad_grads) = clean[name], bad[name]
   assert np.isfinite(bad_value)
   np.testing.assert_allclose(bad_value, clean_value, rtol=1e-6)
   assert_trees_close(bad_grads, clean_grads, name, rtol=1e-6, atol=0)
-  assert np.all(np.asarray(bad_grads[0])[np.asarray(dropped[..., 0])] == 0)
+  assert np.all(np.asarray(bad_grads[0])[dropped] == 0)
 
 
 def test_language_model_metrics_fused_equal_explicit(lm):

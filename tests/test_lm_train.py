@@ -131,7 +131,9 @@ def test_per_token_cache_equals_the_live_teacher(data_dir, lm_teacher, tmp_path)
   logits = np.asarray(live.teacher_applies["teacher"](
       live.teacher_vars["teacher"], rows, False).logits, np.float64)
   log_probs = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
-  cached = run.side_data["train"][teacher_cache.batch_key("teacher")](0, ids)
+  packed = run.side_data["train"][teacher_cache.batch_key("teacher")](0, ids)
+  assert packed.shape == (3, 32, 1 + 2 * 16)  # Sparse on the host: decoded on the device.
+  cached = np.asarray(jax.jit(teacher_cache.unpack, static_argnums=1)(packed, 259))
   assert cached.shape == (3, 32, 259)
   top = np.argsort(-log_probs, axis=-1)[..., :16]
   np.testing.assert_allclose(np.take_along_axis(cached, top, -1),

@@ -133,7 +133,12 @@ def test_cache_holds_the_teachers_forward_per_augmented_slot(data_dir, teacher_d
 def test_top_k_records_against_numpy(top_k):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 10)) * 3
-  decoded = teacher_cache.decode(teacher_cache.encode(logits, top_k), 10)
+  records = teacher_cache.encode(logits, top_k)
+  decoded = teacher_cache.decode(records, 10)
+  if top_k:  # Packed for the device (1 + 2k numbers), decoded there: the host's numbers.
+    packed = teacher_cache.pack(records, 10)
+    assert packed.shape == (6, 1 + 2 * top_k) and packed.dtype == np.float32
+    np.testing.assert_array_equal(teacher_cache.unpack(packed, 10), decoded)
   if top_k == 0:
     np.testing.assert_array_equal(decoded, logits.astype(np.float32))
     return

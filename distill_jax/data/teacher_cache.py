@@ -21,7 +21,13 @@ reads exactly the live teacher's top k and remaining mass, and a run refuses a l
 
 A run reads a cache with `config.teachers.NAME.cache = CACHE/NAME`: the pipeline adds
 `batch['teacher_logits/NAME']` and the teacher's forward becomes a read of that key, in the
-same compiled step. The run refuses the cache, saying why, when it was made from another
+same compiled step. A top-k cache stays sparse until it is on the device: the batch holds each
+position's `1 + 2k` numbers packed into one float32 array [..., 1 + 2k] (`pack`: the value of
+the classes outside the top k, the k log-probabilities, the k class ids, exact as float32
+below 2^24 classes), and the teacher's forward decodes them there (`unpack`): all at once into
+the logits [B, ..., K], or, with lazy logits (`config.fused_logits`), one chunk of positions at
+a time inside the loss's scan, so the dense [B, L, V] exists neither on the host nor whole on
+the device. The run refuses the cache, saying why, when it was made from another
 teacher checkpoint (SHA-256 of the variables), another data set or split content, or other
 augmentation or normalisation settings than the run's; and on-policy (`data.batch_keys`: the
 cached logits describe the data's rows, not the student's samples).
@@ -29,6 +35,7 @@ cached logits describe the data's rows, not the student's samples).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,10 +43,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from array_record.python import array_record_module
 
-from distill_jax.common.outputs import Outputs
+from distill_jax.common.outputs import Head, Outputs
 from distill_jax.data import batch_keys
 
 FORMAT = 1
@@ -65,14 +73,37 @@ def batch_key(teacher: str) -> str:
   return f"{KEY_PREFIX}{teacher}"
 
 
-def cached_apply(teacher: str):
-  """The forward of a cached teacher: its logits, read from the batch (no features)."""
+@dataclasses.dataclass(frozen=True)
+class Unpack:
+  """`Head.fn` of a top-k cache's lazy logits: (no params, packed [B, C, 1 + 2k]) -> logits
+  [B, C, num_classes] (`unpack`). A value (hashable, equal by its number), as a static field."""
+
+  num_classes: int
+
+  def __call__(self, params: Any, packed: jax.Array) -> jax.Array:
+    del params
+    return unpack(packed, self.num_classes)
+
+
+def cached_apply(teacher: str, num_classes: int = 0, top_k: int = 0, fused_chunk: int = 0):
+  """The forward of a cached teacher: its logits, read from the batch (no features).
+
+  A cache of all logits (`top_k = 0`) is read as it is. A top-k cache's packed records
+  (`pack`) are decoded on the device into `num_classes` logits (`unpack`): whole, or with
+  `fused_chunk = C > 0` lazily (`Outputs.hidden` the packed records, `Outputs.head` their
+  decoding, C positions per chunk), as a language model's lazy logits.
+  """
   key = batch_key(teacher)
 
   def apply(variables: Any, batch: Mapping[str, jax.Array], train: bool,
             rng: jax.Array | None = None) -> Outputs:
     del variables, train, rng
-    return Outputs(batch[key], {}, {})
+    if not top_k:
+      return Outputs(batch[key], {}, {})
+    if fused_chunk:
+      return Outputs(None, {}, {}, hidden=batch[key],
+                     head=Head({}, Unpack(num_classes), num_classes, fused_chunk))
+    return Outputs(unpack(batch[key], num_classes), {}, {})
 
   return apply
 
@@ -137,6 +168,38 @@ def encode(logits: np.ndarray, top_k: int, dtype: str = "float32") -> np.ndarray
   records["log_prob"] = np.take_along_axis(log_probs, index, axis=-1)
   records["log_rest"] = np.where(np.isfinite(log_rest), log_rest, -np.inf)
   return records
+
+
+# Class ids travel as float32 in a packed top-k batch: exact below this many classes.
+MAX_PACKED_CLASSES = 1 << 24
+
+
+def pack(records: np.ndarray, num_classes: int) -> np.ndarray:
+  """Top-k cache records -> float32 [n, ..., 1 + 2k]: per position the value every class
+  outside the top k decodes to (`log_rest - log(K - k)`, computed in float64 as `decode` does),
+  the k log-probabilities and the k class ids (as float32: exact below MAX_PACKED_CLASSES).
+  What a batch carries to the device instead of the dense logits (k + 1 + k numbers, not K)."""
+  if num_classes >= MAX_PACKED_CLASSES:
+    raise CacheError(f"A top-k cache of {num_classes} classes cannot be packed: class ids "
+                     f"travel as float32, exact below {MAX_PACKED_CLASSES}; use top_k=0.")
+  top_k = records["index"].shape[-1]
+  fill = records["log_rest"].astype(np.float64) - np.log(num_classes - top_k)
+  return np.concatenate([fill.astype(np.float32)[..., None], records["log_prob"],
+                         records["index"].astype(np.float32)], axis=-1)
+
+
+def unpack(packed: jax.Array, num_classes: int) -> jax.Array:
+  """`pack`'s [..., 1 + 2k] -> float32 logits [..., num_classes], on the device: each top-k
+  class its log-probability, every other class the packed fill value: the numbers `decode`
+  gives on the host."""
+  top_k = (packed.shape[-1] - 1) // 2
+  fill, log_probs = packed[..., :1], packed[..., 1:1 + top_k]
+  ids = packed[..., 1 + top_k:].astype(jnp.int32)
+  flat_ids = ids.reshape(-1, top_k)
+  rows = jnp.arange(flat_ids.shape[0])[:, None]
+  logits = jnp.broadcast_to(fill, (*packed.shape[:-1], num_classes)).reshape(-1, num_classes)
+  logits = logits.at[rows, flat_ids].set(log_probs.reshape(-1, top_k))
+  return logits.reshape(*packed.shape[:-1], num_classes)
 
 
 def decode(records: np.ndarray, num_classes: int) -> np.ndarray:
@@ -211,8 +274,8 @@ def write_cache(directory: str, teacher: Any, task: Any, data_config: Any, *, se
 
 
 class CacheReader:
-  """`(epoch, ids) -> float32 logits [n, *output_shape]` of one cached split: the pipeline's
-  side data.
+  """`(epoch, ids) -> float32 logits [n, *output_shape]` (a top-k cache: its packed records
+  [n, *batch_shape], decoded on the device) of one cached split: the pipeline's side data.
 
   Epoch e reads slot e % slots (the pipeline reuses the same augmentation draws then).
   Small caches are read into memory once; pickles without the open file (grain workers
@@ -232,6 +295,13 @@ class CacheReader:
     names = self.record_dtype.names or ()
     return int(self.record_dtype["index"].shape[-1]) if "index" in names else 0
 
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    """One example's array in a batch: the logits' shape, or for a top-k cache its packed
+    records' [..., 1 + 2k] (`pack`)."""
+    top_k = self.top_k
+    return self.output_shape if not top_k else (*self.output_shape[:-1], 1 + 2 * top_k)
+
   def _open(self) -> Any:
     if self._reader is None:
       self._reader = array_record_module.ArrayRecordReader(self.path)
@@ -240,6 +310,8 @@ class CacheReader:
     return self._reader
 
   def __call__(self, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """The records of examples `ids` at `epoch`: float32 logits [n, *output_shape], or for a
+    top-k cache their packed form [n, *batch_shape] (`pack`; `unpack` decodes it)."""
     index = (int(epoch) % self.slots) * self.num_examples + np.asarray(ids, np.int64)
     reader = self._open()
     if self._table is not None:
@@ -247,6 +319,8 @@ class CacheReader:
     else:
       records = np.frombuffer(b"".join(reader.read([int(i) for i in index])) if len(index)
                               else b"", self.record_dtype)
+    if self.top_k:
+      return pack(records, self.output_shape[-1])
     return decode(records, self.output_shape[-1])
 
   def __getstate__(self) -> dict[str, Any]:

@@ -17,6 +17,14 @@ logits [B, C, V] of one chunk, forward and backward, and the [B, L, V] logits ex
 Such a term chunks at `fused_chunk_size`: its own `chunk_size`, else the outputs' (the
 config's), never the whole sequence at once.
 
+One scan for several terms (`TokenTerm`, `token_term_loss`, `token_terms_means`): a token
+term says what it computes per token as a `TokenTerm` (the models whose logits it reads, its
+other per-token inputs, its chunk length and the mask of its mean), and the objective runs the
+fused terms of equal chunk length together: in one rematerialised scan, each chunk's logits of
+each model (the student's and every live teacher's) are computed once and every term's
+per-token values come from them, so the backward pass carries one gradient of the student's
+head (a [V, D] array) rather than one per term, and computes each chunk's logits once.
+
 Every input is zeroed at the dropped positions before any math reads it (`base.zero_dropped`,
 per chunk), so what a model puts there (NaN or inf at padding) changes neither the value nor
 the gradient, which is 0 there.
@@ -24,6 +32,8 @@ the gradient, which is 0 there.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,3 +103,69 @@ def fused_chunk_size(chunk_size: int, student: Outputs,
     return chunk_size
   sizes = [o.chunk_size for o in (student, *(teachers or {}).values()) if o.lazy]
   return max(sizes, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTerm:
+  """What a token-level term computes, for `token_terms_means` to compute it (with others).
+
+  models: key -> the `Outputs` whose logits the term reads ('student', and 'teacher:NAME' for
+    a teacher; terms that read the same key must read the same outputs).
+  values: (logits of one chunk per key {key: [B, C, V]}, `extras` cut to the chunk) -> the
+    per-token values [B, C].
+  extras: a pytree of the term's other inputs laid out [B, L, ...] (targets, a cached top-k).
+  chunk_size: the term's chunk length (`fused_chunk_size`).
+  mask: [B, L] the positions its mean counts (None: all), and, evaluated alone, those whose
+    inputs are zeroed (`chunked_per_token`).
+  """
+
+  models: Mapping[str, Outputs]
+  values: Callable[[Mapping[str, jax.Array], Any], jax.Array]
+  extras: Any
+  chunk_size: int
+  mask: jax.Array | None
+
+
+def token_terms_means(terms: Mapping[str, TokenTerm], mask: jax.Array | None
+                      ) -> dict[str, jax.Array]:
+  """Each term's mean over its kept tokens {name: scalar}, all in one `chunked_per_token` scan.
+
+  The terms must share their chunk length. Each chunk's logits of each model key are computed
+  once (`Outputs.logits_of` on that chunk of `Outputs.token_inputs()`) and handed to every term
+  that reads the key. The inputs are zeroed at the positions `mask` [B, L] drops (the batch's
+  mask; a term whose own mask drops more counts only its own positions in its mean).
+  """
+  sizes = {t.chunk_size for t in terms.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"token_terms_means: the terms {sorted(terms)} have chunk lengths "
+                     f"{sorted(sizes)}; one scan needs one.")
+  models: dict[str, Outputs] = {}
+  for term in terms.values():
+    for key, outputs in term.models.items():
+      if models.setdefault(key, outputs) is not outputs:
+        raise ValueError(f"token_terms_means: the terms read different outputs as {key!r}.")
+  arrays = {"models": {k: o.token_inputs() for k, o in models.items()},
+            "extras": {n: t.extras for n, t in terms.items()}}
+
+  def per_token(chunk):
+    logits = {k: models[k].logits_of(x) for k, x in chunk["models"].items()}
+    return {n: t.values({k: logits[k] for k in t.models}, chunk["extras"][n])
+            for n, t in terms.items()}
+
+  values = chunked_per_token(per_token, arrays, sizes.pop(), mask)
+  return {n: masked_mean(values[n], t.mask) for n, t in terms.items()}
+
+
+def token_term_loss(term_fn: Callable[..., TokenTerm]) -> Callable[..., jax.Array]:
+  """A token loss from `term_fn` (the loss's signature, returning its `TokenTerm`): the loss
+  is the term's mean computed alone (its inputs zeroed where its own mask drops them), and
+  `loss.token_term` is `term_fn`, which the objective calls to run several terms in one scan
+  (`token_terms_means`)."""
+
+  @functools.wraps(term_fn)
+  def loss(*args: Any, **kwargs: Any) -> jax.Array:
+    term = term_fn(*args, **kwargs)
+    return token_terms_means({"term": term}, term.mask)["term"]
+
+  loss.token_term = term_fn
+  return loss

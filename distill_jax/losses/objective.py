@@ -14,6 +14,12 @@ in `params['objective'][term]` (trained with the student) and their other collec
 (batch stats, memory) in `state.objective_state[term]`. Terms name the features they compare
 (`student_layer(s)`, `teacher_layer(s)`); the objective collects them so the forwards tap
 exactly those.
+
+Token terms over lazy logits (`config.fused_logits`) of one chunk length run together
+(`Objective.fused_token_values`, `chunking.token_terms_means`): one rematerialised scan in
+which each chunk's student and teacher logits are computed once for all of them, so the
+backward pass carries one gradient of the student's head, not one per term. Their values,
+weights, warm-ups and metrics are those of the terms computed one by one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from distill_jax.losses.base import (
   loss_hparams,
   loss_ranges,
 )
+from distill_jax.losses.chunking import token_terms_means
 
 # Keys of a term's config that belong to the objective, not to the loss function.
 TERM_KEYS = ("loss", "weight", "warmup_steps", "warmup_epochs")
@@ -83,6 +90,12 @@ class Term:
       return ()
     named = getattr(self.fn, "teacher", None) if self.is_module else self.hparams.get("teacher")
     return (named,) if named in names else names
+
+  @property
+  def token_term(self) -> Callable[..., Any] | None:
+    """The loss's `TokenTerm` maker when it is a token term that can share a scan
+    (`chunking.token_term_loss`), else None."""
+    return None if self.is_module else getattr(self.fn, "token_term", None)
 
   def weight_at(self, step: jax.Array) -> jax.Array:
     if self.warmup_steps <= 0:
@@ -145,16 +158,43 @@ class Objective:
       state[term.name] = variables
     return params, state
 
+  def fused_token_values(self, student: Outputs, teachers: Mapping[str, Outputs],
+                         batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The values of the token terms that share a scan: with lazy student logits, the terms
+    with a `token_term`, grouped by chunk length, each group of two or more computed in one
+    scan (`chunking.token_terms_means`, inputs zeroed where the batch's mask drops them).
+    {term name: value}; a term not in it is computed alone (`Term.value`)."""
+    if not student.lazy:
+      return {}
+    groups: dict[int, dict[str, Any]] = {}
+    for term in self.terms:
+      if term.token_term is None:
+        continue
+      try:
+        token_term = term.token_term(student, teachers, batch, **term.hparams)
+      except (ValueError, KeyError, TypeError) as e:
+        raise ObjectiveError(f"Loss term {term.name!r} (loss {term.loss!r}): {e}") from e
+      groups.setdefault(token_term.chunk_size, {})[term.name] = token_term
+    values = {}
+    for group in groups.values():
+      if len(group) > 1:
+        values |= token_terms_means(group, batch.get("mask"))
+    return values
+
   def __call__(self, params: Mapping[str, Any], state: Mapping[str, Any], student: Outputs,
                teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
                step: jax.Array, rng: jax.Array, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     total = jnp.zeros((), jnp.float32)
     values, new_state = {}, dict(state)
+    fused = self.fused_token_values(student, teachers, batch)
     for i, term in enumerate(self.terms):
       variables = {"params": params.get(term.name, {}), **state.get(term.name, {})}
-      value, updated = term.value(variables, student, teachers, batch,
-                                  jax.random.fold_in(rng, i), train)
+      if term.name in fused:
+        value, updated = fused[term.name], {}
+      else:
+        value, updated = term.value(variables, student, teachers, batch,
+                                    jax.random.fold_in(rng, i), train)
       if jnp.shape(value) != ():
         raise ObjectiveError(f"Loss term {term.name!r} (loss {term.loss!r}) returned shape "
                              f"{jnp.shape(value)}; a loss term must return a scalar.")

@@ -9,8 +9,12 @@ Shapes, masks and chunking as the other token losses (tokens.py, chunking.py): l
 [B, L, V], `mask` [B, L], the mean over the kept tokens, computed `chunk_size` positions at a
 time on inputs zeroed at the dropped positions; with lazy logits (`config.fused_logits`) the
 student's and a live teacher's logits are computed per chunk from their hidden states, as in
-tokens.py. (A top-k cache or a black-box file still reaches the device as the data layer gives
-it.)
+tokens.py. Neither teacher is dense on the host: a top-k cache reaches the device as its packed
+records [B, L, 1 + 2k] and is decoded there (`data.teacher_cache.unpack`; per chunk with lazy
+logits), a black-box file as [B, L, k] ids, log-probabilities and validity.
+
+Each loss is built from its `chunking.TokenTerm` (`token_term_loss`), so the objective can run
+it in one scan with the other token terms.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import jax.numpy as jnp
 
 from distill_jax.common.outputs import Outputs
 from distill_jax.losses.base import TEMPERATURE, check_teacher, check_vocab, kl, register_loss
-from distill_jax.losses.chunking import fused_chunk_size, token_mean
+from distill_jax.losses.chunking import TokenTerm, fused_chunk_size, token_term_loss
+from distill_jax.losses.tokens import teacher_key
 
 # Tapped features a top-k teacher (a cache) may provide instead of full logits.
 TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST = "topk_log_probs", "topk_indices", "topk_log_rest"
@@ -73,9 +78,10 @@ def teacher_topk(logits: jax.Array, k: int, temperature: float = 1.0
 
 
 @register_loss("token_topk_kd", fused_logits=True, ranges={"temperature": TEMPERATURE})
+@token_term_loss
 def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, k: int = 8, temperature: float = 1.0,
-                  chunk_size: int = 0, teacher: str | None = None) -> jax.Array:
+                  chunk_size: int = 0, teacher: str | None = None) -> TokenTerm:
   """Top-k KD per token: forward KL against the teacher's top-k distribution plus the mass of
   every other token lumped into one outcome (`topk_kl`), times `T^2`, mean over kept tokens.
 
@@ -90,27 +96,26 @@ def token_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
   if teacher is None and len(teachers) != 1:
     raise ValueError(f"token_topk_kd distills from one teacher, but there are {len(teachers)} "
                      f"({sorted(teachers)}): set the term's `teacher`.")
-  target = teachers[teacher] if teacher is not None else next(iter(teachers.values()))
-  if TOPK_LOG_PROBS in target.features:
-    arrays = {name: target.features[name]
-              for name in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST)}
+  name = teacher if teacher is not None else next(iter(teachers))
+  target = teachers[name]
+  models, cached = {"student": student}, TOPK_LOG_PROBS in target.features
+  if cached:
+    extras = {n: target.features[n] for n in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST)}
   else:
-    check_vocab(student, {teacher or "teacher": target})
-    arrays = {"logits": target.token_inputs()}
-  arrays["student"] = student.token_inputs()
+    check_vocab(student, {name: target})
+    models[teacher_key(name)], extras = target, {}
 
-  def per_token(chunk):
-    if "logits" in chunk:
-      top, idx, rest = teacher_topk(target.logits_of(chunk["logits"]), k, temperature)
+  def values(logits, extras):
+    if cached:
+      top, idx, rest = (extras[n] for n in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST))
     else:
-      top, idx, rest = (chunk[n] for n in (TOPK_LOG_PROBS, TOPK_INDICES, TOPK_LOG_REST))
+      top, idx, rest = teacher_topk(logits[teacher_key(name)], k, temperature)
     top, rest = jax.lax.stop_gradient((top, rest))
-    logits = student.logits_of(chunk["student"])
-    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, -1)
+    student_logp = jax.nn.log_softmax(logits["student"].astype(jnp.float32) / temperature, -1)
     return temperature**2 * topk_kl(student_logp, top, idx, rest)
 
-  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student, {"t": target}),
-                    batch.get("mask"))
+  return TokenTerm(models, values, extras,
+                   fused_chunk_size(chunk_size, student, {name: target}), batch.get("mask"))
 
 
 # The setting that says how many of the teacher's most likely tokens the term reads: a teacher
@@ -161,8 +166,9 @@ def sparse_topk_kl(student_log_probs: jax.Array, topk_log_probs: jax.Array,
 
 
 @register_loss("token_sparse_topk_kd", uses_teachers=False, fused_logits=True)
+@token_term_loss
 def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
-                         batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> jax.Array:
+                         batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> TokenTerm:
   """Top-k KD from a black-box teacher: the KL of `sparse_topk_kl` (the teacher's mapped
   top-k probabilities plus the rest of its mass as one outcome) against the top-k
   log-probabilities its output file gave per token (`data.text.blackbox`: batch keys `topk_ids`,
@@ -174,16 +180,16 @@ def token_sparse_topk_kd(student: Outputs, teachers: Mapping[str, Outputs],
     raise ValueError("token_sparse_topk_kd reads a black-box teacher's top-k log-probabilities "
                      f"from the batch, which has no {missing}: use data.name='jsonl' with a "
                      "teacher-output file that has top_logprobs (docs/blackbox.md).")
-  arrays = {"student": student.token_inputs(), "ids": batch["topk_ids"],
-            "log_probs": batch["topk_logprobs"], "valid": batch["topk_valid"]}
+  extras = {"ids": batch["topk_ids"], "log_probs": batch["topk_logprobs"],
+            "valid": batch["topk_valid"]}
 
-  def per_token(chunk):
-    logits = student.logits_of(chunk["student"])
-    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return sparse_topk_kl(student_logp, jax.lax.stop_gradient(chunk["log_probs"]),
-                          chunk["ids"], chunk["valid"])
+  def values(logits, extras):
+    student_logp = jax.nn.log_softmax(logits["student"].astype(jnp.float32), axis=-1)
+    return sparse_topk_kl(student_logp, jax.lax.stop_gradient(extras["log_probs"]),
+                          extras["ids"], extras["valid"])
 
   has_teacher = jnp.any(batch["topk_valid"] > 0, axis=-1).astype(jnp.float32)
   mask = batch.get("mask")
   mask = has_teacher if mask is None else mask * has_teacher
-  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student), mask)
+  return TokenTerm({"student": student}, values, extras, fused_chunk_size(chunk_size, student),
+                   mask)

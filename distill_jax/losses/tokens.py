@@ -21,6 +21,9 @@ forward and backward; the result equals the unchunked one (`chunk_size = 0`) to 
 rounding. With lazy logits (`config.fused_logits`, `Outputs.head`) the chunks are of the final
 hidden states and each chunk's logits, the student's and the live teachers', are computed in
 the chunk, so the [B, L, V] logits never exist whole either (`chunking.fused_chunk_size`).
+Each loss is written as its `chunking.TokenTerm` (the models it reads and its per-token values
+from their chunk logits) wrapped by `token_term_loss`: alone, the loss is that term's mean; in
+an objective, the lazy terms of one chunk length share one scan (`token_terms_means`).
 
 With several teachers and `teacher=None` the target is, per token, the mixture of the
 teachers' distributions weighted by `aggregation` (`base.teacher_weights`: 'mean',
@@ -46,7 +49,7 @@ from distill_jax.losses.base import (
   register_loss,
   teacher_log_probs,
 )
-from distill_jax.losses.chunking import fused_chunk_size, token_mean
+from distill_jax.losses.chunking import TokenTerm, fused_chunk_size, token_term_loss
 from distill_jax.losses.logits import JSD_BETA, generalized_jsd
 
 
@@ -66,49 +69,55 @@ def _target_log_probs(teacher_logits: Mapping[str, jax.Array], targets: jax.Arra
   return jax.lax.stop_gradient(logp.reshape(targets.shape + logp.shape[-1:]))
 
 
+def teacher_key(name: str) -> str:
+  """A teacher's key among a `TokenTerm`'s models."""
+  return f"teacher:{name}"
+
+
 def _divergence_term(divergence: Callable[[jax.Array, jax.Array], jax.Array],
                      student: Outputs, teachers: Mapping[str, Outputs],
                      batch: Mapping[str, jax.Array], temperature: float, chunk_size: int,
                      teacher: str | None, aggregation: str, weights: tuple[float, ...]
-                     ) -> jax.Array:
-  """Masked token mean of `divergence(student_logp, teacher_logp)` ([B, C, V] -> [B, C]), both
-  at `temperature`, computed in chunks."""
+                     ) -> TokenTerm:
+  """The `TokenTerm` of `divergence(student_logp, teacher_logp)` ([B, C, V] -> [B, C]), both
+  at `temperature`: a masked token mean computed in chunks."""
   check_teacher(teachers, teacher)
   check_vocab(student, teachers)
-  arrays = {"student": student.token_inputs(), "targets": batch["targets"],
-            "teachers": {n: t.token_inputs() for n, t in teachers.items()}}
 
-  def per_token(chunk):
-    teacher_logits = {n: teachers[n].logits_of(x) for n, x in chunk["teachers"].items()}
-    target = _target_log_probs(teacher_logits, chunk["targets"], temperature, teacher,
+  def values(logits, extras):
+    teacher_logits = {n: logits[teacher_key(n)] for n in read}
+    target = _target_log_probs(teacher_logits, extras["targets"], temperature, teacher,
                                aggregation, weights)
-    logits = student.logits_of(chunk["student"])
-    student_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, -1)
+    student_logp = jax.nn.log_softmax(logits["student"].astype(jnp.float32) / temperature, -1)
     return divergence(student_logp, target)
 
-  return token_mean(per_token, arrays, fused_chunk_size(chunk_size, student, teachers),
-                    batch.get("mask"))
+  read = {teacher: teachers[teacher]} if teacher is not None else teachers
+  models = {"student": student, **{teacher_key(n): t for n, t in read.items()}}
+  return TokenTerm(models, values, {"targets": batch["targets"]},
+                   fused_chunk_size(chunk_size, student, teachers), batch.get("mask"))
 
 
 @register_loss("token_ce", uses_teachers=False, fused_logits=True)
+@token_term_loss
 def token_ce(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
-             *, chunk_size: int = 0) -> jax.Array:
+             *, chunk_size: int = 0) -> TokenTerm:
   """Next-token cross-entropy `-log softmax(s)[target]`, mean over the kept tokens (nats)."""
   del teachers
 
-  def per_token(chunk):
-    logp = jax.nn.log_softmax(student.logits_of(chunk["logits"]).astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, chunk["targets"][..., None], axis=-1)[..., 0]
+  def values(logits, extras):
+    logp = jax.nn.log_softmax(logits["student"].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, extras["targets"][..., None], axis=-1)[..., 0]
 
-  return token_mean(per_token, {"logits": student.token_inputs(), "targets": batch["targets"]},
-                    fused_chunk_size(chunk_size, student), batch.get("mask"))
+  return TokenTerm({"student": student}, values, {"targets": batch["targets"]},
+                   fused_chunk_size(chunk_size, student), batch.get("mask"))
 
 
 @register_loss("token_fkl", fused_logits=True,
                ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
+@token_term_loss
 def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
-              aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
+              aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> TokenTerm:
   """Forward KL per token, `T^2 * KL(p_T || p_S)` at temperature T, mean over kept tokens.
 
   Word-level KD (Kim & Rush 2016; Hinton et al.'s KD applied at every position): mean-seeking,
@@ -121,9 +130,10 @@ def token_fkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
 
 @register_loss("token_rkl", fused_logits=True,
                ranges={"temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
+@token_term_loss
 def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
-              aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> jax.Array:
+              aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()) -> TokenTerm:
   """Reverse KL per token, `T^2 * KL(p_S || p_T)`, mean over kept tokens.
 
   Mode-seeking (MiniLLM, Gu et al. 2024, use it at the sequence level; here it is the
@@ -137,10 +147,11 @@ def token_rkl(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[
 
 @register_loss("token_jsd", fused_logits=True, ranges={
   "beta": JSD_BETA, "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
+@token_term_loss
 def token_jsd(student: Outputs, teachers: Mapping[str, Outputs], batch: Mapping[str, jax.Array],
               *, beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 0,
               teacher: str | None = None, aggregation: str = "mean",
-              teacher_weights: tuple[float, ...] = ()) -> jax.Array:
+              teacher_weights: tuple[float, ...] = ()) -> TokenTerm:
   """Generalized JSD per token (GKD, Agarwal et al., ICLR 2024), mean over kept tokens.
 
   `beta * KL(p_T || M) + (1 - beta) * KL(p_S || M)` with `M = beta p_T + (1 - beta) p_S`;
@@ -168,11 +179,12 @@ def skew_kl(log_p: jax.Array, log_q: jax.Array, alpha: float) -> jax.Array:
 @register_loss("token_skew_kl", fused_logits=True, ranges={
   "alpha": (FRACTION, "the skew: the share of the first distribution in the mixture"),
   "temperature": TEMPERATURE, "teacher_weights": TEACHER_WEIGHTS})
+@token_term_loss
 def token_skew_kl(student: Outputs, teachers: Mapping[str, Outputs],
                   batch: Mapping[str, jax.Array], *, alpha: float = 0.1, reverse: bool = False,
                   temperature: float = 1.0, chunk_size: int = 0, teacher: str | None = None,
                   aggregation: str = "mean", teacher_weights: tuple[float, ...] = ()
-                  ) -> jax.Array:
+                  ) -> TokenTerm:
   """Skew KL per token (DistiLLM, Ko et al., ICML 2024), times `T^2`, mean over kept tokens.
 
   Forward (`reverse=False`): `KL(p_T || alpha p_T + (1 - alpha) p_S)`; reverse:

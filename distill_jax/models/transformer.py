@@ -9,12 +9,13 @@ position embeddings (RoPE, Su et al. 2021) on queries and keys and grouped-query
 (`num_kv_heads` key/value heads shared by `num_heads / num_kv_heads` query heads each; equal
 counts give multi-head attention, one gives multi-query attention). No biases, no dropout.
 
-Attention runs through `jax.nn.dot_product_attention` (`attention_implementation`: None/'auto',
-'xla' or 'cudnn', the fused flash-attention kernel on NVIDIA GPUs), causal by `is_causal` and the
-document mask as its `mask`, K/V with their own head count (no per-query-head copies). Only when
-a loss taps `block{i}/attn/probs` does the model write the probabilities out
-(`attention_probs`, set by `models.forward.make_apply` through `for_features`); both paths give
-the same numbers.
+Attention (models/attention.py) runs through `jax.nn.dot_product_attention`
+(`attention_implementation`: None/'auto', 'xla' or 'cudnn', the fused flash-attention kernel on
+NVIDIA GPUs) or, with 'chunked', memory-efficient attention `attention_block_size` queries at a
+time (memory linear in L on any backend); causal and the document mask, K/V with their own head
+count (no per-query-head copies). Only when a loss taps `block{i}/attn/probs` does the model
+write the probabilities out (`attention_probs`, set by `models.forward.make_apply` through
+`for_features`); every path gives the same numbers.
 
 Packed documents: with `bos_id` set, a position attends only to positions of its own document,
 a document being what lies between one BOS token and the next (a row may hold several). RoPE's
@@ -44,7 +45,6 @@ checks that the model's sizes split.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.models import register_model
+from distill_jax.models.attention import attend, check_attention_implementation, explicit_attention
 
 # Initialisers: normal(0.02) for the embedding and every projection (GPT-2's and Llama's).
 _init = nn.initializers.normal(stddev=0.02)
@@ -124,67 +125,14 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0,
   return out.astype(x.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-
-
-def check_attention_implementation(value: Any) -> None:
-  """Raises ValueError naming `attention_implementation` unless it is None or one of
-  ATTENTION_IMPLEMENTATIONS."""
-  if value is not None and value not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"transformer_lm: attention_implementation {value!r} is not one of "
-                     f"{[None, *ATTENTION_IMPLEMENTATIONS]} (None and 'auto' let JAX choose; "
-                     "'cudnn', cuDNN's fused attention, needs an NVIDIA GPU).")
-
-
-def resolve_implementation(implementation: str | None, dtype: Any) -> str | None:
-  """`jax.nn.dot_product_attention`'s `implementation` for `attention_implementation` and the
-  activations' `dtype`: 'auto' is None (JAX chooses); 'cudnn' stays 'cudnn' for bfloat16 and
-  float16 and becomes 'xla' (with a warning) for float32, which cuDNN's fused attention does
-  not take (e.g. sampling with a bfloat16-trained student's float32 parameters). 'cudnn'
-  without a GPU raises ValueError naming the setting."""
-  if implementation == "auto":
-    return None
-  if implementation != "cudnn":
-    return implementation
-  if jax.default_backend() != "gpu":
-    raise ValueError(f"transformer_lm: attention_implementation 'cudnn' needs an NVIDIA GPU, "
-                     f"but JAX's backend is {jax.default_backend()!r}: use None or 'xla'.")
-  if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return "cudnn"
-  warnings.warn(f"transformer_lm: attention_implementation 'cudnn' takes bfloat16 or float16 "
-                f"activations; these are {jnp.dtype(dtype).name}, so XLA's attention runs "
-                "(set the compute dtype, e.g. --config.dtype=bfloat16, for cuDNN's).",
-                stacklevel=2)
-  return "xla"
-
-
-def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
-  """Attention with its probabilities written out: (out [B, T, N, D], probs [B, N, T, S]).
-
-  q [B, T, N, D]; k, v [B, S, K, D] with K dividing N (query head h reads key/value head
-  h // (N / K)); allowed [B or 1, T, S] (query i may attend to key j). The scores are computed
-  in the inputs' dtype and softmaxed in float32; the probabilities are cast back to the
-  values' dtype for the weighted sum. Costs float32 [B, N, T, S] twice over (scores and
-  probabilities) and copies K/V per query head: the path for a loss that taps the
-  probabilities (`token_attention_kl`), not for speed.
-  """
-  group = q.shape[2] // k.shape[2]
-  # [B, S, K, D] -> [B, S, K * group, D]: head h reads kv head h // group.
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-  scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v), probs
-
-
 class Attention(nn.Module):
   """Causal grouped-query self-attention with RoPE.
 
-  By default through `jax.nn.dot_product_attention` (`implementation`: None/'auto' lets JAX
-  choose, 'xla', 'cudnn'): K/V keep their `num_kv_heads` heads (no copies per query head), the
-  scores accumulate in float32 whatever the inputs' dtype, and a fused kernel (cuDNN's flash
-  attention) never materialises them. With `probs=True` the probabilities are written out
+  By `models.attention.attend` (`implementation`: None/'auto' lets JAX choose, 'xla', 'cudnn':
+  `jax.nn.dot_product_attention`; 'chunked': `block_size` queries at a time): K/V keep their
+  `num_kv_heads` heads (no copies per query head), the scores accumulate in float32 whatever
+  the inputs' dtype, and a fused kernel (cuDNN's flash attention) never materialises them, the
+  chunked path one block of them at a time. With `probs=True` the probabilities are written out
   (`explicit_attention`) and sown as `probs` [B, num_heads, L, L] for attention KD.
   """
 
@@ -194,7 +142,8 @@ class Attention(nn.Module):
   rope_base: float = 10000.0
   qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
   rope_scaling: Any = None  # See `rope_frequencies`.
-  implementation: str | None = None  # jax.nn.dot_product_attention's; 'auto' = None.
+  implementation: str | None = None  # models.attention.attend's; 'auto' = None.
+  block_size: int = 512  # Queries per block of the 'chunked' implementation.
   probs: bool = False  # The explicit path, sowing the probabilities.
 
   @nn.compact
@@ -233,9 +182,7 @@ class Attention(nn.Module):
       if cache is None:
         self.sow("intermediates", "probs", probs)
     else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=None if mask is None else mask[:, None], is_causal=causal,
-          implementation=resolve_implementation(self.implementation, q.dtype))
+      out = attend(q, k, v, mask, causal, self.implementation, self.block_size)
     out = nn.DenseGeneral(width, axis=(-2, -1), use_bias=False, kernel_init=_init,
                           name="out")(out)
     return out if cache is None else (out, cache)
@@ -265,6 +212,7 @@ class Block(nn.Module):
   rope_scaling: Any = None
   norm_eps: float = 1e-6
   attention_implementation: str | None = None
+  attention_block_size: int = 512
   attention_probs: bool = False
 
   @nn.compact
@@ -274,7 +222,8 @@ class Block(nn.Module):
     norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, name=name)
     attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base,
                      qkv_bias=self.qkv_bias, rope_scaling=self.rope_scaling,
-                     implementation=self.attention_implementation, probs=self.attention_probs,
+                     implementation=self.attention_implementation,
+                     block_size=self.attention_block_size, probs=self.attention_probs,
                      name="attn")
     h = attn(norm("attn_norm")(x), mask, cache, index)
     h, cache = (h, None) if cache is None else h
@@ -304,7 +253,13 @@ class TransformerLM(nn.Module):
       'auto' (JAX chooses; XLA in JAX 0.10, on GPUs too), 'xla', or 'cudnn' (cuDNN's fused
       flash attention: an NVIDIA GPU, refused elsewhere, and bfloat16/float16 activations,
       e.g. `config.dtype='bfloat16'`; float32 calls, such as sampling with the float32
-      parameters, fall back to XLA's with a warning). `resolve_implementation`.
+      parameters, fall back to XLA's with a warning; `resolve_implementation`); or
+      'chunked' (`models.attention.chunked_attention`: memory-efficient attention whose
+      float32 scores exist one block of `attention_block_size` queries at a time, forward and
+      backward, on any backend: for long contexts on CPU/TPU, where XLA's writes out
+      [B, num_heads, L, L]).
+    attention_block_size: queries per block of the 'chunked' implementation (ignored by the
+      others).
     attention_probs: compute attention with its probabilities written out
       (`explicit_attention`) and sow them as `block{i}/attn/probs`. Set automatically by
       `models.forward.make_apply` (through `for_features`) when a feature names them; the
@@ -327,6 +282,7 @@ class TransformerLM(nn.Module):
   qkv_bias: bool = False
   norm_eps: float = 1e-6
   attention_implementation: str | None = None
+  attention_block_size: int = 512
   attention_probs: bool = False
   bn_axis_name: str | None = None
   remat: bool = False
@@ -349,7 +305,7 @@ class TransformerLM(nn.Module):
                        f"num_heads {self.num_heads} (grouped-query attention).")
     if self.rope_scaling:
       rope_frequencies(2, self.rope_base, self.rope_scaling)  # Refuses an unknown type.
-    check_attention_implementation(self.attention_implementation)
+    check_attention_implementation(self.attention_implementation, self.attention_block_size)
     if self.num_layers < 1 or self.context < 1:
       raise ValueError(f"transformer_lm: num_layers ({self.num_layers}) and context "
                        f"({self.context}) must be positive.")
@@ -468,6 +424,7 @@ class TransformerLM(nn.Module):
                     self.mlp_dim or 4 * self.width, self.rope_base, qkv_bias=self.qkv_bias,
                     rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
                     attention_implementation=self.attention_implementation,
+                    attention_block_size=self.attention_block_size,
                     attention_probs=self.attention_probs, name=f"block{i}")
       if cache is None:
         x = layer(x, allowed)

@@ -240,9 +240,11 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   student_apply, teacher_applies = build_applies(
       student, config.student.name, teachers, objective, input_shape, cached=tuple(caches),
       student_dtype=config.get("dtype", "float32"), input_key=task.input_key,
-      fused_logits=config.get("fused_logits", 0), vocab_maps=cross.vocab_maps)
+      fused_logits=config.get("fused_logits", 0), vocab_maps=cross.vocab_maps,
+      cache_top_k={n: (task_info.num_classes, readers[splits[0]].top_k)
+                   for n, readers in caches.items() if readers[splits[0]].top_k})
   example = _example(config, task, task_info, {
-      teacher_cache.batch_key(n): readers[splits[0]].output_shape for n, readers in caches.items()})
+      teacher_cache.batch_key(n): readers[splits[0]].batch_shape for n, readers in caches.items()})
   for key, (shape, dtype) in cross.shapes.items():
     example[key] = jnp.zeros((config.batch_size, *shape), dtype)
   add_side_data(objective, config, num_train, side_data[splits[0]], example)

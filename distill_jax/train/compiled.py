@@ -29,7 +29,8 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
                   objective: Objective, input_shape: tuple[int, ...],
                   input_key: str, cached: tuple[str, ...] = (),
                   student_dtype: str | None = None, fused_logits: int = 0,
-                  vocab_maps: Mapping[str, np.ndarray] | None = None
+                  vocab_maps: Mapping[str, np.ndarray] | None = None,
+                  cache_top_k: Mapping[str, tuple[int, int]] | None = None
                   ) -> tuple[ApplyFn, dict[str, ApplyFn]]:
   """The student's and teachers' forwards on `batch[input_key]` (the task's `input_key`),
   tapping what the objective compares.
@@ -41,7 +42,9 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
 
   Every requested feature is checked against the model's tappable features first; an unknown
   name fails with the list of what can be tapped. A `cached` teacher's forward reads its
-  logits from the batch, so no term may ask for its features.
+  logits from the batch, so no term may ask for its features; `cache_top_k` {teacher:
+  (num_classes, k)} names those read from a top-k cache, whose packed records the forward
+  decodes on the device (`data.teacher_cache.cached_apply`; lazily with `fused_logits`).
 
   `vocab_maps` {teacher: int32 [its vocabulary]}: the teachers with their own tokenizer
   (cross-tokenizer distillation): each reads its own ids (`xtok/NAME/tokens`) and its outputs
@@ -72,7 +75,8 @@ def build_applies(student: Any, student_name: str, teachers: dict[str, Teacher],
             "transformer_lm or 'hf' has one); set config.fused_logits=0.")
   def teacher_apply(name: str, t: Teacher) -> ApplyFn:
     if name in cached:
-      return teacher_cache.cached_apply(name)
+      return teacher_cache.cached_apply(name, *(cache_top_k or {}).get(name, (0, 0)),
+                                        fused_chunk=fused_logits)
     key = xtok.batch_key(name, "tokens") if name in vocab_maps else input_key
     apply = make_apply(t.module, input_key=key, features=objective.teacher_features(name),
                        input_size=t.input_size, dtype=t.dtype, fused_chunk=fused_logits)
