@@ -21,7 +21,9 @@ from distill_jax.common.outputs import Outputs
 from distill_jax.config import ConfigError, load_config_file, validate
 from distill_jax.losses.minillm import minillm
 from distill_jax.models import build_model
-from distill_jax.tasks.language_model.on_policy import TeacherMix
+from distill_jax.tasks.language_model import generate
+from distill_jax.tasks.language_model.on_policy import OnPolicy, TeacherMix
+from distill_jax.train.build import build_run, init_state
 
 LM = os.path.join(ROOT, "configs", "lm.py")
 V, T = 4, 3  # The table model: vocabulary and response length.
@@ -306,3 +308,39 @@ def test_minillm_trains_through_the_cli(data_dir, lm_teacher, tmp_path):
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   final = [r for r in rows if "eval/teacher_logprob/teacher" in r][-1]
   assert np.isfinite(final["eval/teacher_logprob/teacher"])
+
+
+def test_step_loss_is_the_estimate_on_the_teacher_mixed_samples(data_dir, lm_teacher):
+  """One train step of configs/lm.py:minillm,tiny: its loss = the NumPy estimate's value on
+  the tokens `TeacherMix` draws with the step's key from 0.2 teacher + 0.8 student (the step
+  hands the rollout the teacher's variables), scored by both models' full forwards (1e-4)."""
+  config = _config(data_dir, lm_teacher, **{"parallel.num_devices": 1})
+  built = build_run(config)
+  on_policy = built.extras.on_policy
+  assert (on_policy.mix, on_policy.mix_teacher, on_policy.fraction) == (0.2, "teacher", 1.0)
+  state = jax.device_get(init_state(config, built))
+  batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
+                                         seed=config.seed))
+  metrics = jax.device_get(built.train_step(
+      built.parallel.put_state(state), built.parallel.put_teachers(built.teacher_vars),
+      built.parallel.put_batch(batch))[1])
+  student_vars = {"params": state.params["student"], **state.model_state}
+  teacher = built.teachers["teacher"]
+  prompt, new = config.on_policy.prompt_len, config.on_policy.max_new_tokens
+  tokens, mask = jax.jit(lambda v, p, k: generate.sample(
+      TeacherMix(built.student, teacher.module, 0.2), v, p, max_new_tokens=new, rng=k,
+      eos_id=on_policy.eos_id, pad_id=on_policy.pad_id))(
+          (student_vars, teacher.variables), batch["tokens"][:, :prompt],
+          OnPolicy.keys(state.rng)[1])
+  length = batch["tokens"].shape[1]
+  rows = np.pad(np.asarray(tokens), ((0, 0), (0, length - prompt - new)),
+                constant_values=on_policy.pad_id)
+  kept = np.pad(np.asarray(mask)[:, 1:], ((0, 0), (0, length - prompt - new + 1)))
+  targets = np.pad(rows[:, 1:], ((0, 0), (0, 1)))
+  forward = jax.jit(lambda v, x, model: model.apply(v, x), static_argnums=2)
+  want, _ = _np_minillm(forward(student_vars, rows, built.student),
+                        forward(teacher.variables, rows, teacher.module), targets, kept,
+                        alpha=0.2, importance="token", clip=0.2, length_norm=True,
+                        single_step=True)
+  assert kept.sum() > 16 and want > 0.05
+  np.testing.assert_allclose(metrics["loss/minillm"], want, rtol=1e-4)
