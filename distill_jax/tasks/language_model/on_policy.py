@@ -77,8 +77,13 @@ class OnPolicy:
   the student samples (`temperature`, `top_k`), and the batch becomes those sequences, with
   the loss mask on the generated tokens only; the teachers then score the student's own text.
 
-  Built from `config.on_policy` (`from_config`); `model` is the student's module. Static (a
-  hashable argument of the compiled step).
+  With `mix` = α > 0 (MiniLLM's teacher-mixed sampling, asked for by a loss term:
+  `rollout_mixture`) the tokens are drawn from α p + (1 - α) q_θ instead, p the teacher
+  `mix_teacher` (module `teacher_model`, variables from the step's `teacher_vars`), through
+  `TeacherMix`.
+
+  Built from `config.on_policy` (`on_policy_from_config`); `model` is the student's module.
+  Static (a hashable argument of the compiled step).
   """
 
   model: Any
