@@ -91,9 +91,8 @@ def _sample(student, teacher, alpha, key, n):
 
 @pytest.mark.parametrize("alpha,importance,single_step,clip,unbiased", [
     (0.0, "token", True, 0.2, True),  # On-policy: every weight is 1, so the clip never acts.
-    (0.0, "token", False, 0.0, True),  # The plain policy gradient (2), no decomposition.
     (0.3, "sequence", True, 0.0, True),  # Teacher-mixed sampling with the exact weights.
-    (0.3, "sequence", False, 0.0, True),
+    (0.3, "sequence", False, 0.0, True),  # The plain policy gradient (2), no decomposition.
     (0.3, "token", True, 0.0, False),  # The paper's per-step weights: biased, as noted.
 ])
 def test_estimate_matches_the_exact_sequence_level_gradient(alpha, importance, single_step,
@@ -186,7 +185,6 @@ def _np_minillm(z_s, z_t, targets, mask, alpha, importance, clip, length_norm, s
     (dict(alpha=0.2, importance="token", clip=0.2, length_norm=True, single_step=True), 3),
     (dict(alpha=0.2, importance="token", clip=0.05, length_norm=False, single_step=False), 0),
     (dict(alpha=0.4, importance="sequence", clip=0.0, length_norm=True, single_step=False), 3),
-    (dict(alpha=0.0, importance="sequence", clip=0.0, length_norm=False, single_step=True), 0),
 ])
 def test_value_and_gradient_match_numpy(settings, chunk_size):
   """The term's value (the weighted per-step reverse KL per kept token) and its gradient with
@@ -292,28 +290,25 @@ def test_config_checks(data_dir, tmp_path):
 
 def test_minillm_trains_through_the_cli(data_dir, lm_teacher, tmp_path):
   """configs/lm.py:minillm,tiny (teacher-mixed sampling, α 0.2) from the shared trained tiny
-  teacher for 12 steps: the loss (the estimate of the sequence-level reverse KL per generated
-  token) stays finite and falls by more than 20% (0.83 -> 0.54 when written, the learning
-  rate's cosine decaying to 0 over the 12 steps)."""
+  teacher for 12 steps on the CLI's default mesh (8 devices here): the loss (the estimate of
+  the sequence-level reverse KL per generated token) stays finite and falls by more than 20%
+  (0.83 -> 0.54 when written, the learning rate's cosine decaying to 0 over the 12 steps);
+  the first step's loss = the NumPy estimate on the tokens `TeacherMix` draws on one device
+  with that step's key from 0.2 teacher + 0.8 student (the step hands the rollout the
+  teacher's variables), scored by both models' full forwards (1e-4)."""
   workdir = tmp_path / "minillm"
   run_cli([f"--config={LM}:minillm,tiny", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}",
            f"--config.teachers.teacher.checkpoint={lm_teacher}", "--config.num_steps=12",
-           "--config.optim.lr=0.01"])
+           "--config.optim.lr=0.01", "--config.eval_samples=0"])  # GKD's test covers those.
   result = json.load(open(workdir / "result.json"))
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   losses = [r["train/loss/minillm"] for r in rows if "train/loss/minillm" in r]
   assert result["steps"] == 12 and len(losses) == 12
   assert all(np.isfinite(losses)) and min(losses) > 0
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
-  final = [r for r in rows if "eval/teacher_logprob/teacher" in r][-1]
-  assert np.isfinite(final["eval/teacher_logprob/teacher"])
 
-
-def test_step_loss_is_the_estimate_on_the_teacher_mixed_samples(data_dir, lm_teacher):
-  """One train step of configs/lm.py:minillm,tiny: its loss = the NumPy estimate's value on
-  the tokens `TeacherMix` draws with the step's key from 0.2 teacher + 0.8 student (the step
-  hands the rollout the teacher's variables), scored by both models' full forwards (1e-4)."""
+  # The first step, again: its initial state and batch follow from the seed alone.
   config = _config(data_dir, lm_teacher, **{"parallel.num_devices": 1})
   built = build_run(config)
   on_policy = built.extras.on_policy
@@ -321,9 +316,6 @@ def test_step_loss_is_the_estimate_on_the_teacher_mixed_samples(data_dir, lm_tea
   state = jax.device_get(init_state(config, built))
   batch = next(built.task.train_iterator(config.data, global_batch_size=config.batch_size,
                                          seed=config.seed))
-  metrics = jax.device_get(built.train_step(
-      built.parallel.put_state(state), built.parallel.put_teachers(built.teacher_vars),
-      built.parallel.put_batch(batch))[1])
   student_vars = {"params": state.params["student"], **state.model_state}
   teacher = built.teachers["teacher"]
   prompt, new = config.on_policy.prompt_len, config.on_policy.max_new_tokens
@@ -342,5 +334,5 @@ def test_step_loss_is_the_estimate_on_the_teacher_mixed_samples(data_dir, lm_tea
                         forward(teacher.variables, rows, teacher.module), targets, kept,
                         alpha=0.2, importance="token", clip=0.2, length_norm=True,
                         single_step=True)
-  assert kept.sum() > 16 and want > 0.05
-  np.testing.assert_allclose(metrics["loss/minillm"], want, rtol=1e-4)
+  assert kept.sum() > 16
+  np.testing.assert_allclose(losses[0], want, rtol=1e-4)
