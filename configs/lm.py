@@ -5,8 +5,10 @@ distilled from it token by token: forward KL (`fkl`), reverse KL (`rkl`), genera
 (`jsd`, beta 0.5), skew KL (`skew`, alpha 0.1), top-k KD (`topk`, k 16), or forward KL plus
 hidden-state MSE and last-layer attention KL with a layer map (`hidden`: student layer i <-
 teacher layer 2i), or on-policy (`gkd`, Agarwal et al. 2024: generalized JSD, beta 0.5, on the
-student's own continuations of the rows' first tokens for half of the batches, no CE).
-Offline; minutes on a CPU at the default sizes.
+student's own continuations of the rows' first tokens for half of the batches, no CE), or
+MiniLLM (`minillm`, Gu et al. 2024: the sequence-level reverse KL by policy gradient on the
+student's continuations of every batch, sampled from the mixture 0.2 teacher + 0.8 student,
+no CE; `losses/minillm.py`). Offline; minutes on a CPU at the default sizes.
 
     distill-jax --config=configs/lm.py:teacher --workdir=runs/lm/teacher
     distill-jax --config=configs/lm.py:fkl --workdir=runs/lm/fkl \
@@ -21,14 +23,15 @@ per-token top-k log-probabilities: CE 0.5 + `token_sparse_topk_kd` 0.5):
     distill-jax --config=configs/lm.py:blackbox_topk --workdir=runs/lm/api \
         --config.data.train_files=teacher_outputs.jsonl
 
-Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, gkd, sequence,
-blackbox_text, blackbox_topk}; `gkd,warm` first trains the student with CE alone for half the
-run (a stage `warm`, on the corpus), then on-policy for the other half, as GKD starts from a
-supervised student (`ce,warm`: the same two stages with CE in both, its control for the
-schedule); `sequence,kd` adds token KD from the live teacher. `tiny` shrinks
-the models and the run to a few steps (tests and smoke runs). Held-out perplexity is the headline of
-`result.json` (`best_perplexity`); bits per byte, token top-1 agreement with the teacher and the
-teacher-student KL are reported beside it (`final`).
+Arg: `ROLE[,tiny]`, ROLE in {teacher, ce, fkl, rkl, jsd, skew, topk, hidden, gkd, minillm,
+sequence, blackbox_text, blackbox_topk}; `gkd,warm` (and `minillm,warm`) first trains the
+student with CE alone for half the run (a stage `warm`, on the corpus), then on-policy for
+the other half, as GKD (and MiniLLM) start from a supervised student (`ce,warm`: the same
+two stages with CE in both, its control for the schedule); `sequence,kd` adds token KD from
+the live teacher. `tiny` shrinks the models and the run to a few steps (tests and smoke
+runs). Held-out perplexity is the headline of `result.json` (`best_perplexity`); bits per
+byte, token top-1 agreement with the teacher and the teacher-student KL are reported beside
+it (`final`).
 """
 
 import ml_collections
@@ -54,7 +57,10 @@ METHODS = {
     "topk": {"token_topk_kd": {"weight": 0.5, "k": 16}},
     "hidden": {"token_fkl": {"weight": 0.5}},  # + the layer-mapped terms of `hidden_terms`.
     "gkd": {"token_jsd": {"weight": 1.0, "beta": 0.5}},  # Alone: CE on own samples is moot.
+    "minillm": {"minillm": {"weight": 1.0, "teacher_mix": 0.2}},  # Alone, every batch sampled.
 }
+# On-policy roles -> the share of batches the student's samples replace (config.on_policy).
+ON_POLICY = {"gkd": 0.5, "minillm": 1.0}
 # Roles that learn from what a teacher wrote (a JSONL file, `data.name='jsonl'`,
 # distill_jax/data/text/blackbox.py) rather than from its live logits.
 FILE_ROLES = {
@@ -84,10 +90,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   role, *options = (arg or "fkl").split(",")
   if role in XTOK_ROLES:  # Cross-tokenizer distillation: the block at the end of this file.
     return xtok_config(role, options)
-  allowed = {"tiny", {"sequence": "kd", "gkd": "warm", "ce": "warm"}.get(role, "tiny")}
+  allowed = {"tiny", {"sequence": "kd", "gkd": "warm", "minillm": "warm",
+                      "ce": "warm"}.get(role, "tiny")}
   if role not in ROLES or set(options) - allowed:
     raise ValueError(f"configs/lm.py arg {arg!r}: expected ROLE[,tiny] with ROLE in "
-                     f"{list(ROLES)} (sequence also takes ',kd'; gkd and ce ',warm').")
+                     f"{list(ROLES)} (sequence also takes ',kd'; gkd, minillm and ce ',warm').")
   tiny = "tiny" in options
   c = base_config()
   c.task = "language_model"
@@ -124,12 +131,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     terms.update(hidden_terms(student, teacher))
   ce_weight = 0.5 if terms else 1.0
   c.losses = ml_collections.ConfigDict(
-      terms if role == "gkd" else {"token_ce": {"weight": ce_weight, **chunk}, **terms})
+      terms if role in ON_POLICY else {"token_ce": {"weight": ce_weight, **chunk}, **terms})
   # On-policy distillation (GKD): with probability `fraction` per batch the student continues
   # each row's first `prompt_len` tokens by `max_new_tokens` sampled ones (`temperature`,
   # `top_k`: 0 = all), and the terms compare it with the teachers on those tokens. 0: off.
   c.on_policy = ml_collections.ConfigDict({
-      "fraction": 0.5 if role == "gkd" else 0.0,
+      "fraction": ON_POLICY.get(role, 0.0),
       "prompt_len": 8 if tiny else 32, "max_new_tokens": 16 if tiny else 64,
       "temperature": 1.0, "top_k": 0})
   # Student samples (continuations of held-out rows' first on_policy.prompt_len tokens) in
@@ -158,7 +165,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 3
     c.optim.warmup_epochs = 0.0
     c.progress_bar = False
-    c.eval_samples = 2 if role == "gkd" else 0  # The other tiny runs skip the extra compile.
+    c.eval_samples = 2 if role in ON_POLICY else 0  # The other tiny runs skip that compile.
     for stage in c.stages.values():
       stage.num_epochs, stage.num_steps = 0.0, 2
   return c

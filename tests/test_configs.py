@@ -28,7 +28,7 @@ ARGS = {
                     "fitnet_hint,resnet56,resnet20,tiny",
                     *[f"{m},resnet56,resnet20" for m in _config_module("cifar_kd.py").METHODS]],
     "digits_ensemble.py": [*_config_module("digits_ensemble.py").ROLES, "kd_ensemble,tiny"],
-    "lm.py": [*_config_module("lm.py").ROLES, "fkl,tiny", "hidden,tiny"],
+    "lm.py": [*_config_module("lm.py").ROLES, "fkl,tiny", "hidden,tiny", "minillm,warm,tiny"],
 }
 
 

@@ -19,8 +19,9 @@ Beside the losses: `objective` (the config's weighted sum of terms: `build_objec
 `connectors` (the trainable maps that module terms use). The modules, by kind of loss:
 `logits`, `features` (feature maps), `relations` (between a batch's examples), `hints`,
 `factor_transfer`, `contrastive`; for language models `tokens`, `token_topk`, `token_layers`,
-`cross_tokenizer` (teachers of other tokenizers), all reduced per token by `chunking`.
-Shared helpers are in `base`.
+`cross_tokenizer` (teachers of other tokenizers), all reduced per token by `chunking`, and
+`minillm` (sequence-level reverse KL by policy gradient on the student's samples). Shared
+helpers are in `base`.
 """
 
 from distill_jax.losses import (
@@ -30,6 +31,7 @@ from distill_jax.losses import (
     features,  # noqa: F401  (registers at, nst, fsp)
     hints,  # noqa: F401  (registers fitnet, vid, ab)
     logits,  # noqa: F401  (registers ce, kd, dkd, logit_mse, reverse_kl, gjsd)
+    minillm,  # noqa: F401  (registers minillm)
     relations,  # noqa: F401  (registers sp, rkd, pkt, cc)
     token_layers,  # noqa: F401  (registers token_hidden_mse, token_attention_kl)
     token_topk,  # noqa: F401  (registers token_topk_kd, token_sparse_topk_kd)

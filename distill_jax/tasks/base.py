@@ -40,7 +40,8 @@ class TaskExtras:
   """What a run needs beyond the generic pieces, built by `Task.build_extras` (None: nothing).
 
   `on_policy` is applied by the main stage's train step to each batch first
-  (`on_policy(variables, batch, rng, axis_name) -> batch`, static: hashable); `sampler` runs
+  (`on_policy(variables, batch, rng, axis_name, teacher_vars=) -> batch`, static: hashable;
+  `variables` the student's, `teacher_vars` {name: variables} of the teachers); `sampler` runs
   at each evaluation (`sampler(student_vars, teacher_vars, seed) -> (texts, metrics)`).
   """
 
@@ -94,11 +95,13 @@ class Task:
     del teachers, config
 
   def build_extras(self, config: Any, student: Any, *, example: Mapping[str, jax.Array],
-                   teacher_applies: Mapping[str, Any]) -> TaskExtras:
+                   teacher_applies: Mapping[str, Any],
+                   teachers: Mapping[str, Any] | None = None) -> TaskExtras:
     """What a run needs beyond the generic pieces (`TaskExtras`), from `config`, the student's
-    module, the all-zeros global batch `example` and the teachers' forwards; raises
+    module, the all-zeros global batch `example`, the teachers' forwards and the loaded
+    `teachers` ({name: `teachers.Teacher`}, e.g. a module to decode with); raises
     `rules.ConfigError` on a setting that does not fit. Default: nothing."""
-    del config, student, example, teacher_applies
+    del config, student, example, teacher_applies, teachers
     return TaskExtras()
 
   def info(self, data_config: Any) -> TaskInfo:

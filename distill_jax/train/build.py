@@ -254,7 +254,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   jax.eval_shape(functools.partial(trace_objective, objective, student_apply, teacher_applies),
                  init_shapes(student, input_shape), teacher_vars, example,
                  jax.random.PRNGKey(0))
-  extras = task.build_extras(config, student, example=example, teacher_applies=teacher_applies)
+  extras = task.build_extras(config, student, example=example, teacher_applies=teacher_applies,
+                             teachers=teachers)
   stages, eval_step = _build_stages(config, task, parallel, specs, objectives, durations,
                                     student_apply, teacher_applies, extras.on_policy)
   return Run(task=task, input_shape=input_shape, num_classes=task_info.num_classes,

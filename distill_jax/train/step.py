@@ -123,7 +123,8 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
   `on_policy` (the language model's `OnPolicy`, from `Task.build_extras`): first, with its
   probability, the batch becomes the student's own continuations of its rows' prompts (sampled from
   the current params, no gradient through the sampling; keys from `OnPolicy.keys(state.rng)`), which
-  the teachers then score and the objective compares on the generated tokens. A batch key that would
+  the teachers then score and the objective compares on the generated tokens (it gets the teachers'
+  variables too: MiniLLM's teacher-mixed sampling decodes with a teacher). A batch key that would
   not follow the samples (`data.batch_keys`: a teacher cache, a black-box file's top-k, an
   undeclared key) is refused here, at trace time (`build_run` refuses the config before).
   """
@@ -134,7 +135,7 @@ def train_step(state: TrainState, teacher_vars: Mapping[str, Any], batch: Mappin
                        "these batch keys would still describe the original rows: "
                        + "; ".join(stale) + ".")
     batch = on_policy({"params": state.params["student"], **state.model_state}, batch,
-                      state.rng, axis_name)
+                      state.rng, axis_name, teacher_vars=teacher_vars)
   rng, model_rng, loss_rng = jax.random.split(state.rng, 3)
   used = objective.teachers_used(tuple(teacher_applies))
   applies = {n: teacher_applies[n] for n in used}

@@ -4,12 +4,22 @@ score its own text (`OnPolicy`, built from `config.on_policy` by `on_policy_from
 A teacher with its own tokenizer (`teachers.NAME.tokenizer`) scores the samples in its own
 tokens, as TRL's GOLD trainer does: `Retokenize` rebuilds its rows and alignment
 (`data/text/cross_tokenizer.py`, host code) from the sampled rows inside the compiled step
-(`jax.pure_callback`), so the cross-tokenizer terms compare the student's own text."""
+(`jax.pure_callback`), so the cross-tokenizer terms compare the student's own text.
+
+Teacher-mixed sampling (MiniLLM): a loss term may need its samples drawn from the per-step
+mixture α p + (1 - α) q_θ of a teacher p and the student q_θ (a registered loss with a
+`rollout_mixture(hparams, teacher_names) -> (teacher, α)` attribute, `losses.minillm`;
+`rollout_mixture` below collects them). The rollout then decodes with `TeacherMix`: both
+models advance their own key/value caches on the same tokens and the next token is drawn from
+the mixture, so `generate.sample` runs unchanged; the teacher's variables come from the train
+step (its `teacher_vars` argument), like the forwards'.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -55,6 +65,50 @@ class Retokenize:
             batch_key(self.teacher, "mask"): mask}
 
 
+class TeacherMix:
+  """A decoder over the mixture p̃ = α p + (1 - α) q_θ of a teacher p and the student q_θ, in
+  the interface `generate.sample` decodes with (`init_cache`, `apply(variables, tokens,
+  cache=)`): `variables` is (the student's, the teacher's), the cache is the pair of their
+  caches, and the "logits" it returns are log p̃ [B, T, V] (so at temperature 1 without
+  truncation `sample` draws exactly from p̃). Both models need the same vocabulary.
+  """
+
+  student: Any
+  teacher: Any
+  alpha: float
+
+  def init_cache(self, batch: int, length: int, valid: jax.Array | None = None) -> Any:
+    return (self.student.init_cache(batch, length, valid),
+            self.teacher.init_cache(batch, length, valid))
+
+  def apply(self, variables: Any, tokens: jax.Array, *, cache: Any) -> tuple[jax.Array, Any]:
+    student_vars, teacher_vars = variables
+    q, student_cache = self.student.apply(student_vars, tokens, cache=cache[0])
+    p, teacher_cache = self.teacher.apply(teacher_vars, tokens, cache=cache[1])
+    logq = jax.nn.log_softmax(q.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(p.astype(jnp.float32), axis=-1)
+    mix = jnp.logaddexp(math.log(self.alpha) + logp, math.log1p(-self.alpha) + logq)
+    return mix, (student_cache, teacher_cache)
+
+
+def rollout_mixture(terms: Sequence[Any], teacher_names: Sequence[str]
+                    ) -> tuple[str | None, float]:
+  """(teacher, α) of the mixture the objective's `terms` (`losses.objective.Term`) need their
+  samples from: (None, 0.0), the student alone, when no term asks (`rollout_mixture` on its
+  loss); raises ValueError when two terms ask for different ones."""
+  wanted = {}
+  for term in terms:
+    ask = getattr(term.fn, "rollout_mixture", None)
+    if ask is not None:
+      wanted[term.name] = ask(term.hparams, list(teacher_names))
+  mixes = set(wanted.values())
+  if len(mixes) > 1:
+    raise ValueError(f"The loss terms {sorted(wanted)} need samples from different mixtures "
+                     f"(teacher, teacher_mix) {wanted}; one rollout draws one: make them agree.")
+  teacher, alpha = mixes.pop() if mixes else (None, 0.0)
+  return (teacher, alpha) if alpha > 0 else (None, 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class OnPolicy:
   """On-policy distillation (GKD, Agarwal et al., ICLR 2024): with probability `fraction` per
@@ -62,8 +116,13 @@ class OnPolicy:
   the student samples (`temperature`, `top_k`), and the batch becomes those sequences, with
   the loss mask on the generated tokens only; the teachers then score the student's own text.
 
-  Built from `config.on_policy` (`from_config`); `model` is the student's module. Static (a
-  hashable argument of the compiled step).
+  With `mix` = α > 0 (MiniLLM's teacher-mixed sampling, asked for by a loss term:
+  `rollout_mixture`) the tokens are drawn from α p + (1 - α) q_θ instead, p the teacher
+  `mix_teacher` (module `teacher_model`, variables from the step's `teacher_vars`), through
+  `TeacherMix`.
+
+  Built from `config.on_policy` (`on_policy_from_config`); `model` is the student's module.
+  Static (a hashable argument of the compiled step).
   """
 
   model: Any
@@ -76,6 +135,9 @@ class OnPolicy:
   pad_id: int = 0
   # The teachers with their own tokenizer: their rows rebuilt from the samples.
   retokenize: tuple[Retokenize, ...] = ()
+  mix_teacher: str | None = None  # With `mix` = α > 0: sample from α p + (1 - α) q_θ, p the
+  mix: float = 0.0  # teacher of this name, whose module is `teacher_model` (`TeacherMix`).
+  teacher_model: Any = None
 
   @staticmethod
   def keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -83,9 +145,11 @@ class OnPolicy:
     coin, draw = jax.random.split(jax.random.fold_in(rng, ON_POLICY_SALT))
     return coin, draw
 
-  def rollout(self, variables: Any, batch: Mapping[str, jax.Array], key: jax.Array
-              ) -> dict[str, jax.Array]:
-    """The batch with each row replaced by its prompt and the student's sample (no gradient).
+  def rollout(self, variables: Any, batch: Mapping[str, jax.Array], key: jax.Array,
+              teacher_vars: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
+    """The batch with each row replaced by its prompt and the student's sample (no gradient;
+    with `mix`, a sample of the teacher-student mixture, the teacher's variables from
+    `teacher_vars`).
 
     tokens [B, L]: the first `prompt_len` tokens, the N sampled ones, then `pad_id`; targets:
     the next token; mask: 1 where the target is a generated token (up to and including EOS);
@@ -94,8 +158,14 @@ class OnPolicy:
     passed through as it is, so it must not describe the original tokens: the step refuses
     those that would (`data.batch_keys`, `Task.rollout_keys`).
     """
-    tokens, mask = sample(self.model, jax.lax.stop_gradient(variables),
-                          batch["tokens"][:, :self.prompt_len],
+    model, variables = self.model, jax.lax.stop_gradient(variables)
+    if self.mix > 0:
+      if teacher_vars is None or self.mix_teacher not in teacher_vars:
+        raise ValueError(f"Teacher-mixed sampling (teacher_mix={self.mix}) needs teacher "
+                         f"{self.mix_teacher!r}'s variables: pass teacher_vars.")
+      model = TeacherMix(self.model, self.teacher_model, self.mix)
+      variables = (variables, jax.lax.stop_gradient(teacher_vars[self.mix_teacher]))
+    tokens, mask = sample(model, variables, batch["tokens"][:, :self.prompt_len],
                           max_new_tokens=self.max_new_tokens, rng=key,
                           temperature=self.temperature, top_k=self.top_k, eos_id=self.eos_id,
                           pad_id=self.pad_id)
@@ -119,7 +189,8 @@ class OnPolicy:
     return out
 
   def __call__(self, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-               axis_name: str | None = None) -> dict[str, jax.Array]:
+               axis_name: str | None = None, teacher_vars: Mapping[str, Any] | None = None
+               ) -> dict[str, jax.Array]:
     """With probability `fraction` (a coin from `rng`, inside the compiled step) the
     `rollout` of the batch, else the batch as it is.
 
@@ -133,14 +204,18 @@ class OnPolicy:
       draw = jax.random.fold_in(draw, jax.lax.axis_index(axis_name))
     use = jax.random.uniform(coin) < self.fraction
     batch = dict(batch)
-    return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw), lambda b: b, batch)
+    return jax.lax.cond(use, lambda b: self.rollout(variables, b, draw, teacher_vars),
+                        lambda b: b, batch)
 
 
 def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: int,
-                          retokenize: tuple[Retokenize, ...] = ()) -> OnPolicy | None:
+                          retokenize: tuple[Retokenize, ...] = (),
+                          mixture: tuple[str | None, float] = (None, 0.0),
+                          teacher_model: Any = None) -> OnPolicy | None:
   """The `OnPolicy` of `config.on_policy` (None when absent or `fraction` is 0), rebuilding
-  the rows of the cross-tokenizer teachers of `retokenize`; raises ValueError naming the
-  setting that does not fit."""
+  the rows of the cross-tokenizer teachers of `retokenize`, sampling from `mixture` = (teacher,
+  α) (`rollout_mixture`; α = 0: the student alone) with the teacher's module `teacher_model`;
+  raises ValueError naming the setting that does not fit."""
   if settings is None or float(settings.get("fraction", 0.0)) == 0.0:
     return None
   fraction = float(settings.fraction)
@@ -158,6 +233,17 @@ def on_policy_from_config(settings: Any, model: Any, tokenizer: Any, seq_len: in
   if not hasattr(model, "init_cache"):
     raise ValueError(f"config.on_policy needs a student that can decode (transformer_lm), not "
                      f"{type(model).__name__}.")
+  teacher, alpha = mixture
+  if alpha > 0:
+    if not hasattr(teacher_model, "init_cache"):
+      raise ValueError(f"Teacher-mixed sampling needs teacher {teacher!r} to decode "
+                       f"(transformer_lm), not {type(teacher_model).__name__}.")
+    sizes = (getattr(model, "num_classes", None), getattr(teacher_model, "num_classes", None))
+    if sizes[0] != sizes[1]:
+      raise ValueError(f"Teacher-mixed sampling mixes next-token distributions over one "
+                       f"vocabulary; the student has {sizes[0]} tokens and teacher "
+                       f"{teacher!r} {sizes[1]}.")
   return OnPolicy(model, fraction, prompt_len, new, temperature, top_k,
                   getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", 0),
-                  tuple(retokenize))
+                  tuple(retokenize), teacher if alpha > 0 else None, alpha,
+                  teacher_model if alpha > 0 else None)

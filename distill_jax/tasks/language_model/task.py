@@ -18,7 +18,10 @@ hidden states, as the token losses are.
 Its hooks: `student_init` loads the student's open weights (`config.student.init`);
 `check_teachers` refuses open-weights teachers whose tokenizer is not the data's
 (`check_tokenizers`); `build_extras` builds the on-policy rollout (`config.on_policy`,
-`on_policy.OnPolicy`) and the samples shown at each evaluation (`eval_sampler.EvalSampler`).
+`on_policy.OnPolicy`, sampling from the teacher-student mixture that MiniLLM's terms ask for)
+and the samples shown at each evaluation (`eval_sampler.EvalSampler`); `validate` refuses a
+term that learns from the student's own samples (`minillm`) unless every main-stage batch is
+sampled, at temperature 1 without top-k.
 """
 
 from __future__ import annotations
@@ -42,10 +45,15 @@ from distill_jax.losses import LOSSES
 from distill_jax.losses import cross_tokenizer as xtok
 from distill_jax.losses.base import kl, masked_mean, masked_sum, teacher_log_probs
 from distill_jax.losses.chunking import chunked_per_token, fused_chunk_size
+from distill_jax.losses.objective import build_objective
 from distill_jax.models import tokenizers
 from distill_jax.tasks.base import Task, TaskExtras, TaskInfo
 from distill_jax.tasks.language_model.eval_sampler import EvalSampler
-from distill_jax.tasks.language_model.on_policy import Retokenize, on_policy_from_config
+from distill_jax.tasks.language_model.on_policy import (
+    Retokenize,
+    on_policy_from_config,
+    rollout_mixture,
+)
 
 
 def _nll(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -98,20 +106,57 @@ class LanguageModel(Task):
     return hf.load_student_init(config.student.init, config.student.name,
                                 config.student.kwargs, config.data.get("tokenizer") or "bytes")
 
+  def validate(self, config: Any) -> None:
+    """A term that learns from the student's own samples (its loss has `rollout_mixture`:
+    `minillm`) runs in the main stage only, with `config.on_policy.fraction` = 1 at
+    temperature 1 and no top-k (its importance weights assume samples of q_θ or of the
+    teacher mixture, nothing else), and all such terms ask for one mixture."""
+    names = list(config.teachers)
+    for key, stage in config.stages.items():
+      for term in build_objective(stage.losses, names).terms:
+        if hasattr(term.fn, "rollout_mixture"):
+          raise ConfigError(
+              f"config.stages.{key}.losses.{term.name} ({term.loss}) learns from the student's "
+              "own samples, which only the main stage draws (config.on_policy): move it to "
+              "config.losses.")
+    terms = [t for t in build_objective(config.losses, names).terms
+             if hasattr(t.fn, "rollout_mixture")]
+    if not terms:
+      return
+    where = f"config.losses.{terms[0].name} ({terms[0].loss})"
+    settings = config.get("on_policy") or {}
+    fraction = float(settings.get("fraction", 0.0))
+    if fraction != 1.0:
+      raise ConfigError(f"{where} is a policy gradient on the student's own samples: set "
+                        f"config.on_policy.fraction=1 (got {fraction}).")
+    temperature, top_k = float(settings.get("temperature", 1.0)), int(settings.get("top_k", 0))
+    if temperature != 1.0 or top_k != 0:
+      raise ConfigError(f"{where} weighs the samples as drawn from the student (or its teacher "
+                        f"mixture) itself: set config.on_policy.temperature=1 and top_k=0 (got "
+                        f"{temperature} and {top_k}).")
+    try:
+      rollout_mixture(terms, names)
+    except ValueError as e:
+      raise ConfigError(f"config.losses: {e}") from None
+
   def build_extras(self, config: Any, student: Any, *, example: Mapping[str, jax.Array],
-                   teacher_applies: Mapping[str, Any]) -> TaskExtras:
-    """The on-policy rollout (`config.on_policy`, else None) and the eval samples
+                   teacher_applies: Mapping[str, Any],
+                   teachers: Mapping[str, Any] | None = None) -> TaskExtras:
+    """The on-policy rollout (`config.on_policy`, else None; decoding with the teacher that
+    teacher-mixed sampling names, from `teachers`) and the eval samples
     (`config.eval_samples`, else None)."""
-    on_policy = self._on_policy(config, student, example)
+    on_policy = self._on_policy(config, student, example, teachers or {})
     # The samples are the student's tokens: teachers with their own tokenizer do not score them.
     same = {n: a for n, a in teacher_applies.items()
             if not config.teachers[n].get("tokenizer")}
     sampler = EvalSampler.from_config(config, student, same, on_policy)
     return TaskExtras(on_policy=on_policy, sampler=sampler)
 
-  def _on_policy(self, config: Any, student: Any, example: Mapping[str, jax.Array]) -> Any:
-    """The `OnPolicy` of `config.on_policy` (None without), refusing batch keys that would not
-    follow the student's samples (`data.batch_keys`)."""
+  def _on_policy(self, config: Any, student: Any, example: Mapping[str, jax.Array],
+                 teachers: Mapping[str, Any]) -> Any:
+    """The `OnPolicy` of `config.on_policy` (None without), sampling from the mixture the
+    main stage's terms ask for (`on_policy.rollout_mixture`), refusing batch keys that would
+    not follow the student's samples (`data.batch_keys`)."""
     if config.get("on_policy") is None:
       return None
     seq_len = int(example[self.input_key].shape[1])
@@ -121,9 +166,12 @@ class LanguageModel(Task):
                    int(settings.get("seq_len", 0)) or seq_len)
         for name, settings in config.teachers.items() if settings.get("tokenizer"))
     try:
+      names = list(config.teachers)
+      teacher, alpha = rollout_mixture(build_objective(config.losses, names).terms, names)
+      module = getattr(teachers.get(teacher), "module", None) if teacher else None
       on_policy = on_policy_from_config(
           config.on_policy, student, tokenizers.get_tokenizer(data_tokenizer), seq_len,
-          retokenize)
+          retokenize, (teacher, alpha), module)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     if on_policy is not None:
