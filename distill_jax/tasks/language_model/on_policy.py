@@ -65,6 +65,7 @@ class Retokenize:
             batch_key(self.teacher, "mask"): mask}
 
 
+@dataclasses.dataclass(frozen=True)
 class TeacherMix:
   """A decoder over the mixture p̃ = α p + (1 - α) q_θ of a teacher p and the student q_θ, in
   the interface `generate.sample` decodes with (`init_cache`, `apply(variables, tokens,
