@@ -394,3 +394,38 @@ def test_a_failed_batch_is_a_500_and_a_body_without_length_a_411(server, client)
       reply += chunk
     reply = reply.decode()
   assert reply.startswith("HTTP/1.1 411") and "Content-Length header is required" in reply
+
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_the_collector_reads_the_server_into_a_file_that_trains(server, reference, log_softmax,
+                                                                api, tmp_path):
+  """`distill-jax collect` against `distill-jax serve` (issue 31's two halves end to end):
+  greedy answers with their top-3 log-probs become black-box records in prompt order whose
+  tokens' bytes are the text (invalid UTF-8 shown as U+FFFD), each token the argmax of the
+  model's own log-softmax after the prompt (the completions' text the sampler's too) with that
+  log-prob to 1e-5, and the data layer reads the file into rows with every teacher token at a
+  position. (That such a file trains a student through the CLI is test_collect.py's.)"""
+  from distill_jax.endpoints import collect
+
+  out, prompts = str(tmp_path / "teacher.jsonl"), PROMPTS[:3]
+  summary = collect.collect(server.url, NAME, prompts, out, api=api, max_tokens=8,
+                            temperature=0.0, top_logprobs=3, concurrency=3, progress=False)
+  records = blackbox.read_records(out)
+  assert summary.records == len(prompts) and [r.prompt for r in records] == prompts
+  for prompt, record in zip(prompts, records, strict=True):
+    if api == "completions":
+      ids, new = reference(prompt, 8)
+      assert record.completion == _text(new)
+    else:  # The server's chat template around the prompt (endpoints/schema.py).
+      ids = TOK.encode(schema.chat_prompt([{"role": "user", "content": prompt}]))[:-1]
+    data = b"".join(blackbox.token_bytes(t) for t in record.tokens)  # A byte per token here.
+    assert data.decode("utf-8", "replace") == record.completion
+    body = np.frombuffer(data, np.uint8).astype(np.int64)
+    lp = log_softmax(np.asarray(ids), body)
+    chosen = [dict(alts)[t] for t, alts in zip(record.tokens, record.top_logprobs, strict=True)]
+    np.testing.assert_allclose(chosen, lp[np.arange(len(body)), body], atol=1e-5)
+    np.testing.assert_array_equal(np.argmax(lp, -1), body)
+  rows, counts = blackbox.build_rows(records, TOK, 32)
+  assert counts.positions > 0 and counts.unaligned == 0 and counts.empty_positions == 0
+  assert rows["topk_valid"].sum() == counts.entries - counts.unmapped
