@@ -81,10 +81,21 @@ flags.DEFINE_integer("lm_fused_vocab", 128256, "lm: vocabulary of the whole vs f
 flags.DEFINE_bool("lm_fused_only", False, "lm: print only the whole vs fused logits memory "
                   "rows (no timing).")
 flags.DEFINE_integer("lm_fused_len", 2048, "lm: tokens per row of the fused logits rows.")
+flags.DEFINE_list("lm_torch_vocabs", ["259", "8192"], "lm --against=torch: the vocabularies of "
+                  "the comparison (batch --batch_size x --seq_len, configs/lm.py's models).")
+flags.DEFINE_float("lm_temperature", 1.0, "lm --against=torch: the forward KL's temperature T.")
+flags.DEFINE_integer("torch_threads", 0, "--against=torch: PyTorch's intra-op threads "
+                     "(torch.set_num_threads; 0: this process's cores, as XLA:CPU uses).")
+flags.DEFINE_bool("lm_tensor_only", False, "lm: print only the tensor-parallel memory rows "
+                  "(compile only; needs --host_devices=8).")
+flags.DEFINE_list("lm_tensor_sizes", ["1", "2", "4"], "lm: the tensor axis sizes of the "
+                  "tensor-parallel memory rows (mesh data x tensor over all the devices).")
 flags.DEFINE_integer("lm_fused_width", 2048, "lm: width of the fused logits rows' models "
                      "(32 heads, 8 KV heads, MLP 4x, 2 layers: a Llama-3-1B-like layer).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_MISSING = ("--against=torch needs PyTorch: pip install -e .[bench] (CPU wheel: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu).")
 
 
 def _set_xla_flags() -> None:
@@ -293,6 +304,7 @@ def torch_rates() -> dict[str, float]:
   import torch
   import torch.nn.functional as F
 
+  torch_threads()
   depth = lambda name: int(name.removeprefix("resnet"))
   student = torch_resnet(depth(FLAGS.student), FLAGS.num_classes).train()
   teacher = torch_resnet(depth(FLAGS.teacher), FLAGS.num_classes).eval()
@@ -335,6 +347,129 @@ def torch_rates() -> dict[str, float]:
     return float(np.median(rates))
 
   return {"kd": rate(kd_step), "student": rate(student_step), "teacher_forward": rate(forward)}
+
+
+def torch_threads() -> int:
+  """Sets PyTorch's intra-op threads to --torch_threads, or to this process's cores (what
+  XLA:CPU uses; PyTorch's own default is the physical cores), and returns the count."""
+  import torch
+
+  threads = FLAGS.torch_threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  return threads
+
+
+def torch_llama(settings: dict, vocab: int):
+  """transformers' `LlamaForCausalLM` with configs/lm.py's `settings` (width, heads, KV heads,
+  layers, MLP; tied embeddings, RMSNorm eps 1e-6, RoPE base 10000: transformer_lm's defaults)
+  over `vocab` tokens, randomly initialised."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  config = LlamaConfig(
+      vocab_size=vocab, hidden_size=settings["width"], intermediate_size=settings["mlp_dim"],
+      num_hidden_layers=settings["num_layers"], num_attention_heads=settings["num_heads"],
+      num_key_value_heads=settings["num_kv_heads"], hidden_act="silu", rms_norm_eps=1e-6,
+      max_position_embeddings=max(FLAGS.seq_len, settings["context"]),
+      tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+  return LlamaForCausalLM(config)
+
+
+def torch_lm_rate(vocab: int) -> dict[str, float]:
+  """PyTorch tokens/s of the token-KD step of `--task=lm` (CE 0.5 + forward KL 0.5 at
+  --lm_temperature, every position kept, the teacher's forward under no_grad, AdamW lr 1e-3
+  with optax's defaults: weight decay 1e-4, eps 1e-8) for configs/lm.py's student and teacher
+  as `torch_llama`s, on --batch_size random rows of --seq_len tokens; and both models'
+  parameter counts (to check the twin's sizes against ours)."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  lm = _lm_config_module()
+  torch.manual_seed(0)
+  student = torch_llama(lm.STUDENT, vocab).train()
+  teacher = torch_llama(lm.TEACHER, vocab).eval()
+  opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=1e-4, eps=1e-8)
+  tokens = torch.randint(0, vocab, (FLAGS.batch_size, FLAGS.seq_len + 1))
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  t = FLAGS.lm_temperature
+
+  def kd_step():
+    with torch.no_grad():
+      t_logits = teacher(input_ids=inputs).logits
+    logits = student(input_ids=inputs).logits
+    ce = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    log_p = F.log_softmax(t_logits / t, -1)
+    fkl = (log_p.exp() * (log_p - F.log_softmax(logits / t, -1))).sum(-1).mean() * t * t
+    loss = 0.5 * ce + 0.5 * fkl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  for _ in range(1 + FLAGS.warmup):
+    kd_step()
+  rates = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      kd_step()
+    rates.append(FLAGS.steps * FLAGS.batch_size * FLAGS.seq_len / (time.perf_counter() - start))
+  count = lambda model: sum(p.numel() for p in model.parameters())
+  return {"tokens_per_s": float(np.median(rates)), "student_params": count(student),
+          "teacher_params": count(teacher)}
+
+
+def lm_param_counts(vocab: int) -> dict[str, int]:
+  """Parameters of configs/lm.py's student and teacher as transformer_lm (shapes only)."""
+  import jax
+  import numpy as np
+
+  from distill_jax import models
+  from distill_jax.teachers import init_shapes
+
+  lm = _lm_config_module()
+  count = {}
+  for name, settings in (("student", lm.STUDENT), ("teacher", lm.TEACHER)):
+    module = models.build_model("transformer_lm", vocab, **{
+        **settings, "context": max(FLAGS.seq_len, settings["context"])})
+    count[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        init_shapes(module, (FLAGS.seq_len,))))
+  return count
+
+
+def lm_against_torch() -> list[dict]:
+  """The token-KD step of `--task=lm` here and in PyTorch/transformers (`torch_lm_rate`), in
+  this run, at each --lm_torch_vocabs: tokens/s of ours with whole logits and with
+  `config.fused_logits=--chunk_size`, PyTorch's, and the ratios, printed as a table."""
+  import jax
+  import torch
+
+  threads = torch_threads()
+  chunk = FLAGS.chunk_size
+  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+        "token_fkl": {"weight": 0.5, "chunk_size": chunk, "temperature": FLAGS.lm_temperature}}
+  print(f"token KD step (CE 0.5 + forward KL 0.5 at T {FLAGS.lm_temperature:g}, live teacher, "
+        f"AdamW), batch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, configs/lm.py's models; "
+        f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
+        f"torch {torch.__version__} with {threads} threads (torch.set_num_threads), "
+        f"median of {FLAGS.repeats} x {FLAGS.steps} steps", flush=True)
+  print("| vocabulary | parameters (student / teacher) | ours | ours tokens/s | PyTorch "
+        "tokens/s | ours / PyTorch |\n|---|---|---|---|---|---|", flush=True)
+  rows = []
+  for vocab in map(int, FLAGS.lm_torch_vocabs):
+    theirs = torch_lm_rate(vocab)
+    ours = lm_param_counts(vocab)
+    if (ours["student"], ours["teacher"]) != (theirs["student_params"],
+                                              theirs["teacher_params"]):
+      raise SystemExit(f"The PyTorch twin's sizes differ from ours at vocabulary {vocab}: "
+                       f"{theirs} vs {ours}.")
+    for label, fused in (("whole logits", 0), (f"fused_logits={chunk}", chunk)):
+      rate = measure_lm(kd, vocab, fused=fused)["tokens_per_s"]
+      rows.append({"vocab": vocab, "logits": label, "tokens_per_s": rate,
+                   "torch_tokens_per_s": theirs["tokens_per_s"],
+                   "ratio": rate / theirs["tokens_per_s"]})
+      print(f"| {vocab} | {ours['student']:,} / {ours['teacher']:,} | {label} | {rate:.0f} | "
+            f"{theirs['tokens_per_s']:.0f} | {rate / theirs['tokens_per_s']:.2f} |", flush=True)
+  return rows
 
 
 # -- the scaling table: one subprocess per row -----------------------------------------------
@@ -422,13 +557,14 @@ def _lm_config_module():
   return lm
 
 
-def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None
-               ) -> dict[str, float]:
+def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None,
+               fused: int = 0) -> dict[str, float]:
   """configs/lm.py's student (and, when a term needs one, its teacher; random weights) on
   `--batch_size` rows of `--seq_len` tokens over a vocabulary of `vocab`: tokens/s of the
   compiled train step (median over repeats; skipped without `time_it`), compile seconds and
   XLA's memory analysis of the step. `on_policy` ({fraction, prompt_len, max_new_tokens}):
-  the step samples its batch from the student first (GKD)."""
+  the step samples its batch from the student first (GKD). `fused = C > 0`: lazy logits
+  (`config.fused_logits = C`)."""
 
   import jax
   import numpy as np
@@ -462,7 +598,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   parallel.declare_models(student, {n: t.module for n, t in teachers.items()})  # --mesh tensor=
   student_apply, teacher_applies = build_applies(
       student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
-      input_key=task.input_key)
+      input_key=task.input_key, fused_logits=fused)
   policy = None
   if on_policy:
     from distill_jax.tasks.language_model.on_policy import OnPolicy
@@ -645,27 +781,42 @@ def lm_step_temp_bytes(student_settings: dict, teacher_settings: dict, losses: d
                        vocab: int, batch_size: int, seq_len: int) -> int:
   """XLA's temporary bytes per device of the compiled LM train step (AdamW) with `losses`,
   student and teacher `transformer_lm(vocab, **settings)`, on `batch_size` rows of `seq_len`
-  tokens. Everything is abstract (shapes only): nothing is initialised or run, so the models
+  tokens, under --mode/--num_devices/--mesh (`lm_step_memory`)."""
+  from distill_jax.train.parallel import Parallel
+
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
+                      teacher_sharding=FLAGS.teacher_sharding)
+  return lm_step_memory(parallel, student_settings, teacher_settings, losses, vocab,
+                        batch_size, seq_len)["temp_bytes"]
+
+
+def lm_step_memory(parallel, student_settings: dict, teacher_settings: dict, losses: dict,
+                   vocab: int, batch_size: int, seq_len: int) -> dict[str, int]:
+  """The compiled LM train step (AdamW) with `losses`, student and teacher
+  `transformer_lm(vocab, **settings)`, on `batch_size` rows of `seq_len` tokens, laid out by
+  `parallel` (its tensor axis split by the models' rules, `declare_models`): XLA's
+  `temp_bytes` per device, and the student's and teacher's parameter bytes on one device
+  (`student_param_bytes`, `teacher_param_bytes`, from the shardings the step takes them
+  with). Everything is abstract (shapes only): nothing is initialised or run, so the models
   may be larger than this host could train."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
 
   from distill_jax import models, tasks
   from distill_jax.losses.objective import build_objective
   from distill_jax.teachers import Teacher, init_shapes
   from distill_jax.train.compiled import build_applies, compile_steps, init_objective
-  from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
   task = tasks.get_task("language_model")
-  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
-                      teacher_sharding=FLAGS.teacher_sharding)
   shape = (seq_len,)
   student = models.build_model("transformer_lm", vocab, **student_settings)
   teacher = models.build_model("transformer_lm", vocab, **teacher_settings)
   teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher,
                                  init_shapes(teacher, shape), dtype=FLAGS.dtype)}
+  parallel.declare_models(student, {"teacher": teacher})
   objective = build_objective(losses, list(teachers), {})
   tx = optax.adamw(1e-3)
   student_apply, teacher_applies = build_applies(
@@ -685,7 +836,61 @@ def lm_step_temp_bytes(student_settings: dict, teacher_settings: dict, losses: d
 
   state = jax.eval_shape(fresh_state, teacher_vars)
   memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
-  return int(getattr(memory, "temp_size_in_bytes", -1))
+
+  def device_bytes(tree, shardings) -> int:
+    return sum(int(np.prod(sharding.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
+                                      strict=True))
+  student_params = state.params["student"]
+  return {"temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
+          "student_param_bytes": device_bytes(student_params, parallel.state_shardings(
+              {"params": {"student": student_params}})),
+          "teacher_param_bytes": device_bytes(teacher_vars,
+                                              parallel.teacher_shardings(teacher_vars))}
+
+
+def tensor_memory_rows() -> list[dict]:
+  """The token-KD step (CE + forward KL chunked by --chunk_size, a live teacher, AdamW, whole
+  logits) at a Llama-3-1B-like shape (`--lm_fused_width`, 32 heads / 8 KV heads, MLP 4x,
+  2 layers, vocabulary --lm_fused_vocab, --lm_fused_len tokens, student and teacher alike)
+  on every device (8 with --host_devices=8), mesh data x tensor for each --lm_tensor_sizes,
+  batch 1 row per data shard: per device, the teacher's and student's parameter bytes and the
+  step's temporaries (compiled only), printed as a table."""
+  import jax
+
+  from distill_jax.train.parallel import Parallel
+
+  vocab, length, width = FLAGS.lm_fused_vocab, FLAGS.lm_fused_len, FLAGS.lm_fused_width
+  settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
+              "mlp_dim": 4 * width, "context": length}
+  chunk = FLAGS.chunk_size
+  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+        "token_fkl": {"weight": 0.5, "chunk_size": chunk}}
+  devices = jax.device_count()
+  print(f"\ntensor parallelism: token KD step (CE + forward KL chunked by {chunk}, live "
+        f"teacher, AdamW, whole logits), student and teacher 2 layers, width {width}, 32 heads "
+        f"/ 8 KV heads, MLP {4 * width}, vocabulary {vocab}, {length} tokens, {FLAGS.dtype}, "
+        f"{devices} {jax.default_backend()} devices, batch 1 row per data shard; MiB per "
+        "device\n| mesh | teacher params | student params | step temporaries | compile (s) |"
+        "\n|---|---|---|---|---|", flush=True)
+  rows = []
+  for tensor in map(int, FLAGS.lm_tensor_sizes):
+    mesh = {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
+    start = time.perf_counter()
+    row = lm_step_memory(Parallel("jit", devices, mesh=mesh), settings, settings, kd, vocab,
+                         devices // tensor, length)
+    row = {"mesh": mesh, **row, "compile_s": time.perf_counter() - start}
+    rows.append(row)
+    mib = lambda key, row=row: f"{row[key] / 2**20:.0f}"
+    print(f"| data={mesh['data']}, tensor={tensor} | {mib('teacher_param_bytes')} | "
+          f"{mib('student_param_bytes')} | {mib('temp_bytes')} | {row['compile_s']:.0f} |",
+          flush=True)
+  if rows and rows[0]["mesh"]["tensor"] == 1:
+    for row in rows[1:]:
+      print(f"tensor={row['mesh']['tensor']}: teacher parameters "
+            f"{row['teacher_param_bytes'] / rows[0]['teacher_param_bytes']:.3f}x, temporaries "
+            f"{row['temp_bytes'] / rows[0]['temp_bytes']:.3f}x tensor=1's", flush=True)
+  return rows
 
 
 def attention_memory_rows() -> list[dict]:
@@ -725,7 +930,16 @@ def main(argv: list[str]) -> None:
 
   quiet_library_logs()  # No "Unable to initialize backend 'tpu'" and such on CPUs.
   if FLAGS.task == "lm":
-    if FLAGS.lm_fused_only:
+    if FLAGS.against == "torch":
+      try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+      except ImportError:
+        sys.exit(TORCH_MISSING.replace("PyTorch", "PyTorch and transformers"))
+      summary = {"against_torch": lm_against_torch()}
+    elif FLAGS.lm_tensor_only:
+      summary = {"tensor_memory": tensor_memory_rows()}
+    elif FLAGS.lm_fused_only:
       summary = fused_logits_table()
     elif FLAGS.attention_memory_only:
       summary = {"attention_memory": attention_memory_rows()}
@@ -767,8 +981,7 @@ def main(argv: list[str]) -> None:
     try:
       torch = torch_rates()
     except ImportError:
-      sys.exit("--against=torch needs PyTorch: pip install -e .[bench] (CPU wheel: "
-               "pip install torch --index-url https://download.pytorch.org/whl/cpu).")
+      sys.exit(TORCH_MISSING)
     summary["torch"] = torch
     print("\n| step | JAX ex/s | PyTorch ex/s | JAX / PyTorch |\n|---|---|---|---|")
     for name, ours in (("KD", distill), ("student", student_only), ("teacher_forward", forward)):
