@@ -7,6 +7,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
     python scripts/benchmark.py --against=torch    # the same KD step in PyTorch, as a ratio
     python scripts/benchmark.py --task=lm --lm_fused_only --chunk_size=128  # whole vs fused
                                                    # logits: compiled memory at V 128256
+    python scripts/benchmark.py --task=lm --against=torch  # the LM KD step vs transformers
+    python scripts/benchmark.py --task=lm --lm_tensor_only --host_devices=8  # tensor = 1/2/4
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -23,6 +25,30 @@ memory analysis per device (argument and temp bytes) and the teacher's bytes per
 ResNet-56 -> ResNet-20 KD step (CE 0.1 + KD 0.9, T 4, SGD momentum, channels_last) in PyTorch,
 written below, plus its student step and teacher forward, in the same run as JAX's.
 
+`--task=lm --against=torch` (the `bench` extra: torch and transformers) times the token-KD
+step of `--task=lm` (CE 0.5 + forward KL 0.5 at --lm_temperature, a live teacher, AdamW,
+--batch_size x --seq_len random tokens, configs/lm.py's student and teacher) here, with whole
+logits and with `fused_logits=--chunk_size`, and in PyTorch with transformers'
+`LlamaForCausalLM` of the same width, heads, KV heads, layers, MLP and vocabulary (tied
+embeddings; the parameter counts are checked equal), eager, at each --lm_torch_vocabs, and
+prints tokens/s of both and the ratio (pass --batch_size=32: the default is the image
+path's 64). The three steps' timed windows alternate, so a load that changes during the run
+falls on all of them alike. PyTorch runs with `torch.set_num_threads` at this process's
+cores (--torch_threads), as XLA:CPU uses them; the image comparison too.
+
+`--task=lm --lm_tensor_only` (with `--host_devices=8`) prints the tensor-parallel memory rows
+(`tensor_memory_rows`, compile only): the token-KD step at a Llama-3-1B-like shape (width
+2048, 32 heads / 8 KV heads, MLP 8192, 2 layers, vocabulary 128,256, 2048 tokens, whole
+logits), mesh data x tensor over the 8 devices, one row per data shard: per device, the
+teacher's and the student's parameter bytes and the step's temporaries. Measured on this
+CPU (8 forced devices, 2026-12-08):
+
+    | mesh | teacher params (MiB/device) | student params | step temporaries |
+    |---|---|---|---|
+    | data=8, tensor=1 | 1466 | 1466 | 8292 |
+    | data=4, tensor=2 | 733 (0.50x) | 733 | 5251 (0.63x) |
+    | data=2, tensor=4 | 367 (0.25x) | 367 | 2786 (0.34x) |
+
 `--task=lm` times configs/lm.py's language models and ends with the attention memory rows
 (`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
 temporary bytes with the attention's probabilities written out vs `dot_product_attention`, at
@@ -34,6 +60,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -300,7 +327,6 @@ def torch_resnet(depth: int, num_classes: int):
 
 def torch_rates() -> dict[str, float]:
   """PyTorch examples/s: KD step (CE 0.1 + KD 0.9, T 4), student-only step, teacher forward."""
-  import numpy as np
   import torch
   import torch.nn.functional as F
 
@@ -335,18 +361,26 @@ def torch_rates() -> dict[str, float]:
     with torch.no_grad():
       teacher(x)
 
-  def rate(fn):
-    for _ in range(1 + FLAGS.warmup):
-      fn()
-    rates = []
-    for _ in range(FLAGS.repeats):
-      start = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        fn()
-      rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
-    return float(np.median(rates))
-
+  rate = lambda fn: eager_rate(fn, FLAGS.batch_size)
   return {"kd": rate(kd_step), "student": rate(student_step), "teacher_forward": rate(forward)}
+
+
+def eager_rate(fn, items_per_call: int) -> float:
+  """Items per second of `fn()` (a step that returns when done), the median over --repeats
+  windows of --steps calls after 1 + --warmup untimed ones."""
+  import numpy as np
+
+  for _ in range(1 + FLAGS.warmup):
+    fn()
+  return float(np.median([window_rate(fn, items_per_call) for _ in range(FLAGS.repeats)]))
+
+
+def window_rate(fn, items_per_call: int) -> float:
+  """Items per second of one window of --steps calls of `fn()`."""
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    fn()
+  return FLAGS.steps * items_per_call / (time.perf_counter() - start)
 
 
 def torch_threads() -> int:
@@ -374,13 +408,12 @@ def torch_llama(settings: dict, vocab: int):
   return LlamaForCausalLM(config)
 
 
-def torch_lm_rate(vocab: int) -> dict[str, float]:
-  """PyTorch tokens/s of the token-KD step of `--task=lm` (CE 0.5 + forward KL 0.5 at
+def torch_lm_step(vocab: int) -> tuple[Any, dict[str, int]]:
+  """PyTorch's token-KD step of `--task=lm` (CE 0.5 + forward KL 0.5 at
   --lm_temperature, every position kept, the teacher's forward under no_grad, AdamW lr 1e-3
   with optax's defaults: weight decay 1e-4, eps 1e-8) for configs/lm.py's student and teacher
-  as `torch_llama`s, on --batch_size random rows of --seq_len tokens; and both models'
-  parameter counts (to check the twin's sizes against ours)."""
-  import numpy as np
+  as `torch_llama`s, on --batch_size random rows of --seq_len tokens, as a function of no
+  arguments; and both models' parameter counts (to check the twin's sizes against ours)."""
   import torch
   import torch.nn.functional as F
 
@@ -405,17 +438,8 @@ def torch_lm_rate(vocab: int) -> dict[str, float]:
     loss.backward()
     opt.step()
 
-  for _ in range(1 + FLAGS.warmup):
-    kd_step()
-  rates = []
-  for _ in range(FLAGS.repeats):
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      kd_step()
-    rates.append(FLAGS.steps * FLAGS.batch_size * FLAGS.seq_len / (time.perf_counter() - start))
   count = lambda model: sum(p.numel() for p in model.parameters())
-  return {"tokens_per_s": float(np.median(rates)), "student_params": count(student),
-          "teacher_params": count(teacher)}
+  return kd_step, {"student": count(student), "teacher": count(teacher)}
 
 
 def lm_param_counts(vocab: int) -> dict[str, int]:
@@ -437,39 +461,69 @@ def lm_param_counts(vocab: int) -> dict[str, int]:
 
 
 def lm_against_torch() -> list[dict]:
-  """The token-KD step of `--task=lm` here and in PyTorch/transformers (`torch_lm_rate`), in
+  """The token-KD step of `--task=lm` here and in PyTorch/transformers (`torch_lm_step`), in
   this run, at each --lm_torch_vocabs: tokens/s of ours with whole logits and with
-  `config.fused_logits=--chunk_size`, PyTorch's, and the ratios, printed as a table."""
+  `config.fused_logits=--chunk_size`, PyTorch's, and the ratios, printed as a table. The
+  three steps' windows alternate (PyTorch, whole, fused; --repeats times), so a load that
+  changes during the run (a shared machine) falls on all three alike; each ratio is the
+  median of the windows' ratios."""
   import jax
+  import numpy as np
   import torch
 
   threads = torch_threads()
   chunk = FLAGS.chunk_size
   kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
         "token_fkl": {"weight": 0.5, "chunk_size": chunk, "temperature": FLAGS.lm_temperature}}
+  tokens = FLAGS.batch_size * FLAGS.seq_len
   print(f"token KD step (CE 0.5 + forward KL 0.5 at T {FLAGS.lm_temperature:g}, live teacher, "
         f"AdamW), batch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, configs/lm.py's models; "
         f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
-        f"torch {torch.__version__} with {threads} threads (torch.set_num_threads), "
-        f"median of {FLAGS.repeats} x {FLAGS.steps} steps", flush=True)
-  print("| vocabulary | parameters (student / teacher) | ours | ours tokens/s | PyTorch "
+        f"torch {torch.__version__} eager with {threads} threads (torch.set_num_threads); "
+        f"medians of {FLAGS.repeats} alternating windows of {FLAGS.steps} steps\n"
+        "| vocabulary | parameters (student / teacher) | ours | ours tokens/s | PyTorch "
         "tokens/s | ours / PyTorch |\n|---|---|---|---|---|---|", flush=True)
   rows = []
   for vocab in map(int, FLAGS.lm_torch_vocabs):
-    theirs = torch_lm_rate(vocab)
+    torch_step, theirs = torch_lm_step(vocab)
     ours = lm_param_counts(vocab)
-    if (ours["student"], ours["teacher"]) != (theirs["student_params"],
-                                              theirs["teacher_params"]):
+    if ours != theirs:
       raise SystemExit(f"The PyTorch twin's sizes differ from ours at vocabulary {vocab}: "
                        f"{theirs} vs {ours}.")
+    steps = {"torch": torch_step}
     for label, fused in (("whole logits", 0), (f"fused_logits={chunk}", chunk)):
-      rate = measure_lm(kd, vocab, fused=fused)["tokens_per_s"]
-      rows.append({"vocab": vocab, "logits": label, "tokens_per_s": rate,
-                   "torch_tokens_per_s": theirs["tokens_per_s"],
-                   "ratio": rate / theirs["tokens_per_s"]})
-      print(f"| {vocab} | {ours['student']:,} / {ours['teacher']:,} | {label} | {rate:.0f} | "
-            f"{theirs['tokens_per_s']:.0f} | {rate / theirs['tokens_per_s']:.2f} |", flush=True)
+      steps[label] = compiled_lm_step(measure_lm(kd, vocab, fused=fused, step_only=True))
+    for step in steps.values():
+      for _ in range(1 + FLAGS.warmup):
+        step()
+    rates = {name: [] for name in steps}
+    for _ in range(FLAGS.repeats):
+      for name, step in steps.items():
+        rates[name].append(window_rate(step, tokens))
+    for label in list(steps)[1:]:
+      ratio = float(np.median(np.divide(rates[label], rates["torch"])))
+      rows.append({"vocab": vocab, "logits": label,
+                   "tokens_per_s": float(np.median(rates[label])),
+                   "torch_tokens_per_s": float(np.median(rates["torch"])), "ratio": ratio})
+      print(f"| {vocab} | {ours['student']:,} / {ours['teacher']:,} | {label} | "
+            f"{rows[-1]['tokens_per_s']:.0f} | {rows[-1]['torch_tokens_per_s']:.0f} | "
+            f"{ratio:.2f} |", flush=True)
   return rows
+
+
+def compiled_lm_step(built: dict):
+  """`measure_lm(..., step_only=True)`'s step compiled, as a function of no arguments that
+  runs one step (carrying the state, its buffers donated) and returns when it is done."""
+  import jax
+
+  state, teacher_vars, batch = built["args"]
+  compiled = built["step"].lower(state, teacher_vars, batch).compile()
+  carried = [state]
+
+  def step():
+    carried[0], metrics = compiled(carried[0], teacher_vars, batch)
+    jax.block_until_ready((carried[0], metrics))
+  return step
 
 
 # -- the scaling table: one subprocess per row -----------------------------------------------
@@ -558,13 +612,14 @@ def _lm_config_module():
 
 
 def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None,
-               fused: int = 0) -> dict[str, float]:
+               fused: int = 0, step_only: bool = False) -> dict[str, Any]:
   """configs/lm.py's student (and, when a term needs one, its teacher; random weights) on
   `--batch_size` rows of `--seq_len` tokens over a vocabulary of `vocab`: tokens/s of the
   compiled train step (median over repeats; skipped without `time_it`), compile seconds and
   XLA's memory analysis of the step. `on_policy` ({fraction, prompt_len, max_new_tokens}):
   the step samples its batch from the student first (GKD). `fused = C > 0`: lazy logits
-  (`config.fused_logits = C`)."""
+  (`config.fused_logits = C`). `step_only`: returns {'step': the uncompiled step, 'args':
+  (state, teacher_vars, batch)} instead, for a caller that times it itself."""
 
   import jax
   import numpy as np
@@ -622,6 +677,8 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
       "mask": np.ones(tokens[:, 1:].shape, np.float32),
       "document": np.zeros(tokens[:, 1:].shape, np.int32),
       "id": np.arange(FLAGS.batch_size, dtype=np.int32)})
+  if step_only:
+    return {"step": train_step, "args": (state, teacher_vars, batch)}
   timed = compile_and_time(train_step, state, teacher_vars, batch,
                            FLAGS.batch_size * FLAGS.seq_len, time_it=time_it)
   result = {"compile_s": timed["compile_s"], "temp_bytes": timed["temp_bytes"]}
