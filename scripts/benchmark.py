@@ -473,8 +473,7 @@ def lm_against_torch() -> list[dict]:
 
   threads = torch_threads()
   chunk = FLAGS.chunk_size
-  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
-        "token_fkl": {"weight": 0.5, "chunk_size": chunk, "temperature": FLAGS.lm_temperature}}
+  kd = token_kd_terms(chunk, FLAGS.lm_temperature)
   tokens = FLAGS.batch_size * FLAGS.seq_len
   print(f"token KD step (CE 0.5 + forward KL 0.5 at T {FLAGS.lm_temperature:g}, live teacher, "
         f"AdamW), batch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, configs/lm.py's models; "
@@ -509,6 +508,13 @@ def lm_against_torch() -> list[dict]:
             f"{rows[-1]['tokens_per_s']:.0f} | {rows[-1]['torch_tokens_per_s']:.0f} | "
             f"{ratio:.2f} |", flush=True)
   return rows
+
+
+def token_kd_terms(chunk: int, temperature: float = 1.0) -> dict:
+  """The LM rows' loss terms: CE 0.5 + forward KL 0.5 at `temperature`, both chunked by
+  `chunk` positions."""
+  return {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+          "token_fkl": {"weight": 0.5, "chunk_size": chunk, "temperature": temperature}}
 
 
 def compiled_lm_step(built: dict):
@@ -921,15 +927,15 @@ def tensor_memory_rows() -> list[dict]:
   settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
               "mlp_dim": 4 * width, "context": length}
   chunk = FLAGS.chunk_size
-  kd = {"token_ce": {"weight": 0.5, "chunk_size": chunk},
-        "token_fkl": {"weight": 0.5, "chunk_size": chunk}}
+  kd = token_kd_terms(chunk)
   devices = jax.device_count()
+  shape = (f"student and teacher 2 layers, width {width}, 32 heads / 8 KV heads, MLP "
+           f"{4 * width}, vocabulary {vocab}, {length} tokens, {FLAGS.dtype}")
   print(f"\ntensor parallelism: token KD step (CE + forward KL chunked by {chunk}, live "
-        f"teacher, AdamW, whole logits), student and teacher 2 layers, width {width}, 32 heads "
-        f"/ 8 KV heads, MLP {4 * width}, vocabulary {vocab}, {length} tokens, {FLAGS.dtype}, "
-        f"{devices} {jax.default_backend()} devices, batch 1 row per data shard; MiB per "
-        "device\n| mesh | teacher params | student params | step temporaries | compile (s) |"
-        "\n|---|---|---|---|---|", flush=True)
+        f"teacher, AdamW, whole logits), {shape}, {devices} {jax.default_backend()} devices, "
+        "batch 1 row per data shard; MiB per device", flush=True)
+  print("| mesh | teacher params | student params | step temporaries | compile (s) |\n"
+        "|---|---|---|---|---|", flush=True)
   rows = []
   for tensor in map(int, FLAGS.lm_tensor_sizes):
     mesh = {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
