@@ -39,6 +39,7 @@ from distill_jax.losses import LOSSES
 from distill_jax.losses.objective import build_objective, term_ranges
 from distill_jax.models.forward import DTYPES
 from distill_jax.models.tokenizers import get_tokenizer
+from distill_jax.teachers import HF_MODEL, check_hf_teacher_kwargs
 from distill_jax.train.metrics import check_writers
 
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -272,7 +273,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if unknown:
       raise ConfigError(f"config.teachers.{name} has unknown key(s) {unknown}; a teacher takes "
                         f"{list(TEACHER_KEYS)}.")
-    if teacher.model != "hf":  # 'hf': an open-weights directory (teachers.HF_MODEL).
+    if teacher.model == HF_MODEL:  # An open-weights directory: kwargs only how it runs.
+      check_hf_teacher_kwargs(name, teacher.get("kwargs"))
+    else:
       _check_name(f"teachers.{name}.model", teacher.model, models.MODELS)
       _check_kwargs(f"teachers.{name}", teacher.model, teacher.get("kwargs"))
     _check_choice(f"teachers.{name}.dtype", teacher.get("dtype", "float32"), DTYPES)

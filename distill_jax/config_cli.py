@@ -7,7 +7,9 @@ additions:
   word None is never a string value here);
 - a model named anew (`--config.student.name=X`, `--config.teachers.NAME.model=X`) brings its
   own kwargs (`switch_models`): the config file's kwargs were written for its model, so they
-  become X's, at X's defaults, and `--config.student.kwargs.KEY=VALUE` sets one of X's.
+  become X's, at X's defaults, and `--config.student.kwargs.KEY=VALUE` sets one of X's (a
+  teacher switched to an open-weights directory, `model=hf`, gets the few it takes,
+  `teachers.HF_TEACHER_KWARGS`).
 
 Light to import (no JAX): `distill-jax --help` loads it; the models load when a config names
 another model.
@@ -50,9 +52,14 @@ def switch_models(config: ml_collections.ConfigDict, names: dict[str, Any]) -> l
   switched = []
   for key, (section, field) in model_sections(config).items():
     new = names.get(key)
-    if new is None or new == section.get(field) or new not in models.MODELS:
+    hf = new == "hf" and key.startswith("teachers.")  # teachers.HF_MODEL: open weights.
+    if new is None or new == section.get(field) or not (hf or new in models.MODELS):
       continue  # An unknown name is validate()'s to report.
-    defaults = models.model_kwargs(new)
+    if hf:
+      from distill_jax.teachers import HF_TEACHER_KWARGS
+      defaults = dict(HF_TEACHER_KWARGS)
+    else:
+      defaults = models.model_kwargs(new)
     if defaults is None or "kwargs" not in section:
       continue
     placeholder = ml_collections.config_dict.placeholder

@@ -7,8 +7,9 @@ itself. Loading checks that the file was saved from the same model and that ever
 path and shape match, and says which file and which parameter when they do not.
 
 An open-weights teacher (a Hugging Face Llama-family directory, `models.hf`) is `model: 'hf'`
-with the directory as `checkpoint`; its config.json gives the architecture (`kwargs` is
-unused) and `dtype` ('float32' or 'bfloat16') both its weights' and its forward's dtype:
+with the directory as `checkpoint`; its config.json gives the architecture, `kwargs` only how
+it runs (`HF_TEACHER_KWARGS`: `attention_implementation`, `remat`; anything else is refused),
+and `dtype` ('float32' or 'bfloat16') both its weights' and its forward's dtype:
 
     config.teachers = {'qwen': teacher_config('hf', checkpoint='/models/Qwen2.5-0.5B',
                                               dtype='bfloat16')}
@@ -38,12 +39,29 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from absl import logging
 
 from distill_jax import models
 from distill_jax.common.model_io import CheckpointError, load_model_variables, read_model_meta
+from distill_jax.common.rules import ConfigError
 
 HF_MODEL = "hf"  # config.teachers.NAME.model of an open-weights (Hugging Face) teacher.
+# The transformer_lm kwargs an open-weights teacher takes from `teachers.NAME.kwargs`: how it
+# runs, not what it computes (config.json gives the architecture; `bos_id` follows the student).
+# With their defaults (transformer_lm's), the kwargs a teacher switched to 'hf' starts with.
+HF_TEACHER_KWARGS = {"attention_implementation": None, "remat": False}
+
+
+def check_hf_teacher_kwargs(name: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+  """`config.teachers.NAME.kwargs` of an open-weights teacher as a dict, refused (ConfigError,
+  naming the keys and the ones it takes) unless every key is one of `HF_TEACHER_KWARGS`."""
+  kwargs = dict(kwargs or {})
+  unknown = sorted(set(kwargs) - set(HF_TEACHER_KWARGS))
+  if unknown:
+    raise ConfigError(
+        f"config.teachers.{name}.kwargs has {', '.join(map(repr, unknown))}, which an "
+        f"open-weights teacher (model 'hf') does not take: its config.json gives the "
+        f"architecture. It takes {', '.join(HF_TEACHER_KWARGS)}.")
+  return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,17 +153,18 @@ def load_hf_teacher(name: str, settings: Mapping[str, Any], num_classes: int, *,
   so the teacher's does too, at its tokenizer's BOS (the data's: the tokenizers are checked
   equal), and both see the same packed rows. `shardings`: `hf.load_hf`'s (e.g.
   `Parallel.teacher_shardings_of`): the variables are read straight into their shards.
+  `settings.kwargs` (`HF_TEACHER_KWARGS`, e.g. `attention_implementation='cudnn'`) are set on
+  the module config.json builds.
   """
   from distill_jax.models import hf  # safetensors and tokenizers load only when used.
   directory = settings.get("checkpoint")
   if not directory:
     raise CheckpointError(f"Teacher {name!r} (model 'hf') needs the Hugging Face model "
                           f"directory: set --config.teachers.{name}.checkpoint=<directory>.")
-  if settings.get("kwargs"):
-    logging.info("Teacher %r: kwargs %s unused; %s/config.json gives the architecture.", name,
-                 dict(settings["kwargs"]), directory)
+  overrides = check_hf_teacher_kwargs(name, settings.get("kwargs"))
   dtype = settings.get("dtype") or "float32"
   kwargs, variables, tokenizer = hf.load_hf(directory, dtype, shardings)
+  kwargs = {**kwargs, **overrides}
   if mask_documents:
     if tokenizer.bos_id is None:
       raise CheckpointError(

@@ -9,6 +9,8 @@ r"""Examples/s of the distillation step and of the student-only step, for a teac
                                                    # logits: compiled memory at V 128256
     python scripts/benchmark.py --task=serve --serve_clients=32  # `distill-jax serve`:
                                                    # batched vs one request at a time
+    python scripts/benchmark.py --task=lm --against=torch  # the LM KD step vs transformers
+    python scripts/benchmark.py --task=lm --lm_tensor_only --host_devices=8  # tensor = 1/2/4
 
 Both steps are the framework's own compiled `train_step` (SGD, CE+KD vs CE alone) on random
 CIFAR-shaped batches (32x32x3, 100 classes) with randomly initialised models, so no data or
@@ -32,6 +34,30 @@ sending `--serve_requests` greedy completions in all (prompts of 8 to 24 bytes,
 `--serve_tokens` new tokens each): requests/s, generated tokens/s, and the process's RSS before
 and after the load. Compilation is excluded (`Engine.warm_up` first).
 
+`--task=lm --against=torch` (the `bench` extra: torch and transformers) times the token-KD
+step of `--task=lm` (CE 0.5 + forward KL 0.5 at --lm_temperature, a live teacher, AdamW,
+--batch_size x --seq_len random tokens, configs/lm.py's student and teacher) here, with whole
+logits and with `fused_logits=--chunk_size`, and in PyTorch with transformers'
+`LlamaForCausalLM` of the same width, heads, KV heads, layers, MLP and vocabulary (tied
+embeddings; the parameter counts are checked equal), eager, at each --lm_torch_vocabs, and
+prints tokens/s of both and the ratio (pass --batch_size=32: the default is the image
+path's 64). The three steps' timed windows alternate, so a load that changes during the run
+falls on all of them alike. PyTorch runs with `torch.set_num_threads` at this process's
+cores (--torch_threads), as XLA:CPU uses them; the image comparison too.
+
+`--task=lm --lm_tensor_only` (with `--host_devices=8`) prints the tensor-parallel memory rows
+(`tensor_memory_rows`, compile only): the token-KD step at a Llama-3-1B-like shape (width
+2048, 32 heads / 8 KV heads, MLP 8192, 2 layers, vocabulary 128,256, 2048 tokens, whole
+logits), mesh data x tensor over the 8 devices, one row per data shard: per device, the
+teacher's and the student's parameter bytes and the step's temporaries. Measured on this
+CPU (8 forced devices, 2026-12-08):
+
+    | mesh | teacher params (MiB/device) | student params | step temporaries |
+    |---|---|---|---|
+    | data=8, tensor=1 | 1466 | 1466 | 8292 |
+    | data=4, tensor=2 | 733 (0.50x) | 733 | 5251 (0.63x) |
+    | data=2, tensor=4 | 367 (0.25x) | 367 | 2786 (0.34x) |
+
 `--task=lm` times configs/lm.py's language models and ends with the attention memory rows
 (`attention_memory_rows`; alone with `--attention_memory_only`): the token-KD step's compiled
 temporary bytes with the attention's probabilities written out vs `dot_product_attention`, at
@@ -43,6 +69,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -99,10 +126,21 @@ flags.DEFINE_bool("lm_fused_only", False, "lm: print only the whole vs fused log
 flags.DEFINE_integer("lm_fused_len", 2048, "lm: tokens per row of the fused logits rows.")
 flags.DEFINE_integer("lm_attention_block", 512, "lm: queries per block of the fused logits "
                      "rows' chunked attention (attention_block_size).")
+flags.DEFINE_list("lm_torch_vocabs", ["259", "8192"], "lm --against=torch: the vocabularies of "
+                  "the comparison (batch --batch_size x --seq_len, configs/lm.py's models).")
+flags.DEFINE_float("lm_temperature", 1.0, "lm --against=torch: the forward KL's temperature T.")
+flags.DEFINE_integer("torch_threads", 0, "--against=torch: PyTorch's intra-op threads "
+                     "(torch.set_num_threads; 0: this process's cores, as XLA:CPU uses).")
+flags.DEFINE_bool("lm_tensor_only", False, "lm: print only the tensor-parallel memory rows "
+                  "(compile only; needs --host_devices=8).")
+flags.DEFINE_list("lm_tensor_sizes", ["1", "2", "4"], "lm: the tensor axis sizes of the "
+                  "tensor-parallel memory rows (mesh data x tensor over all the devices).")
 flags.DEFINE_integer("lm_fused_width", 2048, "lm: width of the fused logits rows' models "
                      "(32 heads, 8 KV heads, MLP 4x, 2 layers: a Llama-3-1B-like layer).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_MISSING = ("--against=torch needs PyTorch: pip install -e .[bench] (CPU wheel: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu).")
 
 
 def _set_xla_flags() -> None:
@@ -307,10 +345,10 @@ def torch_resnet(depth: int, num_classes: int):
 
 def torch_rates() -> dict[str, float]:
   """PyTorch examples/s: KD step (CE 0.1 + KD 0.9, T 4), student-only step, teacher forward."""
-  import numpy as np
   import torch
   import torch.nn.functional as F
 
+  torch_threads()
   depth = lambda name: int(name.removeprefix("resnet"))
   student = torch_resnet(depth(FLAGS.student), FLAGS.num_classes).train()
   teacher = torch_resnet(depth(FLAGS.teacher), FLAGS.num_classes).eval()
@@ -341,18 +379,175 @@ def torch_rates() -> dict[str, float]:
     with torch.no_grad():
       teacher(x)
 
-  def rate(fn):
-    for _ in range(1 + FLAGS.warmup):
-      fn()
-    rates = []
-    for _ in range(FLAGS.repeats):
-      start = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        fn()
-      rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
-    return float(np.median(rates))
-
+  rate = lambda fn: eager_rate(fn, FLAGS.batch_size)
   return {"kd": rate(kd_step), "student": rate(student_step), "teacher_forward": rate(forward)}
+
+
+def eager_rate(fn, items_per_call: int) -> float:
+  """Items per second of `fn()` (a step that returns when done), the median over --repeats
+  windows of --steps calls after 1 + --warmup untimed ones."""
+  import numpy as np
+
+  for _ in range(1 + FLAGS.warmup):
+    fn()
+  return float(np.median([window_rate(fn, items_per_call) for _ in range(FLAGS.repeats)]))
+
+
+def window_rate(fn, items_per_call: int) -> float:
+  """Items per second of one window of --steps calls of `fn()`."""
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    fn()
+  return FLAGS.steps * items_per_call / (time.perf_counter() - start)
+
+
+def torch_threads() -> int:
+  """Sets PyTorch's intra-op threads to --torch_threads, or to this process's cores (what
+  XLA:CPU uses; PyTorch's own default is the physical cores), and returns the count."""
+  import torch
+
+  threads = FLAGS.torch_threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  return threads
+
+
+def torch_llama(settings: dict, vocab: int):
+  """transformers' `LlamaForCausalLM` with configs/lm.py's `settings` (width, heads, KV heads,
+  layers, MLP; tied embeddings, RMSNorm eps 1e-6, RoPE base 10000: transformer_lm's defaults)
+  over `vocab` tokens, randomly initialised."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  config = LlamaConfig(
+      vocab_size=vocab, hidden_size=settings["width"], intermediate_size=settings["mlp_dim"],
+      num_hidden_layers=settings["num_layers"], num_attention_heads=settings["num_heads"],
+      num_key_value_heads=settings["num_kv_heads"], hidden_act="silu", rms_norm_eps=1e-6,
+      max_position_embeddings=max(FLAGS.seq_len, settings["context"]),
+      tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+  return LlamaForCausalLM(config)
+
+
+def torch_lm_step(vocab: int) -> tuple[Any, dict[str, int]]:
+  """PyTorch's token-KD step of `--task=lm` (CE 0.5 + forward KL 0.5 at
+  --lm_temperature, every position kept, the teacher's forward under no_grad, AdamW lr 1e-3
+  with optax's defaults: weight decay 1e-4, eps 1e-8) for configs/lm.py's student and teacher
+  as `torch_llama`s, on --batch_size random rows of --seq_len tokens, as a function of no
+  arguments; and both models' parameter counts (to check the twin's sizes against ours)."""
+  import torch
+  import torch.nn.functional as F
+
+  lm = _lm_config_module()
+  torch.manual_seed(0)
+  student = torch_llama(lm.STUDENT, vocab).train()
+  teacher = torch_llama(lm.TEACHER, vocab).eval()
+  opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=1e-4, eps=1e-8)
+  tokens = torch.randint(0, vocab, (FLAGS.batch_size, FLAGS.seq_len + 1))
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  t = FLAGS.lm_temperature
+
+  def kd_step():
+    with torch.no_grad():
+      t_logits = teacher(input_ids=inputs).logits
+    logits = student(input_ids=inputs).logits
+    ce = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    log_p = F.log_softmax(t_logits / t, -1)
+    fkl = (log_p.exp() * (log_p - F.log_softmax(logits / t, -1))).sum(-1).mean() * t * t
+    loss = 0.5 * ce + 0.5 * fkl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  count = lambda model: sum(p.numel() for p in model.parameters())
+  return kd_step, {"student": count(student), "teacher": count(teacher)}
+
+
+def lm_param_counts(vocab: int) -> dict[str, int]:
+  """Parameters of configs/lm.py's student and teacher as transformer_lm (shapes only)."""
+  import jax
+  import numpy as np
+
+  from distill_jax import models
+  from distill_jax.teachers import init_shapes
+
+  lm = _lm_config_module()
+  count = {}
+  for name, settings in (("student", lm.STUDENT), ("teacher", lm.TEACHER)):
+    module = models.build_model("transformer_lm", vocab, **{
+        **settings, "context": max(FLAGS.seq_len, settings["context"])})
+    count[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        init_shapes(module, (FLAGS.seq_len,))))
+  return count
+
+
+def lm_against_torch() -> list[dict]:
+  """The token-KD step of `--task=lm` here and in PyTorch/transformers (`torch_lm_step`), in
+  this run, at each --lm_torch_vocabs: tokens/s of ours with whole logits and with
+  `config.fused_logits=--chunk_size`, PyTorch's, and the ratios, printed as a table. The
+  three steps' windows alternate (PyTorch, whole, fused; --repeats times), so a load that
+  changes during the run (a shared machine) falls on all three alike; each ratio is the
+  median of the windows' ratios."""
+  import jax
+  import numpy as np
+  import torch
+
+  threads = torch_threads()
+  chunk = FLAGS.chunk_size
+  kd = token_kd_terms(chunk, FLAGS.lm_temperature)
+  tokens = FLAGS.batch_size * FLAGS.seq_len
+  print(f"token KD step (CE 0.5 + forward KL 0.5 at T {FLAGS.lm_temperature:g}, live teacher, "
+        f"AdamW), batch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, configs/lm.py's models; "
+        f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
+        f"torch {torch.__version__} eager with {threads} threads (torch.set_num_threads); "
+        f"medians of {FLAGS.repeats} alternating windows of {FLAGS.steps} steps\n"
+        "| vocabulary | parameters (student / teacher) | ours | ours tokens/s | PyTorch "
+        "tokens/s | ours / PyTorch |\n|---|---|---|---|---|---|", flush=True)
+  rows = []
+  for vocab in map(int, FLAGS.lm_torch_vocabs):
+    torch_step, theirs = torch_lm_step(vocab)
+    ours = lm_param_counts(vocab)
+    if ours != theirs:
+      raise SystemExit(f"The PyTorch twin's sizes differ from ours at vocabulary {vocab}: "
+                       f"{theirs} vs {ours}.")
+    steps = {"torch": torch_step}
+    for label, fused in (("whole logits", 0), (f"fused_logits={chunk}", chunk)):
+      steps[label] = compiled_lm_step(measure_lm(kd, vocab, fused=fused, step_only=True))
+    for step in steps.values():
+      for _ in range(1 + FLAGS.warmup):
+        step()
+    rates = {name: [] for name in steps}
+    for _ in range(FLAGS.repeats):
+      for name, step in steps.items():
+        rates[name].append(window_rate(step, tokens))
+    for label in list(steps)[1:]:
+      ratio = float(np.median(np.divide(rates[label], rates["torch"])))
+      rows.append({"vocab": vocab, "logits": label,
+                   "tokens_per_s": float(np.median(rates[label])),
+                   "torch_tokens_per_s": float(np.median(rates["torch"])), "ratio": ratio})
+      print(f"| {vocab} | {ours['student']:,} / {ours['teacher']:,} | {label} | "
+            f"{rows[-1]['tokens_per_s']:.0f} | {rows[-1]['torch_tokens_per_s']:.0f} | "
+            f"{ratio:.2f} |", flush=True)
+  return rows
+
+
+def token_kd_terms(chunk: int, temperature: float = 1.0) -> dict:
+  """The LM rows' loss terms: CE 0.5 + forward KL 0.5 at `temperature`, both chunked by
+  `chunk` positions."""
+  return {"token_ce": {"weight": 0.5, "chunk_size": chunk},
+          "token_fkl": {"weight": 0.5, "chunk_size": chunk, "temperature": temperature}}
+
+
+def compiled_lm_step(built: dict):
+  """`measure_lm(..., step_only=True)`'s step compiled, as a function of no arguments that
+  runs one step (carrying the state, its buffers donated) and returns when it is done."""
+  import jax
+
+  state, teacher_vars, batch = built["args"]
+  compiled = built["step"].lower(state, teacher_vars, batch).compile()
+  carried = [state]
+
+  def step():
+    carried[0], metrics = compiled(carried[0], teacher_vars, batch)
+    jax.block_until_ready((carried[0], metrics))
+  return step
 
 
 # -- the scaling table: one subprocess per row -----------------------------------------------
@@ -440,13 +635,15 @@ def _lm_config_module():
   return lm
 
 
-def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None
-               ) -> dict[str, float]:
+def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict | None = None,
+               fused: int = 0, step_only: bool = False) -> dict[str, Any]:
   """configs/lm.py's student (and, when a term needs one, its teacher; random weights) on
   `--batch_size` rows of `--seq_len` tokens over a vocabulary of `vocab`: tokens/s of the
   compiled train step (median over repeats; skipped without `time_it`), compile seconds and
   XLA's memory analysis of the step. `on_policy` ({fraction, prompt_len, max_new_tokens}):
-  the step samples its batch from the student first (GKD)."""
+  the step samples its batch from the student first (GKD). `fused = C > 0`: lazy logits
+  (`config.fused_logits = C`). `step_only`: returns {'step': the uncompiled step, 'args':
+  (state, teacher_vars, batch)} instead, for a caller that times it itself."""
 
   import jax
   import numpy as np
@@ -480,7 +677,7 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
   parallel.declare_models(student, {n: t.module for n, t in teachers.items()})  # --mesh tensor=
   student_apply, teacher_applies = build_applies(
       student, "transformer_lm", teachers, objective, shape, student_dtype=FLAGS.dtype,
-      input_key=task.input_key)
+      input_key=task.input_key, fused_logits=fused)
   policy = None
   if on_policy:
     from distill_jax.tasks.language_model.on_policy import OnPolicy
@@ -504,6 +701,8 @@ def measure_lm(losses: dict, vocab: int, time_it: bool = True, on_policy: dict |
       "mask": np.ones(tokens[:, 1:].shape, np.float32),
       "document": np.zeros(tokens[:, 1:].shape, np.int32),
       "id": np.arange(FLAGS.batch_size, dtype=np.int32)})
+  if step_only:
+    return {"step": train_step, "args": (state, teacher_vars, batch)}
   timed = compile_and_time(train_step, state, teacher_vars, batch,
                            FLAGS.batch_size * FLAGS.seq_len, time_it=time_it)
   result = {"compile_s": timed["compile_s"], "temp_bytes": timed["temp_bytes"]}
@@ -687,27 +886,42 @@ def lm_step_temp_bytes(student_settings: dict, teacher_settings: dict, losses: d
                        vocab: int, batch_size: int, seq_len: int) -> int:
   """XLA's temporary bytes per device of the compiled LM train step (AdamW) with `losses`,
   student and teacher `transformer_lm(vocab, **settings)`, on `batch_size` rows of `seq_len`
-  tokens. Everything is abstract (shapes only): nothing is initialised or run, so the models
+  tokens, under --mode/--num_devices/--mesh (`lm_step_memory`)."""
+  from distill_jax.train.parallel import Parallel
+
+  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
+                      teacher_sharding=FLAGS.teacher_sharding)
+  return lm_step_memory(parallel, student_settings, teacher_settings, losses, vocab,
+                        batch_size, seq_len)["temp_bytes"]
+
+
+def lm_step_memory(parallel, student_settings: dict, teacher_settings: dict, losses: dict,
+                   vocab: int, batch_size: int, seq_len: int) -> dict[str, int]:
+  """The compiled LM train step (AdamW) with `losses`, student and teacher
+  `transformer_lm(vocab, **settings)`, on `batch_size` rows of `seq_len` tokens, laid out by
+  `parallel` (its tensor axis split by the models' rules, `declare_models`): XLA's
+  `temp_bytes` per device, and the student's and teacher's parameter bytes on one device
+  (`student_param_bytes`, `teacher_param_bytes`, from the shardings the step takes them
+  with). Everything is abstract (shapes only): nothing is initialised or run, so the models
   may be larger than this host could train."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
 
   from distill_jax import models, tasks
   from distill_jax.losses.objective import build_objective
   from distill_jax.teachers import Teacher, init_shapes
   from distill_jax.train.compiled import build_applies, compile_steps, init_objective
-  from distill_jax.train.parallel import Parallel
   from distill_jax.train.state import create_train_state
 
   task = tasks.get_task("language_model")
-  parallel = Parallel(FLAGS.mode, FLAGS.num_devices, mesh=_mesh(),
-                      teacher_sharding=FLAGS.teacher_sharding)
   shape = (seq_len,)
   student = models.build_model("transformer_lm", vocab, **student_settings)
   teacher = models.build_model("transformer_lm", vocab, **teacher_settings)
   teachers = {"teacher": Teacher("teacher", "transformer_lm", teacher,
                                  init_shapes(teacher, shape), dtype=FLAGS.dtype)}
+  parallel.declare_models(student, {"teacher": teacher})
   objective = build_objective(losses, list(teachers), {})
   tx = optax.adamw(1e-3)
   student_apply, teacher_applies = build_applies(
@@ -727,7 +941,61 @@ def lm_step_temp_bytes(student_settings: dict, teacher_settings: dict, losses: d
 
   state = jax.eval_shape(fresh_state, teacher_vars)
   memory = train_step.lower(state, teacher_vars, batch).compile().memory_analysis()
-  return int(getattr(memory, "temp_size_in_bytes", -1))
+
+  def device_bytes(tree, shardings) -> int:
+    return sum(int(np.prod(sharding.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
+                                      strict=True))
+  student_params = state.params["student"]
+  return {"temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
+          "student_param_bytes": device_bytes(student_params, parallel.state_shardings(
+              {"params": {"student": student_params}})),
+          "teacher_param_bytes": device_bytes(teacher_vars,
+                                              parallel.teacher_shardings(teacher_vars))}
+
+
+def tensor_memory_rows() -> list[dict]:
+  """The token-KD step (CE + forward KL chunked by --chunk_size, a live teacher, AdamW, whole
+  logits) at a Llama-3-1B-like shape (`--lm_fused_width`, 32 heads / 8 KV heads, MLP 4x,
+  2 layers, vocabulary --lm_fused_vocab, --lm_fused_len tokens, student and teacher alike)
+  on every device (8 with --host_devices=8), mesh data x tensor for each --lm_tensor_sizes,
+  batch 1 row per data shard: per device, the teacher's and student's parameter bytes and the
+  step's temporaries (compiled only), printed as a table."""
+  import jax
+
+  from distill_jax.train.parallel import Parallel
+
+  vocab, length, width = FLAGS.lm_fused_vocab, FLAGS.lm_fused_len, FLAGS.lm_fused_width
+  settings = {"num_layers": 2, "width": width, "num_heads": 32, "num_kv_heads": 8,
+              "mlp_dim": 4 * width, "context": length}
+  chunk = FLAGS.chunk_size
+  kd = token_kd_terms(chunk)
+  devices = jax.device_count()
+  shape = (f"student and teacher 2 layers, width {width}, 32 heads / 8 KV heads, MLP "
+           f"{4 * width}, vocabulary {vocab}, {length} tokens, {FLAGS.dtype}")
+  print(f"\ntensor parallelism: token KD step (CE + forward KL chunked by {chunk}, live "
+        f"teacher, AdamW, whole logits), {shape}, {devices} {jax.default_backend()} devices, "
+        "batch 1 row per data shard; MiB per device", flush=True)
+  print("| mesh | teacher params | student params | step temporaries | compile (s) |\n"
+        "|---|---|---|---|---|", flush=True)
+  rows = []
+  for tensor in map(int, FLAGS.lm_tensor_sizes):
+    mesh = {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
+    start = time.perf_counter()
+    row = lm_step_memory(Parallel("jit", devices, mesh=mesh), settings, settings, kd, vocab,
+                         devices // tensor, length)
+    row = {"mesh": mesh, **row, "compile_s": time.perf_counter() - start}
+    rows.append(row)
+    mib = lambda key, row=row: f"{row[key] / 2**20:.0f}"
+    print(f"| data={mesh['data']}, tensor={tensor} | {mib('teacher_param_bytes')} | "
+          f"{mib('student_param_bytes')} | {mib('temp_bytes')} | {row['compile_s']:.0f} |",
+          flush=True)
+  if rows and rows[0]["mesh"]["tensor"] == 1:
+    for row in rows[1:]:
+      print(f"tensor={row['mesh']['tensor']}: teacher parameters "
+            f"{row['teacher_param_bytes'] / rows[0]['teacher_param_bytes']:.3f}x, temporaries "
+            f"{row['temp_bytes'] / rows[0]['temp_bytes']:.3f}x tensor=1's", flush=True)
+  return rows
 
 
 def attention_memory_rows() -> list[dict]:
@@ -854,7 +1122,16 @@ def main(argv: list[str]) -> None:
       print(json.dumps({"serve": rows}))
     return
   if FLAGS.task == "lm":
-    if FLAGS.lm_fused_only:
+    if FLAGS.against == "torch":
+      try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+      except ImportError:
+        sys.exit(TORCH_MISSING.replace("PyTorch", "PyTorch and transformers"))
+      summary = {"against_torch": lm_against_torch()}
+    elif FLAGS.lm_tensor_only:
+      summary = {"tensor_memory": tensor_memory_rows()}
+    elif FLAGS.lm_fused_only:
       summary = fused_logits_table()
     elif FLAGS.attention_memory_only:
       summary = {"attention_memory": attention_memory_rows()}
@@ -896,8 +1173,7 @@ def main(argv: list[str]) -> None:
     try:
       torch = torch_rates()
     except ImportError:
-      sys.exit("--against=torch needs PyTorch: pip install -e .[bench] (CPU wheel: "
-               "pip install torch --index-url https://download.pytorch.org/whl/cpu).")
+      sys.exit(TORCH_MISSING)
     summary["torch"] = torch
     print("\n| step | JAX ex/s | PyTorch ex/s | JAX / PyTorch |\n|---|---|---|---|")
     for name, ours in (("KD", distill), ("student", student_only), ("teacher_forward", forward)):

@@ -77,6 +77,20 @@ FOUND = f"JAX found only the CPU (jax {jax.__version__} on cpu: 8 devices (1 pro
      f"launcher's --gpus_per_task), but {FOUND}; a CPU-only jaxlib?): install JAX's CUDA build "
      "(pip install -e '.[cuda12]'; README's 'GPU and TPU machines') in the environment the "
      f"jobs run, {ANYWAY}"),
+    # Slurm's own variables (a user's sbatch): a typed count, several types summed, the node's.
+    ({}, {"SLURM_GPUS_PER_TASK": "a100:2"},
+     "The launcher reserved 2 GPUs for this process (SLURM_GPUS_PER_TASK=a100:2, sbatch/srun "
+     f"--gpus-per-task), but {FOUND}; a CPU-only jaxlib?)"),
+    ({}, {"SLURM_GPUS_PER_TASK": "a100:1,v100:2"}, "The launcher reserved 3 GPUs for this "
+                                                   "process (SLURM_GPUS_PER_TASK=a100:1,v100:2"),
+    ({}, {"SLURM_GPUS_ON_NODE": "1"},
+     "The launcher reserved 1 GPU for this process (SLURM_GPUS_ON_NODE=1, Slurm allocated GPUs "
+     "on this node)"),
+    # Ours first; a 0 there does not hide Slurm's.
+    ({}, {backend.GPUS_ENV: "4", "SLURM_GPUS_ON_NODE": "8"},
+     f"The launcher reserved 4 GPUs for this process ({backend.GPUS_ENV}=4"),
+    ({}, {backend.GPUS_ENV: "0", "SLURM_GPUS_PER_TASK": "2"},
+     "The launcher reserved 2 GPUs for this process (SLURM_GPUS_PER_TASK=2"),
     ({"mesh": {"data": 4, "fsdp": 4}}, {},
      f"config.parallel.mesh {{'data': 4, 'fsdp': 4}} asks for 16 devices, but {FOUND}): install "
      "JAX's CUDA or TPU build (pip install -e '.[cuda12]' or '.[tpu]'; README's 'GPU and TPU "
@@ -88,6 +102,7 @@ FOUND = f"JAX found only the CPU (jax {jax.__version__} on cpu: 8 devices (1 pro
     ({}, {}, None),
     ({"mesh": {"data": -1, "fsdp": 2}, "num_devices": 8}, {backend.GPUS_ENV: "0"}, None),
     ({"mesh": {"data": 4, "fsdp": 4}, "cpu_devices": 16}, {backend.GPUS_ENV: ""}, None),
+    ({}, {"SLURM_GPUS_PER_TASK": "0", "SLURM_GPUS_ON_NODE": "0", "SLURM_JOB_ID": "7"}, None),
 ])
 def test_what_asked_for_accelerators_on_a_cpu_is_refused(parallel, environ, want):
   got = backend.cpu_refusal(backend.environment(), parallel, environ)
@@ -111,6 +126,8 @@ def test_on_an_accelerator_only_a_different_backend_is_refused():
 @pytest.mark.parametrize("parallel, environ, message", [
     ({"backend": "cuda"}, {}, r"config.parallel.backend is 'cuda'; choose one of \['', 'gpu', "),
     ({}, {backend.GPUS_ENV: "two"}, "DISTILL_JAX_GPUS_PER_TASK='two' in the environment"),
+    ({}, {"SLURM_GPUS_PER_TASK": "a100:"}, "SLURM_GPUS_PER_TASK='a100:' in the environment; "
+                                           "give a number of GPUs"),
 ])
 def test_bad_backend_settings_are_named(parallel, environ, message):
   with pytest.raises(ConfigError, match=message):
@@ -145,6 +162,21 @@ def test_gpu_config_on_the_cpu_stops_and_allow_cpu_trains(tmp_path, data_dir, ca
   assert result["environment"] == backend.environment()
   assert json.load(open(os.path.join(workdir, "result.json")))["environment"] == (
       backend.environment())
+
+
+def test_users_own_sbatch_gpus_stop_the_run(tmp_path, data_dir, monkeypatch):
+  """A user's sbatch with `--gpus-per-task` (no launcher of ours): Slurm's own variable in the
+  process's environment stops `api.train` before the workdir exists."""
+  from distill_jax import api
+
+  monkeypatch.delenv(backend.GPUS_ENV, raising=False)
+  monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ConfigError, match=re.escape(
+      "The launcher reserved 2 GPUs for this process (SLURM_GPUS_PER_TASK=2, sbatch/srun "
+      f"--gpus-per-task), but {FOUND}")):
+    api.train(tiny("teacher", data_dir, num_steps=2), workdir)
+  assert not os.path.exists(workdir)
 
 
 def test_slurm_trial_that_asked_for_gpus_stops_on_the_cpu(tmp_path, data_dir):

@@ -245,6 +245,39 @@ def _hf_config(data_dir, teacher_dir, tokenizer_dir, **overrides):
       "student.kwargs.bos_id": 0, **overrides})
 
 
+def test_hf_teacher_kwargs_reach_its_module(data_dir):
+  """`teachers.NAME.kwargs` of an open-weights teacher are set on the module its config.json
+  builds: 'xla' attention and remat give transformers' logits (1e-5), 'cudnn' reaches the
+  attention (refused on a CPU); architecture keys are refused, at validate and at load, with
+  the keys it takes listed."""
+  from distill_jax.common.rules import ConfigError
+  from distill_jax.config import validate
+  from distill_jax.teachers import load_hf_teacher
+
+  llama = os.path.join(FIXTURES, "llama")
+  ref = np.load(os.path.join(llama, "reference.npz"), allow_pickle=False)
+  settings = {"checkpoint": llama, "kwargs": {"attention_implementation": "xla", "remat": True}}
+  teacher = load_hf_teacher("teacher", settings, 320)
+  assert (teacher.module.attention_implementation, teacher.module.remat) == ("xla", True)
+  assert teacher.module.num_layers == teacher.kwargs["num_layers"] == 2  # config.json's.
+  np.testing.assert_allclose(np.asarray(teacher.module.apply(teacher.variables, ref["ids"])),
+                             ref["logits"], atol=1e-5, rtol=0)
+  cudnn = load_hf_teacher("teacher", {**settings, "kwargs": {
+      "attention_implementation": "cudnn"}}, 320)
+  with pytest.raises(ValueError, match="attention_implementation 'cudnn' needs an NVIDIA GPU"):
+    cudnn.module.apply(cudnn.variables, ref["ids"])
+  message = (r"config.teachers.teacher.kwargs has 'num_layers', which an open-weights teacher "
+             r"\(model 'hf'\) does not take: its config.json gives the architecture. It takes "
+             r"attention_implementation, remat.")
+  with pytest.raises(ConfigError, match=message):
+    load_hf_teacher("teacher", {**settings, "kwargs": {"num_layers": 1}}, 320)
+  config = _hf_config(data_dir, llama, llama, **{"teachers.teacher.kwargs": {"num_layers": 1}})
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+  validate(_hf_config(data_dir, llama, llama, **{
+      "teachers.teacher.kwargs": {"attention_implementation": "xla"}}))
+
+
 def test_tokenizer_mismatch_is_refused_naming_both(data_dir, tmp_path):
   teacher = os.path.join(FIXTURES, "qwen2")
   other = _copy("llama", tmp_path)

@@ -1,8 +1,8 @@
-"""Open weights straight into shards (models.hf.load_hf(shardings=...)), and the checkpoints
-transformers accepts that the loader used to refuse: each process reads only its devices'
-slices, the arrays equal a whole read exactly (one process x 8 devices under several
-shardings, and 2 processes x 4 devices with each process's peak host memory measured); a
-tied checkpoint that also stores lm_head.weight; Qwen2 with use_sliding_window where no
+"""Open weights straight into shards (models.hf.load_hf(shardings=...), reading through
+models.hf_loading), and the checkpoints transformers accepts that the loader used to refuse: each
+process reads only its devices' slices, the arrays equal a whole read exactly (one process x 8
+devices under several shardings, and 2 processes x 4 devices with each process's peak host memory
+measured); a tied checkpoint that also stores lm_head.weight; Qwen2 with use_sliding_window where no
 layer slides; an open-weights teacher masks documents when the student does."""
 
 import json
@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax import models
-from distill_jax.models import hf
+from distill_jax.models import hf, hf_loading
 from distill_jax.train.parallel import Parallel
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -112,13 +112,14 @@ def test_read_slice_applies_the_layout_to_each_block():
   for suffix, how in hows.items():
     key = f"model.layers.1.{suffix}"
     want = ours(key)
-    np.testing.assert_array_equal(hf.read_slice(file, key, how, want.shape, np.float32), want)
+    np.testing.assert_array_equal(
+        hf_loading.read_slice(file, key, how, want.shape, np.float32), want)
     for _ in range(6):
       index = []
       for n in want.shape:
         start = int(rng.integers(0, n))
         index.append(slice(start, int(rng.integers(start + 1, n + 1))))
-      got = hf.read_slice(file, key, how, want.shape, np.float32, tuple(index))
+      got = hf_loading.read_slice(file, key, how, want.shape, np.float32, tuple(index))
       np.testing.assert_array_equal(got, want[tuple(index)], err_msg=f"{key} {index}")
 
 

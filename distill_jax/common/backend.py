@@ -7,8 +7,10 @@ CPU stops on them with one line naming what asked, what was found and the fix
 
 - `config.parallel.backend='gpu'` or `'tpu'` (a config written for that hardware);
 - a launcher that reserved GPUs for the process: `GPUS_ENV` in its environment (the Slurm
-  launcher's `--gpus_per_task` exports it in the batch script), since a CPU-only jaxlib on a
-  GPU node would otherwise train on the node's CPU without a word;
+  launcher's `--gpus_per_task` exports it in the batch script), or Slurm's own
+  `SLURM_GPUS_PER_TASK` (a user's sbatch with `--gpus-per-task`) or `SLURM_GPUS_ON_NODE` (any
+  GPU allocation: `--gres=gpu:N`, `--gpus`), since a CPU-only jaxlib on a GPU node would
+  otherwise train on the node's CPU without a word;
 - `config.parallel.mesh` (its fixed axes) or `parallel.num_devices` larger than the devices
   found, on a CPU with no `parallel.cpu_devices` split asked for.
 
@@ -27,6 +29,9 @@ from distill_jax.common.rules import ConfigError
 
 BACKENDS = ("", "gpu", "tpu")  # config.parallel.backend: '' takes whatever JAX finds.
 GPUS_ENV = "DISTILL_JAX_GPUS_PER_TASK"  # GPUs a launcher reserved per process (> 0: asked).
+# Where a launcher says it reserved GPUs, in the order read: ours, then Slurm's own (a count
+# per task, '2' or typed 'a100:2', several types comma-separated; the GPUs of the node's step).
+GPU_ENVS = (GPUS_ENV, "SLURM_GPUS_PER_TASK", "SLURM_GPUS_ON_NODE")
 INSTALL = {"gpu": "pip install -e '.[cuda12]'", "tpu": "pip install -e '.[tpu]'"}
 README = "README's 'GPU and TPU machines'"
 
@@ -62,17 +67,27 @@ def check_backend_setting(backend: object) -> None:
                       f"{list(BACKENDS)} ('': whatever JAX finds).")
 
 
-def gpus_requested(environ: Mapping[str, str]) -> int:
-  """The GPUs per process a launcher reserved (`GPUS_ENV`; 0 when unset or empty)."""
-  value = environ.get(GPUS_ENV, "").strip()
+def _gpu_count(name: str, value: str) -> int:
+  """The GPUs `value` of variable `name` counts: 'N', 'TYPE:N' or a comma-separated list of
+  them (summed); '' is 0. Raises ConfigError naming the variable otherwise."""
   try:
-    count = int(value or 0)
+    count = sum(int(item.rsplit(":", 1)[-1]) for item in value.split(",")) if value else 0
   except ValueError:
     count = -1
   if count < 0:
-    raise ConfigError(f"{GPUS_ENV}={value!r} in the environment; give a number of GPUs "
-                      "(0 or more) or leave it unset.")
+    raise ConfigError(f"{name}={value!r} in the environment; give a number of GPUs "
+                      "(0 or more; Slurm's may be typed, 'a100:2') or leave it unset.")
   return count
+
+
+def gpus_requested(environ: Mapping[str, str]) -> tuple[int, str]:
+  """The GPUs per process a launcher reserved and the variable that says so: the first of
+  `GPU_ENVS` set to more than 0, else (0, '')."""
+  for name in GPU_ENVS:
+    count = _gpu_count(name, environ.get(name, "").strip())
+    if count:
+      return count, name
+  return 0, ""
 
 
 def devices_requested(parallel: Mapping[str, Any]) -> tuple[int, str]:
@@ -91,12 +106,12 @@ def cpu_refusal(env: Mapping[str, Any], parallel: Mapping[str, Any],
   """Why a run on `env` (`environment()`) must not start, in one line, or None.
 
   `parallel`: `config.parallel` (backend, mesh, num_devices, cpu_devices); `environ`: the
-  process's environment (`GPUS_ENV`). The caller skips this with `config.allow_cpu`.
-  Raises ConfigError for a `parallel.backend` or `GPUS_ENV` that names no choice.
+  process's environment (`GPU_ENVS`). The caller skips this with `config.allow_cpu`.
+  Raises ConfigError for a `parallel.backend` or a `GPU_ENVS` value that names no choice.
   """
   backend = parallel.get("backend", "") or ""
   check_backend_setting(backend)
-  gpus = gpus_requested(environ)
+  gpus, variable = gpus_requested(environ)
   found = env["backend"]
   anyway = "or pass --config.allow_cpu=True to run on the CPU anyway"
   if backend and found != backend:
@@ -108,8 +123,11 @@ def cpu_refusal(env: Mapping[str, Any], parallel: Mapping[str, Any],
   if found != "cpu":
     return None
   if gpus:
-    return (f"The launcher reserved {gpus} GPU{'s' * (gpus != 1)} for this process ({GPUS_ENV}="
-            f"{gpus}, e.g. the slurm launcher's --gpus_per_task), but JAX found only the CPU "
+    how = {GPUS_ENV: "e.g. the slurm launcher's --gpus_per_task",
+           "SLURM_GPUS_PER_TASK": "sbatch/srun --gpus-per-task",
+           "SLURM_GPUS_ON_NODE": "Slurm allocated GPUs on this node"}[variable]
+    return (f"The launcher reserved {gpus} GPU{'s' * (gpus != 1)} for this process ({variable}="
+            f"{environ[variable].strip()}, {how}), but JAX found only the CPU "
             f"({describe(env)}; a CPU-only jaxlib?): install JAX's CUDA build "
             f"({INSTALL['gpu']}; {README}) in the environment the jobs run, {anyway}.")
   wanted, setting = devices_requested(parallel)

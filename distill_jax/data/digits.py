@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from distill_jax.data.embedded import EMBEDDED
+from distill_jax.data.embedded import EMBEDDED, LocalBuilder
 
 DIGITS_NUM_TRAIN = 1500
 DIGITS_NUM_EXAMPLES = 1797
@@ -33,18 +32,11 @@ DIGITS_SPLIT_SEED = 0
 
 
 @EMBEDDED.register("digits")
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(LocalBuilder):
   """scikit-learn's 8x8 handwritten digits as a TFDS data set (train 1500 / test 297)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version: load_digits, permutation seed 0, 1500/297."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """This file. Overridden because TFDS's own lookup, for a builder defined inside a
-    package, imports `importlib_resources`, which TFDS only installs on Python < 3.9."""
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo is built directly: `dataset_info_from_configs` would look for

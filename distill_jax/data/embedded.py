@@ -10,7 +10,9 @@ class), `is_embedded` and `ensure_embedded` (build once, under a file lock, quie
 data set is one module that registers its builder with `@EMBEDDED.register(name)`:
 `data/digits.py` (scikit-learn's 8x8 digits) and `data/text/corpus.py` (Python's
 documentation topics). `distill_jax/data/__init__.py` imports them, so every one is known
-wherever the data package is.
+wherever the data package is. Their builders, and every other TFDS builder defined in this
+package (`data/text/catalog.py`'s), subclass `LocalBuilder`, which finds the builder's code
+without TFDS's own lookup.
 """
 
 from __future__ import annotations
@@ -19,15 +21,35 @@ import contextlib
 import fcntl
 import io
 import os
+import sys
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from distill_jax.common.registry import Registry
 
 # Builders of the embedded data sets, by user-facing name.
 EMBEDDED = Registry("embedded data set")
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The base of the TFDS builders defined in this package (abstract: it registers no data
+  set, and its subclasses implement `_info` and the generators, or inherit them).
+
+  `code_path` is the file of module `code_module` (default: the subclass's own module), where
+  TFDS looks for the builder's metadata and checksums; a subclass of a catalog builder names
+  the catalog's module. Overridden because TFDS's own lookup, for a builder defined inside a
+  package, imports `importlib_resources`, which TFDS only installs on Python < 3.9.
+  """
+
+  code_module: str | None = None
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(sys.modules[cls.code_module or cls.__module__].__file__)
 
 
 def is_embedded(name: str) -> bool:

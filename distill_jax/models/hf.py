@@ -24,9 +24,7 @@ student distilled here loads in other tools; `load_hf(export_hf(...))` gives the
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -34,27 +32,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from distill_jax.models.hf_loading import (
+  HfCheckpointError,
+  get_path,
+  locate_weights,
+  read_json,
+  read_sharded,
+  read_slice,
+  set_path,
+  to_file_layout,
+)
 from distill_jax.models.tokenizers import HfTokenizer
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
              "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_INDEX = "model.safetensors.index.json"
-
-
-class HfCheckpointError(ValueError):
-  """A Hugging Face directory that cannot be loaded: names the file, setting or weight."""
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
-    raise HfCheckpointError(f"{path} is missing: a Hugging Face model directory holds "
-                            "config.json, model.safetensors (or shards with "
-                            f"{_INDEX}) and tokenizer.json.")
-  with open(path) as f:
-    return json.load(f)
 
 
 def _rope_settings(config: Mapping[str, Any], path: str) -> tuple[float, dict | None]:
@@ -153,31 +146,6 @@ def _hf_names(kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], str
   return names
 
 
-def _to_hf(array: jax.Array, how: str) -> jax.Array:
-  """Our param in the file's layout: the inverse of `read_slice`'s conversions."""
-  if how == "dense":
-    return array.T
-  if how == "heads":
-    return array.reshape(array.shape[0], -1).T
-  if how == "out":
-    return array.reshape(-1, array.shape[-1]).T
-  return array.reshape(-1) if how == "bias" else array
-
-
-def _weight_files(path: str) -> list[str]:
-  index = os.path.join(path, _INDEX)
-  if os.path.exists(index):
-    files = sorted(set(_read_json(index)["weight_map"].values()))
-  else:
-    files = ["model.safetensors"]
-  files = [os.path.join(path, f) for f in files]
-  for f in files:
-    if not os.path.exists(f):
-      raise HfCheckpointError(f"{f} is missing: a Hugging Face model directory holds its "
-                              f"weights in model.safetensors or in the shards {_INDEX} lists.")
-  return files
-
-
 def load_hf(path: str, dtype: str = "float32", shardings: Any = None
             ) -> tuple[dict[str, Any], Any, HfTokenizer]:
   """Loads a Hugging Face Llama-family directory: `(model_kwargs, variables, tokenizer)`.
@@ -201,7 +169,7 @@ def load_hf(path: str, dtype: str = "float32", shardings: Any = None
   if dtype not in DTYPES:
     raise HfCheckpointError(f"dtype {dtype!r} for {path}: choose one of {list(DTYPES)}.")
   config_path = os.path.join(path, "config.json")
-  config = _read_json(config_path)
+  config = read_json(config_path)
   kwargs = model_kwargs_from_config(config, config_path)
   tokenizer = HfTokenizer.from_dir(path)
   from distill_jax.models.transformer import TransformerLM
@@ -209,7 +177,9 @@ def load_hf(path: str, dtype: str = "float32", shardings: Any = None
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
                                               jnp.zeros((1, 1), jnp.int32)))
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[dtype]), shapes)
-  where_from = _locate_weights(path, config, kwargs, shapes["params"])
+  where_from = locate_weights(path, _hf_names(kwargs), shapes["params"],
+                              f"{config['model_type']} layout transformer_lm loads",
+                              ignored=lambda key: _ignored(key, kwargs))
   if callable(shardings):
     shardings = shardings(shapes, module)
   params: dict = {}
@@ -219,147 +189,18 @@ def load_hf(path: str, dtype: str = "float32", shardings: Any = None
     if shardings is None:
       array = jnp.asarray(read_slice(file, key, how, like.shape, like.dtype))
     else:
-      array = _read_sharded(file, key, how, like.shape, like.dtype,
-                            _get(shardings["params"], where))
-    _set(params, where, array)
+      array = read_sharded(file, key, how, like.shape, like.dtype,
+                            get_path(shardings["params"], where))
+    set_path(params, where, array)
   return kwargs, {"params": params}, tokenizer
 
 
-def _locate_weights(path: str, config: Mapping[str, Any], kwargs: Mapping[str, Any],
-                    shapes: Any) -> dict[tuple[str, ...], tuple[str, str, str]]:
-  """{our param path: (file, HF weight name, conversion)}, from the safetensors headers only
-  (no tensor is read): every weight known, present once and of the shape config.json
-  implies."""
-  from safetensors import safe_open
-  names = _hf_names(kwargs)
-  found: dict[tuple[str, ...], tuple[str, str, str]] = {}
-  for f in _weight_files(path):
-    with safe_open(f, framework="numpy") as st:
-      for key in st.keys():
-        if key not in names:
-          if key.endswith("rotary_emb.inv_freq"):  # A buffer older exports kept; recomputed.
-            continue
-          if key == "lm_head.weight" and kwargs["tie_embeddings"]:
-            continue  # Tied: transformers uses the embedding as the head (see load_hf).
-          raise HfCheckpointError(f"{f}: weight {key!r} is not part of the "
-                                  f"{config['model_type']} layout transformer_lm loads.")
-        where, how = names.pop(key)
-        stored = tuple(st.get_slice(key).get_shape())
-        want = _hf_shape(tuple(_get(shapes, where).shape), how)
-        if stored != want:
-          raise HfCheckpointError(f"{f}: weight {key!r} has shape {stored}; "
-                                  f"config.json implies {want}.")
-        found[where] = (f, key, how)
-  if names:
-    raise HfCheckpointError(f"{path}: weights missing from the safetensors files: "
-                            f"{sorted(names)[:5]}{' ...' if len(names) > 5 else ''}.")
-  return found
-
-
-def _hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
-  """The file's shape of our param of `shape` (`_to_hf`'s, without an array)."""
-  if how == "dense":
-    return shape[::-1]
-  if how == "heads":
-    return (shape[1] * shape[2], shape[0])
-  if how == "out":
-    return (shape[2], shape[0] * shape[1])
-  return (shape[0] * shape[1],) if how == "bias" else shape
-
-
-def read_slice(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
-               index: tuple[slice, ...] | None = None) -> np.ndarray:
-  """Block `index` (slices of our param's `shape`; None: all of it) of our param, read from
-  weight `key` of safetensors `file` through safetensors' slicing API, as a NumPy array in
-  `dtype`. Only the file's rows/columns the block maps to are read: the layout's conversions
-  (`_hf_names`) are applied to the slice, never to the whole tensor.
-
-  'dense' ours [in, out] = file [out, in]^T: ours[i, o] is file[o, i]. 'heads' ours [width,
-  heads, head_dim] = file [heads * head_dim, width]^T: heads h0:h1 are file rows
-  h0 * head_dim : h1 * head_dim (whole heads are read, then the head_dim slice taken: a
-  sharding rarely splits head_dim). 'out' ours [heads, head_dim, width] = file
-  [width, heads * head_dim]^T; 'bias' ours [heads, head_dim] = file [heads * head_dim].
-  """
-  index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
-  idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
-  if any(s.step != 1 for s in idx):
-    raise ValueError(f"read_slice: {key}: strided block {index} is not supported.")
-  file_shape = _hf_shape(shape, how)
-  if how == "dense":
-    block = _read_rows(file, key, file_shape, (idx[1], idx[0])).T
-  elif how in ("heads", "out", "bias"):
-    h, d = (idx[1], idx[2]) if how == "heads" else (idx[0], idx[1])
-    head_dim = shape[2] if how == "heads" else shape[1]
-    rows = slice(h.start * head_dim, h.stop * head_dim)
-    if how == "heads":  # file [H * D, width] -> [width', H', D']
-      block = _read_rows(file, key, file_shape, (rows, idx[0]))
-      block = block.reshape(h.stop - h.start, head_dim, -1)[:, d].transpose(2, 0, 1)
-    elif how == "out":  # file [width, H * D] -> [H', D', width']
-      block = _read_rows(file, key, file_shape, (idx[2], rows))
-      block = block.reshape(-1, h.stop - h.start, head_dim)[:, :, d].transpose(1, 2, 0)
-    else:  # file [H * D] -> [H', D']
-      block = _read_rows(file, key, file_shape, (rows,)).reshape(-1, head_dim)[:, d]
-  else:
-    block = _read_rows(file, key, file_shape, idx)
-  return np.ascontiguousarray(block, dtype=dtype)
-
-
-_READ_BYTES = 1 << 20  # At most this much of a file is mapped at once by a read.
-
-
-def _read_rows(file: str, key: str, file_shape: tuple[int, ...], index: tuple[slice, ...]
-               ) -> np.ndarray:
-  """`file[key][index]` (step-1 slices of the file's layout) with safetensors' `get_slice`,
-  a few rows at a time, each through its own `safe_open`: the file is memory-mapped, and a
-  slice of columns touches every row's pages, which stay resident until the file is closed;
-  so at most `_READ_BYTES` of it are mapped at once, not the whole weight."""
-  from safetensors import safe_open
-  rows = index[0]
-  step = max(1, _READ_BYTES // (4 * math.prod(file_shape[1:])))
-  if rows.stop <= rows.start:
-    with safe_open(file, framework="numpy") as st:
-      return st.get_slice(key)[index]
-  out = None
-  for start in range(rows.start, rows.stop, step):
-    stop = min(start + step, rows.stop)
-    with safe_open(file, framework="numpy") as st:
-      part = st.get_slice(key)[(slice(start, stop), *index[1:])]
-    if out is None:
-      out = np.empty((rows.stop - rows.start, *part.shape[1:]), part.dtype)
-    out[start - rows.start:stop - rows.start] = part
-  return out
-
-
-def _read_sharded(file: str, key: str, how: str, shape: tuple[int, ...], dtype: Any,
-                  sharding: Any) -> jax.Array:
-  """Our param as a global `jax.Array` with `sharding`: this process reads the blocks of its
-  own devices only, each distinct block once (replicas share it): the host memory in flight
-  is about one block (and `_READ_BYTES` of the file), beside the shards already placed."""
-  def block_key(index: tuple[slice, ...]) -> tuple:
-    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
-  uses = collections.Counter(block_key(index) for index in
-                             sharding.addressable_devices_indices_map(shape).values())
-  kept: dict[tuple, np.ndarray] = {}  # Blocks that further devices of this process hold.
-  def callback(index: tuple[slice, ...]) -> np.ndarray:
-    k = block_key(index)
-    block = kept.pop(k) if k in kept else read_slice(file, key, how, shape, dtype, index)
-    uses[k] -= 1
-    if uses[k] > 0:
-      kept[k] = block
-    return block
-  return jax.make_array_from_callback(shape, sharding, callback)
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-  for part in path:
-    tree = tree[part]
-  return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for part in path[:-1]:
-    tree = tree.setdefault(part, {})
-  tree[path[-1]] = value
+def _ignored(key: str, kwargs: Mapping[str, Any]) -> bool:
+  """A stored weight that is not ours to load: a RoPE buffer older exports kept (recomputed),
+  or the head of a tied checkpoint (transformers uses the embedding as the head; see
+  load_hf)."""
+  return key.endswith("rotary_emb.inv_freq") or (
+      key == "lm_head.weight" and bool(kwargs["tie_embeddings"]))
 
 
 def hf_config(model_kwargs: Mapping[str, Any], vocab_size: int,
@@ -406,7 +247,7 @@ def export_hf(variables: Any, model_kwargs: Mapping[str, Any], path: str,
   dtype = jnp.dtype(params["embed"]["embedding"].dtype).name
   config = hf_config(model_kwargs, vocab, tokenizer, dtype)
   kwargs = model_kwargs_from_config(config)
-  tensors = {key: jnp.asarray(_to_hf(jnp.asarray(_get(params, where)), how))
+  tensors = {key: jnp.asarray(to_file_layout(jnp.asarray(get_path(params, where)), how))
              for key, (where, how) in _hf_names(kwargs).items()}
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -427,7 +268,7 @@ def student_config(path: str, **overrides: Any) -> Any:
       c.student = hf.student_config('/models/Qwen2.5-0.5B')
   """
   import ml_collections
-  kwargs = model_kwargs_from_config(_read_json(os.path.join(path, "config.json")),
+  kwargs = model_kwargs_from_config(read_json(os.path.join(path, "config.json")),
                                     os.path.join(path, "config.json"))
   return ml_collections.ConfigDict({"name": "transformer_lm", "kwargs": {**kwargs, **overrides},
                                     "remat": False, "init": path})

@@ -27,6 +27,8 @@ from tensorflow_datasets.datasets.tiny_shakespeare import (
     tiny_shakespeare_dataset_builder as catalog_tiny_shakespeare,
 )
 
+from distill_jax.data.embedded import LocalBuilder
+
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                         "tinyshakespeare/input.txt")
 LM1B_URL = ("http://www.statmt.org/lm-benchmark/"
@@ -51,16 +53,12 @@ def tiny_shakespeare_splits(text: str) -> dict[str, str]:
 
 with tfds.core.registered.skip_registration():
 
-  class TinyShakespeare(catalog_tiny_shakespeare.Builder):
+  class TinyShakespeare(LocalBuilder, catalog_tiny_shakespeare.Builder):
     """The catalog's `tiny_shakespeare`, its file read without TensorFlow."""
 
     name = "tiny_shakespeare"
     pkg_dir_path = _catalog_dir(catalog_tiny_shakespeare)
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-      return epath.Path(catalog_tiny_shakespeare.__file__)
+    code_module = catalog_tiny_shakespeare.__name__
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict]]]:
       path = epath.Path(dl_manager.download(TINY_SHAKESPEARE_URL))
@@ -69,16 +67,12 @@ with tfds.core.registered.skip_registration():
       splits = tiny_shakespeare_splits(path.read_text())
       return {name: self._generate_examples(name, text) for name, text in splits.items()}
 
-  class Lm1b(catalog_lm1b.Builder):
+  class Lm1b(LocalBuilder, catalog_lm1b.Builder):
     """The catalog's `lm1b`, its files listed and read without TensorFlow."""
 
     name = "lm1b"
     pkg_dir_path = _catalog_dir(catalog_lm1b)
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-      return epath.Path(catalog_lm1b.__file__)
+    code_module = catalog_lm1b.__name__
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict]]]:
       root = epath.Path(dl_manager.download_and_extract(LM1B_URL)) / LM1B_TOP

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from distill_jax.data.embedded import EMBEDDED
+from distill_jax.data.embedded import EMBEDDED, LocalBuilder
 
 PYDOC_NUM_TEST = 8
 PYDOC_SPLIT_SEED = 0
@@ -44,7 +43,7 @@ def pydoc_texts(split: str) -> list[str]:
 
 
 @EMBEDDED.register("pydoc_topics")
-class PydocTopics(tfds.core.GeneratorBasedBuilder):
+class PydocTopics(LocalBuilder):
   """Python's own documentation topics (`pydoc_data.topics`) as a text data set.
 
   Each of the topics (79 on Python 3.11, ~466 kB of English text with code) is one document:
@@ -57,13 +56,6 @@ class PydocTopics(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version: pydoc_data.topics, permutation seed 0, 8 test."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """This file. Overridden because TFDS's own lookup, for a builder defined inside a
-    package, imports `importlib_resources`, which TFDS only installs on Python < 3.9."""
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     import sys
