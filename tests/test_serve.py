@@ -353,16 +353,15 @@ def test_an_open_weights_directory_with_its_own_tokenizer():
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 def test_token_bytes_of_the_hf_fixtures(name):
-  """`token_bytes_table` (what the server names tokens by) agrees with `hf_byte_lengths` on
-  every id, and a text's ids join back to its bytes (byte-fallback, SentencePiece and
-  byte-level BPE tokenizers)."""
+  """`token_bytes_table` (what the server names tokens by): a text's ids join back to its
+  bytes (byte-fallback, SentencePiece and byte-level BPE tokenizers). (`hf_byte_lengths`,
+  bits per byte's counts, are these bytes' lengths.)"""
   from conftest import ROOT
 
   from distill_jax.models import tokenizers
 
   tok = tokenizers.HfTokenizer.from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", name))
   table = tokenizers.token_bytes_table(tok)
-  assert [len(b) for b in table] == tok.byte_lengths().tolist()
   for text in ("hi hi", "hé 😀 x", " Ünï 中"):
     assert b"".join(table[i] for i in tok.encode(text)[1:-1]) == text.encode("utf-8")
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from distill_jax.common.console import print_failure
 
 PROG = "distill-jax audit"
 
@@ -280,15 +281,8 @@ def main(argv: list[str], banner: str = "") -> int:
   try:
     audit(args)
   except (AuditError, UnknownNameError) as e:
-    return _fail(e, 2, args.verbosity)
+    return print_failure(e, 2, args.verbosity)
   except (CheckpointError, DataNotPreparedError, OSError) as e:
-    return _fail(e, 1, args.verbosity)
+    return print_failure(e, 1, args.verbosity)
   return 0
 
-
-def _fail(error: BaseException, code: int, verbosity: int) -> int:
-  if verbosity >= 1:
-    traceback.print_exc()
-  line = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-  print(f"Error: {line}", file=sys.stderr, flush=True)
-  return code

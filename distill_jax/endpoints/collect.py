@@ -36,7 +36,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,6 +43,7 @@ from urllib.parse import urlsplit
 
 from absl import logging
 
+from distill_jax.common.console import print_failure
 from distill_jax.endpoints import answers
 from distill_jax.endpoints.answers import APIS, PATHS, AnswerError, Prompt
 from distill_jax.endpoints.client import Poster, Refused, ServerError
@@ -348,19 +348,12 @@ def main(argv: Sequence[str], banner: str = "") -> int:
     summary = collect(args.endpoint, args.model, args.prompts, args.out,
                       progress=not args.no_progress, **options)
   except CollectError as e:
-    return _fail(e, 2, args.verbosity)
+    return print_failure(e, 2, args.verbosity)
   except (ServerError, OSError) as e:
-    return _fail(e, 1, args.verbosity)
+    return print_failure(e, 1, args.verbosity)
   except KeyboardInterrupt:
     print(f"Interrupted: the same command continues {args.out}.", file=sys.stderr, flush=True)
     return 130
   print(summary.text())
   return 0
 
-
-def _fail(error: BaseException, code: int, verbosity: int) -> int:
-  if verbosity >= 1:
-    traceback.print_exc()
-  line = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-  print(f"Error: {line}", file=sys.stderr, flush=True)
-  return code

@@ -202,29 +202,7 @@ def hf_byte_lengths(spec: Mapping[str, Any], vocab_size: int) -> np.ndarray:
   is one byte and any other piece its UTF-8 with SentencePiece's '▁' read as a space (the one
   a Metaspace pre-tokenizer prepends to a document then counts one byte not in the text).
   """
-  model = spec["model"]
-  vocab = model["vocab"]
-  pieces = ({i: entry[0] for i, entry in enumerate(vocab)} if isinstance(vocab, list)
-            else {int(i): piece for piece, i in vocab.items()})
-  byte_level = _uses(spec.get("pre_tokenizer"), "ByteLevel") or _uses(spec.get("decoder"),
-                                                                       "ByteLevel")
-  alphabet = _byte_level_alphabet()
-  prefix = model.get("continuing_subword_prefix") or ""
-  lengths = np.zeros(vocab_size, np.int32)
-  for i, piece in pieces.items():
-    if byte_level:
-      n = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in piece)
-    elif _BYTE_PIECE.fullmatch(piece) and model.get("byte_fallback", True):
-      n = 1
-    else:
-      piece = piece[len(prefix):] if prefix and piece.startswith(prefix) else piece
-      n = len(piece.replace("\u2581", " ").encode("utf-8"))
-    if i < vocab_size and piece != model.get("unk_token"):
-      lengths[i] = n
-  for token in spec.get("added_tokens", []):
-    if token["id"] < vocab_size:
-      lengths[token["id"]] = 0 if token.get("special") else len(token["content"].encode("utf-8"))
-  return lengths
+  return np.asarray([len(data) for data in hf_token_bytes(spec, vocab_size)], np.int32)
 
 
 @functools.cache
