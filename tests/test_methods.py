@@ -31,8 +31,10 @@ def final_state(workdir):
 def test_every_registered_method_is_in_the_smoke_config():
   # ft_paraphraser is FT's reconstruction objective, exercised as 'ft' with mode='reconstruct'.
   # (Other tests register their own losses; only the library's count here.)
-  # The token-level (language-model) losses run in configs/lm.py's tests (tests/test_lm_*.py).
-  token_modules = {f"distill_jax.losses.{m}" for m in ("tokens", "token_topk", "token_layers")}
+  # The token-level (language-model) losses run in configs/lm.py's tests (tests/test_lm_*.py,
+  # test_cross_tokenizer.py, test_minillm.py).
+  token_modules = {f"distill_jax.losses.{m}" for m in ("tokens", "token_topk", "token_layers",
+                                                       "cross_tokenizer", "minillm")}
   library = {n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("distill_jax.")
              and LOSSES.get(n).__module__ not in token_modules}
   assert sorted(library - {"ft_paraphraser"}) == sorted(EVERY_METHOD)
